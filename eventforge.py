@@ -89,6 +89,13 @@ __all__ = [
     "Transport",
     "Inbox",
     "MemoryTransport",
+    # TCP
+    "PROTOCOL_VERSION",
+    "DEFAULT_TCP_PORT",
+    "TCPServerTransport",
+    "TCPClientTransport",
+    # remote
+    "RemoteQueue",
     # queues
     "MessageQueue",
     # command line
@@ -1476,6 +1483,2054 @@ class MemoryTransport(Transport):
 # 5. TCP transports
 # ---------------------------------------------------------------------------
 
+# Frames are those of section 3.  Peers that speak our handshake exchange a
+# few control frames on reserved ``$`` topics (see docs/tcp.md):
+#
+#   client -> server  $hello     {version, features, nonce, ping_interval}
+#   server -> client  $welcome   {version, features, auth, nonce, max_frame_size, ping_interval}
+#   client -> server  $auth      {proof}             only when the server has a secret
+#   server -> client  $ready     {proof}             only when the server has a secret
+#   client -> server  $interest  {add: [...], remove: [...]}
+#   server -> client  $ack       {n}                 data frames received so far
+#   either way        $ping {} / $pong {}
+#   server -> client  $error     {code, reason}      just before the server closes
+#
+# A peer whose first frame is not ``$hello`` speaks plain frames (the original
+# eventforge client): it receives every message the server routes, and is
+# refused when the server has a secret.
+#
+# I/O model: one selector thread per server (accepts, reads, and writes what
+# the kernel would not take at once) and one per client; a sender writes
+# directly from its own thread when the connection is idle, so a request or a
+# reply costs no thread hop on the way out.  Messages that arrive from the
+# network reach inboxes and blocked receivers straight from the I/O thread,
+# while subscriber callbacks run on one dispatcher thread per transport, in
+# arrival order, so a handler may block (even on a request over the same
+# connection) without stalling any socket.
+
+#: Version of the handshake protocol spoken by this module.
+PROTOCOL_VERSION = 1
+#: Default TCP port of the original eventforge.
+DEFAULT_TCP_PORT = 9090
+
+_FEATURES = frozenset(("interest", "ack", "ping"))
+_HANDSHAKE_MAX_FRAME = 4096  # read cap before a secret-protected peer has authenticated
+_AUTH_LABEL_CLIENT = b"eventforge-v1 client"
+_AUTH_LABEL_SERVER = b"eventforge-v1 server"
+_ACK_EVERY = 64  # acknowledge at once after this many data frames, else on the next tick
+_ACK_DELAY = 0.02
+_RECV_SIZE = 256 * 1024
+_DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
+_DISPATCH_LOW_WATER = 5000
+_conn_ids = itertools.count(1)
+
+# Connection states
+_TLS, _NEW, _AUTH, _READY = "tls", "new", "auth", "ready"
+
+# Results of _Connection.enqueue
+_OK, _CLOSED, _OVERFLOW = 0, 1, 2
+
+
+def _control_frame(topic: str, payload: Dict[str, Any]) -> bytes:
+    """Encode a small control frame (only ``topic`` and ``payload`` keys)."""
+    body = _dumps({"topic": topic, "payload": payload}).encode("utf-8")
+    return len(body).to_bytes(4, "big") + body
+
+
+def _secret_key(secret: Any) -> Optional[bytes]:
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if not isinstance(secret, (bytes, bytearray)) or not secret:
+        raise TypeError("secret must be a non-empty str or bytes")
+    return bytes(secret)
+
+
+def _proof(key: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
+    import hashlib
+    import hmac
+
+    return hmac.new(key, label + first + second, hashlib.sha256).digest()
+
+
+def _proof_matches(expected: bytes, given: Any) -> bool:
+    import hmac
+
+    if not isinstance(given, str) or len(given) != 2 * len(expected):
+        return False
+    try:
+        raw = bytes.fromhex(given)
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, raw)
+
+
+def _nonce_from(value: Any) -> Optional[bytes]:
+    if not isinstance(value, str) or not 32 <= len(value) <= 128:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
+def _ssl_module() -> Any:
+    import ssl
+
+    return ssl
+
+
+def _would_block_errors(tls: bool) -> Tuple[type, ...]:
+    if tls:
+        ssl = _ssl_module()
+        return (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    return (BlockingIOError, InterruptedError)
+
+
+def _describe_garbage(header: bytes) -> str:
+    """Name the likely protocol behind a nonsensical length prefix."""
+    if header[:1] == b"\x16" and header[1:2] == b"\x03":
+        return " (this looks like a TLS ClientHello: the peer uses TLS, this port does not)"
+    if header[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"OPTI", b"DELE", b"PATC", b"CONN"):
+        return " (this looks like an HTTP request)"
+    return ""
+
+
+def _peer_name(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return str(address)
+
+
+class _Connection:
+    """One TCP peer: its socket, frame decoder, protocol state and outbound queue.
+
+    ``enqueue`` appends whole frames under a lock, so frames from many
+    threads never interleave; ``write`` sends what the kernel takes without
+    blocking and is entered by one thread at a time.
+    """
+
+    __slots__ = (
+        "sock", "peer", "id", "decoder", "tls", "lock", "out", "out_bytes",
+        "max_outbound", "cur", "writing", "blocked", "closed", "state", "handshake",
+        "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
+        "ping_sent", "received", "acked", "interest", "events", "paused",
+        "bytes_in", "peer_ping",
+    )
+
+    def __init__(self, sock: Any, peer: str, max_frame_size: int, max_outbound: int, tls: bool) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.id = next(_conn_ids)
+        self.decoder = FrameDecoder(max_frame_size)
+        self.tls = tls
+        self.lock = threading.Lock()
+        self.out: Deque[bytes] = collections.deque()
+        self.out_bytes = 0
+        self.max_outbound = max_outbound
+        self.cur: Any = None  # the chunk being written (TLS retries it unchanged)
+        self.writing = False
+        self.blocked = False  # the kernel refused bytes: wait for EVENT_WRITE
+        self.closed = False
+        self.state = _TLS if tls else _NEW
+        self.handshake = False  # True once the peer sent $hello
+        self.features: frozenset = frozenset()
+        self.nonce = b""
+        self.peer_nonce = b""
+        now = time.monotonic()
+        self.opened = now
+        self.last_recv = now
+        self.frame_started: Optional[float] = None
+        self.ping_sent = False
+        self.received = 0  # data frames received (acknowledged with $ack)
+        self.acked = 0
+        self.interest: Dict[str, None] = {}
+        self.events = 0
+        self.paused = False
+        self.bytes_in = 0
+        self.peer_ping: Optional[float] = None
+
+    def enqueue(self, data: bytes) -> int:
+        """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
+        with self.lock:
+            if self.closed:
+                return _CLOSED
+            size = len(data)
+            if self.out_bytes + size > self.max_outbound:
+                return _OVERFLOW
+            self.out.append(data)
+            self.out_bytes += size
+            return _OK
+
+    def write(self) -> Optional[bool]:
+        """Send queued bytes without blocking.
+
+        Returns True when everything was sent, False when the kernel buffer is
+        full (the caller arranges for EVENT_WRITE), None when another thread is
+        writing or the connection is closed.  Raises OSError if the socket broke.
+        """
+        with self.lock:
+            if self.writing or self.closed:
+                return None
+            if self.cur is None and not self.out:
+                return True
+            self.writing = True
+        sock = self.sock
+        try:
+            while True:
+                with self.lock:
+                    data = self.cur
+                    if data is None:
+                        out = self.out
+                        if not out:
+                            self.writing = False
+                            self.blocked = False
+                            return True
+                        data = out.popleft() if len(out) == 1 else b"".join(out)
+                        out.clear()
+                        self.cur = data
+                try:
+                    sent = sock.send(data)
+                except _would_block_errors(self.tls):
+                    sent = 0
+                with self.lock:
+                    self.out_bytes -= sent
+                    if sent == len(data):
+                        self.cur = None
+                        continue
+                    if sent:
+                        self.cur = memoryview(data)[sent:] if not self.tls else data
+                    self.writing = False
+                    self.blocked = True
+                    return False
+        except BaseException:
+            with self.lock:
+                self.writing = False
+            raise
+
+    @property
+    def buffered(self) -> int:
+        """Bytes waiting to be sent plus bytes of an incomplete incoming frame."""
+        return self.out_bytes + self.decoder.buffered
+
+
+class _Loop:
+    """A selector thread: readiness events, a wake-up socket and cross-thread calls."""
+
+    def __init__(self, name: str) -> None:
+        import selectors
+
+        self.name = name
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = _socketpair()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._calls: Deque[Callable[[], Any]] = collections.deque()
+        self._woken = False
+        self.thread: Optional[threading.Thread] = None
+        self.ident: Optional[int] = None
+
+    def start(self, target: Callable[[], None]) -> None:
+        # Daemonic only so that a forgotten close() cannot hang interpreter
+        # exit; close() always stops and joins it.
+        self.thread = threading.Thread(target=target, name=self.name, daemon=True)
+        self.thread.start()
+
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self.ident
+
+    def call_soon(self, func: Callable[[], Any]) -> None:
+        """Run ``func`` on the loop thread (thread-safe)."""
+        self._calls.append(func)
+        self.wake()
+
+    def wake(self) -> None:
+        if self._woken:
+            return
+        self._woken = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # buffer full (already awake) or closed
+            pass
+
+    def run_calls(self, drain: bool = False) -> None:
+        if drain:
+            self._woken = False
+            try:
+                while True:
+                    self._wake_r.recv(4096)
+            except OSError:
+                pass
+        calls = self._calls
+        while calls:
+            try:
+                calls.popleft()()
+            except Exception:
+                logger.exception("%s: internal call failed", self.name)
+
+    def close(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.selector.close()
+
+
+def _socketpair() -> Tuple[Any, Any]:
+    import socket
+
+    try:
+        a, b = socket.socketpair()
+    except (AttributeError, OSError):  # pragma: no cover - very old Windows
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+        listener.close()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+class _Dispatcher:
+    """Runs subscriber callbacks for network messages on one named thread, in order.
+
+    The I/O thread hands over batches; a handler may block (on a request over
+    the very same connection, say) without stalling any socket.  ``backlog``
+    lets the I/O thread stop reading while too much waits here.
+    """
+
+    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None]) -> None:
+        self.name = name
+        self._local = local
+        self._on_low = on_low
+        self._cond = threading.Condition(threading.Lock())
+        self._items: Deque[Tuple[Tuple[Any, ...], Message]] = collections.deque()
+        self._thread: Optional[threading.Thread] = None
+        self._busy = False
+        self._stopping = False
+        self.backlog = 0
+        self.high = False
+
+    def put_many(self, items: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+        with self._cond:
+            if self._stopping:
+                return
+            self._items.extend(items)
+            self.backlog += len(items)
+            if self.backlog > _DISPATCH_HIGH_WATER:
+                self.high = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            elif not self._busy:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        items = self._items
+        cond = self._cond
+        while True:
+            with cond:
+                while not items:
+                    self._busy = False
+                    cond.notify_all()
+                    if self._stopping:
+                        return
+                    cond.wait()
+                self._busy = True
+                batch = list(items)
+                items.clear()
+            for subscriptions, message in batch:
+                for subscription in subscriptions:
+                    if subscription.active:
+                        try:
+                            subscription.callback(message)
+                        except Exception:
+                            self._local._handler_failed(subscription, message)
+            with cond:
+                self.backlog -= len(batch)
+                resume = self.high and self.backlog < _DISPATCH_LOW_WATER
+                if resume:
+                    self.high = False
+            if resume:
+                self._on_low()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every handed-over message was dispatched."""
+        if self._thread is threading.current_thread():
+            return False
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._items or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def stop(self, timeout: float) -> None:
+        """Deliver what is queued (up to ``timeout``), then end the thread."""
+        self.drain(timeout)
+        with self._cond:
+            self._stopping = True
+            dropped = len(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if dropped:
+            logger.warning("%s: %d messages not delivered at close", self.name, dropped)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+def _deliver_local(
+    local: MemoryTransport, message: Message, taken: bool
+) -> Tuple[Any, ...]:
+    """Hand ``message`` to the local inbox/receiver/mailbox; return matching subscriptions.
+
+    The MemoryTransport delivery model minus running the callbacks, which the
+    caller does inline or on a dispatcher.  ``taken`` says a remote peer
+    already took the message, so it is not kept in a mailbox.  Raises
+    TransportFullError if the mailbox is full and TransportClosedError after
+    close.
+    """
+    topic = message.topic
+    subscriptions = local._subscriptions.match(topic)
+    with local._lock:
+        if local._closed:
+            raise TransportClosedError("transport is closed")
+        local._sent += 1
+        if subscriptions:
+            local._delivered += len(subscriptions)
+        if not local._hand_over(topic, message) and not subscriptions and not taken:
+            local._keep(topic, message)
+    return subscriptions
+
+
+class TCPServerTransport(Transport):
+    """A TCP listener that is also a full Transport for its own process.
+
+    Messages published on the server (``send``) reach its local subscribers
+    (synchronously, like :class:`MemoryTransport`) and every connected client
+    whose interest matches; messages arriving from a client reach the local
+    subscribers (on the dispatcher thread, in arrival order), inboxes and
+    receivers, and the other clients whose interest matches.  A client that
+    never sent ``$hello`` (the original eventforge client) receives every
+    routed message.
+
+    Call :meth:`start` before use (``port=0`` picks a free port; read
+    :attr:`address` afterwards) and :meth:`close` to stop every thread and
+    socket.  Limits: ``max_frame_size`` per frame, ``max_connections``
+    clients, ``max_outbound_bytes`` queued per client (a client that does not
+    read is dropped as a slow consumer), ``handshake_timeout`` for TLS and the
+    secret handshake, ``frame_timeout`` for an incomplete frame.  ``secret``
+    requires the mutual HMAC-SHA256 handshake; ``ssl_context`` (a server-side
+    :class:`ssl.SSLContext`) wraps every connection in TLS.  Every refused
+    input is logged with its reason and counted in :attr:`stats`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_TCP_PORT,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_connections: int = 1024,
+        secret: Any = None,
+        ssl_context: Any = None,
+        ping_interval: Optional[float] = 15.0,
+        max_outbound_bytes: int = 16 * 1024 * 1024,
+        handshake_timeout: float = 5.0,
+        frame_timeout: Optional[float] = 60.0,
+        max_queue_size: int = 1000,
+        max_interest: int = 10000,
+        backlog: int = 512,
+    ) -> None:
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int in 0..65535, not {port!r}")
+        for name, value in (("max_frame_size", max_frame_size), ("max_connections", max_connections),
+                            ("max_outbound_bytes", max_outbound_bytes)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        self.host = host
+        self._port = port
+        self.max_frame_size = max_frame_size
+        self.max_connections = max_connections
+        self.max_outbound_bytes = max_outbound_bytes
+        self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.ping_interval = ping_interval
+        self.max_interest = max_interest
+        self.backlog = backlog
+        self._key = _secret_key(secret)
+        self.ssl_context = ssl_context
+        self._local = MemoryTransport(max_queue_size)
+        self._lock = threading.Lock()
+        self._listener: Any = None
+        self._loop: Optional[_Loop] = None
+        self._dispatcher = _Dispatcher("eventforge-tcp-server-dispatch", self._local, self._dispatch_low)
+        self._conns: Dict[int, _Connection] = {}
+        # Routing tables, written by the loop thread only, read by any thread
+        # (values are replaced, never mutated: copy on write).
+        self._exact: Dict[str, Tuple[_Connection, ...]] = {}
+        self._patterns = SubscriptionTrie()
+        self._broadcast: Tuple[_Connection, ...] = ()
+        self._dirty: Dict[int, _Connection] = {}
+        self._ack_due: Dict[int, _Connection] = {}
+        self._paused = False
+        self._started = False
+        self._closed = False
+        self._reads_stopped = threading.Event()
+        self._counts: Dict[str, int] = collections.defaultdict(int)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @property
+    def address(self) -> Optional[Tuple[str, int]]:
+        """The bound ``(host, port)`` after :meth:`start`, else None."""
+        if self._listener is None:
+            return None
+        return self._address
+
+    @property
+    def port(self) -> int:
+        """The bound port after :meth:`start` (the configured one before)."""
+        return self._address[1] if self._listener is not None else self._port
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def start(self) -> TCPServerTransport:
+        """Bind and listen, then serve on a background thread; returns self."""
+        import socket
+
+        with self._lock:
+            if self._closed:
+                raise TransportClosedError("TCPServerTransport is closed")
+            if self._started:
+                return self
+            try:
+                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+                listener = socket.create_server(
+                    (self.host, self._port), family=family, backlog=self.backlog
+                )
+            except OSError as exc:
+                raise ConnectionLostError(
+                    f"cannot listen on {self.host}:{self._port}: {exc}"
+                ) from exc
+            listener.setblocking(False)
+            self._listener = listener
+            self._address = tuple(listener.getsockname()[:2])
+            loop = self._loop = _Loop(f"eventforge-tcp-server-io-{self._address[1]}")
+            import selectors
+
+            loop.selector.register(listener, selectors.EVENT_READ, listener)
+            self._started = True
+            loop.start(self._run)
+        logger.info("tcp server listening on %s", _peer_name(self._address))
+        return self
+
+    def close(self) -> None:
+        """Stop accepting and reading, deliver what was read, close every connection.
+
+        Messages already read are dispatched (for up to 5 seconds), acknowledged
+        and their replies flushed before the sockets close.  Safe to call twice
+        and from a handler.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop = self._loop
+        if loop is not None:
+            loop.call_soon(self._stop_reading)
+            self._reads_stopped.wait(5.0)
+            self._dispatcher.stop(5.0)
+            loop.call_soon(self._shutdown)
+            if loop.thread is not None and loop.thread is not threading.current_thread():
+                loop.thread.join(5.0)
+                if loop.thread.is_alive():  # pragma: no cover - defensive
+                    logger.error("tcp server: I/O thread did not stop within 5 s")
+        else:
+            self._dispatcher.stop(0)
+        self._local.close()
+
+    # -- Transport API ------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Route ``message`` to matching clients and deliver it locally."""
+        topic = message.topic
+        validate_topic(topic)
+        if self._local._closed:
+            raise TransportClosedError("TCPServerTransport is closed")
+        targets, taken = self._targets(topic, None)
+        if targets:
+            frame = encode(message, max_frame_size=self.max_frame_size)
+            self._counts["messages_out"] += len(targets)
+            for conn in targets:
+                self._push(conn, frame)
+        subscriptions = _deliver_local(self._local, message, taken)
+        for subscription in subscriptions:
+            if subscription.active:
+                try:
+                    subscription.callback(message)
+                except Exception:
+                    self._local._handler_failed(subscription, message)
+
+    def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
+        """Take the next message on the exact ``topic`` (published here or by a client)."""
+        return self._local.receive(topic, timeout)
+
+    async def receive_async(
+        self, topic: str, timeout: Optional[float] = None
+    ) -> Optional[Message]:
+        """Asyncio-native :meth:`receive`."""
+        return await self._local.receive_async(topic, timeout)
+
+    def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
+        """Call ``callback`` for messages matching ``topic``, local or from clients."""
+        return self._local.subscribe(topic, callback)
+
+    def unsubscribe(self, subscription_id: str) -> bool:
+        """Remove a subscription; return False if the id is unknown."""
+        return self._local.unsubscribe(subscription_id)
+
+    def open_inbox(self, topic: str) -> Inbox:
+        """Open an inbox on the exact ``topic`` (replies from clients land here)."""
+        return self._local.open_inbox(topic)
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Local delivery counters plus connection, frame and refusal counters."""
+        stats = dict(self._local.stats)
+        stats.update(self._counts)
+        conns = list(self._conns.values())
+        stats["connections"] = len(conns)
+        stats["handshake_peers"] = sum(1 for c in conns if c.handshake)
+        stats["frame_peers"] = len(self._broadcast)
+        stats["outbound_bytes"] = sum(c.out_bytes for c in conns)
+        stats["inbound_buffered"] = sum(c.decoder.buffered for c in conns)
+        stats["dispatch_backlog"] = self._dispatcher.backlog
+        return stats
+
+    def __repr__(self) -> str:
+        where = _peer_name(self._address) if self._listener is not None else f"{self.host}:{self._port}"
+        state = "closed" if self._closed else f"{len(self._conns)} connections"
+        return f"<TCPServerTransport {where} {state}>"
+
+    # -- routing ------------------------------------------------------------------
+
+    def _targets(self, topic: str, origin: Optional[_Connection]) -> Tuple[List[_Connection], bool]:
+        """Connections a message on ``topic`` goes to, and whether one asked for it."""
+        targets = list(self._exact.get(topic, ()))
+        if len(self._patterns):
+            matched = self._patterns.match(topic)
+            if matched:
+                if targets:
+                    seen = {c.id for c in targets}
+                    for conn in matched:
+                        if conn.id not in seen:
+                            seen.add(conn.id)
+                            targets.append(conn)
+                else:
+                    targets = list({c.id: c for c in matched}.values())
+        taken = bool(targets)
+        for conn in self._broadcast:
+            if conn is not origin:
+                targets.append(conn)
+        return targets, taken
+
+    def _push(self, conn: _Connection, frame: bytes) -> None:
+        result = conn.enqueue(frame)
+        if result == _OK:
+            loop = self._loop
+            assert loop is not None
+            if loop.in_loop():
+                self._dirty[conn.id] = conn
+            elif conn.tls or conn.blocked:
+                if conn.tls:
+                    loop.call_soon(lambda: self._flush(conn))
+            else:
+                self._flush(conn)
+        elif result == _OVERFLOW:
+            self._close_later(
+                conn,
+                "slow_consumers",
+                f"slow consumer: {conn.out_bytes} bytes already queued, "
+                f"max_outbound_bytes={self.max_outbound_bytes}",
+            )
+
+    def _flush(self, conn: _Connection) -> None:
+        """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            done = conn.write()
+        except OSError as exc:
+            self._close_later(conn, "resets", f"write failed: {exc}")
+            return
+        if done is False:
+            if loop.in_loop():
+                self._update_events(conn)
+            else:
+                loop.call_soon(lambda: self._update_events(conn))
+
+    def _close_later(self, conn: _Connection, counter: str, reason: str) -> None:
+        loop = self._loop
+        if loop is not None and loop.in_loop():
+            self._drop(conn, counter, reason)
+        else:
+            with conn.lock:
+                if conn.closed:
+                    return
+                conn.closed = True  # refuse more frames right away
+            if loop is not None:
+                loop.call_soon(lambda: self._drop(conn, counter, reason, force=True))
+
+    # -- loop thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        import selectors
+
+        loop = self._loop
+        assert loop is not None
+        loop.ident = threading.get_ident()
+        listener = self._listener
+        tick_every = 0.25
+        next_tick = time.monotonic() + tick_every
+        try:
+            while loop.thread is not None:
+                timeout = max(0.0, next_tick - time.monotonic())
+                if self._ack_due:
+                    timeout = min(timeout, _ACK_DELAY)
+                for key, mask in loop.selector.select(timeout):
+                    obj = key.data
+                    if obj is None:
+                        loop.run_calls(drain=True)
+                    elif obj is listener:
+                        self._accept()
+                    else:
+                        try:
+                            if mask & selectors.EVENT_WRITE:
+                                self._on_writable(obj)
+                            if mask & selectors.EVENT_READ and not obj.closed:
+                                self._on_readable(obj)
+                        except Exception:
+                            logger.exception("tcp server: internal error on %s", obj.peer)
+                            self._drop(obj, "internal_errors", "internal error (see traceback)")
+                loop.run_calls()
+                if self._ack_due:
+                    self._send_acks()
+                if self._dirty:
+                    dirty = list(self._dirty.values())
+                    self._dirty.clear()
+                    for conn in dirty:
+                        if not conn.closed:
+                            self._flush(conn)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick_every
+                    self._tick(now)
+                if self._closing_done:
+                    break
+        except Exception:  # pragma: no cover - a bug; never leave a silent dead server
+            logger.exception("tcp server: I/O loop crashed; closing every connection")
+        finally:
+            self._teardown()
+
+    _closing_done = False
+
+    def _accept(self) -> None:
+        import socket
+
+        listener = self._listener
+        for _ in range(256):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: log, keep serving the others
+                self._counts["accept_errors"] += 1
+                logger.error("tcp server: accept failed: %s", exc)
+                return
+            peer = _peer_name(address)
+            if self._reads_stopped.is_set():
+                sock.close()
+                continue
+            if len(self._conns) >= self.max_connections:
+                self._counts["refused_connections"] += 1
+                logger.warning(
+                    "tcp server: refused %s: max_connections=%d reached",
+                    peer, self.max_connections,
+                )
+                if self.ssl_context is None:
+                    try:
+                        sock.setblocking(False)
+                        sock.send(_control_frame("$error", {
+                            "code": "full", "reason": "server is at max_connections"}))
+                    except OSError:
+                        pass
+                sock.close()
+                continue
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                tls = self.ssl_context is not None
+                if tls:
+                    sock = self.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+            except OSError as exc:
+                sock.close()
+                self._counts["accept_errors"] += 1
+                logger.warning("tcp server: could not set up %s: %s", peer, exc)
+                continue
+            limit = _HANDSHAKE_MAX_FRAME if self._key is not None else self.max_frame_size
+            conn = _Connection(sock, peer, limit, self.max_outbound_bytes, tls)
+            self._conns[conn.id] = conn
+            self._counts["accepted"] += 1
+            if not tls and self._key is None:
+                self._broadcast = self._broadcast + (conn,)
+            self._update_events(conn)
+            if tls:
+                self._tls_handshake(conn)
+
+    def _update_events(self, conn: _Connection) -> None:
+        import selectors
+
+        if conn.closed:
+            return
+        events = 0 if (self._paused or conn.paused) else selectors.EVENT_READ
+        if conn.blocked:
+            events |= selectors.EVENT_WRITE
+        if events == conn.events:
+            return
+        selector = self._loop.selector  # type: ignore[union-attr]
+        if conn.events == 0:
+            selector.register(conn.sock, events, conn)
+        elif events == 0:
+            selector.unregister(conn.sock)
+        else:
+            selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _tls_handshake(self, conn: _Connection) -> None:
+        ssl = _ssl_module()
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            if conn.blocked:
+                conn.blocked = False
+                self._update_events(conn)
+            return
+        except ssl.SSLWantWriteError:
+            conn.blocked = True
+            self._update_events(conn)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._drop(conn, "tls_failures", f"TLS handshake failed: {exc}")
+            return
+        conn.state = _NEW
+        conn.blocked = False
+        self._update_events(conn)
+        if self._key is None:
+            self._broadcast = self._broadcast + (conn,)
+
+    def _on_writable(self, conn: _Connection) -> None:
+        if conn.state == _TLS:
+            self._tls_handshake(conn)
+            return
+        conn.blocked = False
+        self._flush(conn)
+        if not conn.blocked:
+            self._update_events(conn)
+
+    def _on_readable(self, conn: _Connection) -> None:
+        if conn.state == _TLS:
+            self._tls_handshake(conn)
+            return
+        sock = conn.sock
+        try:
+            data = sock.recv(_RECV_SIZE)
+            if conn.tls and data:
+                while sock.pending():
+                    data += sock.recv(_RECV_SIZE)
+        except _would_block_errors(conn.tls):
+            return
+        except ConnectionResetError:
+            self._drop(conn, "resets", self._eof_reason(conn, "connection reset by peer"))
+            return
+        except OSError as exc:
+            self._drop(conn, "resets", self._eof_reason(conn, f"read failed: {exc}"))
+            return
+        if not data:
+            if conn.decoder.buffered:
+                self._drop(conn, "truncated_frames", self._eof_reason(conn, "peer closed"))
+            else:
+                self._drop(conn, "disconnects", "peer closed the connection", logging.DEBUG)
+            return
+        now = time.monotonic()
+        conn.last_recv = now
+        conn.ping_sent = False
+        conn.bytes_in += len(data)
+        self._counts["bytes_in"] += len(data)
+        try:
+            bodies = conn.decoder.feed(data)
+        except FrameTooLargeError as exc:
+            for body in getattr(exc, "frames", ()):
+                self._on_frame(conn, body)
+            self._drop(conn, "oversize_frames",
+                       f"{exc}; closed before buffering the body{_describe_garbage(data[:4])}")
+            return
+        if conn.decoder.buffered == 0:
+            conn.frame_started = None
+        elif bodies or conn.frame_started is None:
+            conn.frame_started = now
+        batch: List[Tuple[Tuple[Any, ...], Message]] = []
+        for body in bodies:
+            if conn.closed:
+                break
+            self._on_frame(conn, body, batch)
+        if batch:
+            self._dispatcher.put_many(batch)
+            if self._dispatcher.high and not self._paused:
+                self._set_paused(True)
+        if conn.handshake and conn.received != conn.acked and "ack" in conn.features:
+            if conn.received - conn.acked >= _ACK_EVERY:
+                self._ack(conn)
+            else:
+                self._ack_due[conn.id] = conn
+
+    @staticmethod
+    def _eof_reason(conn: _Connection, what: str) -> str:
+        buffered = conn.decoder.buffered
+        if buffered:
+            return f"{what} in the middle of a frame ({buffered} bytes of it received)"
+        return what
+
+    def _on_frame(
+        self, conn: _Connection, body: bytes,
+        batch: Optional[List[Tuple[Tuple[Any, ...], Message]]] = None,
+    ) -> None:
+        try:
+            message = decode(body)
+        except FrameError as exc:
+            if conn.state != _READY and self._key is not None:
+                self._drop(conn, "auth_failures",
+                           f"authentication required; first frame was invalid: {exc}")
+                return
+            conn.received += 1
+            self._counts["frame_errors"] += 1
+            logger.warning("tcp server: rejected a frame from %s: %s", conn.peer, exc)
+            return
+        topic = message.topic
+        if topic[0] == "$":
+            self._on_control(conn, topic, message.payload)
+            return
+        if conn.state != _READY:
+            if conn.state == _NEW and self._key is None:
+                conn.state = _READY  # a frame-only peer (the original client)
+            else:
+                self._drop(conn, "auth_failures",
+                           "authentication required: a message arrived before the handshake")
+                return
+        conn.received += 1
+        self._counts["messages_in"] += 1
+        self._route_incoming(conn, message, body, batch)
+
+    def _route_incoming(
+        self, origin: _Connection, message: Message, body: bytes,
+        batch: Optional[List[Tuple[Tuple[Any, ...], Message]]],
+    ) -> None:
+        topic = message.topic
+        targets, taken = self._targets(topic, origin)
+        if targets:
+            frame = len(body).to_bytes(4, "big") + body
+            self._counts["messages_out"] += len(targets)
+            for conn in targets:
+                self._push(conn, frame)
+        try:
+            subscriptions = _deliver_local(self._local, message, taken)
+        except TransportFullError as exc:
+            self._counts["dropped"] += 1
+            logger.warning("tcp server: dropped %s from %s: %s", message.id, origin.peer, exc)
+            return
+        except TransportClosedError:
+            return
+        if subscriptions:
+            if batch is not None:
+                batch.append((subscriptions, message))
+            else:
+                self._dispatcher.put_many([(subscriptions, message)])
+
+    # -- control frames ---------------------------------------------------------------
+
+    def _on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            payload = {}
+        state = conn.state
+        if topic == "$hello" and state == _NEW and not conn.handshake:
+            self._on_hello(conn, payload)
+        elif topic == "$auth" and state == _AUTH:
+            self._on_auth(conn, payload)
+        elif state != _READY:
+            self._drop(conn, "protocol_errors" if self._key is None else "auth_failures",
+                       f"unexpected {topic!r} frame during the handshake")
+        elif topic == "$ping":
+            self._push(conn, _control_frame("$pong", {}))
+        elif topic == "$pong":
+            pass
+        elif topic == "$interest" and conn.handshake:
+            self._on_interest(conn, payload)
+        else:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
+
+    def _on_hello(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        version = payload.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            self._refuse(conn, "protocol_errors", "protocol",
+                         f"unsupported handshake version {version!r:.40}")
+            return
+        features = payload.get("features")
+        if isinstance(features, list):
+            conn.features = frozenset(f for f in features if isinstance(f, str)) & _FEATURES
+        ping = payload.get("ping_interval")
+        if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
+            conn.peer_ping = float(ping)
+        conn.handshake = True
+        if conn in self._broadcast:
+            self._broadcast = tuple(c for c in self._broadcast if c is not conn)
+        welcome: Dict[str, Any] = {
+            "version": PROTOCOL_VERSION,
+            "features": sorted(conn.features),
+            "auth": None,
+            "max_frame_size": self.max_frame_size,
+            "ping_interval": self.ping_interval,
+        }
+        if self._key is not None:
+            nonce = _nonce_from(payload.get("nonce"))
+            if nonce is None:
+                self._refuse(conn, "auth_failures", "auth",
+                             "authentication required: $hello carried no valid nonce")
+                return
+            conn.peer_nonce = nonce
+            conn.nonce = os.urandom(32)
+            welcome["auth"] = "hmac-sha256"
+            welcome["nonce"] = conn.nonce.hex()
+            conn.state = _AUTH
+        else:
+            conn.state = _READY
+        self._push(conn, _control_frame("$welcome", welcome))
+
+    def _on_auth(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        key = self._key
+        assert key is not None
+        expected = _proof(key, _AUTH_LABEL_CLIENT, conn.peer_nonce, conn.nonce)
+        if not _proof_matches(expected, payload.get("proof")):
+            self._refuse(conn, "auth_failures", "auth", "authentication failed: wrong secret")
+            return
+        conn.state = _READY
+        conn.decoder.max_frame_size = self.max_frame_size
+        proof = _proof(key, _AUTH_LABEL_SERVER, conn.nonce, conn.peer_nonce)
+        self._push(conn, _control_frame("$ready", {"proof": proof.hex()}))
+
+    def _refuse(self, conn: _Connection, counter: str, code: str, reason: str) -> None:
+        """Tell a handshaking peer why it is refused, then close it."""
+        if conn.enqueue(_control_frame("$error", {"code": code, "reason": reason})) == _OK:
+            try:
+                conn.write()
+            except OSError:
+                pass
+        self._drop(conn, counter, reason)
+
+    def _on_interest(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        added = payload.get("add") or []
+        removed = payload.get("remove") or []
+        if not isinstance(added, list) or not isinstance(removed, list):
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: malformed $interest from %s", conn.peer)
+            return
+        for pattern in removed:
+            if isinstance(pattern, str) and pattern in conn.interest:
+                del conn.interest[pattern]
+                self._remove_route(conn, pattern)
+        for pattern in added:
+            if not isinstance(pattern, str) or pattern in conn.interest:
+                continue
+            try:
+                validate_pattern(pattern)
+            except TopicError as exc:
+                self._counts["protocol_errors"] += 1
+                logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
+                continue
+            if len(conn.interest) >= self.max_interest:
+                self._counts["protocol_errors"] += 1
+                logger.warning("tcp server: %s exceeds max_interest=%d; ignored %r",
+                               conn.peer, self.max_interest, pattern)
+                continue
+            conn.interest[pattern] = None
+            if "*" in pattern:
+                self._patterns.add((conn.id, pattern), pattern, conn)
+            else:
+                self._exact[pattern] = self._exact.get(pattern, ()) + (conn,)
+                self._hand_mailbox(conn, pattern)
+
+    def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
+        # Messages nobody had taken wait in the server's mailbox; the first
+        # client to show interest in that topic takes them (send-then-receive).
+        local = self._local
+        with local._lock:
+            kept = local._mailboxes.pop(topic, None)
+        for message in kept or ():
+            try:
+                self._push(conn, encode(message, max_frame_size=self.max_frame_size))
+            except (FrameError, SerializationError):  # pragma: no cover - checked at send
+                pass
+
+    def _remove_route(self, conn: _Connection, pattern: str) -> None:
+        if "*" in pattern:
+            self._patterns.remove((conn.id, pattern))
+        else:
+            left = tuple(c for c in self._exact.get(pattern, ()) if c is not conn)
+            if left:
+                self._exact[pattern] = left
+            else:
+                self._exact.pop(pattern, None)
+
+    def _ack(self, conn: _Connection) -> None:
+        conn.acked = conn.received
+        self._ack_due.pop(conn.id, None)
+        self._push(conn, _control_frame("$ack", {"n": conn.received}))
+
+    def _send_acks(self) -> None:
+        for conn in list(self._ack_due.values()):
+            if not conn.closed and conn.received != conn.acked:
+                self._ack(conn)
+        self._ack_due.clear()
+
+    # -- housekeeping -------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        key = self._key
+        for conn in list(self._conns.values()):
+            if conn.closed:
+                continue
+            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake):
+                if now - conn.opened > self.handshake_timeout:
+                    self._drop(conn, "handshake_timeouts",
+                               f"handshake not completed within {self.handshake_timeout} s")
+                continue
+            if (self.frame_timeout is not None and conn.frame_started is not None
+                    and now - conn.frame_started > self.frame_timeout):
+                self._drop(conn, "frame_timeouts",
+                           f"incomplete frame for more than {self.frame_timeout} s "
+                           f"(slow sender; {conn.decoder.buffered} bytes received)")
+                continue
+            interval = self.ping_interval
+            if interval and conn.handshake and "ping" in conn.features:
+                silent = now - conn.last_recv
+                if silent > 2 * interval:
+                    self._drop(conn, "dead_peers",
+                               f"dead peer: nothing received for {silent:.1f} s")
+                elif silent > interval and not conn.ping_sent:
+                    conn.ping_sent = True
+                    self._push(conn, _control_frame("$ping", {}))
+
+    def _set_paused(self, paused: bool) -> None:
+        self._paused = paused
+        if paused:
+            logger.info("tcp server: %d messages wait for handlers; pausing reads",
+                        self._dispatcher.backlog)
+        for conn in list(self._conns.values()):
+            self._update_events(conn)
+
+    def _dispatch_low(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon(
+                lambda: self._paused and not self._closed and self._set_paused(False)
+            )
+
+    def _drop(self, conn: _Connection, counter: str, reason: str,
+              level: int = logging.WARNING, force: bool = False) -> None:
+        """Close ``conn`` (loop thread only), log ``reason`` and count it."""
+        with conn.lock:
+            if conn.closed and not force:
+                return
+            conn.closed = True
+        if self._conns.pop(conn.id, None) is None:
+            return
+        self._counts[counter] += 1
+        logger.log(level, "tcp server: closed %s: %s", conn.peer, reason)
+        if conn.events:
+            try:
+                self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
+            except (KeyError, ValueError, OSError):
+                pass
+            conn.events = 0
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        if conn in self._broadcast:
+            self._broadcast = tuple(c for c in self._broadcast if c is not conn)
+        for pattern in conn.interest:
+            self._remove_route(conn, pattern)
+        conn.interest.clear()
+        self._dirty.pop(conn.id, None)
+        self._ack_due.pop(conn.id, None)
+        with conn.lock:
+            conn.out.clear()
+            conn.out_bytes = 0
+            conn.cur = None
+
+    def _stop_reading(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._listener is not None:
+            try:
+                loop.selector.unregister(self._listener)
+            except (KeyError, ValueError):
+                pass
+            self._listener.close()
+        self._paused = True
+        for conn in list(self._conns.values()):
+            self._update_events(conn)
+        self._reads_stopped.set()
+
+    def _shutdown(self) -> None:
+        # Acknowledge what was read and dispatched, flush replies, then close.
+        import selectors
+
+        loop = self._loop
+        assert loop is not None
+        for conn in list(self._conns.values()):
+            if conn.handshake and "ack" in conn.features and conn.received != conn.acked:
+                self._ack(conn)
+        deadline = time.monotonic() + 1.0
+        pending = [c for c in self._conns.values() if c.out_bytes and not c.closed]
+        while pending and time.monotonic() < deadline:
+            for conn in pending:
+                self._flush(conn)
+            pending = [c for c in pending if c.out_bytes and not c.closed]
+            if pending:
+                try:
+                    waiting = selectors.DefaultSelector()
+                    for conn in pending:
+                        waiting.register(conn.sock, selectors.EVENT_WRITE)
+                    waiting.select(max(0.0, deadline - time.monotonic()))
+                    waiting.close()
+                except (OSError, ValueError):
+                    break
+        self._closing_done = True
+
+    def _teardown(self) -> None:
+        for conn in list(self._conns.values()):
+            self._drop(conn, "closed_by_server", "server closing", logging.DEBUG)
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+        self._reads_stopped.set()
+        loop = self._loop
+        if loop is not None:
+            loop.close()
+
+
+class TCPClientTransport(Transport):
+    """A connection to a :class:`TCPServerTransport` (or the original eventforge server).
+
+    Call :meth:`connect` before use.  ``send`` writes straight from the
+    caller's thread when the connection is idle and queues otherwise, so
+    frames from many threads never interleave.  ``subscribe``, ``receive``
+    and request inboxes tell the server what this client wants (its
+    *interest*); the server then sends only matching messages.  Subscriber
+    callbacks run on one dispatcher thread, in arrival order.
+
+    If the connection drops, the client reconnects (``reconnect=True``) with
+    capped exponential backoff and jitter (``backoff_initial`` ..
+    ``backoff_max``), re-sends its interest and re-sends, in order, every
+    message the server has not acknowledged; up to ``max_pending`` messages
+    (and ``max_pending_bytes``) wait meanwhile, beyond that ``send`` raises
+    TransportFullError.  A server that stays silent for two
+    ``ping_interval`` s is taken for dead.
+
+    ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a
+    client-side :class:`ssl.SSLContext`) enables TLS, checked against
+    ``server_hostname`` (default: ``host``).  A server that does not answer
+    ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
+    original eventforge server); ``handshake=False`` skips the hello and
+    ``handshake=True`` requires it.
+    """
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = DEFAULT_TCP_PORT,
+        *,
+        secret: Any = None,
+        ssl_context: Any = None,
+        server_hostname: Optional[str] = None,
+        reconnect: bool = True,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        max_pending: int = 10000,
+        max_pending_bytes: int = 64 * 1024 * 1024,
+        ping_interval: Optional[float] = 5.0,
+        connect_timeout: float = 5.0,
+        hello_timeout: float = 1.0,
+        handshake: Optional[bool] = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_queue_size: int = 1000,
+    ) -> None:
+        if not isinstance(port, int) or not 0 < port <= 65535:
+            raise ValueError(f"port must be an int in 1..65535, not {port!r}")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, not {max_pending!r}")
+        if backoff_initial <= 0 or backoff_max < backoff_initial:
+            raise ValueError("need 0 < backoff_initial <= backoff_max")
+        self.host = host
+        self.port = port
+        self._key = _secret_key(secret)
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.reconnect = reconnect
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.ping_interval = ping_interval
+        self.connect_timeout = connect_timeout
+        self.hello_timeout = hello_timeout
+        self.handshake = handshake
+        self.max_frame_size = max_frame_size
+        self._send_limit = max_frame_size
+        self._local = MemoryTransport(max_queue_size)
+        self._lock = threading.Lock()
+        self._interest: Dict[str, int] = {}
+        self._receive_topics: Dict[str, None] = {}
+        self._sub_patterns: Dict[str, str] = {}
+        # Message frames the server has not acknowledged (or that wait for a
+        # connection), in order: [sequence number on this connection, frame].
+        self._pending: Deque[List[Any]] = collections.deque()
+        self._pending_bytes = 0
+        self._seq = 0
+        self._ack_mode = False
+        self._conn: Optional[_Connection] = None
+        self._loop: Optional[_Loop] = None
+        self._dispatcher = _Dispatcher(
+            "eventforge-tcp-client-dispatch", self._local, self._dispatch_low
+        )
+        self._closing = threading.Event()
+        self._connecting: Any = None
+        self._started = False
+        self._closed = False
+        self._failed: Optional[str] = None
+        self._counts: Dict[str, int] = collections.defaultdict(int)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection to the server is up."""
+        return self._conn is not None
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def mode(self) -> Optional[str]:
+        """``"handshake"`` (our server), ``"frames"`` (a plain-frame server) or None."""
+        conn = self._conn
+        if conn is None:
+            return None
+        return "handshake" if conn.handshake else "frames"
+
+    def connect(self, timeout: Optional[float] = None) -> TCPClientTransport:
+        """Connect and handshake within ``timeout`` seconds (default ``connect_timeout``).
+
+        Raises ConnectionLostError (a ConnectionError) if the server cannot be
+        reached and AuthenticationError if the secret or TLS handshake fails.
+        Returns self.
+        """
+        if timeout is None:
+            timeout = self.connect_timeout
+        with self._lock:
+            if self._closed:
+                raise TransportClosedError("TCPClientTransport is closed")
+            if self._started:
+                return self
+        opened = self._open(timeout)
+        with self._lock:
+            if self._closed:
+                opened[0].close()
+                raise TransportClosedError("TCPClientTransport is closed")
+            loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
+            self._started = True
+        self._install(*opened)
+        loop.start(self._run)
+        return self
+
+    def close(self) -> None:
+        """Flush what is queued (up to 1 s), close the socket and stop every thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._closing.set()
+        connecting = self._connecting
+        if connecting is not None:
+            try:
+                connecting.close()
+            except OSError:
+                pass
+        loop = self._loop
+        if loop is not None:
+            loop.wake()
+            if loop.thread is not None and loop.thread is not threading.current_thread():
+                loop.thread.join(self.connect_timeout + 2.0)
+        self._dispatcher.stop(1.0)
+        self._local.close()
+
+    # -- Transport API ----------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Send ``message`` to the server; queue it while reconnecting.
+
+        Raises TransportFullError when ``max_pending`` messages already wait,
+        ConnectionLostError before :meth:`connect` or after a failure with
+        ``reconnect=False``, TransportClosedError after :meth:`close`.
+        """
+        validate_topic(message.topic)
+        frame = encode(message, max_frame_size=self._send_limit)
+        with self._lock:
+            if self._closed:
+                raise TransportClosedError("TCPClientTransport is closed")
+            if self._failed is not None:
+                raise ConnectionLostError(self._failed)
+            if not self._started:
+                raise ConnectionLostError(
+                    f"not connected to {self.host}:{self.port}: call connect() first"
+                )
+            conn = self._conn
+            if conn is None or self._ack_mode:
+                if (len(self._pending) >= self.max_pending
+                        or self._pending_bytes + len(frame) > self.max_pending_bytes):
+                    self._counts["full"] += 1
+                    state = "unacknowledged" if conn is not None else "waiting for a connection"
+                    raise TransportFullError(
+                        f"{len(self._pending)} messages ({self._pending_bytes} bytes) are "
+                        f"{state}; max_pending={self.max_pending}"
+                    )
+                item = [0, frame]
+                self._pending.append(item)
+                self._pending_bytes += len(frame)
+                if conn is None:
+                    self._counts["buffered"] += 1
+                    return
+                self._seq += 1
+                item[0] = self._seq
+            if conn.enqueue(frame) == _OVERFLOW:
+                self._counts["full"] += 1
+                raise TransportFullError(
+                    f"{conn.out_bytes} bytes wait for the server; "
+                    f"max_pending_bytes={self.max_pending_bytes}"
+                )
+            self._counts["messages_out"] += 1
+        self._kick(conn)
+
+    def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
+        """Take the next message on the exact ``topic``.
+
+        The first call registers a lasting interest in ``topic`` with the
+        server; from then on messages on it wait here (at most
+        ``max_queue_size``) until received.
+        """
+        self._want_receive(topic)
+        return self._local.receive(topic, timeout)
+
+    async def receive_async(
+        self, topic: str, timeout: Optional[float] = None
+    ) -> Optional[Message]:
+        """Asyncio-native :meth:`receive`."""
+        self._want_receive(topic)
+        return await self._local.receive_async(topic, timeout)
+
+    def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
+        """Call ``callback`` (on the dispatcher thread) for messages matching ``topic``."""
+        validate_pattern(topic)
+        sub_id = self._local.subscribe(topic, callback)
+        with self._lock:
+            self._sub_patterns[sub_id] = topic
+        self._interest_add(topic)
+        return sub_id
+
+    def unsubscribe(self, subscription_id: str) -> bool:
+        """Remove a subscription (and the interest, if it was the last for its pattern)."""
+        if not self._local.unsubscribe(subscription_id):
+            return False
+        with self._lock:
+            pattern = self._sub_patterns.pop(subscription_id, None)
+        if pattern is not None:
+            self._interest_remove(pattern)
+        return True
+
+    def open_inbox(self, topic: str) -> Inbox:
+        """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent."""
+        inbox = self._local.open_inbox(topic)
+        inner = inbox._on_close
+
+        def on_close(closing: Inbox) -> None:
+            if inner is not None:
+                inner(closing)
+            self._interest_remove(topic)
+
+        inbox._on_close = on_close
+        self._interest_add(topic, flush=False)
+        return inbox
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Local delivery counters plus connection and buffering counters."""
+        stats: Dict[str, Any] = dict(self._local.stats)
+        stats.update(self._counts)
+        stats["connected"] = self._conn is not None
+        stats["pending"] = len(self._pending)
+        stats["pending_bytes"] = self._pending_bytes
+        stats["interest"] = len(self._interest)
+        stats["dispatch_backlog"] = self._dispatcher.backlog
+        return stats
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("connected" if self._conn else "disconnected")
+        return f"<TCPClientTransport {self.host}:{self.port} {state}>"
+
+    # -- interest -----------------------------------------------------------------------
+
+    def _want_receive(self, topic: str) -> None:
+        _refuse_receive_pattern(topic)
+        validate_topic(topic)
+        if topic not in self._receive_topics:
+            with self._lock:
+                if topic in self._receive_topics:
+                    return
+                self._receive_topics[topic] = None
+            self._interest_add(topic)
+
+    def _interest_add(self, pattern: str, flush: bool = True) -> None:
+        with self._lock:
+            count = self._interest.get(pattern, 0)
+            self._interest[pattern] = count + 1
+            conn = self._conn
+            if count or conn is None or not conn.handshake:
+                return
+            conn.enqueue(_control_frame("$interest", {"add": [pattern]}))
+        if flush:
+            self._kick(conn)
+
+    def _interest_remove(self, pattern: str) -> None:
+        # Not flushed: it leaves with the next frame or on the next tick.
+        with self._lock:
+            count = self._interest.get(pattern, 0)
+            if count > 1:
+                self._interest[pattern] = count - 1
+                return
+            self._interest.pop(pattern, None)
+            conn = self._conn
+            if count and conn is not None and conn.handshake and not self._closed:
+                conn.enqueue(_control_frame("$interest", {"remove": [pattern]}))
+
+    # -- connection set-up ------------------------------------------------------------------
+
+    def _open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message]]:
+        """Connect and handshake (blocking); return the socket and what was learned."""
+        import socket
+
+        deadline = time.monotonic() + timeout
+        where = f"{self.host}:{self.port}"
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        except socket.timeout:
+            raise ConnectionLostError(f"cannot connect to {where}: timed out after {timeout} s") from None
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
+        self._connecting = sock
+        try:
+            if self._closed:
+                raise TransportClosedError("TCPClientTransport is closed")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self.ssl_context is not None:
+                ssl = _ssl_module()
+                try:
+                    sock = self.ssl_context.wrap_socket(
+                        sock, server_hostname=self.server_hostname or self.host
+                    )
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    raise AuthenticationError(f"TLS handshake with {where} failed: {exc}") from None
+                except (OSError, socket.timeout) as exc:
+                    raise ConnectionLostError(
+                        f"TLS handshake with {where} failed: {exc or 'timed out'} "
+                        "(does the server use TLS?)"
+                    ) from None
+                self._connecting = sock
+            decoder = FrameDecoder(self.max_frame_size)
+            early: List[Message] = []
+            if self.handshake is False:
+                sock.setblocking(False)
+                return sock, decoder, False, frozenset(), early
+            nonce = os.urandom(32)
+            hello = Message("$hello", {
+                "version": PROTOCOL_VERSION,
+                "features": sorted(_FEATURES),
+                "nonce": nonce.hex(),
+                "ping_interval": self.ping_interval,
+            })
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.sendall(encode(hello))
+            required = self.handshake is True or self._key is not None
+            hello_deadline = deadline if required else min(deadline, time.monotonic() + self.hello_timeout)
+            welcome = self._await(sock, decoder, early, "$welcome", hello_deadline)
+            if welcome is None:
+                if required:
+                    raise AuthenticationError(
+                        f"{where} did not answer the handshake within "
+                        f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
+                        "or one that speaks plain frames only)"
+                    )
+                logger.info("tcp client: %s did not answer $hello; speaking plain frames", where)
+                sock.setblocking(False)
+                return sock, decoder, False, frozenset(), early
+            features = frozenset(
+                f for f in welcome.get("features") or () if isinstance(f, str)
+            ) & _FEATURES
+            limit = welcome.get("max_frame_size")
+            if isinstance(limit, int) and 0 < limit < self.max_frame_size:
+                self._send_limit = limit
+            if welcome.get("auth"):
+                if welcome.get("auth") != "hmac-sha256":
+                    raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
+                if self._key is None:
+                    raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
+                server_nonce = _nonce_from(welcome.get("nonce"))
+                if server_nonce is None:
+                    raise AuthenticationError(f"{where} sent an invalid nonce")
+                proof = _proof(self._key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
+                sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
+                ready = self._await(sock, decoder, early, "$ready", deadline)
+                if ready is None:
+                    raise AuthenticationError(f"{where} did not confirm authentication in time")
+                expected = _proof(self._key, _AUTH_LABEL_SERVER, server_nonce, nonce)
+                if not _proof_matches(expected, ready.get("proof")):
+                    raise AuthenticationError(f"{where} failed to prove it knows the secret")
+            elif self._key is not None:
+                raise AuthenticationError(
+                    f"{where} does not authenticate, so it cannot prove it knows the secret"
+                )
+            sock.setblocking(False)
+            return sock, decoder, True, features, early
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            self._connecting = None
+
+    def _await(
+        self, sock: Any, decoder: FrameDecoder, early: List[Message], want: str, deadline: float
+    ) -> Optional[Dict[str, Any]]:
+        """Read until control frame ``want`` arrives; None at ``deadline``."""
+        import socket
+
+        where = f"{self.host}:{self.port}"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                return None
+            except OSError as exc:
+                raise ConnectionLostError(
+                    f"{where} closed the connection during the handshake: {exc}"
+                ) from None
+            if not data:
+                raise ConnectionLostError(
+                    f"{where} closed the connection during the handshake "
+                    "(does it require TLS or a secret?)"
+                )
+            try:
+                bodies = decoder.feed(data)
+            except FrameTooLargeError as exc:
+                raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
+            found: Optional[Dict[str, Any]] = None
+            for body in bodies:
+                try:
+                    message = decode(body)
+                except FrameError as exc:
+                    logger.warning("tcp client: bad frame from %s during the handshake: %s", where, exc)
+                    continue
+                payload = message.payload if isinstance(message.payload, dict) else {}
+                if found is None and message.topic == want:
+                    found = payload
+                elif message.topic == "$error":
+                    reason = str(payload.get("reason", "refused"))[:200]
+                    if payload.get("code") == "auth":
+                        raise AuthenticationError(f"{where} refused the connection: {reason}")
+                    raise ConnectionLostError(f"{where} refused the connection: {reason}")
+                elif message.topic[0] != "$":
+                    early.append(message)
+            if found is not None:
+                return found
+
+    def _install(
+        self, sock: Any, decoder: FrameDecoder, handshake: bool, features: frozenset,
+        early: List[Message],
+    ) -> None:
+        """Adopt a fresh connection: interest first, then every unacknowledged message."""
+        tls = self.ssl_context is not None
+        conn = _Connection(sock, f"{self.host}:{self.port}", self.max_frame_size,
+                           self.max_pending_bytes + 1024 * 1024, tls)
+        conn.decoder = decoder
+        conn.state = _READY
+        conn.handshake = handshake
+        conn.features = features
+        with self._lock:
+            frames: List[bytes] = []
+            if handshake and self._interest:
+                frames.append(_control_frame("$interest", {"add": list(self._interest)}))
+            self._ack_mode = "ack" in features
+            self._seq = 0
+            for item in self._pending:
+                self._seq += 1
+                item[0] = self._seq
+                frames.append(item[1])
+            if self._pending:
+                self._counts["resent"] += len(self._pending)
+            if not self._ack_mode:
+                self._pending.clear()
+                self._pending_bytes = 0
+            if frames:
+                with conn.lock:
+                    data = b"".join(frames)
+                    conn.out.append(data)
+                    conn.out_bytes += len(data)
+            self._conn = conn
+        loop = self._loop
+        assert loop is not None
+        import selectors
+
+        conn.events = selectors.EVENT_READ
+        loop.selector.register(sock, conn.events, conn)
+        if early:
+            batch: List[Tuple[Tuple[Any, ...], Message]] = []
+            for message in early:
+                self._deliver(message, batch)
+            if batch:
+                self._dispatcher.put_many(batch)
+        if frames and not tls:
+            self._kick(conn)
+        elif frames:
+            loop.wake()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _kick(self, conn: _Connection) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if conn.tls:
+            if loop.in_loop():
+                self._flush(conn)
+            else:
+                loop.call_soon(lambda: self._flush(conn))
+        elif not conn.blocked:
+            self._flush(conn)
+
+    def _flush(self, conn: _Connection) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            done = conn.write()
+        except OSError as exc:
+            reason = f"write failed: {exc}"
+            if loop.in_loop():
+                self._lost(conn, reason)
+            else:
+                loop.call_soon(lambda: self._lost(conn, reason))
+            return
+        if done is False:
+            if loop.in_loop():
+                self._update_events(conn)
+            else:
+                loop.call_soon(lambda: self._update_events(conn))
+
+    def _update_events(self, conn: _Connection) -> None:
+        import selectors
+
+        if conn.closed or self._conn is not conn:
+            return
+        events = 0 if conn.paused else selectors.EVENT_READ
+        if conn.blocked:
+            events |= selectors.EVENT_WRITE
+        if events == conn.events:
+            return
+        selector = self._loop.selector  # type: ignore[union-attr]
+        if conn.events == 0:
+            selector.register(conn.sock, events, conn)
+        elif events == 0:
+            selector.unregister(conn.sock)
+        else:
+            selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    # -- loop thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import selectors
+
+        loop = self._loop
+        assert loop is not None
+        loop.ident = threading.get_ident()
+        interval = self.ping_interval
+        tick_every = min(0.25, interval / 4) if interval else 0.25
+        next_tick = time.monotonic() + tick_every
+        try:
+            while not self._closing.is_set():
+                conn = self._conn
+                if conn is None:
+                    if not self._reconnect():
+                        break
+                    continue
+                for key, mask in loop.selector.select(max(0.0, next_tick - time.monotonic())):
+                    if key.data is None:
+                        loop.run_calls(drain=True)
+                        continue
+                    if key.data is not self._conn:
+                        continue
+                    try:
+                        if mask & selectors.EVENT_WRITE:
+                            conn.blocked = False
+                            self._flush(conn)
+                            if not conn.blocked:
+                                self._update_events(conn)
+                        if mask & selectors.EVENT_READ and self._conn is conn:
+                            self._on_readable(conn)
+                    except Exception:
+                        logger.exception("tcp client: internal error on %s", conn.peer)
+                        self._lost(conn, "internal error (see traceback)")
+                loop.run_calls()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick_every
+                    self._tick(now)
+        except Exception:  # pragma: no cover - a bug; do not die silently
+            logger.exception("tcp client: I/O loop crashed")
+        finally:
+            self._teardown()
+
+    def _on_readable(self, conn: _Connection) -> None:
+        sock = conn.sock
+        try:
+            data = sock.recv(_RECV_SIZE)
+            if conn.tls and data:
+                while sock.pending():
+                    data += sock.recv(_RECV_SIZE)
+        except _would_block_errors(conn.tls):
+            return
+        except OSError as exc:
+            self._lost(conn, f"read failed: {exc}")
+            return
+        if not data:
+            self._lost(conn, "server closed the connection")
+            return
+        conn.last_recv = time.monotonic()
+        conn.ping_sent = False
+        try:
+            bodies = conn.decoder.feed(data)
+        except FrameTooLargeError as exc:
+            self._counts["oversize_frames"] += 1
+            self._lost(conn, f"server sent an oversize frame: {exc}")
+            return
+        batch: List[Tuple[Tuple[Any, ...], Message]] = []
+        for body in bodies:
+            try:
+                message = decode(body)
+            except FrameError as exc:
+                self._counts["frame_errors"] += 1
+                logger.warning("tcp client: rejected a frame from %s: %s", conn.peer, exc)
+                continue
+            topic = message.topic
+            if topic[0] == "$":
+                self._on_control(conn, topic, message.payload)
+            else:
+                self._counts["messages_in"] += 1
+                self._deliver(message, batch)
+        if batch:
+            self._dispatcher.put_many(batch)
+            if self._dispatcher.high and not conn.paused:
+                conn.paused = True
+                self._update_events(conn)
+
+    def _deliver(self, message: Message, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+        topic = message.topic
+        try:
+            subscriptions = _deliver_local(
+                self._local, message, taken=topic not in self._receive_topics
+            )
+        except TransportFullError as exc:
+            self._counts["dropped"] += 1
+            logger.warning("tcp client: dropped %s: %s", message.id, exc)
+            return
+        except TransportClosedError:
+            return
+        if subscriptions:
+            batch.append((subscriptions, message))
+
+    def _on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            payload = {}
+        if topic == "$ack":
+            acked = payload.get("n")
+            if isinstance(acked, int):
+                with self._lock:
+                    pending = self._pending
+                    while pending and 0 < pending[0][0] <= acked:
+                        self._pending_bytes -= len(pending.popleft()[1])
+        elif topic == "$ping":
+            if conn.enqueue(_control_frame("$pong", {})) == _OK:
+                self._flush(conn)
+        elif topic == "$pong":
+            pass
+        elif topic == "$error":
+            logger.warning("tcp client: %s reports: %s", conn.peer, str(payload.get("reason"))[:200])
+        else:
+            self._counts["protocol_errors"] += 1
+            logger.debug("tcp client: ignored control frame %r", topic)
+
+    def _tick(self, now: float) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        interval = self.ping_interval
+        if interval and conn.handshake and "ping" in conn.features:
+            silent = now - conn.last_recv
+            if silent > 2 * interval:
+                self._counts["dead_peers"] += 1
+                self._lost(conn, f"dead peer: nothing received for {silent:.1f} s")
+                return
+            if silent > interval and not conn.ping_sent:
+                conn.ping_sent = True
+                conn.enqueue(_control_frame("$ping", {}))
+        if conn.out_bytes and not conn.blocked:
+            self._flush(conn)
+
+    def _lost(self, conn: _Connection, reason: str) -> None:
+        """The connection broke (loop thread): forget it; _run reconnects."""
+        with self._lock:
+            if self._conn is not conn:
+                return
+            self._conn = None
+            for item in self._pending:
+                item[0] = 0
+        with conn.lock:
+            conn.closed = True
+            conn.out.clear()
+        if conn.events:
+            try:
+                self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
+            except (KeyError, ValueError, OSError):
+                pass
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        if self._closing.is_set():
+            return
+        self._counts["disconnects"] += 1
+        if self.reconnect:
+            logger.warning("tcp client: lost %s (%s); reconnecting", conn.peer, reason)
+        else:
+            logger.warning("tcp client: lost %s (%s)", conn.peer, reason)
+            with self._lock:
+                self._failed = f"connection to {conn.peer} lost: {reason}"
+
+    def _reconnect(self) -> bool:
+        """Retry with capped exponential backoff and jitter; False to stop the loop."""
+        if not self.reconnect or self._closing.is_set():
+            return False
+        delay = self.backoff_initial
+        while not self._closing.is_set():
+            jitter = 0.5 + os.urandom(1)[0] / 510.0  # 0.5 .. 1.0
+            if self._closing.wait(delay * jitter):
+                return False
+            self._counts["reconnect_attempts"] += 1
+            try:
+                opened = self._open(self.connect_timeout)
+            except AuthenticationError as exc:
+                logger.error("tcp client: reconnect refused: %s", exc)
+            except (ConnectionError, OSError, TransportClosedError) as exc:
+                logger.debug("tcp client: reconnect failed: %s", exc)
+            else:
+                if self._closing.is_set():
+                    opened[0].close()
+                    return False
+                self._install(*opened)
+                self._counts["reconnects"] += 1
+                logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
+                return True
+            delay = min(delay * 2, self.backoff_max)
+        return False
+
+    def _dispatch_low(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.paused = False
+            self._update_events(conn)
+
+    def _teardown(self) -> None:
+        """Loop thread exit: flush what is queued (up to 1 s) and close the socket."""
+        with self._lock:
+            conn = self._conn
+            self._conn = None
+        if conn is not None:
+            with conn.lock:
+                chunks = [bytes(conn.cur)] if conn.cur is not None else []
+                chunks.extend(conn.out)
+                conn.out.clear()
+                conn.cur = None
+                conn.closed = True
+            if chunks:
+                try:
+                    conn.sock.settimeout(1.0)
+                    conn.sock.sendall(b"".join(chunks))
+                except OSError:
+                    pass
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        loop = self._loop
+        if loop is not None:
+            loop.close()
+
+
 
 # ---------------------------------------------------------------------------
 # 6. Queues: MessageQueue and RemoteQueue
@@ -1690,6 +3745,180 @@ class MessageQueue:
         return f"<MessageQueue on {self.transport!r}>"
 
 
+class RemoteQueue:
+    """A push-only switchboard: named peers reached over TCP, plus an optional local queue.
+
+    :meth:`connect` opens and owns a :class:`TCPClientTransport` to each
+    peer; :meth:`send` pushes a message to one peer, :meth:`broadcast` to
+    all.  A node that also receives passes ``local=`` (typically a
+    :class:`MessageQueue` on a started :class:`TCPServerTransport`) and
+    subscribes to it with :meth:`subscribe` / :meth:`on`.  There is no way
+    to pull from a peer's topics: that direction is request-reply (RPC).
+
+    Every message carries the header ``source_node`` (this node's id) unless
+    the caller sets it.  A peer that fails during :meth:`broadcast` does not
+    stop the others: the failure is logged, counted in :attr:`stats`, kept
+    in :attr:`last_errors` and passed to ``on_error(node_id, exc)`` if given.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        local: Optional[MessageQueue] = None,
+        on_error: Optional[Callable[[str, BaseException], Any]] = None,
+    ) -> None:
+        if not isinstance(node_id, str) or not node_id:
+            raise ValueError("node_id must be a non-empty str")
+        self.node_id = node_id
+        self.local = local
+        self.on_error = on_error
+        self._lock = threading.Lock()
+        self._peers: Dict[str, TCPClientTransport] = {}
+        self.last_errors: Dict[str, BaseException] = {}
+        self._counts: Dict[str, int] = collections.defaultdict(int)
+        self._closed = False
+
+    @property
+    def peers(self) -> List[str]:
+        """Ids of the peers connected with :meth:`connect`, in connection order."""
+        with self._lock:
+            return list(self._peers)
+
+    def connect(self, node_id: str, host: str, port: int, **options: Any) -> None:
+        """Open a TCP link to peer ``node_id`` at ``host:port`` and own it.
+
+        ``options`` go to :class:`TCPClientTransport` (``secret``,
+        ``ssl_context``, ``reconnect`` ...); ``timeout`` bounds the connect.
+        Connecting an id again replaces its link.  Raises ConnectionError if
+        the peer cannot be reached.
+        """
+        if not isinstance(node_id, str) or not node_id:
+            raise ValueError("node_id must be a non-empty str")
+        timeout = options.pop("timeout", None)
+        transport = TCPClientTransport(host, port, **options)
+        transport.connect(timeout)
+        with self._lock:
+            if self._closed:
+                old: Optional[TCPClientTransport] = transport
+            else:
+                old = self._peers.pop(node_id, None)
+                self._peers[node_id] = transport
+        if old is not None:
+            old.close()
+        if self._closed:
+            raise TransportClosedError("RemoteQueue is closed")
+
+    def disconnect(self, node_id: str) -> bool:
+        """Close the link to ``node_id``; False if there was none."""
+        with self._lock:
+            transport = self._peers.pop(node_id, None)
+        if transport is None:
+            return False
+        transport.close()
+        return True
+
+    def _message(self, topic: str, payload: Any, headers: Dict[str, Any]) -> Message:
+        headers.setdefault("source_node", self.node_id)
+        return Message(topic, payload, headers=headers)
+
+    def send(self, node_id: str, topic: str, payload: Any = None, **headers: Any) -> str:
+        """Push a message to the peer ``node_id``; returns the message id.
+
+        Raises KeyError for an unknown peer, TransportFullError if its link
+        buffers too much while reconnecting.
+        """
+        with self._lock:
+            transport = self._peers.get(node_id)
+        if transport is None:
+            raise KeyError(f"unknown peer {node_id!r}; connected peers: {sorted(self._peers)}")
+        message = self._message(topic, payload, headers)
+        transport.send(message)
+        self._counts["sent"] += 1
+        return message.id
+
+    def broadcast(self, topic: str, payload: Any = None, **headers: Any) -> Dict[str, str]:
+        """Push the same message to every peer; returns ``{node_id: message_id}``.
+
+        Peers that failed are missing from the result; their errors are in
+        :attr:`last_errors` (reset on every call), logged and counted.
+        """
+        validate_topic(topic)
+        with self._lock:
+            peers = list(self._peers.items())
+        message = self._message(topic, payload, headers)
+        sent: Dict[str, str] = {}
+        errors: Dict[str, BaseException] = {}
+        for node_id, transport in peers:
+            try:
+                transport.send(message)
+            except (EventforgeError, OSError) as exc:
+                errors[node_id] = exc
+                self._counts["send_failures"] += 1
+                logger.warning("remote %s: broadcast of %s to %s failed: %s",
+                               self.node_id, message.id, node_id, exc)
+                if self.on_error is not None:
+                    try:
+                        self.on_error(node_id, exc)
+                    except Exception:
+                        logger.exception("remote %s: on_error hook failed", self.node_id)
+            else:
+                sent[node_id] = message.id
+                self._counts["sent"] += 1
+        self.last_errors = errors
+        return sent
+
+    def _require_local(self) -> MessageQueue:
+        if self.local is None:
+            raise RuntimeError(
+                f"RemoteQueue {self.node_id!r} has no local queue to receive on; "
+                "pass local=MessageQueue(transport=TCPServerTransport(...))"
+            )
+        return self.local
+
+    def subscribe(self, topic: str, handler: Callable[[Message], Any]) -> str:
+        """Subscribe ``handler`` on the local queue; RuntimeError without one."""
+        return self._require_local().subscribe(topic, handler)
+
+    def on(self, topic: str, handler: Optional[Callable[[Message], Any]] = None) -> Any:
+        """Decorator (or direct) form of :meth:`subscribe`."""
+        return self._require_local().on(topic, handler)
+
+    def unsubscribe(self, handler_id: Any) -> bool:
+        """Remove a local subscription; RuntimeError without a local queue."""
+        return self._require_local().unsubscribe(handler_id)
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Send counters, plus each peer link's transport counters."""
+        with self._lock:
+            peers = dict(self._peers)
+        return {
+            "sent": self._counts["sent"],
+            "send_failures": self._counts["send_failures"],
+            "peers": {node: transport.stats for node, transport in peers.items()},
+        }
+
+    def close(self) -> None:
+        """Close every peer link and the local queue."""
+        with self._lock:
+            self._closed = True
+            peers = list(self._peers.values())
+            self._peers.clear()
+        for transport in peers:
+            transport.close()
+        if self.local is not None:
+            self.local.close()
+
+    def __enter__(self) -> RemoteQueue:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<RemoteQueue {self.node_id!r} peers={self.peers}>"
+
 
 # ---------------------------------------------------------------------------
 # 7. Execution: Executor
@@ -1790,6 +4019,8 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.transports": ("eventforge", None),
     "eventforge.transports.base": ("eventforge", None),
     "eventforge.transports.memory": ("eventforge", None),
+    "eventforge.transports.tcp": ("eventforge", None),
+    "eventforge.remote": ("eventforge", None),
 }
 
 
