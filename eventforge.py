@@ -1524,6 +1524,19 @@ _DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries 
 _DISPATCH_LOW_WATER = 5000
 _conn_ids = itertools.count(1)
 
+# Counters always present in TCPServerTransport.stats (each refusal has its own).
+_SERVER_COUNTERS = (
+    "accepted", "refused_connections", "accept_errors", "disconnects", "messages_in",
+    "messages_out", "bytes_in", "dropped", "frame_errors", "oversize_frames",
+    "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
+    "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
+)
+_CLIENT_COUNTERS = (
+    "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
+    "reconnect_attempts", "reconnects", "dead_peers", "dropped", "frame_errors",
+    "oversize_frames", "protocol_errors",
+)
+
 # Connection states
 _TLS, _NEW, _AUTH, _READY = "tls", "new", "auth", "ready"
 
@@ -1985,6 +1998,7 @@ class TCPServerTransport(Transport):
         self._closed = False
         self._reads_stopped = threading.Event()
         self._counts: Dict[str, int] = collections.defaultdict(int)
+        self._counts.update(dict.fromkeys(_SERVER_COUNTERS, 0))
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -2835,6 +2849,7 @@ class TCPClientTransport(Transport):
         self._closed = False
         self._failed: Optional[str] = None
         self._counts: Dict[str, int] = collections.defaultdict(int)
+        self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
 
     # -- lifecycle --------------------------------------------------------------------
 
