@@ -2140,7 +2140,10 @@ class TCPServerTransport(Transport):
     # -- routing ------------------------------------------------------------------
 
     def _targets(self, topic: str, origin: Optional[_Connection]) -> Tuple[List[_Connection], bool]:
-        """Connections a message on ``topic`` goes to, and whether one asked for it."""
+        """Connections a message on ``topic`` goes to, and whether there are any.
+
+        A message that went to any connection is not kept in a local mailbox.
+        """
         targets = list(self._exact.get(topic, ()))
         if len(self._patterns):
             matched = self._patterns.match(topic)
@@ -2153,11 +2156,10 @@ class TCPServerTransport(Transport):
                             targets.append(conn)
                 else:
                     targets = list({c.id: c for c in matched}.values())
-        taken = bool(targets)
         for conn in self._broadcast:
             if conn is not origin:
                 targets.append(conn)
-        return targets, taken
+        return targets, bool(targets)
 
     def _push(self, conn: _Connection, frame: bytes) -> None:
         result = conn.enqueue(frame)
@@ -2186,7 +2188,8 @@ class TCPServerTransport(Transport):
         try:
             done = conn.write()
         except OSError as exc:
-            self._close_later(conn, "resets", f"write failed: {exc}")
+            counter = "truncated_frames" if conn.decoder.buffered else "resets"
+            self._close_later(conn, counter, self._eof_reason(conn, f"write failed: {exc}"))
             return
         if done is False:
             if loop.in_loop():
@@ -3154,6 +3157,14 @@ class TCPClientTransport(Transport):
                 )
             sock.setblocking(False)
             return sock, decoder, True, features, early
+        except (EventforgeError, socket.timeout):
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            if self.ssl_context is not None and isinstance(exc, _ssl_module().SSLError):
+                raise AuthenticationError(f"TLS session with {where} failed: {exc}") from None
+            raise ConnectionLostError(f"handshake with {where} failed: {exc}") from None
         except BaseException:
             sock.close()
             raise
