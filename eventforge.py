@@ -1527,13 +1527,13 @@ _conn_ids = itertools.count(1)
 # Counters always present in TCPServerTransport.stats (each refusal has its own).
 _SERVER_COUNTERS = (
     "accepted", "refused_connections", "accept_errors", "disconnects", "messages_in",
-    "messages_out", "bytes_in", "dropped", "frame_errors", "oversize_frames",
+    "messages_out", "bytes_in", "mailbox_full", "frame_errors", "oversize_frames",
     "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
     "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
 )
 _CLIENT_COUNTERS = (
     "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
-    "reconnect_attempts", "reconnects", "dead_peers", "dropped", "frame_errors",
+    "reconnect_attempts", "reconnects", "dead_peers", "mailbox_full", "frame_errors",
     "oversize_frames", "protocol_errors",
 )
 
@@ -2475,7 +2475,7 @@ class TCPServerTransport(Transport):
         try:
             subscriptions = _deliver_local(self._local, message, taken)
         except TransportFullError as exc:
-            self._counts["dropped"] += 1
+            self._counts["mailbox_full"] += 1
             logger.warning("tcp server: dropped %s from %s: %s", message.id, origin.peer, exc)
             return
         except TransportClosedError:
@@ -3416,7 +3416,7 @@ class TCPClientTransport(Transport):
                 self._local, message, taken=topic not in self._receive_topics
             )
         except TransportFullError as exc:
-            self._counts["dropped"] += 1
+            self._counts["mailbox_full"] += 1
             logger.warning("tcp client: dropped %s: %s", message.id, exc)
             return
         except TransportClosedError:

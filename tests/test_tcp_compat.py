@@ -1,0 +1,227 @@
+"""Interoperability with frame-only peers (the original eventforge client and server).
+
+The original speaks only frames: 4-byte big-endian length + JSON message.
+A raw-socket peer stands in for it in both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+from _tcp_helpers import FrameReader, frame, message_frame, raw_connect, wait_until
+
+import eventforge as ef
+
+VECTORS = os.path.join(os.path.dirname(__file__), "vectors", "tcp")
+
+
+# -- a frame-only client talking to our server --------------------------------------------
+
+
+def test_frame_only_client_publishes_and_gets_every_server_send(tcp):
+    server = tcp.server()
+    got = []
+    server.subscribe("jobs.*", got.append)
+    with raw_connect(server.port) as sock:
+        reader = FrameReader(sock)
+        sock.sendall(message_frame("jobs.new", {"n": 1}))
+        assert wait_until(lambda: got)
+        assert got[0].payload == {"n": 1}
+        assert server.stats["frame_peers"] == 1
+        # no handshake, so it is sent everything the server routes
+        server.send(ef.Message("anything.at.all", "a"))
+        server.send(ef.Message("jobs.other", "b"))
+        first, second = reader.read(), reader.read()
+        assert (first["topic"], first["payload"]) == ("anything.at.all", "a")
+        assert (second["topic"], second["payload"]) == ("jobs.other", "b")
+        # the frame has exactly the original's keys and a Z timestamp
+        assert set(first) == {"id", "topic", "payload", "headers", "timestamp",
+                              "reply_to", "correlation_id"}
+        assert first["timestamp"].endswith("Z")
+
+
+def test_frame_only_client_requests_and_gets_the_reply(tcp):
+    server = tcp.server()
+    queue = ef.MessageQueue(transport=server)
+    queue.on("math.add", lambda m: queue.reply(m, m.payload["a"] + m.payload["b"]))
+    with raw_connect(server.port) as sock:
+        request = ef.Message("math.add", {"a": 2, "b": 3}, reply_to="_reply.raw-1")
+        sock.sendall(ef.encode(request))
+        reply = FrameReader(sock).read()
+        assert reply["topic"] == "_reply.raw-1" and reply["payload"] == 5
+        assert reply["correlation_id"] == request.id
+
+
+def test_frame_only_client_reaches_a_handler_on_another_client(tcp):
+    server = tcp.server()
+    worker = ef.MessageQueue(transport=tcp.client(server.port))
+    worker.on("remote.work", lambda m: worker.reply(m, m.payload.upper()))
+    time.sleep(0.1)
+    with raw_connect(server.port) as sock:
+        sock.sendall(ef.encode(ef.Message("remote.work", "abc", reply_to="_reply.raw-2")))
+        reply = FrameReader(sock).read_message()
+        assert reply["topic"] == "_reply.raw-2" and reply["payload"] == "ABC"
+
+
+def test_frame_only_client_minimal_frame_without_id_or_timestamp(tcp):
+    server = tcp.server()
+    got = []
+    server.subscribe("min", got.append)
+    with raw_connect(server.port) as sock:
+        sock.sendall(frame({"topic": "min", "payload": 1, "timestamp": 1700000000}))
+        assert wait_until(lambda: got)
+    assert got[0].id and got[0].timestamp.year == 2023
+
+
+def test_frame_only_peers_do_not_get_their_own_messages_back(tcp):
+    server = tcp.server()
+    with raw_connect(server.port) as a, raw_connect(server.port) as b:
+        assert wait_until(lambda: server.stats["frame_peers"] == 2)
+        a.sendall(message_frame("chat", "from a"))
+        got = FrameReader(b).read()
+        assert got["payload"] == "from a"
+        assert FrameReader(a).read(0.2) is None
+
+
+# -- our client talking to a frame-only server ----------------------------------------------
+
+
+class FrameOnlyServer:
+    """A minimal original-style server: reads frames, echoes requests, broadcasts."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = []
+        self.clients = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, name="frame-only-server", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.05)
+        workers = []
+        while not self.stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            self.clients.append(sock)
+            worker = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            worker.start()
+            workers.append(worker)
+        for worker in workers:
+            worker.join(2)
+
+    def _serve(self, sock: socket.socket) -> None:
+        decoder = ef.FrameDecoder()
+        sock.settimeout(0.05)
+        while not self.stop.is_set():
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            for body in decoder.feed(data):
+                obj = json.loads(body)
+                self.received.append(obj)
+                if obj.get("reply_to"):  # answer like a handler on the server would
+                    reply = ef.Message(obj["reply_to"], {"echo": obj["payload"]},
+                                       correlation_id=obj["id"])
+                    sock.sendall(ef.encode(reply))
+
+    def broadcast(self, message: ef.Message) -> None:
+        for sock in self.clients:
+            sock.sendall(ef.encode(message))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(3)
+        for sock in self.clients:
+            sock.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def frame_server(no_leaks):
+    server = FrameOnlyServer()
+    yield server
+    server.close()
+
+
+def test_client_falls_back_to_plain_frames(tcp, frame_server):
+    client = tcp.client(frame_server.port, hello_timeout=0.2)
+    assert client.mode == "frames"
+    queue = ef.MessageQueue(transport=client)
+    queue.publish("plain.topic", {"x": 1})
+    assert wait_until(lambda: any(m["topic"] == "plain.topic" for m in frame_server.received))
+    sent = [m for m in frame_server.received if m["topic"] == "plain.topic"][0]
+    assert sent["payload"] == {"x": 1} and sent["timestamp"].endswith("Z")
+    # the only non-message frame it ever saw is the one $hello
+    assert [m["topic"] for m in frame_server.received if m["topic"].startswith("$")] == ["$hello"]
+    reply = queue.request("svc", "hi", timeout=5.0)
+    assert reply is not None and reply.payload == {"echo": "hi"}
+    got = []
+    queue.subscribe("news.*", got.append)
+    frame_server.broadcast(ef.Message("news.today", "n"))
+    frame_server.broadcast(ef.Message("ignored.topic", "i"))  # filtered locally
+    assert wait_until(lambda: got)
+    time.sleep(0.05)
+    assert [m.topic for m in got] == ["news.today"]
+
+
+def test_client_without_handshake_sends_no_control_frame(tcp, frame_server):
+    started = time.monotonic()
+    client = tcp.client(frame_server.port, handshake=False)
+    assert time.monotonic() - started < 0.5
+    client.send(ef.Message("only.data", 1))
+    assert wait_until(lambda: frame_server.received)
+    assert [m["topic"] for m in frame_server.received] == ["only.data"]
+
+
+def test_client_requiring_the_handshake_refuses_a_frame_only_server(tcp, frame_server):
+    client = ef.TCPClientTransport("127.0.0.1", frame_server.port, handshake=True,
+                                   reconnect=False)
+    with pytest.raises(ef.AuthenticationError, match="did not answer the handshake"):
+        client.connect(0.3)
+    client.close()
+    secret = ef.TCPClientTransport("127.0.0.1", frame_server.port, secret="k", reconnect=False)
+    with pytest.raises(ef.AuthenticationError):
+        secret.connect(0.3)
+    secret.close()
+
+
+# -- control-frame vectors ----------------------------------------------------------------
+
+
+def _vectors():
+    with open(os.path.join(VECTORS, "control.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("vector", _vectors(), ids=lambda v: v["name"])
+def test_control_frame_vectors(vector):
+    data = open(os.path.join(VECTORS, vector["file"]), "rb").read()
+    # encoding: our writer produces exactly these bytes
+    assert ef._control_frame(vector["topic"], vector["payload"]) == data
+    # decoding: the bytes are a valid frame whose JSON is the vector
+    assert int.from_bytes(data[:4], "big") == len(data) - 4
+    assert json.loads(data[4:]) == {"topic": vector["topic"], "payload": vector["payload"]}
+    decoded = ef.decode(data[4:])
+    assert decoded.topic == vector["topic"] and decoded.payload == vector["payload"]
+
+
+def test_hmac_vector():
+    v = json.load(open(os.path.join(VECTORS, "auth.json")))
+    key = v["secret"].encode()
+    cn, sn = bytes.fromhex(v["client_nonce"]), bytes.fromhex(v["server_nonce"])
+    assert ef._proof(key, b"eventforge-v1 client", cn, sn).hex() == v["client_proof"]
+    assert ef._proof(key, b"eventforge-v1 server", sn, cn).hex() == v["server_proof"]
