@@ -1542,11 +1542,44 @@ _TLS, _NEW, _AUTH, _READY = "tls", "new", "auth", "ready"
 
 # Results of _Connection.enqueue
 _OK, _CLOSED, _OVERFLOW = 0, 1, 2
+# Results of _Connection.defer
+_WRITE_NOW, _WRITE_SCHEDULE, _WRITE_PENDING = 0, 1, 2
+_HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
+_perf_counter = time.perf_counter
 
 
 def _control_frame(topic: str, payload: Dict[str, Any]) -> bytes:
     """Encode a small control frame (only ``topic`` and ``payload`` keys)."""
     body = _dumps({"topic": topic, "payload": payload}).encode("utf-8")
+    return len(body).to_bytes(4, "big") + body
+
+
+_CONTROL_PREFIX = b'{"topic":"$'
+
+
+def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
+    """Parse a control frame written in our compact form; None for anything else.
+
+    Saves building a Message for the frames our own peers send most.  Any
+    other shape (or invalid JSON) is left to the full :func:`decode`.
+    """
+    if not body.startswith(_CONTROL_PREFIX):
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if type(obj) is not dict or len(obj) != 2:
+        return None
+    topic = obj.get("topic")
+    if type(topic) is not str or not _TOPIC_RE.fullmatch(topic) or len(topic) > 64:
+        return None
+    return topic, obj.get("payload")
+
+
+def _interest_frame(kind: str, topic: str) -> bytes:
+    """``$interest`` adding or removing one (already validated) pattern."""
+    body = ('{"topic":"$interest","payload":{"%s":[%s]}}' % (kind, json.dumps(topic))).encode()
     return len(body).to_bytes(4, "big") + body
 
 
@@ -1630,7 +1663,7 @@ class _Connection:
         "max_outbound", "cur", "writing", "blocked", "closed", "state", "handshake",
         "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
         "ping_sent", "received", "acked", "interest", "events", "paused",
-        "bytes_in", "peer_ping",
+        "bytes_in", "peer_ping", "last_push", "scheduled",
     )
 
     def __init__(self, sock: Any, peer: str, max_frame_size: int, max_outbound: int, tls: bool) -> None:
@@ -1664,6 +1697,8 @@ class _Connection:
         self.paused = False
         self.bytes_in = 0
         self.peer_ping: Optional[float] = None
+        self.last_push = 0.0
+        self.scheduled = False  # a flush by the I/O thread is pending
 
     def enqueue(self, data: bytes) -> int:
         """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
@@ -1722,6 +1757,26 @@ class _Connection:
             with self.lock:
                 self.writing = False
             raise
+
+    def defer(self) -> int:
+        """Decide who writes a frame just queued by a sending thread.
+
+        Returns _WRITE_NOW when the connection was idle (the sender writes at
+        once: no thread hop, lowest latency); while frames follow each other
+        closer than ``_HOT_GAP`` it returns _WRITE_SCHEDULE once (the caller
+        asks the I/O thread to flush) and _WRITE_PENDING after that, so a
+        busy sender pays for no syscall and the I/O thread writes whole
+        batches.
+        """
+        now = _perf_counter()
+        hot = now - self.last_push < _HOT_GAP
+        self.last_push = now
+        if self.scheduled:
+            return _WRITE_PENDING
+        if hot:
+            self.scheduled = True
+            return _WRITE_SCHEDULE
+        return _WRITE_NOW
 
     @property
     def buffered(self) -> int:
@@ -1813,49 +1868,63 @@ class _Dispatcher:
 
     The I/O thread hands over batches; a handler may block (on a request over
     the very same connection, say) without stalling any socket.  ``backlog``
-    lets the I/O thread stop reading while too much waits here.
+    lets the I/O thread stop reading while too much waits here.  A bare lock
+    serves as the wake-up signal: cheaper than a Condition on this hot path.
     """
 
     def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None]) -> None:
         self.name = name
         self._local = local
         self._on_low = on_low
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._signal = threading.Lock()
+        self._signal.acquire()
         self._items: Deque[Tuple[Tuple[Any, ...], Message]] = collections.deque()
         self._thread: Optional[threading.Thread] = None
-        self._busy = False
+        self._sleeping = False
+        self._idle = threading.Event()
+        self._idle.set()
         self._stopping = False
         self.backlog = 0
         self.high = False
 
     def put_many(self, items: List[Tuple[Tuple[Any, ...], Message]]) -> None:
-        with self._cond:
+        wake = False
+        with self._mutex:
             if self._stopping:
                 return
             self._items.extend(items)
             self.backlog += len(items)
             if self.backlog > _DISPATCH_HIGH_WATER:
                 self.high = True
+            self._idle.clear()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-            elif not self._busy:
-                self._cond.notify()
+            elif self._sleeping:
+                self._sleeping = False
+                wake = True
+        if wake:
+            self._signal.release()
 
     def _run(self) -> None:
         items = self._items
-        cond = self._cond
+        mutex = self._mutex
         while True:
-            with cond:
-                while not items:
-                    self._busy = False
-                    cond.notify_all()
+            with mutex:
+                if not items:
                     if self._stopping:
+                        self._idle.set()
                         return
-                    cond.wait()
-                self._busy = True
-                batch = list(items)
-                items.clear()
+                    self._sleeping = True
+                    self._idle.set()
+                    batch = None
+                else:
+                    batch = list(items)
+                    items.clear()
+            if batch is None:
+                self._signal.acquire()
+                continue
             for subscriptions, message in batch:
                 for subscription in subscriptions:
                     if subscription.active:
@@ -1863,7 +1932,7 @@ class _Dispatcher:
                             subscription.callback(message)
                         except Exception:
                             self._local._handler_failed(subscription, message)
-            with cond:
+            with mutex:
                 self.backlog -= len(batch)
                 resume = self.high and self.backlog < _DISPATCH_LOW_WATER
                 if resume:
@@ -1875,24 +1944,21 @@ class _Dispatcher:
         """Wait until every handed-over message was dispatched."""
         if self._thread is threading.current_thread():
             return False
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._items or self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
+        return self._idle.wait(timeout)
 
     def stop(self, timeout: float) -> None:
         """Deliver what is queued (up to ``timeout``), then end the thread."""
         self.drain(timeout)
-        with self._cond:
+        with self._mutex:
             self._stopping = True
             dropped = len(self._items)
             self._items.clear()
-            self._cond.notify_all()
+            self.backlog = 0
+            wake = self._sleeping
+            self._sleeping = False
             thread = self._thread
+        if wake:
+            self._signal.release()
         if dropped:
             logger.warning("%s: %d messages not delivered at close", self.name, dropped)
         if thread is not None and thread is not threading.current_thread():
@@ -1911,7 +1977,8 @@ def _deliver_local(
     close.
     """
     topic = message.topic
-    subscriptions = local._subscriptions.match(topic)
+    trie = local._subscriptions
+    subscriptions = trie.match(topic) if len(trie) else ()
     with local._lock:
         if local._closed:
             raise TransportClosedError("transport is closed")
@@ -1993,6 +2060,7 @@ class TCPServerTransport(Transport):
         self._broadcast: Tuple[_Connection, ...] = ()
         self._dirty: Dict[int, _Connection] = {}
         self._ack_due: Dict[int, _Connection] = {}
+        self._ack_at = 0.0
         self._paused = False
         self._started = False
         self._closed = False
@@ -2172,7 +2240,11 @@ class TCPServerTransport(Transport):
                 if conn.tls:
                     loop.call_soon(lambda: self._flush(conn))
             else:
-                self._flush(conn)
+                decision = conn.defer()
+                if decision == _WRITE_NOW:
+                    self._flush(conn)
+                elif decision == _WRITE_SCHEDULE:
+                    loop.call_soon(lambda: self._scheduled_flush(conn))
         elif result == _OVERFLOW:
             self._close_later(
                 conn,
@@ -2180,6 +2252,11 @@ class TCPServerTransport(Transport):
                 f"slow consumer: {conn.out_bytes} bytes already queued, "
                 f"max_outbound_bytes={self.max_outbound_bytes}",
             )
+
+    def _scheduled_flush(self, conn: _Connection) -> None:
+        conn.scheduled = False
+        if not conn.closed:
+            self._flush(conn)
 
     def _flush(self, conn: _Connection) -> None:
         """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full."""
@@ -2224,7 +2301,7 @@ class TCPServerTransport(Transport):
             while loop.thread is not None:
                 timeout = max(0.0, next_tick - time.monotonic())
                 if self._ack_due:
-                    timeout = min(timeout, _ACK_DELAY)
+                    timeout = min(timeout, max(0.0, self._ack_at - time.monotonic()))
                 for key, mask in loop.selector.select(timeout):
                     obj = key.data
                     if obj is None:
@@ -2241,7 +2318,7 @@ class TCPServerTransport(Transport):
                             logger.exception("tcp server: internal error on %s", obj.peer)
                             self._drop(obj, "internal_errors", "internal error (see traceback)")
                 loop.run_calls()
-                if self._ack_due:
+                if self._ack_due and time.monotonic() >= self._ack_at:
                     self._send_acks()
                 if self._dirty:
                     dirty = list(self._dirty.values())
@@ -2422,6 +2499,8 @@ class TCPServerTransport(Transport):
             if conn.received - conn.acked >= _ACK_EVERY:
                 self._ack(conn)
             else:
+                if not self._ack_due:
+                    self._ack_at = time.monotonic() + _ACK_DELAY
                 self._ack_due[conn.id] = conn
 
     @staticmethod
@@ -2435,6 +2514,10 @@ class TCPServerTransport(Transport):
         self, conn: _Connection, body: bytes,
         batch: Optional[List[Tuple[Tuple[Any, ...], Message]]] = None,
     ) -> None:
+        control = _fast_control(body)
+        if control is not None:
+            self._on_control(conn, control[0], control[1])
+            return
         try:
             message = decode(body)
         except FrameError as exc:
@@ -2582,7 +2665,10 @@ class TCPServerTransport(Transport):
             if not isinstance(pattern, str) or pattern in conn.interest:
                 continue
             try:
-                validate_pattern(pattern)
+                if "*" in pattern:
+                    validate_pattern(pattern)
+                else:
+                    validate_topic(pattern)
             except TopicError as exc:
                 self._counts["protocol_errors"] += 1
                 logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
@@ -2777,7 +2863,9 @@ class TCPClientTransport(Transport):
     ``backoff_max``), re-sends its interest and re-sends, in order, every
     message the server has not acknowledged; up to ``max_pending`` messages
     (and ``max_pending_bytes``) wait meanwhile, beyond that ``send`` raises
-    TransportFullError.  A server that stays silent for two
+    TransportFullError.  While connected, a full buffer makes ``send`` wait
+    up to ``send_timeout`` seconds for acknowledgements (a publisher faster
+    than the server is slowed down) before raising.  A server that stays silent for two
     ``ping_interval`` s is taken for dead.
 
     ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a
@@ -2807,6 +2895,7 @@ class TCPClientTransport(Transport):
         handshake: Optional[bool] = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_queue_size: int = 1000,
+        send_timeout: float = 10.0,
     ) -> None:
         if not isinstance(port, int) or not 0 < port <= 65535:
             raise ValueError(f"port must be an int in 1..65535, not {port!r}")
@@ -2829,9 +2918,12 @@ class TCPClientTransport(Transport):
         self.hello_timeout = hello_timeout
         self.handshake = handshake
         self.max_frame_size = max_frame_size
+        self.send_timeout = send_timeout
         self._send_limit = max_frame_size
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._space_waiters = 0
         self._interest: Dict[str, int] = {}
         self._receive_topics: Dict[str, None] = {}
         self._sub_patterns: Dict[str, str] = {}
@@ -2905,6 +2997,7 @@ class TCPClientTransport(Transport):
             if self._closed:
                 return
             self._closed = True
+            self._space.notify_all()
         self._closing.set()
         connecting = self._connecting
         if connecting is not None:
@@ -2944,6 +3037,9 @@ class TCPClientTransport(Transport):
             if conn is None or self._ack_mode:
                 if (len(self._pending) >= self.max_pending
                         or self._pending_bytes + len(frame) > self.max_pending_bytes):
+                    conn = self._wait_for_space(len(frame))
+                if (len(self._pending) >= self.max_pending
+                        or self._pending_bytes + len(frame) > self.max_pending_bytes):
                     self._counts["full"] += 1
                     state = "unacknowledged" if conn is not None else "waiting for a connection"
                     raise TransportFullError(
@@ -2966,6 +3062,27 @@ class TCPClientTransport(Transport):
                 )
             self._counts["messages_out"] += 1
         self._kick(conn)
+
+    def _wait_for_space(self, size: int) -> Optional[_Connection]:
+        # Called with self._lock held and the buffer full.  While connected,
+        # wait (up to send_timeout) for the server to acknowledge: a publisher
+        # faster than the server is slowed down, like a blocking socket
+        # write.  While disconnected, fail at once.
+        deadline = time.monotonic() + self.send_timeout
+        while (self._conn is not None and self._ack_mode and not self._closed
+               and (len(self._pending) >= self.max_pending
+                    or self._pending_bytes + size > self.max_pending_bytes)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._space_waiters += 1
+            try:
+                self._space.wait(remaining)
+            finally:
+                self._space_waiters -= 1
+        if self._closed:
+            raise TransportClosedError("TCPClientTransport is closed")
+        return self._conn
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic``.
@@ -3052,7 +3169,7 @@ class TCPClientTransport(Transport):
             conn = self._conn
             if count or conn is None or not conn.handshake:
                 return
-            conn.enqueue(_control_frame("$interest", {"add": [pattern]}))
+            conn.enqueue(_interest_frame("add", pattern))
         if flush:
             self._kick(conn)
 
@@ -3066,7 +3183,7 @@ class TCPClientTransport(Transport):
             self._interest.pop(pattern, None)
             conn = self._conn
             if count and conn is not None and conn.handshake and not self._closed:
-                conn.enqueue(_control_frame("$interest", {"remove": [pattern]}))
+                conn.enqueue(_interest_frame("remove", pattern))
 
     # -- connection set-up ------------------------------------------------------------------
 
@@ -3282,6 +3399,18 @@ class TCPClientTransport(Transport):
             else:
                 loop.call_soon(lambda: self._flush(conn))
         elif not conn.blocked:
+            if loop.in_loop():
+                self._flush(conn)
+                return
+            decision = conn.defer()
+            if decision == _WRITE_NOW:
+                self._flush(conn)
+            elif decision == _WRITE_SCHEDULE:
+                loop.call_soon(lambda: self._scheduled_flush(conn))
+
+    def _scheduled_flush(self, conn: _Connection) -> None:
+        conn.scheduled = False
+        if self._conn is conn:
             self._flush(conn)
 
     def _flush(self, conn: _Connection) -> None:
@@ -3391,6 +3520,10 @@ class TCPClientTransport(Transport):
             return
         batch: List[Tuple[Tuple[Any, ...], Message]] = []
         for body in bodies:
+            control = _fast_control(body)
+            if control is not None:
+                self._on_control(conn, control[0], control[1])
+                continue
             try:
                 message = decode(body)
             except FrameError as exc:
@@ -3434,6 +3567,8 @@ class TCPClientTransport(Transport):
                     pending = self._pending
                     while pending and 0 < pending[0][0] <= acked:
                         self._pending_bytes -= len(pending.popleft()[1])
+                    if self._space_waiters:
+                        self._space.notify_all()
         elif topic == "$ping":
             if conn.enqueue(_control_frame("$pong", {})) == _OK:
                 self._flush(conn)
@@ -3468,6 +3603,8 @@ class TCPClientTransport(Transport):
             if self._conn is not conn:
                 return
             self._conn = None
+            if self._space_waiters:
+                self._space.notify_all()
             for item in self._pending:
                 item[0] = 0
         with conn.lock:

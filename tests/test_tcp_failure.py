@@ -241,7 +241,10 @@ def test_client_close_while_threads_publish(tcp):
     def publish():
         try:
             while True:
-                client.send(ef.Message("load", "x" * 100))
+                try:
+                    client.send(ef.Message("load", "x" * 100))
+                except ef.TransportFullError:  # backpressure: the server is slower
+                    time.sleep(0.01)
         except ef.TransportClosedError:
             outcomes.append("closed")
         except Exception as exc:  # pragma: no cover - reported below
