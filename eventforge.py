@@ -1566,8 +1566,8 @@ def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
     if not body.startswith(_CONTROL_PREFIX):
         return None
     try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
+        obj = _decoder.decode(body.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     if type(obj) is not dict or len(obj) != 2:
         return None
@@ -1882,8 +1882,7 @@ class _Dispatcher:
         self._items: Deque[Tuple[Tuple[Any, ...], Message]] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._sleeping = False
-        self._idle = threading.Event()
-        self._idle.set()
+        self._idle = True
         self._stopping = False
         self.backlog = 0
         self.high = False
@@ -1897,7 +1896,7 @@ class _Dispatcher:
             self.backlog += len(items)
             if self.backlog > _DISPATCH_HIGH_WATER:
                 self.high = True
-            self._idle.clear()
+            self._idle = False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
@@ -1913,11 +1912,10 @@ class _Dispatcher:
         while True:
             with mutex:
                 if not items:
+                    self._idle = True
                     if self._stopping:
-                        self._idle.set()
                         return
                     self._sleeping = True
-                    self._idle.set()
                     batch = None
                 else:
                     batch = list(items)
@@ -1944,7 +1942,12 @@ class _Dispatcher:
         """Wait until every handed-over message was dispatched."""
         if self._thread is threading.current_thread():
             return False
-        return self._idle.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not self._idle:  # only used while closing: polling is fine
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
     def stop(self, timeout: float) -> None:
         """Deliver what is queued (up to ``timeout``), then end the thread."""
@@ -1978,7 +1981,13 @@ def _deliver_local(
     """
     topic = message.topic
     trie = local._subscriptions
-    subscriptions = trie.match(topic) if len(trie) else ()
+    root = trie._root
+    if root.star is None and root.globstar is None and topic.partition(".")[0] not in root.children:
+        # No pattern can match (typical for reply topics): skip the match and
+        # keep one-off topics out of the trie's match cache.
+        subscriptions: Tuple[Any, ...] = ()
+    else:
+        subscriptions = trie.match(topic)
     with local._lock:
         if local._closed:
             raise TransportClosedError("transport is closed")
