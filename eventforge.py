@@ -46,14 +46,13 @@ from typing import (
     Callable,
     Deque,
     Dict,
-    Iterable,
     List,
     Optional,
     Tuple,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    import asyncio
+    pass
 
 __version__ = "0.1.0"
 
@@ -1579,7 +1578,8 @@ def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
 
 def _interest_frame(kind: str, topic: str) -> bytes:
     """``$interest`` adding or removing one (already validated) pattern."""
-    body = ('{"topic":"$interest","payload":{"%s":[%s]}}' % (kind, json.dumps(topic))).encode()
+    text = '{"topic":"$interest","payload":{"' + kind + '":[' + json.dumps(topic) + "]}}"
+    body = text.encode()
     return len(body).to_bytes(4, "big") + body
 
 
@@ -1666,7 +1666,9 @@ class _Connection:
         "bytes_in", "peer_ping", "last_push", "scheduled",
     )
 
-    def __init__(self, sock: Any, peer: str, max_frame_size: int, max_outbound: int, tls: bool) -> None:
+    def __init__(
+        self, sock: Any, peer: str, max_frame_size: int, max_outbound: int, tls: bool
+    ) -> None:
         self.sock = sock
         self.peer = peer
         self.id = next(_conn_ids)
@@ -2040,8 +2042,11 @@ class TCPServerTransport(Transport):
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
-        for name, value in (("max_frame_size", max_frame_size), ("max_connections", max_connections),
-                            ("max_outbound_bytes", max_outbound_bytes)):
+        for name, value in (
+            ("max_frame_size", max_frame_size),
+            ("max_connections", max_connections),
+            ("max_outbound_bytes", max_outbound_bytes),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
         self.host = host
@@ -2060,7 +2065,9 @@ class TCPServerTransport(Transport):
         self._lock = threading.Lock()
         self._listener: Any = None
         self._loop: Optional[_Loop] = None
-        self._dispatcher = _Dispatcher("eventforge-tcp-server-dispatch", self._local, self._dispatch_low)
+        self._dispatcher = _Dispatcher(
+            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low
+        )
         self._conns: Dict[int, _Connection] = {}
         # Routing tables, written by the loop thread only, read by any thread
         # (values are replaced, never mutated: copy on write).
@@ -2210,7 +2217,10 @@ class TCPServerTransport(Transport):
         return stats
 
     def __repr__(self) -> str:
-        where = _peer_name(self._address) if self._listener is not None else f"{self.host}:{self._port}"
+        if self._listener is not None:
+            where = _peer_name(self._address)
+        else:
+            where = f"{self.host}:{self._port}"
         state = "closed" if self._closed else f"{len(self._conns)} connections"
         return f"<TCPServerTransport {where} {state}>"
 
@@ -3205,7 +3215,9 @@ class TCPClientTransport(Transport):
         try:
             sock = socket.create_connection((self.host, self.port), timeout=timeout)
         except socket.timeout:
-            raise ConnectionLostError(f"cannot connect to {where}: timed out after {timeout} s") from None
+            raise ConnectionLostError(
+                f"cannot connect to {where}: timed out after {timeout} s"
+            ) from None
         except OSError as exc:
             raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
         self._connecting = sock
@@ -3243,7 +3255,9 @@ class TCPClientTransport(Transport):
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.sendall(encode(hello))
             required = self.handshake is True or self._key is not None
-            hello_deadline = deadline if required else min(deadline, time.monotonic() + self.hello_timeout)
+            hello_deadline = deadline
+            if not required:
+                hello_deadline = min(deadline, time.monotonic() + self.hello_timeout)
             welcome = self._await(sock, decoder, early, "$welcome", hello_deadline)
             if welcome is None:
                 if required:
@@ -3331,7 +3345,9 @@ class TCPClientTransport(Transport):
                 try:
                     message = decode(body)
                 except FrameError as exc:
-                    logger.warning("tcp client: bad frame from %s during the handshake: %s", where, exc)
+                    logger.warning(
+                        "tcp client: bad frame from %s during the handshake: %s", where, exc
+                    )
                     continue
                 payload = message.payload if isinstance(message.payload, dict) else {}
                 if found is None and message.topic == want:
@@ -3584,7 +3600,8 @@ class TCPClientTransport(Transport):
         elif topic == "$pong":
             pass
         elif topic == "$error":
-            logger.warning("tcp client: %s reports: %s", conn.peer, str(payload.get("reason"))[:200])
+            reason = str(payload.get("reason"))[:200]
+            logger.warning("tcp client: %s reports: %s", conn.peer, reason)
         else:
             self._counts["protocol_errors"] += 1
             logger.debug("tcp client: ignored control frame %r", topic)

@@ -24,7 +24,6 @@ import json
 import os
 import selectors
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -314,7 +313,7 @@ def throughput_raw(port: int, count: int) -> float:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     started = time.perf_counter()
-    for i in range(count):
+    for _ in range(count):
         message = ef.Message("pub", PAYLOAD)
         sock.sendall(_raw_frame(message._wire_dict()))
     sock.sendall(_raw_frame({"topic": "end"}))
@@ -327,7 +326,7 @@ def throughput_raw(port: int, count: int) -> float:
 
 def throughput_zmq(push: Any, done: Any, count: int) -> float:
     started = time.perf_counter()
-    for i in range(count):
+    for _ in range(count):
         message = ef.Message("pub", PAYLOAD)
         push.send_json(message._wire_dict())
     push.send_json({"topic": "end"})
@@ -339,7 +338,7 @@ def throughput_zmq(push: Any, done: Any, count: int) -> float:
 
 def throughput_ef(queue: ef.MessageQueue, count: int) -> float:
     started = time.perf_counter()
-    for i in range(count):
+    for _ in range(count):
         queue.publish("bench.pub", PAYLOAD)
     reply = queue.request("bench.end", None, timeout=60)
     elapsed = time.perf_counter() - started
@@ -358,7 +357,7 @@ def latency_raw(port: int, rounds: int) -> Tuple[float, float]:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     samples = []
-    for i in range(rounds):
+    for _ in range(rounds):
         started = time.perf_counter()
         message = ef.Message("echo", PAYLOAD)
         sock.sendall(_raw_frame(message._wire_dict()))
@@ -370,7 +369,7 @@ def latency_raw(port: int, rounds: int) -> Tuple[float, float]:
 
 def latency_zmq(req: Any, rounds: int) -> Tuple[float, float]:
     samples = []
-    for i in range(rounds):
+    for _ in range(rounds):
         started = time.perf_counter()
         req.send_json(ef.Message("echo", PAYLOAD)._wire_dict())
         req.recv_json()
@@ -381,7 +380,7 @@ def latency_zmq(req: Any, rounds: int) -> Tuple[float, float]:
 def latency_ef(queue: ef.MessageQueue, rounds: int) -> Tuple[float, float]:
     samples = []
     request = queue.request
-    for i in range(rounds):
+    for _ in range(rounds):
         started = time.perf_counter()
         reply = request("bench.echo", PAYLOAD, timeout=10)
         samples.append(time.perf_counter() - started)

@@ -24,7 +24,9 @@ def message_frame(topic: str, payload: Any = None, **fields: Any) -> bytes:
     return ef.encode(ef.Message(topic, payload, **fields))
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> bool:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005
+) -> bool:
     """Poll ``predicate`` until it is truthy or ``timeout`` passes; return its last value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -115,7 +117,9 @@ def rss_bytes() -> int:
 class Publisher:
     """A well-behaved client publishing ``count`` messages on a thread."""
 
-    def __init__(self, port: int, count: int = 1000, topic: str = "good.msg", **options: Any) -> None:
+    def __init__(
+        self, port: int, count: int = 1000, topic: str = "good.msg", **options: Any
+    ) -> None:
         self.client = ef.TCPClientTransport("127.0.0.1", port, **options).connect(5.0)
         self.count = count
         self.topic = topic
@@ -123,7 +127,7 @@ class Publisher:
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._run, name="test-publisher", daemon=True)
 
-    def start(self) -> "Publisher":
+    def start(self) -> Publisher:
         self.thread.start()
         return self
 

@@ -172,7 +172,9 @@ def test_async_receive_and_request(tcp):
     queue = ef.MessageQueue(transport=tcp.client(server.port))
 
     async def main():
-        replies = await asyncio.gather(*(queue.request_async("svc", i, timeout=5.0) for i in range(20)))
+        replies = await asyncio.gather(
+            *(queue.request_async("svc", i, timeout=5.0) for i in range(20))
+        )
         assert [r.payload for r in replies] == [i * 2 for i in range(20)]
         waiter = asyncio.ensure_future(queue.receive_async("async.topic", timeout=5.0))
         await asyncio.sleep(0.1)

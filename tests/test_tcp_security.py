@@ -96,7 +96,8 @@ def test_length_prefix_too_large_closes_before_buffering(tcp, caplog, length):
     (b'{"topic": "good.x", "payload": "\xff\xfe"}', "not valid UTF-8"),
     (b'[1, 2, 3]', "must be a JSON object"),
     (b'{"payload": 1}', "has no 'topic'"),
-    (b'{"topic": "good.x", "payload": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    (b'{"topic": "good.x", "payload": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+     "nested too deeply"),
 ], ids=["invalid-json", "invalid-utf8", "not-an-object", "no-topic", "nested-100000"])
 def test_bad_frames_are_rejected_and_the_connection_kept(tcp, caplog, body, counter_reason):
     def attack(server):
