@@ -41,19 +41,14 @@ import sys
 import threading
 import time
 from typing import (
-    TYPE_CHECKING,
     Any,
     Callable,
     Deque,
     Dict,
-    Iterable,
     List,
     Optional,
     Tuple,
 )
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    import asyncio
 
 __version__ = "0.1.0"
 
@@ -732,7 +727,8 @@ class Message:
             extra += f", reply_to={self.reply_to!r}"
         if self.correlation_id is not None:
             extra += f", correlation_id={self.correlation_id!r}"
-        return f"Message(topic={self.topic!r}, payload={self.payload!r:.200}, id={self.id!r}{extra})"
+        payload = f"{self.payload!r:.200}"  # long payloads are cut in the repr
+        return f"Message(topic={self.topic!r}, payload={payload}, id={self.id!r}{extra})"
 
 
 _new_object = object.__new__
@@ -840,15 +836,15 @@ def _reject_constant(name: str) -> Any:
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def decode(body: bytes) -> Message:
-    """Decode one frame *body* (without its length prefix) into a Message.
+def decode(body: Any) -> Message:
+    """Decode one frame *body* (bytes-like, without its length prefix) into a Message.
 
     Raises FrameError (a ValueError) naming the problem: invalid UTF-8,
     invalid JSON, a value that is not an object, or a missing/invalid field.
     Unknown keys are ignored; a missing ``id`` or ``timestamp`` is generated.
     """
     try:
-        text = body.decode("utf-8") if not isinstance(body, str) else body
+        text = str(body, "utf-8")
     except UnicodeDecodeError as exc:
         raise FrameError(f"frame is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
@@ -1000,22 +996,30 @@ class _Waiter:
                 pass
 
 
+def _settle(waiter: _Waiter, owner_lock: Any, abandon: Callable[[], None]) -> bool:
+    """After a wait ended early: True if the waiter was fulfilled after all,
+    else withdraw it (under the owner's lock, so no delivery races us)."""
+    with owner_lock:
+        if waiter.done:
+            return True
+        abandon()
+        return False
+
+
 def _wait_sync(
     waiter: _Waiter, owner_lock: Any, timeout: Optional[float], abandon: Callable[[], None]
 ) -> Optional[Message]:
     """Block until ``waiter`` is fulfilled or ``timeout`` passes."""
-    if not waiter.done:
-        assert waiter._lock is not None
-        if timeout is None:
-            waiter._lock.acquire()
-        elif timeout > 0:
-            waiter._lock.acquire(timeout=timeout)
-        if not waiter.done:
-            with owner_lock:
-                if not waiter.done:
-                    abandon()
-                    return None
-    return waiter.message
+    if waiter.done:
+        return waiter.message
+    assert waiter._lock is not None
+    if timeout is None:
+        waiter._lock.acquire()
+    elif timeout > 0:
+        waiter._lock.acquire(timeout=timeout)
+    if waiter.done or _settle(waiter, owner_lock, abandon):
+        return waiter.message
+    return None
 
 
 async def _wait_async(
@@ -1028,25 +1032,20 @@ async def _wait_async(
     """Await ``waiter``; on cancellation a message already handed over is requeued."""
     import asyncio
 
-    if not waiter.done:
-        try:
-            if timeout is None:
-                await waiter._future
-            else:
-                await asyncio.wait_for(waiter._future, max(timeout, 0))
-        except asyncio.TimeoutError:
-            with owner_lock:
-                if not waiter.done:
-                    abandon()
-                    return None
-        except asyncio.CancelledError:
-            with owner_lock:
-                if not waiter.done:
-                    abandon()
-                    raise
-            if waiter.message is not None:
-                requeue(waiter.message)
-            raise
+    if waiter.done:
+        return waiter.message
+    try:
+        if timeout is None:
+            await waiter._future
+        else:
+            await asyncio.wait_for(waiter._future, max(timeout, 0))
+    except asyncio.TimeoutError:
+        if not _settle(waiter, owner_lock, abandon):
+            return None
+    except asyncio.CancelledError:
+        if _settle(waiter, owner_lock, abandon) and waiter.message is not None:
+            requeue(waiter.message)
+        raise
     return waiter.message
 
 
@@ -1232,7 +1231,11 @@ class Transport(abc.ABC):
         """
         validate_topic(topic)
         holder: Dict[str, str] = {}
-        inbox = Inbox(topic, on_close=lambda _inbox: self.unsubscribe(holder["id"]))
+
+        def withdraw(_inbox: Inbox) -> None:
+            self.unsubscribe(holder["id"])
+
+        inbox = Inbox(topic, on_close=withdraw)
         holder["id"] = self.subscribe(topic, inbox.put)
         return inbox
 
@@ -1246,6 +1249,11 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _count_value(counter: Any) -> int:
+    """Current value of an ``itertools.count`` without advancing it."""
+    return int(counter.__reduce__()[1][0])
 
 
 class _Subscription:
@@ -1389,7 +1397,9 @@ class MemoryTransport(Transport):
             exc_info=True,
         )
 
-    def _take(self, topic: str, timeout: Optional[float]) -> Tuple[Optional[Message], Optional[_Waiter]]:
+    def _take(
+        self, topic: str, timeout: Optional[float]
+    ) -> Tuple[Optional[Message], Optional[_Waiter]]:
         # Called with self._lock held: pop from the mailbox or register a waiter.
         mailbox = self._mailboxes.get(topic)
         if mailbox:
@@ -1536,7 +1546,7 @@ class MemoryTransport(Transport):
         """Counters (sent, handler_errors, dropped) and current sizes."""
         with self._lock:
             return {
-                "sent": self._sent.__reduce__()[1][0],  # a count's current value
+                "sent": _count_value(self._sent),
                 "handler_errors": self._handler_errors,
                 "dropped": self._dropped,
                 "subscriptions": len(self._subscriptions),
@@ -1691,7 +1701,9 @@ class MessageQueue:
 
     # -- request-reply --------------------------------------------------------
 
-    def _prepare_request(self, topic: str, payload: Any, headers: Dict[str, Any]) -> Tuple[Message, Inbox]:
+    def _prepare_request(
+        self, topic: str, payload: Any, headers: Dict[str, Any]
+    ) -> Tuple[Message, Inbox]:
         message = _make_message(topic, payload, headers)
         message.reply_to = "_reply." + message.id
         return message, self.transport.open_inbox(message.reply_to)
@@ -1906,7 +1918,8 @@ class _AliasFinder:
             return None
         import importlib.util
 
-        return importlib.util.spec_from_loader(fullname, _AliasLoader(*found))
+        loader = _AliasLoader(*found)
+        return importlib.util.spec_from_loader(fullname, loader)  # type: ignore[arg-type]
 
 
 # Make ``eventforge`` importable as a package root for the aliases above.
