@@ -240,7 +240,7 @@ def validate_topic(topic: Any, *, allow_reserved: bool = False) -> str:
     reserved for protocol control frames and refused unless
     ``allow_reserved`` is true.
     """
-    if topic in _VALID_TOPICS and type(topic) is str:
+    if type(topic) is str and topic in _VALID_TOPICS:
         if allow_reserved or topic[0] != "$":
             return topic
     elif (
