@@ -193,10 +193,10 @@ class MethodNotFoundError(RemoteError):
 #: hierarchies, small enough that a hostile peer cannot make matching costly.
 MAX_TOPIC_LENGTH = 1024
 
-_SEGMENT_CHARS = r"[^\s\x00-\x1f\x7f.*]+"
+_SEGMENT_CHARS = r"[^\s\x00-\x1f\x7f-\x9f.*]+"
 _TOPIC_RE = re.compile(rf"{_SEGMENT_CHARS}(?:\.{_SEGMENT_CHARS})*")
 _PATTERN_SEGMENT_RE = re.compile(rf"{_SEGMENT_CHARS}|\*|\*\*")
-_FORBIDDEN_CHAR_RE = re.compile(r"[\s\x00-\x1f\x7f]")
+_FORBIDDEN_CHAR_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 # Topics already validated, so the publish path pays one dict lookup.
 _VALID_TOPICS: Dict[str, bool] = {}
