@@ -840,6 +840,11 @@ def _optional_str(obj: Dict[str, Any], key: str) -> Optional[str]:
     raise FrameError(f"frame field {key!r} must be a string or null, not {type(value).__name__}")
 
 
+def _is_datetime(value: Any) -> bool:
+    datetime_mod = sys.modules.get("datetime")
+    return datetime_mod is not None and isinstance(value, datetime_mod.datetime)
+
+
 def _message_from_dict(obj: Any) -> Message:
     if type(obj) is not dict:
         raise FrameError(f"frame must be a JSON object, not {type(obj).__name__}")
@@ -861,7 +866,7 @@ def _message_from_dict(obj: Any) -> Message:
     elif type(ts) is str:
         if _ISO_RE.fullmatch(ts) is None:
             raise FrameError(f"frame timestamp {ts!r:.80} is not ISO 8601")
-    else:
+    elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
     return Message(
         topic,
