@@ -796,7 +796,10 @@ def encode(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) ->
     Raises SerializationError (a TypeError) for values JSON cannot carry and
     FrameTooLargeError (a ValueError) if the body exceeds ``max_frame_size``.
     """
-    body = _dumps(message._wire_dict()).encode("utf-8")
+    try:
+        body = _dumps(message._wire_dict()).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 form
+        raise SerializationError(f"message is not valid UTF-8 text: {exc}") from None
     size = len(body)
     if size > max_frame_size:
         raise FrameTooLargeError(

@@ -20,3 +20,13 @@ def test_model_validate_accepts_model_dump_python_mode():
     assert copy == original
     assert copy.timestamp == original.timestamp
     assert copy.model_dump() == original.model_dump()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [ef.Message("a", "lone \ud800 surrogate"), ef.Message("a", {"k\udfff": 1}),
+     ef.Message("a", headers={"h": "\ud83d"})],
+)
+def test_lone_surrogate_is_a_serialization_error(message):
+    with pytest.raises(ef.SerializationError, match="UTF-8"):
+        ef.encode(message)
