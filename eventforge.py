@@ -438,6 +438,8 @@ class SubscriptionTrie:
             found = self._match_locked(topic)
             cache = self._cache
             if len(cache) >= self._cache_size:
+                if not cache:  # cache_size=0: no caching
+                    return found
                 del cache[next(iter(cache))]
             cache[topic] = found
             return found

@@ -18,3 +18,11 @@ def test_c1_control_characters_are_refused(char):
         ef.validate_topic(f"a{char}b")
     with pytest.raises(ef.TopicError, match="control character"):
         ef.validate_pattern(f"a{char}b.*")
+
+
+def test_trie_without_cache():
+    trie = ef.SubscriptionTrie(cache_size=0)
+    trie.add("k", "a.*", "v")
+    assert trie.match("a.b") == ("v",)
+    assert trie.match("a.b") == ("v",)
+    assert trie._cache == {}
