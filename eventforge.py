@@ -530,17 +530,20 @@ def new_id() -> str:
     return _id_base + "%012x" % (next(_ids) & 0xFFFFFFFFFFFF)
 
 
+# Field ranges are checked here; only days 29-31 need a calendar (see decode).
 _ISO_RE = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d{1,9}))?)?"
-    r"(Z|z|[+-]\d\d(?::?\d\d)?)?"
+    r"(?!0000)(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[T ]([01]\d|2[0-3]):([0-5]\d)"
+    r"(?::([0-5]\d)(?:[.,](\d{1,9}))?)?"
+    r"(Z|z|[+-](?:[01]\d|2[0-3])(?::?[0-5]\d)?)?"
 )
 
 
 def _parse_timestamp(value: Any) -> float:
     """Turn a wire timestamp (ISO 8601 string or epoch seconds) into epoch seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise FrameError(f"timestamp {value!r} is not a finite number")
+        # Years 1-9999 (what datetime can hold); also refuses NaN and infinities.
+        if not -62135596800 <= value < 253402300800:
+            raise FrameError(f"timestamp {value!r} is not epoch seconds in the years 1-9999")
         return float(value)
     if isinstance(value, str):
         m = _ISO_RE.fullmatch(value)
@@ -869,8 +872,11 @@ def _message_from_dict(obj: Any) -> Message:
     if ts is None:
         ts = time.time()
     elif type(ts) is str:
-        if _ISO_RE.fullmatch(ts) is None:
+        match = _ISO_RE.fullmatch(ts)
+        if match is None:
             raise FrameError(f"frame timestamp {ts!r:.80} is not ISO 8601")
+        if match.group(3) > "28":  # e.g. 2023-02-29: reject now, not when read
+            _parse_timestamp(ts)
     elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
     return Message(

@@ -30,3 +30,37 @@ def test_model_validate_accepts_model_dump_python_mode():
 def test_lone_surrogate_is_a_serialization_error(message):
     with pytest.raises(ef.SerializationError, match="UTF-8"):
         ef.encode(message)
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["2023-02-29T00:00:00Z", "2024-04-31T00:00:00Z", "2024-13-01T00:00:00Z",
+     "2024-00-10T00:00:00Z", "2024-01-00T00:00:00Z", "2024-01-01T24:00:00Z",
+     "2024-01-01T00:60:00Z", "2024-01-01T00:00:61Z", "2024-01-01T00:00:00+24:00",
+     "0000-01-01T00:00:00Z"],
+)
+def test_impossible_timestamp_is_rejected_at_decode(stamp):
+    # Not accepted by decode() only to blow up later when .timestamp is read.
+    body = ('{"topic":"a","timestamp":"%s"}' % stamp).encode()
+    with pytest.raises(ef.FrameError, match="timestamp"):
+        ef.decode(body)
+
+
+@pytest.mark.parametrize(
+    "stamp", ["2024-02-29T00:00:00Z", "2023-01-31T23:59:59.999999Z", "2023-12-31T00:00:00+23:59"]
+)
+def test_possible_timestamp_edge_is_accepted(stamp):
+    message = ef.decode(('{"topic":"a","timestamp":"%s"}' % stamp).encode())
+    assert message.timestamp.tzinfo is not None
+
+
+@pytest.mark.parametrize("stamp", ["1e300", "-1e300", "253402300800", "-62135596801"])
+def test_out_of_range_numeric_timestamp_is_rejected_at_decode(stamp):
+    with pytest.raises(ef.FrameError, match="timestamp"):
+        ef.decode(('{"topic":"a","timestamp":%s}' % stamp).encode())
+
+
+@pytest.mark.parametrize("stamp", ["253402300799", "-62135596800", "0"])
+def test_numeric_timestamp_range_edges_are_accepted(stamp):
+    message = ef.decode(('{"topic":"a","timestamp":%s}' % stamp).encode())
+    assert message.timestamp.timestamp() == float(stamp)
