@@ -577,7 +577,8 @@ def _format_timestamp(epoch: float) -> str:
     """Format epoch seconds as ISO 8601 UTC with a ``Z`` suffix (microseconds)."""
     micros = int(round(epoch * 1_000_000))
     seconds, micro = divmod(micros, 1_000_000)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    # Not strftime: its %Y gives "1", not "0001", for small years on glibc.
+    text = "%04d-%02d-%02dT%02d:%02d:%02d" % time.gmtime(seconds)[:6]
     return f"{text}.{micro:06d}Z" if micro else text + "Z"
 
 

@@ -64,3 +64,14 @@ def test_out_of_range_numeric_timestamp_is_rejected_at_decode(stamp):
 def test_numeric_timestamp_range_edges_are_accepted(stamp):
     message = ef.decode(('{"topic":"a","timestamp":%s}' % stamp).encode())
     assert message.timestamp.timestamp() == float(stamp)
+
+
+@pytest.mark.parametrize(
+    "epoch, text",
+    [(-62135596800, "0001-01-01T00:00:00Z"), (-59011459200, "0100-01-01T00:00:00Z"),
+     (253402300799, "9999-12-31T23:59:59Z"), (0.5, "1970-01-01T00:00:00.500000Z")],
+)
+def test_timestamp_year_has_four_digits(epoch, text):
+    message = ef.Message("a", timestamp=epoch)
+    assert message.model_dump(mode="json")["timestamp"] == text
+    assert ef.decode(ef.encode(message)[4:]).timestamp == message.timestamp
