@@ -897,7 +897,9 @@ class FrameDecoder:
     A length prefix above ``max_frame_size`` raises FrameTooLargeError as soon
     as the 4 header bytes are seen, before any body byte is buffered, so a
     hostile length never sizes an allocation.  After that error the stream
-    is out of sync and the connection must be closed.
+    is out of sync and the connection must be closed; the error's ``frames``
+    attribute holds the bodies of whole frames that preceded the bad header
+    in the same :meth:`feed` call, so they need not be lost.
     """
 
     __slots__ = ("max_frame_size", "_buffer")
@@ -922,9 +924,11 @@ class FrameDecoder:
             size = int.from_bytes(buffer[pos : pos + _HEADER_SIZE], "big")
             if size > self.max_frame_size:
                 buffer.clear()
-                raise FrameTooLargeError(
+                error = FrameTooLargeError(
                     f"frame length {size} exceeds max_frame_size {self.max_frame_size}"
                 )
+                error.frames = frames  # type: ignore[attr-defined]
+                raise error
             start = pos + _HEADER_SIZE
             if end - start < size:
                 break

@@ -75,3 +75,12 @@ def test_timestamp_year_has_four_digits(epoch, text):
     message = ef.Message("a", timestamp=epoch)
     assert message.model_dump(mode="json")["timestamp"] == text
     assert ef.decode(ef.encode(message)[4:]).timestamp == message.timestamp
+
+
+def test_frames_before_an_oversize_header_are_kept_on_the_error():
+    decoder = ef.FrameDecoder(max_frame_size=1000)
+    first, second = ef.encode(ef.Message("a", 1)), ef.encode(ef.Message("b", 2))
+    with pytest.raises(ef.FrameTooLargeError) as caught:
+        decoder.feed(first + second + b"\xff\xff\xff\xff" + b"x" * 10)
+    assert caught.value.frames == [first[4:], second[4:]]
+    assert decoder.buffered == 0
