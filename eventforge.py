@@ -1023,16 +1023,13 @@ async def _wait_async(
     import asyncio
 
     if not waiter.done:
+        # A timer resolves the future at the deadline.  Not asyncio.wait_for:
+        # before Python 3.12 it swallows a cancellation that races a hand-over.
+        timer = None
+        if timeout is not None:
+            timer = waiter._loop.call_later(max(timeout, 0), _resolve_future, waiter._future)
         try:
-            if timeout is None:
-                await waiter._future
-            else:
-                await asyncio.wait_for(waiter._future, max(timeout, 0))
-        except asyncio.TimeoutError:
-            with owner_lock:
-                if not waiter.done:
-                    abandon()
-                    return None
+            await waiter._future
         except asyncio.CancelledError:
             with owner_lock:
                 if not waiter.done:
@@ -1041,6 +1038,14 @@ async def _wait_async(
             if waiter.message is not None:
                 requeue(waiter.message)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not waiter.done:  # the deadline passed
+            with owner_lock:
+                if not waiter.done:
+                    abandon()
+                    return None
     return waiter.message
 
 
