@@ -578,7 +578,7 @@ def _format_timestamp(epoch: float) -> str:
     micros = int(round(epoch * 1_000_000))
     seconds, micro = divmod(micros, 1_000_000)
     # Not strftime: its %Y gives "1", not "0001", for small years on glibc.
-    text = "%04d-%02d-%02dT%02d:%02d:%02d" % time.gmtime(seconds)[:6]
+    text = "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*time.gmtime(seconds)[:6])
     return f"{text}.{micro:06d}Z" if micro else text + "Z"
 
 
