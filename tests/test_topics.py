@@ -6,6 +6,7 @@ import random
 import re
 import threading
 from functools import cache
+from pathlib import Path
 
 import pytest
 from _core_helpers import run_threads
@@ -469,3 +470,22 @@ def test_concurrent_match_add_remove():
     for key in stable:
         trie.remove(key)
     assert trie._root.is_empty()
+
+
+def test_the_matching_table_in_docs_protocol_md():
+    # Keeps the spec's examples honest: every row agrees with the reference
+    # matcher and with eventforge.
+    doc = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+    if not doc.exists():
+        pytest.skip("docs/ not present next to tests/")
+    text = doc.read_text("utf-8").split("### Matching", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 6
+    for row in rows:
+        pattern, matches, misses = (cell.strip() for cell in row.strip("|").split("|"))
+        pattern = pattern.strip("`")
+        for topic in re.findall(r"`([^`]+)`", matches):
+            assert reference_match(pattern, topic) and ef.topic_matches(pattern, topic)
+        for topic in re.findall(r"`([^`]+)`", misses):
+            assert not reference_match(pattern, topic)
+            assert not ef.topic_matches(pattern, topic)
