@@ -1072,7 +1072,6 @@ async def _wait_async(
     if _settle(waiter, owner_lock, abandon):
         return waiter.message
     return None  # the deadline passed
-    return waiter.message
 
 
 class Inbox:
