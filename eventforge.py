@@ -48,6 +48,7 @@ from typing import (
     List,
     Optional,
     Tuple,
+    Type,
 )
 
 __version__ = "0.1.0"
@@ -1743,7 +1744,7 @@ def _ssl_module() -> Any:
     return ssl
 
 
-def _would_block_errors(tls: bool) -> Tuple[type, ...]:
+def _would_block_errors(tls: bool) -> Tuple[Type[BaseException], ...]:
     if tls:
         ssl = _ssl_module()
         return (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -2899,9 +2900,11 @@ class TCPServerTransport(Transport):
     def _dispatch_low(self) -> None:
         loop = self._loop
         if loop is not None:
-            loop.call_soon(
-                lambda: self._paused and not self._closed and self._set_paused(False)
-            )
+            loop.call_soon(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if self._paused and not self._closed:
+            self._set_paused(False)
 
     def _drop(self, conn: _Connection, counter: str, reason: str,
               level: int = logging.WARNING, force: bool = False) -> None:
@@ -3124,7 +3127,7 @@ class TCPClientTransport(Transport):
                 return self
         opened = self._open(timeout)
         with self._lock:
-            if self._closed:
+            if self.closed:  # close() may have run on another thread meanwhile
                 opened[0].close()
                 raise TransportClosedError("TCPClientTransport is closed")
             loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
