@@ -1695,7 +1695,8 @@ def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
 
 def _interest_frame(kind: str, topic: str) -> bytes:
     """``$interest`` adding or removing one (already validated) pattern."""
-    text = '{"topic":"$interest","payload":{"' + kind + '":[' + json.dumps(topic) + "]}}"
+    text = '{"topic":"$interest","payload":{"' + kind + '":['
+    text += json.dumps(topic, ensure_ascii=False) + "]}}"
     body = text.encode()
     return len(body).to_bytes(4, "big") + body
 
@@ -3090,6 +3091,7 @@ class TCPClientTransport(Transport):
         self._failed: Optional[str] = None
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
+        self._messages_out = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -3167,46 +3169,71 @@ class TCPClientTransport(Transport):
         ConnectionLostError before :meth:`connect` or after a failure with
         ``reconnect=False``, TransportClosedError after :meth:`close`.
         """
-        validate_topic(message.topic)
+        topic = message.topic
+        if type(topic) is not str or topic not in _VALID_TOPICS:
+            validate_topic(topic)
         frame = encode(message, max_frame_size=self._send_limit)
+        size = len(frame)
         with self._lock:
-            if self._closed:
-                raise TransportClosedError("TCPClientTransport is closed")
-            if self._failed is not None:
-                raise ConnectionLostError(self._failed)
-            if not self._started:
-                raise ConnectionLostError(
-                    f"not connected to {self.host}:{self.port}: call connect() first"
-                )
             conn = self._conn
-            if conn is None or self._ack_mode:
-                if (len(self._pending) >= self.max_pending
-                        or self._pending_bytes + len(frame) > self.max_pending_bytes):
-                    conn = self._wait_for_space(len(frame))
-                if (len(self._pending) >= self.max_pending
-                        or self._pending_bytes + len(frame) > self.max_pending_bytes):
-                    self._counts["full"] += 1
-                    state = "unacknowledged" if conn is not None else "waiting for a connection"
-                    raise TransportFullError(
-                        f"{len(self._pending)} messages ({self._pending_bytes} bytes) are "
-                        f"{state}; max_pending={self.max_pending}"
-                    )
-                item = [0, frame]
-                self._pending.append(item)
-                self._pending_bytes += len(frame)
-                if conn is None:
-                    self._counts["buffered"] += 1
-                    return
+            if conn is None or self._closed:
+                self._send_offline(frame)
+                return
+            if self._ack_mode:
+                pending = self._pending
+                if (len(pending) >= self.max_pending
+                        or self._pending_bytes + size > self.max_pending_bytes):
+                    conn = self._wait_for_space(size)
+                    if conn is None:
+                        self._send_offline(frame)
+                        return
+                    if (len(pending) >= self.max_pending
+                            or self._pending_bytes + size > self.max_pending_bytes):
+                        self._counts["full"] += 1
+                        raise TransportFullError(
+                            f"{len(pending)} messages ({self._pending_bytes} bytes) are "
+                            f"unacknowledged after {self.send_timeout} s; "
+                            f"max_pending={self.max_pending}"
+                        )
                 self._seq += 1
-                item[0] = self._seq
-            if conn.enqueue(frame) == _OVERFLOW:
-                self._counts["full"] += 1
-                raise TransportFullError(
-                    f"{conn.out_bytes} bytes wait for the server; "
-                    f"max_pending_bytes={self.max_pending_bytes}"
-                )
-            self._counts["messages_out"] += 1
+                pending.append([self._seq, frame])
+                self._pending_bytes += size
+            # Inline _Connection.enqueue (its lock nests inside ours).
+            with conn.lock:
+                if conn.out_bytes + size > conn.max_outbound:
+                    if self._ack_mode:
+                        self._seq -= 1
+                        self._pending_bytes -= len(self._pending.pop()[1])
+                    self._counts["full"] += 1
+                    raise TransportFullError(
+                        f"{conn.out_bytes} bytes wait for the server; "
+                        f"max_pending_bytes={self.max_pending_bytes}"
+                    )
+                conn.out.append(frame)
+                conn.out_bytes += size
+            self._messages_out += 1
         self._kick(conn)
+
+    def _send_offline(self, frame: bytes) -> None:
+        # Called with self._lock held while there is no connection.
+        if self._closed:
+            raise TransportClosedError("TCPClientTransport is closed")
+        if self._failed is not None:
+            raise ConnectionLostError(self._failed)
+        if not self._started:
+            raise ConnectionLostError(
+                f"not connected to {self.host}:{self.port}: call connect() first"
+            )
+        if (len(self._pending) >= self.max_pending
+                or self._pending_bytes + len(frame) > self.max_pending_bytes):
+            self._counts["full"] += 1
+            raise TransportFullError(
+                f"{len(self._pending)} messages ({self._pending_bytes} bytes) wait for "
+                f"a connection; max_pending={self.max_pending}"
+            )
+        self._pending.append([0, frame])
+        self._pending_bytes += len(frame)
+        self._counts["buffered"] += 1
 
     def _wait_for_space(self, size: int) -> Optional[_Connection]:
         # Called with self._lock held and the buffer full.  While connected,
@@ -3296,6 +3323,7 @@ class TCPClientTransport(Transport):
         """Local delivery counters plus connection and buffering counters."""
         stats: Dict[str, Any] = dict(self._local.stats)
         stats.update(self._counts)
+        stats["messages_out"] = self._messages_out
         stats["connected"] = self._conn is not None
         stats["pending"] = len(self._pending)
         stats["pending_bytes"] = self._pending_bytes

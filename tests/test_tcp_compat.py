@@ -225,3 +225,9 @@ def test_hmac_vector():
     cn, sn = bytes.fromhex(v["client_nonce"]), bytes.fromhex(v["server_nonce"])
     assert ef._proof(key, b"eventforge-v1 client", cn, sn).hex() == v["client_proof"]
     assert ef._proof(key, b"eventforge-v1 server", sn, cn).hex() == v["server_proof"]
+
+
+@pytest.mark.parametrize("topic", ["orders.*", "_reply.0a1b", "caf\u00e9.**", "a.\u00e9\u00e8"])
+def test_interest_frames_match_the_generic_control_encoding(topic):
+    for kind in ("add", "remove"):
+        assert ef._interest_frame(kind, topic) == ef._control_frame("$interest", {kind: [topic]})
