@@ -2194,6 +2194,7 @@ class TCPServerTransport(Transport):
         self._ack_due: Dict[int, _Connection] = {}
         self._ack_at = 0.0
         self._paused = False
+        self._accept_paused = False
         self._started = False
         self._closed = False
         self._reads_stopped = threading.Event()
@@ -2494,7 +2495,14 @@ class TCPServerTransport(Transport):
                 return
             except OSError as exc:  # e.g. EMFILE: log, keep serving the others
                 self._counts["accept_errors"] += 1
-                logger.error("tcp server: accept failed: %s", exc)
+                logger.error("tcp server: accept failed: %s; pausing accepts for 0.25 s", exc)
+                # The listener stays readable: stop watching it until the next
+                # tick instead of spinning.
+                try:
+                    self._loop.selector.unregister(listener)  # type: ignore[union-attr]
+                    self._accept_paused = True
+                except (KeyError, ValueError):
+                    pass
                 return
             peer = _peer_name(address)
             if self._reads_stopped.is_set():
@@ -2865,6 +2873,13 @@ class TCPServerTransport(Transport):
     # -- housekeeping -------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
+        if self._accept_paused and not self._reads_stopped.is_set():
+            import selectors
+
+            self._accept_paused = False
+            self._loop.selector.register(  # type: ignore[union-attr]
+                self._listener, selectors.EVENT_READ, self._listener
+            )
         key = self._key
         for conn in list(self._conns.values()):
             if conn.closed:
@@ -3082,7 +3097,7 @@ class TCPClientTransport(Transport):
         self._conn: Optional[_Connection] = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
-            "eventforge-tcp-client-dispatch", self._local, self._dispatch_low
+            f"eventforge-tcp-client-dispatch-{host}:{port}", self._local, self._dispatch_low
         )
         self._closing = threading.Event()
         self._connecting: Any = None

@@ -295,3 +295,53 @@ def test_close_is_idempotent_and_wakes_receivers(tcp):
     assert results == [None]
     server.close()
     server.close()
+
+
+SERVER_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import eventforge as ef
+server = ef.TCPServerTransport("127.0.0.1", 0).start()
+queue = ef.MessageQueue(transport=server)
+queue.on("math.add", lambda m: queue.reply(m, m.payload["a"] + m.payload["b"]))
+queue.on("events.*", lambda m: queue.publish("seen." + m.topic, m.payload))
+print(server.port, flush=True)
+sys.stdin.readline()
+reply = queue.request("client.ask", "from the server", timeout=5)
+print(reply.payload if reply else None, flush=True)
+sys.stdin.readline()
+queue.close()
+"""
+
+
+def test_cross_process_both_directions(no_leaks):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT.format(root=root)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        port = int(process.stdout.readline())
+        with ef.MessageQueue(transport=ef.TCPClientTransport("127.0.0.1", port).connect(5)) as q:
+            assert q.request("math.add", {"a": 10, "b": 20}, timeout=5).payload == 30
+            seen = []
+            q.subscribe("seen.**", seen.append)
+            q.on("client.ask", lambda m: q.reply(m, m.payload.upper()))
+            q.publish("events.user", {"action": "login"})
+            assert wait_until(lambda: seen)
+            assert seen[0].topic == "seen.events.user"
+            process.stdin.write("\n")
+            process.stdin.flush()
+            assert process.stdout.readline().strip() == "FROM THE SERVER"
+            process.stdin.write("\n")
+            process.stdin.flush()
+            assert process.wait(10) == 0
+    finally:
+        process.kill()
+        process.wait(5)
+        process.stdin.close()
+        process.stdout.close()

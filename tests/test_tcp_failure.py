@@ -305,3 +305,57 @@ def test_close_from_inside_a_handler(tcp):
     time.sleep(0.05)
     server.send(ef.Message("shutdown", None))
     assert closed.wait(5)
+
+
+EMFILE_SCRIPT = """
+import logging, resource, socket, sys, time
+sys.path.insert(0, {root!r})
+import eventforge as ef
+logging.basicConfig(level=logging.ERROR, format="%(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+server = ef.TCPServerTransport("127.0.0.1", 0).start()
+print(server.port, flush=True)
+sys.stdin.readline()
+print(server.stats["accept_errors"] > 0, server.stats["connections"], flush=True)
+sys.stdin.readline()
+server.close()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE, /proc")
+def test_out_of_file_descriptors_pauses_accepting_without_spinning(no_leaks):
+    process = subprocess.Popen(
+        [sys.executable, "-c", EMFILE_SCRIPT.format(root=ROOT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    socks = []
+    try:
+        port = int(process.stdout.readline())
+        for _ in range(80):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.5)
+        with open(f"/proc/{process.pid}/stat") as f:
+            before = sum(int(x) for x in f.read().split()[13:15])
+        time.sleep(1.0)
+        with open(f"/proc/{process.pid}/stat") as f:
+            after = sum(int(x) for x in f.read().split()[13:15])
+        assert (after - before) / os.sysconf("SC_CLK_TCK") < 0.5  # not spinning
+        for sock in socks[:40]:
+            sock.close()
+        time.sleep(0.6)  # the paused listener is watched again on the next tick
+        process.stdin.write("\n")
+        process.stdin.flush()
+        errors, connections = process.stdout.readline().split()
+        assert errors == "True"
+        assert int(connections) >= 40  # the waiting connections were accepted
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.wait(10) == 0
+        assert "accept failed" in process.stderr.read()
+    finally:
+        for sock in socks:
+            sock.close()
+        process.kill()
+        process.wait(5)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            stream.close()
