@@ -3160,6 +3160,24 @@ class TCPClientTransport(Transport):
                 return
             self._closed = True
             self._space.notify_all()
+            # Give the server a moment to acknowledge what it was sent.
+            deadline = time.monotonic() + 1.0
+            while self._pending and self._conn is not None and self._ack_mode:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._loop is None or self._loop.in_loop():
+                    break
+                self._space_waiters += 1
+                try:
+                    self._space.wait(remaining)
+                finally:
+                    self._space_waiters -= 1
+            left = len(self._pending)
+            connected = self._conn is not None
+        if left:
+            logger.warning(
+                "tcp client: closed with %d message(s) %s", left,
+                "not acknowledged by the server" if connected else "never sent (disconnected)",
+            )
         self._closing.set()
         connecting = self._connecting
         if connecting is not None:

@@ -345,3 +345,23 @@ def test_cross_process_both_directions(no_leaks):
         process.wait(5)
         process.stdin.close()
         process.stdout.close()
+
+
+def test_subscribe_before_connect_and_close_waits_for_acknowledgement(tcp, caplog):
+    server = tcp.server()
+    got = []
+    server.subscribe("early.*", got.append)
+    client = tcp.client(server.port, connect=False)
+    pushed = []
+    client.subscribe("push.*", pushed.append)  # sent with the handshake
+    client.connect(5.0)
+    assert wait_until(lambda: server.stats["handshake_peers"] == 1)
+    time.sleep(0.05)
+    server.send(ef.Message("push.a", "hello"))
+    assert wait_until(lambda: pushed)
+    for i in range(100):
+        client.send(ef.Message("early.x", i))
+    client.close()  # waits (briefly) until the server acknowledged all 100
+    assert client.stats["pending"] == 0
+    assert "closed with" not in caplog.text
+    assert wait_until(lambda: len(got) == 100)
