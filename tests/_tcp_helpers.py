@@ -156,6 +156,7 @@ def make_test_certs(directory: str) -> Dict[str, str]:
     """Create a throw-away CA, a server cert for 127.0.0.1/localhost and a client cert.
 
     Uses ``cryptography``; files go to ``directory`` (a tmp dir), never the repo.
+    The extensions satisfy the strict X.509 checks of Python 3.13's default context.
     """
     import datetime
     import ipaddress
@@ -187,6 +188,12 @@ def make_test_certs(directory: str) -> Dict[str, str]:
           .not_valid_before(now - datetime.timedelta(minutes=5))
           .not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(
+              digital_signature=True, content_commitment=False, key_encipherment=False,
+              data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+              encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
           .sign(ca_key, hashes.SHA256()))
     paths = {"ca": os.path.join(directory, "ca.pem")}
     write_cert(ca, paths["ca"])
@@ -198,7 +205,13 @@ def make_test_certs(directory: str) -> Dict[str, str]:
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(now - datetime.timedelta(minutes=5))
                    .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                  critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       ca_key.public_key()), critical=False))
         if role == "server":
             builder = builder.add_extension(x509.SubjectAlternativeName([
                 x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
