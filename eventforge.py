@@ -1693,11 +1693,28 @@ def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
     return topic, obj.get("payload")
 
 
-def _interest_frame(kind: str, topic: str) -> bytes:
-    """``$interest`` adding or removing one (already validated) pattern."""
-    text = '{"topic":"$interest","payload":{"' + kind + '":['
-    text += json.dumps(topic, ensure_ascii=False) + "]}}"
-    body = text.encode()
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _json_topic(topic: str) -> str:
+    # A valid topic has no control characters; only '"' and '\\' need escapes.
+    if '"' in topic or "\\" in topic:
+        return _json_string(topic)
+    return '"' + topic + '"'
+
+
+def _interest_frame(added: Optional[str], removed: List[str]) -> bytes:
+    """``$interest`` adding one pattern and/or removing some (all already valid).
+
+    Byte-identical to ``_control_frame("$interest", {"add": [...], "remove": [...]})``
+    with the empty list left out.
+    """
+    parts = []
+    if added is not None:
+        parts.append('"add":[' + _json_topic(added) + "]")
+    if removed:
+        parts.append('"remove":[' + ",".join(map(_json_topic, removed)) + "]")
+    body = ('{"topic":"$interest","payload":{' + ",".join(parts) + "}}").encode()
     return len(body).to_bytes(4, "big") + body
 
 
@@ -3086,6 +3103,7 @@ class TCPClientTransport(Transport):
         self._space = threading.Condition(self._lock)
         self._space_waiters = 0
         self._interest: Dict[str, int] = {}
+        self._removals: List[str] = []  # interest withdrawn, not yet told to the server
         self._receive_topics: Dict[str, None] = {}
         self._sub_patterns: Dict[str, str] = {}
         # Message frames the server has not acknowledged (or that wait for a
@@ -3387,12 +3405,13 @@ class TCPClientTransport(Transport):
             conn = self._conn
             if count or conn is None or not conn.handshake:
                 return
-            conn.enqueue(_interest_frame("add", pattern))
+            removed, self._removals = self._removals, []
+            conn.enqueue(_interest_frame(pattern, removed))
         if flush:
             self._kick(conn)
 
     def _interest_remove(self, pattern: str) -> None:
-        # Not flushed: it leaves with the next frame or on the next tick.
+        # Not urgent: rides along with the next $interest, or leaves on a tick.
         with self._lock:
             count = self._interest.get(pattern, 0)
             if count > 1:
@@ -3401,7 +3420,14 @@ class TCPClientTransport(Transport):
             self._interest.pop(pattern, None)
             conn = self._conn
             if count and conn is not None and conn.handshake and not self._closed:
-                conn.enqueue(_interest_frame("remove", pattern))
+                self._removals.append(pattern)
+
+    def _flush_removals(self, conn: _Connection) -> None:
+        with self._lock:
+            if not self._removals or self._conn is not conn:
+                return
+            removed, self._removals = self._removals, []
+            conn.enqueue(_interest_frame(None, removed))
 
     # -- connection set-up ------------------------------------------------------------------
 
@@ -3575,6 +3601,7 @@ class TCPClientTransport(Transport):
         conn.features = features
         with self._lock:
             frames: List[bytes] = []
+            self._removals = []  # the new connection learns the whole interest anyway
             if handshake and self._interest:
                 frames.append(_control_frame("$interest", {"add": list(self._interest)}))
             self._ack_mode = "ack" in features
@@ -3819,6 +3846,8 @@ class TCPClientTransport(Transport):
             if silent > interval and not conn.ping_sent:
                 conn.ping_sent = True
                 conn.enqueue(_control_frame("$ping", {}))
+        if self._removals:
+            self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
 

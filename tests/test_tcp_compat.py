@@ -227,7 +227,12 @@ def test_hmac_vector():
     assert ef._proof(key, b"eventforge-v1 server", sn, cn).hex() == v["server_proof"]
 
 
-@pytest.mark.parametrize("topic", ["orders.*", "_reply.0a1b", "caf\u00e9.**", "a.\u00e9\u00e8"])
+@pytest.mark.parametrize(
+    "topic", ["orders.*", "_reply.0a1b", "caf\u00e9.**", "a.\u00e9\u00e8", 'q"uote', "back\\slash"]
+)
 def test_interest_frames_match_the_generic_control_encoding(topic):
-    for kind in ("add", "remove"):
-        assert ef._interest_frame(kind, topic) == ef._control_frame("$interest", {kind: [topic]})
+    control = ef._control_frame
+    assert ef._interest_frame(topic, []) == control("$interest", {"add": [topic]})
+    assert ef._interest_frame(None, [topic]) == control("$interest", {"remove": [topic]})
+    both = ef._interest_frame(topic, [topic, "x.y"])
+    assert both == control("$interest", {"add": [topic], "remove": [topic, "x.y"]})
