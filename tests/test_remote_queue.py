@@ -223,3 +223,62 @@ def test_bidirectional_nodes(tcp):
     assert wait_until(lambda: results)
     assert results[0].payload == 42 and results[0].headers["source_node"] == "b"
     time.sleep(0.01)
+
+
+def _readme_blocks():
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+def test_readme_remote_queue_block_runs(no_leaks, loopback_ports):
+    block = next(b for b in _readme_blocks() if 'RemoteQueue("worker-1"' in b)
+    namespace = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README", "exec"), namespace)
+        try:
+            assert wait_until(lambda: out.getvalue().count("worker got") == 2)
+        finally:
+            namespace["coord"].close()
+            namespace["worker"].close()
+    assert "worker got: {'task': 42}" in out.getvalue()
+
+
+def test_readme_cross_process_blocks_run(no_leaks):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    blocks = _readme_blocks()
+    server_code = next(b for b in blocks if b.startswith("# server.py"))
+    client_code = next(b for b in blocks if b.startswith("# client.py"))
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    server = subprocess.Popen(
+        [sys.executable, "-c", server_code.replace("9090", str(port))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert server.stdout.readline().startswith("serving")
+        out = subprocess.run(
+            [sys.executable, "-c", client_code.replace("9090", str(port))],
+            capture_output=True, text=True, timeout=30, env=env,
+        )
+        assert out.stdout.strip() == "30", out.stderr
+        server.stdin.write("\n")
+        server.stdin.flush()
+        assert server.wait(10) == 0
+    finally:
+        server.kill()
+        server.wait(5)
+        server.stdin.close()
+        server.stdout.close()
