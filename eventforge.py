@@ -2399,8 +2399,9 @@ class TCPServerTransport(Transport):
             if loop.in_loop():
                 self._dirty[conn.id] = conn
             elif conn.tls or conn.blocked:
-                if conn.tls:
-                    loop.call_soon(lambda: self._flush(conn))
+                if conn.tls and not conn.scheduled:  # TLS: only its I/O thread writes
+                    conn.scheduled = True
+                    loop.call_soon(lambda: self._scheduled_flush(conn))
             else:
                 decision = conn.defer()
                 if decision == _WRITE_NOW:
@@ -3633,10 +3634,8 @@ class TCPClientTransport(Transport):
                 self._deliver(message, batch)
             if batch:
                 self._dispatcher.put_many(batch)
-        if frames and not tls:
+        if frames:
             self._kick(conn)
-        elif frames:
-            loop.wake()
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -3644,11 +3643,12 @@ class TCPClientTransport(Transport):
         loop = self._loop
         if loop is None:
             return
-        if conn.tls:
+        if conn.tls:  # only the I/O thread touches a TLS socket
             if loop.in_loop():
                 self._flush(conn)
-            else:
-                loop.call_soon(lambda: self._flush(conn))
+            elif not conn.scheduled:
+                conn.scheduled = True
+                loop.call_soon(lambda: self._scheduled_flush(conn))
         elif not conn.blocked:
             if loop.in_loop():
                 self._flush(conn)
