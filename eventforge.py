@@ -4205,6 +4205,8 @@ class RemoteQueue:
         """
         if not isinstance(node_id, str) or not node_id:
             raise ValueError("node_id must be a non-empty str")
+        if self._closed:
+            raise TransportClosedError("RemoteQueue is closed")
         timeout = options.pop("timeout", None)
         transport = TCPClientTransport(host, port, **options)
         transport.connect(timeout)
