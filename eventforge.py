@@ -4190,6 +4190,11 @@ class RemoteQueue:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
     def peers(self) -> List[str]:
         """Ids of the peers connected with :meth:`connect`, in connection order."""
         with self._lock:
@@ -4211,14 +4216,15 @@ class RemoteQueue:
         transport = TCPClientTransport(host, port, **options)
         transport.connect(timeout)
         with self._lock:
-            if self._closed:
+            closed_meanwhile = self.closed
+            if closed_meanwhile:
                 old: Optional[TCPClientTransport] = transport
             else:
                 old = self._peers.pop(node_id, None)
                 self._peers[node_id] = transport
         if old is not None:
             old.close()
-        if self._closed:
+        if closed_meanwhile:
             raise TransportClosedError("RemoteQueue is closed")
 
     def disconnect(self, node_id: str) -> bool:
