@@ -64,7 +64,9 @@ def _attack(tcp, caplog, attack, counter, reason, server_options=None, client_op
     rss_before = rss_bytes()
     publisher.start()
     attack(server)
-    assert wait_until(lambda: server.stats[counter] >= 1, timeout=10), server.stats
+    counters = counter if isinstance(counter, tuple) else (counter,)
+    assert wait_until(lambda: any(server.stats[c] >= 1 for c in counters), timeout=10), \
+        server.stats
     _still_serves(server, got, publisher, **(client_options or {}))
     assert reason in caplog.text
     assert rss_bytes() - rss_before < rss_limit
@@ -78,7 +80,7 @@ def test_truncated_frame(tcp, caplog):
     def attack(server):
         with raw_connect(server.port) as sock:
             sock.sendall(struct.pack(">I", 100) + b'{"topic":"good.partial"')
-    _attack(tcp, caplog, attack, "truncated_frames", "in the middle of a frame")
+    _attack(tcp, caplog, attack, ("truncated_frames", "resets"), "in the middle of a frame")
 
 
 @pytest.mark.parametrize("length", [MAX_FRAME + 1, 2**31 - 1, 2**32 - 1])
@@ -151,8 +153,13 @@ def test_two_hundred_clients_connect_and_close_at_once(tcp, caplog):
         for sock in sockets:
             sock.close()
         assert wait_until(lambda: server.stats["connections"] <= 1, timeout=10)
-    server = _attack(tcp, caplog, attack, "truncated_frames", "peer closed")
+    # Each of them shows up as a truncated frame, a reset (the server had
+    # relayed a message to it) or a plain disconnect, depending on timing.
+    server = _attack(tcp, caplog, attack, ("truncated_frames", "resets", "disconnects"),
+                     "tcp server: closed 127.0.0.1")
     assert server.stats["accepted"] >= 201
+    stats = server.stats
+    assert stats["truncated_frames"] + stats["resets"] + stats["disconnects"] >= 200
 
 
 def test_reset_in_the_middle_of_a_frame(tcp, caplog):
@@ -162,7 +169,8 @@ def test_reset_in_the_middle_of_a_frame(tcp, caplog):
         time.sleep(0.05)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # RST
-    _attack(tcp, caplog, attack, "resets", "connection reset")
+    # Seen on the read side (ECONNRESET) or when relaying to it (EPIPE/ECONNRESET).
+    _attack(tcp, caplog, attack, ("resets", "truncated_frames"), "in the middle of a frame")
 
 
 def test_client_that_never_reads_is_dropped_as_slow_consumer(tcp, caplog):
