@@ -2208,6 +2208,8 @@ class TCPServerTransport(Transport):
         self._patterns = SubscriptionTrie()
         self._broadcast: Tuple[_Connection, ...] = ()
         self._dirty: Dict[int, _Connection] = {}
+        self._fanout: Dict[int, _Connection] = {}  # queued by other threads, to flush
+        self._fanout_lock = threading.Lock()
         self._ack_due: Dict[int, _Connection] = {}
         self._ack_at = 0.0
         self._paused = False
@@ -2304,8 +2306,10 @@ class TCPServerTransport(Transport):
         if targets:
             frame = encode(message, max_frame_size=self.max_frame_size)
             self._counts["messages_out"] += len(targets)
-            for conn in targets:
-                self._push(conn, frame)
+            if len(targets) == 1:
+                self._push(targets[0], frame)
+            else:
+                self._push_many(targets, frame)
         subscriptions = _deliver_local(self._local, message, taken)
         for subscription in subscriptions:
             if subscription.active:
@@ -2420,6 +2424,40 @@ class TCPServerTransport(Transport):
         conn.scheduled = False
         if not conn.closed:
             self._flush(conn)
+
+    def _push_many(self, targets: List[_Connection], frame: bytes) -> None:
+        """Fan-out from any thread: queue everywhere, let the I/O thread write.
+
+        One wake-up per batch instead of a system call per connection.
+        """
+        loop = self._loop
+        assert loop is not None
+        if loop.in_loop():
+            for conn in targets:
+                self._push(conn, frame)
+            return
+        with self._fanout_lock:
+            pending = self._fanout
+            schedule = not pending
+            for conn in targets:
+                result = conn.enqueue(frame)
+                if result == _OK:
+                    pending[conn.id] = conn
+                elif result == _OVERFLOW:
+                    self._close_later(
+                        conn, "slow_consumers",
+                        f"slow consumer: {conn.out_bytes} bytes already queued, "
+                        f"max_outbound_bytes={self.max_outbound_bytes}",
+                    )
+        if schedule:
+            loop.call_soon(self._flush_fanout)
+
+    def _flush_fanout(self) -> None:
+        with self._fanout_lock:
+            pending, self._fanout = self._fanout, {}
+        for conn in pending.values():
+            if not conn.closed and not conn.blocked:
+                self._flush(conn)
 
     def _flush(self, conn: _Connection) -> None:
         """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full."""

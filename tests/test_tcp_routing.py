@@ -147,3 +147,16 @@ def test_receive_interest_flushes_the_server_mailbox_once(tcp):
     assert [first.receive("queue.q", timeout=5).payload for _ in range(3)] == [0, 1, 2]
     assert second.receive("queue.q", timeout=0.1) is None
     assert server.stats["buffered"] == 0
+
+
+def test_fan_out_keeps_order_for_every_subscriber(tcp):
+    server = tcp.server()
+    clients = [tcp.client(server.port) for _ in range(5)]
+    got = [[] for _ in clients]
+    for n, client in enumerate(clients):
+        client.subscribe("fan.*", lambda m, n=n: got[n].append(m.payload))
+    _settle(server, 5)
+    for i in range(1000):
+        server.send(ef.Message("fan.out", i))
+    assert wait_until(lambda: all(len(g) == 1000 for g in got), timeout=20)
+    assert all(g == list(range(1000)) for g in got)
