@@ -2813,7 +2813,7 @@ class TCPServerTransport(Transport):
         if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
             conn.peer_ping = float(ping)
         conn.handshake = True
-        if conn in self._broadcast:
+        if "interest" in conn.features:  # else it keeps receiving everything
             self._broadcast = tuple(c for c in self._broadcast if c is not conn)
         welcome: Dict[str, Any] = {
             "version": PROTOCOL_VERSION,

@@ -160,3 +160,13 @@ def test_fan_out_keeps_order_for_every_subscriber(tcp):
         server.send(ef.Message("fan.out", i))
     assert wait_until(lambda: all(len(g) == 1000 for g in got), timeout=20)
     assert all(g == list(range(1000)) for g in got)
+
+
+def test_handshake_peer_without_interest_feature_gets_everything(tcp):
+    server = tcp.server()
+    with raw_connect(server.port) as sock:
+        handshake(sock, features=["ping"])
+        time.sleep(0.05)
+        server.send(ef.Message("any.topic", 1))
+        got = FrameReader(sock).read_message()
+        assert (got["topic"], got["payload"]) == ("any.topic", 1)
