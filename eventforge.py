@@ -2508,7 +2508,7 @@ class TCPServerTransport(Transport):
                     if obj is None:
                         loop.run_calls(drain=True)
                     elif obj is listener:
-                        self._accept()
+                        self._guarded(self._accept)
                     else:
                         try:
                             if mask & selectors.EVENT_WRITE:
@@ -2520,17 +2520,13 @@ class TCPServerTransport(Transport):
                             self._drop(obj, "internal_errors", "internal error (see traceback)")
                 loop.run_calls()
                 if self._ack_due and time.monotonic() >= self._ack_at:
-                    self._send_acks()
+                    self._guarded(self._send_acks)
                 if self._dirty:
-                    dirty = list(self._dirty.values())
-                    self._dirty.clear()
-                    for conn in dirty:
-                        if not conn.closed:
-                            self._flush(conn)
+                    self._guarded(self._flush_dirty)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_every
-                    self._tick(now)
+                    self._guarded(self._tick, now)
                 if self._closing_done:
                     break
         except Exception:  # pragma: no cover - a bug; never leave a silent dead server
@@ -2539,6 +2535,21 @@ class TCPServerTransport(Transport):
             self._teardown()
 
     _closing_done = False
+
+    def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run a housekeeping step; a bug in it is logged, never kills the loop."""
+        try:
+            func(*args)
+        except Exception:
+            self._counts["internal_errors"] += 1
+            logger.exception("tcp server: internal error in %s", func.__name__)
+
+    def _flush_dirty(self) -> None:
+        dirty = list(self._dirty.values())
+        self._dirty.clear()
+        for conn in dirty:
+            if not conn.closed:
+                self._flush(conn)
 
     def _accept(self) -> None:
         import socket
@@ -3754,8 +3765,13 @@ class TCPClientTransport(Transport):
             while not self._closing.is_set():
                 conn = self._conn
                 if conn is None:
-                    if not self._reconnect():
-                        break
+                    try:
+                        if not self._reconnect():
+                            break
+                    except Exception:  # a bug: log it, back off, try again
+                        logger.exception("tcp client: internal error while reconnecting")
+                        if self._closing.wait(self.backoff_max):
+                            break
                     continue
                 for key, mask in loop.selector.select(max(0.0, next_tick - time.monotonic())):
                     if key.data is None:
@@ -3778,7 +3794,10 @@ class TCPClientTransport(Transport):
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_every
-                    self._tick(now)
+                    try:
+                        self._tick(now)
+                    except Exception:
+                        logger.exception("tcp client: internal error in a tick")
         except Exception:  # pragma: no cover - a bug; do not die silently
             logger.exception("tcp client: I/O loop crashed")
         finally:

@@ -359,3 +359,24 @@ def test_out_of_file_descriptors_pauses_accepting_without_spinning(no_leaks):
         process.wait(5)
         for stream in (process.stdin, process.stdout, process.stderr):
             stream.close()
+
+
+def test_a_bug_in_housekeeping_does_not_kill_the_server(tcp, caplog, monkeypatch):
+    real_tick = ef.TCPServerTransport._tick
+    calls = []
+
+    def broken_tick(self, now):
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("injected bug")
+        return real_tick(self, now)
+
+    monkeypatch.setattr(ef.TCPServerTransport, "_tick", broken_tick)
+    server = tcp.server()
+    queue = ef.MessageQueue(transport=server)
+    queue.on("svc", lambda m: queue.reply(m, "alive"))
+    assert wait_until(lambda: len(calls) >= 2, timeout=3)
+    client = ef.MessageQueue(transport=tcp.client(server.port))
+    assert client.request("svc", None, timeout=5).payload == "alive"
+    assert server.stats["internal_errors"] == 1
+    assert "injected bug" in caplog.text
