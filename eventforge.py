@@ -2154,6 +2154,14 @@ class TCPServerTransport(Transport):
     requires the mutual HMAC-SHA256 handshake; ``ssl_context`` (a server-side
     :class:`ssl.SSLContext`) wraps every connection in TLS.  Every refused
     input is logged with its reason and counted in :attr:`stats`.
+
+    ``dispatch="thread"`` (the default) runs subscriber callbacks for network
+    messages on a dispatcher thread, so a handler may block, even on a
+    request over this same server.  ``dispatch="inline"`` runs them on the
+    I/O thread, which saves a thread hop per message; use it only when
+    handlers return quickly and never wait for network traffic (for example
+    when they hand the work to an executor): while a handler runs, no socket
+    of this server is served.
     """
 
     def __init__(
@@ -2172,9 +2180,14 @@ class TCPServerTransport(Transport):
         max_queue_size: int = 1000,
         max_interest: int = 10000,
         backlog: int = 512,
+        dispatch: str = "thread",
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
+        if dispatch not in ("thread", "inline"):
+            raise ValueError(f"dispatch must be 'thread' or 'inline', not {dispatch!r}")
+        self.dispatch = dispatch
+        self._inline = dispatch == "inline"
         for name, value in (
             ("max_frame_size", max_frame_size),
             ("max_connections", max_connections),
@@ -2711,9 +2724,12 @@ class TCPServerTransport(Transport):
                 break
             self._on_frame(conn, body, batch)
         if batch:
-            self._dispatcher.put_many(batch)
-            if self._dispatcher.high and not self._paused:
-                self._set_paused(True)
+            if self._inline:
+                self._run_inline(batch)
+            else:
+                self._dispatcher.put_many(batch)
+                if self._dispatcher.high and not self._paused:
+                    self._set_paused(True)
         if conn.handshake and conn.received != conn.acked and "ack" in conn.features:
             if conn.received - conn.acked >= _ACK_EVERY:
                 self._ack(conn)
@@ -2785,8 +2801,20 @@ class TCPServerTransport(Transport):
         if subscriptions:
             if batch is not None:
                 batch.append((subscriptions, message))
+            elif self._inline:
+                self._run_inline([(subscriptions, message)])
             else:
                 self._dispatcher.put_many([(subscriptions, message)])
+
+    def _run_inline(self, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+        # dispatch="inline": callbacks run here, on the I/O thread.
+        for subscriptions, message in batch:
+            for subscription in subscriptions:
+                if subscription.active:
+                    try:
+                        subscription.callback(message)
+                    except Exception as exc:
+                        self._local._handler_failed(subscription, message, exc)
 
     # -- control frames ---------------------------------------------------------------
 

@@ -116,8 +116,9 @@ def role_raw_server() -> None:
         threading.Thread(target=serve, args=(sock,), daemon=True).start()
 
 
-def role_ef_server() -> None:
-    server = ef.TCPServerTransport("127.0.0.1", 0, max_connections=2000).start()
+def role_ef_server(dispatch: str = "thread") -> None:
+    server = ef.TCPServerTransport("127.0.0.1", 0, max_connections=2000,
+                                   dispatch=dispatch).start()
     queue = ef.MessageQueue(transport=server)
     counter = [0]
 
@@ -432,12 +433,21 @@ def bench_throughput_and_latency(count: int, rounds: int, repeat: int) -> None:
         raw_p50, raw_p99 = latency_raw(raw_port, rounds)
         zmq_p50, zmq_p99 = latency_zmq(req, rounds)
         ef_p50, ef_p99 = latency_ef(queue, rounds)
+        inline = Child("ef-server", "inline")
+        inline_client = ef.TCPClientTransport("127.0.0.1", int(inline.line())).connect(10)
+        try:
+            in_p50, in_p99 = latency_ef(ef.MessageQueue(transport=inline_client), rounds)
+        finally:
+            inline_client.close()
+            inline.close()
         row("raw JSON echo floor p50", raw_p50, "us")
         row("raw JSON echo floor p99", raw_p99, "us")
         row("pyzmq REQ/REP p50", zmq_p50, "us", raw_p50, "of raw")
         row("pyzmq REQ/REP p99", zmq_p99, "us", raw_p99, "of raw")
         row("eventforge MessageQueue.request p50", ef_p50, "us", raw_p50, "of raw")
         row("eventforge MessageQueue.request p99", ef_p99, "us", raw_p99, "of raw")
+        row("  same, server dispatch='inline' p50", in_p50, "us", raw_p50, "of raw")
+        row("  same, server dispatch='inline' p99", in_p99, "us", raw_p99, "of raw")
         print(f"  p50 target <= 1.3x raw floor: {verdict(ef_p50 <= 1.3 * raw_p50)}")
     finally:
         client.close()
@@ -544,7 +554,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         name, rest = args.role[0], args.role[1:]
         roles: Dict[str, Any] = {
             "raw-server": role_raw_server,
-            "ef-server": role_ef_server,
+            "ef-server": lambda: role_ef_server(*rest),
             "zmq-pull": role_zmq_pull,
             "fan-clients": lambda: role_fan_clients(int(rest[0]), int(rest[1]), int(rest[2]),
                                                     rest[3]),

@@ -365,3 +365,49 @@ def test_subscribe_before_connect_and_close_waits_for_acknowledgement(tcp, caplo
     assert client.stats["pending"] == 0
     assert "closed with" not in caplog.text
     assert wait_until(lambda: len(got) == 100)
+
+
+def test_inline_dispatch(tcp):
+    with pytest.raises(ValueError, match="dispatch"):
+        ef.TCPServerTransport(port=0, dispatch="fibers")
+    server = tcp.server(dispatch="inline")
+    queue = ef.MessageQueue(transport=server)
+    threads = []
+
+    @queue.on("svc")
+    def svc(message):
+        threads.append(threading.current_thread().name)
+        queue.reply(message, message.payload + 1)
+
+    @queue.on("boom")
+    def boom(message):
+        raise ValueError("boom")
+
+    client = ef.MessageQueue(transport=tcp.client(server.port))
+    client.publish("boom", None)
+    for i in range(50):
+        assert client.request("svc", i, timeout=5).payload == i + 1
+    assert set(threads) == {f"eventforge-tcp-server-io-{server.port}"}
+    assert wait_until(lambda: queue.stats["handler_errors"] == 1)
+
+
+def test_inline_dispatch_handler_waiting_on_the_network_times_out(tcp):
+    # The documented trade-off: the I/O thread is busy in the handler, so a
+    # request it makes over the same server cannot be answered in time.
+    server = tcp.server(dispatch="inline")
+    queue = ef.MessageQueue(transport=server)
+    results = []
+    client = ef.MessageQueue(transport=tcp.client(server.port))
+    client.on("client.echo", lambda m: client.reply(m, m.payload))
+
+    @queue.on("outer")
+    def outer(message):
+        results.append(queue.request("client.echo", "x", timeout=0.3))
+
+    time.sleep(0.1)
+    client.publish("outer", None)
+    assert wait_until(lambda: results, timeout=5)
+    assert results == [None]
+    # and the server is fine afterwards
+    queue.on("svc", lambda m: queue.reply(m, "ok"))
+    assert client.request("svc", None, timeout=5).payload == "ok"
