@@ -3178,6 +3178,7 @@ class TCPClientTransport(Transport):
         self._send_limit = max_frame_size
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._space_waiters = 0
         self._interest: Dict[str, int] = {}
@@ -3233,20 +3234,21 @@ class TCPClientTransport(Transport):
         """
         if timeout is None:
             timeout = self.connect_timeout
-        with self._lock:
-            if self._closed:
-                raise TransportClosedError("TCPClientTransport is closed")
-            if self._started:
-                return self
-        opened = self._open(timeout)
-        with self._lock:
-            if self.closed:  # close() may have run on another thread meanwhile
-                opened[0].close()
-                raise TransportClosedError("TCPClientTransport is closed")
-            loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
-            self._started = True
-        self._install(*opened)
-        loop.start(self._run)
+        with self._connect_lock:  # one connect at a time; later ones see _started
+            with self._lock:
+                if self._closed:
+                    raise TransportClosedError("TCPClientTransport is closed")
+                if self._started:
+                    return self
+            opened = self._open(timeout)
+            with self._lock:
+                if self.closed:  # close() may have run on another thread meanwhile
+                    opened[0].close()
+                    raise TransportClosedError("TCPClientTransport is closed")
+                loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
+                self._started = True
+            self._install(*opened)
+            loop.start(self._run)
         return self
 
     def close(self) -> None:

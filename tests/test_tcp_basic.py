@@ -411,3 +411,16 @@ def test_inline_dispatch_handler_waiting_on_the_network_times_out(tcp):
     # and the server is fine afterwards
     queue.on("svc", lambda m: queue.reply(m, "ok"))
     assert client.request("svc", None, timeout=5).payload == "ok"
+
+
+def test_concurrent_connect_calls_open_one_connection(tcp):
+    server = tcp.server()
+    client = tcp.client(server.port, connect=False)
+    threads = [threading.Thread(target=client.connect, args=(5.0,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert wait_until(lambda: server.stats["connections"] == 1)
+    time.sleep(0.1)
+    assert server.stats["accepted"] == 1
