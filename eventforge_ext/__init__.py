@@ -1,0 +1,27 @@
+"""Optional adapters for eventforge that need third-party packages.
+
+The core, ``eventforge.py``, uses the standard library only, and
+``import eventforge`` never imports anything from this package.  Each adapter
+here is a separate module that imports its dependency lazily (when the adapter
+is first constructed, not at import time of ``eventforge``) and raises a clear
+``ImportError`` naming the extra to install when that dependency is missing:
+
+``eventforge_ext.redis``
+    ``RedisTransport``: pub-sub over a Redis server
+    (``pip install 'eventforge[redis]'``).
+``eventforge_ext.nats``
+    ``NatsTransport``: pub-sub over a NATS server
+    (``pip install 'eventforge[nats]'``).
+``eventforge_ext.logfire``
+    Emission of task and meter events to Pydantic Logfire
+    (``pip install 'eventforge[logfire]'``).
+
+Adapters do not re-implement anything the core already has: they reuse its
+topic matcher (the subscription trie, so ``*`` and ``**`` mean the same thing on
+every transport), its wire codec (the same JSON messages as the TCP transport)
+and its error classes.
+
+The original package's import paths keep working: ``eventforge.transports.redis``,
+``eventforge.transports.nats`` and ``eventforge.integrations.logfire`` are
+aliases, resolved by ``eventforge.py``, for the modules of this package.
+"""
