@@ -1910,7 +1910,7 @@ def _result_of_future(task_id: str, future: Any) -> TaskResult:
                           error_type="CancelledError")
     exc = future.exception()
     if exc is None:
-        return future.result()  # type: ignore[no-any-return]
+        return future.result()
     # The task never produced a TaskResult: its call could not be pickled, the
     # return value could not be sent back, or the process pool broke.
     return _failure(task_id, exc)
@@ -1988,7 +1988,9 @@ class Executor:
             self.mode = ExecutionMode(mode)
         except ValueError:
             choices = ", ".join(m.value for m in ExecutionMode)
-            raise ValueError(f"unknown execution mode {mode!r}; expected one of: {choices}") from None
+            raise ValueError(
+                f"unknown execution mode {mode!r}; expected one of: {choices}"
+            ) from None
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError(f"max_workers must be an integer >= 1, not {max_workers!r}")
         if isinstance(max_results, bool) or not isinstance(max_results, int) or max_results < 1:
@@ -1998,7 +2000,7 @@ class Executor:
         self._mp_context = mp_context
         self._pool: Any = None
         self._lock = threading.Lock()
-        self._tasks: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+        self._tasks: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._prefix = f"task-{os.urandom(3).hex()}-"
         self._counter = itertools.count(1)
         self._submitted = 0
@@ -2061,7 +2063,7 @@ class Executor:
         """
         if not callable(func):
             raise TypeError(f"submit() needs a callable, not {type(func).__name__}")
-        task_id = self._prefix + "%x" % next(self._counter)
+        task_id = f"{self._prefix}{next(self._counter):x}"
         if self.mode is ExecutionMode.SEQUENTIAL:
             entry: Any = _Done(_run_task(task_id, func, args, kwargs))
         else:
@@ -2100,14 +2102,16 @@ class Executor:
                 if self._pool is pool:
                     self._pool = None
                     self._pools_replaced += 1
-                    logger.warning("Executor: replacing unusable %s pool (%s)", self.mode.value, exc)
+                    logger.warning(
+                        "Executor: replacing unusable %s pool (%s)", self.mode.value, exc
+                    )
                 pool = self._ensure_pool_locked()
             return pool.submit(runner, task_id, func, args, kwargs)
 
     def _future_for(self, func: Callable[..., Any], args: Tuple[Any, ...],
                     kwargs: Dict[str, Any]) -> Tuple[str, Any]:
         """Submit without bookkeeping; return (task_id, future-or-_Done)."""
-        task_id = self._prefix + "%x" % next(self._counter)
+        task_id = f"{self._prefix}{next(self._counter):x}"
         with self._lock:
             self._submitted += 1
         if self.mode is ExecutionMode.SEQUENTIAL:
@@ -2174,7 +2178,7 @@ class Executor:
         timeout = _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.mode is ExecutionMode.SEQUENTIAL:
-            out = []
+            out: List[TaskResult] = []
             for item in items:
                 if deadline is not None and time.monotonic() > deadline:
                     raise EventforgeTimeoutError(
@@ -2242,7 +2246,8 @@ class Executor:
         if not ok:
             done = sum(1 for f in futures if f.done())
             raise EventforgeTimeoutError(
-                f"map_async() did not finish within {timeout} s ({done} of {len(futures)} items done)"
+                f"map_async() did not finish within {timeout} s "
+                f"({done} of {len(futures)} items done)"
             )
         return [_result_of_future(tid, f) for tid, f in pending]
 
@@ -2302,7 +2307,11 @@ async def _wait_futures_async(futures: List[Any], timeout: Optional[float]) -> b
     if timeout is None:
         await waiter
         return True
-    handle = loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(False))
+    def expire() -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+
+    handle = loop.call_later(timeout, expire)
     try:
         return bool(await waiter)
     finally:
@@ -2316,6 +2325,657 @@ async def _wait_future_async(future: Any, timeout: Optional[float]) -> bool:
 # ---------------------------------------------------------------------------
 # 8. RPC
 # ---------------------------------------------------------------------------
+
+# Request/response payloads are those of the original eventforge, so either
+# side can talk to the other (see docs/protocol.md, "RPC"):
+#
+#   request   topic  "<service>.request", reply_to "_rpc_reply.<id>"
+#             payload {"id", "method", "args", "kwargs", "timeout"}
+#   response  topic  the request's reply_to, correlation_id = request message id
+#             payload {"id", "request_id", "result", "error", "error_type"}
+#             (+ "traceback" when the server sends it; old peers ignore it)
+
+RPC_REPLY_PREFIX = "_rpc_reply."
+
+#: Attribute names an RPCClient never turns into remote methods, besides every
+#: name starting with "_": probes made by IPython, pydoc and similar tools.
+_NOT_REMOTE_NAMES = frozenset({"getdoc", "trait_names", "mro"})
+
+_MAX_REMOTE_TRACEBACK = 16_384
+
+
+def _request_topic(service_name: str) -> str:
+    if not isinstance(service_name, str) or not service_name:
+        raise ValueError(f"service_name must be a non-empty string, not {service_name!r}")
+    try:
+        return validate_topic(f"{service_name}.request")
+    except TopicError as exc:
+        raise TopicError(f"invalid service_name {service_name!r}: {exc}") from None
+
+
+def _check_method_name(method: Any) -> str:
+    if not isinstance(method, str) or not method:
+        raise TypeError(f"method must be a non-empty name string, not {method!r}")
+    return method
+
+
+def _error_from_response(data: Dict[str, Any]) -> RemoteError:
+    error_type = data.get("error_type") or "RemoteError"
+    message = data.get("error")
+    message = "" if message is None else str(message)
+    tb = data.get("traceback")
+    tb = tb if isinstance(tb, str) else None
+    if error_type == "MethodNotFoundError" or message.startswith("Method not found"):
+        return MethodNotFoundError(str(error_type), message, tb)
+    return RemoteError(str(error_type), message, tb)
+
+
+def _introspection_guard(owner: Any, name: str) -> None:
+    if name.startswith("_") or name in _NOT_REMOTE_NAMES:
+        raise AttributeError(f"{type(owner).__name__!r} object has no attribute {name!r}")
+
+
+class RemoteMethod:
+    """A remote method bound to a client: ``client.add`` in ``client.add(1, 2)``.
+
+    Calling it is ``client.call(name, *args, **kwargs)``; ``call_async`` is
+    the asyncio form.  Creating one sends nothing.
+    """
+
+    __slots__ = ("client", "name")
+
+    def __init__(self, client: Any, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    @property
+    def __name__(self) -> str:
+        return self.name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.call(self.name, *args, **kwargs)
+
+    async def call_async(self, *args: Any, **kwargs: Any) -> Any:
+        """Await the remote call (see :meth:`RPCClient.call_async`)."""
+        return await self.client.call_async(self.name, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<RemoteMethod {self.name!r} of {self.client!r}>"
+
+
+class _DynamicMethods:
+    """``client.name(...)`` for any public name; introspection stays local.
+
+    Names starting with ``_`` (dunders, ``_repr_html_``, ``_ipython_*`` ...)
+    and a few well-known probes raise AttributeError instead of becoming
+    remote calls, so ``hasattr``, ``copy``, ``pickle`` and IPython behave.
+    """
+
+    def __getattr__(self, name: str) -> RemoteMethod:
+        _introspection_guard(self, name)
+        return RemoteMethod(self, name)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} objects cannot be pickled or copied: "
+            "they hold a live queue; create one in each process"
+        )
+
+
+class RPCServer:
+    """Serve registered functions by name over a :class:`MessageQueue`.
+
+    Requests arrive on ``"<service_name>.request"``; each names a method,
+    its ``args`` and ``kwargs``.  Only registered names can be called.  The
+    return value (or the exception: its type name, message and traceback)
+    goes back to the request's ``reply_to``.
+
+    Without an ``executor`` a method runs inline, in the thread that
+    delivers the request (the publisher's thread on a MemoryTransport, the
+    connection's thread on TCP).  With an :class:`Executor` it really runs
+    there: a THREAD executor lets a slow method proceed while other callers
+    are served; a PROCESS executor needs module-level (picklable) methods.
+    The server never stops an executor it was given.
+
+    ``include_traceback=False`` keeps server tracebacks off the wire.
+    """
+
+    def __init__(
+        self,
+        queue: MessageQueue,
+        executor: Optional[Executor] = None,
+        service_name: str = "rpc",
+        *,
+        include_traceback: bool = True,
+    ) -> None:
+        if executor is not None and not isinstance(executor, Executor):
+            raise TypeError(
+                f"executor must be an eventforge Executor, not {type(executor).__name__}"
+            )
+        self.queue = queue
+        self.executor = executor
+        self.service_name = service_name
+        self.request_topic = _request_topic(service_name)
+        self.include_traceback = include_traceback
+        self._methods: Dict[str, Callable[..., Any]] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self._subscription: Optional[str] = None
+        self._stopped = threading.Event()
+        self._local = threading.local()
+        self._counts = {"requests": 0, "succeeded": 0, "failed": 0, "not_found": 0,
+                        "invalid": 0, "reply_errors": 0}
+
+    # -- registration ---------------------------------------------------------
+
+    def register(self, name: Any = None) -> Any:
+        """Decorator registering a function under ``name`` (default: its ``__name__``).
+
+        ``@server.register()``, ``@server.register("name")`` and bare
+        ``@server.register`` all work; the function is returned unchanged.
+        """
+        if callable(name):  # bare @server.register
+            self.add_method(getattr(name, "__name__", ""), name)
+            return name
+
+        def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+            self.add_method(name if name is not None else getattr(func, "__name__", ""), func)
+            return func
+
+        return decorator
+
+    def add_method(self, name: str, func: Callable[..., Any]) -> None:
+        """Register ``func`` (any callable) under ``name``; re-registering replaces it."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"method name must be a non-empty string, not {name!r}")
+        if not callable(func):
+            raise TypeError(f"method {name!r} must be callable, not {type(func).__name__}")
+        if _is_async_callable(func):
+            raise TypeError(
+                f"method {name!r} is a coroutine function; register a plain function "
+                "(the server runs methods in threads or processes)"
+            )
+        with self._lock:
+            self._methods[name] = func
+
+    def remove_method(self, name: str) -> bool:
+        """Unregister ``name``; return False if it was not registered."""
+        with self._lock:
+            return self._methods.pop(name, None) is not None
+
+    @property
+    def methods(self) -> List[str]:
+        """The registered method names, sorted."""
+        with self._lock:
+            return sorted(self._methods)
+
+    # -- serving --------------------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        """True between :meth:`serve` and :meth:`stop`."""
+        return self._subscription is not None
+
+    def serve(self, blocking: bool = True) -> None:
+        """Start answering requests.
+
+        ``blocking=False`` subscribes and returns at once.  ``blocking=True``
+        then waits until :meth:`stop` is called (from another thread or a
+        signal handler) or Ctrl-C is pressed, and returns normally.
+        """
+        with self._lock:
+            if self._subscription is None:
+                self._stopped.clear()
+                self._subscription = self.queue.subscribe(self.request_topic, self._on_request)
+        if not blocking:
+            return
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            self.stop()
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        """Stop taking requests and wait up to ``timeout`` s for calls in flight.
+
+        Replies of calls that finish meanwhile are still sent.  Called from
+        inside a method, it does not wait for that call.
+        """
+        with self._lock:
+            sub, self._subscription = self._subscription, None
+        if sub is not None:
+            try:
+                self.queue.unsubscribe(sub)
+            except Exception as exc:  # the transport may already be closed
+                logger.debug("RPCServer %s: unsubscribe failed: %s", self.service_name, exc)
+        own = 1 if getattr(self._local, "depth", 0) else 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._inflight > own:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    logger.warning("RPCServer %s stopped with %d call(s) still running",
+                                   self.service_name, self._inflight - own)
+                    break
+                self._idle.wait(remaining)
+        self._stopped.set()
+
+    def __enter__(self) -> RPCServer:
+        self.serve(blocking=False)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Counters: requests, succeeded, failed, not_found, invalid, reply_errors, in_flight."""
+        with self._lock:
+            out = dict(self._counts)
+            out["in_flight"] = self._inflight
+            return out
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    # -- handling one request -------------------------------------------------
+
+    def _on_request(self, message: Message) -> None:
+        payload = message.payload
+        with self._lock:
+            self._counts["requests"] += 1
+            self._inflight += 1
+        try:
+            if not isinstance(payload, dict) or not isinstance(payload.get("method"), str):
+                self._reject(message, "InvalidRequest",
+                             "an RPC request payload is an object with a string 'method'")
+                return
+            name = payload["method"]
+            request_id = payload.get("id")
+            if not isinstance(request_id, str):
+                request_id = message.id
+            args = payload.get("args")
+            kwargs = payload.get("kwargs")
+            args = [] if args is None else args
+            kwargs = {} if kwargs is None else kwargs
+            if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+                self._reject(message, "InvalidRequest",
+                             "'args' must be a list and 'kwargs' an object", request_id)
+                return
+            func = self._methods.get(name)
+            if func is None:
+                self._count("not_found")
+                self._respond(message, request_id, None,
+                              ("MethodNotFoundError", f"Method not found: {name}", None))
+                return
+            if self.executor is None:
+                self._local.depth = getattr(self._local, "depth", 0) + 1
+                try:
+                    value = func(*args, **kwargs)
+                except Exception as exc:
+                    self._respond_task(message, request_id, _failure(request_id, exc))
+                else:
+                    self._respond(message, request_id, value, None, outcome="succeeded")
+                finally:
+                    self._local.depth -= 1
+                return
+            if self.executor.mode is ExecutionMode.PROCESS:  # the server itself cannot pickle
+                _, handle = self.executor._future_for(func, tuple(args), kwargs)
+            else:
+                _, handle = self.executor._future_for(self._call_marked, (func, args, kwargs), {})
+        except BaseException:
+            self._finish()
+            raise
+        if isinstance(handle, _Done):
+            self._respond_task(message, request_id, handle.result, finish=True)
+        else:
+            handle.add_done_callback(
+                lambda fut: self._respond_task(message, request_id,
+                                               _result_of_future(request_id, fut), finish=True))
+            return
+
+    def _call_marked(self, func: Callable[..., Any], args: Any, kwargs: Dict[str, Any]) -> Any:
+        # Runs on an executor thread: lets stop() called by the method not wait for itself.
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._local.depth -= 1
+
+    def _finish(self, outcome: Optional[str] = None) -> None:
+        with self._idle:
+            if outcome is not None:
+                self._counts[outcome] += 1
+            self._inflight -= 1
+            if self._inflight <= 0:
+                self._idle.notify_all()
+
+    def _reject(self, message: Message, error_type: str, text: str,
+                request_id: Optional[str] = None) -> None:
+        self._count("invalid")
+        logger.warning("RPCServer %s: invalid request %s: %s", self.service_name, message.id, text)
+        self._respond(message, request_id or message.id, None,
+                      (error_type, f"invalid request: {text}", None), finish=True)
+
+    def _respond_task(self, message: Message, request_id: str, result: TaskResult,
+                      finish: bool = True) -> None:
+        if result.status is TaskStatus.COMPLETED:
+            self._respond(message, request_id, result.value, None, finish, "succeeded")
+        else:
+            tb = result.traceback if self.include_traceback else None
+            if tb and len(tb) > _MAX_REMOTE_TRACEBACK:
+                tb = "...\n" + tb[-_MAX_REMOTE_TRACEBACK:]
+            self._respond(message, request_id, None,
+                          (result.error_type or "Error", result.error or "", tb), finish, "failed")
+
+    def _respond(self, message: Message, request_id: str, value: Any,
+                 error: Optional[Tuple[str, str, Optional[str]]], finish: bool = True,
+                 outcome: Optional[str] = None) -> None:
+        try:
+            if not message.reply_to:
+                if error is not None:
+                    logger.warning(
+                        "RPCServer %s: call %s failed with no reply_to to report to: %s: %s",
+                        self.service_name, request_id, error[0], error[1])
+                return
+            payload: Dict[str, Any] = {"id": new_id(), "request_id": request_id, "result": value,
+                                       "error": None, "error_type": None}
+            if error is not None:
+                payload["error_type"], payload["error"] = error[0], error[1]
+                if error[2]:
+                    payload["traceback"] = error[2]
+            reply = Message(message.reply_to, payload, correlation_id=message.id)
+            try:
+                self.queue.send(reply)
+            except SerializationError as exc:
+                # The result cannot cross this transport: tell the caller why.
+                reply.payload = {"id": payload["id"], "request_id": request_id, "result": None,
+                                 "error_type": "SerializationError",
+                                 "error": f"the result of the call cannot be sent: {exc}"}
+                self.queue.send(reply)
+        except Exception as exc:
+            self._count("reply_errors")
+            logger.warning("RPCServer %s: could not send the reply to %s: %s",
+                           self.service_name, message.reply_to, exc)
+        finally:
+            if finish:
+                self._finish(outcome)
+
+    def __repr__(self) -> str:
+        state = "serving" if self.serving else "stopped"
+        return f"<RPCServer {self.service_name!r} {state}, {len(self._methods)} methods>"
+
+
+class RPCClient(_DynamicMethods):
+    """Call methods of an :class:`RPCServer` by name.
+
+    ``client.call("add", 1, 2)`` and ``client.add(1, 2)`` are the same call.
+    ``timeout`` (seconds, None for no limit) is the default per call;
+    ``call(..., timeout=5)`` overrides it.  To pass a keyword argument that is
+    itself called ``timeout``, use :meth:`invoke`.
+
+    Errors: a remote exception raises :class:`RemoteError` (``str()`` reads
+    ``"ValueError: boom"``, the remote traceback is attached); an unknown name
+    raises :class:`MethodNotFoundError`; no reply in time raises
+    :class:`RPCTimeoutError` (a ``TimeoutError``).  A reply arriving after its
+    timeout is dropped by the transport: nothing accumulates.
+    """
+
+    def __init__(self, queue: MessageQueue, service_name: str = "rpc",
+                 timeout: Optional[float] = 30.0) -> None:
+        self.queue = queue
+        self.service_name = service_name
+        self.request_topic = _request_topic(service_name)
+        self.timeout = _check_timeout(timeout)
+
+    def _prepare(self, method: str, args: Any, kwargs: Any,
+                 timeout: Optional[float]) -> Tuple[Message, Inbox, Optional[float]]:
+        _check_method_name(method)
+        wait = self.timeout if timeout is None else _check_timeout(timeout)
+        request_id = new_id()
+        payload = {"id": request_id, "method": method,
+                   "args": [] if args is None else list(args),
+                   "kwargs": {} if kwargs is None else dict(kwargs), "timeout": wait}
+        message = Message(self.request_topic, payload, reply_to=RPC_REPLY_PREFIX + request_id)
+        inbox = self.queue.transport.open_inbox(message.reply_to)  # type: ignore[arg-type]
+        return message, inbox, wait
+
+    def _unpack(self, method: str, reply: Optional[Message], inbox: Inbox,
+                wait: Optional[float]) -> Any:
+        if reply is None:
+            if inbox.closed:
+                raise TransportClosedError(
+                    f"the transport closed while {self.service_name}.{method} "
+                    "was waiting for its reply"
+                )
+            raise RPCTimeoutError(
+                f"no reply from service {self.service_name!r} to {method}() within {wait} s"
+            )
+        data = reply.payload
+        if not isinstance(data, dict):
+            raise RemoteError("InvalidResponse", f"malformed RPC response: {data!r:.200}")
+        if data.get("error") is None and data.get("error_type") is None:
+            return data.get("result")
+        raise _error_from_response(data)
+
+    def invoke(self, method: str, args: Optional[Iterable[Any]] = None,
+               kwargs: Optional[Dict[str, Any]] = None, *, timeout: Optional[float] = None) -> Any:
+        """Call ``method`` with explicit ``args``/``kwargs`` (any keyword names)."""
+        message, inbox, wait = self._prepare(method, args, kwargs, timeout)
+        try:
+            self.queue.send(message)
+            return self._unpack(method, inbox.get(wait), inbox, wait)
+        finally:
+            inbox.close()
+
+    def call(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """Call the remote ``method`` and return its result (see the class doc for errors)."""
+        return self.invoke(method, args, kwargs, timeout=timeout)
+
+    async def invoke_async(self, method: str, args: Optional[Iterable[Any]] = None,
+                           kwargs: Optional[Dict[str, Any]] = None, *,
+                           timeout: Optional[float] = None) -> Any:
+        """Asyncio-native :meth:`invoke`."""
+        message, inbox, wait = self._prepare(method, args, kwargs, timeout)
+        try:
+            self.queue.send(message)
+            return self._unpack(method, await inbox.get_async(wait), inbox, wait)
+        finally:
+            inbox.close()
+
+    async def call_async(self, method: str, *args: Any, timeout: Optional[float] = None,
+                         **kwargs: Any) -> Any:
+        """Asyncio-native :meth:`call`: waits without blocking the event loop.
+
+        The timeout is exact; cancelling the awaiting task withdraws the
+        reply inbox (a late reply is dropped).
+        """
+        return await self.invoke_async(method, args, kwargs, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"<RPCClient {self.service_name!r} on {self.queue.transport!r}>"
+
+
+def _require_call(client: Any) -> Any:
+    if not callable(getattr(client, "call", None)):
+        raise TypeError(f"{client!r} has no call() method")
+    return client
+
+
+async def _call_async_of(client: Any, method: str, args: Tuple[Any, ...],
+                         kwargs: Dict[str, Any]) -> Any:
+    call_async = getattr(client, "call_async", None)
+    if call_async is not None:
+        return await call_async(method, *args, **kwargs)
+    import asyncio
+    import functools
+
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, functools.partial(client.call, method, *args, **kwargs))
+
+
+class RoundRobinRPCClient(_DynamicMethods):
+    """Spread calls over several clients in turn (client-side load balancing).
+
+    Takes any objects with a ``call(method, *args, **kwargs)`` method,
+    typically one :class:`RPCClient` per worker.  It has the same ``call``,
+    ``call_async`` and dynamic-attribute surface; arguments (``timeout=``
+    included) pass through unchanged.  Thread-safe.
+    """
+
+    def __init__(self, clients: Iterable[Any]) -> None:
+        pool = tuple(_require_call(c) for c in clients)
+        if not pool:
+            raise ValueError("RoundRobinRPCClient needs at least one client")
+        self.clients: Tuple[Any, ...] = pool
+        self._turn = itertools.count()
+
+    def next_client(self) -> Any:
+        """Return the client whose turn it is (and advance the turn)."""
+        return self.clients[next(self._turn) % len(self.clients)]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on the next client in turn."""
+        return self.next_client().call(method, *args, **kwargs)
+
+    async def call_async(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Asyncio form of :meth:`call` (a client without ``call_async`` runs in a thread)."""
+        return await _call_async_of(self.next_client(), method, args, kwargs)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def __repr__(self) -> str:
+        return f"<RoundRobinRPCClient over {len(self.clients)} clients>"
+
+
+class RetryingRPCClient(_DynamicMethods):
+    """A client wrapper that retries failed calls; built by :func:`with_retry`."""
+
+    def __init__(
+        self,
+        client: Any,
+        max_retries: int = 3,
+        backoff_initial: float = 0.1,
+        backoff_factor: float = 2.0,
+        retry_on: Any = (TimeoutError, ConnectionError),
+        *,
+        backoff_max: float = 10.0,
+        jitter: float = 0.1,
+        on_retry: Optional[Callable[[int, BaseException, float], Any]] = None,
+    ) -> None:
+        self.client = _require_call(client)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, not {max_retries!r}")
+        for label, value, low in (("backoff_initial", backoff_initial, 0.0),
+                                  ("backoff_factor", backoff_factor, 1.0),
+                                  ("backoff_max", backoff_max, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+                raise ValueError(f"{label} must be a number >= {low}, not {value!r}")
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 1:
+            raise ValueError(f"jitter must be a fraction between 0 and 1, not {jitter!r}")
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        retry_on = tuple(retry_on)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise TypeError(f"retry_on must be exception classes, not {retry_on!r}")
+        self.max_retries = max_retries
+        self.backoff_initial = float(backoff_initial)
+        self.backoff_factor = float(backoff_factor)
+        self.backoff_max = float(backoff_max)
+        self.jitter = float(jitter)
+        self.retry_on: Tuple[type, ...] = retry_on
+        self.on_retry = on_retry
+        self.retries = 0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based).
+
+        ``backoff_initial * backoff_factor ** attempt``, capped at
+        ``backoff_max``, then reduced by a random fraction of up to ``jitter``
+        (so it never exceeds the cap and concurrent callers spread out).
+        """
+        import random
+
+        try:
+            base = self.backoff_initial * self.backoff_factor ** attempt
+        except OverflowError:
+            base = self.backoff_max
+        base = min(base, self.backoff_max)
+        return base * (1.0 - self.jitter * random.random())
+
+    def _retrying(self, attempt: int, exc: BaseException, method: str) -> Optional[float]:
+        if not isinstance(exc, self.retry_on) or attempt >= self.max_retries:
+            return None
+        wait = self.delay(attempt)
+        self.retries += 1
+        logger.info("retrying %s() in %.3f s after %s: %s (retry %d of %d)",
+                    method, wait, type(exc).__name__, exc, attempt + 1, self.max_retries)
+        if self.on_retry is not None:
+            self.on_retry(attempt + 1, exc, wait)
+        return wait
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call through the wrapped client, retrying on ``retry_on`` errors.
+
+        After ``max_retries`` retries the last error is raised.  Note that a
+        timed-out call may have run on the server: retry idempotent methods.
+        """
+        attempt = 0
+        while True:
+            try:
+                return self.client.call(method, *args, **kwargs)
+            except Exception as exc:
+                wait = self._retrying(attempt, exc, method)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+            attempt += 1
+
+    async def call_async(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Asyncio form of :meth:`call` (waits with ``asyncio.sleep``)."""
+        import asyncio
+
+        attempt = 0
+        while True:
+            try:
+                return await _call_async_of(self.client, method, args, kwargs)
+            except Exception as exc:
+                wait = self._retrying(attempt, exc, method)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    def __repr__(self) -> str:
+        return f"<RetryingRPCClient max_retries={self.max_retries} around {self.client!r}>"
+
+
+def with_retry(
+    client: Any,
+    max_retries: int = 3,
+    backoff_initial: float = 0.1,
+    backoff_factor: float = 2.0,
+    retry_on: Any = (TimeoutError, ConnectionError),
+    *,
+    backoff_max: float = 10.0,
+    jitter: float = 0.1,
+    on_retry: Optional[Callable[[int, BaseException, float], Any]] = None,
+) -> RetryingRPCClient:
+    """Wrap ``client`` (anything with ``call``) so failed calls are retried.
+
+    A call failing with one of ``retry_on`` (default: timeouts and lost
+    connections; a :class:`RemoteError` is not retried) is tried again after
+    ``backoff_initial * backoff_factor ** n`` seconds, capped at
+    ``backoff_max`` and shortened by up to ``jitter`` (a fraction) at random,
+    at most ``max_retries`` times.  ``on_retry(retry_number, error, delay)``
+    is called before each wait.  Wrapping a :class:`RoundRobinRPCClient`
+    sends each retry to the next worker.
+    """
+    return RetryingRPCClient(client, max_retries, backoff_initial, backoff_factor, retry_on,
+                             backoff_max=backoff_max, jitter=jitter, on_retry=on_retry)
 
 
 # ---------------------------------------------------------------------------

@@ -61,7 +61,8 @@ class TestEnums:
         assert Executor("process").mode is ExecutionMode.PROCESS
 
     def test_statuses(self):
-        assert [s.value for s in TaskStatus] == ["pending", "running", "completed", "failed", "cancelled"]
+        assert [s.value for s in TaskStatus] == [
+            "pending", "running", "completed", "failed", "cancelled"]
         assert TaskStatus.COMPLETED == "completed"
 
 
@@ -268,7 +269,8 @@ class TestProcess:
     def test_failures_come_back_as_results(self):
         with Executor(ExecutionMode.PROCESS, max_workers=1) as ex:
             res = ex.result(ex.submit(fail, "boom"), timeout=30)
-            assert (res.status, res.error_type, res.error) == (TaskStatus.FAILED, "ValueError", "boom")
+            assert (res.status, res.error_type) == (TaskStatus.FAILED, "ValueError")
+            assert res.error == "boom"
             assert "in fail" in res.traceback
 
             res = ex.result(ex.submit(lambda: 1), timeout=30)  # cannot pickle the function
