@@ -3119,22 +3119,692 @@ def _demo_in_process(out: Callable[[str], Any]) -> None:
         out(f"  left behind: {stats['mailboxes']} mailboxes, {stats['inboxes']} inboxes")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the ``eventforge`` command line; return the process exit status."""
+class _CLIError(Exception):
+    """A command-line problem reported as one line on stderr (exit status ``code``)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Exit statuses of the command line.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _read_secret(path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise _CLIError(f"cannot read --secret-file {path!r}: {exc.strerror or exc}") from None
+    if not secret:
+        raise _CLIError(f"--secret-file {path!r} is empty")
+    return secret
+
+
+def _server_ssl_context(cert: Optional[str], key: Optional[str], ca: Optional[str]) -> Any:
+    """TLS for a listener: ``cert``/``key`` identify it; ``ca`` also requires client certs."""
+    if not cert and not key:
+        if ca:
+            raise _CLIError("--tls-ca on a worker needs --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        raise _CLIError("--tls-cert and --tls-key go together")
+    import ssl
+
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key)
+        if ca:
+            context.load_verify_locations(ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise _CLIError(f"cannot load TLS files: {exc}") from None
+    return context
+
+
+def _client_ssl_context(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> Any:
+    """TLS for a connecting client: verify the server with ``ca``; optional client cert."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise _CLIError("--tls-cert and --tls-key go together")
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise _CLIError(f"cannot load TLS files: {exc}") from None
+    return context
+
+
+def _load_handler_module(spec: str) -> Any:
+    """Import the worker's module by name (``pkg.handlers``) or path (``handlers.py``)."""
+    import importlib
+
+    if spec.endswith(".py") or os.sep in spec or (os.altsep and os.altsep in spec):
+        import importlib.util
+
+        path = os.path.abspath(spec)
+        if not os.path.isfile(path):
+            raise _CLIError(f"cannot import {spec!r}: no such file")
+        name = os.path.splitext(os.path.basename(path))[0]
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)  # so PROCESS mode children find it by name
+        try:
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise _CLIError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
+        return module
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as ``python -m`` does
+    try:
+        return importlib.import_module(spec)
+    except Exception as exc:
+        raise _CLIError(f"cannot import module {spec!r}: {type(exc).__name__}: {exc}") from None
+
+
+def load_worker_module(spec: str) -> Tuple[Any, Dict[str, Callable[..., Any]], Optional[str]]:
+    """Import a worker module and check its contract; return (module, handlers, service).
+
+    The module must define a non-empty dict ``HANDLERS`` mapping method names
+    (strings) to plain callables; it may define ``SERVICE_NAME`` (a string)
+    and ``setup(queue)``, called once with the worker's MessageQueue before
+    serving (to subscribe to topics or keep the queue for publishing).  A
+    broken module raises ValueError with one line saying what is wrong.
+    """
+    try:
+        module = _load_handler_module(spec)
+        handlers = getattr(module, "HANDLERS", None)
+        if handlers is None:
+            raise _CLIError(f"module {spec!r} defines no HANDLERS dict "
+                            "(expected HANDLERS = {'name': function, ...})")
+        if not isinstance(handlers, dict):
+            raise _CLIError(f"HANDLERS in {spec!r} must be a dict of name -> callable, "
+                            f"not {type(handlers).__name__}")
+        if not handlers:
+            raise _CLIError(f"HANDLERS in {spec!r} is empty: nothing to serve")
+        for name, func in handlers.items():
+            if not isinstance(name, str) or not name:
+                raise _CLIError(f"HANDLERS in {spec!r} has a key that is not a non-empty "
+                                f"string: {name!r}")
+            if not callable(func):
+                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is not callable "
+                                f"({type(func).__name__})")
+            if _is_async_callable(func):
+                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is a coroutine function; "
+                                "workers serve plain functions")
+        service = getattr(module, "SERVICE_NAME", None)
+        if service is not None and (not isinstance(service, str) or not service):
+            raise _CLIError(f"SERVICE_NAME in {spec!r} must be a non-empty string, "
+                            f"not {service!r}")
+        setup = getattr(module, "setup", None)
+        if setup is not None and not callable(setup):
+            raise _CLIError(f"setup in {spec!r} must be a function taking the queue")
+    except _CLIError as exc:
+        raise ValueError(str(exc)) from None
+    return module, dict(handlers), service
+
+
+def _format_address(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _install_stop_signals(stop: threading.Event) -> Callable[[], None]:
+    """Make SIGTERM (and SIGBREAK on Windows) set ``stop``; returns a restore function."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    import signal
+
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for name in ("SIGTERM", "SIGBREAK"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except (ValueError, OSError):  # pragma: no cover - exotic platforms
+                pass
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return restore
+
+
+def _wait_until(stop: threading.Event) -> None:
+    """Block until ``stop`` is set or Ctrl-C is pressed."""
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def _configure_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise _CLIError(f"unknown --log-level {level!r} (use DEBUG, INFO, WARNING or ERROR)")
+    logging.basicConfig(level=numeric, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(numeric)
+
+
+def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
+    _configure_logging(args.log_level)
+    if args.workers < 1:
+        raise _CLIError(f"--workers must be >= 1, not {args.workers}")
+    try:
+        module, handlers, module_service = load_worker_module(args.import_)
+    except ValueError as exc:
+        raise _CLIError(str(exc)) from None
+    service = args.service or module_service or "rpc"
+    try:
+        _request_topic(service)
+    except ValueError as exc:
+        raise _CLIError(str(exc)) from None
+    secret = _read_secret(args.secret_file)
+    context = _server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
+
+    stop = threading.Event()
+    restore = _install_stop_signals(stop)
+    executor = Executor(ExecutionMode(args.mode), max_workers=args.workers)
+    transport = TCPServerTransport(args.host, args.port, secret=secret, ssl_context=context)
+    try:
+        try:
+            transport.start()
+        except OSError as exc:
+            raise _CLIError(f"cannot listen on {_format_address((args.host, args.port))}: "
+                            f"{exc.strerror or exc}", EXIT_FAILURE) from None
+        queue = MessageQueue(transport)
+        server = RPCServer(queue, executor=executor, service_name=service)
+        for name, func in handlers.items():
+            server.add_method(name, func)
+        setup = getattr(module, "setup", None)
+        if setup is not None:
+            setup(queue)
+        executor.start()
+        server.serve(blocking=False)
+        out(f"eventforge worker ready: service '{service}' on {_format_address(transport.address)} "
+            f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
+            f"{'s' if args.workers != 1 else ''}; pid {os.getpid()})")
+        _wait_until(stop)
+        logger.info("worker %s: stopping, finishing calls in flight", service)
+        server.stop(timeout=args.drain_timeout)
+        executor.stop(wait=True)
+        out(f"eventforge worker stopped: service '{service}', "
+            f"{server.stats['requests']} requests served")
+        return EXIT_OK
+    finally:
+        restore()
+        executor.stop(wait=False)
+        transport.close()
+
+
+def _connect_queue(args: Any) -> MessageQueue:
+    secret = _read_secret(args.secret_file)
+    context = _client_ssl_context(args.tls_ca, args.tls_cert, args.tls_key)
+    transport = TCPClientTransport(args.host, args.port, secret=secret, ssl_context=context)
+    try:
+        transport.connect(timeout=args.connect_timeout)
+    except (OSError, EventforgeError) as exc:
+        transport.close()
+        detail = getattr(exc, "strerror", None) or exc
+        raise _CLIError(f"cannot connect to {_format_address((args.host, args.port))}: {detail}",
+                        EXIT_FAILURE) from None
+    return MessageQueue(transport)
+
+
+def _json_arg(text: str) -> Any:
+    """A command-line value: JSON when it parses as JSON, else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _to_json(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except ValueError:  # circular structures
+        return repr(value)
+
+
+def _cmd_call(args: Any, out: Callable[[str], Any]) -> int:
+    kwargs: Dict[str, Any] = {}
+    if args.kwargs:
+        try:
+            kwargs = json.loads(args.kwargs)
+        except ValueError as exc:
+            raise _CLIError(f"--kwargs is not valid JSON: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise _CLIError("--kwargs must be a JSON object")
+    call_args = [_json_arg(a) for a in args.args]
+    queue = _connect_queue(args)
+    try:
+        client = RPCClient(queue, service_name=args.service, timeout=args.timeout)
+        try:
+            result = client.invoke(args.method, call_args, kwargs)
+        except RemoteError as exc:
+            raise _CLIError(f"remote error: {exc}", EXIT_FAILURE) from None
+        except (EventforgeTimeoutError, TransportError) as exc:
+            raise _CLIError(str(exc), EXIT_FAILURE) from None
+        out(_to_json(result))
+        return EXIT_OK
+    finally:
+        queue.close()
+
+
+def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:
+    headers: Dict[str, Any] = {}
+    for item in args.header or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _CLIError(f"--header takes KEY=VALUE, not {item!r}")
+        headers[key] = _json_arg(value)
+    try:
+        validate_topic(args.topic)
+    except TopicError as exc:
+        raise _CLIError(str(exc)) from None
+    payload = None if args.payload is None else _json_arg(args.payload)
+    queue = _connect_queue(args)
+    try:
+        try:
+            message_id = queue.publish(args.topic, payload, **headers)
+        except (SerializationError, TransportError) as exc:
+            raise _CLIError(str(exc), EXIT_FAILURE) from None
+        out(message_id)
+        return EXIT_OK
+    finally:
+        queue.close()
+
+
+def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
+    try:
+        validate_pattern(args.pattern)
+    except TopicError as exc:
+        raise _CLIError(str(exc)) from None
+    if args.count is not None and args.count < 1:
+        raise _CLIError("--count must be >= 1")
+    stop = threading.Event()
+    restore = _install_stop_signals(stop)
+    received = [0]
+    lock = threading.Lock()
+    queue = _connect_queue(args)
+    try:
+        def show(message: Message) -> None:
+            with lock:
+                if stop.is_set():
+                    return
+                out(_to_json({"topic": message.topic, "payload": message.payload,
+                              "id": message.id, "headers": message.headers,
+                              "timestamp": message.model_dump(mode="json").get("timestamp")}))
+                received[0] += 1
+                if args.count is not None and received[0] >= args.count:
+                    stop.set()
+
+        queue.subscribe(args.pattern, show)
+        print(f"eventforge sub: listening to {args.pattern!r} on "
+              f"{_format_address((args.host, args.port))}", file=sys.stderr, flush=True)
+        if args.timeout is not None:
+            deadline = time.monotonic() + args.timeout
+            try:
+                while not stop.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+                    if time.monotonic() >= deadline:
+                        break
+            except KeyboardInterrupt:
+                pass
+        else:
+            _wait_until(stop)
+        stop.set()
+        return EXIT_OK
+    finally:
+        restore()
+        queue.close()
+
+
+# -- demo: three workers in subprocesses --------------------------------------
+
+_DEMO_HANDLERS_SOURCE = '''\
+"""Handlers served by the demo's workers (written by ``eventforge demo``).
+
+Any module shaped like this one can be served with
+``python -m eventforge worker --import MODULE``.
+"""
+import os
+
+SERVICE_NAME = "demo"
+WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
+_queue = None
+
+
+def compute(n):
+    """Some CPU work, tagged with who did it."""
+    return {"worker": WORKER, "value": sum(i * i for i in range(n))}
+
+
+def whoami():
+    return WORKER
+
+
+def setup(queue):
+    """Called once by the worker: subscribe to jobs and announce results."""
+    global _queue
+    _queue = queue
+    queue.subscribe("demo.jobs", _on_job)
+
+
+def _on_job(message):
+    _queue.publish("demo.events." + WORKER, {"job": message.payload, "done_by": WORKER})
+
+
+HANDLERS = {"compute": compute, "whoami": whoami}
+'''
+
+
+class _Progress:
+    """A plain-text progress display: one redrawn line on a TTY, a few lines otherwise."""
+
+    def __init__(self, total: int, out: Callable[[str], Any], stream: Any) -> None:
+        self.total = max(total, 1)
+        self.out = out
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._next_mark = 25
+
+    def update(self, done: int) -> None:
+        percent = done * 100 // self.total
+        if self.tty:
+            filled = done * 30 // self.total
+            self.stream.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}")
+            if done >= self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif percent >= self._next_mark:
+            while self._next_mark <= percent:
+                self._next_mark += 25
+            self.out(f"  progress: {done}/{self.total} calls ({percent}%)")
+
+
+def _percentile(sorted_values: List[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, int(round(q / 100 * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+def _start_demo_worker(handlers_path: str, name: str) -> Any:
+    import subprocess
+
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["EVENTFORGE_DEMO_WORKER"] = name
+    env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
+               "--port", "0", "--workers", "2", "--log-level", "WARNING"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+
+
+def _read_ready_line(process: Any, timeout: float) -> Tuple[str, int]:
+    """Wait for a worker's ready line; return its (host, port)."""
+    found: Dict[str, Any] = {}
+
+    def read() -> None:
+        for line in process.stdout:
+            match = re.search(r"ready: service '[^']*' on \[?([^\]\s]+?)\]?:(\d+) ", line)
+            if match:
+                found["address"] = (match.group(1), int(match.group(2)))
+                return
+
+    reader = threading.Thread(target=read, name="eventforge-demo-reader", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if "address" not in found:
+        process.kill()
+        _, err = process.communicate(timeout=10)
+        detail = (err or "").strip().splitlines()
+        raise _CLIError("a demo worker did not start: "
+                        + (detail[-1] if detail else f"no ready line within {timeout} s"),
+                        EXIT_FAILURE)
+    return found["address"]  # type: ignore[no-any-return]
+
+
+def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
+    import subprocess
+
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate(timeout=timeout)
+    return process.returncode  # type: ignore[no-any-return]
+
+
+def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
+                  stream: Any = None) -> int:
+    """Start ``servers`` workers as subprocesses and drive them over TCP loopback."""
+    import shutil
+    import tempfile
+
+    stream = sys.stdout if stream is None else stream
+    out(f"== {servers} workers in subprocesses, RPC over TCP loopback ==")
+    directory = tempfile.mkdtemp(prefix="eventforge-demo-")
+    processes: List[Any] = []
+    queues: List[MessageQueue] = []
+    status = EXIT_OK
+    try:
+        handlers_path = os.path.join(directory, "demo_handlers.py")
+        with open(handlers_path, "w", encoding="utf-8") as f:
+            f.write(_DEMO_HANDLERS_SOURCE)
+        started = time.perf_counter()
+        names = [f"worker-{n + 1}" for n in range(servers)]
+        processes = [_start_demo_worker(handlers_path, name) for name in names]
+        addresses = [_read_ready_line(p, 30.0) for p in processes]
+        for name, address, process in zip(names, addresses, processes):
+            out(f"  {name}: pid {process.pid} serving 'demo' on {_format_address(address)}")
+        out(f"  started in {time.perf_counter() - started:.2f} s with "
+            f"`python -m eventforge worker --import demo_handlers.py --port 0`")
+        for host, port in addresses:
+            transport = TCPClientTransport(host, port)
+            transport.connect(timeout=10)
+            queues.append(MessageQueue(transport))
+        pool = RoundRobinRPCClient([RPCClient(q, service_name="demo", timeout=10) for q in queues])
+
+        out(f"== {calls} calls spread round-robin over the {servers} workers ==")
+        progress = _Progress(calls, out, stream)
+        per_worker: Dict[str, int] = {}
+        latencies: List[float] = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            answer = pool.compute(200 + i % 50)
+            latencies.append(time.perf_counter() - t0)
+            per_worker[answer["worker"]] = per_worker.get(answer["worker"], 0) + 1
+            progress.update(i + 1)
+        latencies.sort()
+        for name in names:
+            count = per_worker.get(name, 0)
+            out(f"  {name}: {count:4d} calls  {'#' * (count * 30 // max(calls, 1))}")
+        out("  latency: " + ", ".join(
+            f"p{q} {_percentile(latencies, q) * 1e3:.2f} ms" for q in (50, 90, 99))
+            + f", max {latencies[-1] * 1e3:.2f} ms" if latencies else "  latency: n/a")
+
+        out("== pub-sub across processes ==")
+        events: List[Message] = []
+        got_all = threading.Event()
+        lock = threading.Lock()
+
+        def on_event(message: Message) -> None:
+            with lock:
+                events.append(message)
+                if len(events) >= servers:
+                    got_all.set()
+
+        for q in queues:
+            q.subscribe("demo.events.*", on_event)
+        # Interest travels to the servers asynchronously: a call on each
+        # connection makes sure it arrived before we publish.
+        for client in pool.clients:
+            client.whoami()
+        for n, q in enumerate(queues):
+            q.publish("demo.jobs", {"job": n + 1})
+        if got_all.wait(10.0):
+            for message in sorted(events, key=lambda m: m.topic):
+                out(f"  {message.topic:<22} got {message.payload}")
+        else:
+            out(f"  only {len(events)} of {servers} events arrived")
+            status = EXIT_FAILURE
+    finally:
+        for q in queues:
+            q.close()
+        codes = [_stop_process(p) for p in processes]
+        shutil.rmtree(directory, ignore_errors=True)
+    if codes:
+        clean = all(code == 0 for code in codes)
+        out(f"== stopped {len(codes)} workers: exit codes {codes} "
+            f"({'clean' if clean else 'NOT clean'}) ==")
+        if not clean:
+            status = EXIT_FAILURE
+    return status
+
+
+def _add_connection_options(parser: Any) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9090, help="server port (default 9090)")
+    parser.add_argument("--secret-file", metavar="F", help="file holding the shared secret")
+    parser.add_argument("--tls-ca", metavar="F", help="CA file to verify the server (enables TLS)")
+    parser.add_argument("--tls-cert", metavar="F", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="F", help="client private key (mutual TLS)")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds to wait for the connection (default 10)")
+
+
+def _build_parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="eventforge", description="Message-driven task execution: pub-sub, request-reply, RPC."
+        prog="eventforge",
+        description="Message-driven task execution: pub-sub, request-reply, RPC.",
     )
     parser.add_argument("--version", action="version", version=f"eventforge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("demo", help="run the demo (no servers needed)")
+
+    demo = commands.add_parser("demo", help="run the demo (no servers to install)",
+                               description="In-process pub-sub and request-reply, then "
+                               "workers in subprocesses called over TCP loopback.")
+    demo.add_argument("--servers", type=int, default=3, help="worker processes (default 3)")
+    demo.add_argument("--calls", type=int, default=300, help="RPC calls to make (default 300)")
+    demo.add_argument("--in-process-only", action="store_true",
+                      help="skip the part with subprocesses")
+
+    worker = commands.add_parser(
+        "worker", help="serve a module's HANDLERS over TCP",
+        description="Serve the HANDLERS of a module by RPC over TCP until SIGTERM or Ctrl-C.")
+    worker.add_argument("--import", dest="import_", required=True, metavar="MODULE",
+                        help="module name or .py path defining HANDLERS = {name: callable}")
+    worker.add_argument("--service", help="service name (default: the module's SERVICE_NAME, "
+                        "else 'rpc')")
+    worker.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    worker.add_argument("--port", type=int, default=9090, help="port (default 9090; 0 = any free)")
+    worker.add_argument("--workers", type=int, default=4,
+                        help="calls run concurrently (default 4)")
+    worker.add_argument("--mode", choices=("thread", "process"), default="thread",
+                        help="run calls on threads or processes (default thread)")
+    worker.add_argument("--secret-file", metavar="F", help="require this shared secret")
+    worker.add_argument("--tls-cert", metavar="F", help="serve TLS with this certificate")
+    worker.add_argument("--tls-key", metavar="F", help="private key of --tls-cert")
+    worker.add_argument("--tls-ca", metavar="F", help="require client certificates from this CA")
+    worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                        help="on stop, seconds to let calls in flight finish (default 30)")
+    worker.add_argument("--log-level", default="INFO", metavar="L",
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+    call = commands.add_parser("call", help="call a method on a running worker",
+                               description="Call METHOD with ARGs (each parsed as JSON, else "
+                               "taken as a string); print the result as JSON.")
+    call.add_argument("method")
+    call.add_argument("args", nargs="*", metavar="ARG")
+    call.add_argument("--kwargs", metavar="JSON", help='keyword arguments, e.g. \'{"n": 3}\'')
+    call.add_argument("--service", default="rpc", help="service name (default rpc)")
+    call.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                      help="seconds to wait for the reply (default 10)")
+    _add_connection_options(call)
+
+    pub = commands.add_parser("pub", help="publish one message to a server")
+    pub.add_argument("topic")
+    pub.add_argument("payload", nargs="?", help="JSON payload (else taken as a string)")
+    pub.add_argument("--header", action="append", metavar="KEY=VALUE", help="add a header")
+    _add_connection_options(pub)
+
+    sub = commands.add_parser("sub", help="print messages from a server as JSON lines")
+    sub.add_argument("pattern", help="topic pattern; * is one segment, ** any number")
+    sub.add_argument("--count", type=int, help="exit after this many messages")
+    sub.add_argument("--timeout", type=float, metavar="S", help="exit after this many seconds")
+    _add_connection_options(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``eventforge`` command line; return the process exit status.
+
+    Commands: ``demo``, ``worker``, ``call``, ``pub``, ``sub`` (see
+    ``eventforge COMMAND --help``).  Exit status 0 on success, 1 when the
+    work failed (remote error, connection refused, timeout), 2 for bad usage
+    or a bad handler module; problems are reported as one line on stderr.
+    """
+    parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        _demo_in_process(print)
-        return 0
+
+    def out(text: str) -> None:
+        print(text, flush=True)
+
+    command = args.command
+    try:
+        if command == "demo":
+            _demo_in_process(out)
+            if args.in_process_only:
+                return EXIT_OK
+            return _demo_cluster(out, servers=args.servers, calls=args.calls)
+        if command == "worker":
+            return _cmd_worker(args, out)
+        if command == "call":
+            return _cmd_call(args, out)
+        if command == "pub":
+            return _cmd_pub(args, out)
+        if command == "sub":
+            return _cmd_sub(args, out)
+    except _CLIError as exc:
+        print(f"eventforge {command}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
     parser.print_help()
-    return 2
+    return EXIT_USAGE
+
+
+def worker_main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m eventforge.worker``: ``main(["worker", *argv])``."""
+    return main(["worker", *(sys.argv[1:] if argv is None else argv)])
 
 
 # ---------------------------------------------------------------------------
