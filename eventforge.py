@@ -1849,7 +1849,7 @@ class TaskResult:
         exception: Optional[BaseException] = None,
     ) -> None:
         self.task_id = task_id
-        self.status = TaskStatus(status)
+        self.status = status if type(status) is TaskStatus else TaskStatus(status)
         self.value = value
         self.error = error
         self.error_type = error_type
@@ -1988,15 +1988,17 @@ def _run_task_in_process(task_id: str, func: Callable[..., Any], args: Tuple[Any
 
 def _result_of_future(task_id: str, future: Any) -> TaskResult:
     """Turn a finished ``concurrent.futures.Future`` into a TaskResult."""
-    if future.cancelled():
-        return TaskResult(task_id, TaskStatus.CANCELLED, error="task was cancelled",
-                          error_type="CancelledError")
-    exc = future.exception()
-    if exc is None:
-        return future.result()
-    # The task never produced a TaskResult: its call could not be pickled, the
-    # return value could not be sent back, or the process pool broke.
-    return _failure(task_id, exc)
+    try:
+        return future.result(0)  # type: ignore[no-any-return]
+    except BaseException as exc:
+        import concurrent.futures as cf
+
+        if isinstance(exc, cf.CancelledError) and future.cancelled():
+            return TaskResult(task_id, TaskStatus.CANCELLED, error="task was cancelled",
+                              error_type="CancelledError")
+        # The task never produced a TaskResult: its call could not be pickled,
+        # the return value could not be sent back, or the process pool broke.
+        return _failure(task_id, exc)
 
 
 def _check_timeout(timeout: Optional[float]) -> Optional[float]:
@@ -2228,7 +2230,7 @@ class Executor:
         """
         timeout = _check_timeout(timeout)
         entry = self._lookup(task_id)
-        if not isinstance(entry, _Done) and not _wait_future(entry, timeout):
+        if not isinstance(entry, _Done) and not entry.done() and not _wait_future(entry, timeout):
             raise EventforgeTimeoutError(f"task {task_id} did not finish within {timeout} s")
         return self._collect(task_id, entry)
 
