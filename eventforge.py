@@ -3650,6 +3650,11 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
             f"p{q} {_percentile(latencies, q) * 1e3:.2f} ms" for q in (50, 90, 99))
             + f", max {latencies[-1] * 1e3:.2f} ms" if latencies else "  latency: n/a")
 
+        try:
+            pool.compute("ten")
+        except RemoteError as exc:
+            out(f"  errors come back too: compute('ten') raised RemoteError({exc})")
+
         out("== pub-sub across processes ==")
         events: List[Message] = []
         got_all = threading.Event()
