@@ -3529,10 +3529,14 @@ class _Progress:
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self._next_mark = 25
+        self._shown = -1
 
     def update(self, done: int) -> None:
         percent = done * 100 // self.total
         if self.tty:
+            if percent == self._shown and done < self.total:
+                return  # redraw once per percent
+            self._shown = percent
             filled = done * 30 // self.total
             self.stream.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}")
             if done >= self.total:

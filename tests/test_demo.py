@@ -81,6 +81,11 @@ def test_progress_display():
     for i in range(1, 9):
         progress.update(i)
     assert tty.getvalue().count("\r") == 8 and tty.getvalue().endswith("] 8/8\n")
+    many = FakeTTY()
+    progress = ef._Progress(1000, lines.append, many)
+    for i in range(1, 1001):
+        progress.update(i)
+    assert many.getvalue().count("\r") == 100  # one redraw per percent
     assert not lines
     plain = ef._Progress(8, lines.append, io.StringIO())
     for i in range(1, 9):

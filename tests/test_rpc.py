@@ -584,3 +584,119 @@ class TestRetry:
             with_retry(FlakyClient(0), retry_on=(int,))
         with pytest.raises(TypeError, match="call"):
             with_retry(object())
+
+
+# -- the same over real TCP sockets on 127.0.0.1 ---------------------------------
+
+needs_tcp = pytest.mark.skipif(not hasattr(ef, "TCPServerTransport"),
+                               reason="the TCP transports are not merged yet")
+
+
+@pytest.fixture
+def tcp_pair():
+    """A server-side queue and a factory of connected client queues."""
+    server_transport = ef.TCPServerTransport("127.0.0.1", 0)
+    server_transport.start()
+    server_queue = MessageQueue(server_transport)
+    clients = []
+
+    def client_queue():
+        transport = ef.TCPClientTransport("127.0.0.1", server_transport.address[1])
+        transport.connect(timeout=10)
+        queue = MessageQueue(transport)
+        clients.append(queue)
+        return queue
+
+    yield server_queue, client_queue
+    for queue in clients:
+        queue.close()
+    server_queue.close()
+
+
+@needs_tcp
+class TestOverTCP:
+    def test_calls_errors_and_not_found(self, tcp_pair):
+        server_queue, client_queue = tcp_pair
+        with RPCServer(server_queue, service_name="calc") as server:
+            server.add_method("add", add)
+            server.add_method("boom", boom)
+            server.add_method("unjsonable", lambda: object())
+            client = RPCClient(client_queue(), service_name="calc", timeout=10)
+            assert client.add(1, 2) == 3
+            assert client.add([1], [2]) == [1, 2]
+            assert client.call("add", a="x", b="y") == "xy"
+            with pytest.raises(ef.RemoteError) as info:
+                client.boom("over tcp")
+            assert str(info.value) == "ValueError: over tcp"
+            assert "in boom" in info.value.remote_traceback
+            with pytest.raises(ef.MethodNotFoundError, match="Method not found: nope"):
+                client.nope()
+            with pytest.raises(ef.RemoteError) as info:
+                client.unjsonable()
+            assert info.value.remote_type == "SerializationError"
+            with pytest.raises(ef.SerializationError):
+                client.add(object(), 1)  # refused before a byte is sent
+
+    def test_replies_reach_only_their_caller(self, tcp_pair):
+        server_queue, client_queue = tcp_pair
+        with Executor(ExecutionMode.THREAD, max_workers=4) as executor:
+            with RPCServer(server_queue, executor=executor) as server:
+                server.add_method("add", add)
+                clients = [RPCClient(client_queue(), timeout=20) for _ in range(3)]
+                errors = []
+
+                def run(n, client):
+                    for i in range(100):
+                        if client.add(n * 1000, i) != n * 1000 + i:
+                            errors.append((n, i))
+
+                threads = [threading.Thread(target=run, args=(n, c))
+                           for n, c in enumerate(clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                assert not errors and server.stats["succeeded"] == 300
+
+    def test_timeout_and_late_reply(self, tcp_pair):
+        server_queue, client_queue = tcp_pair
+        gate = threading.Event()
+        with Executor(ExecutionMode.THREAD, max_workers=2) as executor:
+            with RPCServer(server_queue, executor=executor) as server:
+                server.add_method("wait", lambda: gate.wait(10))
+                server.add_method("add", add)
+                client = RPCClient(client_queue(), timeout=10)
+                start = time.monotonic()
+                with pytest.raises(ef.RPCTimeoutError):
+                    client.call("wait", timeout=0.2)
+                assert 0.2 <= time.monotonic() - start < 0.2 + SLACK
+                gate.set()
+                deadline = time.monotonic() + 5
+                while server.stats["in_flight"] and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert client.add(1, 1) == 2  # the late reply did not get in the way
+
+    def test_call_async_over_tcp(self, tcp_pair):
+        server_queue, client_queue = tcp_pair
+        with RPCServer(server_queue) as server:
+            server.add_method("add", add)
+            client = RPCClient(client_queue(), timeout=10)
+
+            async def go():
+                return await asyncio.gather(*(client.call_async("add", i, 1) for i in range(10)))
+
+            assert asyncio.run(go()) == [i + 1 for i in range(10)]
+
+    def test_client_side_server(self, tcp_pair):
+        """The server may equally sit on a client connection (server-side caller)."""
+        server_queue, client_queue = tcp_pair
+        with RPCServer(client_queue(), service_name="edge") as server:
+            server.add_method("add", add)
+            caller = RPCClient(client_queue(), service_name="edge", timeout=10)
+            deadline = time.monotonic() + 10
+            while True:  # interest travels to the hub asynchronously
+                try:
+                    assert caller.call("add", 2, 2, timeout=0.5) == 4
+                    break
+                except ef.RPCTimeoutError:
+                    assert time.monotonic() < deadline
