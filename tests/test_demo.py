@@ -85,7 +85,7 @@ def test_progress_display():
     progress = ef._Progress(1000, lines.append, many)
     for i in range(1, 1001):
         progress.update(i)
-    assert many.getvalue().count("\r") == 100  # one redraw per percent
+    assert many.getvalue().count("\r") == 101  # once per percent, 0% to 100%
     assert not lines
     plain = ef._Progress(8, lines.append, io.StringIO())
     for i in range(1, 9):
