@@ -1786,6 +1786,7 @@ class MessageQueue:
 # ``concurrent.futures`` and ``asyncio`` are imported on first use.
 
 import enum  # noqa: E402  (lead: move to the top imports)
+from typing import Iterable  # noqa: E402  (lead: move to the top imports)
 
 
 class ExecutionMode(str, enum.Enum):
@@ -1989,7 +1990,7 @@ def _run_task_in_process(task_id: str, func: Callable[..., Any], args: Tuple[Any
 def _result_of_future(task_id: str, future: Any) -> TaskResult:
     """Turn a finished ``concurrent.futures.Future`` into a TaskResult."""
     try:
-        return future.result(0)  # type: ignore[no-any-return]
+        return future.result(0)
     except BaseException as exc:
         import concurrent.futures as cf
 
@@ -3590,7 +3591,7 @@ def _read_ready_line(process: Any, timeout: float) -> Tuple[str, int]:
         raise _CLIError("a demo worker did not start: "
                         + (detail[-1] if detail else f"no ready line within {timeout} s"),
                         EXIT_FAILURE)
-    return found["address"]  # type: ignore[no-any-return]
+    return found["address"]
 
 
 def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
@@ -3603,7 +3604,7 @@ def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate(timeout=timeout)
-    return process.returncode  # type: ignore[no-any-return]
+    return process.returncode
 
 
 def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
