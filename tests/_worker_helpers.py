@@ -127,3 +127,41 @@ class Worker(Proc):
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
         self.signal(signum)
         return self.wait(timeout)
+
+
+def _socket_and_pipe_fds() -> set:
+    """Open sockets and pipes of this process (Linux /proc; empty elsewhere)."""
+    found = set()
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("socket:", "pipe:")):
+            found.add((fd, target))
+    return found
+
+
+def leak_snapshot():
+    """What a test may leave behind: threads and socket/pipe descriptors."""
+    return set(threading.enumerate()), _socket_and_pipe_fds()
+
+
+def assert_no_leaks(before, grace: float = 5.0) -> None:
+    """Fail if threads or sockets/pipes opened since ``before`` are still there."""
+    import time
+
+    threads_before, fds_before = before
+    deadline = time.monotonic() + grace
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        fds = _socket_and_pipe_fds() - fds_before
+        if (not threads and not fds) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not threads, f"threads left behind: {[t.name for t in threads]}"
+    assert not fds, f"sockets/pipes left behind: {sorted(fds)}"

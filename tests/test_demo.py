@@ -9,9 +9,16 @@ import sys
 import time
 
 import pytest
-from _worker_helpers import run_cli
+from _worker_helpers import assert_no_leaks, leak_snapshot, run_cli
 
 import eventforge as ef
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    before = leak_snapshot()
+    yield
+    assert_no_leaks(before)
 
 
 def demo_workers_alive():

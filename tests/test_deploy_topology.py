@@ -9,9 +9,16 @@ import shlex
 import sys
 
 import pytest
-from _worker_helpers import REPO, Proc, Worker
+from _worker_helpers import REPO, Proc, Worker, assert_no_leaks, leak_snapshot
 
 import eventforge as ef
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    before = leak_snapshot()
+    yield
+    assert_no_leaks(before)
 
 DEPLOY = os.path.join(REPO, "deploy")
 TOPOLOGY = os.path.join(DEPLOY, "topology")

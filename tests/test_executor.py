@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from _worker_helpers import assert_no_leaks, leak_snapshot
 
 import eventforge as ef
 from eventforge import ExecutionMode, Executor, TaskResult, TaskStatus
@@ -17,16 +18,10 @@ SLACK = 2.0  # generous: the machine is shared, timing is never asserted tightly
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = {t.ident for t in threading.enumerate()}
+def no_leaks():
+    before = leak_snapshot()
     yield
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        extra = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
-        if not extra:
-            return
-        time.sleep(0.02)
-    pytest.fail(f"threads left behind: {extra}")
+    assert_no_leaks(before)
 
 
 # Module-level helpers so PROCESS mode can pickle them by reference.

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from _worker_helpers import assert_no_leaks, leak_snapshot
 
 import eventforge as ef
 from eventforge import (
@@ -32,16 +33,10 @@ SLACK = 2.0
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = {t.ident for t in threading.enumerate()}
+def no_leaks():
+    before = leak_snapshot()
     yield
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        extra = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
-        if not extra:
-            return
-        time.sleep(0.02)
-    pytest.fail(f"threads left behind: {extra}")
+    assert_no_leaks(before)
 
 
 @pytest.fixture

@@ -13,9 +13,16 @@ import threading
 import time
 
 import pytest
-from _worker_helpers import READY_RE, Proc, Worker, run_cli
+from _worker_helpers import READY_RE, Proc, Worker, assert_no_leaks, leak_snapshot, run_cli
 
 import eventforge as ef
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    before = leak_snapshot()
+    yield
+    assert_no_leaks(before)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
