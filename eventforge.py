@@ -2184,15 +2184,18 @@ class Executor:
         except RuntimeError as exc:
             # BrokenProcessPool/BrokenThreadPool (RuntimeError subclasses), or
             # a pool shut down by a concurrent stop(): start a fresh pool.
+            broken = None
             with self._lock:
                 if self._pool is pool:
-                    self._pool = None
+                    broken, self._pool = pool, None
                     self._pools_replaced += 1
                     logger.warning(
                         "Executor: replacing unusable %s pool (%s)", self.mode.value, exc
                     )
-                pool = self._ensure_pool_locked()
-            return pool.submit(runner, task_id, func, args, kwargs)
+                fresh = self._ensure_pool_locked()
+            if broken is not None:
+                broken.shutdown(wait=True)  # its workers are gone: releases its pipes
+            return fresh.submit(runner, task_id, func, args, kwargs)
 
     def _future_for(self, func: Callable[..., Any], args: Tuple[Any, ...],
                     kwargs: Dict[str, Any]) -> Tuple[str, Any]:
