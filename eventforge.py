@@ -3569,8 +3569,11 @@ def _start_demo_worker(handlers_path: str, name: str) -> Any:
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
                "--port", "0", "--workers", "2", "--log-level", "WARNING"]
+    # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
+    # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
+    flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
+                            stdin=subprocess.DEVNULL, text=True, creationflags=flags)
 
 
 def _read_ready_line(process: Any, timeout: float) -> Tuple[str, int]:
@@ -3601,7 +3604,12 @@ def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
     import subprocess
 
     if process.poll() is None:
-        process.terminate()
+        if os.name == "nt":
+            import signal
+
+            process.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+        else:
+            process.terminate()  # SIGTERM: the worker finishes calls in flight, exits 0
     try:
         process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
