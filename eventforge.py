@@ -1999,7 +1999,15 @@ def _result_of_future(task_id: str, future: Any) -> TaskResult:
                               error_type="CancelledError")
         # The task never produced a TaskResult: its call could not be pickled,
         # the return value could not be sent back, or the process pool broke.
-        return _failure(task_id, exc)
+        result = _failure(task_id, exc)
+        cause = str(exc.__cause__ or "")
+        if "in _feed" in cause and result.error_type != "PicklingError":
+            # Python 3.12+ reports some pickling failures as AttributeError or
+            # TypeError; name them for what they are.
+            result.error = (f"the task could not be pickled for a worker process: "
+                            f"{result.error_type}: {result.error}")
+            result.error_type = "PicklingError"
+        return result
 
 
 def _check_timeout(timeout: Optional[float]) -> Optional[float]:

@@ -270,7 +270,7 @@ class TestProcess:
 
             res = ex.result(ex.submit(lambda: 1), timeout=30)  # cannot pickle the function
             assert res.status is TaskStatus.FAILED
-            assert "pickle" in (res.error_type + res.error).lower()
+            assert res.error_type == "PicklingError" and "pickle" in res.error.lower()
 
             res = ex.result(ex.submit(returns_unpicklable), timeout=30)
             assert res.status is TaskStatus.FAILED and "pickle" in res.error.lower()
