@@ -188,10 +188,10 @@ class MethodNotFoundError(RemoteError):
 #: hierarchies, small enough that a hostile peer cannot make matching costly.
 MAX_TOPIC_LENGTH = 1024
 
-_SEGMENT_CHARS = r"[^\s\x00-\x1f\x7f.*]+"
+_SEGMENT_CHARS = r"[^\s\x00-\x1f\x7f-\x9f.*]+"
 _TOPIC_RE = re.compile(rf"{_SEGMENT_CHARS}(?:\.{_SEGMENT_CHARS})*")
 _PATTERN_SEGMENT_RE = re.compile(rf"{_SEGMENT_CHARS}|\*|\*\*")
-_FORBIDDEN_CHAR_RE = re.compile(r"[\s\x00-\x1f\x7f]")
+_FORBIDDEN_CHAR_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 # User topics (never '$' ones) already validated: the publish path pays
 # one dict lookup.  Cleared when full.
@@ -433,6 +433,8 @@ class SubscriptionTrie:
             found = self._match_locked(topic)
             cache = self._cache
             if len(cache) >= self._cache_size:
+                if not cache:  # cache_size=0: no caching
+                    return found
                 del cache[next(iter(cache))]
             cache[topic] = found
             return found
@@ -524,17 +526,20 @@ def new_id() -> str:
     return _id_template % next(_ids)
 
 
+# Field ranges are checked here; only days 29-31 need a calendar (see decode).
 _ISO_RE = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d{1,9}))?)?"
-    r"(Z|z|[+-]\d\d(?::?\d\d)?)?"
+    r"(?!0000)(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[T ]([01]\d|2[0-3]):([0-5]\d)"
+    r"(?::([0-5]\d)(?:[.,](\d{1,9}))?)?"
+    r"(Z|z|[+-](?:[01]\d|2[0-3])(?::?[0-5]\d)?)?"
 )
 
 
 def _parse_timestamp(value: Any) -> float:
     """Turn a wire timestamp (ISO 8601 string or epoch seconds) into epoch seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise FrameError(f"timestamp {value!r} is not a finite number")
+        # Years 1-9999 (what datetime can hold); also refuses NaN and infinities.
+        if not -62135596800 <= value < 253402300800:
+            raise FrameError(f"timestamp {value!r} is not epoch seconds in the years 1-9999")
         return float(value)
     if isinstance(value, str):
         m = _ISO_RE.fullmatch(value)
@@ -568,7 +573,8 @@ def _format_timestamp(epoch: float) -> str:
     """Format epoch seconds as ISO 8601 UTC with a ``Z`` suffix (microseconds)."""
     micros = int(round(epoch * 1_000_000))
     seconds, micro = divmod(micros, 1_000_000)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    # Not strftime: its %Y gives "1", not "0001", for small years on glibc.
+    text = "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*time.gmtime(seconds)[:6])
     return f"{text}.{micro:06d}Z" if micro else text + "Z"
 
 
@@ -819,7 +825,10 @@ def encode(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) ->
     Raises SerializationError (a TypeError) for values JSON cannot carry and
     FrameTooLargeError (a ValueError) if the body exceeds ``max_frame_size``.
     """
-    body = _dumps(message._wire_dict()).encode("utf-8")
+    try:
+        body = _dumps(message._wire_dict()).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 form
+        raise SerializationError(f"message is not valid UTF-8 text: {exc}") from None
     size = len(body)
     if size > max_frame_size:
         raise FrameTooLargeError(
@@ -863,6 +872,11 @@ def _optional_str(obj: Dict[str, Any], key: str) -> Optional[str]:
     raise FrameError(f"frame field {key!r} must be a string or null, not {type(value).__name__}")
 
 
+def _is_datetime(value: Any) -> bool:
+    datetime_mod = sys.modules.get("datetime")
+    return datetime_mod is not None and isinstance(value, datetime_mod.datetime)
+
+
 def _message_from_dict(obj: Any) -> Message:
     if type(obj) is not dict:
         raise FrameError(f"frame must be a JSON object, not {type(obj).__name__}")
@@ -882,9 +896,12 @@ def _message_from_dict(obj: Any) -> Message:
     if ts is None:
         ts = time.time()
     elif type(ts) is str:
-        if _ISO_RE.fullmatch(ts) is None:
+        match = _ISO_RE.fullmatch(ts)
+        if match is None:
             raise FrameError(f"frame timestamp {ts!r:.80} is not ISO 8601")
-    else:
+        if match.group(3) > "28":  # e.g. 2023-02-29: reject now, not when read
+            _parse_timestamp(ts)
+    elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
     return Message(
         topic,
@@ -903,7 +920,9 @@ class FrameDecoder:
     A length prefix above ``max_frame_size`` raises FrameTooLargeError as soon
     as the 4 header bytes are seen, before any body byte is buffered, so a
     hostile length never sizes an allocation.  After that error the stream
-    is out of sync and the connection must be closed.
+    is out of sync and the connection must be closed; the error's ``frames``
+    attribute holds the bodies of whole frames that preceded the bad header
+    in the same :meth:`feed` call, so they need not be lost.
     """
 
     __slots__ = ("max_frame_size", "_buffer")
@@ -928,9 +947,11 @@ class FrameDecoder:
             size = int.from_bytes(buffer[pos : pos + _HEADER_SIZE], "big")
             if size > self.max_frame_size:
                 buffer.clear()
-                raise FrameTooLargeError(
+                error = FrameTooLargeError(
                     f"frame length {size} exceeds max_frame_size {self.max_frame_size}"
                 )
+                error.frames = frames  # type: ignore[attr-defined]
+                raise error
             start = pos + _HEADER_SIZE
             if end - start < size:
                 break
@@ -1034,19 +1055,23 @@ async def _wait_async(
 
     if waiter.done:
         return waiter.message
+    # A timer resolves the future at the deadline.  Not asyncio.wait_for:
+    # before Python 3.12 it swallows a cancellation that races a hand-over.
+    timer = None
+    if timeout is not None:
+        timer = waiter._loop.call_later(max(timeout, 0), _resolve_future, waiter._future)
     try:
-        if timeout is None:
-            await waiter._future
-        else:
-            await asyncio.wait_for(waiter._future, max(timeout, 0))
-    except asyncio.TimeoutError:
-        if not _settle(waiter, owner_lock, abandon):
-            return None
+        await waiter._future
     except asyncio.CancelledError:
         if _settle(waiter, owner_lock, abandon) and waiter.message is not None:
             requeue(waiter.message)
         raise
-    return waiter.message
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if _settle(waiter, owner_lock, abandon):
+        return waiter.message
+    return None  # the deadline passed
 
 
 class Inbox:
