@@ -3377,7 +3377,11 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
             server.add_method(name, func)
         setup = getattr(module, "setup", None)
         if setup is not None:
-            setup(queue)
+            try:
+                setup(queue)
+            except Exception as exc:
+                raise _CLIError(f"setup(queue) of {args.import_!r} failed: "
+                                f"{type(exc).__name__}: {exc}") from None
         executor.start()
         server.serve(blocking=False)
         out(f"eventforge worker ready: service '{service}' on {_format_address(transport.address)} "

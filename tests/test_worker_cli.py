@@ -201,6 +201,8 @@ BAD_MODULES = {
     "coroutine": ("async def f():\n    pass\nHANDLERS = {'f': f}\n", "coroutine function"),
     "badservice": ("SERVICE_NAME = 3\nHANDLERS = {'f': print}\n", "SERVICE_NAME"),
     "wildservice": ("SERVICE_NAME = 'a.*'\nHANDLERS = {'f': print}\n", "invalid service_name"),
+    "badsetup": ("HANDLERS = {'f': print}\ndef setup(queue):\n    raise KeyError('cfg')\n",
+                 "setup(queue) of 'badsetup' failed: KeyError"),
 }
 
 
