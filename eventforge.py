@@ -3366,22 +3366,22 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     executor = Executor(ExecutionMode(args.mode), max_workers=args.workers)
     transport = TCPServerTransport(args.host, args.port, secret=secret, ssl_context=context)
     try:
-        try:
-            transport.start()
-        except OSError as exc:
-            raise _CLIError(f"cannot listen on {_format_address((args.host, args.port))}: "
-                            f"{exc.strerror or exc}", EXIT_FAILURE) from None
         queue = MessageQueue(transport)
         server = RPCServer(queue, executor=executor, service_name=service)
         for name, func in handlers.items():
             server.add_method(name, func)
         setup = getattr(module, "setup", None)
-        if setup is not None:
+        if setup is not None:  # before listening: nothing is served until it succeeded
             try:
                 setup(queue)
             except Exception as exc:
                 raise _CLIError(f"setup(queue) of {args.import_!r} failed: "
                                 f"{type(exc).__name__}: {exc}") from None
+        try:
+            transport.start()
+        except OSError as exc:
+            raise _CLIError(f"cannot listen on {_format_address((args.host, args.port))}: "
+                            f"{exc.strerror or exc}", EXIT_FAILURE) from None
         executor.start()
         server.serve(blocking=False)
         out(f"eventforge worker ready: service '{service}' on {_format_address(transport.address)} "
