@@ -3361,10 +3361,13 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     secret = _read_secret(args.secret_file)
     context = _server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
 
+    try:
+        transport = TCPServerTransport(args.host, args.port, secret=secret, ssl_context=context)
+    except (ValueError, TypeError) as exc:
+        raise _CLIError(str(exc)) from None
     stop = threading.Event()
-    restore = _install_stop_signals(stop)
     executor = Executor(ExecutionMode(args.mode), max_workers=args.workers)
-    transport = TCPServerTransport(args.host, args.port, secret=secret, ssl_context=context)
+    restore = _install_stop_signals(stop)
     try:
         queue = MessageQueue(transport)
         server = RPCServer(queue, executor=executor, service_name=service)
@@ -3486,10 +3489,10 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
     if args.count is not None and args.count < 1:
         raise _CLIError("--count must be >= 1")
     stop = threading.Event()
-    restore = _install_stop_signals(stop)
     received = [0]
     lock = threading.Lock()
     queue = _connect_queue(args)
+    restore = _install_stop_signals(stop)
     try:
         def show(message: Message) -> None:
             with lock:
