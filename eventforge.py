@@ -4429,10 +4429,1301 @@ class RemoteQueue:
 # 7. Execution: Executor
 # ---------------------------------------------------------------------------
 
+# Executor runs callables in this process: inline (SEQUENTIAL), on a thread
+# pool (THREAD) or a process pool (PROCESS).  Every task ends as a TaskResult;
+# a failure never escapes as an exception from ``result``.  Bookkeeping is
+# bounded: a result is forgotten once collected, and at most ``max_results``
+# uncollected tasks are remembered (the oldest is dropped beyond that).
+# ``concurrent.futures`` and ``asyncio`` are imported on first use.
+
+import enum  # noqa: E402  (lead: move to the top imports)
+from typing import Iterable  # noqa: E402  (lead: move to the top imports)
+
+
+class ExecutionMode(str, enum.Enum):
+    """How an :class:`Executor` runs a task."""
+
+    SEQUENTIAL = "sequential"
+    """Inline, in the caller's thread, at ``submit`` time."""
+    THREAD = "thread"
+    """On a thread pool: for I/O-bound work and code that releases the GIL."""
+    PROCESS = "process"
+    """On a process pool: for CPU-bound work (function and arguments must pickle)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskStatus(str, enum.Enum):
+    """Life-cycle state of a task, as reported in :class:`TaskResult`."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskResult:
+    """The outcome of one task run by an :class:`Executor`.
+
+    Attributes:
+        task_id: the id ``submit`` returned.
+        status: a :class:`TaskStatus` (COMPLETED, FAILED or CANCELLED once done).
+        value: the function's return value (None unless COMPLETED).
+        error: ``str()`` of the exception raised (None unless FAILED/CANCELLED).
+        error_type: the exception's class name, e.g. ``"ValueError"``.
+        execution_time: seconds spent running the function (0.0 if it never ran).
+        worker_id: where it ran: a thread name, or ``"pid:<n>"`` in PROCESS mode.
+        traceback: the formatted traceback of a failure, when there is one.
+        exception: the exception object itself when it could be carried back
+            (always in SEQUENTIAL/THREAD mode; in PROCESS mode when it pickles).
+    """
+
+    __slots__ = (
+        "task_id", "status", "value", "error", "error_type",
+        "execution_time", "worker_id", "traceback", "exception",
+    )
+
+    def __init__(
+        self,
+        task_id: str,
+        status: TaskStatus,
+        value: Any = None,
+        error: Optional[str] = None,
+        error_type: Optional[str] = None,
+        execution_time: float = 0.0,
+        worker_id: Optional[str] = None,
+        traceback: Optional[str] = None,
+        exception: Optional[BaseException] = None,
+    ) -> None:
+        self.task_id = task_id
+        self.status = status if type(status) is TaskStatus else TaskStatus(status)
+        self.value = value
+        self.error = error
+        self.error_type = error_type
+        self.execution_time = execution_time
+        self.worker_id = worker_id
+        self.traceback = traceback
+        self.exception = exception
+
+    @property
+    def is_success(self) -> bool:
+        """True when the task completed without raising."""
+        return self.status is TaskStatus.COMPLETED
+
+    @property
+    def is_failure(self) -> bool:
+        """True when the task raised, could not run, or was cancelled."""
+        return self.status is TaskStatus.FAILED or self.status is TaskStatus.CANCELLED
+
+    def unwrap(self) -> Any:
+        """Return :attr:`value`, or raise the task's failure.
+
+        Re-raises the original exception when it is available, else a
+        :class:`RemoteError` built from :attr:`error_type` and :attr:`error`.
+        """
+        if self.status is TaskStatus.COMPLETED:
+            return self.value
+        if self.exception is not None:
+            raise self.exception
+        raise RemoteError(self.error_type or "Error", self.error or "", self.traceback)
+
+    def model_dump(self) -> Dict[str, Any]:
+        """Return the public fields as a dict (status as its string value)."""
+        return {
+            "task_id": self.task_id,
+            "status": self.status.value,
+            "value": self.value,
+            "error": self.error,
+            "error_type": self.error_type,
+            "execution_time": self.execution_time,
+            "worker_id": self.worker_id,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TaskResult):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:
+        # Exceptions that do not pickle are dropped, the strings survive.
+        exc = self.exception
+        if exc is not None:
+            try:
+                import pickle
+
+                pickle.dumps(exc)
+            except Exception:
+                exc = None
+        return (
+            TaskResult,
+            (self.task_id, self.status.value, self.value, self.error, self.error_type,
+             self.execution_time, self.worker_id, self.traceback, exc),
+        )
+
+    def __repr__(self) -> str:
+        if self.status is TaskStatus.COMPLETED:
+            detail = f"value={self.value!r}"
+        elif self.error_type:
+            detail = f"error={self.error_type}: {self.error}"
+        else:
+            detail = ""
+        return (
+            f"TaskResult(task_id={self.task_id!r}, status={self.status.value}, {detail}, "
+            f"execution_time={self.execution_time:.6f}, worker_id={self.worker_id!r})"
+        )
+
+
+class TaskNotFoundError(EventforgeTimeoutError, KeyError):
+    """``Executor.result`` was asked for a task id it does not (or no longer) track.
+
+    Raised at once (no waiting): the id was never returned by this executor's
+    ``submit``, its result was already collected, or it was dropped by the
+    ``max_results`` cap.  It is a :class:`TimeoutError` (a result that will never
+    come, as the original API reported it) and a :class:`KeyError` (a lookup of
+    an unknown key), so either ``except`` clause catches it.
+    """
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown task id"
+
+
+def _failure(
+    task_id: str,
+    exc: BaseException,
+    execution_time: float = 0.0,
+    worker_id: Optional[str] = None,
+    with_traceback: bool = True,
+) -> TaskResult:
+    tb = None
+    if with_traceback and exc.__traceback__ is not None:
+        import traceback as _tb
+
+        tb = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
+    return TaskResult(
+        task_id, TaskStatus.FAILED, None, str(exc), type(exc).__name__,
+        execution_time, worker_id, tb, exc,
+    )
+
+
+def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
+              kwargs: Dict[str, Any]) -> TaskResult:
+    """Run one task in a worker thread or inline; never raises (except BaseException exits)."""
+    start = time.perf_counter()
+    try:
+        value = func(*args, **kwargs)
+    except Exception as exc:
+        return _failure(task_id, exc, time.perf_counter() - start,
+                        threading.current_thread().name)
+    return TaskResult(task_id, TaskStatus.COMPLETED, value, None, None,
+                      time.perf_counter() - start, threading.current_thread().name)
+
+
+def _run_task_in_process(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
+                         kwargs: Dict[str, Any]) -> TaskResult:
+    """Process-pool entry point: like :func:`_run_task`, with a process worker id."""
+    start = time.perf_counter()
+    worker = f"pid:{os.getpid()}"
+    try:
+        value = func(*args, **kwargs)
+    except Exception as exc:
+        return _failure(task_id, exc, time.perf_counter() - start, worker)
+    return TaskResult(task_id, TaskStatus.COMPLETED, value, None, None,
+                      time.perf_counter() - start, worker)
+
+
+def _result_of_future(task_id: str, future: Any) -> TaskResult:
+    """Turn a finished ``concurrent.futures.Future`` into a TaskResult."""
+    try:
+        return future.result(0)
+    except BaseException as exc:
+        import concurrent.futures as cf
+
+        if isinstance(exc, cf.CancelledError) and future.cancelled():
+            return TaskResult(task_id, TaskStatus.CANCELLED, error="task was cancelled",
+                              error_type="CancelledError")
+        # The task never produced a TaskResult: its call could not be pickled,
+        # the return value could not be sent back, or the process pool broke.
+        result = _failure(task_id, exc)
+        cause = str(exc.__cause__ or "")
+        if "in _feed" in cause and result.error_type != "PicklingError":
+            # Python 3.12+ reports some pickling failures as AttributeError or
+            # TypeError; name them for what they are.
+            result.error = (f"the task could not be pickled for a worker process: "
+                            f"{result.error_type}: {result.error}")
+            result.error_type = "PicklingError"
+        return result
+
+
+def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if timeout != timeout or timeout < 0:
+        raise ValueError(f"timeout must be >= 0, not {timeout!r}")
+    return float(timeout)
+
+
+def _wait_future(future: Any, timeout: Optional[float]) -> bool:
+    """Block until a concurrent future is done (cancelled counts); False on timeout.
+
+    ``concurrent.futures.wait`` is not used: it never wakes for a future that
+    ``shutdown(cancel_futures=True)`` cancelled.
+    """
+    import concurrent.futures as cf
+
+    try:
+        future.exception(timeout)
+    except cf.CancelledError:
+        pass
+    except cf.TimeoutError:
+        return False
+    return True
+
+
+class _Done:
+    """A finished task stored without a future (SEQUENTIAL mode)."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: TaskResult) -> None:
+        self.result = result
+
+
+class Executor:
+    """Run callables in this process and collect their :class:`TaskResult`.
+
+    ``mode`` picks how: :attr:`ExecutionMode.SEQUENTIAL` runs the function inline
+    inside ``submit`` (the default), THREAD on a pool of ``max_workers`` threads,
+    PROCESS on a pool of ``max_workers`` processes (the function, its arguments
+    and its return value must pickle; define the function at module level).
+
+    A task never raises out of the executor: exceptions, arguments that do not
+    pickle and a crashed worker process all come back as a FAILED TaskResult
+    with ``error_type`` set.
+
+    Memory stays bounded: ``result(task_id)`` hands a result over exactly once
+    and forgets it; at most ``max_results`` uncollected tasks are remembered,
+    and beyond that the oldest one is dropped (its result is discarded, a
+    warning is logged and ``stats["dropped"]`` counts it).  Use :meth:`map`, or
+    collect what you submit, and nothing accumulates.
+
+    The pool starts on :meth:`start`, on entering ``with``, or lazily on the
+    first ``submit``; :meth:`stop` shuts it down (a later ``submit`` starts a
+    new pool).  ``mp_context`` (PROCESS mode) is passed to
+    ``ProcessPoolExecutor`` to choose the start method.
+    """
+
+    def __init__(
+        self,
+        mode: Any = ExecutionMode.SEQUENTIAL,
+        max_workers: int = 4,
+        *,
+        max_results: int = 100_000,
+        mp_context: Any = None,
+    ) -> None:
+        try:
+            self.mode = ExecutionMode(mode)
+        except ValueError:
+            choices = ", ".join(m.value for m in ExecutionMode)
+            raise ValueError(
+                f"unknown execution mode {mode!r}; expected one of: {choices}"
+            ) from None
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers must be an integer >= 1, not {max_workers!r}")
+        if isinstance(max_results, bool) or not isinstance(max_results, int) or max_results < 1:
+            raise ValueError(f"max_results must be an integer >= 1, not {max_results!r}")
+        self.max_workers = max_workers
+        self.max_results = max_results
+        self._mp_context = mp_context
+        self._pool: Any = None
+        self._lock = threading.Lock()
+        self._tasks: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._prefix = f"task-{os.urandom(3).hex()}-"
+        self._counter = itertools.count(1)
+        self._submitted = 0
+        self._dropped = 0
+        self._pools_replaced = 0
+
+    # -- life cycle -------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while a pool is up (always False in SEQUENTIAL mode)."""
+        return self._pool is not None
+
+    def start(self) -> Executor:
+        """Start the worker pool (idempotent; a no-op in SEQUENTIAL mode)."""
+        with self._lock:
+            self._ensure_pool_locked()
+        return self
+
+    def _ensure_pool_locked(self) -> Any:
+        if self._pool is None and self.mode is not ExecutionMode.SEQUENTIAL:
+            import concurrent.futures as cf
+
+            if self.mode is ExecutionMode.THREAD:
+                self._pool = cf.ThreadPoolExecutor(
+                    max_workers=self.max_workers, thread_name_prefix="eventforge-executor"
+                )
+            else:
+                self._pool = cf.ProcessPoolExecutor(
+                    max_workers=self.max_workers, mp_context=self._mp_context
+                )
+        return self._pool
+
+    def stop(self, wait: bool = True) -> None:
+        """Shut the pool down.
+
+        ``wait=True`` lets queued and running tasks finish first.  ``wait=False``
+        cancels the tasks that have not started (their results read CANCELLED)
+        and returns without waiting for running ones.  Results already produced
+        stay collectable.
+        """
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    def __enter__(self) -> Executor:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop(wait=True)
+
+    # -- submitting and collecting ----------------------------------------
+
+    def submit(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+        """Schedule ``func(*args, **kwargs)`` and return its task id.
+
+        Every keyword argument goes to ``func`` (a ``timeout=`` or ``priority=``
+        of yours included).  In SEQUENTIAL mode the call runs right here.
+        """
+        if not callable(func):
+            raise TypeError(f"submit() needs a callable, not {type(func).__name__}")
+        task_id = f"{self._prefix}{next(self._counter):x}"
+        if self.mode is ExecutionMode.SEQUENTIAL:
+            entry: Any = _Done(_run_task(task_id, func, args, kwargs))
+        else:
+            entry = self._submit_future(task_id, func, args, kwargs)
+        with self._lock:
+            self._submitted += 1
+            tasks = self._tasks
+            tasks[task_id] = entry
+            if len(tasks) > self.max_results:
+                self._drop_oldest_locked()
+        return task_id
+
+    def _drop_oldest_locked(self) -> None:
+        old_id, _ = self._tasks.popitem(last=False)
+        self._dropped += 1
+        logger.warning(
+            "Executor: dropped the uncollected result of task %s (more than max_results=%d "
+            "uncollected tasks); collect results with result() or use map()",
+            old_id, self.max_results,
+        )
+
+    def _submit_future(self, task_id: str, func: Callable[..., Any],
+                       args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """Submit to the pool, replacing a broken process pool once; returns the future."""
+        runner = _run_task if self.mode is ExecutionMode.THREAD else _run_task_in_process
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                pool = self._ensure_pool_locked()
+        try:
+            return pool.submit(runner, task_id, func, args, kwargs)
+        except RuntimeError as exc:
+            # BrokenProcessPool/BrokenThreadPool (RuntimeError subclasses), or
+            # a pool shut down by a concurrent stop(): start a fresh pool.
+            broken = None
+            with self._lock:
+                if self._pool is pool:
+                    broken, self._pool = pool, None
+                    self._pools_replaced += 1
+                    logger.warning(
+                        "Executor: replacing unusable %s pool (%s)", self.mode.value, exc
+                    )
+                fresh = self._ensure_pool_locked()
+            if broken is not None:
+                broken.shutdown(wait=True)  # its workers are gone: releases its pipes
+            return fresh.submit(runner, task_id, func, args, kwargs)
+
+    def _future_for(self, func: Callable[..., Any], args: Tuple[Any, ...],
+                    kwargs: Dict[str, Any]) -> Tuple[str, Any]:
+        """Submit without bookkeeping; return (task_id, future-or-_Done)."""
+        task_id = f"{self._prefix}{next(self._counter):x}"
+        with self._lock:
+            self._submitted += 1
+        if self.mode is ExecutionMode.SEQUENTIAL:
+            return task_id, _Done(_run_task(task_id, func, args, kwargs))
+        return task_id, self._submit_future(task_id, func, args, kwargs)
+
+    def _lookup(self, task_id: str) -> Any:
+        entry = self._tasks.get(task_id)
+        if entry is None:
+            raise TaskNotFoundError(
+                f"unknown task id {task_id!r}: never submitted to this executor, "
+                "already collected, or dropped by the max_results cap"
+            )
+        return entry
+
+    def _collect(self, task_id: str, entry: Any) -> TaskResult:
+        with self._lock:
+            if self._tasks.get(task_id) is entry:
+                del self._tasks[task_id]
+        if isinstance(entry, _Done):
+            return entry.result
+        return _result_of_future(task_id, entry)
+
+    def result(self, task_id: str, timeout: Optional[float] = None) -> TaskResult:
+        """Wait for a task and return its :class:`TaskResult` (once per task).
+
+        ``timeout`` is in seconds (None waits for as long as it takes).  Past the
+        deadline :class:`EventforgeTimeoutError` (a ``TimeoutError``) is raised
+        and the task stays collectable.  An unknown or already-collected id
+        raises :class:`TaskNotFoundError` at once.
+        """
+        timeout = _check_timeout(timeout)
+        entry = self._lookup(task_id)
+        if not isinstance(entry, _Done) and not entry.done() and not _wait_future(entry, timeout):
+            raise EventforgeTimeoutError(f"task {task_id} did not finish within {timeout} s")
+        return self._collect(task_id, entry)
+
+    def status(self, task_id: str) -> TaskStatus:
+        """Return the current :class:`TaskStatus` of an uncollected task (no waiting)."""
+        entry = self._lookup(task_id)
+        if isinstance(entry, _Done):
+            return entry.result.status
+        if entry.running():
+            return TaskStatus.RUNNING
+        if not entry.done():
+            return TaskStatus.PENDING
+        return _result_of_future(task_id, entry).status
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task that has not started yet; True if it was cancelled."""
+        entry = self._lookup(task_id)
+        return False if isinstance(entry, _Done) else bool(entry.cancel())
+
+    def map(self, func: Callable[..., Any], items: Iterable[Any],
+            timeout: Optional[float] = None) -> List[TaskResult]:
+        """Run ``func(item)`` for every item; return the TaskResults in input order.
+
+        ``timeout`` bounds the whole call (monotonic clock); past it the tasks
+        not yet started are cancelled and :class:`EventforgeTimeoutError` is
+        raised.  In SEQUENTIAL mode a running call cannot be interrupted: the
+        deadline is checked between items.  Nothing is left in the executor's
+        result table either way.
+        """
+        timeout = _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.mode is ExecutionMode.SEQUENTIAL:
+            out: List[TaskResult] = []
+            for item in items:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise EventforgeTimeoutError(
+                        f"map() did not finish within {timeout} s ({len(out)} items done)"
+                    )
+                out.append(self._future_for(func, (item,), {})[1].result)
+            return out
+        pending = [self._future_for(func, (item,), {}) for item in items]
+        futures = [f for _, f in pending]
+        for f in futures:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not _wait_future(f, remaining):
+                for g in futures:
+                    g.cancel()
+                done = sum(1 for g in futures if g.done() and not g.cancelled())
+                raise EventforgeTimeoutError(
+                    f"map() did not finish within {timeout} s "
+                    f"({done} of {len(futures)} items done)"
+                )
+        return [_result_of_future(tid, f) for tid, f in pending]
+
+    # -- asyncio ------------------------------------------------------------
+
+    async def submit_async(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+        """Async :meth:`submit`: schedule and return the task id.
+
+        THREAD/PROCESS submission never blocks the event loop; in SEQUENTIAL
+        mode the function runs inline, as with :meth:`submit`.
+        """
+        return self.submit(func, *args, **kwargs)
+
+    async def result_async(self, task_id: str, timeout: Optional[float] = None) -> TaskResult:
+        """Async :meth:`result`: await a task without blocking the event loop.
+
+        The timeout is exact (asyncio timer, no polling).  On timeout or when the
+        awaiting coroutine is cancelled, the task keeps running and stays
+        collectable.
+        """
+        timeout = _check_timeout(timeout)
+        entry = self._lookup(task_id)
+        if not isinstance(entry, _Done) and not entry.done():
+            if not await _wait_future_async(entry, timeout):
+                raise EventforgeTimeoutError(f"task {task_id} did not finish within {timeout} s")
+        return self._collect(task_id, entry)
+
+    async def map_async(self, func: Callable[..., Any], items: Iterable[Any],
+                        timeout: Optional[float] = None) -> List[TaskResult]:
+        """Async :meth:`map`: results in input order, one overall exact timeout.
+
+        If the deadline passes (or the coroutine is cancelled) the tasks not yet
+        started are cancelled.
+        """
+        timeout = _check_timeout(timeout)
+        if self.mode is ExecutionMode.SEQUENTIAL:
+            return self.map(func, items, timeout)
+        pending = [self._future_for(func, (item,), {}) for item in items]
+        futures = [f for _, f in pending]
+        ok = False
+        try:
+            ok = await _wait_futures_async(futures, timeout)
+        finally:
+            if not ok:
+                for f in futures:
+                    f.cancel()
+        if not ok:
+            done = sum(1 for f in futures if f.done())
+            raise EventforgeTimeoutError(
+                f"map_async() did not finish within {timeout} s "
+                f"({done} of {len(futures)} items done)"
+            )
+        return [_result_of_future(tid, f) for tid, f in pending]
+
+    # -- introspection ------------------------------------------------------
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Counters: submitted, uncollected, dropped (by the cap), pools_replaced."""
+        with self._lock:
+            return {
+                "mode": self.mode.value,
+                "max_workers": self.max_workers,
+                "submitted": self._submitted,
+                "uncollected": len(self._tasks),
+                "dropped": self._dropped,
+                "pools_replaced": self._pools_replaced,
+            }
+
+    def __repr__(self) -> str:
+        state = "running" if self._pool is not None else "idle"
+        return f"<Executor mode={self.mode.value} max_workers={self.max_workers} {state}>"
+
+
+async def _wait_futures_async(futures: List[Any], timeout: Optional[float]) -> bool:
+    """Wait for concurrent futures from asyncio; True if all finished in time.
+
+    Done-callbacks wake the loop with ``call_soon_threadsafe``; nothing is
+    chained back, so cancelling the waiter never cancels the futures, and a
+    callback firing after the loop closed is ignored.
+    """
+    import asyncio
+
+    remaining = [f for f in futures if not f.done()]
+    if not remaining:
+        return True
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    count = [len(remaining)]
+    lock = threading.Lock()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(True)
+
+    def on_done(_f: Any) -> None:
+        with lock:
+            count[0] -= 1
+            last = count[0] == 0
+        if last:
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    for f in remaining:
+        f.add_done_callback(on_done)
+    if timeout is None:
+        await waiter
+        return True
+    def expire() -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+
+    handle = loop.call_later(timeout, expire)
+    try:
+        return bool(await waiter)
+    finally:
+        handle.cancel()
+
+
+async def _wait_future_async(future: Any, timeout: Optional[float]) -> bool:
+    return await _wait_futures_async([future], timeout)
+
 
 # ---------------------------------------------------------------------------
 # 8. RPC
 # ---------------------------------------------------------------------------
+
+# Request/response payloads are those of the original eventforge, so either
+# side can talk to the other (see docs/protocol.md, "RPC"):
+#
+#   request   topic  "<service>.request", reply_to "_rpc_reply.<id>"
+#             payload {"id", "method", "args", "kwargs", "timeout"}
+#   response  topic  the request's reply_to, correlation_id = request message id
+#             payload {"id", "request_id", "result", "error", "error_type"}
+#             (+ "traceback" when the server sends it; old peers ignore it)
+
+RPC_REPLY_PREFIX = "_rpc_reply."
+
+#: Attribute names an RPCClient never turns into remote methods, besides every
+#: name starting with "_": probes made by IPython, pydoc and similar tools.
+_NOT_REMOTE_NAMES = frozenset({"getdoc", "trait_names", "mro"})
+
+_MAX_REMOTE_TRACEBACK = 16_384
+
+
+def _request_topic(service_name: str) -> str:
+    if not isinstance(service_name, str) or not service_name:
+        raise ValueError(f"service_name must be a non-empty string, not {service_name!r}")
+    try:
+        return validate_topic(f"{service_name}.request")
+    except TopicError as exc:
+        raise TopicError(f"invalid service_name {service_name!r}: {exc}") from None
+
+
+def _check_method_name(method: Any) -> str:
+    if not isinstance(method, str) or not method:
+        raise TypeError(f"method must be a non-empty name string, not {method!r}")
+    return method
+
+
+def _error_from_response(data: Dict[str, Any]) -> RemoteError:
+    error_type = data.get("error_type") or "RemoteError"
+    message = data.get("error")
+    message = "" if message is None else str(message)
+    tb = data.get("traceback")
+    tb = tb if isinstance(tb, str) else None
+    if error_type == "MethodNotFoundError" or message.startswith("Method not found"):
+        return MethodNotFoundError(str(error_type), message, tb)
+    return RemoteError(str(error_type), message, tb)
+
+
+def _introspection_guard(owner: Any, name: str) -> None:
+    if name.startswith("_") or name in _NOT_REMOTE_NAMES:
+        raise AttributeError(f"{type(owner).__name__!r} object has no attribute {name!r}")
+
+
+class RemoteMethod:
+    """A remote method bound to a client: ``client.add`` in ``client.add(1, 2)``.
+
+    Calling it is ``client.call(name, *args, **kwargs)``; ``call_async`` is
+    the asyncio form.  Creating one sends nothing.
+    """
+
+    __slots__ = ("client", "name")
+
+    def __init__(self, client: Any, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    @property
+    def __name__(self) -> str:
+        return self.name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.call(self.name, *args, **kwargs)
+
+    async def call_async(self, *args: Any, **kwargs: Any) -> Any:
+        """Await the remote call (see :meth:`RPCClient.call_async`)."""
+        return await self.client.call_async(self.name, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<RemoteMethod {self.name!r} of {self.client!r}>"
+
+
+class _DynamicMethods:
+    """``client.name(...)`` for any public name; introspection stays local.
+
+    Names starting with ``_`` (dunders, ``_repr_html_``, ``_ipython_*`` ...)
+    and a few well-known probes raise AttributeError instead of becoming
+    remote calls, so ``hasattr``, ``copy``, ``pickle`` and IPython behave.
+    """
+
+    def __getattr__(self, name: str) -> RemoteMethod:
+        _introspection_guard(self, name)
+        return RemoteMethod(self, name)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} objects cannot be pickled or copied: "
+            "they hold a live queue; create one in each process"
+        )
+
+
+class RPCServer:
+    """Serve registered functions by name over a :class:`MessageQueue`.
+
+    Requests arrive on ``"<service_name>.request"``; each names a method,
+    its ``args`` and ``kwargs``.  Only registered names can be called.  The
+    return value (or the exception: its type name, message and traceback)
+    goes back to the request's ``reply_to``.
+
+    Without an ``executor`` a method runs inline, in the thread that
+    delivers the request (the publisher's thread on a MemoryTransport, the
+    connection's thread on TCP).  With an :class:`Executor` it really runs
+    there: a THREAD executor lets a slow method proceed while other callers
+    are served; a PROCESS executor needs module-level (picklable) methods.
+    The server never stops an executor it was given.
+
+    ``include_traceback=False`` keeps server tracebacks off the wire.
+    """
+
+    def __init__(
+        self,
+        queue: MessageQueue,
+        executor: Optional[Executor] = None,
+        service_name: str = "rpc",
+        *,
+        include_traceback: bool = True,
+    ) -> None:
+        if executor is not None and not isinstance(executor, Executor):
+            raise TypeError(
+                f"executor must be an eventforge Executor, not {type(executor).__name__}"
+            )
+        self.queue = queue
+        self.executor = executor
+        self.service_name = service_name
+        self.request_topic = _request_topic(service_name)
+        self.include_traceback = include_traceback
+        self._methods: Dict[str, Callable[..., Any]] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self._subscription: Optional[str] = None
+        self._stopped = threading.Event()
+        self._local = threading.local()
+        self._counts = {"requests": 0, "succeeded": 0, "failed": 0, "not_found": 0,
+                        "invalid": 0, "reply_errors": 0}
+
+    # -- registration ---------------------------------------------------------
+
+    def register(self, name: Any = None) -> Any:
+        """Decorator registering a function under ``name`` (default: its ``__name__``).
+
+        ``@server.register()``, ``@server.register("name")`` and bare
+        ``@server.register`` all work; the function is returned unchanged.
+        """
+        if callable(name):  # bare @server.register
+            self.add_method(getattr(name, "__name__", ""), name)
+            return name
+
+        def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+            self.add_method(name if name is not None else getattr(func, "__name__", ""), func)
+            return func
+
+        return decorator
+
+    def add_method(self, name: str, func: Callable[..., Any]) -> None:
+        """Register ``func`` (any callable) under ``name``; re-registering replaces it."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"method name must be a non-empty string, not {name!r}")
+        if not callable(func):
+            raise TypeError(f"method {name!r} must be callable, not {type(func).__name__}")
+        if _is_async_callable(func):
+            raise TypeError(
+                f"method {name!r} is a coroutine function; register a plain function "
+                "(the server runs methods in threads or processes)"
+            )
+        with self._lock:
+            self._methods[name] = func
+
+    def remove_method(self, name: str) -> bool:
+        """Unregister ``name``; return False if it was not registered."""
+        with self._lock:
+            return self._methods.pop(name, None) is not None
+
+    @property
+    def methods(self) -> List[str]:
+        """The registered method names, sorted."""
+        with self._lock:
+            return sorted(self._methods)
+
+    # -- serving --------------------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        """True between :meth:`serve` and :meth:`stop`."""
+        return self._subscription is not None
+
+    def serve(self, blocking: bool = True) -> None:
+        """Start answering requests.
+
+        ``blocking=False`` subscribes and returns at once.  ``blocking=True``
+        then waits until :meth:`stop` is called (from another thread or a
+        signal handler) or Ctrl-C is pressed, and returns normally.
+        """
+        with self._lock:
+            if self._subscription is None:
+                self._stopped.clear()
+                self._subscription = self.queue.subscribe(self.request_topic, self._on_request)
+        if not blocking:
+            return
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            self.stop()
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        """Stop taking requests and wait up to ``timeout`` s for calls in flight.
+
+        Replies of calls that finish meanwhile are still sent.  Called from
+        inside a method, it does not wait for that call.
+        """
+        with self._lock:
+            sub, self._subscription = self._subscription, None
+        if sub is not None:
+            try:
+                self.queue.unsubscribe(sub)
+            except Exception as exc:  # the transport may already be closed
+                logger.debug("RPCServer %s: unsubscribe failed: %s", self.service_name, exc)
+        own = 1 if getattr(self._local, "depth", 0) else 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._inflight > own:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    logger.warning("RPCServer %s stopped with %d call(s) still running",
+                                   self.service_name, self._inflight - own)
+                    break
+                self._idle.wait(remaining)
+        self._stopped.set()
+
+    def __enter__(self) -> RPCServer:
+        self.serve(blocking=False)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Counters: requests, succeeded, failed, not_found, invalid, reply_errors, in_flight."""
+        with self._lock:
+            out = dict(self._counts)
+            out["in_flight"] = self._inflight
+            return out
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    # -- handling one request -------------------------------------------------
+
+    def _on_request(self, message: Message) -> None:
+        payload = message.payload
+        with self._lock:
+            self._counts["requests"] += 1
+            self._inflight += 1
+        try:
+            if not isinstance(payload, dict) or not isinstance(payload.get("method"), str):
+                self._reject(message, "InvalidRequest",
+                             "an RPC request payload is an object with a string 'method'")
+                return
+            name = payload["method"]
+            request_id = payload.get("id")
+            if not isinstance(request_id, str):
+                request_id = message.id
+            args = payload.get("args")
+            kwargs = payload.get("kwargs")
+            args = [] if args is None else args
+            kwargs = {} if kwargs is None else kwargs
+            if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+                self._reject(message, "InvalidRequest",
+                             "'args' must be a list and 'kwargs' an object", request_id)
+                return
+            func = self._methods.get(name)
+            if func is None:
+                self._count("not_found")
+                self._respond(message, request_id, None,
+                              ("MethodNotFoundError", f"Method not found: {name}", None))
+                return
+            if self.executor is None:
+                self._local.depth = getattr(self._local, "depth", 0) + 1
+                try:
+                    value = func(*args, **kwargs)
+                except Exception as exc:
+                    self._respond_task(message, request_id, _failure(request_id, exc))
+                else:
+                    self._respond(message, request_id, value, None, outcome="succeeded")
+                finally:
+                    self._local.depth -= 1
+                return
+            if self.executor.mode is ExecutionMode.PROCESS:  # the server itself cannot pickle
+                _, handle = self.executor._future_for(func, tuple(args), kwargs)
+            else:
+                _, handle = self.executor._future_for(self._call_marked, (func, args, kwargs), {})
+        except BaseException:
+            self._finish()
+            raise
+        if isinstance(handle, _Done):
+            self._respond_task(message, request_id, handle.result, finish=True)
+        else:
+            handle.add_done_callback(
+                lambda fut: self._respond_task(message, request_id,
+                                               _result_of_future(request_id, fut), finish=True))
+            return
+
+    def _call_marked(self, func: Callable[..., Any], args: Any, kwargs: Dict[str, Any]) -> Any:
+        # Runs on an executor thread: lets stop() called by the method not wait for itself.
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._local.depth -= 1
+
+    def _finish(self, outcome: Optional[str] = None) -> None:
+        with self._idle:
+            if outcome is not None:
+                self._counts[outcome] += 1
+            self._inflight -= 1
+            if self._inflight <= 0:
+                self._idle.notify_all()
+
+    def _reject(self, message: Message, error_type: str, text: str,
+                request_id: Optional[str] = None) -> None:
+        self._count("invalid")
+        logger.warning("RPCServer %s: invalid request %s: %s", self.service_name, message.id, text)
+        self._respond(message, request_id or message.id, None,
+                      (error_type, f"invalid request: {text}", None), finish=True)
+
+    def _respond_task(self, message: Message, request_id: str, result: TaskResult,
+                      finish: bool = True) -> None:
+        if result.status is TaskStatus.COMPLETED:
+            self._respond(message, request_id, result.value, None, finish, "succeeded")
+        else:
+            tb = result.traceback if self.include_traceback else None
+            if tb and len(tb) > _MAX_REMOTE_TRACEBACK:
+                tb = "...\n" + tb[-_MAX_REMOTE_TRACEBACK:]
+            self._respond(message, request_id, None,
+                          (result.error_type or "Error", result.error or "", tb), finish, "failed")
+
+    def _respond(self, message: Message, request_id: str, value: Any,
+                 error: Optional[Tuple[str, str, Optional[str]]], finish: bool = True,
+                 outcome: Optional[str] = None) -> None:
+        try:
+            if not message.reply_to:
+                if error is not None:
+                    logger.warning(
+                        "RPCServer %s: call %s failed with no reply_to to report to: %s: %s",
+                        self.service_name, request_id, error[0], error[1])
+                return
+            payload: Dict[str, Any] = {"id": new_id(), "request_id": request_id, "result": value,
+                                       "error": None, "error_type": None}
+            if error is not None:
+                payload["error_type"], payload["error"] = error[0], error[1]
+                if error[2]:
+                    payload["traceback"] = error[2]
+            reply = Message(message.reply_to, payload, correlation_id=message.id)
+            try:
+                self.queue.send(reply)
+            except SerializationError as exc:
+                # The result cannot cross this transport: tell the caller why.
+                reply.payload = {"id": payload["id"], "request_id": request_id, "result": None,
+                                 "error_type": "SerializationError",
+                                 "error": f"the result of the call cannot be sent: {exc}"}
+                self.queue.send(reply)
+        except Exception as exc:
+            self._count("reply_errors")
+            logger.warning("RPCServer %s: could not send the reply to %s: %s",
+                           self.service_name, message.reply_to, exc)
+        finally:
+            if finish:
+                self._finish(outcome)
+
+    def __repr__(self) -> str:
+        state = "serving" if self.serving else "stopped"
+        return f"<RPCServer {self.service_name!r} {state}, {len(self._methods)} methods>"
+
+
+class RPCClient(_DynamicMethods):
+    """Call methods of an :class:`RPCServer` by name.
+
+    ``client.call("add", 1, 2)`` and ``client.add(1, 2)`` are the same call.
+    ``timeout`` (seconds, None for no limit) is the default per call;
+    ``call(..., timeout=5)`` overrides it.  To pass a keyword argument that is
+    itself called ``timeout``, use :meth:`invoke`.
+
+    Errors: a remote exception raises :class:`RemoteError` (``str()`` reads
+    ``"ValueError: boom"``, the remote traceback is attached); an unknown name
+    raises :class:`MethodNotFoundError`; no reply in time raises
+    :class:`RPCTimeoutError` (a ``TimeoutError``).  A reply arriving after its
+    timeout is dropped by the transport: nothing accumulates.
+    """
+
+    def __init__(self, queue: MessageQueue, service_name: str = "rpc",
+                 timeout: Optional[float] = 30.0) -> None:
+        self.queue = queue
+        self.service_name = service_name
+        self.request_topic = _request_topic(service_name)
+        self.timeout = _check_timeout(timeout)
+
+    def _prepare(self, method: str, args: Any, kwargs: Any,
+                 timeout: Optional[float]) -> Tuple[Message, Inbox, Optional[float]]:
+        _check_method_name(method)
+        wait = self.timeout if timeout is None else _check_timeout(timeout)
+        request_id = new_id()
+        payload = {"id": request_id, "method": method,
+                   "args": [] if args is None else list(args),
+                   "kwargs": {} if kwargs is None else dict(kwargs), "timeout": wait}
+        message = Message(self.request_topic, payload, reply_to=RPC_REPLY_PREFIX + request_id)
+        inbox = self.queue.transport.open_inbox(message.reply_to)  # type: ignore[arg-type]
+        return message, inbox, wait
+
+    def _unpack(self, method: str, reply: Optional[Message], inbox: Inbox,
+                wait: Optional[float]) -> Any:
+        if reply is None:
+            if inbox.closed:
+                raise TransportClosedError(
+                    f"the transport closed while {self.service_name}.{method} "
+                    "was waiting for its reply"
+                )
+            raise RPCTimeoutError(
+                f"no reply from service {self.service_name!r} to {method}() within {wait} s"
+            )
+        data = reply.payload
+        if not isinstance(data, dict):
+            raise RemoteError("InvalidResponse", f"malformed RPC response: {data!r:.200}")
+        if data.get("error") is None and data.get("error_type") is None:
+            return data.get("result")
+        raise _error_from_response(data)
+
+    def invoke(self, method: str, args: Optional[Iterable[Any]] = None,
+               kwargs: Optional[Dict[str, Any]] = None, *, timeout: Optional[float] = None) -> Any:
+        """Call ``method`` with explicit ``args``/``kwargs`` (any keyword names)."""
+        message, inbox, wait = self._prepare(method, args, kwargs, timeout)
+        try:
+            self.queue.send(message)
+            return self._unpack(method, inbox.get(wait), inbox, wait)
+        finally:
+            inbox.close()
+
+    def call(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """Call the remote ``method`` and return its result (see the class doc for errors)."""
+        return self.invoke(method, args, kwargs, timeout=timeout)
+
+    async def invoke_async(self, method: str, args: Optional[Iterable[Any]] = None,
+                           kwargs: Optional[Dict[str, Any]] = None, *,
+                           timeout: Optional[float] = None) -> Any:
+        """Asyncio-native :meth:`invoke`."""
+        message, inbox, wait = self._prepare(method, args, kwargs, timeout)
+        try:
+            self.queue.send(message)
+            return self._unpack(method, await inbox.get_async(wait), inbox, wait)
+        finally:
+            inbox.close()
+
+    async def call_async(self, method: str, *args: Any, timeout: Optional[float] = None,
+                         **kwargs: Any) -> Any:
+        """Asyncio-native :meth:`call`: waits without blocking the event loop.
+
+        The timeout is exact; cancelling the awaiting task withdraws the
+        reply inbox (a late reply is dropped).
+        """
+        return await self.invoke_async(method, args, kwargs, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"<RPCClient {self.service_name!r} on {self.queue.transport!r}>"
+
+
+def _require_call(client: Any) -> Any:
+    if not callable(getattr(client, "call", None)):
+        raise TypeError(f"{client!r} has no call() method")
+    return client
+
+
+async def _call_async_of(client: Any, method: str, args: Tuple[Any, ...],
+                         kwargs: Dict[str, Any]) -> Any:
+    call_async = getattr(client, "call_async", None)
+    if call_async is not None:
+        return await call_async(method, *args, **kwargs)
+    import asyncio
+    import functools
+
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, functools.partial(client.call, method, *args, **kwargs))
+
+
+class RoundRobinRPCClient(_DynamicMethods):
+    """Spread calls over several clients in turn (client-side load balancing).
+
+    Takes any objects with a ``call(method, *args, **kwargs)`` method,
+    typically one :class:`RPCClient` per worker.  It has the same ``call``,
+    ``call_async`` and dynamic-attribute surface; arguments (``timeout=``
+    included) pass through unchanged.  Thread-safe.
+    """
+
+    def __init__(self, clients: Iterable[Any]) -> None:
+        pool = tuple(_require_call(c) for c in clients)
+        if not pool:
+            raise ValueError("RoundRobinRPCClient needs at least one client")
+        self.clients: Tuple[Any, ...] = pool
+        self._turn = itertools.count()
+
+    def next_client(self) -> Any:
+        """Return the client whose turn it is (and advance the turn)."""
+        return self.clients[next(self._turn) % len(self.clients)]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on the next client in turn."""
+        return self.next_client().call(method, *args, **kwargs)
+
+    async def call_async(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Asyncio form of :meth:`call` (a client without ``call_async`` runs in a thread)."""
+        return await _call_async_of(self.next_client(), method, args, kwargs)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def __repr__(self) -> str:
+        return f"<RoundRobinRPCClient over {len(self.clients)} clients>"
+
+
+class RetryingRPCClient(_DynamicMethods):
+    """A client wrapper that retries failed calls; built by :func:`with_retry`."""
+
+    def __init__(
+        self,
+        client: Any,
+        max_retries: int = 3,
+        backoff_initial: float = 0.1,
+        backoff_factor: float = 2.0,
+        retry_on: Any = (TimeoutError, ConnectionError),
+        *,
+        backoff_max: float = 10.0,
+        jitter: float = 0.1,
+        on_retry: Optional[Callable[[int, BaseException, float], Any]] = None,
+    ) -> None:
+        self.client = _require_call(client)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, not {max_retries!r}")
+        for label, value, low in (("backoff_initial", backoff_initial, 0.0),
+                                  ("backoff_factor", backoff_factor, 1.0),
+                                  ("backoff_max", backoff_max, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+                raise ValueError(f"{label} must be a number >= {low}, not {value!r}")
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 1:
+            raise ValueError(f"jitter must be a fraction between 0 and 1, not {jitter!r}")
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        retry_on = tuple(retry_on)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise TypeError(f"retry_on must be exception classes, not {retry_on!r}")
+        self.max_retries = max_retries
+        self.backoff_initial = float(backoff_initial)
+        self.backoff_factor = float(backoff_factor)
+        self.backoff_max = float(backoff_max)
+        self.jitter = float(jitter)
+        self.retry_on: Tuple[type, ...] = retry_on
+        self.on_retry = on_retry
+        self.retries = 0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based).
+
+        ``backoff_initial * backoff_factor ** attempt``, capped at
+        ``backoff_max``, then reduced by a random fraction of up to ``jitter``
+        (so it never exceeds the cap and concurrent callers spread out).
+        """
+        import random
+
+        try:
+            base = self.backoff_initial * self.backoff_factor ** attempt
+        except OverflowError:
+            base = self.backoff_max
+        base = min(base, self.backoff_max)
+        return base * (1.0 - self.jitter * random.random())
+
+    def _retrying(self, attempt: int, exc: BaseException, method: str) -> Optional[float]:
+        if not isinstance(exc, self.retry_on) or attempt >= self.max_retries:
+            return None
+        wait = self.delay(attempt)
+        self.retries += 1
+        logger.info("retrying %s() in %.3f s after %s: %s (retry %d of %d)",
+                    method, wait, type(exc).__name__, exc, attempt + 1, self.max_retries)
+        if self.on_retry is not None:
+            self.on_retry(attempt + 1, exc, wait)
+        return wait
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call through the wrapped client, retrying on ``retry_on`` errors.
+
+        After ``max_retries`` retries the last error is raised.  Note that a
+        timed-out call may have run on the server: retry idempotent methods.
+        """
+        attempt = 0
+        while True:
+            try:
+                return self.client.call(method, *args, **kwargs)
+            except Exception as exc:
+                wait = self._retrying(attempt, exc, method)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+            attempt += 1
+
+    async def call_async(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Asyncio form of :meth:`call` (waits with ``asyncio.sleep``)."""
+        import asyncio
+
+        attempt = 0
+        while True:
+            try:
+                return await _call_async_of(self.client, method, args, kwargs)
+            except Exception as exc:
+                wait = self._retrying(attempt, exc, method)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    def __repr__(self) -> str:
+        return f"<RetryingRPCClient max_retries={self.max_retries} around {self.client!r}>"
+
+
+def with_retry(
+    client: Any,
+    max_retries: int = 3,
+    backoff_initial: float = 0.1,
+    backoff_factor: float = 2.0,
+    retry_on: Any = (TimeoutError, ConnectionError),
+    *,
+    backoff_max: float = 10.0,
+    jitter: float = 0.1,
+    on_retry: Optional[Callable[[int, BaseException, float], Any]] = None,
+) -> RetryingRPCClient:
+    """Wrap ``client`` (anything with ``call``) so failed calls are retried.
+
+    A call failing with one of ``retry_on`` (default: timeouts and lost
+    connections; a :class:`RemoteError` is not retried) is tried again after
+    ``backoff_initial * backoff_factor ** n`` seconds, capped at
+    ``backoff_max`` and shortened by up to ``jitter`` (a fraction) at random,
+    at most ``max_retries`` times.  ``on_retry(retry_number, error, delay)``
+    is called before each wait.  Wrapping a :class:`RoundRobinRPCClient`
+    sends each retry to the next worker.
+    """
+    return RetryingRPCClient(client, max_retries, backoff_initial, backoff_factor, retry_on,
+                             backoff_max=backoff_max, jitter=jitter, on_retry=on_retry)
 
 
 # ---------------------------------------------------------------------------
@@ -4493,22 +5784,716 @@ def _demo_in_process(out: Callable[[str], Any]) -> None:
         out(f"  left behind: {stats['mailboxes']} mailboxes, {stats['inboxes']} inboxes")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the ``eventforge`` command line; return the process exit status."""
+class _CLIError(Exception):
+    """A command-line problem reported as one line on stderr (exit status ``code``)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Exit statuses of the command line.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _read_secret(path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise _CLIError(f"cannot read --secret-file {path!r}: {exc.strerror or exc}") from None
+    if not secret:
+        raise _CLIError(f"--secret-file {path!r} is empty")
+    return secret
+
+
+def _server_ssl_context(cert: Optional[str], key: Optional[str], ca: Optional[str]) -> Any:
+    """TLS for a listener: ``cert``/``key`` identify it; ``ca`` also requires client certs."""
+    if not cert and not key:
+        if ca:
+            raise _CLIError("--tls-ca on a worker needs --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        raise _CLIError("--tls-cert and --tls-key go together")
+    import ssl
+
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key)
+        if ca:
+            context.load_verify_locations(ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise _CLIError(f"cannot load TLS files: {exc}") from None
+    return context
+
+
+def _client_ssl_context(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> Any:
+    """TLS for a connecting client: verify the server with ``ca``; optional client cert."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise _CLIError("--tls-cert and --tls-key go together")
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise _CLIError(f"cannot load TLS files: {exc}") from None
+    return context
+
+
+def _load_handler_module(spec: str) -> Any:
+    """Import the worker's module by name (``pkg.handlers``) or path (``handlers.py``)."""
+    import importlib
+
+    if spec.endswith(".py") or os.sep in spec or (os.altsep and os.altsep in spec):
+        import importlib.util
+
+        path = os.path.abspath(spec)
+        if not os.path.isfile(path):
+            raise _CLIError(f"cannot import {spec!r}: no such file")
+        name = os.path.splitext(os.path.basename(path))[0]
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)  # so PROCESS mode children find it by name
+        try:
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise _CLIError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
+        return module
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as ``python -m`` does
+    try:
+        return importlib.import_module(spec)
+    except Exception as exc:
+        raise _CLIError(f"cannot import module {spec!r}: {type(exc).__name__}: {exc}") from None
+
+
+def load_worker_module(spec: str) -> Tuple[Any, Dict[str, Callable[..., Any]], Optional[str]]:
+    """Import a worker module and check its contract; return (module, handlers, service).
+
+    The module must define a non-empty dict ``HANDLERS`` mapping method names
+    (strings) to plain callables; it may define ``SERVICE_NAME`` (a string)
+    and ``setup(queue)``, called once with the worker's MessageQueue before
+    serving (to subscribe to topics or keep the queue for publishing).  A
+    broken module raises ValueError with one line saying what is wrong.
+    """
+    try:
+        module = _load_handler_module(spec)
+        handlers = getattr(module, "HANDLERS", None)
+        if handlers is None:
+            raise _CLIError(f"module {spec!r} defines no HANDLERS dict "
+                            "(expected HANDLERS = {'name': function, ...})")
+        if not isinstance(handlers, dict):
+            raise _CLIError(f"HANDLERS in {spec!r} must be a dict of name -> callable, "
+                            f"not {type(handlers).__name__}")
+        if not handlers:
+            raise _CLIError(f"HANDLERS in {spec!r} is empty: nothing to serve")
+        for name, func in handlers.items():
+            if not isinstance(name, str) or not name:
+                raise _CLIError(f"HANDLERS in {spec!r} has a key that is not a non-empty "
+                                f"string: {name!r}")
+            if not callable(func):
+                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is not callable "
+                                f"({type(func).__name__})")
+            if _is_async_callable(func):
+                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is a coroutine function; "
+                                "workers serve plain functions")
+        service = getattr(module, "SERVICE_NAME", None)
+        if service is not None and (not isinstance(service, str) or not service):
+            raise _CLIError(f"SERVICE_NAME in {spec!r} must be a non-empty string, "
+                            f"not {service!r}")
+        setup = getattr(module, "setup", None)
+        if setup is not None and not callable(setup):
+            raise _CLIError(f"setup in {spec!r} must be a function taking the queue")
+    except _CLIError as exc:
+        raise ValueError(str(exc)) from None
+    return module, dict(handlers), service
+
+
+def _format_address(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _install_stop_signals(stop: threading.Event) -> Callable[[], None]:
+    """Make SIGTERM (and SIGBREAK on Windows) set ``stop``; returns a restore function."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    import signal
+
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for name in ("SIGTERM", "SIGBREAK"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except (ValueError, OSError):  # pragma: no cover - exotic platforms
+                pass
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return restore
+
+
+def _wait_until(stop: threading.Event) -> None:
+    """Block until ``stop`` is set or Ctrl-C is pressed."""
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def _configure_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise _CLIError(f"unknown --log-level {level!r} (use DEBUG, INFO, WARNING or ERROR)")
+    logging.basicConfig(level=numeric, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(numeric)
+
+
+def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
+    _configure_logging(args.log_level)
+    if args.workers < 1:
+        raise _CLIError(f"--workers must be >= 1, not {args.workers}")
+    try:
+        module, handlers, module_service = load_worker_module(args.import_)
+    except ValueError as exc:
+        raise _CLIError(str(exc)) from None
+    service = args.service or module_service or "rpc"
+    try:
+        _request_topic(service)
+    except ValueError as exc:
+        raise _CLIError(str(exc)) from None
+    secret = _read_secret(args.secret_file)
+    context = _server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
+
+    try:
+        transport = TCPServerTransport(args.host, args.port, secret=secret, ssl_context=context)
+    except (ValueError, TypeError) as exc:
+        raise _CLIError(str(exc)) from None
+    stop = threading.Event()
+    executor = Executor(ExecutionMode(args.mode), max_workers=args.workers)
+    restore = _install_stop_signals(stop)
+    try:
+        queue = MessageQueue(transport)
+        server = RPCServer(queue, executor=executor, service_name=service)
+        for name, func in handlers.items():
+            server.add_method(name, func)
+        setup = getattr(module, "setup", None)
+        if setup is not None:  # before listening: nothing is served until it succeeded
+            try:
+                setup(queue)
+            except Exception as exc:
+                raise _CLIError(f"setup(queue) of {args.import_!r} failed: "
+                                f"{type(exc).__name__}: {exc}") from None
+        try:
+            transport.start()
+        except OSError as exc:
+            raise _CLIError(f"cannot listen on {_format_address((args.host, args.port))}: "
+                            f"{exc.strerror or exc}", EXIT_FAILURE) from None
+        executor.start()
+        server.serve(blocking=False)
+        out(f"eventforge worker ready: service '{service}' on {_format_address(transport.address)} "
+            f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
+            f"{'s' if args.workers != 1 else ''}; pid {os.getpid()})")
+        _wait_until(stop)
+        logger.info("worker %s: stopping, finishing calls in flight", service)
+        server.stop(timeout=args.drain_timeout)
+        executor.stop(wait=True)
+        out(f"eventforge worker stopped: service '{service}', "
+            f"{server.stats['requests']} requests served")
+        return EXIT_OK
+    finally:
+        restore()
+        executor.stop(wait=False)
+        transport.close()
+
+
+def _connect_queue(args: Any) -> MessageQueue:
+    secret = _read_secret(args.secret_file)
+    context = _client_ssl_context(args.tls_ca, args.tls_cert, args.tls_key)
+    transport = TCPClientTransport(args.host, args.port, secret=secret, ssl_context=context)
+    try:
+        transport.connect(timeout=args.connect_timeout)
+    except (OSError, EventforgeError) as exc:
+        transport.close()
+        detail = getattr(exc, "strerror", None) or exc
+        raise _CLIError(f"cannot connect to {_format_address((args.host, args.port))}: {detail}",
+                        EXIT_FAILURE) from None
+    return MessageQueue(transport)
+
+
+def _json_arg(text: str) -> Any:
+    """A command-line value: JSON when it parses as JSON, else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _to_json(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except ValueError:  # circular structures
+        return repr(value)
+
+
+def _cmd_call(args: Any, out: Callable[[str], Any]) -> int:
+    kwargs: Dict[str, Any] = {}
+    if args.kwargs:
+        try:
+            kwargs = json.loads(args.kwargs)
+        except ValueError as exc:
+            raise _CLIError(f"--kwargs is not valid JSON: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise _CLIError("--kwargs must be a JSON object")
+    call_args = [_json_arg(a) for a in args.args]
+    queue = _connect_queue(args)
+    try:
+        client = RPCClient(queue, service_name=args.service, timeout=args.timeout)
+        try:
+            result = client.invoke(args.method, call_args, kwargs)
+        except RemoteError as exc:
+            raise _CLIError(f"remote error: {exc}", EXIT_FAILURE) from None
+        except (EventforgeTimeoutError, TransportError) as exc:
+            raise _CLIError(str(exc), EXIT_FAILURE) from None
+        out(_to_json(result))
+        return EXIT_OK
+    finally:
+        queue.close()
+
+
+def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:
+    headers: Dict[str, Any] = {}
+    for item in args.header or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _CLIError(f"--header takes KEY=VALUE, not {item!r}")
+        headers[key] = _json_arg(value)
+    try:
+        validate_topic(args.topic)
+    except TopicError as exc:
+        raise _CLIError(str(exc)) from None
+    payload = None if args.payload is None else _json_arg(args.payload)
+    queue = _connect_queue(args)
+    try:
+        try:
+            message_id = queue.publish(args.topic, payload, **headers)
+        except (SerializationError, TransportError) as exc:
+            raise _CLIError(str(exc), EXIT_FAILURE) from None
+        out(message_id)
+        return EXIT_OK
+    finally:
+        queue.close()
+
+
+def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
+    try:
+        validate_pattern(args.pattern)
+    except TopicError as exc:
+        raise _CLIError(str(exc)) from None
+    if args.count is not None and args.count < 1:
+        raise _CLIError("--count must be >= 1")
+    stop = threading.Event()
+    received = [0]
+    lock = threading.Lock()
+    queue = _connect_queue(args)
+    restore = _install_stop_signals(stop)
+    try:
+        def show(message: Message) -> None:
+            with lock:
+                if stop.is_set():
+                    return
+                out(_to_json({"topic": message.topic, "payload": message.payload,
+                              "id": message.id, "headers": message.headers,
+                              "timestamp": message.model_dump(mode="json").get("timestamp")}))
+                received[0] += 1
+                if args.count is not None and received[0] >= args.count:
+                    stop.set()
+
+        queue.subscribe(args.pattern, show)
+        print(f"eventforge sub: listening to {args.pattern!r} on "
+              f"{_format_address((args.host, args.port))}", file=sys.stderr, flush=True)
+        if args.timeout is not None:
+            deadline = time.monotonic() + args.timeout
+            try:
+                while not stop.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+                    if time.monotonic() >= deadline:
+                        break
+            except KeyboardInterrupt:
+                pass
+        else:
+            _wait_until(stop)
+        stop.set()
+        return EXIT_OK
+    finally:
+        restore()
+        queue.close()
+
+
+# -- demo: three workers in subprocesses --------------------------------------
+
+_DEMO_HANDLERS_SOURCE = '''\
+"""Handlers served by the demo's workers (written by ``eventforge demo``).
+
+Any module shaped like this one can be served with
+``python -m eventforge worker --import MODULE``.
+"""
+import os
+
+SERVICE_NAME = "demo"
+WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
+_queue = None
+
+
+def compute(n):
+    """Some CPU work, tagged with who did it."""
+    return {"worker": WORKER, "value": sum(i * i for i in range(n))}
+
+
+def whoami():
+    return WORKER
+
+
+def setup(queue):
+    """Called once by the worker: subscribe to jobs and announce results."""
+    global _queue
+    _queue = queue
+    queue.subscribe("demo.jobs", _on_job)
+
+
+def _on_job(message):
+    _queue.publish("demo.events." + WORKER, {"job": message.payload, "done_by": WORKER})
+
+
+HANDLERS = {"compute": compute, "whoami": whoami}
+'''
+
+
+class _Progress:
+    """A plain-text progress display: one redrawn line on a TTY, a few lines otherwise."""
+
+    def __init__(self, total: int, out: Callable[[str], Any], stream: Any) -> None:
+        self.total = max(total, 1)
+        self.out = out
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._next_mark = 25
+        self._shown = -1
+
+    def update(self, done: int) -> None:
+        percent = done * 100 // self.total
+        if self.tty:
+            if percent == self._shown and done < self.total:
+                return  # redraw once per percent
+            self._shown = percent
+            filled = done * 30 // self.total
+            self.stream.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}")
+            if done >= self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif percent >= self._next_mark:
+            while self._next_mark <= percent:
+                self._next_mark += 25
+            self.out(f"  progress: {done}/{self.total} calls ({percent}%)")
+
+
+def _percentile(sorted_values: List[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, int(round(q / 100 * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+def _start_demo_worker(handlers_path: str, name: str) -> Any:
+    import subprocess
+
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["EVENTFORGE_DEMO_WORKER"] = name
+    env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
+               "--port", "0", "--workers", "2", "--log-level", "WARNING"]
+    # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
+    # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
+    flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, creationflags=flags)
+
+
+def _read_ready_line(process: Any, timeout: float) -> Tuple[str, int]:
+    """Wait for a worker's ready line; return its (host, port)."""
+    found: Dict[str, Any] = {}
+
+    def read() -> None:
+        for line in process.stdout:
+            match = re.search(r"ready: service '[^']*' on \[?([^\]\s]+?)\]?:(\d+) ", line)
+            if match:
+                found["address"] = (match.group(1), int(match.group(2)))
+                return
+
+    reader = threading.Thread(target=read, name="eventforge-demo-reader", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if "address" not in found:
+        process.kill()
+        _, err = process.communicate(timeout=10)
+        detail = (err or "").strip().splitlines()
+        raise _CLIError("a demo worker did not start: "
+                        + (detail[-1] if detail else f"no ready line within {timeout} s"),
+                        EXIT_FAILURE)
+    return found["address"]
+
+
+def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
+    import subprocess
+
+    if process.poll() is None:
+        if os.name == "nt":
+            import signal
+
+            process.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+        else:
+            process.terminate()  # SIGTERM: the worker finishes calls in flight, exits 0
+    try:
+        process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate(timeout=timeout)
+    return process.returncode
+
+
+def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
+                  stream: Any = None) -> int:
+    """Start ``servers`` workers as subprocesses and drive them over TCP loopback."""
+    import shutil
+    import tempfile
+
+    stream = sys.stdout if stream is None else stream
+    out(f"== {servers} workers in subprocesses, RPC over TCP loopback ==")
+    directory = tempfile.mkdtemp(prefix="eventforge-demo-")
+    processes: List[Any] = []
+    queues: List[MessageQueue] = []
+    status = EXIT_OK
+    try:
+        handlers_path = os.path.join(directory, "demo_handlers.py")
+        with open(handlers_path, "w", encoding="utf-8") as f:
+            f.write(_DEMO_HANDLERS_SOURCE)
+        started = time.perf_counter()
+        names = [f"worker-{n + 1}" for n in range(servers)]
+        processes = [_start_demo_worker(handlers_path, name) for name in names]
+        addresses = [_read_ready_line(p, 30.0) for p in processes]
+        for name, address, process in zip(names, addresses, processes):
+            out(f"  {name}: pid {process.pid} serving 'demo' on {_format_address(address)}")
+        out(f"  started in {time.perf_counter() - started:.2f} s with "
+            f"`python -m eventforge worker --import demo_handlers.py --port 0`")
+        for host, port in addresses:
+            transport = TCPClientTransport(host, port)
+            transport.connect(timeout=10)
+            queues.append(MessageQueue(transport))
+        pool = RoundRobinRPCClient([RPCClient(q, service_name="demo", timeout=10) for q in queues])
+
+        out(f"== {calls} calls spread round-robin over the {servers} workers ==")
+        progress = _Progress(calls, out, stream)
+        per_worker: Dict[str, int] = {}
+        latencies: List[float] = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            answer = pool.compute(200 + i % 50)
+            latencies.append(time.perf_counter() - t0)
+            per_worker[answer["worker"]] = per_worker.get(answer["worker"], 0) + 1
+            progress.update(i + 1)
+        latencies.sort()
+        for name in names:
+            count = per_worker.get(name, 0)
+            out(f"  {name}: {count:4d} calls  {'#' * (count * 30 // max(calls, 1))}")
+        out("  latency: " + ", ".join(
+            f"p{q} {_percentile(latencies, q) * 1e3:.2f} ms" for q in (50, 90, 99))
+            + f", max {latencies[-1] * 1e3:.2f} ms" if latencies else "  latency: n/a")
+
+        try:
+            pool.compute("ten")
+        except RemoteError as exc:
+            out(f"  errors come back too: compute('ten') raised RemoteError({exc})")
+
+        out("== pub-sub across processes ==")
+        events: List[Message] = []
+        got_all = threading.Event()
+        lock = threading.Lock()
+
+        def on_event(message: Message) -> None:
+            with lock:
+                events.append(message)
+                if len(events) >= servers:
+                    got_all.set()
+
+        for q in queues:
+            q.subscribe("demo.events.*", on_event)
+        # Interest travels to the servers asynchronously: a call on each
+        # connection makes sure it arrived before we publish.
+        for client in pool.clients:
+            client.whoami()
+        for n, q in enumerate(queues):
+            q.publish("demo.jobs", {"job": n + 1})
+        if got_all.wait(10.0):
+            for message in sorted(events, key=lambda m: m.topic):
+                out(f"  {message.topic:<22} got {message.payload}")
+        else:
+            out(f"  only {len(events)} of {servers} events arrived")
+            status = EXIT_FAILURE
+    finally:
+        for q in queues:
+            q.close()
+        codes = [_stop_process(p) for p in processes]
+        shutil.rmtree(directory, ignore_errors=True)
+    if codes:
+        clean = all(code == 0 for code in codes)
+        out(f"== stopped {len(codes)} workers: exit codes {codes} "
+            f"({'clean' if clean else 'NOT clean'}) ==")
+        if not clean:
+            status = EXIT_FAILURE
+    return status
+
+
+def _add_connection_options(parser: Any) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9090, help="server port (default 9090)")
+    parser.add_argument("--secret-file", metavar="F", help="file holding the shared secret")
+    parser.add_argument("--tls-ca", metavar="F", help="CA file to verify the server (enables TLS)")
+    parser.add_argument("--tls-cert", metavar="F", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="F", help="client private key (mutual TLS)")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds to wait for the connection (default 10)")
+
+
+def _build_parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="eventforge", description="Message-driven task execution: pub-sub, request-reply, RPC."
+        prog="eventforge",
+        description="Message-driven task execution: pub-sub, request-reply, RPC.",
     )
     parser.add_argument("--version", action="version", version=f"eventforge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("demo", help="run the demo (no servers needed)")
+
+    demo = commands.add_parser("demo", help="run the demo (no servers to install)",
+                               description="In-process pub-sub and request-reply, then "
+                               "workers in subprocesses called over TCP loopback.")
+    demo.add_argument("--servers", type=int, default=3, help="worker processes (default 3)")
+    demo.add_argument("--calls", type=int, default=300, help="RPC calls to make (default 300)")
+    demo.add_argument("--in-process-only", action="store_true",
+                      help="skip the part with subprocesses")
+
+    worker = commands.add_parser(
+        "worker", help="serve a module's HANDLERS over TCP",
+        description="Serve the HANDLERS of a module by RPC over TCP until SIGTERM or Ctrl-C.")
+    worker.add_argument("--import", dest="import_", required=True, metavar="MODULE",
+                        help="module name or .py path defining HANDLERS = {name: callable}")
+    worker.add_argument("--service", help="service name (default: the module's SERVICE_NAME, "
+                        "else 'rpc')")
+    worker.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    worker.add_argument("--port", type=int, default=9090, help="port (default 9090; 0 = any free)")
+    worker.add_argument("--workers", type=int, default=4,
+                        help="calls run concurrently (default 4)")
+    worker.add_argument("--mode", choices=("thread", "process"), default="thread",
+                        help="run calls on threads or processes (default thread)")
+    worker.add_argument("--secret-file", metavar="F", help="require this shared secret")
+    worker.add_argument("--tls-cert", metavar="F", help="serve TLS with this certificate")
+    worker.add_argument("--tls-key", metavar="F", help="private key of --tls-cert")
+    worker.add_argument("--tls-ca", metavar="F", help="require client certificates from this CA")
+    worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                        help="on stop, seconds to let calls in flight finish (default 30)")
+    worker.add_argument("--log-level", default="INFO", metavar="L",
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+    call = commands.add_parser("call", help="call a method on a running worker",
+                               description="Call METHOD with ARGs (each parsed as JSON, else "
+                               "taken as a string); print the result as JSON.")
+    call.add_argument("method")
+    call.add_argument("args", nargs="*", metavar="ARG")
+    call.add_argument("--kwargs", metavar="JSON", help='keyword arguments, e.g. \'{"n": 3}\'')
+    call.add_argument("--service", default="rpc", help="service name (default rpc)")
+    call.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                      help="seconds to wait for the reply (default 10)")
+    _add_connection_options(call)
+
+    pub = commands.add_parser("pub", help="publish one message to a server")
+    pub.add_argument("topic")
+    pub.add_argument("payload", nargs="?", help="JSON payload (else taken as a string)")
+    pub.add_argument("--header", action="append", metavar="KEY=VALUE", help="add a header")
+    _add_connection_options(pub)
+
+    sub = commands.add_parser("sub", help="print messages from a server as JSON lines")
+    sub.add_argument("pattern", help="topic pattern; * is one segment, ** any number")
+    sub.add_argument("--count", type=int, help="exit after this many messages")
+    sub.add_argument("--timeout", type=float, metavar="S", help="exit after this many seconds")
+    _add_connection_options(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``eventforge`` command line; return the process exit status.
+
+    Commands: ``demo``, ``worker``, ``call``, ``pub``, ``sub`` (see
+    ``eventforge COMMAND --help``).  Exit status 0 on success, 1 when the
+    work failed (remote error, connection refused, timeout), 2 for bad usage
+    or a bad handler module; problems are reported as one line on stderr.
+    """
+    parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        _demo_in_process(print)
-        return 0
+
+    def out(text: str) -> None:
+        print(text, flush=True)
+
+    command = args.command
+    try:
+        if command == "demo":
+            _demo_in_process(out)
+            if args.in_process_only:
+                return EXIT_OK
+            return _demo_cluster(out, servers=args.servers, calls=args.calls)
+        if command == "worker":
+            return _cmd_worker(args, out)
+        if command == "call":
+            return _cmd_call(args, out)
+        if command == "pub":
+            return _cmd_pub(args, out)
+        if command == "sub":
+            return _cmd_sub(args, out)
+    except _CLIError as exc:
+        print(f"eventforge {command}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
     parser.print_help()
-    return 2
+    return EXIT_USAGE
+
+
+def worker_main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m eventforge.worker``: ``main(["worker", *argv])``."""
+    return main(["worker", *(sys.argv[1:] if argv is None else argv)])
 
 
 # ---------------------------------------------------------------------------
