@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import enum
 import itertools
 import json
 import logging
@@ -45,6 +46,7 @@ from typing import (
     Callable,
     Deque,
     Dict,
+    Iterable,
     List,
     Optional,
     Tuple,
@@ -74,14 +76,17 @@ __all__ = [
     "validate_topic",
     "validate_pattern",
     "topic_matches",
+    "is_pattern",
     "SubscriptionTrie",
     # messages and wire
     "DEFAULT_MAX_FRAME_SIZE",
     "Message",
+    "new_id",
     "encode",
     "decode",
     "FrameDecoder",
     # transports
+    "INBOX_PREFIXES",
     "Transport",
     "Inbox",
     "MemoryTransport",
@@ -94,7 +99,23 @@ __all__ = [
     "RemoteQueue",
     # queues
     "MessageQueue",
+    # execution
+    "ExecutionMode",
+    "TaskStatus",
+    "TaskResult",
+    "TaskNotFoundError",
+    "Executor",
+    # RPC
+    "RPC_REPLY_PREFIX",
+    "RPCServer",
+    "RPCClient",
+    "RemoteMethod",
+    "RoundRobinRPCClient",
+    "RetryingRPCClient",
+    "with_retry",
     # command line
+    "load_worker_module",
+    "worker_main",
     "main",
 ]
 
@@ -4436,8 +4457,6 @@ class RemoteQueue:
 # uncollected tasks are remembered (the oldest is dropped beyond that).
 # ``concurrent.futures`` and ``asyncio`` are imported on first use.
 
-import enum  # noqa: E402  (lead: move to the top imports)
-from typing import Iterable  # noqa: E402  (lead: move to the top imports)
 
 
 class ExecutionMode(str, enum.Enum):
@@ -6511,6 +6530,9 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.transports.memory": ("eventforge", None),
     "eventforge.transports.tcp": ("eventforge", None),
     "eventforge.remote": ("eventforge", None),
+    "eventforge.executor": ("eventforge", None),
+    "eventforge.rpc": ("eventforge", None),
+    "eventforge.worker": ("eventforge", "worker_main"),
 }
 
 
