@@ -6028,8 +6028,9 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         try:
             transport.start()
         except OSError as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             raise _CLIError(f"cannot listen on {_format_address((args.host, args.port))}: "
-                            f"{exc.strerror or exc}", EXIT_FAILURE) from None
+                            f"{cause.strerror or cause}", EXIT_FAILURE) from None
         executor.start()
         server.serve(blocking=False)
         out(f"eventforge worker ready: service '{service}' on {_format_address(transport.address)} "
