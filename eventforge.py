@@ -458,6 +458,13 @@ class SubscriptionTrie:
         found = self._cache.get(topic)
         if found is not None:
             return found
+        root = self._root
+        if root.star is None and root.globstar is None:
+            # Nothing can match a first segment the root has no child for:
+            # one-off topics (reply inboxes, ids) skip the walk and the cache.
+            first, _, _ = topic.partition(".")
+            if first not in root.children:
+                return ()
         with self._lock:
             found = self._match_locked(topic)
             cache = self._cache
@@ -5453,7 +5460,7 @@ class RPCServer:
                 payload["error_type"], payload["error"] = error[0], error[1]
                 if error[2]:
                     payload["traceback"] = error[2]
-            reply = Message(message.reply_to, payload, correlation_id=message.id)
+            reply = _make_message(message.reply_to, payload, {}, None, message.id)
             try:
                 self.queue.send(reply)
             except SerializationError as exc:
@@ -5505,7 +5512,7 @@ class RPCClient(_DynamicMethods):
         payload = {"id": request_id, "method": method,
                    "args": [] if args is None else list(args),
                    "kwargs": {} if kwargs is None else dict(kwargs), "timeout": wait}
-        message = Message(self.request_topic, payload, reply_to=RPC_REPLY_PREFIX + request_id)
+        message = _make_message(self.request_topic, payload, {}, RPC_REPLY_PREFIX + request_id)
         inbox = self.queue.transport.open_inbox(message.reply_to)  # type: ignore[arg-type]
         return message, inbox, wait
 
