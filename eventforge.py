@@ -1650,7 +1650,7 @@ PROTOCOL_VERSION = 1
 #: Default TCP port of the original eventforge.
 DEFAULT_TCP_PORT = 9090
 
-_FEATURES = frozenset(("interest", "ack", "ping"))
+_FEATURES = frozenset(("interest", "ack", "ping", "reply"))
 _HANDSHAKE_MAX_FRAME = 4096  # read cap before a secret-protected peer has authenticated
 _AUTH_LABEL_CLIENT = b"eventforge-v1 client"
 _AUTH_LABEL_SERVER = b"eventforge-v1 server"
@@ -1682,6 +1682,7 @@ _OK, _CLOSED, _OVERFLOW = 0, 1, 2
 # Results of _Connection.defer
 _WRITE_NOW, _WRITE_SCHEDULE, _WRITE_PENDING = 0, 1, 2
 _HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
+_REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
 _perf_counter = time.perf_counter
 
 
@@ -1724,15 +1725,15 @@ def _json_topic(topic: str) -> str:
     return '"' + topic + '"'
 
 
-def _interest_frame(added: Optional[str], removed: List[str]) -> bytes:
-    """``$interest`` adding one pattern and/or removing some (all already valid).
+def _interest_frame(added: List[str], removed: List[str]) -> bytes:
+    """``$interest`` adding and/or removing patterns (all already valid).
 
     Byte-identical to ``_control_frame("$interest", {"add": [...], "remove": [...]})``
-    with the empty list left out.
+    with an empty list left out.
     """
     parts = []
-    if added is not None:
-        parts.append('"add":[' + _json_topic(added) + "]")
+    if added:
+        parts.append('"add":[' + ",".join(map(_json_topic, added)) + "]")
     if removed:
         parts.append('"remove":[' + ",".join(map(_json_topic, removed)) + "]")
     body = ('{"topic":"$interest","payload":{' + ",".join(parts) + "}}").encode()
@@ -1819,7 +1820,7 @@ class _Connection:
         "max_outbound", "cur", "writing", "blocked", "closed", "state", "handshake",
         "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
         "ping_sent", "received", "acked", "interest", "events", "paused",
-        "bytes_in", "peer_ping", "last_push", "scheduled",
+        "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
     )
 
     def __init__(
@@ -1857,6 +1858,7 @@ class _Connection:
         self.peer_ping: Optional[float] = None
         self.last_push = 0.0
         self.scheduled = False  # a flush by the I/O thread is pending
+        self.implicit = False  # feature "reply": a request's inbox is implicit interest
 
     def enqueue(self, data: bytes) -> int:
         """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
@@ -2805,6 +2807,10 @@ class TCPServerTransport(Transport):
         batch: Optional[List[Tuple[Tuple[Any, ...], Message]]],
     ) -> None:
         topic = message.topic
+        reply_to = message.reply_to
+        if (reply_to is not None and origin.implicit and reply_to not in origin.interest
+                and reply_to.startswith(INBOX_PREFIXES)):
+            self._implicit_interest(origin, reply_to)
         targets, taken = self._targets(topic, origin)
         if targets:
             frame = len(body).to_bytes(4, "big") + body
@@ -2875,6 +2881,7 @@ class TCPServerTransport(Transport):
         conn.handshake = True
         if "interest" in conn.features:  # else it keeps receiving everything
             self._broadcast = tuple(c for c in self._broadcast if c is not conn)
+            conn.implicit = "reply" in conn.features
         welcome: Dict[str, Any] = {
             "version": PROTOCOL_VERSION,
             "features": sorted(conn.features),
@@ -2951,7 +2958,25 @@ class TCPServerTransport(Transport):
                 self._patterns.add((conn.id, pattern), pattern, conn)
             else:
                 self._exact[pattern] = self._exact.get(pattern, ()) + (conn,)
-                self._hand_mailbox(conn, pattern)
+                if not pattern.startswith(INBOX_PREFIXES):  # never kept in a mailbox
+                    self._hand_mailbox(conn, pattern)
+
+    def _implicit_interest(self, conn: _Connection, topic: str) -> None:
+        # Feature "reply": a request naming an inbox topic as its reply_to
+        # adds that topic to its connection's interest, as if an $interest
+        # add had come just before it (the client withdraws it as usual).
+        if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
+                           topic[:80], conn.peer)
+            return
+        if len(conn.interest) >= self.max_interest:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
+                           conn.peer, self.max_interest, topic)
+            return
+        conn.interest[topic] = None
+        self._exact[topic] = self._exact.get(topic, ()) + (conn,)
 
     def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
         # Messages nobody had taken wait in the server's mailbox; the first
@@ -3203,7 +3228,11 @@ class TCPClientTransport(Transport):
         self._space = threading.Condition(self._lock)
         self._space_waiters = 0
         self._interest: Dict[str, int] = {}
-        self._removals: List[str] = []  # interest withdrawn, not yet told to the server
+        self._removals: Dict[str, None] = {}  # interest withdrawn, not yet told to the server
+        # Inboxes opened but not told to the server yet: with the feature
+        # "reply" a request naming one as its reply_to tells it implicitly.
+        self._deferred: Dict[str, None] = {}
+        self._implicit = False  # the server speaks the feature "reply"
         self._receive_topics: Dict[str, None] = {}
         self._sub_patterns: Dict[str, str] = {}
         # Message frames the server has not acknowledged (or that wait for a
@@ -3361,6 +3390,15 @@ class TCPClientTransport(Transport):
                         f"{conn.out_bytes} bytes wait for the server; "
                         f"max_pending_bytes={self.max_pending_bytes}"
                     )
+                if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
+                    # The request's own inbox needs no frame (the server takes
+                    # its reply_to as interest); any other goes ahead of it.
+                    if self._deferred and message.reply_to is not None:
+                        self._deferred.pop(message.reply_to, None)
+                    if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
+                        extra = self._interest_changes()
+                        conn.out.append(extra)
+                        conn.out_bytes += len(extra)
                 conn.out.append(frame)
                 conn.out_bytes += size
             self._messages_out += 1
@@ -3457,7 +3495,12 @@ class TCPClientTransport(Transport):
         return True
 
     def open_inbox(self, topic: str) -> Inbox:
-        """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent."""
+        """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent.
+
+        An inbox topic (:data:`INBOX_PREFIXES`) named as ``reply_to`` by the
+        next message sent needs no frame of its own when the server speaks
+        the feature "reply": the request itself tells the server.
+        """
         inbox = self._local.open_inbox(topic)
         inner = inbox._on_close
 
@@ -3467,7 +3510,7 @@ class TCPClientTransport(Transport):
             self._interest_remove(topic)
 
         inbox._on_close = on_close
-        self._interest_add(topic, flush=False)
+        self._interest_add(topic, flush=False, defer=topic.startswith(INBOX_PREFIXES))
         return inbox
 
     @property
@@ -3499,15 +3542,21 @@ class TCPClientTransport(Transport):
                 self._receive_topics[topic] = None
             self._interest_add(topic)
 
-    def _interest_add(self, pattern: str, flush: bool = True) -> None:
+    def _interest_add(self, pattern: str, flush: bool = True, defer: bool = False) -> None:
         with self._lock:
             count = self._interest.get(pattern, 0)
             self._interest[pattern] = count + 1
             conn = self._conn
             if count or conn is None or not conn.handshake:
                 return
-            removed, self._removals = self._removals, []
-            conn.enqueue(_interest_frame(pattern, removed))
+            if self._removals and pattern in self._removals:
+                del self._removals[pattern]  # withdrawn but not told yet: still known
+                return
+            if defer and self._implicit:
+                self._deferred[pattern] = None  # sent with the next frame, or implied by it
+                return
+            removed, self._removals = list(self._removals), {}
+            conn.enqueue(_interest_frame([pattern], removed))
         if flush:
             self._kick(conn)
 
@@ -3519,16 +3568,25 @@ class TCPClientTransport(Transport):
                 self._interest[pattern] = count - 1
                 return
             self._interest.pop(pattern, None)
+            if pattern in self._deferred:  # the server never heard of it
+                del self._deferred[pattern]
+                return
             conn = self._conn
             if count and conn is not None and conn.handshake and not self._closed:
-                self._removals.append(pattern)
+                self._removals[pattern] = None
+
+    def _interest_changes(self) -> bytes:
+        # Called with self._lock held: deferred inboxes and withdrawn interest.
+        added = list(self._deferred)
+        self._deferred.clear()
+        removed, self._removals = list(self._removals), {}
+        return _interest_frame(added, removed)
 
     def _flush_removals(self, conn: _Connection) -> None:
         with self._lock:
-            if not self._removals or self._conn is not conn:
+            if (not self._removals and not self._deferred) or self._conn is not conn:
                 return
-            removed, self._removals = self._removals, []
-            conn.enqueue(_interest_frame(None, removed))
+            conn.enqueue(self._interest_changes())
 
     # -- connection set-up ------------------------------------------------------------------
 
@@ -3702,7 +3760,9 @@ class TCPClientTransport(Transport):
         conn.features = features
         with self._lock:
             frames: List[bytes] = []
-            self._removals = []  # the new connection learns the whole interest anyway
+            self._removals = {}  # the new connection learns the whole interest anyway
+            self._deferred = {}
+            self._implicit = handshake and "interest" in features and "reply" in features
             if handshake and self._interest:
                 frames.append(_control_frame("$interest", {"add": list(self._interest)}))
             self._ack_mode = "ack" in features
@@ -3954,7 +4014,7 @@ class TCPClientTransport(Transport):
             if silent > interval and not conn.ping_sent:
                 conn.ping_sent = True
                 conn.enqueue(_control_frame("$ping", {}))
-        if self._removals:
+        if self._removals or self._deferred:
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
