@@ -1659,6 +1659,12 @@ _ACK_DELAY = 0.02
 _RECV_SIZE = 256 * 1024
 _DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
 _DISPATCH_LOW_WATER = 5000
+# dispatch="leader": a handler that has run this long on the I/O thread makes
+# the standby thread take the I/O loop over; the standby checks this often
+# while handlers run, and sleeps until woken after a second without any.
+_TAKEOVER_AFTER = 0.002
+_STANDBY_IDLE = 1.0
+_DISPATCH_MODES = ("leader", "thread", "inline")
 _conn_ids = itertools.count(1)
 
 # Counters always present in TCPServerTransport.stats (each refusal has its own).
@@ -1821,6 +1827,7 @@ class _Connection:
         "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
         "ping_sent", "received", "acked", "interest", "events", "paused",
         "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
+        "pending", "running", "queued",
     )
 
     def __init__(
@@ -1859,6 +1866,12 @@ class _Connection:
         self.last_push = 0.0
         self.scheduled = False  # a flush by the I/O thread is pending
         self.implicit = False  # feature "reply": a request's inbox is implicit interest
+        # dispatch="leader": handler calls not run yet, in arrival order; a
+        # connection is run by one thread at a time (running), and waits in
+        # the server's ready queue (queued) while no thread runs it.
+        self.pending: Optional[Deque[Tuple[Tuple[Any, ...], Message]]] = None
+        self.running = False
+        self.queued = False
 
     def enqueue(self, data: bytes) -> int:
         """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
@@ -2203,14 +2216,37 @@ class TCPServerTransport(Transport):
         max_queue_size: int = 1000,
         max_interest: int = 10000,
         backlog: int = 512,
-        dispatch: str = "thread",
+        dispatch: str = "leader",
+        max_handler_threads: int = 32,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
-        if dispatch not in ("thread", "inline"):
-            raise ValueError(f"dispatch must be 'thread' or 'inline', not {dispatch!r}")
+        if dispatch not in _DISPATCH_MODES:
+            raise ValueError(
+                f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
+        if not isinstance(max_handler_threads, int) or max_handler_threads < 2:
+            raise ValueError(f"max_handler_threads must be an int >= 2, not {max_handler_threads!r}")
         self.dispatch = dispatch
         self._inline = dispatch == "inline"
+        self._leader = dispatch == "leader"
+        self.max_handler_threads = max_handler_threads
+        # dispatch="leader" state, guarded by _lf_lock (see _lf_main).
+        self._lf_lock = threading.Lock()
+        self._ready: Deque[_Connection] = collections.deque()
+        self._backlog = 0  # handler calls read but not started
+        self._high = False
+        self._busy_since = 0.0  # when the leader started its current handler call
+        self._handled = 0  # handler calls started (the standby watches it change)
+        self._in_handlers: Dict[int, _Connection] = {}  # thread ident -> connection it runs
+        self._standby: Optional[threading.Thread] = None
+        self._standby_asleep = False
+        self._standby_signal = threading.Lock()
+        self._standby_signal.acquire()
+        self._lf_threads: List[threading.Thread] = []
+        self._lf_count = 0  # live threads (leader, standby, handler threads)
+        self._lf_names = itertools.count(2)
+        self._lf_stop = False
+        self._loop_done = threading.Event()
         for name, value in (
             ("max_frame_size", max_frame_size),
             ("max_connections", max_connections),
@@ -2317,7 +2353,26 @@ class TCPServerTransport(Transport):
                 return
             self._closed = True
             loop = self._loop
-        if loop is not None:
+        if loop is not None and self._leader:
+            loop.call_soon(self._stop_reading)
+            self._reads_stopped.wait(5.0)
+            self._lf_drain(5.0)
+            loop.call_soon(self._shutdown)
+            self._loop_done.wait(5.0)
+            with self._lf_lock:
+                self._lf_stop = True
+                threads = list(self._lf_threads)
+                if self._standby_asleep:
+                    self._standby_asleep = False
+                    self._standby_signal.release()
+            me = threading.current_thread()
+            deadline = time.monotonic() + 5.0
+            for thread in threads:
+                if thread is not me:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+            if not self._loop_done.is_set():  # pragma: no cover - defensive
+                logger.error("tcp server: I/O loop did not stop within 5 s")
+        elif loop is not None:
             loop.call_soon(self._stop_reading)
             self._reads_stopped.wait(5.0)
             self._dispatcher.stop(5.0)
@@ -2396,7 +2451,7 @@ class TCPServerTransport(Transport):
         stats["frame_peers"] = len(self._broadcast)
         stats["outbound_bytes"] = sum(c.out_bytes for c in conns)
         stats["inbound_buffered"] = sum(c.decoder.buffered for c in conns)
-        stats["dispatch_backlog"] = self._dispatcher.backlog
+        stats["dispatch_backlog"] = self._backlog if self._leader else self._dispatcher.backlog
         return stats
 
     def __repr__(self) -> str:
@@ -2526,19 +2581,33 @@ class TCPServerTransport(Transport):
     # -- loop thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.ident = threading.get_ident()
+        if self._leader:
+            with self._lf_lock:
+                self._lf_count += 1
+                self._lf_threads.append(threading.current_thread())
+            self._lf_main("lead")
+        else:
+            self._lead()
+
+    def _lead(self) -> bool:
+        """Run the I/O loop on this thread; True if another thread took it over."""
         import selectors
 
         loop = self._loop
         assert loop is not None
-        loop.ident = threading.get_ident()
         listener = self._listener
         tick_every = 0.25
         next_tick = time.monotonic() + tick_every
         try:
-            while loop.thread is not None:
+            while True:
                 timeout = max(0.0, next_tick - time.monotonic())
                 if self._ack_due:
                     timeout = min(timeout, max(0.0, self._ack_at - time.monotonic()))
+                if self._dirty or self._ready:
+                    timeout = 0.0
                 for key, mask in loop.selector.select(timeout):
                     obj = key.data
                     if obj is None:
@@ -2554,6 +2623,8 @@ class TCPServerTransport(Transport):
                         except Exception:
                             logger.exception("tcp server: internal error on %s", obj.peer)
                             self._drop(obj, "internal_errors", "internal error (see traceback)")
+                if self._ready and not self._run_ready():
+                    return True  # demoted while running a handler: the loop goes on elsewhere
                 loop.run_calls()
                 if self._ack_due and time.monotonic() >= self._ack_at:
                     self._guarded(self._send_acks)
@@ -2567,10 +2638,209 @@ class TCPServerTransport(Transport):
                     break
         except Exception:  # pragma: no cover - a bug; never leave a silent dead server
             logger.exception("tcp server: I/O loop crashed; closing every connection")
-        finally:
-            self._teardown()
+        self._teardown()
+        self._loop_done.set()
+        return False
 
     _closing_done = False
+
+    # -- dispatch="leader": handlers on the thread that read their frames ----------
+    #
+    # The thread running the I/O loop (the leader) runs the handler calls of
+    # the frames it read itself, after the reads of one loop iteration, one
+    # connection at a time and in arrival order: no thread hand-off on the
+    # common path.  A standby thread watches: when a handler call has run for
+    # _TAKEOVER_AFTER on the leader (it blocks, or computes), the standby
+    # becomes the leader and runs the loop; the former leader finishes that
+    # connection's calls and then becomes the standby or ends.  A connection
+    # is run by one thread at a time, so its calls keep their order, and a
+    # handler may block (even on a request over this server) without
+    # stalling any socket.  At most max_handler_threads threads; when no
+    # standby can be had the leader leaves calls to the handler threads.
+
+    def _lf_main(self, role: str) -> None:
+        me = threading.current_thread()
+        try:
+            while True:
+                if role == "lead":
+                    if not self._lead():
+                        return
+                    role = "work"
+                if role == "work":
+                    self._lf_work()
+                    with self._lf_lock:
+                        if self._lf_stop or self._loop_done.is_set() or self._standby is not None:
+                            return
+                        self._standby = me
+                if not self._stand_by():
+                    return
+                role = "lead"
+        finally:
+            with self._lf_lock:
+                self._lf_count -= 1
+                if self._standby is me:
+                    self._standby = None
+
+    def _spawn_standby(self) -> bool:
+        """Start a standby thread if none exists and the bound allows; True if one exists."""
+        with self._lf_lock:
+            if self._standby is not None:
+                return True
+            if self._lf_count >= self.max_handler_threads or self._lf_stop:
+                return False
+            self._lf_count += 1
+            thread = threading.Thread(
+                target=self._lf_main, args=("standby",), daemon=True,
+                name=f"eventforge-tcp-server-io-{self._address[1]}-{next(self._lf_names)}",
+            )
+            self._standby = thread
+            self._lf_threads = [t for t in self._lf_threads if t.is_alive()]
+            self._lf_threads.append(thread)
+        thread.start()
+        return True
+
+    def _stand_by(self) -> bool:
+        """Wait to take the loop over from a leader stuck in a handler; False to end."""
+        loop = self._loop
+        assert loop is not None
+        me = threading.get_ident()
+        last = -1
+        active = _perf_counter()
+        while True:
+            deep = False
+            with self._lf_lock:
+                if self._lf_stop or self._loop_done.is_set():
+                    return False
+                since = self._busy_since
+                now = _perf_counter()
+                if since and now - since >= _TAKEOVER_AFTER:
+                    self._standby = None
+                    self._busy_since = 0.0
+                    loop.ident = me
+                    break
+                if self._handled != last:
+                    last = self._handled
+                    active = now
+                elif not since and now - active > _STANDBY_IDLE:
+                    self._standby_asleep = deep = True
+            if deep:
+                self._standby_signal.acquire()
+                active = _perf_counter()
+                continue
+            time.sleep(_TAKEOVER_AFTER - (now - since) if since else _TAKEOVER_AFTER)
+        self._spawn_standby()
+        return True
+
+    def _queue_handlers(self, conn: _Connection,
+                        batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+        # Loop thread: calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
+        with self._lf_lock:
+            pending = conn.pending
+            if pending is None:
+                pending = conn.pending = collections.deque()
+            pending.extend(batch)
+            self._backlog += len(batch)
+            if not conn.running and not conn.queued:
+                conn.queued = True
+                self._ready.append(conn)
+            high = self._backlog > _DISPATCH_HIGH_WATER and not self._high
+            if high:
+                self._high = True
+        if high and not self._paused:
+            self._set_paused(True)
+
+    def _run_ready(self) -> bool:
+        """Leader: run ready connections' handler calls; False if demoted meanwhile."""
+        loop = self._loop
+        assert loop is not None
+        me = threading.get_ident()
+        while True:
+            with self._lf_lock:
+                if not self._ready:
+                    return True
+                standby = self._standby is not None
+            if not standby and not self._spawn_standby():
+                return True  # nobody could take over: leave the calls to handler threads
+            with self._lf_lock:
+                if not self._ready:
+                    return True
+                conn = self._ready.popleft()
+                conn.queued = False
+                if conn.running:
+                    continue
+                conn.running = True
+            self._run_connection(conn)
+            if loop.ident != me:
+                return False
+            if self._dirty:
+                self._flush_dirty()
+
+    def _lf_work(self) -> None:
+        """A thread that is not the leader: run ready connections until none is left."""
+        while True:
+            with self._lf_lock:
+                if not self._ready or self._lf_stop:
+                    return
+                conn = self._ready.popleft()
+                conn.queued = False
+                if conn.running:
+                    continue
+                conn.running = True
+            self._run_connection(conn)
+
+    def _run_connection(self, conn: _Connection) -> None:
+        """Run ``conn``'s pending handler calls in order until none is left."""
+        loop = self._loop
+        assert loop is not None
+        me = threading.get_ident()
+        pending = conn.pending
+        assert pending is not None
+        lock = self._lf_lock
+        failed = self._local._handler_failed
+        with lock:
+            self._in_handlers[me] = conn
+        while True:
+            with lock:
+                if loop.ident == me:
+                    self._busy_since = 0.0
+                if not pending:
+                    conn.running = False
+                    del self._in_handlers[me]
+                    resume = self._high and self._backlog < _DISPATCH_LOW_WATER
+                    if resume:
+                        self._high = False
+                    break
+                subscriptions, message = pending.popleft()
+                self._backlog -= 1
+                self._handled += 1
+                if loop.ident == me:
+                    self._busy_since = _perf_counter()
+                    if self._standby_asleep:
+                        self._standby_asleep = False
+                        self._standby_signal.release()
+            for subscription in subscriptions:
+                if subscription.active:
+                    try:
+                        subscription.callback(message)
+                    except Exception as exc:
+                        failed(subscription, message, exc)
+        if resume:
+            self._dispatch_low()
+
+    def _lf_drain(self, timeout: float) -> bool:
+        """Wait until every handler call read so far has run (not counting our own)."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lf_lock:
+                others = sum(1 for ident in self._in_handlers if ident != me)
+                if not others and not self._ready:
+                    return True
+            if time.monotonic() >= deadline:
+                logger.warning("tcp server: %d handler call(s) not finished at close",
+                               self._backlog)
+                return False
+            time.sleep(0.002)  # only used while closing: polling is fine
 
     def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
         """Run a housekeeping step; a bug in it is logged, never kills the loop."""
@@ -2581,9 +2851,9 @@ class TCPServerTransport(Transport):
             logger.exception("tcp server: internal error in %s", func.__name__)
 
     def _flush_dirty(self) -> None:
-        dirty = list(self._dirty.values())
-        self._dirty.clear()
-        for conn in dirty:
+        dirty = self._dirty
+        while dirty:
+            conn = dirty.popitem()[1]
             if not conn.closed:
                 self._flush(conn)
 
@@ -2747,7 +3017,9 @@ class TCPServerTransport(Transport):
                 break
             self._on_frame(conn, body, batch)
         if batch:
-            if self._inline:
+            if self._leader:
+                self._queue_handlers(conn, batch)
+            elif self._inline:
                 self._run_inline(batch)
             else:
                 self._dispatcher.put_many(batch)
@@ -2828,6 +3100,8 @@ class TCPServerTransport(Transport):
         if subscriptions:
             if batch is not None:
                 batch.append((subscriptions, message))
+            elif self._leader:
+                self._queue_handlers(origin, [(subscriptions, message)])
             elif self._inline:
                 self._run_inline([(subscriptions, message)])
             else:
@@ -3050,7 +3324,7 @@ class TCPServerTransport(Transport):
         self._paused = paused
         if paused:
             logger.info("tcp server: %d messages wait for handlers; pausing reads",
-                        self._dispatcher.backlog)
+                        self._backlog if self._leader else self._dispatcher.backlog)
         for conn in list(self._conns.values()):
             self._update_events(conn)
 
