@@ -5774,6 +5774,10 @@ class RPCServer:
     def _respond(self, message: Message, request_id: str, value: Any,
                  error: Optional[Tuple[str, str, Optional[str]]], finish: bool = True,
                  outcome: Optional[str] = None) -> None:
+        if outcome is not None:
+            # Counted before the reply leaves: a caller that has its result
+            # must find the call counted in stats.
+            self._count(outcome)
         try:
             if not message.reply_to:
                 if error is not None:
@@ -5802,7 +5806,7 @@ class RPCServer:
                            self.service_name, message.reply_to, exc)
         finally:
             if finish:
-                self._finish(outcome)
+                self._finish()
 
     def __repr__(self) -> str:
         state = "serving" if self.serving else "stopped"
