@@ -1689,6 +1689,7 @@ _OK, _CLOSED, _OVERFLOW = 0, 1, 2
 _WRITE_NOW, _WRITE_SCHEDULE, _WRITE_PENDING = 0, 1, 2
 _HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
 _REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
+_CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
 _perf_counter = time.perf_counter
 
 
@@ -1827,7 +1828,7 @@ class _Connection:
         "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
         "ping_sent", "received", "acked", "interest", "events", "paused",
         "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
-        "pending", "running", "queued",
+        "pending", "running", "queued", "caller_reading", "poller",
     )
 
     def __init__(
@@ -1872,6 +1873,8 @@ class _Connection:
         self.pending: Optional[Deque[Tuple[Tuple[Any, ...], Message]]] = None
         self.running = False
         self.queued = False
+        self.caller_reading = False  # client: a waiting caller reads the socket itself
+        self.poller: Any = None
 
     def enqueue(self, data: bytes) -> int:
         """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
@@ -2017,6 +2020,16 @@ class _Loop:
             except OSError:
                 pass
         self.selector.close()
+
+
+def _epoll_mask(events: int, read: bool) -> int:
+    """The epoll mask of selector ``events``, with or without input."""
+    import select
+
+    mask = select.EPOLLOUT if events & 2 else 0  # selectors.EVENT_WRITE
+    if read and events & 1:  # selectors.EVENT_READ
+        mask |= select.EPOLLIN
+    return mask
 
 
 def _socketpair() -> Tuple[Any, Any]:
@@ -3424,6 +3437,25 @@ class TCPServerTransport(Transport):
             loop.close()
 
 
+class _ClientInbox(Inbox):
+    """A client's request inbox: ``get`` first reads the socket itself for a while.
+
+    The reply then wakes the waiting thread directly instead of waking the
+    client's I/O thread, which would wake the caller in turn.
+    """
+
+    _transport: Any = None
+
+    def get(self, timeout: Optional[float] = None) -> Optional[Message]:
+        if not self._messages and not self._closed and (timeout is None or timeout > 0):
+            budget = _CALLER_READ if timeout is None else min(timeout, _CALLER_READ)
+            started = _perf_counter()
+            self._transport._read_until(self, budget)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (_perf_counter() - started))
+        return Inbox.get(self, timeout)
+
+
 class TCPClientTransport(Transport):
     """A connection to a :class:`TCPServerTransport` (or the original eventforge server).
 
@@ -3520,6 +3552,12 @@ class TCPClientTransport(Transport):
         self._dispatcher = _Dispatcher(
             f"eventforge-tcp-client-dispatch-{host}:{port}", self._local, self._dispatch_low
         )
+        # Whoever decodes the socket holds _read_lock: the I/O thread, or a
+        # caller waiting for its reply (_read_until).  _sel_lock guards the
+        # selector registration, which both may change.
+        self._read_lock = threading.RLock()
+        self._sel_lock = threading.Lock()
+        self._epoll: Any = None  # the loop's epoll object, if the selector is epoll
         self._closing = threading.Event()
         self._connecting: Any = None
         self._started = False
@@ -3570,6 +3608,9 @@ class TCPClientTransport(Transport):
                     opened[0].close()
                     raise TransportClosedError("TCPClientTransport is closed")
                 loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
+                raw = getattr(loop.selector, "_selector", None)
+                if self.ssl_context is None and type(raw).__name__ == "epoll":
+                    self._epoll = raw
                 self._started = True
             self._install(*opened)
             loop.start(self._run)
@@ -3784,6 +3825,10 @@ class TCPClientTransport(Transport):
             self._interest_remove(topic)
 
         inbox._on_close = on_close
+        if self._epoll is not None:
+            # Same object, a subclass whose get() may read the socket itself.
+            inbox.__class__ = _ClientInbox
+            inbox._transport = self  # type: ignore[attr-defined]
         self._interest_add(topic, flush=False, defer=topic.startswith(INBOX_PREFIXES))
         return inbox
 
@@ -4119,21 +4164,66 @@ class TCPClientTransport(Transport):
     def _update_events(self, conn: _Connection) -> None:
         import selectors
 
-        if conn.closed or self._conn is not conn:
+        with self._sel_lock:
+            if conn.closed or self._conn is not conn:
+                return
+            events = 0 if conn.paused else selectors.EVENT_READ
+            if conn.blocked:
+                events |= selectors.EVENT_WRITE
+            if events == conn.events:
+                return
+            selector = self._loop.selector  # type: ignore[union-attr]
+            if conn.events == 0:
+                selector.register(conn.sock, events, conn)
+            elif events == 0:
+                selector.unregister(conn.sock)
+            else:
+                selector.modify(conn.sock, events, conn)
+            conn.events = events
+            if conn.caller_reading and events:
+                self._epoll.modify(conn.sock.fileno(), _epoll_mask(events, False))
+
+    def _read_until(self, inbox: Inbox, budget: float) -> None:
+        """Read the socket from a caller's thread until ``inbox`` has a message.
+
+        For at most ``budget`` seconds, and only if the I/O thread is not
+        reading: meanwhile the I/O thread's epoll does not watch the socket
+        for input, so the reply wakes this thread and no other.
+        """
+        conn = self._conn
+        if conn is None or conn.paused or not self._read_lock.acquire(False):
             return
-        events = 0 if conn.paused else selectors.EVENT_READ
-        if conn.blocked:
-            events |= selectors.EVENT_WRITE
-        if events == conn.events:
-            return
-        selector = self._loop.selector  # type: ignore[union-attr]
-        if conn.events == 0:
-            selector.register(conn.sock, events, conn)
-        elif events == 0:
-            selector.unregister(conn.sock)
-        else:
-            selector.modify(conn.sock, events, conn)
-        conn.events = events
+        try:
+            epoll = self._epoll
+            with self._sel_lock:
+                if self._conn is not conn or conn.closed or not conn.events:
+                    return
+                fd = conn.sock.fileno()
+                conn.caller_reading = True
+                epoll.modify(fd, _epoll_mask(conn.events, False))
+            try:
+                poller = conn.poller
+                if poller is None:
+                    import select
+
+                    poller = conn.poller = select.poll()
+                    poller.register(fd, select.POLLIN)
+                deadline = _perf_counter() + budget
+                while not inbox._messages and not inbox._closed:
+                    remaining = deadline - _perf_counter()
+                    if remaining <= 0:
+                        break
+                    if poller.poll(max(1, int(remaining * 1000))) and not self._read(conn):
+                        break
+            finally:
+                with self._sel_lock:
+                    conn.caller_reading = False
+                    if not conn.closed and conn.events:
+                        epoll.modify(fd, _epoll_mask(conn.events, True))
+        except OSError:  # the socket went away meanwhile: the I/O thread handles it
+            pass
+        finally:
+            self._read_lock.release()
 
     # -- loop thread ------------------------------------------------------------------------------
 
@@ -4189,28 +4279,38 @@ class TCPClientTransport(Transport):
             self._teardown()
 
     def _on_readable(self, conn: _Connection) -> None:
+        if self._read_lock.acquire(False):  # else a caller is reading it
+            try:
+                self._read(conn)
+            finally:
+                self._read_lock.release()
+
+    def _read(self, conn: _Connection) -> bool:
+        """Read and handle what arrived (holding _read_lock); False if the connection broke."""
         sock = conn.sock
+        loop = self._loop
+        assert loop is not None
         try:
             data = sock.recv(_RECV_SIZE)
             if conn.tls and data:
                 while sock.pending():
                     data += sock.recv(_RECV_SIZE)
         except _would_block_errors(conn.tls):
-            return
+            return True
         except OSError as exc:
-            self._lost(conn, f"read failed: {exc}")
-            return
+            self._lost_soon(conn, f"read failed: {exc}")
+            return False
         if not data:
-            self._lost(conn, "server closed the connection")
-            return
+            self._lost_soon(conn, "server closed the connection")
+            return False
         conn.last_recv = time.monotonic()
         conn.ping_sent = False
         try:
             bodies = conn.decoder.feed(data)
         except FrameTooLargeError as exc:
             self._counts["oversize_frames"] += 1
-            self._lost(conn, f"server sent an oversize frame: {exc}")
-            return
+            self._lost_soon(conn, f"server sent an oversize frame: {exc}")
+            return False
         batch: List[Tuple[Tuple[Any, ...], Message]] = []
         for body in bodies:
             control = _fast_control(body)
@@ -4233,7 +4333,18 @@ class TCPClientTransport(Transport):
             self._dispatcher.put_many(batch)
             if self._dispatcher.high and not conn.paused:
                 conn.paused = True
-                self._update_events(conn)
+                if loop.in_loop():
+                    self._update_events(conn)
+                else:
+                    loop.call_soon(lambda: self._update_events(conn))
+        return True
+
+    def _lost_soon(self, conn: _Connection, reason: str) -> None:
+        loop = self._loop
+        if loop is not None and not loop.in_loop():
+            loop.call_soon(lambda: self._lost(conn, reason))
+        else:
+            self._lost(conn, reason)
 
     def _deliver(self, message: Message, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
         topic = message.topic
@@ -4303,18 +4414,20 @@ class TCPClientTransport(Transport):
                 self._space.notify_all()
             for item in self._pending:
                 item[0] = 0
-        with conn.lock:
-            conn.closed = True
-            conn.out.clear()
-        if conn.events:
+        with self._read_lock:  # a caller may be reading it: wait for it to stop
+            with self._sel_lock:
+                with conn.lock:
+                    conn.closed = True
+                    conn.out.clear()
+                if conn.events:
+                    try:
+                        self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
+                    except (KeyError, ValueError, OSError):
+                        pass
             try:
-                self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
-            except (KeyError, ValueError, OSError):
+                conn.sock.close()
+            except OSError:
                 pass
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
         if self._closing.is_set():
             return
         self._counts["disconnects"] += 1
@@ -4369,7 +4482,7 @@ class TCPClientTransport(Transport):
             conn = self._conn
             self._conn = None
         if conn is not None:
-            with conn.lock:
+            with self._read_lock, self._sel_lock, conn.lock:
                 chunks = [bytes(conn.cur)] if conn.cur is not None else []
                 chunks.extend(conn.out)
                 conn.out.clear()
