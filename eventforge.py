@@ -598,12 +598,21 @@ def _parse_timestamp(value: Any) -> float:
     )
 
 
+_ts_prefix: Tuple[int, str] = (0, "1970-01-01T00:00:00")  # the last second formatted
+
+
 def _format_timestamp(epoch: float) -> str:
     """Format epoch seconds as ISO 8601 UTC with a ``Z`` suffix (microseconds)."""
+    global _ts_prefix
     micros = int(round(epoch * 1_000_000))
     seconds, micro = divmod(micros, 1_000_000)
-    # Not strftime: its %Y gives "1", not "0001", for small years on glibc.
-    text = "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*time.gmtime(seconds)[:6])
+    cached = _ts_prefix  # one tuple read: safe against a concurrent update
+    if cached[0] == seconds:
+        text = cached[1]
+    else:
+        # Not strftime: its %Y gives "1", not "0001", for small years on glibc.
+        text = "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*time.gmtime(seconds)[:6])
+        _ts_prefix = (seconds, text)
     return f"{text}.{micro:06d}Z" if micro else text + "Z"
 
 
