@@ -1800,11 +1800,18 @@ def _ssl_module() -> Any:
     return ssl
 
 
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+_TLS_WOULD_BLOCK: Tuple[Type[BaseException], ...] = _WOULD_BLOCK  # + ssl's, once used
+
+
 def _would_block_errors(tls: bool) -> Tuple[Type[BaseException], ...]:
+    global _TLS_WOULD_BLOCK
     if tls:
         ssl = _ssl_module()
-        return (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-    return (BlockingIOError, InterruptedError)
+        _TLS_WOULD_BLOCK = (BlockingIOError, InterruptedError,
+                            ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        return _TLS_WOULD_BLOCK
+    return _WOULD_BLOCK
 
 
 def _describe_garbage(header: bytes) -> str:
@@ -1846,6 +1853,8 @@ class _Connection:
         self.sock = sock
         self.peer = peer
         self.id = next(_conn_ids)
+        if tls:
+            _would_block_errors(True)  # sets _TLS_WOULD_BLOCK for write()
         self.decoder = FrameDecoder(max_frame_size)
         self.tls = tls
         self.lock = threading.Lock()
@@ -1904,34 +1913,37 @@ class _Connection:
         full (the caller arranges for EVENT_WRITE), None when another thread is
         writing or the connection is closed.  Raises OSError if the socket broke.
         """
-        with self.lock:
+        lock = self.lock
+        with lock:
             if self.writing or self.closed:
                 return None
-            if self.cur is None and not self.out:
-                return True
+            data = self.cur
+            if data is None:
+                out = self.out
+                if not out:
+                    return True
+                data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
+                out.clear()
             self.writing = True
         sock = self.sock
+        would_block = _TLS_WOULD_BLOCK if self.tls else _WOULD_BLOCK
         try:
             while True:
-                with self.lock:
-                    data = self.cur
-                    if data is None:
+                try:
+                    sent = sock.send(data)
+                except would_block:
+                    sent = 0
+                with lock:
+                    self.out_bytes -= sent
+                    if sent == len(data):
                         out = self.out
                         if not out:
+                            self.cur = None
                             self.writing = False
                             self.blocked = False
                             return True
-                        data = out.popleft() if len(out) == 1 else b"".join(out)
+                        data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
                         out.clear()
-                        self.cur = data
-                try:
-                    sent = sock.send(data)
-                except _would_block_errors(self.tls):
-                    sent = 0
-                with self.lock:
-                    self.out_bytes -= sent
-                    if sent == len(data):
-                        self.cur = None
                         continue
                     if sent:
                         self.cur = memoryview(data)[sent:] if not self.tls else data
@@ -1939,7 +1951,7 @@ class _Connection:
                     self.blocked = True
                     return False
         except BaseException:
-            with self.lock:
+            with lock:
                 self.writing = False
             raise
 
@@ -2776,21 +2788,23 @@ class TCPServerTransport(Transport):
         loop = self._loop
         assert loop is not None
         me = threading.get_ident()
+        ready = self._ready
         while True:
             with self._lf_lock:
-                if not self._ready:
+                if not ready:
                     return True
-                standby = self._standby is not None
-            if not standby and not self._spawn_standby():
-                return True  # nobody could take over: leave the calls to handler threads
-            with self._lf_lock:
-                if not self._ready:
-                    return True
-                conn = self._ready.popleft()
-                conn.queued = False
-                if conn.running:
-                    continue
-                conn.running = True
+                if self._standby is None:
+                    conn = None
+                else:
+                    conn = ready.popleft()
+                    conn.queued = False
+                    if conn.running:
+                        continue
+                    conn.running = True
+            if conn is None:
+                if not self._spawn_standby():
+                    return True  # nobody could take over: leave the calls to handler threads
+                continue
             self._run_connection(conn)
             if loop.ident != me:
                 return False
@@ -2819,15 +2833,15 @@ class TCPServerTransport(Transport):
         assert pending is not None
         lock = self._lf_lock
         failed = self._local._handler_failed
-        with lock:
-            self._in_handlers[me] = conn
+        in_handlers = self._in_handlers
+        in_handlers[me] = conn  # under the GIL: a dict store is atomic
         while True:
             with lock:
                 if loop.ident == me:
                     self._busy_since = 0.0
                 if not pending:
                     conn.running = False
-                    del self._in_handlers[me]
+                    del in_handlers[me]
                     resume = self._high and self._backlog < _DISPATCH_LOW_WATER
                     if resume:
                         self._high = False
