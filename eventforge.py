@@ -2801,6 +2801,7 @@ class TCPServerTransport(Transport):
                     if conn.running:
                         continue
                     conn.running = True
+                    self._in_handlers[me] = conn
             if conn is None:
                 if not self._spawn_standby():
                     return True  # nobody could take over: leave the calls to handler threads
@@ -2813,6 +2814,7 @@ class TCPServerTransport(Transport):
 
     def _lf_work(self) -> None:
         """A thread that is not the leader: run ready connections until none is left."""
+        me = threading.get_ident()
         while True:
             with self._lf_lock:
                 if not self._ready or self._lf_stop:
@@ -2822,10 +2824,15 @@ class TCPServerTransport(Transport):
                 if conn.running:
                     continue
                 conn.running = True
+                self._in_handlers[me] = conn
             self._run_connection(conn)
 
     def _run_connection(self, conn: _Connection) -> None:
-        """Run ``conn``'s pending handler calls in order until none is left."""
+        """Run ``conn``'s pending handler calls in order until none is left.
+
+        The caller set ``conn.running`` and registered itself in _in_handlers,
+        under _lf_lock, in the same step that took ``conn`` off the ready queue.
+        """
         loop = self._loop
         assert loop is not None
         me = threading.get_ident()
@@ -2834,7 +2841,6 @@ class TCPServerTransport(Transport):
         lock = self._lf_lock
         failed = self._local._handler_failed
         in_handlers = self._in_handlers
-        in_handlers[me] = conn  # under the GIL: a dict store is atomic
         while True:
             with lock:
                 if loop.ident == me:
