@@ -1637,6 +1637,7 @@ class MemoryTransport(Transport):
 #   client -> server  $auth      {proof}             only when the server has a secret
 #   server -> client  $ready     {proof}             only when the server has a secret
 #   client -> server  $interest  {add: [...], remove: [...]}
+#                     (feature "reply": a request's inbox reply_to is an implied add)
 #   server -> client  $ack       {n}                 data frames received so far
 #   either way        $ping {} / $pong {}
 #   server -> client  $error     {code, reason}      just before the server closes
@@ -1645,14 +1646,17 @@ class MemoryTransport(Transport):
 # eventforge client): it receives every message the server routes, and is
 # refused when the server has a secret.
 #
-# I/O model: one selector thread per server (accepts, reads, and writes what
+# I/O model: one selector loop per server (accepts, reads, and writes what
 # the kernel would not take at once) and one per client; a sender writes
 # directly from its own thread when the connection is idle, so a request or a
 # reply costs no thread hop on the way out.  Messages that arrive from the
-# network reach inboxes and blocked receivers straight from the I/O thread,
-# while subscriber callbacks run on one dispatcher thread per transport, in
-# arrival order, so a handler may block (even on a request over the same
-# connection) without stalling any socket.
+# network reach inboxes and blocked receivers straight from the reading
+# thread.  The server runs subscriber callbacks on the thread that read the
+# frame and hands the loop to a standby thread when one blocks (leader/
+# follower, see _lf_main); the client runs them on a dispatcher thread, and a
+# caller waiting for a reply reads the socket itself (_read_until).  Either
+# way a handler may block (even on a request over the same connection)
+# without stalling any socket, and one connection's messages keep their order.
 
 #: Version of the handshake protocol spoken by this module.
 PROTOCOL_VERSION = 1
@@ -2225,13 +2229,17 @@ class TCPServerTransport(Transport):
     :class:`ssl.SSLContext`) wraps every connection in TLS.  Every refused
     input is logged with its reason and counted in :attr:`stats`.
 
-    ``dispatch="thread"`` (the default) runs subscriber callbacks for network
-    messages on a dispatcher thread, so a handler may block, even on a
-    request over this same server.  ``dispatch="inline"`` runs them on the
-    I/O thread, which saves a thread hop per message; use it only when
-    handlers return quickly and never wait for network traffic (for example
-    when they hand the work to an executor): while a handler runs, no socket
-    of this server is served.
+    ``dispatch="leader"`` (the default) runs subscriber callbacks for network
+    messages on the thread that read them; when one runs for 2 ms a standby
+    thread takes the I/O loop over, so a handler may block, even on a
+    request over this same server.  Each connection's callbacks run one at a
+    time in arrival order; different connections' may run concurrently once
+    one blocks (at most ``max_handler_threads`` threads).
+    ``dispatch="thread"`` runs every callback on one dispatcher thread, one
+    at a time (a thread hop per message).  ``dispatch="inline"`` runs them on
+    the I/O thread with no standby; use it only when handlers return quickly
+    and never wait for network traffic: while a handler runs, no socket of
+    this server is served.
     """
 
     def __init__(
@@ -2259,7 +2267,8 @@ class TCPServerTransport(Transport):
             raise ValueError(
                 f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
         if not isinstance(max_handler_threads, int) or max_handler_threads < 2:
-            raise ValueError(f"max_handler_threads must be an int >= 2, not {max_handler_threads!r}")
+            raise ValueError(
+                f"max_handler_threads must be an int >= 2, not {max_handler_threads!r}")
         self.dispatch = dispatch
         self._inline = dispatch == "inline"
         self._leader = dispatch == "leader"
@@ -3493,7 +3502,9 @@ class TCPClientTransport(Transport):
     frames from many threads never interleave.  ``subscribe``, ``receive``
     and request inboxes tell the server what this client wants (its
     *interest*); the server then sends only matching messages.  Subscriber
-    callbacks run on one dispatcher thread, in arrival order.
+    callbacks run on one dispatcher thread, in arrival order; a thread
+    waiting for a request's reply reads the socket itself for a few
+    milliseconds, so the reply wakes it directly.
 
     If the connection drops, the client reconnects (``reconnect=True``) with
     capped exponential backoff and jitter (``backoff_initial`` ..
