@@ -2199,6 +2199,13 @@ def _deliver_local(
         subscriptions: Tuple[Any, ...] = ()
     else:
         subscriptions = trie.match(topic)
+    if (taken and not subscriptions and topic not in local._inboxes
+            and topic not in local._waiters):
+        # Nothing here can take it (a reply going to its requester, say): no lock.
+        if local._closed:
+            raise TransportClosedError("transport is closed")
+        next(local._sent)
+        return subscriptions
     with local._lock:
         if local._closed:
             raise TransportClosedError("transport is closed")
@@ -2433,7 +2440,8 @@ class TCPServerTransport(Transport):
     def send(self, message: Message) -> None:
         """Route ``message`` to matching clients and deliver it locally."""
         topic = message.topic
-        validate_topic(topic)
+        if type(topic) is not str or topic not in self._exact:  # keys there are valid
+            validate_topic(topic)
         if self._local._closed:
             raise TransportClosedError("TCPServerTransport is closed")
         targets, taken = self._targets(topic, None)
@@ -2641,6 +2649,7 @@ class TCPServerTransport(Transport):
 
         loop = self._loop
         assert loop is not None
+        me = threading.get_ident()
         listener = self._listener
         tick_every = 0.25
         next_tick = time.monotonic() + tick_every
@@ -2666,6 +2675,8 @@ class TCPServerTransport(Transport):
                         except Exception:
                             logger.exception("tcp server: internal error on %s", obj.peer)
                             self._drop(obj, "internal_errors", "internal error (see traceback)")
+                        if loop.ident != me:
+                            return True  # demoted in a handler: the loop goes on elsewhere
                 if self._ready and not self._run_ready():
                     return True  # demoted while running a handler: the loop goes on elsewhere
                 loop.run_calls()
@@ -2811,11 +2822,12 @@ class TCPServerTransport(Transport):
                         continue
                     conn.running = True
                     self._in_handlers[me] = conn
+                    call = self._next_call(conn, me)
             if conn is None:
                 if not self._spawn_standby():
                     return True  # nobody could take over: leave the calls to handler threads
                 continue
-            self._run_connection(conn)
+            self._run_connection(conn, call)
             if loop.ident != me:
                 return False
             if self._dirty:
@@ -2834,49 +2846,56 @@ class TCPServerTransport(Transport):
                     continue
                 conn.running = True
                 self._in_handlers[me] = conn
-            self._run_connection(conn)
+                call = self._next_call(conn, me)
+            self._run_connection(conn, call)
 
-    def _run_connection(self, conn: _Connection) -> None:
-        """Run ``conn``'s pending handler calls in order until none is left.
+    def _next_call(self, conn: _Connection, me: int) -> Any:
+        """Take ``conn``'s next handler call, or release ``conn`` if none is left.
 
-        The caller set ``conn.running`` and registered itself in _in_handlers,
-        under _lf_lock, in the same step that took ``conn`` off the ready queue.
+        Called with _lf_lock held by the thread running ``conn`` (``me``,
+        registered in _in_handlers).  Keeps the leader's busy mark, which the
+        standby watches, for the call taken.
         """
-        loop = self._loop
-        assert loop is not None
-        me = threading.get_ident()
+        leader = self._loop.ident == me  # type: ignore[union-attr]
         pending = conn.pending
-        assert pending is not None
+        if not pending:
+            conn.running = False
+            del self._in_handlers[me]
+            if leader:
+                self._busy_since = 0.0
+            if self._high and self._backlog < _DISPATCH_LOW_WATER:
+                self._high = False
+                self._dispatch_low()
+            return None
+        self._backlog -= 1
+        self._handled += 1
+        if leader:
+            self._busy_since = _perf_counter()
+            if self._standby_asleep:
+                self._standby_asleep = False
+                self._standby_signal.release()
+        return pending.popleft()
+
+    def _run_connection(self, conn: _Connection, call: Any) -> None:
+        """Run ``call`` and then ``conn``'s other pending handler calls, in order.
+
+        The caller set ``conn.running``, registered itself in _in_handlers and
+        took ``call`` with _next_call, under _lf_lock, in the same step that
+        took ``conn`` off the ready queue.
+        """
+        me = threading.get_ident()
         lock = self._lf_lock
         failed = self._local._handler_failed
-        in_handlers = self._in_handlers
-        while True:
-            with lock:
-                if loop.ident == me:
-                    self._busy_since = 0.0
-                if not pending:
-                    conn.running = False
-                    del in_handlers[me]
-                    resume = self._high and self._backlog < _DISPATCH_LOW_WATER
-                    if resume:
-                        self._high = False
-                    break
-                subscriptions, message = pending.popleft()
-                self._backlog -= 1
-                self._handled += 1
-                if loop.ident == me:
-                    self._busy_since = _perf_counter()
-                    if self._standby_asleep:
-                        self._standby_asleep = False
-                        self._standby_signal.release()
+        while call is not None:
+            subscriptions, message = call
             for subscription in subscriptions:
                 if subscription.active:
                     try:
                         subscription.callback(message)
                     except Exception as exc:
                         failed(subscription, message, exc)
-        if resume:
-            self._dispatch_low()
+            with lock:
+                call = self._next_call(conn, me)
 
     def _lf_drain(self, timeout: float) -> bool:
         """Wait until every handler call read so far has run (not counting our own)."""
@@ -3067,9 +3086,13 @@ class TCPServerTransport(Transport):
             if conn.closed:
                 break
             self._on_frame(conn, body, batch)
+        run_now = None
         if batch:
             if self._leader:
-                self._queue_handlers(conn, batch)
+                if conn.running or conn.pending or self._standby is None:
+                    self._queue_handlers(conn, batch)
+                else:
+                    run_now = batch  # after the acknowledgement below
             elif self._inline:
                 self._run_inline(batch)
             else:
@@ -3081,8 +3104,21 @@ class TCPServerTransport(Transport):
                 self._ack(conn)
             else:
                 if not self._ack_due:
-                    self._ack_at = time.monotonic() + _ACK_DELAY
+                    self._ack_at = now + _ACK_DELAY
                 self._ack_due[conn.id] = conn
+        if run_now is not None:
+            # dispatch="leader", nothing of this connection waits: run its
+            # handlers here.  _lead checks afterwards whether we still lead.
+            me = threading.get_ident()
+            with self._lf_lock:
+                conn.running = True
+                self._in_handlers[me] = conn
+                if conn.pending is None:
+                    conn.pending = collections.deque()
+                conn.pending.extend(run_now)
+                self._backlog += len(run_now)
+                call = self._next_call(conn, me)
+            self._run_connection(conn, call)
 
     @staticmethod
     def _eof_reason(conn: _Connection, what: str) -> str:
