@@ -881,6 +881,7 @@ def _reject_constant(name: str) -> Any:
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_raw_decode = _decoder.raw_decode
 
 
 def decode(body: Any) -> Message:
@@ -895,7 +896,12 @@ def decode(body: Any) -> Message:
     except UnicodeDecodeError as exc:
         raise FrameError(f"frame is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        obj = _decoder.decode(text)
+        try:
+            obj, end = _raw_decode(text)  # the common case, without the whitespace scans
+        except ValueError:
+            end = -1  # leading whitespace or invalid: the full decoder says which
+        if end != len(text):
+            obj = _decoder.decode(text)
     except RecursionError:
         raise FrameError("frame JSON is nested too deeply") from None
     except ValueError as exc:
@@ -941,15 +947,16 @@ def _message_from_dict(obj: Any) -> Message:
             _parse_timestamp(ts)
     elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
-    return Message(
-        topic,
-        obj.get("payload"),
-        id=_optional_str(obj, "id"),
-        headers=headers,
-        timestamp=ts,
-        reply_to=_optional_str(obj, "reply_to"),
-        correlation_id=_optional_str(obj, "correlation_id"),
-    )
+    message = _new_object(Message)  # Message.__init__ without its keyword parsing
+    message_id = _optional_str(obj, "id")
+    message.id = message_id if message_id is not None else _id_template % next(_ids)
+    message.topic = topic
+    message.payload = obj.get("payload")
+    message.headers = headers
+    message._ts = ts
+    message.reply_to = _optional_str(obj, "reply_to")
+    message.correlation_id = _optional_str(obj, "correlation_id")
+    return message
 
 
 class FrameDecoder:
