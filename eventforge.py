@@ -2054,13 +2054,19 @@ class _Loop:
         self.selector.close()
 
 
+_EPOLL_MASKS: Dict[Tuple[int, bool], int] = {}
+
+
 def _epoll_mask(events: int, read: bool) -> int:
     """The epoll mask of selector ``events``, with or without input."""
-    import select
+    mask = _EPOLL_MASKS.get((events, read))
+    if mask is None:
+        import select
 
-    mask = select.EPOLLOUT if events & 2 else 0  # selectors.EVENT_WRITE
-    if read and events & 1:  # selectors.EVENT_READ
-        mask |= select.EPOLLIN
+        mask = select.EPOLLOUT if events & 2 else 0  # selectors.EVENT_WRITE
+        if read and events & 1:  # selectors.EVENT_READ
+            mask |= select.EPOLLIN
+        _EPOLL_MASKS[(events, read)] = mask
     return mask
 
 
@@ -2206,8 +2212,15 @@ def _deliver_local(
         subscriptions: Tuple[Any, ...] = ()
     else:
         subscriptions = trie.match(topic)
-    if (taken and not subscriptions and topic not in local._inboxes
-            and topic not in local._waiters):
+    if not subscriptions:
+        inbox = local._inboxes.get(topic)
+        if inbox is not None:  # a reply for a waiting requester: its inbox locks itself
+            if local._closed:
+                raise TransportClosedError("transport is closed")
+            next(local._sent)
+            inbox.put(message)
+            return subscriptions
+    if taken and not subscriptions and topic not in local._waiters:
         # Nothing here can take it (a reply going to its requester, say): no lock.
         if local._closed:
             raise TransportClosedError("transport is closed")
