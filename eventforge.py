@@ -605,12 +605,21 @@ def _parse_timestamp(value: Any) -> float:
     )
 
 
+_ts_prefix: Tuple[int, str] = (0, "1970-01-01T00:00:00")  # the last second formatted
+
+
 def _format_timestamp(epoch: float) -> str:
     """Format epoch seconds as ISO 8601 UTC with a ``Z`` suffix (microseconds)."""
+    global _ts_prefix
     micros = int(round(epoch * 1_000_000))
     seconds, micro = divmod(micros, 1_000_000)
-    # Not strftime: its %Y gives "1", not "0001", for small years on glibc.
-    text = "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*time.gmtime(seconds)[:6])
+    cached = _ts_prefix  # one tuple read: safe against a concurrent update
+    if cached[0] == seconds:
+        text = cached[1]
+    else:
+        # Not strftime: its %Y gives "1", not "0001", for small years on glibc.
+        text = "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*time.gmtime(seconds)[:6])
+        _ts_prefix = (seconds, text)
     return f"{text}.{micro:06d}Z" if micro else text + "Z"
 
 
@@ -879,6 +888,7 @@ def _reject_constant(name: str) -> Any:
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_raw_decode = _decoder.raw_decode
 
 
 def decode(body: Any) -> Message:
@@ -893,7 +903,12 @@ def decode(body: Any) -> Message:
     except UnicodeDecodeError as exc:
         raise FrameError(f"frame is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        obj = _decoder.decode(text)
+        try:
+            obj, end = _raw_decode(text)  # the common case, without the whitespace scans
+        except ValueError:
+            end = -1  # leading whitespace or invalid: the full decoder says which
+        if end != len(text):
+            obj = _decoder.decode(text)
     except RecursionError:
         raise FrameError("frame JSON is nested too deeply") from None
     except ValueError as exc:
@@ -939,15 +954,16 @@ def _message_from_dict(obj: Any) -> Message:
             _parse_timestamp(ts)
     elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
-    return Message(
-        topic,
-        obj.get("payload"),
-        id=_optional_str(obj, "id"),
-        headers=headers,
-        timestamp=ts,
-        reply_to=_optional_str(obj, "reply_to"),
-        correlation_id=_optional_str(obj, "correlation_id"),
-    )
+    message = _new_object(Message)  # Message.__init__ without its keyword parsing
+    message_id = _optional_str(obj, "id")
+    message.id = message_id if message_id is not None else _id_template % next(_ids)
+    message.topic = topic
+    message.payload = obj.get("payload")
+    message.headers = headers
+    message._ts = ts
+    message.reply_to = _optional_str(obj, "reply_to")
+    message.correlation_id = _optional_str(obj, "correlation_id")
+    return message
 
 
 class FrameDecoder:
@@ -1635,6 +1651,7 @@ class MemoryTransport(Transport):
 #   client -> server  $auth      {proof}             only when the server has a secret
 #   server -> client  $ready     {proof}             only when the server has a secret
 #   client -> server  $interest  {add: [...], remove: [...]}
+#                     (feature "reply": a request's inbox reply_to is an implied add)
 #   server -> client  $ack       {n}                 data frames received so far
 #   either way        $ping {} / $pong {}
 #   server -> client  $error     {code, reason}      just before the server closes
@@ -1643,21 +1660,24 @@ class MemoryTransport(Transport):
 # eventforge client): it receives every message the server routes, and is
 # refused when the server has a secret.
 #
-# I/O model: one selector thread per server (accepts, reads, and writes what
+# I/O model: one selector loop per server (accepts, reads, and writes what
 # the kernel would not take at once) and one per client; a sender writes
 # directly from its own thread when the connection is idle, so a request or a
 # reply costs no thread hop on the way out.  Messages that arrive from the
-# network reach inboxes and blocked receivers straight from the I/O thread,
-# while subscriber callbacks run on one dispatcher thread per transport, in
-# arrival order, so a handler may block (even on a request over the same
-# connection) without stalling any socket.
+# network reach inboxes and blocked receivers straight from the reading
+# thread.  The server runs subscriber callbacks on the thread that read the
+# frame and hands the loop to a standby thread when one blocks (leader/
+# follower, see _lf_main); the client runs them on a dispatcher thread, and a
+# caller waiting for a reply reads the socket itself (_read_until).  Either
+# way a handler may block (even on a request over the same connection)
+# without stalling any socket, and one connection's messages keep their order.
 
 #: Version of the handshake protocol spoken by this module.
 PROTOCOL_VERSION = 1
 #: Default TCP port of the original eventforge.
 DEFAULT_TCP_PORT = 9090
 
-_FEATURES = frozenset(("interest", "ack", "ping"))
+_FEATURES = frozenset(("interest", "ack", "ping", "reply"))
 _HANDSHAKE_MAX_FRAME = 4096  # read cap before a secret-protected peer has authenticated
 _AUTH_LABEL_CLIENT = b"eventforge-v1 client"
 _AUTH_LABEL_SERVER = b"eventforge-v1 server"
@@ -1666,6 +1686,12 @@ _ACK_DELAY = 0.02
 _RECV_SIZE = 256 * 1024
 _DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
 _DISPATCH_LOW_WATER = 5000
+# dispatch="leader": a handler that has run this long on the I/O thread makes
+# the standby thread take the I/O loop over; the standby checks this often
+# while handlers run, and sleeps until woken after a second without any.
+_TAKEOVER_AFTER = 0.002
+_STANDBY_IDLE = 1.0
+_DISPATCH_MODES = ("leader", "thread", "inline")
 _conn_ids = itertools.count(1)
 
 # Counters always present in TCPServerTransport.stats (each refusal has its own).
@@ -1689,6 +1715,8 @@ _OK, _CLOSED, _OVERFLOW = 0, 1, 2
 # Results of _Connection.defer
 _WRITE_NOW, _WRITE_SCHEDULE, _WRITE_PENDING = 0, 1, 2
 _HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
+_REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
+_CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
 _perf_counter = time.perf_counter
 
 
@@ -1731,15 +1759,15 @@ def _json_topic(topic: str) -> str:
     return '"' + topic + '"'
 
 
-def _interest_frame(added: Optional[str], removed: List[str]) -> bytes:
-    """``$interest`` adding one pattern and/or removing some (all already valid).
+def _interest_frame(added: List[str], removed: List[str]) -> bytes:
+    """``$interest`` adding and/or removing patterns (all already valid).
 
     Byte-identical to ``_control_frame("$interest", {"add": [...], "remove": [...]})``
-    with the empty list left out.
+    with an empty list left out.
     """
     parts = []
-    if added is not None:
-        parts.append('"add":[' + _json_topic(added) + "]")
+    if added:
+        parts.append('"add":[' + ",".join(map(_json_topic, added)) + "]")
     if removed:
         parts.append('"remove":[' + ",".join(map(_json_topic, removed)) + "]")
     body = ('{"topic":"$interest","payload":{' + ",".join(parts) + "}}").encode()
@@ -1790,11 +1818,18 @@ def _ssl_module() -> Any:
     return ssl
 
 
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+_TLS_WOULD_BLOCK: Tuple[Type[BaseException], ...] = _WOULD_BLOCK  # + ssl's, once used
+
+
 def _would_block_errors(tls: bool) -> Tuple[Type[BaseException], ...]:
+    global _TLS_WOULD_BLOCK
     if tls:
         ssl = _ssl_module()
-        return (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-    return (BlockingIOError, InterruptedError)
+        _TLS_WOULD_BLOCK = (BlockingIOError, InterruptedError,
+                            ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        return _TLS_WOULD_BLOCK
+    return _WOULD_BLOCK
 
 
 def _describe_garbage(header: bytes) -> str:
@@ -1826,7 +1861,8 @@ class _Connection:
         "max_outbound", "cur", "writing", "blocked", "closed", "state", "handshake",
         "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
         "ping_sent", "received", "acked", "interest", "events", "paused",
-        "bytes_in", "peer_ping", "last_push", "scheduled",
+        "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
+        "pending", "running", "queued", "caller_reading", "poller",
     )
 
     def __init__(
@@ -1835,6 +1871,8 @@ class _Connection:
         self.sock = sock
         self.peer = peer
         self.id = next(_conn_ids)
+        if tls:
+            _would_block_errors(True)  # sets _TLS_WOULD_BLOCK for write()
         self.decoder = FrameDecoder(max_frame_size)
         self.tls = tls
         self.lock = threading.Lock()
@@ -1864,6 +1902,15 @@ class _Connection:
         self.peer_ping: Optional[float] = None
         self.last_push = 0.0
         self.scheduled = False  # a flush by the I/O thread is pending
+        self.implicit = False  # feature "reply": a request's inbox is implicit interest
+        # dispatch="leader": handler calls not run yet, in arrival order; a
+        # connection is run by one thread at a time (running), and waits in
+        # the server's ready queue (queued) while no thread runs it.
+        self.pending: Optional[Deque[Tuple[Tuple[Any, ...], Message]]] = None
+        self.running = False
+        self.queued = False
+        self.caller_reading = False  # client: a waiting caller reads the socket itself
+        self.poller: Any = None
 
     def enqueue(self, data: bytes) -> int:
         """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
@@ -1884,34 +1931,37 @@ class _Connection:
         full (the caller arranges for EVENT_WRITE), None when another thread is
         writing or the connection is closed.  Raises OSError if the socket broke.
         """
-        with self.lock:
+        lock = self.lock
+        with lock:
             if self.writing or self.closed:
                 return None
-            if self.cur is None and not self.out:
-                return True
+            data = self.cur
+            if data is None:
+                out = self.out
+                if not out:
+                    return True
+                data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
+                out.clear()
             self.writing = True
         sock = self.sock
+        would_block = _TLS_WOULD_BLOCK if self.tls else _WOULD_BLOCK
         try:
             while True:
-                with self.lock:
-                    data = self.cur
-                    if data is None:
+                try:
+                    sent = sock.send(data)
+                except would_block:
+                    sent = 0
+                with lock:
+                    self.out_bytes -= sent
+                    if sent == len(data):
                         out = self.out
                         if not out:
+                            self.cur = None
                             self.writing = False
                             self.blocked = False
                             return True
-                        data = out.popleft() if len(out) == 1 else b"".join(out)
+                        data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
                         out.clear()
-                        self.cur = data
-                try:
-                    sent = sock.send(data)
-                except _would_block_errors(self.tls):
-                    sent = 0
-                with self.lock:
-                    self.out_bytes -= sent
-                    if sent == len(data):
-                        self.cur = None
                         continue
                     if sent:
                         self.cur = memoryview(data)[sent:] if not self.tls else data
@@ -1919,7 +1969,7 @@ class _Connection:
                     self.blocked = True
                     return False
         except BaseException:
-            with self.lock:
+            with lock:
                 self.writing = False
             raise
 
@@ -2009,6 +2059,22 @@ class _Loop:
             except OSError:
                 pass
         self.selector.close()
+
+
+_EPOLL_MASKS: Dict[Tuple[int, bool], int] = {}
+
+
+def _epoll_mask(events: int, read: bool) -> int:
+    """The epoll mask of selector ``events``, with or without input."""
+    mask = _EPOLL_MASKS.get((events, read))
+    if mask is None:
+        import select
+
+        mask = select.EPOLLOUT if events & 2 else 0  # selectors.EVENT_WRITE
+        if read and events & 1:  # selectors.EVENT_READ
+            mask |= select.EPOLLIN
+        _EPOLL_MASKS[(events, read)] = mask
+    return mask
 
 
 def _socketpair() -> Tuple[Any, Any]:
@@ -2153,6 +2219,20 @@ def _deliver_local(
         subscriptions: Tuple[Any, ...] = ()
     else:
         subscriptions = trie.match(topic)
+    if not subscriptions:
+        inbox = local._inboxes.get(topic)
+        if inbox is not None:  # a reply for a waiting requester: its inbox locks itself
+            if local._closed:
+                raise TransportClosedError("transport is closed")
+            next(local._sent)
+            inbox.put(message)
+            return subscriptions
+    if taken and not subscriptions and topic not in local._waiters:
+        # Nothing here can take it (a reply going to its requester, say): no lock.
+        if local._closed:
+            raise TransportClosedError("transport is closed")
+        next(local._sent)
+        return subscriptions
     with local._lock:
         if local._closed:
             raise TransportClosedError("transport is closed")
@@ -2183,13 +2263,17 @@ class TCPServerTransport(Transport):
     :class:`ssl.SSLContext`) wraps every connection in TLS.  Every refused
     input is logged with its reason and counted in :attr:`stats`.
 
-    ``dispatch="thread"`` (the default) runs subscriber callbacks for network
-    messages on a dispatcher thread, so a handler may block, even on a
-    request over this same server.  ``dispatch="inline"`` runs them on the
-    I/O thread, which saves a thread hop per message; use it only when
-    handlers return quickly and never wait for network traffic (for example
-    when they hand the work to an executor): while a handler runs, no socket
-    of this server is served.
+    ``dispatch="leader"`` (the default) runs subscriber callbacks for network
+    messages on the thread that read them; when one runs for 2 ms a standby
+    thread takes the I/O loop over, so a handler may block, even on a
+    request over this same server.  Each connection's callbacks run one at a
+    time in arrival order; different connections' may run concurrently once
+    one blocks (at most ``max_handler_threads`` threads).
+    ``dispatch="thread"`` runs every callback on one dispatcher thread, one
+    at a time (a thread hop per message).  ``dispatch="inline"`` runs them on
+    the I/O thread with no standby; use it only when handlers return quickly
+    and never wait for network traffic: while a handler runs, no socket of
+    this server is served.
     """
 
     def __init__(
@@ -2208,14 +2292,38 @@ class TCPServerTransport(Transport):
         max_queue_size: int = 1000,
         max_interest: int = 10000,
         backlog: int = 512,
-        dispatch: str = "thread",
+        dispatch: str = "leader",
+        max_handler_threads: int = 32,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
-        if dispatch not in ("thread", "inline"):
-            raise ValueError(f"dispatch must be 'thread' or 'inline', not {dispatch!r}")
+        if dispatch not in _DISPATCH_MODES:
+            raise ValueError(
+                f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
+        if not isinstance(max_handler_threads, int) or max_handler_threads < 2:
+            raise ValueError(
+                f"max_handler_threads must be an int >= 2, not {max_handler_threads!r}")
         self.dispatch = dispatch
         self._inline = dispatch == "inline"
+        self._leader = dispatch == "leader"
+        self.max_handler_threads = max_handler_threads
+        # dispatch="leader" state, guarded by _lf_lock (see _lf_main).
+        self._lf_lock = threading.Lock()
+        self._ready: Deque[_Connection] = collections.deque()
+        self._backlog = 0  # handler calls read but not started
+        self._high = False
+        self._busy_since = 0.0  # when the leader started its current handler call
+        self._handled = 0  # handler calls started (the standby watches it change)
+        self._in_handlers: Dict[int, _Connection] = {}  # thread ident -> connection it runs
+        self._standby: Optional[threading.Thread] = None
+        self._standby_asleep = False
+        self._standby_signal = threading.Lock()
+        self._standby_signal.acquire()
+        self._lf_threads: List[threading.Thread] = []
+        self._lf_count = 0  # live threads (leader, standby, handler threads)
+        self._lf_names = itertools.count(2)
+        self._lf_stop = False
+        self._loop_done = threading.Event()
         for name, value in (
             ("max_frame_size", max_frame_size),
             ("max_connections", max_connections),
@@ -2322,7 +2430,26 @@ class TCPServerTransport(Transport):
                 return
             self._closed = True
             loop = self._loop
-        if loop is not None:
+        if loop is not None and self._leader:
+            loop.call_soon(self._stop_reading)
+            self._reads_stopped.wait(5.0)
+            self._lf_drain(5.0)
+            loop.call_soon(self._shutdown)
+            self._loop_done.wait(5.0)
+            with self._lf_lock:
+                self._lf_stop = True
+                threads = list(self._lf_threads)
+                if self._standby_asleep:
+                    self._standby_asleep = False
+                    self._standby_signal.release()
+            me = threading.current_thread()
+            deadline = time.monotonic() + 5.0
+            for thread in threads:
+                if thread is not me:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+            if not self._loop_done.is_set():  # pragma: no cover - defensive
+                logger.error("tcp server: I/O loop did not stop within 5 s")
+        elif loop is not None:
             loop.call_soon(self._stop_reading)
             self._reads_stopped.wait(5.0)
             self._dispatcher.stop(5.0)
@@ -2340,7 +2467,8 @@ class TCPServerTransport(Transport):
     def send(self, message: Message) -> None:
         """Route ``message`` to matching clients and deliver it locally."""
         topic = message.topic
-        validate_topic(topic)
+        if type(topic) is not str or topic not in self._exact:  # keys there are valid
+            validate_topic(topic)
         if self._local._closed:
             raise TransportClosedError("TCPServerTransport is closed")
         targets, taken = self._targets(topic, None)
@@ -2401,7 +2529,7 @@ class TCPServerTransport(Transport):
         stats["frame_peers"] = len(self._broadcast)
         stats["outbound_bytes"] = sum(c.out_bytes for c in conns)
         stats["inbound_buffered"] = sum(c.decoder.buffered for c in conns)
-        stats["dispatch_backlog"] = self._dispatcher.backlog
+        stats["dispatch_backlog"] = self._backlog if self._leader else self._dispatcher.backlog
         return stats
 
     def __repr__(self) -> str:
@@ -2531,19 +2659,34 @@ class TCPServerTransport(Transport):
     # -- loop thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.ident = threading.get_ident()
+        if self._leader:
+            with self._lf_lock:
+                self._lf_count += 1
+                self._lf_threads.append(threading.current_thread())
+            self._lf_main("lead")
+        else:
+            self._lead()
+
+    def _lead(self) -> bool:
+        """Run the I/O loop on this thread; True if another thread took it over."""
         import selectors
 
         loop = self._loop
         assert loop is not None
-        loop.ident = threading.get_ident()
+        me = threading.get_ident()
         listener = self._listener
         tick_every = 0.25
         next_tick = time.monotonic() + tick_every
         try:
-            while loop.thread is not None:
+            while True:
                 timeout = max(0.0, next_tick - time.monotonic())
                 if self._ack_due:
                     timeout = min(timeout, max(0.0, self._ack_at - time.monotonic()))
+                if self._dirty or self._ready:
+                    timeout = 0.0
                 for key, mask in loop.selector.select(timeout):
                     obj = key.data
                     if obj is None:
@@ -2559,6 +2702,10 @@ class TCPServerTransport(Transport):
                         except Exception:
                             logger.exception("tcp server: internal error on %s", obj.peer)
                             self._drop(obj, "internal_errors", "internal error (see traceback)")
+                        if loop.ident != me:
+                            return True  # demoted in a handler: the loop goes on elsewhere
+                if self._ready and not self._run_ready():
+                    return True  # demoted while running a handler: the loop goes on elsewhere
                 loop.run_calls()
                 if self._ack_due and time.monotonic() >= self._ack_at:
                     self._guarded(self._send_acks)
@@ -2572,10 +2719,225 @@ class TCPServerTransport(Transport):
                     break
         except Exception:  # pragma: no cover - a bug; never leave a silent dead server
             logger.exception("tcp server: I/O loop crashed; closing every connection")
-        finally:
-            self._teardown()
+        self._teardown()
+        self._loop_done.set()
+        return False
 
     _closing_done = False
+
+    # -- dispatch="leader": handlers on the thread that read their frames ----------
+    #
+    # The thread running the I/O loop (the leader) runs the handler calls of
+    # the frames it read itself, after the reads of one loop iteration, one
+    # connection at a time and in arrival order: no thread hand-off on the
+    # common path.  A standby thread watches: when a handler call has run for
+    # _TAKEOVER_AFTER on the leader (it blocks, or computes), the standby
+    # becomes the leader and runs the loop; the former leader finishes that
+    # connection's calls and then becomes the standby or ends.  A connection
+    # is run by one thread at a time, so its calls keep their order, and a
+    # handler may block (even on a request over this server) without
+    # stalling any socket.  At most max_handler_threads threads; when no
+    # standby can be had the leader leaves calls to the handler threads.
+
+    def _lf_main(self, role: str) -> None:
+        me = threading.current_thread()
+        try:
+            while True:
+                if role == "lead":
+                    if not self._lead():
+                        return
+                    role = "work"
+                if role == "work":
+                    self._lf_work()
+                    with self._lf_lock:
+                        if self._lf_stop or self._loop_done.is_set() or self._standby is not None:
+                            return
+                        self._standby = me
+                if not self._stand_by():
+                    return
+                role = "lead"
+        finally:
+            with self._lf_lock:
+                self._lf_count -= 1
+                if self._standby is me:
+                    self._standby = None
+
+    def _spawn_standby(self) -> bool:
+        """Start a standby thread if none exists and the bound allows; True if one exists."""
+        with self._lf_lock:
+            if self._standby is not None:
+                return True
+            if self._lf_count >= self.max_handler_threads or self._lf_stop:
+                return False
+            self._lf_count += 1
+            thread = threading.Thread(
+                target=self._lf_main, args=("standby",), daemon=True,
+                name=f"eventforge-tcp-server-io-{self._address[1]}-{next(self._lf_names)}",
+            )
+            self._standby = thread
+            self._lf_threads = [t for t in self._lf_threads if t.is_alive()]
+            self._lf_threads.append(thread)
+        thread.start()
+        return True
+
+    def _stand_by(self) -> bool:
+        """Wait to take the loop over from a leader stuck in a handler; False to end."""
+        loop = self._loop
+        assert loop is not None
+        me = threading.get_ident()
+        last = -1
+        active = _perf_counter()
+        while True:
+            deep = False
+            with self._lf_lock:
+                if self._lf_stop or self._loop_done.is_set():
+                    return False
+                since = self._busy_since
+                now = _perf_counter()
+                if since and now - since >= _TAKEOVER_AFTER:
+                    self._standby = None
+                    self._busy_since = 0.0
+                    loop.ident = me
+                    break
+                if self._handled != last:
+                    last = self._handled
+                    active = now
+                elif not since and now - active > _STANDBY_IDLE:
+                    self._standby_asleep = deep = True
+            if deep:
+                self._standby_signal.acquire()
+                active = _perf_counter()
+                continue
+            time.sleep(_TAKEOVER_AFTER - (now - since) if since else _TAKEOVER_AFTER)
+        self._spawn_standby()
+        return True
+
+    def _queue_handlers(self, conn: _Connection,
+                        batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+        # Loop thread: calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
+        with self._lf_lock:
+            pending = conn.pending
+            if pending is None:
+                pending = conn.pending = collections.deque()
+            pending.extend(batch)
+            self._backlog += len(batch)
+            if not conn.running and not conn.queued:
+                conn.queued = True
+                self._ready.append(conn)
+            high = self._backlog > _DISPATCH_HIGH_WATER and not self._high
+            if high:
+                self._high = True
+        if high and not self._paused:
+            self._set_paused(True)
+
+    def _run_ready(self) -> bool:
+        """Leader: run ready connections' handler calls; False if demoted meanwhile."""
+        loop = self._loop
+        assert loop is not None
+        me = threading.get_ident()
+        ready = self._ready
+        while True:
+            with self._lf_lock:
+                if not ready:
+                    return True
+                if self._standby is None:
+                    conn = None
+                else:
+                    conn = ready.popleft()
+                    conn.queued = False
+                    if conn.running:
+                        continue
+                    conn.running = True
+                    self._in_handlers[me] = conn
+                    call = self._next_call(conn, me)
+            if conn is None:
+                if not self._spawn_standby():
+                    return True  # nobody could take over: leave the calls to handler threads
+                continue
+            self._run_connection(conn, call)
+            if loop.ident != me:
+                return False
+            if self._dirty:
+                self._flush_dirty()
+
+    def _lf_work(self) -> None:
+        """A thread that is not the leader: run ready connections until none is left."""
+        me = threading.get_ident()
+        while True:
+            with self._lf_lock:
+                if not self._ready or self._lf_stop:
+                    return
+                conn = self._ready.popleft()
+                conn.queued = False
+                if conn.running:
+                    continue
+                conn.running = True
+                self._in_handlers[me] = conn
+                call = self._next_call(conn, me)
+            self._run_connection(conn, call)
+
+    def _next_call(self, conn: _Connection, me: int) -> Any:
+        """Take ``conn``'s next handler call, or release ``conn`` if none is left.
+
+        Called with _lf_lock held by the thread running ``conn`` (``me``,
+        registered in _in_handlers).  Keeps the leader's busy mark, which the
+        standby watches, for the call taken.
+        """
+        leader = self._loop.ident == me  # type: ignore[union-attr]
+        pending = conn.pending
+        if not pending:
+            conn.running = False
+            del self._in_handlers[me]
+            if leader:
+                self._busy_since = 0.0
+            if self._high and self._backlog < _DISPATCH_LOW_WATER:
+                self._high = False
+                self._dispatch_low()
+            return None
+        self._backlog -= 1
+        self._handled += 1
+        if leader:
+            self._busy_since = _perf_counter()
+            if self._standby_asleep:
+                self._standby_asleep = False
+                self._standby_signal.release()
+        return pending.popleft()
+
+    def _run_connection(self, conn: _Connection, call: Any) -> None:
+        """Run ``call`` and then ``conn``'s other pending handler calls, in order.
+
+        The caller set ``conn.running``, registered itself in _in_handlers and
+        took ``call`` with _next_call, under _lf_lock, in the same step that
+        took ``conn`` off the ready queue.
+        """
+        me = threading.get_ident()
+        lock = self._lf_lock
+        failed = self._local._handler_failed
+        while call is not None:
+            subscriptions, message = call
+            for subscription in subscriptions:
+                if subscription.active:
+                    try:
+                        subscription.callback(message)
+                    except Exception as exc:
+                        failed(subscription, message, exc)
+            with lock:
+                call = self._next_call(conn, me)
+
+    def _lf_drain(self, timeout: float) -> bool:
+        """Wait until every handler call read so far has run (not counting our own)."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lf_lock:
+                others = sum(1 for ident in self._in_handlers if ident != me)
+                if not others and not self._ready:
+                    return True
+            if time.monotonic() >= deadline:
+                logger.warning("tcp server: %d handler call(s) not finished at close",
+                               self._backlog)
+                return False
+            time.sleep(0.002)  # only used while closing: polling is fine
 
     def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
         """Run a housekeeping step; a bug in it is logged, never kills the loop."""
@@ -2586,9 +2948,9 @@ class TCPServerTransport(Transport):
             logger.exception("tcp server: internal error in %s", func.__name__)
 
     def _flush_dirty(self) -> None:
-        dirty = list(self._dirty.values())
-        self._dirty.clear()
-        for conn in dirty:
+        dirty = self._dirty
+        while dirty:
+            conn = dirty.popitem()[1]
             if not conn.closed:
                 self._flush(conn)
 
@@ -2751,8 +3113,14 @@ class TCPServerTransport(Transport):
             if conn.closed:
                 break
             self._on_frame(conn, body, batch)
+        run_now = None
         if batch:
-            if self._inline:
+            if self._leader:
+                if conn.running or conn.pending or self._standby is None:
+                    self._queue_handlers(conn, batch)
+                else:
+                    run_now = batch  # after the acknowledgement below
+            elif self._inline:
                 self._run_inline(batch)
             else:
                 self._dispatcher.put_many(batch)
@@ -2763,8 +3131,21 @@ class TCPServerTransport(Transport):
                 self._ack(conn)
             else:
                 if not self._ack_due:
-                    self._ack_at = time.monotonic() + _ACK_DELAY
+                    self._ack_at = now + _ACK_DELAY
                 self._ack_due[conn.id] = conn
+        if run_now is not None:
+            # dispatch="leader", nothing of this connection waits: run its
+            # handlers here.  _lead checks afterwards whether we still lead.
+            me = threading.get_ident()
+            with self._lf_lock:
+                conn.running = True
+                self._in_handlers[me] = conn
+                if conn.pending is None:
+                    conn.pending = collections.deque()
+                conn.pending.extend(run_now)
+                self._backlog += len(run_now)
+                call = self._next_call(conn, me)
+            self._run_connection(conn, call)
 
     @staticmethod
     def _eof_reason(conn: _Connection, what: str) -> str:
@@ -2812,6 +3193,10 @@ class TCPServerTransport(Transport):
         batch: Optional[List[Tuple[Tuple[Any, ...], Message]]],
     ) -> None:
         topic = message.topic
+        reply_to = message.reply_to
+        if (reply_to is not None and origin.implicit and reply_to not in origin.interest
+                and reply_to.startswith(INBOX_PREFIXES)):
+            self._implicit_interest(origin, reply_to)
         targets, taken = self._targets(topic, origin)
         if targets:
             frame = len(body).to_bytes(4, "big") + body
@@ -2829,6 +3214,8 @@ class TCPServerTransport(Transport):
         if subscriptions:
             if batch is not None:
                 batch.append((subscriptions, message))
+            elif self._leader:
+                self._queue_handlers(origin, [(subscriptions, message)])
             elif self._inline:
                 self._run_inline([(subscriptions, message)])
             else:
@@ -2882,6 +3269,7 @@ class TCPServerTransport(Transport):
         conn.handshake = True
         if "interest" in conn.features:  # else it keeps receiving everything
             self._broadcast = tuple(c for c in self._broadcast if c is not conn)
+            conn.implicit = "reply" in conn.features
         welcome: Dict[str, Any] = {
             "version": PROTOCOL_VERSION,
             "features": sorted(conn.features),
@@ -2958,7 +3346,25 @@ class TCPServerTransport(Transport):
                 self._patterns.add((conn.id, pattern), pattern, conn)
             else:
                 self._exact[pattern] = self._exact.get(pattern, ()) + (conn,)
-                self._hand_mailbox(conn, pattern)
+                if not pattern.startswith(INBOX_PREFIXES):  # never kept in a mailbox
+                    self._hand_mailbox(conn, pattern)
+
+    def _implicit_interest(self, conn: _Connection, topic: str) -> None:
+        # Feature "reply": a request naming an inbox topic as its reply_to
+        # adds that topic to its connection's interest, as if an $interest
+        # add had come just before it (the client withdraws it as usual).
+        if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
+                           topic[:80], conn.peer)
+            return
+        if len(conn.interest) >= self.max_interest:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
+                           conn.peer, self.max_interest, topic)
+            return
+        conn.interest[topic] = None
+        self._exact[topic] = self._exact.get(topic, ()) + (conn,)
 
     def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
         # Messages nobody had taken wait in the server's mailbox; the first
@@ -3032,7 +3438,7 @@ class TCPServerTransport(Transport):
         self._paused = paused
         if paused:
             logger.info("tcp server: %d messages wait for handlers; pausing reads",
-                        self._dispatcher.backlog)
+                        self._backlog if self._leader else self._dispatcher.backlog)
         for conn in list(self._conns.values()):
             self._update_events(conn)
 
@@ -3132,6 +3538,25 @@ class TCPServerTransport(Transport):
             loop.close()
 
 
+class _ClientInbox(Inbox):
+    """A client's request inbox: ``get`` first reads the socket itself for a while.
+
+    The reply then wakes the waiting thread directly instead of waking the
+    client's I/O thread, which would wake the caller in turn.
+    """
+
+    _transport: Any = None
+
+    def get(self, timeout: Optional[float] = None) -> Optional[Message]:
+        if not self._messages and not self._closed and (timeout is None or timeout > 0):
+            budget = _CALLER_READ if timeout is None else min(timeout, _CALLER_READ)
+            started = _perf_counter()
+            self._transport._read_until(self, budget)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (_perf_counter() - started))
+        return Inbox.get(self, timeout)
+
+
 class TCPClientTransport(Transport):
     """A connection to a :class:`TCPServerTransport` (or the original eventforge server).
 
@@ -3140,7 +3565,9 @@ class TCPClientTransport(Transport):
     frames from many threads never interleave.  ``subscribe``, ``receive``
     and request inboxes tell the server what this client wants (its
     *interest*); the server then sends only matching messages.  Subscriber
-    callbacks run on one dispatcher thread, in arrival order.
+    callbacks run on one dispatcher thread, in arrival order; a thread
+    waiting for a request's reply reads the socket itself for a few
+    milliseconds, so the reply wakes it directly.
 
     If the connection drops, the client reconnects (``reconnect=True``) with
     capped exponential backoff and jitter (``backoff_initial`` ..
@@ -3210,7 +3637,11 @@ class TCPClientTransport(Transport):
         self._space = threading.Condition(self._lock)
         self._space_waiters = 0
         self._interest: Dict[str, int] = {}
-        self._removals: List[str] = []  # interest withdrawn, not yet told to the server
+        self._removals: Dict[str, None] = {}  # interest withdrawn, not yet told to the server
+        # Inboxes opened but not told to the server yet: with the feature
+        # "reply" a request naming one as its reply_to tells it implicitly.
+        self._deferred: Dict[str, None] = {}
+        self._implicit = False  # the server speaks the feature "reply"
         self._receive_topics: Dict[str, None] = {}
         self._sub_patterns: Dict[str, str] = {}
         # Message frames the server has not acknowledged (or that wait for a
@@ -3224,6 +3655,12 @@ class TCPClientTransport(Transport):
         self._dispatcher = _Dispatcher(
             f"eventforge-tcp-client-dispatch-{host}:{port}", self._local, self._dispatch_low
         )
+        # Whoever decodes the socket holds _read_lock: the I/O thread, or a
+        # caller waiting for its reply (_read_until).  _sel_lock guards the
+        # selector registration, which both may change.
+        self._read_lock = threading.RLock()
+        self._sel_lock = threading.Lock()
+        self._epoll: Any = None  # the loop's epoll object, if the selector is epoll
         self._closing = threading.Event()
         self._connecting: Any = None
         self._started = False
@@ -3274,6 +3711,9 @@ class TCPClientTransport(Transport):
                     opened[0].close()
                     raise TransportClosedError("TCPClientTransport is closed")
                 loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
+                raw = getattr(loop.selector, "_selector", None)
+                if self.ssl_context is None and type(raw).__name__ == "epoll":
+                    self._epoll = raw
                 self._started = True
             self._install(*opened)
             loop.start(self._run)
@@ -3368,6 +3808,15 @@ class TCPClientTransport(Transport):
                         f"{conn.out_bytes} bytes wait for the server; "
                         f"max_pending_bytes={self.max_pending_bytes}"
                     )
+                if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
+                    # The request's own inbox needs no frame (the server takes
+                    # its reply_to as interest); any other goes ahead of it.
+                    if self._deferred and message.reply_to is not None:
+                        self._deferred.pop(message.reply_to, None)
+                    if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
+                        extra = self._interest_changes()
+                        conn.out.append(extra)
+                        conn.out_bytes += len(extra)
                 conn.out.append(frame)
                 conn.out_bytes += size
             self._messages_out += 1
@@ -3464,7 +3913,12 @@ class TCPClientTransport(Transport):
         return True
 
     def open_inbox(self, topic: str) -> Inbox:
-        """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent."""
+        """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent.
+
+        An inbox topic (:data:`INBOX_PREFIXES`) named as ``reply_to`` by the
+        next message sent needs no frame of its own when the server speaks
+        the feature "reply": the request itself tells the server.
+        """
         inbox = self._local.open_inbox(topic)
         inner = inbox._on_close
 
@@ -3474,7 +3928,11 @@ class TCPClientTransport(Transport):
             self._interest_remove(topic)
 
         inbox._on_close = on_close
-        self._interest_add(topic, flush=False)
+        if self._epoll is not None:
+            # Same object, a subclass whose get() may read the socket itself.
+            inbox.__class__ = _ClientInbox
+            inbox._transport = self  # type: ignore[attr-defined]
+        self._interest_add(topic, flush=False, defer=topic.startswith(INBOX_PREFIXES))
         return inbox
 
     @property
@@ -3506,15 +3964,21 @@ class TCPClientTransport(Transport):
                 self._receive_topics[topic] = None
             self._interest_add(topic)
 
-    def _interest_add(self, pattern: str, flush: bool = True) -> None:
+    def _interest_add(self, pattern: str, flush: bool = True, defer: bool = False) -> None:
         with self._lock:
             count = self._interest.get(pattern, 0)
             self._interest[pattern] = count + 1
             conn = self._conn
             if count or conn is None or not conn.handshake:
                 return
-            removed, self._removals = self._removals, []
-            conn.enqueue(_interest_frame(pattern, removed))
+            if self._removals and pattern in self._removals:
+                del self._removals[pattern]  # withdrawn but not told yet: still known
+                return
+            if defer and self._implicit:
+                self._deferred[pattern] = None  # sent with the next frame, or implied by it
+                return
+            removed, self._removals = list(self._removals), {}
+            conn.enqueue(_interest_frame([pattern], removed))
         if flush:
             self._kick(conn)
 
@@ -3526,16 +3990,25 @@ class TCPClientTransport(Transport):
                 self._interest[pattern] = count - 1
                 return
             self._interest.pop(pattern, None)
+            if pattern in self._deferred:  # the server never heard of it
+                del self._deferred[pattern]
+                return
             conn = self._conn
             if count and conn is not None and conn.handshake and not self._closed:
-                self._removals.append(pattern)
+                self._removals[pattern] = None
+
+    def _interest_changes(self) -> bytes:
+        # Called with self._lock held: deferred inboxes and withdrawn interest.
+        added = list(self._deferred)
+        self._deferred.clear()
+        removed, self._removals = list(self._removals), {}
+        return _interest_frame(added, removed)
 
     def _flush_removals(self, conn: _Connection) -> None:
         with self._lock:
-            if not self._removals or self._conn is not conn:
+            if (not self._removals and not self._deferred) or self._conn is not conn:
                 return
-            removed, self._removals = self._removals, []
-            conn.enqueue(_interest_frame(None, removed))
+            conn.enqueue(self._interest_changes())
 
     # -- connection set-up ------------------------------------------------------------------
 
@@ -3709,7 +4182,9 @@ class TCPClientTransport(Transport):
         conn.features = features
         with self._lock:
             frames: List[bytes] = []
-            self._removals = []  # the new connection learns the whole interest anyway
+            self._removals = {}  # the new connection learns the whole interest anyway
+            self._deferred = {}
+            self._implicit = handshake and "interest" in features and "reply" in features
             if handshake and self._interest:
                 frames.append(_control_frame("$interest", {"add": list(self._interest)}))
             self._ack_mode = "ack" in features
@@ -3792,21 +4267,66 @@ class TCPClientTransport(Transport):
     def _update_events(self, conn: _Connection) -> None:
         import selectors
 
-        if conn.closed or self._conn is not conn:
+        with self._sel_lock:
+            if conn.closed or self._conn is not conn:
+                return
+            events = 0 if conn.paused else selectors.EVENT_READ
+            if conn.blocked:
+                events |= selectors.EVENT_WRITE
+            if events == conn.events:
+                return
+            selector = self._loop.selector  # type: ignore[union-attr]
+            if conn.events == 0:
+                selector.register(conn.sock, events, conn)
+            elif events == 0:
+                selector.unregister(conn.sock)
+            else:
+                selector.modify(conn.sock, events, conn)
+            conn.events = events
+            if conn.caller_reading and events:
+                self._epoll.modify(conn.sock.fileno(), _epoll_mask(events, False))
+
+    def _read_until(self, inbox: Inbox, budget: float) -> None:
+        """Read the socket from a caller's thread until ``inbox`` has a message.
+
+        For at most ``budget`` seconds, and only if the I/O thread is not
+        reading: meanwhile the I/O thread's epoll does not watch the socket
+        for input, so the reply wakes this thread and no other.
+        """
+        conn = self._conn
+        if conn is None or conn.paused or not self._read_lock.acquire(False):
             return
-        events = 0 if conn.paused else selectors.EVENT_READ
-        if conn.blocked:
-            events |= selectors.EVENT_WRITE
-        if events == conn.events:
-            return
-        selector = self._loop.selector  # type: ignore[union-attr]
-        if conn.events == 0:
-            selector.register(conn.sock, events, conn)
-        elif events == 0:
-            selector.unregister(conn.sock)
-        else:
-            selector.modify(conn.sock, events, conn)
-        conn.events = events
+        try:
+            epoll = self._epoll
+            with self._sel_lock:
+                if self._conn is not conn or conn.closed or not conn.events:
+                    return
+                fd = conn.sock.fileno()
+                conn.caller_reading = True
+                epoll.modify(fd, _epoll_mask(conn.events, False))
+            try:
+                poller = conn.poller
+                if poller is None:
+                    import select
+
+                    poller = conn.poller = select.poll()
+                    poller.register(fd, select.POLLIN)
+                deadline = _perf_counter() + budget
+                while not inbox._messages and not inbox._closed:
+                    remaining = deadline - _perf_counter()
+                    if remaining <= 0:
+                        break
+                    if poller.poll(max(1, int(remaining * 1000))) and not self._read(conn):
+                        break
+            finally:
+                with self._sel_lock:
+                    conn.caller_reading = False
+                    if not conn.closed and conn.events:
+                        epoll.modify(fd, _epoll_mask(conn.events, True))
+        except OSError:  # the socket went away meanwhile: the I/O thread handles it
+            pass
+        finally:
+            self._read_lock.release()
 
     # -- loop thread ------------------------------------------------------------------------------
 
@@ -3862,28 +4382,38 @@ class TCPClientTransport(Transport):
             self._teardown()
 
     def _on_readable(self, conn: _Connection) -> None:
+        if self._read_lock.acquire(False):  # else a caller is reading it
+            try:
+                self._read(conn)
+            finally:
+                self._read_lock.release()
+
+    def _read(self, conn: _Connection) -> bool:
+        """Read and handle what arrived (holding _read_lock); False if the connection broke."""
         sock = conn.sock
+        loop = self._loop
+        assert loop is not None
         try:
             data = sock.recv(_RECV_SIZE)
             if conn.tls and data:
                 while sock.pending():
                     data += sock.recv(_RECV_SIZE)
         except _would_block_errors(conn.tls):
-            return
+            return True
         except OSError as exc:
-            self._lost(conn, f"read failed: {exc}")
-            return
+            self._lost_soon(conn, f"read failed: {exc}")
+            return False
         if not data:
-            self._lost(conn, "server closed the connection")
-            return
+            self._lost_soon(conn, "server closed the connection")
+            return False
         conn.last_recv = time.monotonic()
         conn.ping_sent = False
         try:
             bodies = conn.decoder.feed(data)
         except FrameTooLargeError as exc:
             self._counts["oversize_frames"] += 1
-            self._lost(conn, f"server sent an oversize frame: {exc}")
-            return
+            self._lost_soon(conn, f"server sent an oversize frame: {exc}")
+            return False
         batch: List[Tuple[Tuple[Any, ...], Message]] = []
         for body in bodies:
             control = _fast_control(body)
@@ -3906,7 +4436,18 @@ class TCPClientTransport(Transport):
             self._dispatcher.put_many(batch)
             if self._dispatcher.high and not conn.paused:
                 conn.paused = True
-                self._update_events(conn)
+                if loop.in_loop():
+                    self._update_events(conn)
+                else:
+                    loop.call_soon(lambda: self._update_events(conn))
+        return True
+
+    def _lost_soon(self, conn: _Connection, reason: str) -> None:
+        loop = self._loop
+        if loop is not None and not loop.in_loop():
+            loop.call_soon(lambda: self._lost(conn, reason))
+        else:
+            self._lost(conn, reason)
 
     def _deliver(self, message: Message, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
         topic = message.topic
@@ -3961,7 +4502,7 @@ class TCPClientTransport(Transport):
             if silent > interval and not conn.ping_sent:
                 conn.ping_sent = True
                 conn.enqueue(_control_frame("$ping", {}))
-        if self._removals:
+        if self._removals or self._deferred:
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
@@ -3976,18 +4517,20 @@ class TCPClientTransport(Transport):
                 self._space.notify_all()
             for item in self._pending:
                 item[0] = 0
-        with conn.lock:
-            conn.closed = True
-            conn.out.clear()
-        if conn.events:
+        with self._read_lock:  # a caller may be reading it: wait for it to stop
+            with self._sel_lock:
+                with conn.lock:
+                    conn.closed = True
+                    conn.out.clear()
+                if conn.events:
+                    try:
+                        self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
+                    except (KeyError, ValueError, OSError):
+                        pass
             try:
-                self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
-            except (KeyError, ValueError, OSError):
+                conn.sock.close()
+            except OSError:
                 pass
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
         if self._closing.is_set():
             return
         self._counts["disconnects"] += 1
@@ -4042,7 +4585,7 @@ class TCPClientTransport(Transport):
             conn = self._conn
             self._conn = None
         if conn is not None:
-            with conn.lock:
+            with self._read_lock, self._sel_lock, conn.lock:
                 chunks = [bytes(conn.cur)] if conn.cur is not None else []
                 chunks.extend(conn.out)
                 conn.out.clear()
@@ -5447,6 +5990,10 @@ class RPCServer:
     def _respond(self, message: Message, request_id: str, value: Any,
                  error: Optional[Tuple[str, str, Optional[str]]], finish: bool = True,
                  outcome: Optional[str] = None) -> None:
+        if outcome is not None:
+            # Counted before the reply leaves: a caller that has its result
+            # must find the call counted in stats.
+            self._count(outcome)
         try:
             if not message.reply_to:
                 if error is not None:
@@ -5475,7 +6022,7 @@ class RPCServer:
                            self.service_name, message.reply_to, exc)
         finally:
             if finish:
-                self._finish(outcome)
+                self._finish()
 
     def __repr__(self) -> str:
         state = "serving" if self.serving else "stopped"

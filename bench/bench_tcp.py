@@ -116,9 +116,9 @@ def role_raw_server() -> None:
         threading.Thread(target=serve, args=(sock,), daemon=True).start()
 
 
-def role_ef_server(dispatch: str = "thread") -> None:
-    server = ef.TCPServerTransport("127.0.0.1", 0, max_connections=2000,
-                                   dispatch=dispatch).start()
+def role_ef_server(dispatch: Optional[str] = None) -> None:
+    options: Dict[str, Any] = {"dispatch": dispatch} if dispatch else {}
+    server = ef.TCPServerTransport("127.0.0.1", 0, max_connections=2000, **options).start()
     queue = ef.MessageQueue(transport=server)
     counter = [0]
 
@@ -203,11 +203,11 @@ def role_fan_clients(port: int, clients: int, count: int, kind: str) -> None:
         print("ready", flush=True)
         while True:
             done.wait()
-            print("done", flush=True)
             done.clear()
-            for n in range(clients):
+            for n in range(clients):  # before "done": the next round may start at once
                 totals[n] = 0
             finished[0] = 0
+            print("done", flush=True)
             if sys.stdin.readline() == "":
                 break
         for transport in transports:
@@ -433,21 +433,24 @@ def bench_throughput_and_latency(count: int, rounds: int, repeat: int) -> None:
         raw_p50, raw_p99 = latency_raw(raw_port, rounds)
         zmq_p50, zmq_p99 = latency_zmq(req, rounds)
         ef_p50, ef_p99 = latency_ef(queue, rounds)
-        inline = Child("ef-server", "inline")
-        inline_client = ef.TCPClientTransport("127.0.0.1", int(inline.line())).connect(10)
-        try:
-            in_p50, in_p99 = latency_ef(ef.MessageQueue(transport=inline_client), rounds)
-        finally:
-            inline_client.close()
-            inline.close()
+        other = {}
+        for mode in ("inline", "thread"):
+            child = Child("ef-server", mode)
+            mode_client = ef.TCPClientTransport("127.0.0.1", int(child.line())).connect(10)
+            try:
+                other[mode] = latency_ef(ef.MessageQueue(transport=mode_client), rounds)
+            finally:
+                mode_client.close()
+                child.close()
         row("raw JSON echo floor p50", raw_p50, "us")
         row("raw JSON echo floor p99", raw_p99, "us")
         row("pyzmq REQ/REP p50", zmq_p50, "us", raw_p50, "of raw")
         row("pyzmq REQ/REP p99", zmq_p99, "us", raw_p99, "of raw")
         row("eventforge MessageQueue.request p50", ef_p50, "us", raw_p50, "of raw")
         row("eventforge MessageQueue.request p99", ef_p99, "us", raw_p99, "of raw")
-        row("  same, server dispatch='inline' p50", in_p50, "us", raw_p50, "of raw")
-        row("  same, server dispatch='inline' p99", in_p99, "us", raw_p99, "of raw")
+        for mode, (p50, p99) in other.items():
+            row(f"  same, server dispatch={mode!r} p50", p50, "us", raw_p50, "of raw")
+            row(f"  same, server dispatch={mode!r} p99", p99, "us", raw_p99, "of raw")
         print(f"  p50 target <= 1.3x raw floor: {verdict(ef_p50 <= 1.3 * raw_p50)}")
     finally:
         client.close()

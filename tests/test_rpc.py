@@ -320,6 +320,32 @@ class TestIntrospection:
             assert wrapper.add(1, 2) == 3
 
 
+class TestStats:
+    @pytest.mark.parametrize("threaded", [False, True])
+    def test_a_call_is_counted_before_its_reply_leaves(self, queue, threaded):
+        # Regression: "succeeded" used to be counted after the reply was sent,
+        # so a caller holding its result could read stats one call short
+        # (TestOverTCP::test_replies_reach_only_their_caller saw 299 of 300).
+        seen = []
+        queue.subscribe("_rpc_reply.*", lambda m: seen.append(dict(server.stats)))
+        executor = Executor(ExecutionMode.THREAD, max_workers=1) if threaded else None
+        try:
+            server = RPCServer(queue, executor=executor)
+            server.add_method("add", add)
+            server.add_method("boom", boom)
+            with server:
+                client = RPCClient(queue, timeout=10)
+                assert client.add(1, 2) == 3
+                with pytest.raises(ef.RemoteError):
+                    client.boom()
+            # The reply subscriber ran while each reply was being sent.
+            assert [(s["succeeded"], s["failed"]) for s in seen] == [(1, 0), (1, 1)]
+            assert all(s["in_flight"] == 1 for s in seen)  # the call is still finishing
+        finally:
+            if executor is not None:
+                executor.stop()
+
+
 class TestExecutor:
     def test_slow_method_does_not_block_other_callers(self, queue):
         gate = threading.Event()

@@ -232,7 +232,7 @@ def test_hmac_vector():
 )
 def test_interest_frames_match_the_generic_control_encoding(topic):
     control = ef._control_frame
-    assert ef._interest_frame(topic, []) == control("$interest", {"add": [topic]})
-    assert ef._interest_frame(None, [topic]) == control("$interest", {"remove": [topic]})
-    both = ef._interest_frame(topic, [topic, "x.y"])
-    assert both == control("$interest", {"add": [topic], "remove": [topic, "x.y"]})
+    assert ef._interest_frame([topic], []) == control("$interest", {"add": [topic]})
+    assert ef._interest_frame([], [topic]) == control("$interest", {"remove": [topic]})
+    both = ef._interest_frame([topic, "a.b"], [topic, "x.y"])
+    assert both == control("$interest", {"add": [topic, "a.b"], "remove": [topic, "x.y"]})

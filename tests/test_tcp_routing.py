@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from _tcp_helpers import FrameReader, frame, handshake, raw_connect, wait_until
+from _tcp_helpers import FrameReader, frame, handshake, message_frame, raw_connect, wait_until
 
 import eventforge as ef
 
@@ -170,3 +170,104 @@ def test_handshake_peer_without_interest_feature_gets_everything(tcp):
         server.send(ef.Message("any.topic", 1))
         got = FrameReader(sock).read_message()
         assert (got["topic"], got["payload"]) == ("any.topic", 1)
+
+
+# -- feature "reply": a request's inbox is implied by its reply_to ---------------
+
+
+def test_requests_send_no_interest_frame_for_their_inbox(tcp, monkeypatch):
+    server = tcp.server()
+    queue = ef.MessageQueue(transport=server)
+    queue.on("svc", lambda m: queue.reply(m, m.payload))
+    interest_frames = []
+    original = server._on_interest
+    monkeypatch.setattr(server, "_on_interest",
+                        lambda conn, payload: (interest_frames.append(payload),
+                                               original(conn, payload)))
+    client = tcp.client(server.port)
+    assert "reply" in client._conn.features
+    mq = ef.MessageQueue(transport=client)
+    for i in range(100):
+        assert mq.request("svc", i, timeout=5.0).payload == i
+    # Only withdrawals, batched (at most one frame per tick), no adds.
+    assert all("add" not in p for p in interest_frames)
+    assert len(interest_frames) <= 5
+    assert wait_until(lambda: server._exact == {}, timeout=2)  # withdrawn within a tick
+    assert client.stats["interest"] == 0
+
+
+def test_implicit_reply_route_reaches_only_the_requester(tcp):
+    server = tcp.server()
+    queue = ef.MessageQueue(transport=server)
+    queue.on("svc", lambda m: queue.reply(m, "yours"))
+    with raw_connect(server.port) as asker, raw_connect(server.port) as other:
+        assert "reply" in handshake(asker, ["interest", "reply"])["features"]
+        handshake(other, ["interest", "reply"])
+        other.sendall(frame({"topic": "$interest", "payload": {"add": ["_reply.*"]}}))
+        other_reader = FrameReader(other)
+        other.sendall(frame({"topic": "$ping", "payload": {}}))
+        assert other_reader.read()["topic"] == "$pong"
+        # No $interest: the reply_to of the request is enough.
+        asker.sendall(message_frame("svc", None, reply_to="_reply.raw-7"))
+        reply = FrameReader(asker).read_message()
+        assert (reply["topic"], reply["payload"]) == ("_reply.raw-7", "yours")
+        # A pattern subscriber of inbox topics still sees it, as before.
+        assert other_reader.read_message()["topic"] == "_reply.raw-7"
+        asker.sendall(frame({"topic": "$interest", "payload": {"remove": ["_reply.raw-7"]}}))
+        assert wait_until(lambda: "_reply.raw-7" not in server._exact)
+
+
+def test_implicit_routes_are_bounded_and_cleared_with_the_connection(tcp):
+    server = tcp.server(max_interest=10)
+    with raw_connect(server.port) as sock:
+        handshake(sock, ["interest", "reply"])
+        for i in range(15):
+            sock.sendall(message_frame("nobody.listens", i, reply_to=f"_reply.r{i}"))
+        sock.sendall(message_frame("nobody.listens", 0, reply_to="_reply.bad topic"))
+        assert wait_until(lambda: server.stats["messages_in"] == 16)
+        assert len([t for t in server._exact if t.startswith("_reply.")]) == 10
+        assert server.stats["protocol_errors"] == 6  # 5 over max_interest, 1 invalid
+    assert wait_until(lambda: server._exact == {})
+
+
+def test_peers_without_the_reply_feature_use_explicit_interest(tcp):
+    server = tcp.server()
+    hello = server._on_hello
+
+    def old_hello(conn, payload):  # a server from before the feature
+        payload = dict(payload, features=[f for f in payload["features"] if f != "reply"])
+        hello(conn, payload)
+
+    server._on_hello = old_hello
+    queue = ef.MessageQueue(transport=server)
+    queue.on("svc", lambda m: queue.reply(m, m.payload + 1))
+    client = tcp.client(server.port)
+    assert client.mode == "handshake" and not client._implicit
+    mq = ef.MessageQueue(transport=client)
+    for i in range(20):
+        assert mq.request("svc", i, timeout=5.0).payload == i + 1
+    # A frame-only peer's request is answered too, and adds no interest.
+    with raw_connect(server.port) as sock:
+        sock.sendall(message_frame("svc", 1, reply_to="_reply.frame-only"))
+        assert FrameReader(sock).read_message()["payload"] == 2
+        assert "_reply.frame-only" not in server._exact
+
+
+def test_an_inbox_not_named_by_a_request_is_told_to_the_server(tcp):
+    server = tcp.server()
+    client, sender = tcp.client(server.port), tcp.client(server.port)
+    inbox = client.open_inbox("_reply.handed-out")
+    try:
+        # Not used as a reply_to: the interest goes out with the next frame
+        # (or the next tick), so a message sent to it by anyone arrives.
+        client.send(ef.Message("unrelated.topic", None))
+        assert wait_until(lambda: "_reply.handed-out" in server._exact)
+        sender.send(ef.Message("_reply.handed-out", "hi"))
+        got = inbox.get(5.0)
+        assert got is not None and got.payload == "hi"
+    finally:
+        inbox.close()
+    assert wait_until(lambda: "_reply.handed-out" not in server._exact)
+    lone = client.open_inbox("_reply.lonely")  # no frame sent after it: a tick tells
+    assert wait_until(lambda: "_reply.lonely" in server._exact)
+    lone.close()

@@ -13,12 +13,12 @@ import struct
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONTROL = [
-    ("hello", "$hello", {"version": 1, "features": ["ack", "interest", "ping"],
+    ("hello", "$hello", {"version": 1, "features": ["ack", "interest", "ping", "reply"],
                          "nonce": "11" * 32, "ping_interval": 5.0}),
-    ("welcome-open", "$welcome", {"version": 1, "features": ["ack", "interest", "ping"],
+    ("welcome-open", "$welcome", {"version": 1, "features": ["ack", "interest", "ping", "reply"],
                                   "auth": None, "max_frame_size": 1048576,
                                   "ping_interval": 15.0}),
-    ("welcome-auth", "$welcome", {"version": 1, "features": ["ack", "interest", "ping"],
+    ("welcome-auth", "$welcome", {"version": 1, "features": ["ack", "interest", "ping", "reply"],
                                   "auth": "hmac-sha256", "max_frame_size": 1048576,
                                   "ping_interval": 15.0, "nonce": "22" * 32}),
     ("auth", "$auth", {"proof": "ab" * 32}),
@@ -30,6 +30,7 @@ CONTROL = [
     ("pong", "$pong", {}),
     ("error-auth", "$error", {"code": "auth", "reason": "authentication failed: wrong secret"}),
     ("error-full", "$error", {"code": "full", "reason": "server is at max_connections"}),
+    ("interest-remove-batch", "$interest", {"remove": ["_reply.0a1b", "_rpc_reply.2c3d"]}),
 ]
 
 
