@@ -2562,6 +2562,10 @@ class TCPServerTransport(Transport):
         for conn in self._broadcast:
             if conn is not origin:
                 targets.append(conn)
+        if targets:
+            # A connection being dropped on the I/O thread is marked closed
+            # before its routes go; handler threads may route meanwhile.
+            targets = [conn for conn in targets if not conn.closed]
         return targets, bool(targets)
 
     def _push(self, conn: _Connection, frame: bytes) -> None:
@@ -3458,8 +3462,16 @@ class TCPServerTransport(Transport):
             if conn.closed and not force:
                 return
             conn.closed = True
-        if self._conns.pop(conn.id, None) is None:
+        if conn.id not in self._conns:
             return
+        # Routes first: once the connection no longer counts, nothing may
+        # still be routed to it (a late reply is then dropped and counted).
+        if conn in self._broadcast:
+            self._broadcast = tuple(c for c in self._broadcast if c is not conn)
+        for pattern in conn.interest:
+            self._remove_route(conn, pattern)
+        conn.interest.clear()
+        del self._conns[conn.id]
         self._counts[counter] += 1
         logger.log(level, "tcp server: closed %s: %s", conn.peer, reason)
         if conn.events:
@@ -3472,11 +3484,6 @@ class TCPServerTransport(Transport):
             conn.sock.close()
         except OSError:
             pass
-        if conn in self._broadcast:
-            self._broadcast = tuple(c for c in self._broadcast if c is not conn)
-        for pattern in conn.interest:
-            self._remove_route(conn, pattern)
-        conn.interest.clear()
         self._dirty.pop(conn.id, None)
         self._ack_due.pop(conn.id, None)
         with conn.lock:
