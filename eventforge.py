@@ -1644,7 +1644,7 @@ class MemoryTransport(Transport):
 # ---------------------------------------------------------------------------
 
 # Frames are those of section 3.  Peers that speak our handshake exchange a
-# few control frames on reserved ``$`` topics (see docs/tcp.md):
+# few control frames on reserved ``$`` topics (docs/protocol.md, "TCP connections"):
 #
 #   client -> server  $hello     {version, features, nonce, ping_interval}
 #   server -> client  $welcome   {version, features, auth, nonce, max_frame_size, ping_interval}
