@@ -3464,7 +3464,8 @@ class TCPServerTransport(Transport):
             conn.closed = True
         if conn.id not in self._conns:
             return
-        # Routes first: once the connection no longer counts, nothing may
+        self._counts[counter] += 1
+        # Routes next: once the connection no longer counts, nothing may
         # still be routed to it (a late reply is then dropped and counted).
         if conn in self._broadcast:
             self._broadcast = tuple(c for c in self._broadcast if c is not conn)
@@ -3472,7 +3473,6 @@ class TCPServerTransport(Transport):
             self._remove_route(conn, pattern)
         conn.interest.clear()
         del self._conns[conn.id]
-        self._counts[counter] += 1
         logger.log(level, "tcp server: closed %s: %s", conn.peer, reason)
         if conn.events:
             try:
