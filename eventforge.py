@@ -23,7 +23,8 @@ The file reads top to bottom; every section uses only the sections above it.
    12. command line .......... worker, main(argv), demo
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
-The wire format is specified in ``docs/protocol.md``.  Heavy standard-library
+The wire format is specified in ``docs/protocol.md``.  MIT licensed (see
+LICENSE); this file may be copied alone into a project.  Heavy standard-library
 modules (``ssl``, ``asyncio``, ``multiprocessing`` ...) are imported where they
 are first used, so ``import eventforge`` stays cheap.
 """
