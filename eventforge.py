@@ -17,9 +17,9 @@ The file reads top to bottom; every section uses only the sections above it.
     6. queues ................ MessageQueue, RemoteQueue
     7. execution ............. Executor, ExecutionMode, TaskStatus, TaskResult
     8. RPC ................... RPCServer, RPCClient, RoundRobinRPCClient, with_retry
-    9. observers ............. Eventful, Observable, dispatchers, meters, observe
-   10. tasks ................. task, TaskRunner, TaskPool, TaskContext, SharedState
-   11. work queues ........... WorkQueue
+    9. observers ............. (to come) Eventful, Observable, dispatchers, meters
+   10. tasks ................. (to come) task, TaskRunner, TaskPool, SharedState
+   11. work queues ........... (to come) WorkQueue
    12. command line .......... worker, main(argv), demo
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
