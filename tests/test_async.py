@@ -113,27 +113,29 @@ def test_request_async_answered_from_another_thread():
 
 
 def test_no_polling_thread():
-    before = threading.active_count()
-    seen = []
+    # Compare thread sets, not counts, so a thread left over by some other
+    # test that happens to finish meanwhile cannot disturb this one.
+    before = set(threading.enumerate())
+    new_threads = []
 
     async def main():
         queue = ef.MessageQueue()
         receive = asyncio.ensure_future(queue.receive_async("later", timeout=PATIENCE))
         request = asyncio.ensure_future(queue.request_async("svc.later", timeout=PATIENCE))
         await asyncio.sleep(0.05)
-        seen.append(threading.active_count())  # both waiting now
+        new_threads.append(set(threading.enumerate()) - before)  # both waiting now
         queue.subscribe("svc.later", lambda m: queue.reply(m, "r"))
         queue.publish("later", "x")
         assert (await receive).payload == "x"
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
-        seen.append(threading.active_count())
+        new_threads.append(set(threading.enumerate()) - before)
         return queue.transport.stats
 
     stats = run(main())
-    assert seen == [before, before]
-    assert threading.active_count() == before
+    new_threads.append(set(threading.enumerate()) - before)
+    assert new_threads == [set(), set(), set()]
     assert stats["receivers"] == 0 and stats["inboxes"] == 0
 
 
