@@ -1416,6 +1416,19 @@ class MemoryTransport(Transport):
                 if not self._hand_over(topic, message) and not subscriptions:
                     self._keep(topic, message)
         next(self._sent)
+        # The loop of _run_subscriptions, inlined: this is the publish path.
+        for subscription in subscriptions:
+            if subscription.active:
+                try:
+                    subscription.callback(message)
+                except Exception as exc:
+                    self._handler_failed(subscription, message, exc)
+
+    def _run_subscriptions(self, subscriptions: Tuple[Any, ...], message: Message) -> None:
+        """Call each still-active subscription; failures go to _handler_failed.
+
+        The TCP transports deliver network messages through this.
+        """
         for subscription in subscriptions:
             if subscription.active:
                 try:
@@ -1913,6 +1926,37 @@ class _Connection:
         self.caller_reading = False  # client: a waiting caller reads the socket itself
         self.poller: Any = None
 
+    def set_events(self, selector: Any, paused: bool = False) -> bool:
+        """Register the events this connection now waits for; False if unchanged.
+
+        Reading stops while it (or its whole transport) is ``paused``;
+        writing is awaited while a send would block.
+        """
+        import selectors
+
+        events = 0 if (paused or self.paused) else selectors.EVENT_READ
+        if self.blocked:
+            events |= selectors.EVENT_WRITE
+        if events == self.events:
+            return False
+        if self.events == 0:
+            selector.register(self.sock, events, self)
+        elif events == 0:
+            selector.unregister(self.sock)
+        else:
+            selector.modify(self.sock, events, self)
+        self.events = events
+        return True
+
+    def recv(self) -> bytes:
+        """Read what is available; with TLS, also the records already decrypted."""
+        sock = self.sock
+        data = sock.recv(_RECV_SIZE)
+        if self.tls and data:
+            while sock.pending():
+                data += sock.recv(_RECV_SIZE)
+        return data
+
     def enqueue(self, data: bytes) -> int:
         """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
         with self.lock:
@@ -2155,13 +2199,9 @@ class _Dispatcher:
             if batch is None:
                 self._signal.acquire()
                 continue
+            run = self._local._run_subscriptions
             for subscriptions, message in batch:
-                for subscription in subscriptions:
-                    if subscription.active:
-                        try:
-                            subscription.callback(message)
-                        except Exception as exc:
-                            self._local._handler_failed(subscription, message, exc)
+                run(subscriptions, message)
             with mutex:
                 self.backlog -= len(batch)
                 resume = self.high and self.backlog < _DISPATCH_LOW_WATER
@@ -2480,13 +2520,7 @@ class TCPServerTransport(Transport):
                 self._push(targets[0], frame)
             else:
                 self._push_many(targets, frame)
-        subscriptions = _deliver_local(self._local, message, taken)
-        for subscription in subscriptions:
-            if subscription.active:
-                try:
-                    subscription.callback(message)
-                except Exception as exc:
-                    self._local._handler_failed(subscription, message, exc)
+        self._local._run_subscriptions(_deliver_local(self._local, message, taken), message)
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic`` (published here or by a client)."""
@@ -2917,15 +2951,9 @@ class TCPServerTransport(Transport):
         """
         me = threading.get_ident()
         lock = self._lf_lock
-        failed = self._local._handler_failed
+        run = self._local._run_subscriptions
         while call is not None:
-            subscriptions, message = call
-            for subscription in subscriptions:
-                if subscription.active:
-                    try:
-                        subscription.callback(message)
-                    except Exception as exc:
-                        failed(subscription, message, exc)
+            run(*call)
             with lock:
                 call = self._next_call(conn, me)
 
@@ -3023,23 +3051,9 @@ class TCPServerTransport(Transport):
                 self._tls_handshake(conn)
 
     def _update_events(self, conn: _Connection) -> None:
-        import selectors
-
         if conn.closed:
             return
-        events = 0 if (self._paused or conn.paused) else selectors.EVENT_READ
-        if conn.blocked:
-            events |= selectors.EVENT_WRITE
-        if events == conn.events:
-            return
-        selector = self._loop.selector  # type: ignore[union-attr]
-        if conn.events == 0:
-            selector.register(conn.sock, events, conn)
-        elif events == 0:
-            selector.unregister(conn.sock)
-        else:
-            selector.modify(conn.sock, events, conn)
-        conn.events = events
+        conn.set_events(self._loop.selector, self._paused)  # type: ignore[union-attr]
 
     def _tls_handshake(self, conn: _Connection) -> None:
         ssl = _ssl_module()
@@ -3076,12 +3090,8 @@ class TCPServerTransport(Transport):
         if conn.state == _TLS:
             self._tls_handshake(conn)
             return
-        sock = conn.sock
         try:
-            data = sock.recv(_RECV_SIZE)
-            if conn.tls and data:
-                while sock.pending():
-                    data += sock.recv(_RECV_SIZE)
+            data = conn.recv()
         except _would_block_errors(conn.tls):
             return
         except ConnectionResetError:
@@ -3228,13 +3238,9 @@ class TCPServerTransport(Transport):
 
     def _run_inline(self, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
         # dispatch="inline": callbacks run here, on the I/O thread.
+        run = self._local._run_subscriptions
         for subscriptions, message in batch:
-            for subscription in subscriptions:
-                if subscription.active:
-                    try:
-                        subscription.callback(message)
-                    except Exception as exc:
-                        self._local._handler_failed(subscription, message, exc)
+            run(subscriptions, message)
 
     # -- control frames ---------------------------------------------------------------
 
@@ -4273,24 +4279,12 @@ class TCPClientTransport(Transport):
                 loop.call_soon(lambda: self._update_events(conn))
 
     def _update_events(self, conn: _Connection) -> None:
-        import selectors
-
         with self._sel_lock:
             if conn.closed or self._conn is not conn:
                 return
-            events = 0 if conn.paused else selectors.EVENT_READ
-            if conn.blocked:
-                events |= selectors.EVENT_WRITE
-            if events == conn.events:
+            if not conn.set_events(self._loop.selector):  # type: ignore[union-attr]
                 return
-            selector = self._loop.selector  # type: ignore[union-attr]
-            if conn.events == 0:
-                selector.register(conn.sock, events, conn)
-            elif events == 0:
-                selector.unregister(conn.sock)
-            else:
-                selector.modify(conn.sock, events, conn)
-            conn.events = events
+            events = conn.events
             if conn.caller_reading and events:
                 self._epoll.modify(conn.sock.fileno(), _epoll_mask(events, False))
 
@@ -4398,14 +4392,10 @@ class TCPClientTransport(Transport):
 
     def _read(self, conn: _Connection) -> bool:
         """Read and handle what arrived (holding _read_lock); False if the connection broke."""
-        sock = conn.sock
         loop = self._loop
         assert loop is not None
         try:
-            data = sock.recv(_RECV_SIZE)
-            if conn.tls and data:
-                while sock.pending():
-                    data += sock.recv(_RECV_SIZE)
+            data = conn.recv()
         except _would_block_errors(conn.tls):
             return True
         except OSError as exc:
