@@ -5180,23 +5180,13 @@ def _failure(
 
 
 def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
-              kwargs: Dict[str, Any]) -> TaskResult:
-    """Run one task in a worker thread or inline; never raises (except BaseException exits)."""
-    start = time.perf_counter()
-    try:
-        value = func(*args, **kwargs)
-    except Exception as exc:
-        return _failure(task_id, exc, time.perf_counter() - start,
-                        threading.current_thread().name)
-    return TaskResult(task_id, TaskStatus.COMPLETED, value, None, None,
-                      time.perf_counter() - start, threading.current_thread().name)
+              kwargs: Dict[str, Any], in_process: bool = False) -> TaskResult:
+    """Run one task (inline, on a pool thread or in a pool process); never raises.
 
-
-def _run_task_in_process(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
-                         kwargs: Dict[str, Any]) -> TaskResult:
-    """Process-pool entry point: like :func:`_run_task`, with a process worker id."""
+    ``worker_id`` is the thread's name, or ``"pid:<n>"`` in a worker process.
+    """
+    worker = f"pid:{os.getpid()}" if in_process else threading.current_thread().name
     start = time.perf_counter()
-    worker = f"pid:{os.getpid()}"
     try:
         value = func(*args, **kwargs)
     except Exception as exc:
@@ -5400,13 +5390,13 @@ class Executor:
     def _submit_future(self, task_id: str, func: Callable[..., Any],
                        args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         """Submit to the pool, replacing a broken process pool once; returns the future."""
-        runner = _run_task if self.mode is ExecutionMode.THREAD else _run_task_in_process
+        in_process = self.mode is ExecutionMode.PROCESS
         pool = self._pool
         if pool is None:
             with self._lock:
                 pool = self._ensure_pool_locked()
         try:
-            return pool.submit(runner, task_id, func, args, kwargs)
+            return pool.submit(_run_task, task_id, func, args, kwargs, in_process)
         except RuntimeError as exc:
             # BrokenProcessPool/BrokenThreadPool (RuntimeError subclasses), or
             # a pool shut down by a concurrent stop(): start a fresh pool.
@@ -5421,7 +5411,7 @@ class Executor:
                 fresh = self._ensure_pool_locked()
             if broken is not None:
                 broken.shutdown(wait=True)  # its workers are gone: releases its pipes
-            return fresh.submit(runner, task_id, func, args, kwargs)
+            return fresh.submit(_run_task, task_id, func, args, kwargs, in_process)
 
     def _future_for(self, func: Callable[..., Any], args: Tuple[Any, ...],
                     kwargs: Dict[str, Any]) -> Tuple[str, Any]:
