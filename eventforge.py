@@ -1590,30 +1590,39 @@ class MemoryTransport(Transport):
         # Called with self._lock held, for a message nobody took: retain it,
         # dropping the oldest past either bound.  Never raises.
         if topic.startswith(INBOX_PREFIXES):
-            self._drops["no_inbox"] += 1
-            logger.debug("dropped %s on %r: nobody awaits that reply", message.id, topic)
-            return
-        seq = next(self._seq)
-        mailbox = self._mailboxes.get(topic)
-        if mailbox is None:
-            self._mailboxes[topic] = collections.deque(((seq, message),))
+            note = self._count_drop(topic, "no_inbox")
         else:
-            if len(mailbox) >= self.max_queue_size:
-                del self._order[mailbox.popleft()[0]]
-                self._dropped_oldest(topic, "topic_full")
-            mailbox.append((seq, message))
-        order = self._order
-        order[seq] = topic
-        if len(order) > self.max_buffered:
-            oldest_topic = order.popitem(last=False)[1]
-            oldest_box = self._mailboxes[oldest_topic]
-            oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
-            if not oldest_box:
-                del self._mailboxes[oldest_topic]
-            self._dropped_oldest(oldest_topic, "buffer_full")
+            note = None
+            seq = next(self._seq)
+            mailbox = self._mailboxes.get(topic)
+            if mailbox is None:
+                self._mailboxes[topic] = collections.deque(((seq, message),))
+            else:
+                if len(mailbox) >= self.max_queue_size:
+                    del self._order[mailbox.popleft()[0]]
+                    note = self._count_drop(topic, "topic_full")
+                mailbox.append((seq, message))
+            order = self._order
+            order[seq] = topic
+            if len(order) > self.max_buffered:  # (never together with topic_full)
+                oldest_topic = order.popitem(last=False)[1]
+                oldest_box = self._mailboxes[oldest_topic]
+                oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
+                if not oldest_box:
+                    del self._mailboxes[oldest_topic]
+                note = self._count_drop(oldest_topic, "buffer_full")
+        if note is not None:
+            # The state is consistent again: log with the lock released, since
+            # a logging handler is user code and may publish here.
+            self._lock.release()
+            try:
+                logger.log(*note)
+            finally:
+                self._lock.acquire()
 
-    def _dropped_oldest(self, topic: str, reason: str) -> None:
-        # Count a drop; log it at most once per topic (and a few topics) per interval.
+    def _count_drop(self, topic: str, reason: str) -> Optional[Tuple[Any, ...]]:
+        # Count a drop; return the log call's arguments at most once per topic
+        # (and for a few topics) per drop_log_interval, else None.
         self._drops[reason] += 1
         now = time.monotonic()
         logged = self._drop_logged
@@ -1621,13 +1630,16 @@ class MemoryTransport(Transport):
             self._drop_log_since = now
             logged.clear()
         if topic in logged or len(logged) >= self._DROP_LOG_TOPICS:
-            return
+            return None
         logged[topic] = 1
+        if reason == "no_inbox":  # a late reply: normal after a timeout
+            return (logging.DEBUG, "dropped a message on %r: nobody awaits that reply", topic)
         if reason == "topic_full":
             why = f"its mailbox holds max_queue_size={self.max_queue_size}"
         else:
             why = f"all mailboxes together hold max_buffered={self.max_buffered}"
-        logger.warning(
+        return (
+            logging.WARNING,
             "dropped the oldest unclaimed message on %r: %s and nobody subscribed or "
             "received (drops are counted in stats, logged at most every %g s per topic)",
             topic, why, self.drop_log_interval,
