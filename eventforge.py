@@ -568,12 +568,13 @@ class SubscriptionTrie:
 
     def _match_exact(self, topic: str) -> Tuple[Any, ...]:
         # Literal children only: no '*' or '**' edge is ever followed.
-        node: Optional[_TrieNode] = self._root
+        node = self._root
         for segment in topic.split("."):
-            node = node.children.get(segment)  # type: ignore[union-attr]
-            if node is None:
+            child = node.children.get(segment)
+            if child is None:
                 return ()
-        hits = sorted(node.entries.values(), key=_first)  # type: ignore[union-attr]
+            node = child
+        hits = sorted(node.entries.values(), key=_first)
         return tuple(value for _, value in hits)
 
     @staticmethod
@@ -5161,8 +5162,10 @@ class RemoteQueue:
                 if self.on_error is not None:
                     try:
                         self.on_error(node_id, exc)
-                    except Exception:
-                        logger.exception("remote %s: on_error hook failed", self.node_id)
+                    except BaseException as hook_exc:  # shown, never propagated
+                        _reraise_interrupt(hook_exc)
+                        _report_unhandled(f"remote {self.node_id}: on_error hook failed",
+                                          hook_exc)
             else:
                 sent[node_id] = message.id
                 self._counts["sent"] += 1
