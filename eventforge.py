@@ -6448,6 +6448,9 @@ def _report_error(what: str, exc: BaseException) -> None:
                  exc_info=(type(exc), exc, exc.__traceback__))
 
 
+_perf_counter = time.perf_counter
+
+
 class ExecutionContext:
     """Timing and scratch space of one execution (the base of :class:`TaskContext`).
 
@@ -6461,20 +6464,21 @@ class ExecutionContext:
 
     def __init__(self, execution_id: Optional[str] = None,
                  metadata: Optional[Dict[Any, Any]] = None) -> None:
-        self.execution_id = execution_id if execution_id is not None else new_id()
+        self.execution_id = execution_id if execution_id is not None \
+            else _id_template % next(_ids)
         self.start_time = _now()
         self.end_time: Optional[float] = None
         self.metadata: Dict[Any, Any] = {} if metadata is None else metadata
-        self._t0 = time.perf_counter()
+        self._t0 = _perf_counter()
         self._elapsed: Optional[float] = None
 
     def restart_clock(self) -> None:
         """Start the monotonic clock now (the task does this right before the body)."""
-        self._t0 = time.perf_counter()
+        self._t0 = _perf_counter()
 
     def stop_clock(self) -> float:
         """Stop the clock: fix ``end_time`` and :attr:`execution_time`; returns the latter."""
-        elapsed = time.perf_counter() - self._t0
+        elapsed = _perf_counter() - self._t0
         self._elapsed = elapsed if elapsed > 0.0 else 0.0
         self.end_time = _now()
         return self._elapsed
@@ -6484,7 +6488,7 @@ class ExecutionContext:
         """Seconds elapsed (monotonic clock; never negative; still running: so far)."""
         if self._elapsed is not None:
             return self._elapsed
-        elapsed = time.perf_counter() - self._t0
+        elapsed = _perf_counter() - self._t0
         return elapsed if elapsed > 0.0 else 0.0
 
 
@@ -6509,9 +6513,9 @@ class TaskContext(ExecutionContext):
 
     def __init__(self, task_name: str, task_id: Optional[str] = None,
                  args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
-                 *, trigger: str = "call", message: Optional[Message] = None,
+                 trigger: str = "call", message: Optional[Message] = None,
                  state: Optional[SharedState] = None) -> None:
-        tid = task_id if task_id is not None else new_id()
+        tid = task_id if task_id is not None else _id_template % next(_ids)
         ExecutionContext.__init__(self, tid)
         self.task_name = task_name
         self.task_id = tid
@@ -7100,14 +7104,14 @@ class Meter(Observable):
         self.reduction = reduction
         self._lock = threading.Lock()
         self.count = 0
-        self.sum = 0.0
+        self.sum: float = 0
         self.last: Optional[float] = None
         self.min_val: Optional[float] = None
         self.max_val: Optional[float] = None
 
     def update(self, val: float, n: int = 1, ctx: Optional[TaskContext] = None) -> None:
         """Record ``n`` observations of ``val`` and fire ``measurement``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if n != 1 and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"n must be an integer >= 1, not {n!r}")
         with self._lock:
             self.count += n
@@ -7124,7 +7128,7 @@ class Meter(Observable):
         """Forget every observation."""
         with self._lock:
             self.count = 0
-            self.sum = 0.0
+            self.sum = 0
             self.last = self.min_val = self.max_val = None
 
     def _value_locked(self) -> Optional[float]:
@@ -7495,27 +7499,33 @@ class LoggingReporter(Reporter):
 # Observers' hooks run before the user's callbacks in each phase.  A start
 # hook that raises fails the call (the body does not run); an error raised by
 # a later hook is reported (logged, counted) and does not change the outcome.
-# With no hook, no queue, no pool and inline execution a call is the bare
-# function call: nothing observes the life cycle, so nothing is built.
+# With no hook, no queue, no cap and inline execution a call is the bare
+# function call plus the pool's counters: nothing observes the life cycle,
+# so no context is built.
 
 
 class TaskPool:
-    """Caps how many calls of one task run at once (``@task(max_instances=N)``).
+    """Counts, and optionally caps, the calls of one task in progress (``my_task.pool``).
 
-    :meth:`acquire` waits for a free slot (``TimeoutError`` past its
-    timeout); :meth:`release` frees one and raises RuntimeError when nothing
-    is held; :meth:`slot` is the context-manager form.  ``stats`` reports
-    ``active``, ``queued`` (callers waiting), ``available``, ``max`` and
-    ``total_processed`` (slots released).
+    With ``max_instances`` (``@task(max_instances=N)``) at most N calls run
+    at once: :meth:`acquire` waits for a free slot (``TimeoutError`` past its
+    timeout).  Without it the pool only counts (``max`` and ``available``
+    read None).  :meth:`release` frees a slot and raises RuntimeError when
+    nothing is held; :meth:`slot` is the context-manager form.  ``stats``
+    reports ``active``, ``queued`` (callers waiting), ``available``, ``max``
+    and ``total_processed`` (slots released).
     """
 
-    def __init__(self, max_instances: int, timeout: Optional[float] = None) -> None:
-        if isinstance(max_instances, bool) or not isinstance(max_instances, int) \
-                or max_instances < 1:
+    def __init__(self, max_instances: Optional[int] = None,
+                 timeout: Optional[float] = None) -> None:
+        if max_instances is not None and (isinstance(max_instances, bool)
+                                          or not isinstance(max_instances, int)
+                                          or max_instances < 1):
             raise ValueError(f"max_instances must be an integer >= 1, not {max_instances!r}")
         self.max_instances = max_instances
         self.timeout = _check_timeout(timeout)
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._active = 0
         self._queued = 0
         self._processed = 0
@@ -7526,46 +7536,51 @@ class TaskPool:
         Raises :class:`EventforgeTimeoutError` (a ``TimeoutError``) when no
         slot frees in time.
         """
+        limit = self.max_instances
+        with self._lock:
+            if limit is None or self._active < limit:
+                self._active += 1
+                return
         wait = self.timeout if timeout is _MISSING else _check_timeout(timeout)
         deadline = None if wait is None else time.monotonic() + wait
         with self._cond:
-            if self._active >= self.max_instances:
-                self._queued += 1
-                try:
-                    while self._active >= self.max_instances:
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            raise EventforgeTimeoutError(
-                                f"no free task slot within {wait} s "
-                                f"({self.max_instances} of {self.max_instances} in use)"
-                            )
-                        self._cond.wait(remaining)
-                finally:
-                    self._queued -= 1
+            self._queued += 1
+            try:
+                while self._active >= limit:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise EventforgeTimeoutError(
+                            f"no free task slot within {wait} s ({limit} of {limit} in use)"
+                        )
+                    self._cond.wait(remaining)
+            finally:
+                self._queued -= 1
             self._active += 1
 
     def release(self) -> None:
         """Free a slot; RuntimeError if none is held."""
-        with self._cond:
+        with self._lock:
             if self._active <= 0:
                 raise RuntimeError("TaskPool.release() called more times than acquire()")
             self._active -= 1
             self._processed += 1
-            self._cond.notify()
+            if self._queued:
+                self._cond.notify()
 
     def slot(self, timeout: Any = _MISSING) -> Any:
         """Context manager holding one slot for the ``with`` block."""
         return _PoolSlot(self, timeout)
 
     @property
-    def stats(self) -> Dict[str, int]:
-        """active, queued, available, max, total_processed."""
-        with self._cond:
+    def stats(self) -> Dict[str, Any]:
+        """active, queued, available, max, total_processed (max/available None if uncapped)."""
+        with self._lock:
+            limit = self.max_instances
             return {
                 "active": self._active,
                 "queued": self._queued,
-                "available": self.max_instances - self._active,
-                "max": self.max_instances,
+                "available": None if limit is None else limit - self._active,
+                "max": limit,
                 "total_processed": self._processed,
             }
 
@@ -7658,8 +7673,8 @@ class TaskRunner:
     executor of that mode; :meth:`close` stops it) or None to run inline.
 
     Attributes: ``func`` (the body), ``name``, ``topic``, ``queue``,
-    ``state`` (a :class:`SharedState`), ``pool`` (a :class:`TaskPool` when
-    ``max_instances`` is set, else None), ``observers``.
+    ``state`` (a :class:`SharedState`), ``pool`` (a :class:`TaskPool`,
+    capped when ``max_instances`` is set), ``observers``.
     """
 
     def __init__(
@@ -7698,8 +7713,7 @@ class TaskRunner:
         self._mode = None if self.executor is None else self.executor.mode
         self.publish_result = publish_result
         self.state = SharedState()
-        self.pool = TaskPool(max_instances, instance_timeout) \
-            if max_instances is not None else None
+        self.pool = TaskPool(max_instances, instance_timeout)
         self._callbacks = {"on_start": on_start, "on_success": on_success,
                            "on_failure": on_failure, "on_complete": on_complete}
         if on_execute is None:
@@ -7711,8 +7725,7 @@ class TaskRunner:
         self._observer_lock = threading.Lock()
         self._observers = observers
         self._lock = threading.Lock()
-        self._counts = {"calls": 0, "succeeded": 0, "failed": 0, "publish_errors": 0,
-                        "hook_errors": 0}
+        self._counts = {"publish_errors": 0, "hook_errors": 0}
         self._rebuild_hooks()
         self._subscription: Optional[str] = None
         if queue is not None:
@@ -7727,9 +7740,10 @@ class TaskRunner:
         self._on_success = _hooks("on_success", observers, cb["on_success"])
         self._on_failure = _hooks("on_failure", observers, cb["on_failure"])
         self._on_complete = _hooks("on_complete", observers, cb["on_complete"])
-        publishes = self.queue is not None and self.publish_result
+        publishes = self._publishes = self.queue is not None and bool(self.publish_result)
         self._bare = not (self._on_start or self._on_success or self._on_failure
-                          or self._on_complete or publishes or self.pool is not None
+                          or self._on_complete or publishes
+                          or self.pool.max_instances is not None
                           or (self._mode is not None
                               and self._mode is not ExecutionMode.SEQUENTIAL))
 
@@ -7757,9 +7771,20 @@ class TaskRunner:
     # -- calling ------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._bare:
-            return self.func(*args, **kwargs)
-        return self._run(args, kwargs, "call", None)
+        if self._bare:  # only the uncapped pool's counters to keep
+            pool = self.pool
+            lock = pool._lock
+            with lock:
+                pool._active += 1
+            try:
+                return self.func(*args, **kwargs)
+            finally:
+                with lock:
+                    pool._active -= 1
+                    pool._processed += 1
+        if self._mode is ExecutionMode.THREAD:
+            return self._run(args, kwargs, "call", None)
+        return self._lifecycle(args, kwargs, "call", None)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Same as calling the task."""
@@ -7789,57 +7814,66 @@ class TaskRunner:
 
     def _lifecycle(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], trigger: str,
                    message: Optional[Message]) -> Any:
-        ctx = TaskContext(self.name, None, args, kwargs, trigger=trigger, message=message,
-                          state=self.state)
+        ctx = TaskContext(self.name, None, args, kwargs, trigger, message, self.state)
         try:
             try:
                 for hook in self._on_start:
                     hook(ctx)
-                ctx.restart_clock()
-                ctx.result = self._body(args, kwargs)
+                pool = self.pool
+                pool.acquire()
+                try:
+                    ctx._t0 = _perf_counter()
+                    if self._mode is ExecutionMode.PROCESS:
+                        ctx.result = self._in_worker_process(args, kwargs)
+                    else:
+                        ctx.result = self.func(*args, **kwargs)
+                finally:
+                    ctx.stop_clock()
+                    pool.release()
             except BaseException as exc:
-                ctx.stop_clock()
+                if ctx._elapsed is None:  # a start hook or the pool failed
+                    ctx.stop_clock()
                 ctx.error = exc
-                ctx.error_type = getattr(exc, "remote_type", None) \
-                    if isinstance(exc, _TaskBodyError) else type(exc).__name__
-                self._count("failed")
-                self._run_hooks("on_failure", self._on_failure, ctx)
+                ctx.error_type = exc.remote_type if isinstance(exc, _TaskBodyError) \
+                    else type(exc).__name__
+                phase, hooks = "on_failure", self._on_failure
             else:
-                ctx.stop_clock()
-                self._count("succeeded")
-                self._run_hooks("on_success", self._on_success, ctx)
-            if self.queue is not None and self.publish_result:
+                phase, hooks = "on_success", self._on_success
+            for hook in hooks:
+                try:
+                    hook(ctx)
+                except Exception as exc:
+                    self._hook_failed(phase, hook, exc)
+            if self._publishes:
                 self._publish(ctx)
         finally:
-            self._run_hooks("on_complete", self._on_complete, ctx)
+            for hook in self._on_complete:
+                try:
+                    hook(ctx)
+                except Exception as exc:
+                    self._hook_failed("on_complete", hook, exc)
         if ctx.error is not None:
             raise ctx.error
         return ctx.result
 
-    def _body(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        pool = self.pool
-        if pool is not None:
-            pool.acquire()
-        try:
-            if self._mode is not ExecutionMode.PROCESS:
-                return self.func(*args, **kwargs)
-            executor = self.executor
-            assert executor is not None
-            _, handle = executor._future_for(self._picklable_body(), args, kwargs)
-            if not isinstance(handle, _Done):
-                _wait_future(handle, None)
-                result = _result_of_future("task", handle)
-            else:
-                result = handle.result
-            if result.is_success:
-                return result.value
-            if result.exception is not None:
-                raise result.exception
-            raise _TaskBodyError(result.error_type or "Error", result.error or "",
-                                 result.traceback)
-        finally:
-            if pool is not None:
-                pool.release()
+    def _in_worker_process(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        executor = self.executor
+        assert executor is not None
+        _, handle = executor._future_for(self._picklable_body(), args, kwargs)
+        if not isinstance(handle, _Done):
+            _wait_future(handle, None)
+            result = _result_of_future("task", handle)
+        else:
+            result = handle.result
+        if result.is_success:
+            return result.value
+        exc = result.exception
+        if exc is not None and type(exc).__name__ == result.error_type:
+            raise exc
+        # The exception did not pickle, or the call never reached a worker
+        # (the executor names that a PicklingError): report what we know.
+        raise _TaskBodyError(result.error_type or "Error", result.error or "",
+                             result.traceback) from exc
 
     def _picklable_body(self) -> Callable[..., Any]:
         func = self.func
@@ -7850,19 +7884,13 @@ class TaskRunner:
                 found = _resolve_name(module, qualname)
             except (ImportError, AttributeError):
                 found = None
-            if found is self:
+            if isinstance(found, TaskRunner) and found.func is func:
                 return _BodyByName(module, qualname)
         return func
 
-    def _run_hooks(self, phase: str, hooks: Tuple[Callable[..., Any], ...],
-                   ctx: TaskContext) -> None:
-        for hook in hooks:
-            try:
-                hook(ctx)
-            except Exception as exc:
-                self._count("hook_errors")
-                _report_error(f"task {self.name}: {phase} hook {_callable_name(hook)} failed",
-                              exc)
+    def _hook_failed(self, phase: str, hook: Callable[..., Any], exc: BaseException) -> None:
+        self._count("hook_errors")
+        _report_error(f"task {self.name}: {phase} hook {_callable_name(hook)} failed", exc)
 
     def _publish(self, ctx: TaskContext) -> None:
         if ctx.error is None:
@@ -7893,11 +7921,12 @@ class TaskRunner:
 
     @property
     def stats(self) -> Dict[str, int]:
-        """succeeded, failed, publish_errors, hook_errors (calls that ran the life cycle)."""
+        """Errors nobody could be told about: publish_errors, hook_errors.
+
+        Calls, successes and failures are what observers are for (MetricsMeter).
+        """
         with self._lock:
-            out = dict(self._counts)
-        out["calls"] = out["succeeded"] + out["failed"]
-        return out
+            return dict(self._counts)
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -8799,7 +8828,7 @@ class _AliasLoader:
             # decorator) to this module: the module stays callable as the
             # decorator and ``from eventforge.task import task`` finds it.
             module.__class__ = _CallableAlias
-            module._eventforge_call = shadowed
+            module._eventforge_call = module.__wrapped__ = shadowed
             module.__getattr__ = lambda name: shadowed if name == leaf else getattr(target, name)
         else:
             module.__getattr__ = lambda name: getattr(target, name)
