@@ -6692,14 +6692,13 @@ class RPCResponse(_Record):
 
 
 def _report_error(what: str, exc: BaseException) -> None:
-    """The one error path of this section and the next: log with the traceback.
+    """Report an error that cannot be raised to a caller (the core's visible path).
 
-    Used for errors that cannot be raised to a caller (an observer hook
-    failing after the task finished, a subscriber failing on a pool thread, a
-    result that could not be published).
+    An observer hook failing after the task finished, a subscriber failing on
+    a pool thread, a result that could not be published: logged when the
+    application configured logging, else printed to stderr.
     """
-    logger.error("%s: %s: %s", what, type(exc).__name__, exc,
-                 exc_info=(type(exc), exc, exc.__traceback__))
+    _report_unhandled(f"{what}: {type(exc).__name__}: {exc}", exc)
 
 
 _perf_counter = time.perf_counter
@@ -7184,6 +7183,9 @@ def _change_class_subscription(target: type, event: str, entry: Any, add: bool) 
         _class_cache.clear()
 
 
+_NO_EVENTS: Any = type(type.__dict__)({})  # an empty read-only mapping
+
+
 class Observable:
     """Named events on an object: ``on(event, fn)``, ``fire(event, ...)``, ``events()``.
 
@@ -7195,9 +7197,11 @@ class Observable:
     """
 
     EVENTS: Tuple[str, ...] = ()
+    # Until the first subscription (or when a subclass skipped __init__).
+    _events: Dict[str, Eventful] = _NO_EVENTS
 
     def __init__(self) -> None:
-        self._events: Dict[str, Eventful] = {}
+        self._events = {}
 
     @classmethod
     def events(cls) -> Tuple[str, ...]:
@@ -7221,7 +7225,10 @@ class Observable:
         found = self._events.get(event)
         if found is None:
             self._check_event(event)
-            found = self._events.setdefault(event, Eventful())
+            with _class_lock:
+                if self._events is _NO_EVENTS:
+                    self._events = {}
+                found = self._events.setdefault(event, Eventful())
         return found
 
     def on(self, event: str, fn: Optional[Callable[..., Any]] = None) -> Any:
@@ -7916,6 +7923,9 @@ def _payload_call(payload: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     return (payload,), {}
 
 
+_task_thread = threading.local()  # .pooled: this thread runs a THREAD-mode task
+
+
 class TaskRunner:
     """A function run with observers, an executor and optional queue wiring.
 
@@ -7957,7 +7967,9 @@ class TaskRunner:
         self.func = func
         self.name: str = getattr(func, "__name__", None) or type(func).__name__
         self.queue = queue
-        self.topic = validate_topic(topic if topic is not None else self.name)
+        self.topic = topic if topic is not None else self.name
+        if queue is not None:
+            validate_topic(self.topic)
         self._owned_executor = False
         if executor is None or isinstance(executor, Executor):
             self.executor: Optional[Executor] = executor
@@ -8054,17 +8066,27 @@ class TaskRunner:
 
     def _run(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], trigger: str,
              message: Optional[Message]) -> Any:
-        if self._mode is ExecutionMode.THREAD:
+        if self._mode is ExecutionMode.THREAD and not getattr(_task_thread, "pooled", False):
             # The whole life cycle runs on the pool thread, so per-thread
-            # observers (CPUMeter) measure the thread that runs the body.
+            # observers (CPUMeter) measure the thread that runs the body.  A
+            # task called from inside a pooled task runs inline instead: it
+            # must not wait for a pool whose threads may all be waiting too.
             executor = self.executor
             assert executor is not None
-            _, handle = executor._future_for(self._lifecycle, (args, kwargs, trigger, message), {})
+            _, handle = executor._future_for(self._pooled_lifecycle,
+                                             (args, kwargs, trigger, message), {})
             if not isinstance(handle, _Done):
                 _wait_future(handle, None)
                 return _result_of_future("task", handle).unwrap()
             return handle.result.unwrap()
         return self._lifecycle(args, kwargs, trigger, message)
+
+    def _pooled_lifecycle(self, *call: Any) -> Any:
+        _task_thread.pooled = True
+        try:
+            return self._lifecycle(*call)
+        finally:
+            _task_thread.pooled = False
 
     def _lifecycle(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], trigger: str,
                    message: Optional[Message]) -> Any:

@@ -707,3 +707,18 @@ def test_observe_wraps_a_plain_function():
         observe()
     with pytest.raises(TypeError):
         observe(TimingMeter)
+
+
+def test_observable_subclass_that_skips_init_still_works():
+    class Lazy(Observable):
+        EVENTS = ("ping",)
+
+        def __init__(self):  # does not call Observable.__init__
+            self.name = "lazy"
+
+    lazy = Lazy()
+    lazy.fire("ping")  # no subscribers yet: nothing happens
+    seen = []
+    lazy.on("ping", seen.append)
+    lazy.fire("ping", 1)
+    assert seen == [1] and Lazy().event("ping").subscribers == ()

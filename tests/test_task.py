@@ -573,3 +573,62 @@ def test_original_module_paths():
 
     assert f() == 5 and g() == 6
     assert list(inspect.signature(eventforge.task).parameters)[:2] == ["queue", "topic"]
+
+
+def test_unhandled_errors_are_visible_without_logging_config():
+    # No logging configured: hook errors and unhandled queue-triggered failures
+    # reach stderr through the core's error path.
+    import subprocess
+    import sys
+    import textwrap
+
+    from _worker_helpers import child_env
+
+    code = textwrap.dedent(
+        """
+        from eventforge import MessageQueue, task
+
+        def bad_hook(ctx):
+            raise RuntimeError("hook exploded")
+
+        @task(on_success=bad_hook)
+        def fine():
+            return 1
+
+        print(fine())
+        queue = MessageQueue()
+
+        @task(queue=queue, topic="jobs")
+        def failing(x):
+            raise ValueError("job exploded")
+
+        queue.publish("jobs", 1)
+        print("still running")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env=child_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["1", "still running"]
+    assert "on_success hook" in result.stderr and "hook exploded" in result.stderr
+    assert "ValueError: job exploded" in result.stderr
+
+
+def test_thread_task_called_from_a_pooled_task_does_not_deadlock():
+    with Executor(mode=ExecutionMode.THREAD, max_workers=1) as executor:
+        @task(executor=executor)
+        def inner(x):
+            return x + 1
+
+        @task(executor=executor)
+        def outer(x):
+            return inner(x) * 2  # the only pool thread is busy running outer
+
+        assert outer(1) == 4
+
+
+def test_any_callable_name_without_a_queue():
+    runner = TaskRunner(lambda: "anonymous")
+    assert runner() == "anonymous" and runner.topic == "<lambda>"
+    with MessageQueue() as queue, pytest.raises(ef.TopicError):
+        TaskRunner(lambda: None, queue=queue, topic="bad topic")
