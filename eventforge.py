@@ -6710,20 +6710,34 @@ class ExecutionContext:
     ``start_time``/``end_time`` are wall-clock epoch seconds (for display);
     :attr:`execution_time` is measured on the monotonic clock and is never
     negative.  ``metadata`` is a dict for observers and callbacks to keep
-    per-call data in (meters key their readings by themselves).
+    per-call data in (meters key their readings by themselves).  The id and
+    the dict are made when first read: most calls never need them.
     """
 
-    __slots__ = ("execution_id", "start_time", "end_time", "metadata", "_t0", "_elapsed")
+    __slots__ = ("_id", "start_time", "end_time", "_metadata", "_t0", "_elapsed")
 
     def __init__(self, execution_id: Optional[str] = None,
                  metadata: Optional[Dict[Any, Any]] = None) -> None:
-        self.execution_id = execution_id if execution_id is not None \
-            else _id_template % next(_ids)
+        self._id = execution_id
         self.start_time = _now()
         self.end_time: Optional[float] = None
-        self.metadata: Dict[Any, Any] = {} if metadata is None else metadata
+        self._metadata = metadata
         self._t0 = _perf_counter()
         self._elapsed: Optional[float] = None
+
+    @property
+    def execution_id(self) -> str:
+        """Unique id of this execution."""
+        if self._id is None:
+            self._id = _id_template % next(_ids)
+        return self._id
+
+    @property
+    def metadata(self) -> Dict[Any, Any]:
+        """A dict for per-call data of observers and callbacks."""
+        if self._metadata is None:
+            self._metadata = {}
+        return self._metadata
 
     def restart_clock(self) -> None:
         """Start the monotonic clock now (the task does this right before the body)."""
@@ -6750,7 +6764,8 @@ class TaskContext(ExecutionContext):
 
     Attributes:
         task_name: the task's name (the function's ``__name__``).
-        task_id: unique id of this call (also in the published result).
+        task_id: unique id of this call (also in the published result; the
+            same as ``execution_id``).
         args, kwargs: the call's arguments.
         result: the return value (None until it succeeded).
         error: the exception raised (None unless it failed).
@@ -6761,17 +6776,21 @@ class TaskContext(ExecutionContext):
         start_time, end_time, execution_time, metadata: see ExecutionContext.
     """
 
-    __slots__ = ("task_name", "task_id", "args", "kwargs", "result", "error", "error_type",
+    __slots__ = ("task_name", "args", "kwargs", "result", "error", "error_type",
                  "trigger", "message", "state")
 
     def __init__(self, task_name: str, task_id: Optional[str] = None,
                  args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
                  trigger: str = "call", message: Optional[Message] = None,
                  state: Optional[SharedState] = None) -> None:
-        tid = task_id if task_id is not None else _id_template % next(_ids)
-        ExecutionContext.__init__(self, tid)
+        # The base fields are set here rather than through ExecutionContext's
+        # __init__: one Python frame less on every task call.
+        self._id = task_id
+        self.start_time = _now()
+        self.end_time = None
+        self._metadata = None
+        self._elapsed = None
         self.task_name = task_name
-        self.task_id = tid
         self.args = args
         self.kwargs = {} if kwargs is None else kwargs
         self.result: Any = None
@@ -6780,6 +6799,9 @@ class TaskContext(ExecutionContext):
         self.trigger = trigger
         self.message = message
         self.state = state
+        self._t0 = _perf_counter()
+
+    task_id = ExecutionContext.execution_id
 
     @property
     def succeeded(self) -> bool:
@@ -7492,7 +7514,7 @@ class TimingMeter(Meter):
 
     def on_complete(self, ctx: TaskContext) -> None:
         elapsed = ctx.execution_time
-        self.update(elapsed, ctx=ctx)
+        self.update(elapsed, 1, ctx)
         threshold = self.threshold
         if threshold is not None and elapsed > threshold:
             with self._lock:
@@ -7787,9 +7809,11 @@ class TaskPool:
         self.timeout = _check_timeout(timeout)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._active = 0
+        # One entry per slot held.  Uncapped, list append/pop and next() are
+        # atomic on their own, so counting a call takes no lock.
+        self._held: List[None] = []
+        self._released = itertools.count()
         self._queued = 0
-        self._processed = 0
 
     def acquire(self, timeout: Any = _MISSING) -> None:
         """Take a slot, waiting up to ``timeout`` s (default: the pool's timeout).
@@ -7798,16 +7822,20 @@ class TaskPool:
         slot frees in time.
         """
         limit = self.max_instances
+        if limit is None:
+            self._held.append(None)
+            return
+        held = self._held
         with self._lock:
-            if limit is None or self._active < limit:
-                self._active += 1
+            if len(held) < limit:
+                held.append(None)
                 return
         wait = self.timeout if timeout is _MISSING else _check_timeout(timeout)
         deadline = None if wait is None else time.monotonic() + wait
         with self._cond:
             self._queued += 1
             try:
-                while self._active >= limit:
+                while len(held) >= limit:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise EventforgeTimeoutError(
@@ -7816,17 +7844,24 @@ class TaskPool:
                     self._cond.wait(remaining)
             finally:
                 self._queued -= 1
-            self._active += 1
+            held.append(None)
 
     def release(self) -> None:
         """Free a slot; RuntimeError if none is held."""
+        if self.max_instances is None:
+            self._release_one()
+            return
         with self._lock:
-            if self._active <= 0:
-                raise RuntimeError("TaskPool.release() called more times than acquire()")
-            self._active -= 1
-            self._processed += 1
+            self._release_one()
             if self._queued:
                 self._cond.notify()
+
+    def _release_one(self) -> None:
+        try:
+            self._held.pop()
+        except IndexError:
+            raise RuntimeError("TaskPool.release() called more times than acquire()") from None
+        next(self._released)
 
     def slot(self, timeout: Any = _MISSING) -> Any:
         """Context manager holding one slot for the ``with`` block."""
@@ -7837,16 +7872,17 @@ class TaskPool:
         """active, queued, available, max, total_processed (max/available None if uncapped)."""
         with self._lock:
             limit = self.max_instances
+            active = len(self._held)
             return {
-                "active": self._active,
+                "active": active,
                 "queued": self._queued,
-                "available": None if limit is None else limit - self._active,
+                "available": None if limit is None else limit - active,
                 "max": limit,
-                "total_processed": self._processed,
+                "total_processed": _count_value(self._released),
             }
 
     def __repr__(self) -> str:
-        return f"<TaskPool {self._active}/{self.max_instances} active, {self._queued} queued>"
+        return f"<TaskPool {len(self._held)}/{self.max_instances} active, {self._queued} queued>"
 
 
 class _PoolSlot:
@@ -7977,6 +8013,8 @@ class TaskRunner:
             self.executor = Executor(mode=executor)
             self._owned_executor = True
         self._mode = None if self.executor is None else self.executor.mode
+        self._threaded = self._mode is ExecutionMode.THREAD
+        self._in_process = self._mode is ExecutionMode.PROCESS
         self.publish_result = publish_result
         self.state = SharedState()
         self.pool = TaskPool(max_instances, instance_timeout)
@@ -8039,16 +8077,14 @@ class TaskRunner:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._bare:  # only the uncapped pool's counters to keep
             pool = self.pool
-            lock = pool._lock
-            with lock:
-                pool._active += 1
+            held = pool._held
+            held.append(None)
             try:
                 return self.func(*args, **kwargs)
             finally:
-                with lock:
-                    pool._active -= 1
-                    pool._processed += 1
-        if self._mode is ExecutionMode.THREAD:
+                held.pop()
+                next(pool._released)
+        if self._threaded:
             return self._run(args, kwargs, "call", None)
         return self._lifecycle(args, kwargs, "call", None)
 
@@ -8066,7 +8102,7 @@ class TaskRunner:
 
     def _run(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], trigger: str,
              message: Optional[Message]) -> Any:
-        if self._mode is ExecutionMode.THREAD and not getattr(_task_thread, "pooled", False):
+        if self._threaded and not getattr(_task_thread, "pooled", False):
             # The whole life cycle runs on the pool thread, so per-thread
             # observers (CPUMeter) measure the thread that runs the body.  A
             # task called from inside a pooled task runs inline instead: it
@@ -8099,7 +8135,7 @@ class TaskRunner:
                 pool.acquire()
                 try:
                     ctx._t0 = _perf_counter()
-                    if self._mode is ExecutionMode.PROCESS:
+                    if self._in_process:
                         ctx.result = self._in_worker_process(args, kwargs)
                     else:
                         ctx.result = self.func(*args, **kwargs)

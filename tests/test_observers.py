@@ -41,6 +41,15 @@ def _leaks(no_leaks):
     yield
 
 
+def _in_threads(target, count):
+    """Run ``target`` on ``count`` threads at once and wait for them all."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # -- Eventful -------------------------------------------------------------------------
 
 
@@ -331,11 +340,7 @@ def test_node_acquire_is_atomic_under_contention():
         if node.try_acquire():
             won.append(1)
 
-    threads = [threading.Thread(target=grab) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(grab, 8)
     assert len(won) == 3 and node.active == 3
 
 
@@ -434,11 +439,7 @@ def test_shared_state_update_is_atomic():
         for _ in range(2000):
             state.update("n", lambda v: v + 1, 0)
 
-    threads = [threading.Thread(target=bump) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(bump, 4)
     assert state.get("n") == 8000
 
 
@@ -483,11 +484,7 @@ def test_concurrent_updates_lose_nothing():
         for _ in range(5000):
             meter.update(1)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(work, 4)
     assert meter.count == 20000 and meter.value == 20000
 
 

@@ -632,3 +632,48 @@ def test_any_callable_name_without_a_queue():
     assert runner() == "anonymous" and runner.topic == "<lambda>"
     with MessageQueue() as queue, pytest.raises(ef.TopicError):
         TaskRunner(lambda: None, queue=queue, topic="bad topic")
+
+
+def _crash_worker():
+    import os
+
+    os._exit(3)
+
+
+def test_a_crashed_worker_process_is_a_failure_not_a_hang():
+    seen = []
+    with Executor(mode=ExecutionMode.PROCESS, max_workers=1) as executor:
+        runner = TaskRunner(_crash_worker, executor=executor, on_failure=seen.append)
+        with pytest.raises(RuntimeError, match="terminated abruptly") as info:
+            runner()
+        assert seen[0].error is info.value and seen[0].error_type == "BrokenProcessPool"
+        assert TaskRunner(str.lower, executor=executor)("OK") == "ok"  # the pool recovers
+
+
+def test_meters_survive_a_start_hook_that_failed_before_them():
+    import tracemalloc
+
+    from eventforge import CPUMeter, MemoryMeter
+
+    memory, cpu = MemoryMeter(), CPUMeter()
+
+    class Refuse:
+        def on_start(self, ctx):
+            raise RuntimeError("refused")
+
+    @task(on_execute=[Refuse(), memory, cpu])
+    def never():
+        raise AssertionError("the body must not run")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        never()
+    assert memory.count == 0 and cpu.count == 0
+    assert not tracemalloc.is_tracing()
+
+
+def test_module_level_task_on_a_process_rpc_server():
+    with MessageQueue() as queue, Executor(mode=ExecutionMode.PROCESS, max_workers=1) as ex:
+        server = RPCServer(queue, executor=ex, service_name="calc")
+        server.add_method("dec", plain_module_task)
+        with server:
+            assert RPCClient(queue, service_name="calc", timeout=30).call("dec", 10) == 9
