@@ -7176,7 +7176,7 @@ class Eventful:
 
 
 # Class-level subscriptions made by Reporters: target class -> event -> entries.
-# An entry is a bound method (strong) or a weakref.WeakMethod (weak=True).
+# An entry is a bound method (strong) or a _WeakHandler (weak=True).
 _class_subscriptions: Dict[type, Dict[str, List[Any]]] = {}
 _class_lock = threading.Lock()
 _class_cache: Dict[Tuple[type, str], Tuple[Any, ...]] = {}
@@ -7200,8 +7200,11 @@ def _change_class_subscription(target: type, event: str, entry: Any, add: bool) 
         entries = _class_subscriptions.setdefault(target, {}).setdefault(event, [])
         if add:
             entries.append(entry)
-        elif entry in entries:
-            entries.remove(entry)
+        else:
+            for index, existing in enumerate(entries):
+                if existing is entry:
+                    del entries[index]
+                    break
         _class_cache.clear()
 
 
@@ -7275,15 +7278,25 @@ class Observable:
         else:
             result = eventful.fire(*args, **kwargs)
         if _class_subscriptions:
-            for entry in _class_handlers(type(self), event):
-                handler = entry() if _is_weak_method(entry) else entry
-                if handler is not None:
-                    handler(*args, **kwargs)
+            for handler in _class_handlers(type(self), event):
+                handler(*args, **kwargs)
         return result
 
 
-def _is_weak_method(entry: Any) -> bool:
-    return type(entry).__name__ == "WeakMethod"
+class _WeakHandler:
+    """A class-level subscription that does not keep its Reporter alive."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, bound: Any) -> None:
+        import weakref
+
+        self.ref = weakref.WeakMethod(bound)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        method = self.ref()
+        if method is not None:  # the Reporter is gone: nothing to do
+            method(*args, **kwargs)
 
 
 def _observed_events(method: Any) -> List[Tuple[type, str]]:
@@ -7327,10 +7340,8 @@ class Reporter:
         """Start receiving the marked events (done by ``__init__``; idempotent)."""
         if self._registered:
             return
-        import weakref
-
         for target, event, bound in self._marked_methods():
-            entry = weakref.WeakMethod(bound) if self._weak else bound
+            entry = _WeakHandler(bound) if self._weak else bound
             _change_class_subscription(target, event, entry, add=True)
             self._registered.append((target, event, entry))
 

@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import eventforge as ef
 from eventforge import (
@@ -677,3 +679,56 @@ def test_module_level_task_on_a_process_rpc_server():
         server.add_method("dec", plain_module_task)
         with server:
             assert RPCClient(queue, service_name="calc", timeout=30).call("dec", 10) == 9
+
+
+# -- property tests ---------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.none(), st.integers(min_value=1, max_value=4)),
+       st.lists(st.sampled_from(["acquire", "release"]), max_size=30))
+def test_pool_matches_a_counting_model(limit, operations):
+    pool = TaskPool(limit, timeout=0)
+    held = processed = 0
+    for op in operations:
+        if op == "acquire":
+            if limit is not None and held >= limit:
+                with pytest.raises(TimeoutError):
+                    pool.acquire()
+            else:
+                pool.acquire()
+                held += 1
+        elif held == 0:
+            with pytest.raises(RuntimeError):
+                pool.release()
+        else:
+            pool.release()
+            held -= 1
+            processed += 1
+        assert pool.stats == {
+            "active": held, "queued": 0, "max": limit,
+            "available": None if limit is None else limit - held,
+            "total_processed": processed,
+        }
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "delete", "bump", "clear"]),
+                          st.sampled_from("abc"), st.integers()), max_size=30))
+def test_shared_state_matches_a_dict(operations):
+    state, model = SharedState(), {}
+    for op, key, value in operations:
+        if op == "set":
+            state.set(key, value)
+            model[key] = value
+        elif op == "delete":
+            assert state.delete(key) is (key in model)
+            model.pop(key, None)
+        elif op == "bump":
+            assert state.update(key, lambda v: v + 1, 0) == model.get(key, 0) + 1
+            model[key] = model.get(key, 0) + 1
+        else:
+            state.clear()
+            model.clear()
+        assert dict(state.items()) == model
+        assert all(state.contains(k) == (k in model) for k in "abc")
