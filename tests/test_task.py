@@ -732,3 +732,19 @@ def test_shared_state_matches_a_dict(operations):
             model.clear()
         assert dict(state.items()) == model
         assert all(state.contains(k) == (k in model) for k in "abc")
+
+
+def test_a_result_the_wire_cannot_carry_is_reported_over_tcp(tcp, caplog):
+    server = tcp.server()
+    queue = MessageQueue(transport=tcp.client(server.port))
+
+    @task(queue=queue, topic="made")
+    def make():
+        return object()  # not JSON: the published result cannot be encoded
+
+    with caplog.at_level(logging.ERROR, logger="eventforge"):
+        assert type(make()) is object  # the caller still gets its result
+    assert make.stats["publish_errors"] == 1
+    assert any("could not publish its result to 'made.success'" in r.getMessage()
+               for r in caplog.records)
+    make.close()
