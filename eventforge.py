@@ -7408,8 +7408,9 @@ class Meter(Observable):
         if n != 1 and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"n must be an integer >= 1, not {n!r}")
         with self._lock:
+            total = self.sum + val * n  # a non-number fails here, before any change
             self.count += n
-            self.sum += val * n
+            self.sum = total
             self.last = val
             if self.min_val is None or val < self.min_val:
                 self.min_val = val

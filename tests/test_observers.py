@@ -719,3 +719,25 @@ def test_observable_subclass_that_skips_init_still_works():
     lazy.on("ping", seen.append)
     lazy.fire("ping", 1)
     assert seen == [1] and Lazy().event("ping").subscribers == ()
+
+
+def test_a_bad_value_leaves_the_meter_unchanged():
+    meter = Meter()
+    meter.update(2)
+    with pytest.raises(TypeError):
+        meter.update("three")
+    with pytest.raises(TypeError):
+        meter.update(None)
+    assert (meter.count, meter.sum, meter.last, meter.value) == (1, 2, 2, 2.0)
+
+
+def test_an_extractor_returning_garbage_is_a_hook_error_not_a_failed_call(caplog):
+    sizes = MetricsMeter("size", extract=lambda result: "not a number")
+
+    @task(on_execute=[sizes])
+    def f():
+        return 1
+
+    with caplog.at_level(logging.ERROR, logger="eventforge"):
+        assert f() == 1
+    assert f.stats["hook_errors"] == 1 and sizes.successes == 1 and sizes.count == 0
