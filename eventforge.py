@@ -7199,6 +7199,9 @@ def _change_class_subscription(target: type, event: str, entry: Any, add: bool) 
     with _class_lock:
         entries = _class_subscriptions.setdefault(target, {}).setdefault(event, [])
         if add:
+            # Drop the weak subscriptions of Reporters that were collected.
+            entries[:] = [e for e in entries
+                          if not isinstance(e, _WeakHandler) or e.ref() is not None]
             entries.append(entry)
         else:
             for index, existing in enumerate(entries):

@@ -741,3 +741,85 @@ def test_an_extractor_returning_garbage_is_a_hook_error_not_a_failed_call(caplog
     with caplog.at_level(logging.ERROR, logger="eventforge"):
         assert f() == 1
     assert f.stats["hook_errors"] == 1 and sizes.successes == 1 and sizes.count == 0
+
+
+def test_collected_weak_reporters_are_pruned():
+    import gc
+
+    class Quiet(Reporter):
+        @observe(Door, "closed")
+        def got(self, who):
+            pass
+
+    for _ in range(5):
+        Quiet(weak=True)
+    gc.collect()
+    keeper = Quiet(weak=True)
+    try:
+        entries = ef._class_subscriptions[Door]["closed"]
+        assert len(entries) == 1
+    finally:
+        keeper.unregister()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=4),
+       st.lists(st.one_of(st.just("route"), st.integers(min_value=0, max_value=3)),
+                max_size=25))
+def test_least_loaded_matches_a_model(cpus, operations):
+    # Property: select() reserves a slot on a least-loaded node that has room,
+    # never goes over capacity, and raises "saturated" exactly when all are full.
+    nodes = [Node(f"n{i}", cpus=c) for i, c in enumerate(cpus)]
+    dispatcher = LeastLoadedDispatcher(nodes)
+    for op in operations:
+        if op == "route":
+            if all(n.active >= n.capacity for n in nodes):
+                with pytest.raises(RuntimeError, match="saturated"):
+                    dispatcher.select()
+            else:
+                lowest = min(n.load() for n in nodes if n.active < n.capacity)
+                before = {n.name: n.load() for n in nodes}
+                chosen = dispatcher.select()
+                assert before[chosen.name] == lowest
+        else:
+            nodes[op % len(nodes)].release()
+        assert all(0 <= n.active <= n.capacity for n in nodes)
+
+
+def test_least_loaded_under_contention_never_exceeds_capacity():
+    over = []
+    nodes = []
+
+    def handler():
+        for node in nodes:
+            if node.active > node.capacity:
+                over.append(node.name)
+        time.sleep(0.001)
+
+    nodes.extend(Node(f"n{i}", cpus=4 * (i + 1), handler=handler) for i in range(3))
+    dispatcher = LeastLoadedDispatcher(nodes)
+    routed, saturated = [], []
+
+    def caller():
+        for _ in range(50):
+            try:
+                dispatcher.route()
+                routed.append(1)
+            except RuntimeError:
+                saturated.append(1)
+
+    _in_threads(caller, 8)
+    assert not over
+    assert len(routed) + len(saturated) == 400 and routed
+    assert all(node.active == 0 for node in nodes)
+
+
+def test_async_functions_and_foreign_executors_are_refused():
+    async def coro():
+        pass
+
+    with pytest.raises(TypeError, match="coroutine function"):
+        task(coro)
+    with pytest.raises(ValueError, match="unknown execution mode"):
+        with cf.ThreadPoolExecutor(1) as pool:
+            task(executor=pool)(lambda: None)
