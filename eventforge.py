@@ -26,7 +26,9 @@ The file reads top to bottom; every section uses only the sections above it.
    12. command line .......... worker, main(argv), demo
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
-The wire format is specified in ``docs/protocol.md``.  MIT licensed (see
+The wire format is specified in ``docs/protocol.md``; what each transport
+promises (ordering, delivery, what is kept or dropped) in
+``docs/guarantees.md``.  MIT licensed (see
 LICENSE); this file may be copied alone into a project.  Heavy standard-library
 modules (``ssl``, ``asyncio``, ``multiprocessing`` ...) are imported where they
 are first used, so ``import eventforge`` stays cheap.
@@ -5556,8 +5558,9 @@ class Executor:
 
     Memory stays bounded: ``result(task_id)`` hands a result over exactly once
     and forgets it; at most ``max_results`` uncollected tasks are remembered,
-    and beyond that the oldest one is dropped (its result is discarded, a
-    warning is logged and ``stats["dropped"]`` counts it).  Use :meth:`map`, or
+    and beyond that the oldest one is dropped (its result is discarded,
+    ``stats["dropped"]`` counts it and a warning is logged, at most once a
+    minute).  Use :meth:`map`, or
     collect what you submit, and nothing accumulates.
 
     The pool starts on :meth:`start`, on entering ``with``, or lazily on the
@@ -5595,6 +5598,7 @@ class Executor:
         self._counter = itertools.count(1)
         self._submitted = 0
         self._dropped = 0
+        self._drop_logged_at = -1e9  # monotonic time of the last drop warning
         self._pools_replaced = 0
 
     # -- life cycle -------------------------------------------------------
@@ -5669,10 +5673,15 @@ class Executor:
     def _drop_oldest_locked(self) -> None:
         old_id, _ = self._tasks.popitem(last=False)
         self._dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged_at < 60.0:  # one line a minute, never one per task
+            return
+        self._drop_logged_at = now
         logger.warning(
             "Executor: dropped the uncollected result of task %s (more than max_results=%d "
-            "uncollected tasks); collect results with result() or use map()",
-            old_id, self.max_results,
+            "uncollected tasks; %d dropped so far, counted in stats); collect results with "
+            "result() or use map()",
+            old_id, self.max_results, self._dropped,
         )
 
     def _submit_future(self, task_id: str, func: Callable[..., Any],

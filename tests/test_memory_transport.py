@@ -422,3 +422,13 @@ def test_drop_logging_is_bounded_across_many_topics(caplog):
         transport.send(ef.Message("another", 0))
     assert len(caplog.records) == 1
     transport.close()
+
+
+def test_requests_to_a_service_nobody_serves_cost_bounded_memory():
+    queue = ef.MessageQueue(transport=ef.MemoryTransport(max_queue_size=100))
+    for i in range(1500):
+        assert queue.request("nobody.serves", i, timeout=0) is None
+    stats = queue.transport.stats
+    assert stats["buffered"] == 100 and stats["dropped_topic_full"] == 1400
+    assert stats["inboxes"] == 0 and stats["receivers"] == 0
+    queue.close()
