@@ -1755,12 +1755,14 @@ def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
         obj = _decoder.decode(body.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if type(obj) is not dict or len(obj) != 2:
+    # Exactly these two keys: any other key (an id, a timestamp ...) must be
+    # checked by decode(), which may refuse the frame.
+    if type(obj) is not dict or len(obj) != 2 or "payload" not in obj:
         return None
-    topic = obj.get("topic")
+    topic = obj["topic"]
     if type(topic) is not str or not _TOPIC_RE.fullmatch(topic) or len(topic) > 64:
         return None
-    return topic, obj.get("payload")
+    return topic, obj["payload"]
 
 
 _json_string = json.JSONEncoder(ensure_ascii=False).encode

@@ -14,6 +14,8 @@ import time
 
 import pytest
 from _tcp_helpers import FrameReader, frame, message_frame, raw_connect, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import eventforge as ef
 
@@ -236,3 +238,58 @@ def test_interest_frames_match_the_generic_control_encoding(topic):
     assert ef._interest_frame([], [topic]) == control("$interest", {"remove": [topic]})
     both = ef._interest_frame([topic, "a.b"], [topic, "x.y"])
     assert both == control("$interest", {"add": [topic, "a.b"], "remove": [topic, "x.y"]})
+
+
+# -- the fast control-frame parser agrees with decode() ------------------------------------
+
+_json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=8,
+)
+_field_names = st.sampled_from(
+    ["topic", "payload", "id", "headers", "timestamp", "reply_to", "correlation_id", "x"])
+_control_topics = st.one_of(
+    st.sampled_from(["$hello", "$ack", "$flush", "$x.y", "$", "$a..b", "$a b", "$" + "a" * 70]),
+    st.text(max_size=12).map(lambda t: "$" + t),
+)
+
+
+@st.composite
+def _control_like_bodies(draw):
+    """Bodies starting like a compact control frame, valid or not."""
+    obj = {"topic": draw(_control_topics)}
+    for name in draw(st.lists(_field_names, max_size=3)):
+        obj[name] = draw(_json_values)
+    if draw(st.booleans()):
+        obj["payload"] = draw(_json_values)
+    body = json.dumps(obj, ensure_ascii=draw(st.booleans()),
+                      separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])))
+    body = body.encode("utf-8", "surrogatepass")
+    cut = draw(st.one_of(st.none(), st.integers(0, len(body))))
+    tail = draw(st.binary(max_size=4))
+    return body if cut is None else body[:cut] + tail
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_control_like_bodies(),
+                 st.binary(max_size=40).map(lambda b: ef._CONTROL_PREFIX + b)))
+def test_fast_control_parser_agrees_with_decode(body):
+    fast = ef._fast_control(body)
+    if fast is None:
+        return  # left to decode(), which then has the last word
+    message = ef.decode(body)  # must not raise: the fast path accepted the frame
+    assert (message.topic, message.payload) == fast
+
+
+@pytest.mark.parametrize("body", [
+    b'{"topic":"$x","timestamp":"bad"}', b'{"topic":"$x","id":5}',
+    b'{"topic":"$x","headers":1}', b'{"topic":"$x","reply_to":[]}',
+])
+def test_fast_control_parser_leaves_other_keys_to_decode(body):
+    assert ef._fast_control(body) is None
+    with pytest.raises(ef.FrameError):
+        ef.decode(body)
