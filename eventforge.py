@@ -1427,13 +1427,16 @@ class MemoryTransport(Transport):
     def _run_subscriptions(self, subscriptions: Tuple[Any, ...], message: Message) -> None:
         """Call each still-active subscription; failures go to _handler_failed.
 
-        The TCP transports deliver network messages through this.
+        The TCP transports deliver network messages through this, on their
+        dispatch threads, which must survive whatever a handler raises
+        (``asyncio.CancelledError``, ``SystemExit`` ... included): it is a
+        failure of that call only.
         """
         for subscription in subscriptions:
             if subscription.active:
                 try:
                     subscription.callback(message)
-                except Exception as exc:
+                except BaseException as exc:
                     self._handler_failed(subscription, message, exc)
 
     def _hand_over(self, topic: str, message: Message) -> bool:
@@ -1472,7 +1475,7 @@ class MemoryTransport(Transport):
             )
 
     def _handler_failed(
-        self, subscription: _Subscription, message: Message, exc: Exception
+        self, subscription: _Subscription, message: Message, exc: BaseException
     ) -> None:
         if subscription.on_error is not None:
             subscription.on_error(subscription.callback, message, exc)
@@ -1691,7 +1694,8 @@ PROTOCOL_VERSION = 1
 #: Default TCP port of the original eventforge.
 DEFAULT_TCP_PORT = 9090
 
-_FEATURES = frozenset(("interest", "ack", "ping", "reply"))
+_FEATURES = frozenset(("interest", "ack", "ping", "reply", "flush"))
+_PROGRESS_FEATURES = frozenset(("ack", "flush"))  # the server tracks which frames were handled
 _HANDSHAKE_MAX_FRAME = 4096  # read cap before a secret-protected peer has authenticated
 _AUTH_LABEL_CLIENT = b"eventforge-v1 client"
 _AUTH_LABEL_SERVER = b"eventforge-v1 server"
@@ -1714,6 +1718,7 @@ _SERVER_COUNTERS = (
     "messages_out", "bytes_in", "mailbox_full", "frame_errors", "oversize_frames",
     "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
     "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
+    "expired", "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
 )
 _CLIENT_COUNTERS = (
     "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
@@ -1732,6 +1737,48 @@ _HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
 _REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
 _CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
 _perf_counter = time.perf_counter
+_monotonic = time.monotonic
+_NO_PEER_LIMIT = 1 << 32  # a peer that named no max_frame_size: the length prefix's own bound
+_MAX_FLUSHES = 1024  # $flush requests one connection may have waiting
+_TTL_HEADER = "_ttl_ms"
+# A server handler call: (subscriptions, message, expiry or 0.0, connection read from).
+_Call = Tuple[Tuple[Any, ...], Message, float, Any]
+
+
+def _ttl_expiry(value: Any) -> float:
+    """The monotonic deadline of a request whose ``_ttl_ms`` header is ``value``, or 0.0."""
+    if type(value) is int and value >= 0:
+        return _monotonic() + value / 1000.0
+    return 0.0  # absent or malformed: no deadline
+
+
+class _LogLimiter:
+    """Logs a recurring event at most once per ``interval`` seconds, with a count.
+
+    For events a peer can repeat at will (a dropped frame, an expired
+    request): one line per interval says how many there were, so the log
+    stays readable and cheap.  Races between threads cost at most a line.
+    """
+
+    __slots__ = ("interval", "level", "_next", "_skipped")
+
+    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
+        self.interval = interval
+        self.level = level
+        self._next = 0.0
+        self._skipped = 0
+
+    def log(self, msg: str, *args: Any) -> None:
+        now = _monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg += " (%d more since the last such line)"
+            args += (self._skipped,)
+        self._skipped = 0
+        self._next = now + self.interval
+        logger.log(self.level, msg, *args)
 
 
 def _control_frame(topic: str, payload: Dict[str, Any]) -> bytes:
@@ -1879,6 +1926,7 @@ class _Connection:
         "ping_sent", "received", "acked", "interest", "events", "paused",
         "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
         "pending", "running", "queued", "caller_reading", "poller",
+        "finished", "waiting", "counted", "peer_max_frame", "flushes",
     )
 
     def __init__(
@@ -1922,11 +1970,20 @@ class _Connection:
         # dispatch="leader": handler calls not run yet, in arrival order; a
         # connection is run by one thread at a time (running), and waits in
         # the server's ready queue (queued) while no thread runs it.
-        self.pending: Optional[Deque[Tuple[Tuple[Any, ...], Message]]] = None
+        self.pending: Optional[Deque[Any]] = None
         self.running = False
         self.queued = False
         self.caller_reading = False  # client: a waiting caller reads the socket itself
         self.poller: Any = None
+        # Server, "acknowledge after handling": the numbers of the frames read
+        # whose handler calls had not finished when last looked (loop thread
+        # only), how many of those were since seen finished, and the finished
+        # calls (counted by whichever thread ran them; one at a time).
+        self.waiting: Optional[Deque[int]] = None  # set for peers with "ack" or "flush"
+        self.counted = 0
+        self.finished = 0
+        self.peer_max_frame = _NO_PEER_LIMIT  # the largest frame the peer accepts
+        self.flushes: Optional[Deque[Tuple[int, Any]]] = None  # ($flush seq, id) waiting
 
     def set_events(self, selector: Any, paused: bool = False) -> bool:
         """Register the events this connection now waits for; False if unchanged.
@@ -2150,14 +2207,17 @@ class _Dispatcher:
     serves as the wake-up signal: cheaper than a Condition on this hot path.
     """
 
-    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None]) -> None:
+    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None],
+                 run: Optional[Callable[..., None]] = None) -> None:
         self.name = name
         self._local = local
         self._on_low = on_low
+        # Called with each item's fields; by default items are (subscriptions, message).
+        self._call = run if run is not None else local._run_subscriptions
         self._mutex = threading.Lock()
         self._signal = threading.Lock()
         self._signal.acquire()
-        self._items: Deque[Tuple[Tuple[Any, ...], Message]] = collections.deque()
+        self._items: Deque[Tuple[Any, ...]] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._sleeping = False
         self._idle = True
@@ -2165,7 +2225,7 @@ class _Dispatcher:
         self.backlog = 0
         self.high = False
 
-    def put_many(self, items: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def put_many(self, items: List[Tuple[Any, ...]]) -> None:
         wake = False
         with self._mutex:
             if self._stopping:
@@ -2201,9 +2261,12 @@ class _Dispatcher:
             if batch is None:
                 self._signal.acquire()
                 continue
-            run = self._local._run_subscriptions
-            for subscriptions, message in batch:
-                run(subscriptions, message)
+            call = self._call
+            for item in batch:
+                try:
+                    call(*item)
+                except BaseException:  # whatever user code raised, this thread goes on
+                    logger.exception("%s: a handler call failed", self.name)
             with mutex:
                 self.backlog -= len(batch)
                 resume = self.high and self.backlog < _DISPATCH_LOW_WATER
@@ -2223,8 +2286,12 @@ class _Dispatcher:
             time.sleep(0.002)
         return True
 
-    def stop(self, timeout: float) -> None:
-        """Deliver what is queued (up to ``timeout``), then end the thread."""
+    def stop(self, timeout: float) -> int:
+        """Deliver what is queued (up to ``timeout`` in all), then end the thread.
+
+        Returns how many queued items were dropped, not run.
+        """
+        deadline = _monotonic() + timeout
         self.drain(timeout)
         with self._mutex:
             self._stopping = True
@@ -2239,7 +2306,8 @@ class _Dispatcher:
         if dropped:
             logger.warning("%s: %d messages not delivered at close", self.name, dropped)
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - _monotonic()))
+        return dropped
 
 
 def _deliver_local(
@@ -2391,8 +2459,13 @@ class TCPServerTransport(Transport):
         self._listener: Any = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
-            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low
+            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low,
+            run=self._dispatch_call,
         )
+        self._discard = False  # closing: handler calls not started are skipped
+        self._reading = True  # False once close() stopped reading
+        self._expired_log = _LogLimiter()
+        self._oversize_log = _LogLimiter()
         self._conns: Dict[int, _Connection] = {}
         # Routing tables, written by the loop thread only, read by any thread
         # (values are replaced, never mutated: copy on write).
@@ -2461,49 +2534,73 @@ class TCPServerTransport(Transport):
         logger.info("tcp server listening on %s", _peer_name(self._address))
         return self
 
-    def close(self) -> None:
-        """Stop accepting and reading, deliver what was read, close every connection.
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting and reading, handle what was read, close every connection.
 
-        Messages already read are dispatched (for up to 5 seconds), acknowledged
-        and their replies flushed before the sockets close.  Safe to call twice
-        and from a handler.
+        The handler calls of frames already read go on running until
+        ``timeout`` (seconds) has nearly passed: a quarter of it, at most 1 s,
+        is kept for the rest.  Calls not started by then are skipped and their
+        frames never acknowledged, so a reconnecting client sends them again
+        (at-least-once).  Then what was handled is acknowledged, replies are
+        flushed, every connection is closed and every thread joined; close
+        returns within about ``timeout``.  Only a handler that is still
+        running at that point (it blocks) can outlive it; that is logged.
+        Safe to call twice and from a handler.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             loop = self._loop
-        if loop is not None and self._leader:
-            loop.call_soon(self._stop_reading)
-            self._reads_stopped.wait(5.0)
-            self._lf_drain(5.0)
-            loop.call_soon(self._shutdown)
-            self._loop_done.wait(5.0)
+        if loop is None:
+            self._dispatcher.stop(0)
+            self._local.close()
+            return
+        deadline = _monotonic() + timeout
+        handle_until = deadline - min(1.0, timeout / 4)
+        if self._inline and loop.in_loop():
+            # close() from a handler on the I/O thread: the rest of the batch it
+            # runs in cannot be waited for, so it is left unacknowledged.
+            self._stop_reading()
+            self._skip_unstarted()
+            self._shutdown(deadline)
+            self._local.close()
+            return  # the loop ends (and cleans up) when this handler returns
+        loop.call_soon(self._stop_reading)
+        if not self._drain(handle_until):
+            self._skip_unstarted()
+            self._drain(deadline)  # only calls still running remain: wait for them
+        loop.call_soon(lambda: self._shutdown(deadline))
+        self._join_threads(loop, deadline)
+        self._local.close()
+
+    def _skip_unstarted(self) -> None:
+        self._discard = True
+        left = self._backlog if self._leader else self._dispatcher.backlog
+        self._counts["unhandled_at_close"] += left
+        logger.warning("tcp server: closing; %d handler call(s) not started are skipped and "
+                       "their frames left unacknowledged (clients send them again)", left)
+
+    def _join_threads(self, loop: _Loop, deadline: float) -> None:
+        me = threading.current_thread()
+        if self._leader:
+            self._loop_done.wait(max(0.0, deadline - _monotonic()))
             with self._lf_lock:
                 self._lf_stop = True
                 threads = list(self._lf_threads)
                 if self._standby_asleep:
                     self._standby_asleep = False
                     self._standby_signal.release()
-            me = threading.current_thread()
-            deadline = time.monotonic() + 5.0
-            for thread in threads:
-                if thread is not me:
-                    thread.join(max(0.0, deadline - time.monotonic()))
-            if not self._loop_done.is_set():  # pragma: no cover - defensive
-                logger.error("tcp server: I/O loop did not stop within 5 s")
-        elif loop is not None:
-            loop.call_soon(self._stop_reading)
-            self._reads_stopped.wait(5.0)
-            self._dispatcher.stop(5.0)
-            loop.call_soon(self._shutdown)
-            if loop.thread is not None and loop.thread is not threading.current_thread():
-                loop.thread.join(5.0)
-                if loop.thread.is_alive():  # pragma: no cover - defensive
-                    logger.error("tcp server: I/O thread did not stop within 5 s")
         else:
-            self._dispatcher.stop(0)
-        self._local.close()
+            self._dispatcher.stop(max(0.0, deadline - _monotonic()))
+            threads = [loop.thread] if loop.thread is not None else []
+        for thread in threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - _monotonic()))
+        alive = [t.name for t in threads if t is not me and t.is_alive()]
+        if alive:
+            logger.error("tcp server: thread(s) %s still running after close(); a handler "
+                         "blocks", ", ".join(alive))
 
     # -- Transport API ------------------------------------------------------------
 
@@ -2606,6 +2703,9 @@ class TCPServerTransport(Transport):
         return targets, bool(targets)
 
     def _push(self, conn: _Connection, frame: bytes) -> None:
+        if len(frame) - 4 > conn.peer_max_frame:
+            self._too_large_for(conn, frame)
+            return
         result = conn.enqueue(frame)
         if result == _OK:
             loop = self._loop
@@ -2630,6 +2730,15 @@ class TCPServerTransport(Transport):
                 f"max_outbound_bytes={self.max_outbound_bytes}",
             )
 
+    def _too_large_for(self, conn: _Connection, frame: bytes) -> None:
+        # Never send a peer more than the max_frame_size it announced in
+        # $hello: it would have to close the connection.  The frame is dropped
+        # for this peer only; the connection stays.
+        self._counts["oversize_for_peer"] += 1
+        self._oversize_log.log(
+            "tcp server: dropped a %d-byte frame for %s: over the max_frame_size=%d it accepts",
+            len(frame) - 4, conn.peer, conn.peer_max_frame)
+
     def _scheduled_flush(self, conn: _Connection) -> None:
         conn.scheduled = False
         if not conn.closed:
@@ -2650,6 +2759,9 @@ class TCPServerTransport(Transport):
             pending = self._fanout
             schedule = not pending
             for conn in targets:
+                if len(frame) - 4 > conn.peer_max_frame:
+                    self._too_large_for(conn, frame)
+                    continue
                 result = conn.enqueue(frame)
                 if result == _OK:
                     pending[conn.id] = conn
@@ -2738,7 +2850,7 @@ class TCPServerTransport(Transport):
                         try:
                             if mask & selectors.EVENT_WRITE:
                                 self._on_writable(obj)
-                            if mask & selectors.EVENT_READ and not obj.closed:
+                            if mask & selectors.EVENT_READ and not obj.closed and self._reading:
                                 self._on_readable(obj)
                         except Exception:
                             logger.exception("tcp server: internal error on %s", obj.peer)
@@ -2853,8 +2965,7 @@ class TCPServerTransport(Transport):
         self._spawn_standby()
         return True
 
-    def _queue_handlers(self, conn: _Connection,
-                        batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def _queue_handlers(self, conn: _Connection, batch: List[_Call]) -> None:
         # Loop thread: calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
         with self._lf_lock:
             pending = conn.pending
@@ -2953,26 +3064,96 @@ class TCPServerTransport(Transport):
         """
         me = threading.get_ident()
         lock = self._lf_lock
-        run = self._local._run_subscriptions
+        run = self._dispatch_call
         while call is not None:
             run(*call)
             with lock:
                 call = self._next_call(conn, me)
 
-    def _lf_drain(self, timeout: float) -> bool:
+    def _lf_drain(self, deadline: float) -> bool:
         """Wait until every handler call read so far has run (not counting our own)."""
         me = threading.get_ident()
-        deadline = time.monotonic() + timeout
         while True:
             with self._lf_lock:
                 others = sum(1 for ident in self._in_handlers if ident != me)
                 if not others and not self._ready:
                     return True
-            if time.monotonic() >= deadline:
-                logger.warning("tcp server: %d handler call(s) not finished at close",
-                               self._backlog)
+            if _monotonic() >= deadline:
                 return False
             time.sleep(0.002)  # only used while closing: polling is fine
+
+    # -- every dispatch mode --------------------------------------------------------
+
+    def _dispatch_call(self, subscriptions: Tuple[Any, ...], message: Message,
+                       expires: float, conn: _Connection) -> None:
+        """Run the local callbacks of one message read from ``conn``.
+
+        Whatever they raise is a failure of that call only (logged and
+        counted by the local delivery), never of the thread running it.  A
+        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
+        call that completes counts towards ``conn``'s acknowledgements; while
+        closing, calls not started are skipped *without* counting, so their
+        frames stay unacknowledged and the client sends them again.
+        """
+        if self._discard:
+            return
+        if expires and _monotonic() > expires:
+            self._counts["expired"] += 1
+            self._expired_log.log(
+                "tcp server: skipped request %s on %r from %s: its _ttl_ms ran out "
+                "before a handler was free", message.id, message.topic, conn.peer)
+        else:
+            try:
+                self._local._run_subscriptions(subscriptions, message)
+            except BaseException:  # an on_error hook failed: still this call's failure only
+                self._counts["internal_errors"] += 1
+                logger.exception("tcp server: error handler failed for %s", message.id)
+        conn.finished += 1
+
+    def _drain(self, deadline: float) -> bool:
+        """Wait until reads stopped and every handler call read so far has run."""
+        if not self._reads_stopped.wait(max(0.0, deadline - _monotonic())):
+            return False
+        if self._leader:
+            return self._lf_drain(deadline)
+        if not self._inline:
+            return self._dispatcher.drain(max(0.0, deadline - _monotonic()))
+        return True  # inline: the loop ran them before it stopped reading
+
+    def _handled_upto(self, conn: _Connection) -> int:
+        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
+
+        A frame is handled once it was routed on and its local callbacks ran
+        (or it had none); frames are handled in order.
+        """
+        waiting = conn.waiting
+        done = conn.finished - conn.counted
+        while done > 0 and waiting:
+            waiting.popleft()
+            conn.counted += 1
+            done -= 1
+        return waiting[0] - 1 if waiting else conn.received
+
+    def _report_progress(self, conn: _Connection) -> bool:
+        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
+
+        Loop thread.  True when nothing is left to report until it sends more.
+        """
+        handled = self._handled_upto(conn)
+        acks = "ack" in conn.features
+        if acks and handled != conn.acked:
+            conn.acked = handled
+            self._push(conn, _control_frame("$ack", {"n": handled}))
+        flushes = conn.flushes
+        while flushes and flushes[0][0] <= handled:
+            self._push(conn, _control_frame("$flushed", {"id": flushes.popleft()[1]}))
+        return not flushes and (handled == conn.received or not acks)
+
+    def _progress_due(self, conn: _Connection) -> None:
+        # Look at ``conn`` again within _ACK_DELAY (its handlers are still running).
+        if not self._ack_due:
+            self._ack_at = _monotonic() + _ACK_DELAY
+        self._ack_due[conn.id] = conn
 
     def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
         """Run a housekeeping step; a bug in it is logged, never kills the loop."""
@@ -3125,7 +3306,7 @@ class TCPServerTransport(Transport):
             conn.frame_started = None
         elif bodies or conn.frame_started is None:
             conn.frame_started = now
-        batch: List[Tuple[Tuple[Any, ...], Message]] = []
+        batch: List[_Call] = []
         for body in bodies:
             if conn.closed:
                 break
@@ -3143,13 +3324,10 @@ class TCPServerTransport(Transport):
                 self._dispatcher.put_many(batch)
                 if self._dispatcher.high and not self._paused:
                     self._set_paused(True)
-        if conn.handshake and conn.received != conn.acked and "ack" in conn.features:
-            if conn.received - conn.acked >= _ACK_EVERY:
-                self._ack(conn)
-            else:
-                if not self._ack_due:
-                    self._ack_at = now + _ACK_DELAY
-                self._ack_due[conn.id] = conn
+        if conn.received != conn.acked and conn.handshake and "ack" in conn.features:
+            # Acknowledged once handled: now if enough are, else within _ACK_DELAY.
+            if conn.received - conn.acked < _ACK_EVERY or not self._report_progress(conn):
+                self._progress_due(conn)
         if run_now is not None:
             # dispatch="leader", nothing of this connection waits: run its
             # handlers here.  _lead checks afterwards whether we still lead.
@@ -3172,8 +3350,7 @@ class TCPServerTransport(Transport):
         return what
 
     def _on_frame(
-        self, conn: _Connection, body: bytes,
-        batch: Optional[List[Tuple[Tuple[Any, ...], Message]]] = None,
+        self, conn: _Connection, body: bytes, batch: Optional[List[_Call]] = None
     ) -> None:
         control = _fast_control(body)
         if control is not None:
@@ -3206,8 +3383,7 @@ class TCPServerTransport(Transport):
         self._route_incoming(conn, message, body, batch)
 
     def _route_incoming(
-        self, origin: _Connection, message: Message, body: bytes,
-        batch: Optional[List[Tuple[Tuple[Any, ...], Message]]],
+        self, origin: _Connection, message: Message, body: bytes, batch: Optional[List[_Call]]
     ) -> None:
         topic = message.topic
         reply_to = message.reply_to
@@ -3229,20 +3405,25 @@ class TCPServerTransport(Transport):
         except TransportClosedError:
             return
         if subscriptions:
+            headers = message.headers
+            expires = _ttl_expiry(headers[_TTL_HEADER]) if _TTL_HEADER in headers else 0.0
+            if origin.waiting is not None:  # it counts as handled once the call finished
+                origin.waiting.append(origin.received)
+            call = (subscriptions, message, expires, origin)
             if batch is not None:
-                batch.append((subscriptions, message))
+                batch.append(call)
             elif self._leader:
-                self._queue_handlers(origin, [(subscriptions, message)])
+                self._queue_handlers(origin, [call])
             elif self._inline:
-                self._run_inline([(subscriptions, message)])
+                self._run_inline([call])
             else:
-                self._dispatcher.put_many([(subscriptions, message)])
+                self._dispatcher.put_many([call])
 
-    def _run_inline(self, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def _run_inline(self, batch: List[_Call]) -> None:
         # dispatch="inline": callbacks run here, on the I/O thread.
-        run = self._local._run_subscriptions
-        for subscriptions, message in batch:
-            run(subscriptions, message)
+        run = self._dispatch_call
+        for call in batch:
+            run(*call)
 
     # -- control frames ---------------------------------------------------------------
 
@@ -3263,6 +3444,8 @@ class TCPServerTransport(Transport):
             pass
         elif topic == "$interest" and conn.handshake:
             self._on_interest(conn, payload)
+        elif topic == "$flush" and "flush" in conn.features:
+            self._on_flush(conn, payload)
         else:
             self._counts["protocol_errors"] += 1
             logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
@@ -3279,7 +3462,12 @@ class TCPServerTransport(Transport):
         ping = payload.get("ping_interval")
         if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
             conn.peer_ping = float(ping)
+        limit = payload.get("max_frame_size")
+        if type(limit) is int and limit > 0:
+            conn.peer_max_frame = limit
         conn.handshake = True
+        if conn.features & _PROGRESS_FEATURES:
+            conn.waiting = collections.deque()
         if "interest" in conn.features:  # else it keeps receiving everything
             self._broadcast = tuple(c for c in self._broadcast if c is not conn)
             conn.implicit = "reply" in conn.features
@@ -3362,6 +3550,27 @@ class TCPServerTransport(Transport):
                 if not pattern.startswith(INBOX_PREFIXES):  # never kept in a mailbox
                     self._hand_mailbox(conn, pattern)
 
+    def _on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        # Feature "flush": answer $flushed once every frame read before this
+        # one was handled; $interest frames were applied when read.
+        flush_id = payload.get("id")
+        if type(flush_id) is not int:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
+                           conn.peer, flush_id)
+            return
+        flushes = conn.flushes
+        if flushes is None:
+            flushes = conn.flushes = collections.deque()
+        if len(flushes) >= _MAX_FLUSHES:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored $flush from %s: %d already wait",
+                           conn.peer, len(flushes))
+            return
+        flushes.append((conn.received, flush_id))
+        if not self._report_progress(conn):
+            self._progress_due(conn)
+
     def _implicit_interest(self, conn: _Connection, topic: str) -> None:
         # Feature "reply": a request naming an inbox topic as its reply_to
         # adds that topic to its connection's interest, as if an $interest
@@ -3401,16 +3610,11 @@ class TCPServerTransport(Transport):
             else:
                 self._exact.pop(pattern, None)
 
-    def _ack(self, conn: _Connection) -> None:
-        conn.acked = conn.received
-        self._ack_due.pop(conn.id, None)
-        self._push(conn, _control_frame("$ack", {"n": conn.received}))
-
     def _send_acks(self) -> None:
-        for conn in list(self._ack_due.values()):
-            if not conn.closed and conn.received != conn.acked:
-                self._ack(conn)
-        self._ack_due.clear()
+        due, self._ack_due = self._ack_due, {}
+        for conn in due.values():
+            if not conn.closed and not self._report_progress(conn):
+                self._progress_due(conn)
 
     # -- housekeeping -------------------------------------------------------------------
 
@@ -3510,20 +3714,20 @@ class TCPServerTransport(Transport):
                 pass
             self._listener.close()
         self._paused = True
+        self._reading = False
         for conn in list(self._conns.values()):
             self._update_events(conn)
         self._reads_stopped.set()
 
-    def _shutdown(self) -> None:
-        # Acknowledge what was read and dispatched, flush replies, then close.
+    def _shutdown(self, deadline: float) -> None:
+        # Acknowledge what was handled, flush replies (until ``deadline``), then close.
         import selectors
 
         loop = self._loop
         assert loop is not None
         for conn in list(self._conns.values()):
-            if conn.handshake and "ack" in conn.features and conn.received != conn.acked:
-                self._ack(conn)
-        deadline = time.monotonic() + 1.0
+            if conn.waiting is not None and not conn.closed:
+                self._report_progress(conn)
         pending = [c for c in self._conns.values() if c.out_bytes and not c.closed]
         while pending and time.monotonic() < deadline:
             for conn in pending:

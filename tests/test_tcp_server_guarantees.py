@@ -1,0 +1,266 @@
+"""TCPServerTransport keeps its promises when things go wrong (issue 7, server side).
+
+Acknowledgement after handling and a bounded close, dispatch that survives any
+exception, `$flush`, request TTLs, the client's frame limit, inbox privacy and
+pub-sub without subscribers.  Real sockets on 127.0.0.1 throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+
+import pytest
+from _tcp_helpers import FrameReader, frame, message_frame, raw_connect, wait_until
+
+import eventforge as ef
+
+MODES = ["leader", "thread", "inline"]
+
+
+def _server_threads(port: int) -> list:
+    names = (f"eventforge-tcp-server-io-{port}", "eventforge-tcp-server-dispatch")
+    return [t.name for t in threading.enumerate() if t.name.startswith(names) and t.is_alive()]
+
+
+def _hello(sock, features, **extra) -> dict:
+    """The plain handshake on a raw socket, with extra $hello fields; the welcome payload."""
+    payload = {"version": 1, "features": features, "nonce": os.urandom(32).hex(), **extra}
+    sock.sendall(frame({"topic": "$hello", "payload": payload}))
+    reply = FrameReader(sock).read(5.0)
+    assert reply is not None and reply["topic"] == "$welcome", reply
+    return reply["payload"]
+
+
+def _read_until(reader: FrameReader, topic: str, timeout: float = 5.0) -> list:
+    """Frames read up to and including the first on ``topic`` ([] if it never came)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        got = reader.read(max(0.0, deadline - time.monotonic()))
+        if got is None:
+            return []
+        seen.append(got)
+        if got["topic"] == topic:
+            return seen
+
+
+# -- 1. acknowledge after handling; close(timeout) ---------------------------------------
+
+
+@pytest.mark.parametrize("dispatch", MODES)
+def test_a_backlog_survives_graceful_close_and_restart(tcp, dispatch):
+    """4,000 messages, a slow handler, close mid-backlog, restart: none is lost."""
+    total = 4000
+    first, second = set(), set()
+
+    def slow(message):
+        time.sleep(0.002)
+        first.add(message.payload)
+
+    server = tcp.server(dispatch=dispatch)
+    server.subscribe("work.item", slow)
+    port = server.port
+    client = tcp.client(port, backoff_initial=0.02, backoff_max=0.2)
+    for i in range(total):
+        client.send(ef.Message("work.item", i))
+    assert wait_until(lambda: len(first) >= 100, timeout=20)
+    started = time.monotonic()
+    server.close(timeout=1.0)
+    took = time.monotonic() - started
+    assert took < 1.0 + 2.0, f"close(timeout=1.0) took {took:.2f} s"
+    assert _server_threads(port) == [], "close() left a server thread running"
+    assert len(first) < total, "the backlog was too small to test anything"
+
+    restarted = tcp.server(port=port, dispatch=dispatch)
+    restarted.subscribe("work.item", lambda message: second.add(message.payload))
+    assert wait_until(lambda: len(first | second) == total, timeout=30), (
+        f"lost {total - len(first | second)} of {total} messages")
+    # Acknowledged means handled: what the first server acknowledged was not resent,
+    # and what it did not handle was.
+    assert wait_until(lambda: client.stats["pending"] == 0, timeout=10)
+    assert not (set(range(total)) - first) - second
+
+
+@pytest.mark.parametrize("dispatch", ["leader", "thread"])  # inline: the held call blocks I/O
+def test_acknowledgements_count_handled_frames_not_read_ones(tcp, dispatch):
+    gate = threading.Event()
+    server = tcp.server(dispatch=dispatch)
+    server.subscribe("held", lambda message: gate.wait(10))
+    server.subscribe("free", lambda message: None)
+    sock = raw_connect(server.port)
+    _hello(sock, ["ack"])
+    reader = FrameReader(sock)
+    sock.sendall(message_frame("free", 1) + message_frame("held", 2) + message_frame("free", 3))
+    acks = []
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        got = reader.read(max(0.0, deadline - time.monotonic()))
+        if got is not None and got["topic"] == "$ack":
+            acks.append(got["payload"]["n"])
+    assert acks == [1], acks  # the first frame is handled, the second is not
+    gate.set()
+    final = _read_until(reader, "$ack")
+    assert final and final[-1]["payload"]["n"] == 3
+    sock.close()
+
+
+def test_close_with_a_blocked_handler_returns_within_its_timeout(tcp, caplog):
+    release = threading.Event()
+    server = tcp.server()
+    server.subscribe("stuck", lambda message: release.wait(10))
+    client = tcp.client(server.port)
+    client.send(ef.Message("stuck"))
+    client.send(ef.Message("stuck"))
+    assert wait_until(lambda: server.stats["dispatch_backlog"] == 1)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="eventforge"):
+        server.close(timeout=0.5)
+    assert time.monotonic() - started < 0.5 + 2.0
+    assert server.stats["unhandled_at_close"] == 1
+    assert "still running after close()" in caplog.text  # the blocked handler is named
+    release.set()
+
+
+# -- 2. dispatch survives anything ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dispatch", MODES)
+@pytest.mark.parametrize("error", [asyncio.CancelledError, SystemExit, KeyboardInterrupt])
+def test_a_handler_raising_a_base_exception_fails_only_that_call(tcp, dispatch, error, caplog):
+    got = []
+
+    def handler(message):
+        if message.payload == "boom":
+            raise error()
+        got.append(message.payload)
+
+    server = tcp.server(dispatch=dispatch)
+    server.subscribe("jobs.*", handler)
+    one, two = tcp.client(server.port), tcp.client(server.port)
+    with caplog.at_level(logging.ERROR, logger="eventforge"):
+        one.send(ef.Message("jobs.a", "boom"))
+        one.send(ef.Message("jobs.a", "same connection"))
+        two.send(ef.Message("jobs.b", "other connection"))
+        assert wait_until(lambda: len(got) == 2), got
+        two.send(ef.Message("jobs.a", "boom"))
+        one.send(ef.Message("jobs.a", "later"))
+        assert wait_until(lambda: "later" in got), got
+    assert server.stats["handler_errors"] == 2
+    assert error.__name__ in caplog.text
+    # The I/O loop still serves: a request/reply round trip over it works.
+    with ef.MessageQueue(transport=server) as queue:
+        queue.on("svc.echo", lambda message: queue.reply(message, message.payload))
+        with ef.MessageQueue(transport=tcp.client(server.port)) as caller:
+            assert caller.request("svc.echo", "ping", timeout=5.0).payload == "ping"
+
+
+# -- 4. $flush / $flushed -----------------------------------------------------------------
+
+
+def test_flush_is_answered_after_earlier_frames_were_handled(tcp):
+    gate = threading.Event()
+    server = tcp.server()
+    server.subscribe("slow", lambda message: gate.wait(10))
+    sock = raw_connect(server.port)
+    welcome = _hello(sock, ["interest", "ack", "flush"])
+    assert "flush" in welcome["features"]
+    reader = FrameReader(sock)
+    sock.sendall(frame({"topic": "$flush", "payload": {"id": 1}}))
+    assert reader.read(5.0) == {"topic": "$flushed", "payload": {"id": 1}}  # nothing pending
+
+    sock.sendall(frame({"topic": "$interest", "payload": {"add": ["news.*"]}})
+                 + message_frame("slow") + frame({"topic": "$flush", "payload": {"id": 2}}))
+    assert reader.read(0.3) is None  # the handler of an earlier frame still runs
+    gate.set()
+    frames = _read_until(reader, "$flushed")
+    assert frames[-1] == {"topic": "$flushed", "payload": {"id": 2}}
+    assert {"topic": "$ack", "payload": {"n": 1}} in frames[:-1]  # acknowledged first
+    server.send(ef.Message("news.today", "hi"))  # the interest was applied before $flushed
+    assert reader.read_message(5.0)["topic"] == "news.today"
+    sock.close()
+
+
+def test_flush_needs_the_feature_and_an_int_id(tcp):
+    server = tcp.server()
+    sock = raw_connect(server.port)
+    _hello(sock, ["interest"])  # no "flush"
+    reader = FrameReader(sock)
+    sock.sendall(frame({"topic": "$flush", "payload": {"id": 1}}))
+    assert wait_until(lambda: server.stats["protocol_errors"] == 1)
+    sock.close()
+    sock = raw_connect(server.port)
+    _hello(sock, ["flush"])
+    reader = FrameReader(sock)
+    sock.sendall(frame({"topic": "$flush", "payload": {"id": "one"}})
+                 + frame({"topic": "$flush", "payload": {"id": 3}}))
+    assert reader.read(5.0) == {"topic": "$flushed", "payload": {"id": 3}}
+    assert server.stats["protocol_errors"] == 2
+    sock.close()
+
+
+# -- 5. request TTL ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dispatch", MODES)
+def test_a_request_whose_ttl_ran_out_before_dispatch_is_skipped(tcp, dispatch, caplog):
+    gate = threading.Event()
+    ran = []
+
+    def handler(message):
+        ran.append(message.payload)
+        if message.payload == "first":
+            gate.wait(10)
+
+    server = tcp.server(dispatch=dispatch)
+    server.subscribe("svc", handler)
+    sock = raw_connect(server.port)
+    _hello(sock, ["ack"])
+    # One write: the server reads the five frames together, whatever the mode.
+    sock.sendall(
+        message_frame("svc", "first")
+        + message_frame("svc", "late", headers={"_ttl_ms": 50}, reply_to="_reply.x")
+        + message_frame("svc", "patient", headers={"_ttl_ms": 60000}, reply_to="_reply.y")
+        + message_frame("svc", "odd ttl", headers={"_ttl_ms": "soon"})
+        + message_frame("svc", "plain"))
+    assert wait_until(lambda: ran == ["first"])
+    time.sleep(0.1)  # at least the 50 ms TTL passes while the first handler blocks
+    with caplog.at_level(logging.WARNING, logger="eventforge"):
+        gate.set()
+        assert wait_until(lambda: "plain" in ran)
+    assert ran == ["first", "patient", "odd ttl", "plain"]
+    assert server.stats["expired"] == 1
+    assert "_ttl_ms ran out" in caplog.text
+    acks = _read_until(FrameReader(sock), "$ack")
+    while acks and acks[-1]["payload"]["n"] < 5:  # skipped, yet acknowledged
+        acks = _read_until(FrameReader(sock), "$ack")
+    assert acks and acks[-1]["payload"]["n"] == 5
+    sock.close()
+
+
+# -- 6. the client's max_frame_size --------------------------------------------------------
+
+
+def test_frames_over_the_clients_limit_are_dropped_for_that_client_only(tcp, caplog):
+    server = tcp.server()
+    small = raw_connect(server.port)
+    _hello(small, ["interest"], max_frame_size=300)
+    small.sendall(frame({"topic": "$interest", "payload": {"add": ["big.*"]}}))
+    reader = FrameReader(small)
+    other = tcp.client(server.port)
+    got = []
+    other.subscribe("big.*", got.append)
+    assert wait_until(lambda: server.stats["handshake_peers"] == 2)
+    time.sleep(0.2)  # let both $interest frames be applied (no flush on a raw socket)
+    with caplog.at_level(logging.WARNING, logger="eventforge"):
+        server.send(ef.Message("big.one", "x" * 400))
+        server.send(ef.Message("big.two", "y"))
+    first = reader.read_message(5.0)
+    assert first is not None and first["topic"] == "big.two"  # the connection stays
+    assert wait_until(lambda: len(got) == 2)  # the other client took both
+    assert server.stats["oversize_for_peer"] == 1
+    assert "over the max_frame_size=300 it accepts" in caplog.text
+    small.close()
