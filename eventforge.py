@@ -2405,6 +2405,7 @@ class TCPServerTransport(Transport):
         backlog: int = 512,
         dispatch: str = "leader",
         max_handler_threads: int = 32,
+        allow_frame_only: bool = True,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
@@ -2453,6 +2454,8 @@ class TCPServerTransport(Transport):
         self.max_interest = max_interest
         self.backlog = backlog
         self._key = _secret_key(secret)
+        # Peers that never send $hello; a secret always refuses them.
+        self.allow_frame_only = bool(allow_frame_only) and self._key is None
         self.ssl_context = ssl_context
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
@@ -2682,6 +2685,13 @@ class TCPServerTransport(Transport):
         A message that went to any connection is not kept in a local mailbox.
         """
         targets = list(self._exact.get(topic, ()))
+        if topic.startswith(INBOX_PREFIXES):
+            # An inbox is private: it goes only to the connection whose request
+            # opened it, or that named this exact topic; no pattern matches it
+            # and frame-only peers do not get it.
+            if targets:
+                targets = [conn for conn in targets if not conn.closed]
+            return targets, bool(targets)
         if len(self._patterns):
             matched = self._patterns.match(topic)
             if matched:
@@ -3227,11 +3237,18 @@ class TCPServerTransport(Transport):
             conn = _Connection(sock, peer, limit, self.max_outbound_bytes, tls)
             self._conns[conn.id] = conn
             self._counts["accepted"] += 1
-            if not tls and self._key is None:
-                self._broadcast = self._broadcast + (conn,)
+            if not tls and self.allow_frame_only:
+                self._add_broadcast(conn)
             self._update_events(conn)
             if tls:
                 self._tls_handshake(conn)
+
+    def _add_broadcast(self, conn: _Connection) -> None:
+        # Until it sends $hello a peer may be an original (frame-only) client:
+        # it gets every routed message but inbox ones, and its requests'
+        # reply_to inboxes are routed to it (see _implicit_interest).
+        self._broadcast = self._broadcast + (conn,)
+        conn.implicit = True
 
     def _update_events(self, conn: _Connection) -> None:
         if conn.closed:
@@ -3257,8 +3274,8 @@ class TCPServerTransport(Transport):
         conn.state = _NEW
         conn.blocked = False
         self._update_events(conn)
-        if self._key is None:
-            self._broadcast = self._broadcast + (conn,)
+        if self.allow_frame_only:
+            self._add_broadcast(conn)
 
     def _on_writable(self, conn: _Connection) -> None:
         if conn.state == _TLS:
@@ -3372,8 +3389,13 @@ class TCPServerTransport(Transport):
             self._on_control(conn, topic, message.payload)
             return
         if conn.state != _READY:
-            if conn.state == _NEW and self._key is None:
+            if conn.state == _NEW and self.allow_frame_only:
                 conn.state = _READY  # a frame-only peer (the original client)
+            elif conn.state == _NEW and self._key is None:
+                self._refuse(conn, "frame_only_refused", "protocol",
+                             "frame-only peers are refused here: send $hello first "
+                             "(allow_frame_only=False)")
+                return
             else:
                 self._drop(conn, "auth_failures",
                            "authentication required: a message arrived before the handshake")
@@ -3471,6 +3493,8 @@ class TCPServerTransport(Transport):
         if "interest" in conn.features:  # else it keeps receiving everything
             self._broadcast = tuple(c for c in self._broadcast if c is not conn)
             conn.implicit = "reply" in conn.features
+        else:  # like a frame-only peer: its requests' inboxes are routed to it
+            conn.implicit = True
         welcome: Dict[str, Any] = {
             "version": PROTOCOL_VERSION,
             "features": sorted(conn.features),
@@ -3581,10 +3605,17 @@ class TCPServerTransport(Transport):
                            topic[:80], conn.peer)
             return
         if len(conn.interest) >= self.max_interest:
-            self._counts["protocol_errors"] += 1
-            logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
-                           conn.peer, self.max_interest, topic)
-            return
+            if "interest" not in conn.features:
+                # A peer that cannot withdraw routes (frame-only): forget the
+                # oldest inbox, long answered or given up by now.
+                oldest = next(iter(conn.interest))
+                del conn.interest[oldest]
+                self._remove_route(conn, oldest)
+            else:
+                self._counts["protocol_errors"] += 1
+                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
+                               conn.peer, self.max_interest, topic)
+                return
         conn.interest[topic] = None
         self._exact[topic] = self._exact.get(topic, ()) + (conn,)
 
@@ -3630,7 +3661,8 @@ class TCPServerTransport(Transport):
         for conn in list(self._conns.values()):
             if conn.closed:
                 continue
-            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake):
+            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake
+                                         or not self.allow_frame_only):
                 if now - conn.opened > self.handshake_timeout:
                     self._drop(conn, "handshake_timeouts",
                                f"handshake not completed within {self.handshake_timeout} s")

@@ -14,7 +14,15 @@ import threading
 import time
 
 import pytest
-from _tcp_helpers import FrameReader, frame, message_frame, raw_connect, wait_until
+from _tcp_helpers import (
+    FrameReader,
+    closed_by_peer,
+    frame,
+    handshake,
+    message_frame,
+    raw_connect,
+    wait_until,
+)
 
 import eventforge as ef
 
@@ -264,3 +272,98 @@ def test_frames_over_the_clients_limit_are_dropped_for_that_client_only(tcp, cap
     assert server.stats["oversize_for_peer"] == 1
     assert "over the max_frame_size=300 it accepts" in caplog.text
     small.close()
+
+
+# -- 3. inbox privacy; refusing frame-only peers --------------------------------------------
+
+
+def test_a_globstar_subscriber_gets_no_other_clients_replies(tcp):
+    server = tcp.server()
+    responder = ef.MessageQueue(transport=server)
+    responder.on("svc.echo", lambda message: responder.reply(message, message.payload))
+    snoop_client = tcp.client(server.port)
+    snooped = []
+    snoop_client.subscribe("**", snooped.append)
+    with raw_connect(server.port) as raw_snoop, raw_connect(server.port) as frame_only:
+        handshake(raw_snoop, ["interest", "reply"])
+        raw_snoop.sendall(frame({"topic": "$interest",
+                                 "payload": {"add": ["**", "_reply.*", "_rpc_reply.**"]}}))
+        raw_reader = FrameReader(raw_snoop)
+        frame_reader = FrameReader(frame_only)
+        frame_only.sendall(message_frame("hello.there", "I am frame-only"))
+        assert wait_until(lambda: server.stats["frame_peers"] == 1)
+        time.sleep(0.2)  # let the $interest frames be applied
+        with ef.MessageQueue(transport=tcp.client(server.port)) as asker:
+            for i in range(5):
+                assert asker.request("svc.echo", i, timeout=5.0).payload == i
+        # The frame-only peer asks too, and gets its own reply (its reply_to routes it).
+        frame_only.sendall(message_frame("svc.echo", "mine", reply_to="_reply.frame-only-1"))
+        frames = []
+        while True:
+            got = frame_reader.read_message(5.0)
+            assert got is not None, frames
+            frames.append(got["topic"])
+            if got["topic"].startswith("_reply."):
+                break
+        assert frames[-1] == "_reply.frame-only-1"
+        assert all(not t.startswith("_reply.") for t in frames[:-1]), frames  # nobody else's
+        raw_topics = []
+        while True:
+            got = raw_reader.read_message(0.3)
+            if got is None:
+                break
+            raw_topics.append(got["topic"])
+        assert raw_topics.count("svc.echo") == 6  # it does see the requests ...
+        assert not [t for t in raw_topics if t.startswith(ef.INBOX_PREFIXES)]  # ... not replies
+    assert [m.topic for m in snooped if m.topic.startswith(ef.INBOX_PREFIXES)] == []
+    assert len([m for m in snooped if m.topic == "svc.echo"]) == 6
+
+
+def test_a_peer_naming_the_exact_inbox_topic_gets_it(tcp):
+    server = tcp.server()
+    with raw_connect(server.port) as sock:
+        handshake(sock, ["interest"])
+        sock.sendall(frame({"topic": "$interest", "payload": {"add": ["_rpc_reply.abc"]}}))
+        time.sleep(0.2)  # let the $interest be applied
+        server.send(ef.Message("_rpc_reply.abc", "for you"))
+        got = FrameReader(sock).read_message(5.0)
+        assert (got["topic"], got["payload"]) == ("_rpc_reply.abc", "for you")
+
+
+def test_frame_only_routes_forget_the_oldest_inbox_beyond_max_interest(tcp):
+    server = tcp.server(max_interest=10)
+    with raw_connect(server.port) as sock:
+        for i in range(15):
+            sock.sendall(message_frame("nobody.listens", i, reply_to=f"_reply.r{i}"))
+        assert wait_until(lambda: server.stats["messages_in"] == 15)
+        inboxes = sorted(t for t in server._exact if t.startswith("_reply."))
+        assert inboxes == sorted(f"_reply.r{i}" for i in range(5, 15))
+        assert server.stats["protocol_errors"] == 0
+        server.send(ef.Message("_reply.r14", "latest"))
+        got = FrameReader(sock).read_message(5.0)
+        assert (got["topic"], got["payload"]) == ("_reply.r14", "latest")
+    assert wait_until(lambda: server._exact == {})
+
+
+def test_allow_frame_only_false_refuses_peers_without_hello(tcp, caplog):
+    server = tcp.server(allow_frame_only=False, handshake_timeout=0.5)
+    assert server.allow_frame_only is False
+    assert tcp.server(secret="k").allow_frame_only is False  # a secret always refuses them
+    client = tcp.client(server.port)
+    got = []
+    server.subscribe("jobs.*", got.append)
+    with caplog.at_level(logging.WARNING, logger="eventforge"):
+        with raw_connect(server.port) as talker, raw_connect(server.port) as silent:
+            talker.sendall(message_frame("jobs.sneak", "no hello"))
+            refusal = FrameReader(talker).read(5.0)
+            assert refusal["topic"] == "$error" and refusal["payload"]["code"] == "protocol"
+            assert closed_by_peer(talker)
+            server.send(ef.Message("jobs.news", "not for the silent one"))
+            assert FrameReader(silent).read(0.3) is None  # no broadcast before $hello
+            assert closed_by_peer(silent)  # and the handshake timeout applies to it
+    assert server.stats["frame_only_refused"] == 1
+    assert server.stats["handshake_timeouts"] == 1
+    assert "send $hello first" in caplog.text
+    client.send(ef.Message("jobs.ok", "handshake peers are welcome"))
+    assert wait_until(lambda: [m.payload for m in got] == ["not for the silent one",
+                                                           "handshake peers are welcome"])
