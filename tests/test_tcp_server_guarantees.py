@@ -367,3 +367,34 @@ def test_allow_frame_only_false_refuses_peers_without_hello(tcp, caplog):
     client.send(ef.Message("jobs.ok", "handshake peers are welcome"))
     assert wait_until(lambda: [m.payload for m in got] == ["not for the silent one",
                                                            "handshake peers are welcome"])
+
+
+# -- 7. pub-sub with nobody listening --------------------------------------------------------
+
+
+def test_server_publish_without_subscribers_never_raises_and_stays_bounded(tcp):
+    server = tcp.server()
+    for i in range(1001):  # the 1,001st publish to one topic used to raise
+        server.send(ef.Message("nobody.listens", i))
+    stats = server.stats
+    assert stats["buffered"] == 1000 and stats["dropped_topic_full"] == 1
+    assert server.receive("nobody.listens", timeout=0).payload == 1  # the oldest was dropped
+    for i in range(50000):  # distinct topics: bounded by the total cap, not per topic
+        server.send(ef.Message(f"stray.{i}", i))
+    stats = server.stats
+    assert stats["buffered"] <= 10000 and stats["mailboxes"] <= 10000
+    assert stats["dropped_buffer_full"] >= 50000 + 999 - 10000
+
+
+def test_client_publishes_without_subscribers_never_fail_on_the_server(tcp, caplog):
+    server = tcp.server()
+    client = tcp.client(server.port)
+    with caplog.at_level(logging.WARNING, logger="eventforge"):
+        for i in range(3000):
+            client.send(ef.Message("nobody.listens", i))
+        assert wait_until(lambda: server.stats["messages_in"] == 3000)
+    assert server.stats["buffered"] == 1000
+    assert server.stats["dropped_topic_full"] == 2000
+    assert len(caplog.records) <= 2  # logged once per topic per interval, not per message
+    assert wait_until(lambda: client.stats["pending"] == 0)  # and every frame acknowledged
+    assert server.receive("nobody.listens", timeout=0).payload == 2000
