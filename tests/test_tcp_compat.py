@@ -221,6 +221,58 @@ def test_control_frame_vectors(vector):
     assert decoded.topic == vector["topic"] and decoded.payload == vector["payload"]
 
 
+def _vector_bytes(name):
+    entry = next(v for v in _vectors() if v["name"] == name)
+    with open(os.path.join(VECTORS, entry["file"]), "rb") as f:
+        return f.read()
+
+
+def _read_exactly(sock, size, timeout=5.0):
+    sock.settimeout(timeout)
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_server_speaks_the_flush_and_limit_vectors_byte_for_byte(tcp):
+    """Decode direction: the server takes the vectors' bytes; encode: it writes theirs."""
+    server = tcp.server()
+    welcome, flushed = _vector_bytes("welcome-flush"), _vector_bytes("flushed")
+    with raw_connect(server.port) as sock:
+        sock.sendall(_vector_bytes("hello-limits"))
+        assert _read_exactly(sock, len(welcome)) == welcome
+        sock.sendall(_vector_bytes("flush"))
+        assert _read_exactly(sock, len(flushed)) == flushed
+        conn = next(iter(server._conns.values()))
+        assert conn.peer_max_frame == 65536  # from the $hello vector
+        assert conn.features >= {"ack", "flush", "interest", "ping", "reply"}
+    refusing = tcp.server(allow_frame_only=False)
+    error = _vector_bytes("error-frame-only")
+    with raw_connect(refusing.port) as sock:
+        sock.sendall(message_frame("no.hello", 1))
+        assert _read_exactly(sock, len(error) + 1) == error  # then the connection closes
+
+
+def test_tcp_vector_generator_reproduces_the_checked_in_files(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "tcp_make_vectors", os.path.join(VECTORS, "make_vectors.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(str(tmp_path))
+    written = sorted(p.name for p in tmp_path.iterdir())
+    on_disk = sorted(n for n in os.listdir(VECTORS) if n.endswith((".bin", ".json")))
+    assert written == on_disk
+    for name in written:
+        with open(os.path.join(VECTORS, name), "rb") as f:
+            assert (tmp_path / name).read_bytes() == f.read(), name
+
+
 def test_hmac_vector():
     v = json.load(open(os.path.join(VECTORS, "auth.json")))
     key = v["secret"].encode()
