@@ -1237,7 +1237,8 @@ class Inbox:
     A request opens an inbox on its reply topic, sends, then waits with
     :meth:`get` or :meth:`get_async`; a reply that arrives before the wait
     starts is kept.  Close it (or use ``with``) to withdraw the interest.
-    At most ``maxsize`` messages are held; extra ones are dropped and logged.
+    At most ``maxsize`` messages are held; extra ones are dropped, counted
+    in :attr:`dropped` and logged once.
     """
 
     def __init__(
@@ -1272,7 +1273,9 @@ class Inbox:
                 self._messages.append(message)
             else:
                 self.dropped += 1
-                logger.warning("inbox %r is full; dropped message %s", self.topic, message.id)
+                if self.dropped == 1:  # once per inbox, never a line per message
+                    logger.warning("inbox %r holds maxsize=%d messages; dropping newer ones "
+                                   "(counted in .dropped)", self.topic, self.maxsize)
 
     def _requeue(self, message: Message) -> None:
         with self._lock:

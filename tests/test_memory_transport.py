@@ -370,3 +370,16 @@ def test_concurrent_senders_and_receivers_lose_nothing():
     assert sorted(received) == list(range(count * senders))
     stats = transport.stats
     assert stats["mailboxes"] == 0 and stats["receivers"] == 0
+
+
+def test_a_full_inbox_counts_its_drops_and_logs_once(caplog):
+    transport = ef.MemoryTransport(max_queue_size=2)
+    inbox = transport.open_inbox("_reply.many")
+    with caplog.at_level(logging.WARNING, logger="eventforge"):
+        for i in range(7):
+            transport.send(ef.Message("_reply.many", i))
+    assert inbox.dropped == 5
+    assert [inbox.get(0).payload for _ in range(2)] == [0, 1]
+    assert len([r for r in caplog.records if "_reply.many" in r.getMessage()]) == 1
+    inbox.close()
+    transport.close()
