@@ -1856,19 +1856,22 @@ class MemoryTransport(Transport):
 # Frames are those of section 3.  Peers that speak our handshake exchange a
 # few control frames on reserved ``$`` topics (docs/protocol.md, "TCP connections"):
 #
-#   client -> server  $hello     {version, features, nonce, ping_interval}
+#   client -> server  $hello     {version, features, nonce, ping_interval, max_frame_size}
 #   server -> client  $welcome   {version, features, auth, nonce, max_frame_size, ping_interval}
 #   client -> server  $auth      {proof}             only when the server has a secret
 #   server -> client  $ready     {proof}             only when the server has a secret
 #   client -> server  $interest  {add: [...], remove: [...]}
 #                     (feature "reply": a request's inbox reply_to is an implied add)
-#   server -> client  $ack       {n}                 data frames received so far
+#   server -> client  $ack       {n}                 data frames handled so far (in order)
+#   client -> server  $flush     {id}                feature "flush"
+#   server -> client  $flushed   {id}                once every earlier frame was handled
 #   either way        $ping {} / $pong {}
 #   server -> client  $error     {code, reason}      just before the server closes
 #
 # A peer whose first frame is not ``$hello`` speaks plain frames (the original
-# eventforge client): it receives every message the server routes, and is
-# refused when the server has a secret.
+# eventforge client): it receives every message the server routes but other
+# connections' inbox messages, and is refused when the server has a secret
+# or ``allow_frame_only=False``.
 #
 # I/O model: one selector loop per server (accepts, reads, and writes what
 # the kernel would not take at once) and one per client; a sender writes
@@ -2577,7 +2580,15 @@ class TCPServerTransport(Transport):
     at a time (a thread hop per message).  ``dispatch="inline"`` runs them on
     the I/O thread with no standby; use it only when handlers return quickly
     and never wait for network traffic: while a handler runs, no socket of
-    this server is served.
+    this server is served.  In every mode a handler that raises anything,
+    ``BaseException`` included, fails that call only.
+
+    A client's frame is acknowledged once handled (routed on and its local
+    callbacks run), so :meth:`close` loses nothing a reconnecting client
+    does not send again.  Inbox messages (``_reply.``/``_rpc_reply.``) go
+    only to the connection whose request opened the inbox.
+    ``allow_frame_only=False`` refuses peers that do not start with
+    ``$hello`` (a server with a ``secret`` always does).
     """
 
     def __init__(
