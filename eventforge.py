@@ -5135,14 +5135,23 @@ class TCPClientTransport(Transport):
                 conn.out.clear()
                 conn.cur = None
                 conn.closed = True
-            if chunks:
-                try:
-                    conn.sock.settimeout(1.0)
-                    conn.sock.sendall(b"".join(chunks))
-                except OSError:
-                    pass
+            sock = conn.sock
             try:
-                conn.sock.close()
+                if chunks:
+                    sock.settimeout(1.0)
+                    sock.sendall(b"".join(chunks))
+                if not conn.tls:
+                    # Unread input would make close() send RST, and an RST may
+                    # discard what the server has not read yet: send FIN, then
+                    # drop what is waiting here before closing.
+                    sock.shutdown(1)  # socket.SHUT_WR
+                    sock.setblocking(False)
+                    while sock.recv(_RECV_SIZE):
+                        pass
+            except OSError:
+                pass
+            try:
+                sock.close()
             except OSError:
                 pass
         loop = self._loop
@@ -7226,6 +7235,17 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
     received = [0]
     lock = threading.Lock()
     queue = _connect_queue(args)
+    where = _format_address((args.host, args.port))
+
+    def connection_changed(connected: bool, detail: str) -> None:
+        # One line when the server goes away, one when it is back (not one per retry).
+        if connected:
+            print(f"eventforge sub: connected to {where} again", file=sys.stderr, flush=True)
+        else:
+            print(f"eventforge sub: lost the connection to {where} ({detail}); reconnecting",
+                  file=sys.stderr, flush=True)
+
+    queue.transport.on_connection_change = connection_changed  # type: ignore[attr-defined]
     restore = _install_stop_signals(stop)
     try:
         def show(message: Message) -> None:
@@ -7240,8 +7260,8 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
                     stop.set()
 
         queue.subscribe(args.pattern, show)
-        print(f"eventforge sub: listening to {args.pattern!r} on "
-              f"{_format_address((args.host, args.port))}", file=sys.stderr, flush=True)
+        print(f"eventforge sub: listening to {args.pattern!r} on {where}",
+              file=sys.stderr, flush=True)
         if args.timeout is not None:
             deadline = time.monotonic() + args.timeout
             try:
