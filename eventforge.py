@@ -4048,6 +4048,7 @@ class TCPClientTransport(Transport):
                 return None
             features = conn.features if conn.handshake else frozenset()
             frame = b""
+            done: Optional[Callable[[], bool]]
             if self._removals or self._deferred:
                 frame = self._interest_changes()
             if "flush" in features:
@@ -4066,7 +4067,7 @@ class TCPClientTransport(Transport):
                     return self._pongs >= target and (
                         not pending or pending[0][0] > last_seq or not self._ack_mode)
             else:
-                done = None  # type: ignore[assignment]
+                done = None
             if frame:
                 conn.enqueue(frame)
         self._kick(conn)
@@ -4109,11 +4110,11 @@ class TCPClientTransport(Transport):
         with self._lock:
             conn = self._conn
             if conn is None or self._closed:
-                item = self._send_offline(frame, deadline)
+                offline = self._send_offline(frame, deadline)
                 if reply_to is not None and reply_to in self._requests:
-                    self._requests[reply_to][2] = item
+                    self._requests[reply_to][2] = offline
                 return
-            item = None
+            item: Optional[List[Any]] = None
             if self._ack_mode:
                 pending = self._pending
                 if (len(pending) >= self.max_pending
