@@ -42,6 +42,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from typing import (
     Any,
     Callable,
@@ -1900,6 +1901,7 @@ _ACK_DELAY = 0.02
 _RECV_SIZE = 256 * 1024
 _DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
 _DISPATCH_LOW_WATER = 5000
+_MAX_DISPATCH_THREADS = 32  # client callbacks waiting for a reply, plus the one dispatching
 # dispatch="leader": a handler that has run this long on the I/O thread makes
 # the standby thread take the I/O loop over; the standby checks this often
 # while handlers run, and sleeps until woken after a second without any.
@@ -1919,8 +1921,17 @@ _SERVER_COUNTERS = (
 _CLIENT_COUNTERS = (
     "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
     "reconnect_attempts", "reconnects", "dead_peers", "mailbox_full", "frame_errors",
-    "oversize_frames", "protocol_errors",
+    "oversize_frames", "protocol_errors", "too_large", "refused", "withdrawn", "expired",
+    "failed_requests",
 )
+# What our client asks for in $hello: the server's features plus the ones
+# only the client side needs to know about.
+_CLIENT_FEATURES = _FEATURES | frozenset(("flush",))
+# A frame that was the oldest unacknowledged one on this many connections
+# that all broke is taken as refused by the server and dropped.
+_MAX_SEND_ATTEMPTS = 3
+# A client still open at interpreter exit gets this long to deliver what it accepted.
+_EXIT_FLUSH_TIMEOUT = 5.0
 
 # Connection states
 _TLS, _NEW, _AUTH, _READY = "tls", "new", "auth", "ready"
@@ -2401,6 +2412,13 @@ class _Dispatcher:
     the very same connection, say) without stalling any socket.  ``backlog``
     lets the I/O thread stop reading while too much waits here.  A bare lock
     serves as the wake-up signal: cheaper than a Condition on this hot path.
+
+    A callback about to wait for a message (a request's reply, say) calls
+    :meth:`hand_off_if_current`: a new thread takes over the queue, so a
+    reply that must itself pass through a callback is not stuck behind the
+    waiting one; the old thread ends when its callback returns.  At most
+    ``_MAX_DISPATCH_THREADS`` threads exist; beyond that the callback waits
+    in place (until its timeout, if its reply needs the queue).
     """
 
     def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None],
@@ -2414,12 +2432,23 @@ class _Dispatcher:
         self._signal = threading.Lock()
         self._signal.acquire()
         self._items: Deque[Tuple[Any, ...]] = collections.deque()
-        self._thread: Optional[threading.Thread] = None
+        self._batch: Deque[Tuple[Any, ...]] = collections.deque()
+        self._thread: Optional[threading.Thread] = None  # the one dispatching now
+        self._threads: List[threading.Thread] = []  # every one started and maybe alive
         self._sleeping = False
         self._idle = True
         self._stopping = False
         self.backlog = 0
         self.high = False
+
+    def _start_thread(self) -> None:
+        # Called with _mutex held.
+        self._threads = [t for t in self._threads if t.is_alive()]
+        name = self.name if not self._threads else f"{self.name}-{len(self._threads)}"
+        thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = thread
+        self._threads.append(thread)
+        thread.start()
 
     def put_many(self, items: List[Tuple[Any, ...]]) -> None:
         wake = False
@@ -2432,39 +2461,59 @@ class _Dispatcher:
                 self.high = True
             self._idle = False
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
+                self._start_thread()
             elif self._sleeping:
                 self._sleeping = False
                 wake = True
         if wake:
             self._signal.release()
 
+    def hand_off_if_current(self) -> None:
+        """If the calling thread is the dispatcher, let a new thread take the queue over."""
+        if self._thread is not threading.current_thread():
+            return
+        with self._mutex:
+            if self._thread is not threading.current_thread() or self._stopping:
+                return
+            if sum(1 for t in self._threads if t.is_alive()) >= _MAX_DISPATCH_THREADS:
+                return
+            batch = self._batch  # the rest of this thread's batch goes first
+            self._items.extendleft(reversed(batch))
+            batch.clear()
+            self._idle = not self._items
+            self._sleeping = False
+            self._start_thread()
+
     def _run(self) -> None:
-        items = self._items
+        me = threading.current_thread()
         mutex = self._mutex
         while True:
             with mutex:
-                if not items:
+                if self._thread is not me:  # handed off while a callback waited
+                    return
+                if not self._items:
                     self._idle = True
                     if self._stopping:
                         return
                     self._sleeping = True
                     batch = None
                 else:
-                    batch = list(items)
-                    items.clear()
+                    batch = self._batch = self._items
+                    self._items = collections.deque()
             if batch is None:
                 self._signal.acquire()
                 continue
             call = self._call
-            for item in batch:
+            done = 0
+            while batch:
+                item = batch.popleft()
                 try:
                     call(*item)
                 except BaseException:  # whatever user code raised, this thread goes on
                     logger.exception("%s: a handler call failed", self.name)
+                done += 1
             with mutex:
-                self.backlog -= len(batch)
+                self.backlog -= done
                 resume = self.high and self.backlog < _DISPATCH_LOW_WATER
                 if resume:
                     self.high = False
@@ -2483,7 +2532,7 @@ class _Dispatcher:
         return True
 
     def stop(self, timeout: float) -> int:
-        """Deliver what is queued (up to ``timeout`` in all), then end the thread.
+        """Deliver what is queued (up to ``timeout``), then end the threads.
 
         Returns how many queued items were dropped, not run.
         """
@@ -2496,13 +2545,15 @@ class _Dispatcher:
             self.backlog = 0
             wake = self._sleeping
             self._sleeping = False
-            thread = self._thread
+            threads = list(self._threads)
         if wake:
             self._signal.release()
         if dropped:
             logger.warning("%s: %d messages not delivered at close", self.name, dropped)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - _monotonic()))
+        current = threading.current_thread()
+        for thread in threads:
+            if thread is not current:
+                thread.join(max(0.0, deadline - _monotonic()) + 0.5)
         return dropped
 
 
@@ -3987,23 +4038,125 @@ class TCPServerTransport(Transport):
             loop.close()
 
 
-class _ClientInbox(Inbox):
-    """A client's request inbox: ``get`` first reads the socket itself for a while.
+# Clients still open at interpreter exit deliver what they accepted (weakly
+# held: an unreferenced, closed client is not kept alive by this).
+_open_clients: Any = weakref.WeakSet()
+_exit_hook_installed = False
 
-    The reply then wakes the waiting thread directly instead of waking the
-    client's I/O thread, which would wake the caller in turn.
+
+def _close_open_clients() -> None:
+    """atexit: close every client still open in this process, sharing one deadline."""
+    deadline = time.monotonic() + _EXIT_FLUSH_TIMEOUT
+    pid = os.getpid()
+    for client in list(_open_clients):
+        if client._pid != pid:  # inherited through fork: its threads are not here
+            continue
+        try:
+            client.close(max(0.0, deadline - time.monotonic()))
+        except Exception:  # pragma: no cover - keep closing the others
+            logger.exception("tcp client: close at exit failed")
+
+
+def _watch_at_exit(client: Any) -> None:
+    global _exit_hook_installed
+    if not _exit_hook_installed:
+        import atexit
+
+        atexit.register(_close_open_clients)
+        _exit_hook_installed = True
+    _open_clients.add(client)
+
+
+def _welcome_features(welcome: Dict[str, Any]) -> frozenset:
+    """The features a ``$welcome`` agreed on that this client knows."""
+    features = welcome.get("features")
+    if not isinstance(features, list):
+        return frozenset()
+    return frozenset(f for f in features if isinstance(f, str)) & _CLIENT_FEATURES
+
+
+def _welcome_limit(welcome: Dict[str, Any]) -> Optional[int]:
+    """The server's ``max_frame_size`` from its ``$welcome`` (None if absent or bad)."""
+    limit = welcome.get("max_frame_size")
+    if type(limit) is int and limit > 0:
+        return limit
+    return None
+
+
+def _describe_frame(frame: bytes) -> str:
+    """``message <id> on '<topic>' (<n> bytes)`` for a log line about a frame."""
+    try:
+        message = decode(frame[4:])
+    except FrameError:
+        return f"a frame of {len(frame) - 4} bytes"
+    return f"message {message.id} on {message.topic!r} ({len(frame) - 4} bytes)"
+
+
+def _with_ttl(frame: bytes, remaining: float) -> bytes:
+    """``frame`` re-encoded with its ``_ttl_ms`` header set to ``remaining`` seconds."""
+    message = decode(frame[4:])
+    message.headers["_ttl_ms"] = max(1, int(remaining * 1000))
+    return encode(message, max_frame_size=len(frame) + 64)
+
+
+def _ttl_deadline(ttl_ms: Any) -> Optional[float]:
+    """The monotonic deadline of a request's ``_ttl_ms`` header (None if absent or bad)."""
+    if type(ttl_ms) is int and ttl_ms >= 0:
+        return time.monotonic() + ttl_ms / 1000.0
+    return None
+
+
+class _ClientInbox(Inbox):
+    """A request inbox of a :class:`TCPClientTransport`.
+
+    ``get`` first reads the socket itself for a while (where the platform
+    allows it), so the reply wakes the waiting thread directly instead of
+    waking the client's I/O thread, which would wake the caller in turn.
+    A subscriber callback that waits here hands the dispatcher role to
+    another thread first, so a reply (or the request itself) that must pass
+    through a subscriber of this very client is not stuck behind it.  If the
+    connection that carried the request breaks before the reply came,
+    ``get`` raises ConnectionLostError at once instead of waiting its timeout.
     """
 
     _transport: Any = None
+    _read_ahead = False
+    _failure: Optional[str] = None
+
+    def _fail(self, reason: str) -> None:
+        """The reply can no longer come: wake the getters, who raise ConnectionLostError."""
+        with self._lock:
+            if self._closed or self._failure is not None:
+                return
+            self._failure = reason
+            waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            waiter.fulfil(None)
+
+    def _register(self, timeout: Optional[float]) -> Tuple[Optional[Message], Optional[_Waiter]]:
+        if self._failure is not None and not self._messages:
+            return None, None  # no waiting for a reply that cannot come
+        return Inbox._register(self, timeout)
+
+    def _check(self, message: Optional[Message]) -> Optional[Message]:
+        if message is None and self._failure is not None and not self._closed:
+            raise ConnectionLostError(self._failure)
+        return message
 
     def get(self, timeout: Optional[float] = None) -> Optional[Message]:
-        if not self._messages and not self._closed and (timeout is None or timeout > 0):
-            budget = _CALLER_READ if timeout is None else min(timeout, _CALLER_READ)
-            started = _perf_counter()
-            self._transport._read_until(self, budget)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (_perf_counter() - started))
-        return Inbox.get(self, timeout)
+        if not self._messages and not self._closed and self._failure is None:
+            if timeout is None or timeout > 0:
+                self._transport._before_blocking()
+                if self._read_ahead:
+                    budget = _CALLER_READ if timeout is None else min(timeout, _CALLER_READ)
+                    started = _perf_counter()
+                    self._transport._read_until(self, budget)
+                    if timeout is not None:
+                        timeout = max(0.0, timeout - (_perf_counter() - started))
+        return self._check(Inbox.get(self, timeout))
+
+    async def get_async(self, timeout: Optional[float] = None) -> Optional[Message]:
+        return self._check(await Inbox.get_async(self, timeout))
 
 
 class TCPClientTransport(Transport):
@@ -4032,8 +4185,26 @@ class TCPClientTransport(Transport):
     client-side :class:`ssl.SSLContext`) enables TLS, checked against
     ``server_hostname`` (default: ``host``).  A server that does not answer
     ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
-    original eventforge server); ``handshake=False`` skips the hello and
+    eventforge 0.1 server) until its ``$welcome`` arrives, if ever: a late
+    welcome switches the connection to handshake mode and the client sends
+    its interest then.  ``handshake=False`` skips the hello and
     ``handshake=True`` requires it.
+
+    Limits: ``send`` raises FrameTooLargeError for a message over the
+    server's ``max_frame_size`` (learned at handshake).  A buffered message
+    that a reconnected server can no longer take, or that it keeps refusing,
+    is dropped with a logged reason and counted (``too_large``, ``refused``);
+    nothing is resent forever.  A request whose caller stopped waiting (its
+    inbox closed) is withdrawn: never resent after a reconnect.  A caller
+    waiting for the reply to a request that went out on a connection that
+    broke gets ConnectionLostError at once.
+
+    :meth:`flush` waits until the server has processed everything sent
+    before it; :meth:`close` delivers what was accepted (bounded by its
+    ``timeout``), and clients still open at normal interpreter exit are
+    closed the same way.  ``on_connection_change(connected, detail)`` is
+    called (on the I/O thread) when the connection is lost and when it is
+    back.
     """
 
     def __init__(
@@ -4056,6 +4227,7 @@ class TCPClientTransport(Transport):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_queue_size: int = 1000,
         send_timeout: float = 10.0,
+        on_connection_change: Optional[Callable[[bool, str], Any]] = None,
     ) -> None:
         if not isinstance(port, int) or not 0 < port <= 65535:
             raise ValueError(f"port must be an int in 1..65535, not {port!r}")
@@ -4079,7 +4251,8 @@ class TCPClientTransport(Transport):
         self.handshake = handshake
         self.max_frame_size = max_frame_size
         self.send_timeout = send_timeout
-        self._send_limit = max_frame_size
+        self.on_connection_change = on_connection_change
+        self._send_limit = max_frame_size  # the server's max_frame_size, once known
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
@@ -4094,8 +4267,17 @@ class TCPClientTransport(Transport):
         self._receive_topics: Dict[str, None] = {}
         self._sub_patterns: Dict[str, str] = {}
         # Message frames the server has not acknowledged (or that wait for a
-        # connection), in order: [sequence number on this connection, frame].
+        # connection), in order: [sequence number on this connection (0: not
+        # sent on it), frame (b"" once acknowledged or withdrawn), connections
+        # it broke on as the oldest unacknowledged frame, TTL deadline or None].
         self._pending: Deque[List[Any]] = collections.deque()
+        # Open inboxes: topic -> [inbox, connection its last request went out
+        # on, that request's pending item]; see _track_request / _inbox_closed.
+        self._requests: Dict[str, List[Any]] = {}
+        self._flush_ids = itertools.count(1)
+        self._flushed_upto = 0  # highest $flushed id seen
+        self._pings_sent = 0  # $ping frames we sent on this connection ...
+        self._pongs = 0  # ... and $pong answers to them (they come in order)
         self._pending_bytes = 0
         self._seq = 0
         self._ack_mode = False
@@ -4111,6 +4293,7 @@ class TCPClientTransport(Transport):
         self._sel_lock = threading.Lock()
         self._epoll: Any = None  # the loop's epoll object, if the selector is epoll
         self._closing = threading.Event()
+        self._nudge = threading.Event()  # ends a reconnect's backoff wait early
         self._connecting: Any = None
         self._started = False
         self._closed = False
@@ -4118,6 +4301,7 @@ class TCPClientTransport(Transport):
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
         self._messages_out = 0
+        self._pid = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -4151,89 +4335,229 @@ class TCPClientTransport(Transport):
         with self._connect_lock:  # one connect at a time; later ones see _started
             with self._lock:
                 if self._closed:
-                    raise TransportClosedError("TCPClientTransport is closed")
+                    raise TransportClosedError(f"{self._name()} is closed")
                 if self._started:
                     return self
             opened = self._open(timeout)
             with self._lock:
                 if self.closed:  # close() may have run on another thread meanwhile
                     opened[0].close()
-                    raise TransportClosedError("TCPClientTransport is closed")
+                    raise TransportClosedError(f"{self._name()} is closed")
                 loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
                 raw = getattr(loop.selector, "_selector", None)
                 if self.ssl_context is None and type(raw).__name__ == "epoll":
                     self._epoll = raw
                 self._started = True
+            self._pid = os.getpid()
+            _watch_at_exit(self)
             self._install(*opened)
             loop.start(self._run)
         return self
 
-    def close(self) -> None:
-        """Flush what is queued (up to 1 s), close the socket and stop every thread."""
+    def _name(self) -> str:
+        return f"TCPClientTransport to {self.host}:{self.port}"
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what was accepted, then close the socket and stop every thread.
+
+        New sends fail at once; messages already accepted are given up to
+        ``timeout`` seconds to reach the server: until acknowledged (a server
+        with the feature "ack"), written (a frame-only server), or sent after
+        a reconnect that is under way.  What is still undelivered then is
+        logged.  A connection attempt in progress is abandoned at once.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._space.notify_all()
-            # Give the server a moment to acknowledge what it was sent.
-            deadline = time.monotonic() + 1.0
-            while self._pending and self._conn is not None and self._ack_mode:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._loop is None or self._loop.in_loop():
-                    break
-                self._space_waiters += 1
-                try:
-                    self._space.wait(remaining)
-                finally:
-                    self._space_waiters -= 1
-            left = len(self._pending)
-            connected = self._conn is not None
-        if left:
-            logger.warning(
-                "tcp client: closed with %d message(s) %s", left,
-                "not acknowledged by the server" if connected else "never sent (disconnected)",
-            )
+        _open_clients.discard(self)
+        loop = self._loop
+        if self._started and loop is not None and not loop.in_loop():
+            self._deliver_before_close(time.monotonic() + timeout)
         self._closing.set()
+        self._nudge.set()
         connecting = self._connecting
         if connecting is not None:
-            try:
-                connecting.close()
+            try:  # wakes a blocked connect() or handshake read; its owner closes it
+                connecting.shutdown(2)  # socket.SHUT_RDWR
             except OSError:
                 pass
-        loop = self._loop
         if loop is not None:
             loop.wake()
             if loop.thread is not None and loop.thread is not threading.current_thread():
                 loop.thread.join(self.connect_timeout + 2.0)
+        self._local.close()  # before the dispatcher: a callback waiting on an inbox returns
         self._dispatcher.stop(1.0)
-        self._local.close()
+
+    def _deliver_before_close(self, deadline: float) -> None:
+        """Wait (up to ``deadline``) until every accepted message reached the server."""
+        self._nudge.set()  # a reconnect waiting out its backoff tries again now
+        with self._lock:
+            while True:
+                conn = self._conn
+                if conn is None:
+                    waiting = (self._pending_bytes > 0 and self.reconnect
+                               and self._failed is None)
+                elif self._ack_mode:
+                    waiting = self._pending_bytes > 0
+                else:
+                    waiting = conn.out_bytes > 0 or conn.cur is not None
+                remaining = deadline - time.monotonic()
+                if not waiting or remaining <= 0:
+                    break
+                self._space_waiters += 1
+                try:
+                    self._space.wait(min(remaining, 0.005 if conn is not None and not
+                                         self._ack_mode else remaining))
+                finally:
+                    self._space_waiters -= 1
+            left = sum(1 for item in self._pending if item[1])
+        if left:
+            logger.warning(
+                "tcp client: closed with %d message(s) %s", left,
+                "not acknowledged by the server" if conn is not None
+                else "never sent (disconnected)",
+            )
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the server has processed everything sent before this call.
+
+        "Everything" includes subscriptions, receive topics and inboxes
+        (interest): once ``flush`` returns, messages published by others
+        reach this client's new subscriptions.  With a server that speaks
+        the feature "flush" this is one ``$flush``/``$flushed`` round trip.
+        With an older handshake server it is a ``$ping``/``$pong`` round trip
+        (the server applies interest in order) followed by the
+        acknowledgement of every message sent before.  Returns True once
+        confirmed; False with a frame-only server (eventforge 0.1), which
+        cannot confirm anything: then it returns once every queued frame was
+        written to the socket.  While disconnected it waits for the
+        reconnect.  Raises EventforgeTimeoutError after ``timeout`` seconds,
+        ConnectionLostError if the connection is lost for good,
+        TransportClosedError after :meth:`close`.
+        """
+        loop = self._loop
+        if loop is not None and loop.in_loop():
+            raise RuntimeError("flush() cannot wait on the client's own I/O thread")
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = self._wait_connected(deadline)
+            done = self._flush_on(conn, deadline)
+            if done is not None:
+                return done
+
+    def _wait_connected(self, deadline: float) -> _Connection:
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise TransportClosedError(f"{self._name()} is closed")
+                if self._conn is not None:
+                    return self._conn
+                if self._failed is not None:
+                    raise ConnectionLostError(self._failed)
+                if not self._started:
+                    raise ConnectionLostError(
+                        f"not connected to {self.host}:{self.port}: call connect() first"
+                    )
+                self._wait_locked(deadline, 1.0)
+
+    def _wait_locked(self, deadline: float, poll: float) -> None:
+        # Called with self._lock held: one wait on _space, at most ``poll`` s.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EventforgeTimeoutError(
+                f"{self._name()}: the server did not confirm the flush in time"
+            )
+        self._space_waiters += 1
+        try:
+            self._space.wait(min(remaining, poll))
+        finally:
+            self._space_waiters -= 1
+
+    def _flush_on(self, conn: _Connection, deadline: float) -> Optional[bool]:
+        """Flush over ``conn``; None if it broke meanwhile (the caller retries)."""
+        with self._lock:
+            if self._conn is not conn:
+                return None
+            features = conn.features if conn.handshake else frozenset()
+            frame = b""
+            done: Optional[Callable[[], bool]]
+            if self._removals or self._deferred:
+                frame = self._interest_changes()
+            if "flush" in features:
+                ident = next(self._flush_ids)
+                frame += _control_frame("$flush", {"id": ident})
+
+                def done() -> bool:
+                    return self._flushed_upto >= ident
+            elif "ping" in features:
+                self._pings_sent += 1
+                target, last_seq = self._pings_sent, self._seq
+                frame += _control_frame("$ping", {})
+                pending = self._pending
+
+                def done() -> bool:
+                    return self._pongs >= target and (
+                        not pending or pending[0][0] > last_seq or not self._ack_mode)
+            else:
+                done = None
+            if frame:
+                conn.enqueue(frame)
+        self._kick(conn)
+        with self._lock:
+            while self._conn is conn:
+                if done is None:
+                    if conn.out_bytes == 0 and conn.cur is None:
+                        return False
+                    self._wait_locked(deadline, 0.005)  # nothing signals a write: poll
+                elif done():
+                    return True
+                else:
+                    self._wait_locked(deadline, 1.0)
+        return None
 
     # -- Transport API ----------------------------------------------------------------
 
     def send(self, message: Message) -> None:
         """Send ``message`` to the server; queue it while reconnecting.
 
-        Raises TransportFullError when ``max_pending`` messages already wait,
-        ConnectionLostError before :meth:`connect` or after a failure with
-        ``reconnect=False``, TransportClosedError after :meth:`close`.
+        Raises FrameTooLargeError for a message over the server's
+        ``max_frame_size``, TransportFullError when ``max_pending`` messages
+        already wait, ConnectionLostError before :meth:`connect` or after a
+        failure with ``reconnect=False``, TransportClosedError after
+        :meth:`close`.
         """
         topic = message.topic
         if type(topic) is not str or topic not in _VALID_TOPICS:
             validate_topic(topic)
-        frame = encode(message, max_frame_size=self._send_limit)
+        try:
+            frame = encode(message, max_frame_size=self._send_limit)
+        except FrameTooLargeError as exc:
+            raise FrameTooLargeError(
+                f"{exc} (the largest frame {self.host}:{self.port} takes)"
+            ) from None
         size = len(frame)
+        headers = message.headers
+        deadline = _ttl_deadline(headers.get("_ttl_ms")) if headers else None
+        reply_to = message.reply_to
         with self._lock:
             conn = self._conn
             if conn is None or self._closed:
-                self._send_offline(frame)
+                offline = self._send_offline(frame, deadline)
+                if reply_to is not None and reply_to in self._requests:
+                    self._requests[reply_to][2] = offline
                 return
+            item: Optional[List[Any]] = None
             if self._ack_mode:
                 pending = self._pending
                 if (len(pending) >= self.max_pending
                         or self._pending_bytes + size > self.max_pending_bytes):
                     conn = self._wait_for_space(size)
                     if conn is None:
-                        self._send_offline(frame)
+                        item = self._send_offline(frame, deadline)
+                        if reply_to is not None and reply_to in self._requests:
+                            self._requests[reply_to][2] = item
                         return
                     if (len(pending) >= self.max_pending
                             or self._pending_bytes + size > self.max_pending_bytes):
@@ -4243,14 +4567,13 @@ class TCPClientTransport(Transport):
                             f"unacknowledged after {self.send_timeout} s; "
                             f"max_pending={self.max_pending}"
                         )
-                self._seq += 1
-                pending.append([self._seq, frame])
+                item = [self._seq + 1, frame, 0, deadline]
+                pending.append(item)
                 self._pending_bytes += size
             # Inline _Connection.enqueue (its lock nests inside ours).
             with conn.lock:
                 if conn.out_bytes + size > conn.max_outbound:
-                    if self._ack_mode:
-                        self._seq -= 1
+                    if item is not None:
                         self._pending_bytes -= len(self._pending.pop()[1])
                     self._counts["full"] += 1
                     raise TransportFullError(
@@ -4260,21 +4583,27 @@ class TCPClientTransport(Transport):
                 if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
                     # The request's own inbox needs no frame (the server takes
                     # its reply_to as interest); any other goes ahead of it.
-                    if self._deferred and message.reply_to is not None:
-                        self._deferred.pop(message.reply_to, None)
+                    if self._deferred and reply_to is not None:
+                        self._deferred.pop(reply_to, None)
                     if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
                         extra = self._interest_changes()
                         conn.out.append(extra)
                         conn.out_bytes += len(extra)
                 conn.out.append(frame)
                 conn.out_bytes += size
+            self._seq += 1  # counts every data frame of the connection, as the server does
+            if reply_to is not None:
+                record = self._requests.get(reply_to)
+                if record is not None:
+                    record[1] = conn
+                    record[2] = item
             self._messages_out += 1
         self._kick(conn)
 
-    def _send_offline(self, frame: bytes) -> None:
+    def _send_offline(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
         # Called with self._lock held while there is no connection.
         if self._closed:
-            raise TransportClosedError("TCPClientTransport is closed")
+            raise TransportClosedError(f"{self._name()} is closed")
         if self._failed is not None:
             raise ConnectionLostError(self._failed)
         if not self._started:
@@ -4288,9 +4617,11 @@ class TCPClientTransport(Transport):
                 f"{len(self._pending)} messages ({self._pending_bytes} bytes) wait for "
                 f"a connection; max_pending={self.max_pending}"
             )
-        self._pending.append([0, frame])
+        item = [0, frame, 0, deadline]
+        self._pending.append(item)
         self._pending_bytes += len(frame)
         self._counts["buffered"] += 1
+        return item
 
     def _wait_for_space(self, size: int) -> Optional[_Connection]:
         # Called with self._lock held and the buffer full.  While connected,
@@ -4310,7 +4641,7 @@ class TCPClientTransport(Transport):
             finally:
                 self._space_waiters -= 1
         if self._closed:
-            raise TransportClosedError("TCPClientTransport is closed")
+            raise TransportClosedError(f"{self._name()} is closed")
         return self._conn
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
@@ -4321,6 +4652,8 @@ class TCPClientTransport(Transport):
         ``max_queue_size``) until received.
         """
         self._want_receive(topic)
+        if timeout is None or timeout > 0:
+            self._dispatcher.hand_off_if_current()
         return self._local.receive(topic, timeout)
 
     async def receive_async(
@@ -4366,23 +4699,46 @@ class TCPClientTransport(Transport):
 
         An inbox topic (:data:`INBOX_PREFIXES`) named as ``reply_to`` by the
         next message sent needs no frame of its own when the server speaks
-        the feature "reply": the request itself tells the server.
+        the feature "reply": the request itself tells the server.  Closing
+        the inbox withdraws a request that named it and is still waiting
+        for a connection or an acknowledgement: it is never resent.
         """
+        if self._closed:
+            raise TransportClosedError(f"{self._name()} is closed")
         inbox = self._local.open_inbox(topic)
         inner = inbox._on_close
 
         def on_close(closing: Inbox) -> None:
             if inner is not None:
                 inner(closing)
-            self._interest_remove(topic)
+            self._inbox_closed(closing)
 
         inbox._on_close = on_close
+        # Same object, a subclass that fails on a lost connection and may read the socket.
+        inbox.__class__ = _ClientInbox
+        inbox._transport = self  # type: ignore[attr-defined]
         if self._epoll is not None:
-            # Same object, a subclass whose get() may read the socket itself.
-            inbox.__class__ = _ClientInbox
-            inbox._transport = self  # type: ignore[attr-defined]
-        self._interest_add(topic, flush=False, defer=topic.startswith(INBOX_PREFIXES))
+            inbox._read_ahead = True  # type: ignore[attr-defined]
+        self._interest_add(topic, flush=False, defer=topic.startswith(INBOX_PREFIXES),
+                           inbox=inbox)
         return inbox
+
+    def _inbox_closed(self, inbox: Inbox) -> None:
+        """Withdraw the inbox's interest and any request of it not yet acknowledged."""
+        self._interest_remove(inbox.topic, inbox)
+
+    def _withdraw(self, item: List[Any]) -> None:
+        # Called with self._lock held: the frame keeps its place (the server
+        # may still acknowledge it) but is never sent again.  Counted only if
+        # it never left (a request answered before its $ack is no news).
+        self._pending_bytes -= len(item[1])
+        item[1] = b""
+        if not item[0]:
+            self._counts["withdrawn"] += 1
+
+    def _before_blocking(self) -> None:
+        """A thread is about to wait for a message: if it runs callbacks, hand that role on."""
+        self._dispatcher.hand_off_if_current()
 
     @property
     def stats(self) -> Dict[str, Any]:
@@ -4413,8 +4769,12 @@ class TCPClientTransport(Transport):
                 self._receive_topics[topic] = None
             self._interest_add(topic)
 
-    def _interest_add(self, pattern: str, flush: bool = True, defer: bool = False) -> None:
+    def _interest_add(
+        self, pattern: str, flush: bool = True, defer: bool = False, inbox: Any = None
+    ) -> None:
         with self._lock:
+            if inbox is not None:
+                self._requests[pattern] = [inbox, None, None]
             count = self._interest.get(pattern, 0)
             self._interest[pattern] = count + 1
             conn = self._conn
@@ -4431,9 +4791,16 @@ class TCPClientTransport(Transport):
         if flush:
             self._kick(conn)
 
-    def _interest_remove(self, pattern: str) -> None:
+    def _interest_remove(self, pattern: str, inbox: Any = None) -> None:
         # Not urgent: rides along with the next $interest, or leaves on a tick.
         with self._lock:
+            if inbox is not None:
+                record = self._requests.get(pattern)
+                if record is not None and record[0] is inbox:
+                    del self._requests[pattern]
+                    item = record[2]
+                    if item is not None and item[1]:
+                        self._withdraw(item)
             count = self._interest.get(pattern, 0)
             if count > 1:
                 self._interest[pattern] = count - 1
@@ -4461,24 +4828,59 @@ class TCPClientTransport(Transport):
 
     # -- connection set-up ------------------------------------------------------------------
 
-    def _open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message]]:
-        """Connect and handshake (blocking); return the socket and what was learned."""
+    def _connect_socket(self, timeout: float) -> Any:
+        """A connected socket, like ``socket.create_connection``, but abortable.
+
+        The socket is published as ``_connecting`` before ``connect()``, so
+        :meth:`close` can abort a connect (or a handshake read) in progress
+        with ``shutdown()`` instead of waiting up to ``connect_timeout``.
+        """
+        import socket
+
+        where = f"{self.host}:{self.port}"
+        deadline = time.monotonic() + timeout
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
+        error: Optional[str] = None
+        for family, kind, proto, _name, address in infos:
+            if self._closing.is_set():
+                break
+            sock = socket.socket(family, kind, proto)
+            self._connecting = sock
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.connect(address)
+            except socket.timeout:
+                error = f"timed out after {timeout} s"
+            except OSError as exc:
+                error = str(exc)
+            else:
+                if not self._closing.is_set():
+                    return sock
+            self._connecting = None
+            sock.close()
+        if self._closing.is_set():
+            raise TransportClosedError(f"{self._name()} is closed")
+        raise ConnectionLostError(f"cannot connect to {where}: {error or 'no address'}")
+
+    def _open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message],
+                                             bytes, Optional[int]]:
+        """Connect and handshake (blocking); return the socket and what was learned.
+
+        That is: socket, decoder, handshake done, agreed features, messages
+        that came before the handshake ended, the nonce of a ``$hello`` left
+        unanswered (b"" if none) and the server's ``max_frame_size``.
+        """
         import socket
 
         deadline = time.monotonic() + timeout
         where = f"{self.host}:{self.port}"
+        sock = self._connect_socket(timeout)
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        except socket.timeout:
-            raise ConnectionLostError(
-                f"cannot connect to {where}: timed out after {timeout} s"
-            ) from None
-        except OSError as exc:
-            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
-        self._connecting = sock
-        try:
-            if self._closed:
-                raise TransportClosedError("TCPClientTransport is closed")
+            if self._closed and self._closing.is_set():
+                raise TransportClosedError(f"{self._name()} is closed")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if self.ssl_context is not None:
@@ -4499,13 +4901,14 @@ class TCPClientTransport(Transport):
             early: List[Message] = []
             if self.handshake is False:
                 sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early
+                return sock, decoder, False, frozenset(), early, b"", None
             nonce = os.urandom(32)
             hello = Message("$hello", {
                 "version": PROTOCOL_VERSION,
-                "features": sorted(_FEATURES),
+                "features": sorted(_CLIENT_FEATURES),
                 "nonce": nonce.hex(),
                 "ping_interval": self.ping_interval,
+                "max_frame_size": self.max_frame_size,
             })
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.sendall(encode(hello))
@@ -4521,15 +4924,11 @@ class TCPClientTransport(Transport):
                         f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
                         "or one that speaks plain frames only)"
                     )
-                logger.info("tcp client: %s did not answer $hello; speaking plain frames", where)
+                logger.info("tcp client: %s did not answer $hello within %s s; speaking "
+                            "plain frames until it does", where, self.hello_timeout)
                 sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early
-            features = frozenset(
-                f for f in welcome.get("features") or () if isinstance(f, str)
-            ) & _FEATURES
-            limit = welcome.get("max_frame_size")
-            if isinstance(limit, int) and 0 < limit < self.max_frame_size:
-                self._send_limit = limit
+                return sock, decoder, False, frozenset(), early, nonce, None
+            features = _welcome_features(welcome)
             if welcome.get("auth"):
                 if welcome.get("auth") != "hmac-sha256":
                     raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
@@ -4551,7 +4950,7 @@ class TCPClientTransport(Transport):
                     f"{where} does not authenticate, so it cannot prove it knows the secret"
                 )
             sock.setblocking(False)
-            return sock, decoder, True, features, early
+            return sock, decoder, True, features, early, b"", _welcome_limit(welcome)
         except (EventforgeError, socket.timeout):
             sock.close()
             raise
@@ -4619,7 +5018,7 @@ class TCPClientTransport(Transport):
 
     def _install(
         self, sock: Any, decoder: FrameDecoder, handshake: bool, features: frozenset,
-        early: List[Message],
+        early: List[Message], hello_nonce: bytes, limit: Optional[int],
     ) -> None:
         """Adopt a fresh connection: interest first, then every unacknowledged message."""
         tls = self.ssl_context is not None
@@ -4629,22 +5028,19 @@ class TCPClientTransport(Transport):
         conn.state = _READY
         conn.handshake = handshake
         conn.features = features
+        conn.nonce = hello_nonce  # a $hello still unanswered: a late $welcome is adopted
         with self._lock:
             frames: List[bytes] = []
-            self._removals = {}  # the new connection learns the whole interest anyway
-            self._deferred = {}
-            self._implicit = handshake and "interest" in features and "reply" in features
-            if handshake and self._interest:
-                frames.append(_control_frame("$interest", {"add": list(self._interest)}))
-            self._ack_mode = "ack" in features
+            self._send_limit = limit if limit is not None else self.max_frame_size
+            self._pings_sent = self._pongs = 0
+            interest = self._adopt_features(conn)
+            if interest:
+                frames.append(interest)
             self._seq = 0
-            for item in self._pending:
-                self._seq += 1
-                item[0] = self._seq
-                frames.append(item[1])
-            if self._pending:
-                self._counts["resent"] += len(self._pending)
-            if not self._ack_mode:
+            frames.extend(self._resendable())
+            if not self._ack_mode:  # nothing will acknowledge them: written is all we get
+                for item in self._pending:
+                    item[1] = b""
                 self._pending.clear()
                 self._pending_bytes = 0
             if frames:
@@ -4653,6 +5049,8 @@ class TCPClientTransport(Transport):
                     conn.out.append(data)
                     conn.out_bytes += len(data)
             self._conn = conn
+            if self._space_waiters:
+                self._space.notify_all()
         loop = self._loop
         assert loop is not None
         import selectors
@@ -4667,6 +5065,76 @@ class TCPClientTransport(Transport):
                 self._dispatcher.put_many(batch)
         if frames:
             self._kick(conn)
+
+    def _adopt_features(self, conn: _Connection) -> bytes:
+        """Take up the connection's mode and features; return the ``$interest`` to send.
+
+        Called with self._lock held, when a connection is installed and when
+        a late ``$welcome`` turns a frame-only connection into a handshake one.
+        """
+        features = conn.features if conn.handshake else frozenset()
+        self._removals = {}  # the server learns the whole interest anyway
+        self._deferred = {}
+        self._implicit = "interest" in features and "reply" in features
+        self._ack_mode = "ack" in features
+        if conn.handshake and self._interest:
+            return _control_frame("$interest", {"add": list(self._interest)})
+        return b""
+
+    def _resendable(self) -> List[bytes]:
+        """Number the frames kept for a new connection; drop what must not go out again.
+
+        Called with self._lock held.  Dropped, each logged and counted: a
+        frame over the server's limit (``too_large``), a frame that broke
+        ``_MAX_SEND_ATTEMPTS`` connections as the oldest unacknowledged one
+        (``refused``), a request whose TTL ran out (``expired``).  A request
+        that still has time goes out with its ``_ttl_ms`` cut to what is left.
+        """
+        frames: List[bytes] = []
+        kept: Deque[List[Any]] = collections.deque()
+        limit = self._send_limit
+        now = time.monotonic()
+        expired = 0
+        for item in self._pending:
+            frame = item[1]
+            if not frame:  # acknowledged or withdrawn
+                continue
+            if item[2] >= _MAX_SEND_ATTEMPTS:
+                self._drop_frame(item, "refused", f"the connection broke {item[2]} times "
+                                 "with it unacknowledged (the server refuses it?)")
+                continue
+            if len(frame) - 4 > limit:
+                self._drop_frame(item, "too_large", f"the server now takes at most "
+                                 f"{limit} bytes per frame")
+                continue
+            if item[3] is not None:
+                remaining = item[3] - now
+                if remaining <= 0:
+                    item[1] = b""
+                    self._counts["expired"] += 1
+                    expired += 1
+                    continue
+                frame = item[1] = _with_ttl(frame, remaining)
+            self._seq += 1
+            item[0] = self._seq
+            kept.append(item)
+            frames.append(frame)
+        self._pending = kept
+        self._pending_bytes = sum(len(item[1]) for item in kept)
+        if expired:
+            logger.info("tcp client: %d request(s) expired while disconnected; not resent",
+                        expired)
+        if frames:
+            self._counts["resent"] += len(frames)
+        return frames
+
+    def _drop_frame(self, item: List[Any], counter: str, reason: str) -> None:
+        # Called with self._lock held.
+        frame = item[1]
+        item[1] = b""
+        self._counts[counter] += 1
+        logger.warning("tcp client: dropped %s for %s:%s: %s", _describe_frame(frame),
+                       self.host, self.port, reason)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -4906,14 +5374,30 @@ class TCPClientTransport(Transport):
                 with self._lock:
                     pending = self._pending
                     while pending and 0 < pending[0][0] <= acked:
-                        self._pending_bytes -= len(pending.popleft()[1])
+                        item = pending.popleft()
+                        self._pending_bytes -= len(item[1])
+                        item[1] = b""
                     if self._space_waiters:
                         self._space.notify_all()
         elif topic == "$ping":
             if conn.enqueue(_control_frame("$pong", {})) == _OK:
                 self._flush(conn)
         elif topic == "$pong":
-            pass
+            with self._lock:
+                if self._conn is conn:
+                    self._pongs += 1
+                    if self._space_waiters:
+                        self._space.notify_all()
+        elif topic == "$flushed":
+            ident = payload.get("id")
+            if type(ident) is int:
+                with self._lock:
+                    if ident > self._flushed_upto:
+                        self._flushed_upto = ident
+                    if self._space_waiters:
+                        self._space.notify_all()
+        elif topic == "$welcome" and not conn.handshake and conn.nonce:
+            self._late_welcome(conn, payload)
         elif topic == "$error":
             reason = str(payload.get("reason"))[:200]
             logger.warning("tcp client: %s reports: %s", conn.peer, reason)
@@ -4934,20 +5418,66 @@ class TCPClientTransport(Transport):
                 return
             if silent > interval and not conn.ping_sent:
                 conn.ping_sent = True
-                conn.enqueue(_control_frame("$ping", {}))
+                with self._lock:
+                    self._pings_sent += 1
+                    conn.enqueue(_control_frame("$ping", {}))
         if self._removals or self._deferred:
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
 
+    def _late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
+        """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
+
+        Until now the server took this client for a handshake peer while the
+        client spoke plain frames; the client now adopts the mode the server
+        chose and sends its interest, so both sides agree again.
+        """
+        if welcome.get("auth"):
+            self._lost(conn, "the server asks for authentication; pass secret=")
+            return
+        with self._lock:
+            if self._conn is not conn or conn.handshake:
+                return
+            conn.handshake = True
+            conn.nonce = b""
+            conn.features = _welcome_features(welcome)
+            limit = _welcome_limit(welcome)
+            self._send_limit = limit if limit is not None else self.max_frame_size
+            interest = self._adopt_features(conn)
+            if interest:
+                conn.enqueue(interest)
+        logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
+                    "protocol now", conn.peer, self.hello_timeout)
+        self._kick(conn)
+
     def _lost(self, conn: _Connection, reason: str) -> None:
-        """The connection broke (loop thread): forget it; _run reconnects."""
+        """The connection broke (loop thread): forget it; _run reconnects.
+
+        Callers waiting for the reply to a request sent on it get
+        ConnectionLostError now (the request is not resent); the oldest
+        unacknowledged frame is charged one attempt (see _resendable).
+        """
         with self._lock:
             if self._conn is not conn:
                 return
             self._conn = None
             if self._space_waiters:
                 self._space.notify_all()
+            for item in self._pending:
+                if item[1]:
+                    if item[0]:
+                        item[2] += 1
+                    break
+            failed = []
+            for record in self._requests.values():
+                if record[1] is conn:
+                    record[1] = None
+                    item = record[2]
+                    if item is not None and item[1]:
+                        self._withdraw(item)
+                    failed.append(record[0])
+            self._counts["failed_requests"] += len(failed)
             for item in self._pending:
                 item[0] = 0
         with self._read_lock:  # a caller may be reading it: wait for it to stop
@@ -4964,6 +5494,8 @@ class TCPClientTransport(Transport):
                 conn.sock.close()
             except OSError:
                 pass
+        for inbox in failed:
+            inbox._fail(f"connection to {conn.peer} lost before the reply came: {reason}")
         if self._closing.is_set():
             return
         self._counts["disconnects"] += 1
@@ -4973,6 +5505,16 @@ class TCPClientTransport(Transport):
             logger.warning("tcp client: lost %s (%s)", conn.peer, reason)
             with self._lock:
                 self._failed = f"connection to {conn.peer} lost: {reason}"
+        self._notify_state(False, reason)
+
+    def _notify_state(self, connected: bool, detail: str) -> None:
+        callback = self.on_connection_change
+        if callback is None:
+            return
+        try:
+            callback(connected, detail)
+        except Exception:
+            logger.exception("tcp client: on_connection_change callback failed")
 
     def _reconnect(self) -> bool:
         """Retry with capped exponential backoff and jitter; False to stop the loop."""
@@ -4981,7 +5523,9 @@ class TCPClientTransport(Transport):
         delay = self.backoff_initial
         while not self._closing.is_set():
             jitter = 0.5 + os.urandom(1)[0] / 510.0  # 0.5 .. 1.0
-            if self._closing.wait(delay * jitter):
+            if self._nudge.wait(delay * jitter):  # close() wants the backlog out: now
+                self._nudge.clear()
+            if self._closing.is_set():
                 return False
             self._counts["reconnect_attempts"] += 1
             try:
@@ -4997,8 +5541,10 @@ class TCPClientTransport(Transport):
                 self._install(*opened)
                 self._counts["reconnects"] += 1
                 logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
+                self._notify_state(True, f"reconnected to {self.host}:{self.port}")
                 return True
-            delay = min(delay * 2, self.backoff_max)
+            # While close() waits to deliver the backlog, retry briskly.
+            delay = min(delay * 2, 0.1 if self._closed else self.backoff_max)
         return False
 
     def _dispatch_low(self) -> None:
@@ -5024,14 +5570,23 @@ class TCPClientTransport(Transport):
                 conn.out.clear()
                 conn.cur = None
                 conn.closed = True
-            if chunks:
-                try:
-                    conn.sock.settimeout(1.0)
-                    conn.sock.sendall(b"".join(chunks))
-                except OSError:
-                    pass
+            sock = conn.sock
             try:
-                conn.sock.close()
+                if chunks:
+                    sock.settimeout(1.0)
+                    sock.sendall(b"".join(chunks))
+                if not conn.tls:
+                    # Unread input would make close() send RST, and an RST may
+                    # discard what the server has not read yet: send FIN, then
+                    # drop what is waiting here before closing.
+                    sock.shutdown(1)  # socket.SHUT_WR
+                    sock.setblocking(False)
+                    while sock.recv(_RECV_SIZE):
+                        pass
+            except OSError:
+                pass
+            try:
+                sock.close()
             except OSError:
                 pass
         loop = self._loop
@@ -7182,6 +7737,17 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
     received = [0]
     lock = threading.Lock()
     queue = _connect_queue(args)
+    where = _format_address((args.host, args.port))
+
+    def connection_changed(connected: bool, detail: str) -> None:
+        # One line when the server goes away, one when it is back (not one per retry).
+        if connected:
+            print(f"eventforge sub: connected to {where} again", file=sys.stderr, flush=True)
+        else:
+            print(f"eventforge sub: lost the connection to {where} ({detail}); reconnecting",
+                  file=sys.stderr, flush=True)
+
+    queue.transport.on_connection_change = connection_changed  # type: ignore[attr-defined]
     restore = _install_stop_signals(stop)
     try:
         def show(message: Message) -> None:
@@ -7196,8 +7762,8 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
                     stop.set()
 
         queue.subscribe(args.pattern, show)
-        print(f"eventforge sub: listening to {args.pattern!r} on "
-              f"{_format_address((args.host, args.port))}", file=sys.stderr, flush=True)
+        print(f"eventforge sub: listening to {args.pattern!r} on {where}",
+              file=sys.stderr, flush=True)
         if args.timeout is not None:
             deadline = time.monotonic() + args.timeout
             try:
