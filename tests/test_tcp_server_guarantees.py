@@ -43,6 +43,12 @@ def _hello(sock, features, **extra) -> dict:
     return reply["payload"]
 
 
+def _applied(sock, reader: FrameReader) -> None:
+    """Wait until the server applied what ``sock`` sent so far (a $flush round trip)."""
+    sock.sendall(frame({"topic": "$flush", "payload": {"id": 0}}))
+    assert _read_until(reader, "$flushed"), "no $flushed"
+
+
 def _read_until(reader: FrameReader, topic: str, timeout: float = 5.0) -> list:
     """Frames read up to and including the first on ``topic`` ([] if it never came)."""
     seen = []
@@ -255,14 +261,14 @@ def test_a_request_whose_ttl_ran_out_before_dispatch_is_skipped(tcp, dispatch, c
 def test_frames_over_the_clients_limit_are_dropped_for_that_client_only(tcp, caplog):
     server = tcp.server()
     small = raw_connect(server.port)
-    _hello(small, ["interest"], max_frame_size=300)
+    _hello(small, ["interest", "flush"], max_frame_size=300)
     small.sendall(frame({"topic": "$interest", "payload": {"add": ["big.*"]}}))
     reader = FrameReader(small)
+    _applied(small, reader)
     other = tcp.client(server.port)
     got = []
     other.subscribe("big.*", got.append)
-    assert wait_until(lambda: server.stats["handshake_peers"] == 2)
-    time.sleep(0.2)  # let both $interest frames be applied (no flush on a raw socket)
+    assert other.flush(5.0)
     with caplog.at_level(logging.WARNING, logger="eventforge"):
         server.send(ef.Message("big.one", "x" * 400))
         server.send(ef.Message("big.two", "y"))
@@ -285,14 +291,15 @@ def test_a_globstar_subscriber_gets_no_other_clients_replies(tcp):
     snooped = []
     snoop_client.subscribe("**", snooped.append)
     with raw_connect(server.port) as raw_snoop, raw_connect(server.port) as frame_only:
-        handshake(raw_snoop, ["interest", "reply"])
+        handshake(raw_snoop, ["interest", "reply", "flush"])
         raw_snoop.sendall(frame({"topic": "$interest",
                                  "payload": {"add": ["**", "_reply.*", "_rpc_reply.**"]}}))
         raw_reader = FrameReader(raw_snoop)
         frame_reader = FrameReader(frame_only)
         frame_only.sendall(message_frame("hello.there", "I am frame-only"))
         assert wait_until(lambda: server.stats["frame_peers"] == 1)
-        time.sleep(0.2)  # let the $interest frames be applied
+        _applied(raw_snoop, raw_reader)
+        assert snoop_client.flush(5.0)
         with ef.MessageQueue(transport=tcp.client(server.port)) as asker:
             for i in range(5):
                 assert asker.request("svc.echo", i, timeout=5.0).payload == i
@@ -322,11 +329,12 @@ def test_a_globstar_subscriber_gets_no_other_clients_replies(tcp):
 def test_a_peer_naming_the_exact_inbox_topic_gets_it(tcp):
     server = tcp.server()
     with raw_connect(server.port) as sock:
-        handshake(sock, ["interest"])
+        handshake(sock, ["interest", "flush"])
         sock.sendall(frame({"topic": "$interest", "payload": {"add": ["_rpc_reply.abc"]}}))
-        time.sleep(0.2)  # let the $interest be applied
+        reader = FrameReader(sock)
+        _applied(sock, reader)
         server.send(ef.Message("_rpc_reply.abc", "for you"))
-        got = FrameReader(sock).read_message(5.0)
+        got = reader.read_message(5.0)
         assert (got["topic"], got["payload"]) == ("_rpc_reply.abc", "for you")
 
 
