@@ -406,3 +406,24 @@ def test_client_publishes_without_subscribers_never_fail_on_the_server(tcp, capl
     assert len(caplog.records) <= 2  # logged once per topic per interval, not per message
     assert wait_until(lambda: client.stats["pending"] == 0)  # and every frame acknowledged
     assert server.receive("nobody.listens", timeout=0).payload == 2000
+
+
+@pytest.mark.parametrize("dispatch", MODES)
+def test_close_from_a_server_handler_in_every_mode(tcp, dispatch):
+    server = tcp.server(dispatch=dispatch)
+    port = server.port
+    handled, closed = [], threading.Event()
+
+    def handler(message):
+        handled.append(message.payload)
+        if message.payload == 0:
+            server.close(timeout=1.0)
+            closed.set()
+
+    server.subscribe("stop", handler)
+    client = tcp.client(port, reconnect=False)
+    for i in range(50):
+        client.send(ef.Message("stop", i))
+    assert closed.wait(5)
+    assert wait_until(lambda: _server_threads(port) == [])
+    assert server.closed and handled[0] == 0
