@@ -85,7 +85,7 @@ def test_a_backlog_survives_graceful_close_and_restart(tcp, dispatch):
     started = time.monotonic()
     server.close(timeout=1.0)
     took = time.monotonic() - started
-    assert took < 1.0 + 2.0, f"close(timeout=1.0) took {took:.2f} s"
+    assert took < 1.0 + 4.0, f"close(timeout=1.0) took {took:.2f} s"  # generous slack
     assert _server_threads(port) == [], "close() left a server thread running"
     assert len(first) < total, "the backlog was too small to test anything"
 
@@ -109,13 +109,9 @@ def test_acknowledgements_count_handled_frames_not_read_ones(tcp, dispatch):
     _hello(sock, ["ack"])
     reader = FrameReader(sock)
     sock.sendall(message_frame("free", 1) + message_frame("held", 2) + message_frame("free", 3))
-    acks = []
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
-        got = reader.read(max(0.0, deadline - time.monotonic()))
-        if got is not None and got["topic"] == "$ack":
-            acks.append(got["payload"]["n"])
-    assert acks == [1], acks  # the first frame is handled, the second is not
+    first = _read_until(reader, "$ack")
+    assert first and first[-1]["payload"]["n"] == 1  # the first frame is handled ...
+    assert reader.read(0.3) is None  # ... the second is not, so nothing more is acknowledged
     gate.set()
     final = _read_until(reader, "$ack")
     assert final and final[-1]["payload"]["n"] == 3
@@ -133,10 +129,11 @@ def test_close_with_a_blocked_handler_returns_within_its_timeout(tcp, caplog):
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="eventforge"):
         server.close(timeout=0.5)
-    assert time.monotonic() - started < 0.5 + 2.0
+    assert time.monotonic() - started < 0.5 + 4.0  # generous slack
     assert server.stats["unhandled_at_close"] == 1
     assert "still running after close()" in caplog.text  # the blocked handler is named
     release.set()
+    client.close(timeout=0.5)  # its unacknowledged frame has nowhere to go
 
 
 # -- 2. dispatch survives anything ---------------------------------------------------------
@@ -421,9 +418,10 @@ def test_close_from_a_server_handler_in_every_mode(tcp, dispatch):
             closed.set()
 
     server.subscribe("stop", handler)
-    client = tcp.client(port, reconnect=False)
+    client = tcp.client(port)  # it keeps its frames and reconnects after the close
     for i in range(50):
         client.send(ef.Message("stop", i))
     assert closed.wait(5)
     assert wait_until(lambda: _server_threads(port) == [])
     assert server.closed and handled[0] == 0
+    client.close(timeout=0.5)  # its unacknowledged frames have nowhere to go
