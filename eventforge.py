@@ -89,6 +89,7 @@ __all__ = [
     "FrameDecoder",
     # transports
     "INBOX_PREFIXES",
+    "DEFAULT_MAX_BUFFERED",
     "Transport",
     "Inbox",
     "MemoryTransport",
@@ -100,6 +101,7 @@ __all__ = [
     # remote
     "RemoteQueue",
     # queues
+    "TTL_HEADER",
     "MessageQueue",
     # execution
     "ExecutionMode",
@@ -123,6 +125,54 @@ __all__ = [
 
 logger = logging.getLogger("eventforge")
 logger.addHandler(logging.NullHandler())
+
+
+def _logging_configured() -> bool:
+    """True if the application gave the ``eventforge`` logger somewhere to go:
+    a handler of its own (other than our NullHandler) or on an ancestor it
+    propagates to, the root logger included."""
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        for handler in current.handlers:
+            if not isinstance(handler, logging.NullHandler):
+                return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Re-raise Ctrl-C and ``sys.exit()`` on the main thread; anywhere else
+    they (like every other exception from user code) fail only that call."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) and (
+        threading.current_thread() is threading.main_thread()
+    ):
+        raise exc
+
+
+def _report_unhandled(summary: str, exc: BaseException) -> None:
+    """Show an error nobody asked to handle, once, with its traceback.
+
+    With logging configured by the application it is logged at ERROR on the
+    ``eventforge`` logger; otherwise it is printed to stderr, as
+    ``threading.excepthook`` and asyncio do, so it is never silently lost.
+    """
+    exc_info = (type(exc), exc, exc.__traceback__)
+    if _logging_configured():
+        logger.error("%s", summary, exc_info=exc_info)
+        return
+    stream = sys.stderr
+    if stream is None:  # pythonw: nowhere to print
+        return
+    import traceback
+
+    try:
+        stream.write(f"eventforge: {summary}\n")
+        traceback.print_exception(*exc_info, file=stream)
+        stream.flush()
+    except Exception:  # a broken stderr must not break delivery
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -224,6 +274,13 @@ _TOPIC_RE = re.compile(rf"{_SEGMENT_CHARS}(?:\.{_SEGMENT_CHARS})*")
 _PATTERN_SEGMENT_RE = re.compile(rf"{_SEGMENT_CHARS}|\*|\*\*")
 _FORBIDDEN_CHAR_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
+#: Topics with these prefixes are request inboxes.  They are private to the
+#: requester: no wildcard pattern matches them (as MQTT's ``#`` never matches
+#: ``$`` topics), only an exact subscription does.  A message sent to one that
+#: nobody awaits (a late reply after a timeout) is dropped and counted, never
+#: buffered, so abandoned requests leave no state behind.
+INBOX_PREFIXES = ("_reply.", "_rpc_reply.")
+
 # User topics (never '$' ones) already validated: the publish path pays
 # one dict lookup.  Cleared when full.
 _VALID_TOPICS: Dict[str, bool] = {}
@@ -309,9 +366,15 @@ def is_pattern(text: str) -> bool:
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
-    """Return True if the concrete ``topic`` matches the subscription ``pattern``."""
+    """Return True if the concrete ``topic`` matches the subscription ``pattern``.
+
+    A pattern with a wildcard never matches an inbox topic (one starting
+    with a prefix of :data:`INBOX_PREFIXES`): replies are private.
+    """
     if "*" not in pattern:
         return pattern == topic
+    if topic.startswith(INBOX_PREFIXES):
+        return False
     return _segments_match(pattern.split("."), topic.split("."))
 
 
@@ -364,6 +427,7 @@ class SubscriptionTrie:
 
     Values are returned in the order they were added.  Every transport,
     including the adapters in ``eventforge_ext``, uses this one matcher.
+    Inbox topics (:data:`INBOX_PREFIXES`) match exact patterns only.
     """
 
     def __init__(self, cache_size: int = 2048) -> None:
@@ -478,6 +542,8 @@ class SubscriptionTrie:
             return found
 
     def _match_locked(self, topic: str) -> Tuple[Any, ...]:
+        if topic.startswith(INBOX_PREFIXES):
+            return self._match_exact(topic)
         states = self._closure([self._root])
         for segment in topic.split("."):
             step: List[_TrieNode] = []
@@ -499,6 +565,16 @@ class SubscriptionTrie:
         if not hits:
             return ()
         hits.sort(key=_first)
+        return tuple(value for _, value in hits)
+
+    def _match_exact(self, topic: str) -> Tuple[Any, ...]:
+        # Literal children only: no '*' or '**' edge is ever followed.
+        node: Optional[_TrieNode] = self._root
+        for segment in topic.split("."):
+            node = node.children.get(segment)  # type: ignore[union-attr]
+            if node is None:
+                return ()
+        hits = sorted(node.entries.values(), key=_first)  # type: ignore[union-attr]
         return tuple(value for _, value in hits)
 
     @staticmethod
@@ -572,11 +648,16 @@ _ISO_RE = re.compile(
 )
 
 
+_MIN_EPOCH = -62135596800  # 0001-01-01T00:00:00Z
+_MAX_EPOCH = 253402300800  # 10000-01-01T00:00:00Z, excluded
+_LAST_EPOCH_FLOAT = 253402300799.99997  # the largest float below it, near enough
+
+
 def _parse_timestamp(value: Any) -> float:
     """Turn a wire timestamp (ISO 8601 string or epoch seconds) into epoch seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # Years 1-9999 (what datetime can hold); also refuses NaN and infinities.
-        if not -62135596800 <= value < 253402300800:
+        if not _MIN_EPOCH <= value < _MAX_EPOCH:
             raise FrameError(f"timestamp {value!r} is not epoch seconds in the years 1-9999")
         return float(value)
     if isinstance(value, str):
@@ -601,7 +682,12 @@ def _parse_timestamp(value: Any) -> float:
                     raise ValueError
             except (ValueError, OverflowError):
                 raise FrameError(f"timestamp {value!r} is not a valid date and time") from None
-            return base + fraction - offset
+            whole = base - offset
+            # An offset can push 0001-01-01 or 9999-12-31 out of what a datetime holds.
+            if not _MIN_EPOCH <= whole < _MAX_EPOCH:
+                raise FrameError(f"timestamp {value!r} is outside the years 1-9999 in UTC")
+            # Near year 9999 a float rounds the last microseconds up to 10000.
+            return min(whole + fraction, _LAST_EPOCH_FLOAT)
     raise FrameError(
         f"timestamp must be an ISO 8601 string or epoch seconds, not {value!r:.80}"
     )
@@ -858,7 +944,9 @@ def _dumps(obj: Any) -> str:
         return _encoder.encode(obj)
     except SerializationError:
         raise
-    except ValueError as exc:  # NaN / Infinity, circular references
+    except ValueError as exc:  # NaN / Infinity, circular references, huge ints
+        if _is_int_digits_error(exc):
+            raise SerializationError(f"payload has {_int_limit_text()}") from None
         raise SerializationError(f"payload is not valid JSON: {exc}") from None
     except RecursionError:
         raise SerializationError("payload is nested too deeply to encode") from None
@@ -914,8 +1002,24 @@ def decode(body: Any) -> Message:
     except RecursionError:
         raise FrameError("frame JSON is nested too deeply") from None
     except ValueError as exc:
+        if _is_int_digits_error(exc):
+            raise FrameError(f"frame has {_int_limit_text()}") from None
         raise FrameError(f"frame is not valid JSON: {exc}") from None
     return _message_from_dict(obj)
+
+
+def _is_int_digits_error(exc: ValueError) -> bool:
+    # Python 3.11+ (and security releases of 3.9/3.10) refuse to convert
+    # integers of more than sys.get_int_max_str_digits() decimal digits.
+    return "integer string conversion" in str(exc)
+
+
+def _int_limit_text() -> str:
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    return (
+        f"an integer of more than {limit} decimal digits, the limit of this Python "
+        "(sys.set_int_max_str_digits); send larger numbers as strings"
+    )
 
 
 def _optional_str(obj: Dict[str, Any], key: str) -> Optional[str]:
@@ -952,7 +1056,9 @@ def _message_from_dict(obj: Any) -> Message:
         match = _ISO_RE.fullmatch(ts)
         if match is None:
             raise FrameError(f"frame timestamp {ts!r:.80} is not ISO 8601")
-        if match.group(3) > "28":  # e.g. 2023-02-29: reject now, not when read
+        # Days 29-31 need a calendar (2023-02-29), and an offset can push the
+        # first or last year out of range: check those now, not when read.
+        if match.group(3) > "28" or match.group(1) in ("0001", "9999"):
             _parse_timestamp(ts)
     elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
@@ -1021,10 +1127,8 @@ class FrameDecoder:
 # 4. Transports: the ABC and the in-memory transport
 # ---------------------------------------------------------------------------
 
-#: Topics with these prefixes are request inboxes.  A message sent to one
-#: that nobody awaits (a late reply after a timeout) is dropped and counted,
-#: never buffered, so abandoned requests leave no state behind.
-INBOX_PREFIXES = ("_reply.", "_rpc_reply.")
+#: Default cap on unclaimed messages a MemoryTransport keeps over all topics.
+DEFAULT_MAX_BUFFERED = 10_000
 
 
 def _resolve_future(future: Any) -> None:
@@ -1134,7 +1238,8 @@ class Inbox:
     A request opens an inbox on its reply topic, sends, then waits with
     :meth:`get` or :meth:`get_async`; a reply that arrives before the wait
     starts is kept.  Close it (or use ``with``) to withdraw the interest.
-    At most ``maxsize`` messages are held; extra ones are dropped and logged.
+    At most ``maxsize`` messages are held; extra ones are dropped, counted
+    in :attr:`dropped` and logged once.
     """
 
     def __init__(
@@ -1169,7 +1274,9 @@ class Inbox:
                 self._messages.append(message)
             else:
                 self.dropped += 1
-                logger.warning("inbox %r is full; dropped message %s", self.topic, message.id)
+                if self.dropped == 1:  # once per inbox, never a line per message
+                    logger.warning("inbox %r holds maxsize=%d messages; dropping newer ones "
+                                   "(counted in .dropped)", self.topic, self.maxsize)
 
     def _requeue(self, message: Message) -> None:
         with self._lock:
@@ -1296,7 +1403,7 @@ class Transport(abc.ABC):
         def deliver(message: Message) -> None:
             try:
                 handler(message)
-            except Exception as exc:
+            except BaseException as exc:  # any failure is that call's only
                 on_error(handler, message, exc)
 
         return self.subscribe(topic, deliver)
@@ -1335,8 +1442,14 @@ def _count_value(counter: Any) -> int:
     return int(repr(counter)[6:-1])  # "count(42)"; pickling support is deprecated
 
 
+#: A callback carrying this attribute (set to True) still gets the messages
+#: matched for it before it was unsubscribed, e.g. requests a TCP server had
+#: read but not yet dispatched: RPCServer.stop() answers what it received.
+_FINISH_QUEUED = "_eventforge_finish_queued"
+
+
 class _Subscription:
-    __slots__ = ("id", "pattern", "callback", "on_error", "active")
+    __slots__ = ("id", "pattern", "callback", "on_error", "active", "finish_queued")
 
     def __init__(
         self,
@@ -1350,6 +1463,7 @@ class _Subscription:
         self.callback = callback
         self.on_error = on_error
         self.active = True
+        self.finish_queued = getattr(callback, _FINISH_QUEUED, False) is True
 
 
 def _callable_name(func: Any) -> str:
@@ -1373,25 +1487,43 @@ class MemoryTransport(Transport):
     exception is logged and counted and never reaches the sender.
 
     A message nobody subscribed to or is receiving waits in its topic's
-    mailbox (FIFO, at most ``max_queue_size``; a full mailbox makes ``send``
-    raise TransportFullError).  Drained mailboxes are removed, and messages
-    to inbox topics nobody awaits are dropped, so nothing accumulates.
+    mailbox for a later :meth:`receive`: a bounded retention buffer of at
+    most ``max_queue_size`` messages per topic and ``max_buffered`` over all
+    topics.  Past either bound the *oldest* unclaimed message is dropped,
+    counted in :attr:`stats` and logged (at most once per topic per
+    ``drop_log_interval`` seconds), so ``send`` never fails for lack of a
+    subscriber.  Emptied mailboxes are removed, and messages to inbox topics
+    nobody awaits are dropped at once, so one-off topics leave nothing behind.
     """
 
-    def __init__(self, max_queue_size: int = 1000) -> None:
-        if not isinstance(max_queue_size, int) or max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be a positive int, not {max_queue_size!r}")
+    #: Seconds between two log lines about drops on the same topic.
+    drop_log_interval = 60.0
+    _DROP_LOG_TOPICS = 20  # distinct topics logged per interval, at most
+
+    def __init__(
+        self, max_queue_size: int = 1000, *, max_buffered: int = DEFAULT_MAX_BUFFERED
+    ) -> None:
+        for name, value in (("max_queue_size", max_queue_size), ("max_buffered", max_buffered)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
         self.max_queue_size = max_queue_size
+        self.max_buffered = max_buffered
         self._lock = threading.Lock()
         self._subscriptions = SubscriptionTrie()
-        self._mailboxes: Dict[str, Deque[Message]] = {}
+        # Each mailbox holds (sequence, message); _order maps every retained
+        # sequence number to its topic, oldest first, for the total cap.
+        self._mailboxes: Dict[str, Deque[Tuple[int, Message]]] = {}
+        self._order: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._seq = itertools.count()
         self._waiters: Dict[str, Deque[_Waiter]] = {}
         self._inboxes: Dict[str, Inbox] = {}
         self._sub_ids = itertools.count(1)
         self._closed = False
         self._sent = itertools.count()  # next() is atomic: no lock on the fast path
         self._handler_errors = 0
-        self._dropped = 0
+        self._drops = {"topic_full": 0, "buffer_full": 0, "no_inbox": 0}
+        self._drop_log_since = -1e9  # monotonic start of the current log interval
+        self._drop_logged: Dict[str, int] = {}  # topics logged since _drop_log_since
 
     @property
     def closed(self) -> bool:
@@ -1422,19 +1554,22 @@ class MemoryTransport(Transport):
             if subscription.active:
                 try:
                     subscription.callback(message)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._handler_failed(subscription, message, exc)
 
     def _run_subscriptions(self, subscriptions: Tuple[Any, ...], message: Message) -> None:
         """Call each still-active subscription; failures go to _handler_failed.
 
-        The TCP transports deliver network messages through this.
+        The TCP transports deliver network messages through this, on their
+        dispatch threads, which must survive whatever a handler raises
+        (``asyncio.CancelledError``, ``SystemExit`` ... included): it is a
+        failure of that call only.
         """
         for subscription in subscriptions:
             if subscription.active:
                 try:
                     subscription.callback(message)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._handler_failed(subscription, message, exc)
 
     def _hand_over(self, topic: str, message: Message) -> bool:
@@ -1456,37 +1591,82 @@ class MemoryTransport(Transport):
         return False
 
     def _keep(self, topic: str, message: Message) -> None:
-        # Called with self._lock held, for a message nobody took.
+        # Called with self._lock held, for a message nobody took: retain it,
+        # dropping the oldest past either bound.  Never raises.
         if topic.startswith(INBOX_PREFIXES):
-            self._dropped += 1
+            self._drops["no_inbox"] += 1
             logger.debug("dropped %s on %r: nobody awaits that reply", message.id, topic)
             return
+        seq = next(self._seq)
         mailbox = self._mailboxes.get(topic)
         if mailbox is None:
-            self._mailboxes[topic] = collections.deque((message,))
-        elif len(mailbox) < self.max_queue_size:
-            mailbox.append(message)
+            self._mailboxes[topic] = collections.deque(((seq, message),))
         else:
-            raise TransportFullError(
-                f"mailbox of {topic!r} holds max_queue_size={self.max_queue_size} "
-                "unconsumed messages; receive from it or subscribe"
-            )
+            if len(mailbox) >= self.max_queue_size:
+                del self._order[mailbox.popleft()[0]]
+                self._dropped_oldest(topic, "topic_full")
+            mailbox.append((seq, message))
+        order = self._order
+        order[seq] = topic
+        if len(order) > self.max_buffered:
+            oldest_topic = order.popitem(last=False)[1]
+            oldest_box = self._mailboxes[oldest_topic]
+            oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
+            if not oldest_box:
+                del self._mailboxes[oldest_topic]
+            self._dropped_oldest(oldest_topic, "buffer_full")
+
+    def _dropped_oldest(self, topic: str, reason: str) -> None:
+        # Count a drop; log it at most once per topic (and a few topics) per interval.
+        self._drops[reason] += 1
+        now = time.monotonic()
+        logged = self._drop_logged
+        if now - self._drop_log_since >= self.drop_log_interval:
+            self._drop_log_since = now
+            logged.clear()
+        if topic in logged or len(logged) >= self._DROP_LOG_TOPICS:
+            return
+        logged[topic] = 1
+        if reason == "topic_full":
+            why = f"its mailbox holds max_queue_size={self.max_queue_size}"
+        else:
+            why = f"all mailboxes together hold max_buffered={self.max_buffered}"
+        logger.warning(
+            "dropped the oldest unclaimed message on %r: %s and nobody subscribed or "
+            "received (drops are counted in stats, logged at most every %g s per topic)",
+            topic, why, self.drop_log_interval,
+        )
+
+    def _unkeep(self, topic: str) -> List[Message]:
+        # Called with self._lock held: take a topic's whole mailbox.
+        mailbox = self._mailboxes.pop(topic, ())
+        order = self._order
+        for seq, _ in mailbox:
+            del order[seq]
+        return [message for _, message in mailbox]
+
+    def _drain_mailbox(self, topic: str) -> List[Message]:
+        """Remove and return every message kept for ``topic``, oldest first."""
+        with self._lock:
+            return self._unkeep(topic)
 
     def _handler_failed(
-        self, subscription: _Subscription, message: Message, exc: Exception
+        self, subscription: _Subscription, message: Message, exc: BaseException
     ) -> None:
+        _reraise_interrupt(exc)
         if subscription.on_error is not None:
-            subscription.on_error(subscription.callback, message, exc)
-            return
+            try:
+                subscription.on_error(subscription.callback, message, exc)
+                return
+            except BaseException as hook_exc:  # report it; never propagate
+                _reraise_interrupt(hook_exc)
+                exc = hook_exc
         with self._lock:
             self._handler_errors += 1
-        logger.error(
-            "subscriber %s on %r failed for message %s on %r",
-            _callable_name(subscription.callback),
-            subscription.pattern,
-            message.id,
-            message.topic,
-            exc_info=True,
+        _report_unhandled(
+            f"subscriber {_callable_name(subscription.callback)} on {subscription.pattern!r} "
+            f"failed for message {message.id} on {message.topic!r}",
+            exc,
         )
 
     def _take(
@@ -1495,7 +1675,8 @@ class MemoryTransport(Transport):
         # Called with self._lock held: pop from the mailbox or register a waiter.
         mailbox = self._mailboxes.get(topic)
         if mailbox:
-            message = mailbox.popleft()
+            seq, message = mailbox.popleft()
+            del self._order[seq]
             if not mailbox:
                 del self._mailboxes[topic]
             return message, None
@@ -1524,10 +1705,13 @@ class MemoryTransport(Transport):
             with self._lock:
                 if self._closed or self._hand_over(topic, message):
                     return
-                if topic.startswith(INBOX_PREFIXES):
-                    self._dropped += 1
-                    return
-                self._mailboxes.setdefault(topic, collections.deque()).appendleft(message)
+                # Kept again, and put back at the front: it was its topic's oldest.
+                self._keep(topic, message)
+                mailbox = self._mailboxes.get(topic)
+                if mailbox and mailbox[-1][1] is message:
+                    entry = mailbox.pop()
+                    mailbox.appendleft(entry)
+                    self._order.move_to_end(entry[0], last=False)
 
         return requeue
 
@@ -1593,7 +1777,8 @@ class MemoryTransport(Transport):
         subscription = self._subscriptions.pop(subscription_id)
         if subscription is None:
             return False
-        subscription.active = False
+        if not subscription.finish_queued:
+            subscription.active = False
         return True
 
     def open_inbox(self, topic: str) -> Inbox:
@@ -1607,7 +1792,7 @@ class MemoryTransport(Transport):
             if topic in self._inboxes:
                 raise ValueError(f"an inbox for {topic!r} is already open")
             self._inboxes[topic] = inbox
-            for message in self._mailboxes.pop(topic, ()):
+            for message in self._unkeep(topic):
                 inbox.put(message)
         return inbox
 
@@ -1626,6 +1811,7 @@ class MemoryTransport(Transport):
             inboxes = list(self._inboxes.values())
             self._waiters.clear()
             self._mailboxes.clear()
+            self._order.clear()
             self._inboxes.clear()
             for waiter in waiters:
                 waiter.fulfil(None)
@@ -1635,15 +1821,25 @@ class MemoryTransport(Transport):
 
     @property
     def stats(self) -> Dict[str, int]:
-        """Counters (sent, handler_errors, dropped) and current sizes."""
+        """Counters and current sizes.
+
+        ``dropped`` is the sum of ``dropped_topic_full`` (a mailbox held
+        ``max_queue_size``), ``dropped_buffer_full`` (all mailboxes held
+        ``max_buffered``) and ``dropped_no_inbox`` (a reply nobody awaited);
+        ``buffered`` counts the unclaimed messages kept now.
+        """
         with self._lock:
+            drops = self._drops
             return {
                 "sent": _count_value(self._sent),
                 "handler_errors": self._handler_errors,
-                "dropped": self._dropped,
+                "dropped": sum(drops.values()),
+                "dropped_topic_full": drops["topic_full"],
+                "dropped_buffer_full": drops["buffer_full"],
+                "dropped_no_inbox": drops["no_inbox"],
                 "subscriptions": len(self._subscriptions),
                 "mailboxes": len(self._mailboxes),
-                "buffered": sum(len(m) for m in self._mailboxes.values()),
+                "buffered": len(self._order),
                 "receivers": sum(len(w) for w in self._waiters.values()),
                 "inboxes": len(self._inboxes),
             }
@@ -1692,7 +1888,8 @@ PROTOCOL_VERSION = 1
 #: Default TCP port of the original eventforge.
 DEFAULT_TCP_PORT = 9090
 
-_FEATURES = frozenset(("interest", "ack", "ping", "reply"))
+_FEATURES = frozenset(("interest", "ack", "ping", "reply", "flush"))
+_PROGRESS_FEATURES = frozenset(("ack", "flush"))  # the server tracks which frames were handled
 _HANDSHAKE_MAX_FRAME = 4096  # read cap before a secret-protected peer has authenticated
 _AUTH_LABEL_CLIENT = b"eventforge-v1 client"
 _AUTH_LABEL_SERVER = b"eventforge-v1 server"
@@ -1713,9 +1910,10 @@ _conn_ids = itertools.count(1)
 # Counters always present in TCPServerTransport.stats (each refusal has its own).
 _SERVER_COUNTERS = (
     "accepted", "refused_connections", "accept_errors", "disconnects", "messages_in",
-    "messages_out", "bytes_in", "mailbox_full", "frame_errors", "oversize_frames",
+    "messages_out", "bytes_in", "frame_errors", "oversize_frames",
     "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
     "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
+    "expired", "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
 )
 _CLIENT_COUNTERS = (
     "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
@@ -1723,9 +1921,6 @@ _CLIENT_COUNTERS = (
     "oversize_frames", "protocol_errors", "too_large", "refused", "withdrawn", "expired",
     "failed_requests",
 )
-# What our client asks for in $hello: the server's features plus the ones
-# only the client side needs to know about.
-_CLIENT_FEATURES = _FEATURES | frozenset(("flush",))
 # A frame that was the oldest unacknowledged one on this many connections
 # that all broke is taken as refused by the server and dropped.
 _MAX_SEND_ATTEMPTS = 3
@@ -1743,6 +1938,48 @@ _HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
 _REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
 _CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
 _perf_counter = time.perf_counter
+_monotonic = time.monotonic
+_NO_PEER_LIMIT = 1 << 32  # a peer that named no max_frame_size: the length prefix's own bound
+_MAX_FLUSHES = 1024  # $flush requests one connection may have waiting
+_TTL_HEADER = "_ttl_ms"
+# A server handler call: (subscriptions, message, expiry or 0.0, connection read from).
+_Call = Tuple[Tuple[Any, ...], Message, float, Any]
+
+
+def _ttl_expiry(value: Any) -> float:
+    """The monotonic deadline of a request whose ``_ttl_ms`` header is ``value``, or 0.0."""
+    if type(value) is int and value >= 0:
+        return _monotonic() + value / 1000.0
+    return 0.0  # absent or malformed: no deadline
+
+
+class _LogLimiter:
+    """Logs a recurring event at most once per ``interval`` seconds, with a count.
+
+    For events a peer can repeat at will (a dropped frame, an expired
+    request): one line per interval says how many there were, so the log
+    stays readable and cheap.  Races between threads cost at most a line.
+    """
+
+    __slots__ = ("interval", "level", "_next", "_skipped")
+
+    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
+        self.interval = interval
+        self.level = level
+        self._next = 0.0
+        self._skipped = 0
+
+    def log(self, msg: str, *args: Any) -> None:
+        now = _monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg += " (%d more since the last such line)"
+            args += (self._skipped,)
+        self._skipped = 0
+        self._next = now + self.interval
+        logger.log(self.level, msg, *args)
 
 
 def _control_frame(topic: str, payload: Dict[str, Any]) -> bytes:
@@ -1766,12 +2003,14 @@ def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
         obj = _decoder.decode(body.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if type(obj) is not dict or len(obj) != 2:
+    # Exactly these two keys: any other key (an id, a timestamp ...) must be
+    # checked by decode(), which may refuse the frame.
+    if type(obj) is not dict or len(obj) != 2 or "payload" not in obj:
         return None
-    topic = obj.get("topic")
+    topic = obj["topic"]
     if type(topic) is not str or not _TOPIC_RE.fullmatch(topic) or len(topic) > 64:
         return None
-    return topic, obj.get("payload")
+    return topic, obj["payload"]
 
 
 _json_string = json.JSONEncoder(ensure_ascii=False).encode
@@ -1888,6 +2127,7 @@ class _Connection:
         "ping_sent", "received", "acked", "interest", "events", "paused",
         "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
         "pending", "running", "queued", "caller_reading", "poller",
+        "finished", "waiting", "counted", "peer_max_frame", "flushes",
     )
 
     def __init__(
@@ -1931,11 +2171,20 @@ class _Connection:
         # dispatch="leader": handler calls not run yet, in arrival order; a
         # connection is run by one thread at a time (running), and waits in
         # the server's ready queue (queued) while no thread runs it.
-        self.pending: Optional[Deque[Tuple[Tuple[Any, ...], Message]]] = None
+        self.pending: Optional[Deque[Any]] = None
         self.running = False
         self.queued = False
         self.caller_reading = False  # client: a waiting caller reads the socket itself
         self.poller: Any = None
+        # Server, "acknowledge after handling": the numbers of the frames read
+        # whose handler calls had not finished when last looked (loop thread
+        # only), how many of those were since seen finished, and the finished
+        # calls (counted by whichever thread ran them; one at a time).
+        self.waiting: Optional[Deque[int]] = None  # set for peers with "ack" or "flush"
+        self.counted = 0
+        self.finished = 0
+        self.peer_max_frame = _NO_PEER_LIMIT  # the largest frame the peer accepts
+        self.flushes: Optional[Deque[Tuple[int, Any]]] = None  # ($flush seq, id) waiting
 
     def set_events(self, selector: Any, paused: bool = False) -> bool:
         """Register the events this connection now waits for; False if unchanged.
@@ -2166,15 +2415,18 @@ class _Dispatcher:
     in place (until its timeout, if its reply needs the queue).
     """
 
-    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None]) -> None:
+    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None],
+                 run: Optional[Callable[..., None]] = None) -> None:
         self.name = name
         self._local = local
         self._on_low = on_low
+        # Called with each item's fields; by default items are (subscriptions, message).
+        self._call = run if run is not None else local._run_subscriptions
         self._mutex = threading.Lock()
         self._signal = threading.Lock()
         self._signal.acquire()
-        self._items: Deque[Tuple[Tuple[Any, ...], Message]] = collections.deque()
-        self._batch: Deque[Tuple[Tuple[Any, ...], Message]] = collections.deque()
+        self._items: Deque[Tuple[Any, ...]] = collections.deque()
+        self._batch: Deque[Tuple[Any, ...]] = collections.deque()
         self._thread: Optional[threading.Thread] = None  # the one dispatching now
         self._threads: List[threading.Thread] = []  # every one started and maybe alive
         self._sleeping = False
@@ -2192,7 +2444,7 @@ class _Dispatcher:
         self._threads.append(thread)
         thread.start()
 
-    def put_many(self, items: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def put_many(self, items: List[Tuple[Any, ...]]) -> None:
         wake = False
         with self._mutex:
             if self._stopping:
@@ -2245,12 +2497,15 @@ class _Dispatcher:
             if batch is None:
                 self._signal.acquire()
                 continue
-            run = self._local._run_subscriptions
+            call = self._call
             done = 0
             while batch:
-                subscriptions, message = batch.popleft()
-                run(subscriptions, message)
+                item = batch.popleft()
                 done += 1
+                try:
+                    call(*item)
+                except BaseException:  # whatever user code raised, this thread goes on
+                    logger.exception("%s: a handler call failed", self.name)
             with mutex:
                 self.backlog -= done
                 resume = self.high and self.backlog < _DISPATCH_LOW_WATER
@@ -2270,9 +2525,12 @@ class _Dispatcher:
             time.sleep(0.002)
         return True
 
-    def stop(self, timeout: float) -> None:
-        """Deliver what is queued (up to ``timeout``), then end the threads."""
-        deadline = time.monotonic() + timeout
+    def stop(self, timeout: float) -> int:
+        """Deliver what is queued (up to ``timeout`` in all), then end the threads.
+
+        Returns how many queued items were dropped, not run.
+        """
+        deadline = _monotonic() + timeout
         self.drain(timeout)
         with self._mutex:
             self._stopping = True
@@ -2289,7 +2547,8 @@ class _Dispatcher:
         current = threading.current_thread()
         for thread in threads:
             if thread is not current:
-                thread.join(max(0.0, deadline - time.monotonic()) + 0.5)
+                thread.join(max(0.0, deadline - _monotonic()))
+        return dropped
 
 
 def _deliver_local(
@@ -2299,9 +2558,9 @@ def _deliver_local(
 
     The MemoryTransport delivery model minus running the callbacks, which the
     caller does inline or on a dispatcher.  ``taken`` says a remote peer
-    already took the message, so it is not kept in a mailbox.  Raises
-    TransportFullError if the mailbox is full and TransportClosedError after
-    close.
+    already took the message, so it is not kept in a mailbox.  A mailbox
+    past its bounds drops its oldest message; never raises TransportFullError.
+    Raises TransportClosedError after close.
     """
     topic = message.topic
     trie = local._subscriptions
@@ -2387,6 +2646,7 @@ class TCPServerTransport(Transport):
         backlog: int = 512,
         dispatch: str = "leader",
         max_handler_threads: int = 32,
+        allow_frame_only: bool = True,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
@@ -2435,14 +2695,21 @@ class TCPServerTransport(Transport):
         self.max_interest = max_interest
         self.backlog = backlog
         self._key = _secret_key(secret)
+        # Peers that never send $hello; a secret always refuses them.
+        self.allow_frame_only = bool(allow_frame_only) and self._key is None
         self.ssl_context = ssl_context
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
         self._listener: Any = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
-            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low
+            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low,
+            run=self._dispatch_call,
         )
+        self._discard = False  # closing: handler calls not started are skipped
+        self._reading = True  # False once close() stopped reading
+        self._expired_log = _LogLimiter()
+        self._oversize_log = _LogLimiter()
         self._conns: Dict[int, _Connection] = {}
         # Routing tables, written by the loop thread only, read by any thread
         # (values are replaced, never mutated: copy on write).
@@ -2511,49 +2778,73 @@ class TCPServerTransport(Transport):
         logger.info("tcp server listening on %s", _peer_name(self._address))
         return self
 
-    def close(self) -> None:
-        """Stop accepting and reading, deliver what was read, close every connection.
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting and reading, handle what was read, close every connection.
 
-        Messages already read are dispatched (for up to 5 seconds), acknowledged
-        and their replies flushed before the sockets close.  Safe to call twice
-        and from a handler.
+        The handler calls of frames already read go on running until
+        ``timeout`` (seconds) has nearly passed: a quarter of it, at most 1 s,
+        is kept for the rest.  Calls not started by then are skipped and their
+        frames never acknowledged, so a reconnecting client sends them again
+        (at-least-once).  Then what was handled is acknowledged, replies are
+        flushed, every connection is closed and every thread joined; close
+        returns within about ``timeout``.  Only a handler that is still
+        running at that point (it blocks) can outlive it; that is logged.
+        Safe to call twice and from a handler.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             loop = self._loop
-        if loop is not None and self._leader:
-            loop.call_soon(self._stop_reading)
-            self._reads_stopped.wait(5.0)
-            self._lf_drain(5.0)
-            loop.call_soon(self._shutdown)
-            self._loop_done.wait(5.0)
+        if loop is None:
+            self._dispatcher.stop(0)
+            self._local.close()
+            return
+        deadline = _monotonic() + timeout
+        handle_until = deadline - min(1.0, timeout / 4)
+        if self._inline and loop.in_loop():
+            # close() from a handler on the I/O thread: the rest of the batch it
+            # runs in cannot be waited for, so it is left unacknowledged.
+            self._stop_reading()
+            self._skip_unstarted()
+            self._shutdown(deadline)
+            self._local.close()
+            return  # the loop ends (and cleans up) when this handler returns
+        loop.call_soon(self._stop_reading)
+        if not self._drain(handle_until):
+            self._skip_unstarted()
+            self._drain(deadline)  # only calls still running remain: wait for them
+        loop.call_soon(lambda: self._shutdown(deadline))
+        self._join_threads(loop, deadline)
+        self._local.close()
+
+    def _skip_unstarted(self) -> None:
+        self._discard = True
+        left = self._backlog if self._leader else self._dispatcher.backlog
+        self._counts["unhandled_at_close"] += left
+        logger.warning("tcp server: closing; %d handler call(s) not started are skipped and "
+                       "their frames left unacknowledged (clients send them again)", left)
+
+    def _join_threads(self, loop: _Loop, deadline: float) -> None:
+        me = threading.current_thread()
+        if self._leader:
+            self._loop_done.wait(max(0.0, deadline - _monotonic()))
             with self._lf_lock:
                 self._lf_stop = True
                 threads = list(self._lf_threads)
                 if self._standby_asleep:
                     self._standby_asleep = False
                     self._standby_signal.release()
-            me = threading.current_thread()
-            deadline = time.monotonic() + 5.0
-            for thread in threads:
-                if thread is not me:
-                    thread.join(max(0.0, deadline - time.monotonic()))
-            if not self._loop_done.is_set():  # pragma: no cover - defensive
-                logger.error("tcp server: I/O loop did not stop within 5 s")
-        elif loop is not None:
-            loop.call_soon(self._stop_reading)
-            self._reads_stopped.wait(5.0)
-            self._dispatcher.stop(5.0)
-            loop.call_soon(self._shutdown)
-            if loop.thread is not None and loop.thread is not threading.current_thread():
-                loop.thread.join(5.0)
-                if loop.thread.is_alive():  # pragma: no cover - defensive
-                    logger.error("tcp server: I/O thread did not stop within 5 s")
         else:
-            self._dispatcher.stop(0)
-        self._local.close()
+            self._dispatcher.stop(max(0.0, deadline - _monotonic()))
+            threads = [loop.thread] if loop.thread is not None else []
+        for thread in threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - _monotonic()))
+        alive = [t.name for t in threads if t is not me and t.is_alive()]
+        if alive:
+            logger.error("tcp server: thread(s) %s still running after close(); a handler "
+                         "blocks", ", ".join(alive))
 
     # -- Transport API ------------------------------------------------------------
 
@@ -2635,6 +2926,13 @@ class TCPServerTransport(Transport):
         A message that went to any connection is not kept in a local mailbox.
         """
         targets = list(self._exact.get(topic, ()))
+        if topic.startswith(INBOX_PREFIXES):
+            # An inbox is private: it goes only to the connection whose request
+            # opened it, or that named this exact topic; no pattern matches it
+            # and frame-only peers do not get it.
+            if targets:
+                targets = [conn for conn in targets if not conn.closed]
+            return targets, bool(targets)
         if len(self._patterns):
             matched = self._patterns.match(topic)
             if matched:
@@ -2656,6 +2954,9 @@ class TCPServerTransport(Transport):
         return targets, bool(targets)
 
     def _push(self, conn: _Connection, frame: bytes) -> None:
+        if len(frame) - 4 > conn.peer_max_frame:
+            self._too_large_for(conn, frame)
+            return
         result = conn.enqueue(frame)
         if result == _OK:
             loop = self._loop
@@ -2680,6 +2981,15 @@ class TCPServerTransport(Transport):
                 f"max_outbound_bytes={self.max_outbound_bytes}",
             )
 
+    def _too_large_for(self, conn: _Connection, frame: bytes) -> None:
+        # Never send a peer more than the max_frame_size it announced in
+        # $hello: it would have to close the connection.  The frame is dropped
+        # for this peer only; the connection stays.
+        self._counts["oversize_for_peer"] += 1
+        self._oversize_log.log(
+            "tcp server: dropped a %d-byte frame for %s: over the max_frame_size=%d it accepts",
+            len(frame) - 4, conn.peer, conn.peer_max_frame)
+
     def _scheduled_flush(self, conn: _Connection) -> None:
         conn.scheduled = False
         if not conn.closed:
@@ -2700,6 +3010,9 @@ class TCPServerTransport(Transport):
             pending = self._fanout
             schedule = not pending
             for conn in targets:
+                if len(frame) - 4 > conn.peer_max_frame:
+                    self._too_large_for(conn, frame)
+                    continue
                 result = conn.enqueue(frame)
                 if result == _OK:
                     pending[conn.id] = conn
@@ -2788,7 +3101,7 @@ class TCPServerTransport(Transport):
                         try:
                             if mask & selectors.EVENT_WRITE:
                                 self._on_writable(obj)
-                            if mask & selectors.EVENT_READ and not obj.closed:
+                            if mask & selectors.EVENT_READ and not obj.closed and self._reading:
                                 self._on_readable(obj)
                         except Exception:
                             logger.exception("tcp server: internal error on %s", obj.peer)
@@ -2903,8 +3216,7 @@ class TCPServerTransport(Transport):
         self._spawn_standby()
         return True
 
-    def _queue_handlers(self, conn: _Connection,
-                        batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def _queue_handlers(self, conn: _Connection, batch: List[_Call]) -> None:
         # Loop thread: calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
         with self._lf_lock:
             pending = conn.pending
@@ -3003,26 +3315,96 @@ class TCPServerTransport(Transport):
         """
         me = threading.get_ident()
         lock = self._lf_lock
-        run = self._local._run_subscriptions
+        run = self._dispatch_call
         while call is not None:
             run(*call)
             with lock:
                 call = self._next_call(conn, me)
 
-    def _lf_drain(self, timeout: float) -> bool:
+    def _lf_drain(self, deadline: float) -> bool:
         """Wait until every handler call read so far has run (not counting our own)."""
         me = threading.get_ident()
-        deadline = time.monotonic() + timeout
         while True:
             with self._lf_lock:
                 others = sum(1 for ident in self._in_handlers if ident != me)
                 if not others and not self._ready:
                     return True
-            if time.monotonic() >= deadline:
-                logger.warning("tcp server: %d handler call(s) not finished at close",
-                               self._backlog)
+            if _monotonic() >= deadline:
                 return False
             time.sleep(0.002)  # only used while closing: polling is fine
+
+    # -- every dispatch mode --------------------------------------------------------
+
+    def _dispatch_call(self, subscriptions: Tuple[Any, ...], message: Message,
+                       expires: float, conn: _Connection) -> None:
+        """Run the local callbacks of one message read from ``conn``.
+
+        Whatever they raise is a failure of that call only (logged and
+        counted by the local delivery), never of the thread running it.  A
+        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
+        call that completes counts towards ``conn``'s acknowledgements; while
+        closing, calls not started are skipped *without* counting, so their
+        frames stay unacknowledged and the client sends them again.
+        """
+        if self._discard:
+            return
+        if expires and _monotonic() > expires:
+            self._counts["expired"] += 1
+            self._expired_log.log(
+                "tcp server: skipped request %s on %r from %s: its _ttl_ms ran out "
+                "before a handler was free", message.id, message.topic, conn.peer)
+        else:
+            try:
+                self._local._run_subscriptions(subscriptions, message)
+            except BaseException:  # an on_error hook failed: still this call's failure only
+                self._counts["internal_errors"] += 1
+                logger.exception("tcp server: error handler failed for %s", message.id)
+        conn.finished += 1
+
+    def _drain(self, deadline: float) -> bool:
+        """Wait until reads stopped and every handler call read so far has run."""
+        if not self._reads_stopped.wait(max(0.0, deadline - _monotonic())):
+            return False
+        if self._leader:
+            return self._lf_drain(deadline)
+        if not self._inline:
+            return self._dispatcher.drain(max(0.0, deadline - _monotonic()))
+        return True  # inline: the loop ran them before it stopped reading
+
+    def _handled_upto(self, conn: _Connection) -> int:
+        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
+
+        A frame is handled once it was routed on and its local callbacks ran
+        (or it had none); frames are handled in order.
+        """
+        waiting = conn.waiting
+        done = conn.finished - conn.counted
+        while done > 0 and waiting:
+            waiting.popleft()
+            conn.counted += 1
+            done -= 1
+        return waiting[0] - 1 if waiting else conn.received
+
+    def _report_progress(self, conn: _Connection) -> bool:
+        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
+
+        Loop thread.  True when nothing is left to report until it sends more.
+        """
+        handled = self._handled_upto(conn)
+        acks = "ack" in conn.features
+        if acks and handled != conn.acked:
+            conn.acked = handled
+            self._push(conn, _control_frame("$ack", {"n": handled}))
+        flushes = conn.flushes
+        while flushes and flushes[0][0] <= handled:
+            self._push(conn, _control_frame("$flushed", {"id": flushes.popleft()[1]}))
+        return not flushes and (handled == conn.received or not acks)
+
+    def _progress_due(self, conn: _Connection) -> None:
+        # Look at ``conn`` again within _ACK_DELAY (its handlers are still running).
+        if not self._ack_due:
+            self._ack_at = _monotonic() + _ACK_DELAY
+        self._ack_due[conn.id] = conn
 
     def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
         """Run a housekeeping step; a bug in it is logged, never kills the loop."""
@@ -3096,11 +3478,18 @@ class TCPServerTransport(Transport):
             conn = _Connection(sock, peer, limit, self.max_outbound_bytes, tls)
             self._conns[conn.id] = conn
             self._counts["accepted"] += 1
-            if not tls and self._key is None:
-                self._broadcast = self._broadcast + (conn,)
+            if not tls and self.allow_frame_only:
+                self._add_broadcast(conn)
             self._update_events(conn)
             if tls:
                 self._tls_handshake(conn)
+
+    def _add_broadcast(self, conn: _Connection) -> None:
+        # Until it sends $hello a peer may be an original (frame-only) client:
+        # it gets every routed message but inbox ones, and its requests'
+        # reply_to inboxes are routed to it (see _implicit_interest).
+        self._broadcast = self._broadcast + (conn,)
+        conn.implicit = True
 
     def _update_events(self, conn: _Connection) -> None:
         if conn.closed:
@@ -3126,8 +3515,8 @@ class TCPServerTransport(Transport):
         conn.state = _NEW
         conn.blocked = False
         self._update_events(conn)
-        if self._key is None:
-            self._broadcast = self._broadcast + (conn,)
+        if self.allow_frame_only:
+            self._add_broadcast(conn)
 
     def _on_writable(self, conn: _Connection) -> None:
         if conn.state == _TLS:
@@ -3175,7 +3564,7 @@ class TCPServerTransport(Transport):
             conn.frame_started = None
         elif bodies or conn.frame_started is None:
             conn.frame_started = now
-        batch: List[Tuple[Tuple[Any, ...], Message]] = []
+        batch: List[_Call] = []
         for body in bodies:
             if conn.closed:
                 break
@@ -3193,13 +3582,10 @@ class TCPServerTransport(Transport):
                 self._dispatcher.put_many(batch)
                 if self._dispatcher.high and not self._paused:
                     self._set_paused(True)
-        if conn.handshake and conn.received != conn.acked and "ack" in conn.features:
-            if conn.received - conn.acked >= _ACK_EVERY:
-                self._ack(conn)
-            else:
-                if not self._ack_due:
-                    self._ack_at = now + _ACK_DELAY
-                self._ack_due[conn.id] = conn
+        if conn.received != conn.acked and conn.handshake and "ack" in conn.features:
+            # Acknowledged once handled: now if enough are, else within _ACK_DELAY.
+            if conn.received - conn.acked < _ACK_EVERY or not self._report_progress(conn):
+                self._progress_due(conn)
         if run_now is not None:
             # dispatch="leader", nothing of this connection waits: run its
             # handlers here.  _lead checks afterwards whether we still lead.
@@ -3222,8 +3608,7 @@ class TCPServerTransport(Transport):
         return what
 
     def _on_frame(
-        self, conn: _Connection, body: bytes,
-        batch: Optional[List[Tuple[Tuple[Any, ...], Message]]] = None,
+        self, conn: _Connection, body: bytes, batch: Optional[List[_Call]] = None
     ) -> None:
         control = _fast_control(body)
         if control is not None:
@@ -3245,8 +3630,13 @@ class TCPServerTransport(Transport):
             self._on_control(conn, topic, message.payload)
             return
         if conn.state != _READY:
-            if conn.state == _NEW and self._key is None:
+            if conn.state == _NEW and self.allow_frame_only:
                 conn.state = _READY  # a frame-only peer (the original client)
+            elif conn.state == _NEW and self._key is None:
+                self._refuse(conn, "frame_only_refused", "protocol",
+                             "frame-only peers are refused here: send $hello first "
+                             "(allow_frame_only=False)")
+                return
             else:
                 self._drop(conn, "auth_failures",
                            "authentication required: a message arrived before the handshake")
@@ -3256,8 +3646,7 @@ class TCPServerTransport(Transport):
         self._route_incoming(conn, message, body, batch)
 
     def _route_incoming(
-        self, origin: _Connection, message: Message, body: bytes,
-        batch: Optional[List[Tuple[Tuple[Any, ...], Message]]],
+        self, origin: _Connection, message: Message, body: bytes, batch: Optional[List[_Call]]
     ) -> None:
         topic = message.topic
         reply_to = message.reply_to
@@ -3272,27 +3661,28 @@ class TCPServerTransport(Transport):
                 self._push(conn, frame)
         try:
             subscriptions = _deliver_local(self._local, message, taken)
-        except TransportFullError as exc:
-            self._counts["mailbox_full"] += 1
-            logger.warning("tcp server: dropped %s from %s: %s", message.id, origin.peer, exc)
-            return
         except TransportClosedError:
             return
         if subscriptions:
+            headers = message.headers
+            expires = _ttl_expiry(headers[_TTL_HEADER]) if _TTL_HEADER in headers else 0.0
+            if origin.waiting is not None:  # it counts as handled once the call finished
+                origin.waiting.append(origin.received)
+            call = (subscriptions, message, expires, origin)
             if batch is not None:
-                batch.append((subscriptions, message))
+                batch.append(call)
             elif self._leader:
-                self._queue_handlers(origin, [(subscriptions, message)])
+                self._queue_handlers(origin, [call])
             elif self._inline:
-                self._run_inline([(subscriptions, message)])
+                self._run_inline([call])
             else:
-                self._dispatcher.put_many([(subscriptions, message)])
+                self._dispatcher.put_many([call])
 
-    def _run_inline(self, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def _run_inline(self, batch: List[_Call]) -> None:
         # dispatch="inline": callbacks run here, on the I/O thread.
-        run = self._local._run_subscriptions
-        for subscriptions, message in batch:
-            run(subscriptions, message)
+        run = self._dispatch_call
+        for call in batch:
+            run(*call)
 
     # -- control frames ---------------------------------------------------------------
 
@@ -3313,6 +3703,8 @@ class TCPServerTransport(Transport):
             pass
         elif topic == "$interest" and conn.handshake:
             self._on_interest(conn, payload)
+        elif topic == "$flush" and "flush" in conn.features:
+            self._on_flush(conn, payload)
         else:
             self._counts["protocol_errors"] += 1
             logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
@@ -3329,10 +3721,17 @@ class TCPServerTransport(Transport):
         ping = payload.get("ping_interval")
         if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
             conn.peer_ping = float(ping)
+        limit = payload.get("max_frame_size")
+        if type(limit) is int and limit > 0:
+            conn.peer_max_frame = limit
         conn.handshake = True
+        if conn.features & _PROGRESS_FEATURES:
+            conn.waiting = collections.deque()
         if "interest" in conn.features:  # else it keeps receiving everything
             self._broadcast = tuple(c for c in self._broadcast if c is not conn)
             conn.implicit = "reply" in conn.features
+        else:  # like a frame-only peer: its requests' inboxes are routed to it
+            conn.implicit = True
         welcome: Dict[str, Any] = {
             "version": PROTOCOL_VERSION,
             "features": sorted(conn.features),
@@ -3412,6 +3811,27 @@ class TCPServerTransport(Transport):
                 if not pattern.startswith(INBOX_PREFIXES):  # never kept in a mailbox
                     self._hand_mailbox(conn, pattern)
 
+    def _on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        # Feature "flush": answer $flushed once every frame read before this
+        # one was handled; $interest frames were applied when read.
+        flush_id = payload.get("id")
+        if type(flush_id) is not int:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
+                           conn.peer, flush_id)
+            return
+        flushes = conn.flushes
+        if flushes is None:
+            flushes = conn.flushes = collections.deque()
+        if len(flushes) >= _MAX_FLUSHES:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored $flush from %s: %d already wait",
+                           conn.peer, len(flushes))
+            return
+        flushes.append((conn.received, flush_id))
+        if not self._report_progress(conn):
+            self._progress_due(conn)
+
     def _implicit_interest(self, conn: _Connection, topic: str) -> None:
         # Feature "reply": a request naming an inbox topic as its reply_to
         # adds that topic to its connection's interest, as if an $interest
@@ -3422,20 +3842,24 @@ class TCPServerTransport(Transport):
                            topic[:80], conn.peer)
             return
         if len(conn.interest) >= self.max_interest:
-            self._counts["protocol_errors"] += 1
-            logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
-                           conn.peer, self.max_interest, topic)
-            return
+            if "interest" not in conn.features:
+                # A peer that cannot withdraw routes (frame-only): forget the
+                # oldest inbox, long answered or given up by now.
+                oldest = next(iter(conn.interest))
+                del conn.interest[oldest]
+                self._remove_route(conn, oldest)
+            else:
+                self._counts["protocol_errors"] += 1
+                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
+                               conn.peer, self.max_interest, topic)
+                return
         conn.interest[topic] = None
         self._exact[topic] = self._exact.get(topic, ()) + (conn,)
 
     def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
         # Messages nobody had taken wait in the server's mailbox; the first
         # client to show interest in that topic takes them (send-then-receive).
-        local = self._local
-        with local._lock:
-            kept = local._mailboxes.pop(topic, None)
-        for message in kept or ():
+        for message in self._local._drain_mailbox(topic):
             try:
                 self._push(conn, encode(message, max_frame_size=self.max_frame_size))
             except (FrameError, SerializationError):  # pragma: no cover - checked at send
@@ -3451,16 +3875,11 @@ class TCPServerTransport(Transport):
             else:
                 self._exact.pop(pattern, None)
 
-    def _ack(self, conn: _Connection) -> None:
-        conn.acked = conn.received
-        self._ack_due.pop(conn.id, None)
-        self._push(conn, _control_frame("$ack", {"n": conn.received}))
-
     def _send_acks(self) -> None:
-        for conn in list(self._ack_due.values()):
-            if not conn.closed and conn.received != conn.acked:
-                self._ack(conn)
-        self._ack_due.clear()
+        due, self._ack_due = self._ack_due, {}
+        for conn in due.values():
+            if not conn.closed and not self._report_progress(conn):
+                self._progress_due(conn)
 
     # -- housekeeping -------------------------------------------------------------------
 
@@ -3476,7 +3895,8 @@ class TCPServerTransport(Transport):
         for conn in list(self._conns.values()):
             if conn.closed:
                 continue
-            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake):
+            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake
+                                         or not self.allow_frame_only):
                 if now - conn.opened > self.handshake_timeout:
                     self._drop(conn, "handshake_timeouts",
                                f"handshake not completed within {self.handshake_timeout} s")
@@ -3560,20 +3980,20 @@ class TCPServerTransport(Transport):
                 pass
             self._listener.close()
         self._paused = True
+        self._reading = False
         for conn in list(self._conns.values()):
             self._update_events(conn)
         self._reads_stopped.set()
 
-    def _shutdown(self) -> None:
-        # Acknowledge what was read and dispatched, flush replies, then close.
+    def _shutdown(self, deadline: float) -> None:
+        # Acknowledge what was handled, flush replies (until ``deadline``), then close.
         import selectors
 
         loop = self._loop
         assert loop is not None
         for conn in list(self._conns.values()):
-            if conn.handshake and "ack" in conn.features and conn.received != conn.acked:
-                self._ack(conn)
-        deadline = time.monotonic() + 1.0
+            if conn.waiting is not None and not conn.closed:
+                self._report_progress(conn)
         pending = [c for c in self._conns.values() if c.out_bytes and not c.closed]
         while pending and time.monotonic() < deadline:
             for conn in pending:
@@ -3638,7 +4058,7 @@ def _welcome_features(welcome: Dict[str, Any]) -> frozenset:
     features = welcome.get("features")
     if not isinstance(features, list):
         return frozenset()
-    return frozenset(f for f in features if isinstance(f, str)) & _CLIENT_FEATURES
+    return frozenset(f for f in features if isinstance(f, str)) & _FEATURES
 
 
 def _welcome_limit(welcome: Dict[str, Any]) -> Optional[int]:
@@ -4471,7 +4891,7 @@ class TCPClientTransport(Transport):
             nonce = os.urandom(32)
             hello = Message("$hello", {
                 "version": PROTOCOL_VERSION,
-                "features": sorted(_CLIENT_FEATURES),
+                "features": sorted(_FEATURES),
                 "nonce": nonce.hex(),
                 "ping_interval": self.ping_interval,
                 "max_frame_size": self.max_frame_size,
@@ -5168,6 +5588,17 @@ class TCPClientTransport(Transport):
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 
 
+#: Reserved request header: milliseconds the requester will still wait, as
+#: of sending.  Relative (like gRPC's grpc-timeout), so clock skew between
+#: hosts does not matter; a server may skip a request whose TTL ran out.
+TTL_HEADER = "_ttl_ms"
+
+
+def _set_ttl(headers: Dict[str, Any], timeout: Optional[float]) -> None:
+    if timeout is not None:
+        headers[TTL_HEADER] = max(0, int(timeout * 1000))
+
+
 def _is_async_callable(func: Any) -> bool:
     code = getattr(getattr(func, "__func__", func), "__code__", None)
     return code is not None and bool(code.co_flags & _CO_COROUTINE)
@@ -5180,9 +5611,12 @@ class MessageQueue:
     TCP (or broker) transport to reach other processes with the same API.
     Closing the queue closes its transport.
 
-    A handler that raises never disturbs the publisher or other handlers:
-    the error goes to ``on_error(exc, message)`` when given, and is always
-    counted in :attr:`stats`; without ``on_error`` it is logged.
+    A handler that raises (anything, ``BaseException`` included) never
+    disturbs the publisher or other handlers: the error goes to
+    ``on_error(exc, message)`` when given, and is always counted in
+    :attr:`stats`.  Without ``on_error`` it is logged at ERROR if the
+    application configured logging, else printed to stderr with its
+    traceback (as ``threading.excepthook`` does): never silently lost.
     """
 
     def __init__(
@@ -5265,21 +5699,19 @@ class MessageQueue:
         return removed
 
     def _handler_failed(self, handler: Any, message: Message, exc: BaseException) -> None:
+        _reraise_interrupt(exc)
         with self._lock:
             self._handler_errors += 1
+        what = (f"handler {_callable_name(handler)} failed for message {message.id} "
+                f"on {message.topic!r}")
         if self.on_error is not None:
             try:
                 self.on_error(exc, message)
                 return
-            except Exception:
-                logger.exception("on_error hook failed while handling an error")
-        logger.error(
-            "handler %s failed for message %s on %r",
-            _callable_name(handler),
-            message.id,
-            message.topic,
-            exc_info=(type(exc), exc, exc.__traceback__),
-        )
+            except BaseException as hook_exc:  # its traceback chains the handler's
+                _reraise_interrupt(hook_exc)
+                what, exc = f"on_error hook failed while handling: {what}", hook_exc
+        _report_unhandled(what, exc)
 
     # -- point-to-point -------------------------------------------------------
 
@@ -5296,8 +5728,9 @@ class MessageQueue:
     # -- request-reply --------------------------------------------------------
 
     def _prepare_request(
-        self, topic: str, payload: Any, headers: Dict[str, Any]
+        self, topic: str, payload: Any, headers: Dict[str, Any], timeout: Optional[float]
     ) -> Tuple[Message, Inbox]:
+        _set_ttl(headers, timeout)
         message = _make_message(topic, payload, headers)
         message.reply_to = "_reply." + message.id
         return message, self.transport.open_inbox(message.reply_to)
@@ -5308,9 +5741,10 @@ class MessageQueue:
         """Publish a request and wait for the reply ``Message``; None on timeout.
 
         The responder answers with :meth:`reply`.  A reply arriving after the
-        timeout is discarded.
+        timeout is discarded.  The request carries the header ``_ttl_ms`` (the
+        timeout in milliseconds), so a server can skip it once nobody waits.
         """
-        message, inbox = self._prepare_request(topic, payload, headers)
+        message, inbox = self._prepare_request(topic, payload, headers, timeout)
         try:
             self.transport.send(message)
             return inbox.get(timeout)
@@ -5321,7 +5755,7 @@ class MessageQueue:
         self, topic: str, payload: Any = None, timeout: Optional[float] = 30.0, **headers: Any
     ) -> Optional[Message]:
         """Asyncio-native :meth:`request`."""
-        message, inbox = self._prepare_request(topic, payload, headers)
+        message, inbox = self._prepare_request(topic, payload, headers, timeout)
         try:
             self.transport.send(message)
             return await inbox.get_async(timeout)
@@ -5455,10 +5889,12 @@ class RemoteQueue:
     def send(self, node_id: str, topic: str, payload: Any = None, **headers: Any) -> str:
         """Push a message to the peer ``node_id``; returns the message id.
 
-        Raises KeyError for an unknown peer, TransportFullError if its link
-        buffers too much while reconnecting.
+        Raises TransportClosedError after :meth:`close`, KeyError for an
+        unknown peer, TransportFullError if its link buffers too much while
+        reconnecting.
         """
         with self._lock:
+            self._check_open()
             transport = self._peers.get(node_id)
         if transport is None:
             raise KeyError(f"unknown peer {node_id!r}; connected peers: {sorted(self._peers)}")
@@ -5471,11 +5907,20 @@ class RemoteQueue:
         """Push the same message to every peer; returns ``{node_id: message_id}``.
 
         Peers that failed are missing from the result; their errors are in
-        :attr:`last_errors` (reset on every call), logged and counted.
+        :attr:`last_errors` (reset on every call), logged and counted.  A
+        broadcast that reaches no peer raises instead of returning ``{}``:
+        TransportClosedError after :meth:`close`, TransportError when no peer
+        is connected or every peer failed (the first failure is its cause).
         """
         validate_topic(topic)
         with self._lock:
+            self._check_open()
             peers = list(self._peers.items())
+        if not peers:
+            raise TransportError(
+                f"RemoteQueue {self.node_id!r} has no peers to broadcast {topic!r} to; "
+                "connect() one first"
+            )
         message = self._message(topic, payload, headers)
         sent: Dict[str, str] = {}
         errors: Dict[str, BaseException] = {}
@@ -5496,7 +5941,18 @@ class RemoteQueue:
                 sent[node_id] = message.id
                 self._counts["sent"] += 1
         self.last_errors = errors
+        if not sent:
+            first = next(iter(errors.values()))
+            raise TransportError(
+                f"broadcast of {message.id} on {topic!r} reached none of the "
+                f"{len(errors)} peer(s): " + "; ".join(f"{n}: {e}" for n, e in errors.items())
+            ) from first
         return sent
+
+    def _check_open(self) -> None:
+        # Called with self._lock held.
+        if self._closed:
+            raise TransportClosedError(f"RemoteQueue {self.node_id!r} is closed")
 
     def _require_local(self) -> MessageQueue:
         if self.local is None:
@@ -5730,9 +6186,17 @@ def _failure(
 
         tb = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
     return TaskResult(
-        task_id, TaskStatus.FAILED, None, str(exc), type(exc).__name__,
+        task_id, TaskStatus.FAILED, None, _exception_text(exc), type(exc).__name__,
         execution_time, worker_id, tb, exc,
     )
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder when the exception's ``__str__`` fails."""
+    try:
+        return str(exc)
+    except BaseException as failure:  # a broken __str__ must not escape
+        return f"<str() of the {type(exc).__name__} failed: {type(failure).__name__}>"
 
 
 def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
@@ -5745,7 +6209,9 @@ def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
     start = time.perf_counter()
     try:
         value = func(*args, **kwargs)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit, CancelledError ... fail this task only
+        if not in_process:
+            _reraise_interrupt(exc)
         return _failure(task_id, exc, time.perf_counter() - start, worker)
     return TaskResult(task_id, TaskStatus.COMPLETED, value, None, None,
                       time.perf_counter() - start, worker)
@@ -5818,9 +6284,11 @@ class Executor:
     PROCESS on a pool of ``max_workers`` processes (the function, its arguments
     and its return value must pickle; define the function at module level).
 
-    A task never raises out of the executor: exceptions, arguments that do not
-    pickle and a crashed worker process all come back as a FAILED TaskResult
-    with ``error_type`` set.
+    A task never raises out of the executor: exceptions (``BaseException``
+    included, such as ``SystemExit`` or ``asyncio.CancelledError``), arguments
+    that do not pickle and a crashed worker process all come back as a FAILED
+    TaskResult with ``error_type`` set.  Only Ctrl-C and ``sys.exit()`` in a
+    SEQUENTIAL task on the main thread propagate, as they should.
 
     Memory stays bounded: ``result(task_id)`` hands a result over exactly once
     and forgets it; at most ``max_results`` uncollected tasks are remembered,
@@ -6283,6 +6751,13 @@ class _DynamicMethods:
         )
 
 
+def _method_label(message: Message) -> str:
+    """``method()`` of an RPC request, for error texts (``request`` if unknown)."""
+    payload = message.payload
+    method = payload.get("method") if isinstance(payload, dict) else None
+    return f"{method}()" if isinstance(method, str) else "the request"
+
+
 class RPCServer:
     """Serve registered functions by name over a :class:`MessageQueue`.
 
@@ -6400,7 +6875,10 @@ class RPCServer:
     def stop(self, timeout: Optional[float] = 30.0) -> None:
         """Stop taking requests and wait up to ``timeout`` s for calls in flight.
 
-        Replies of calls that finish meanwhile are still sent.  Called from
+        Every request already received is still run and answered: calls in
+        flight, and requests the transport had read but not yet handed over
+        (a TCP connection's queued requests; they may finish after ``stop``
+        returns, and closing the transport waits for them).  Called from
         inside a method, it does not wait for that call.
         """
         with self._lock:
@@ -6475,8 +6953,9 @@ class RPCServer:
                 self._local.depth = getattr(self._local, "depth", 0) + 1
                 try:
                     value = func(*args, **kwargs)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._respond_task(message, request_id, _failure(request_id, exc))
+                    _reraise_interrupt(exc)  # Ctrl-C on the main thread: after the reply
                 else:
                     self._respond(message, request_id, value, None, outcome="succeeded")
                 finally:
@@ -6496,6 +6975,9 @@ class RPCServer:
                 lambda fut: self._respond_task(message, request_id,
                                                _result_of_future(request_id, fut), finish=True))
             return
+
+    # Requests matched before stop() unsubscribed are still answered.
+    setattr(_on_request, _FINISH_QUEUED, True)
 
     def _call_marked(self, func: Callable[..., Any], args: Any, kwargs: Dict[str, Any]) -> Any:
         # Runs on an executor thread: lets stop() called by the method not wait for itself.
@@ -6554,11 +7036,14 @@ class RPCServer:
             reply = _make_message(message.reply_to, payload, {}, None, message.id)
             try:
                 self.queue.send(reply)
-            except SerializationError as exc:
-                # The result cannot cross this transport: tell the caller why.
+            except (SerializationError, FrameTooLargeError) as exc:
+                # The reply cannot cross this transport: tell the caller why, at
+                # once, rather than let it wait for a timeout (and retry).
+                self._count("reply_errors")
                 reply.payload = {"id": payload["id"], "request_id": request_id, "result": None,
-                                 "error_type": "SerializationError",
-                                 "error": f"the result of the call cannot be sent: {exc}"}
+                                 "error_type": type(exc).__name__,
+                                 "error": f"the reply to {_method_label(message)} cannot be "
+                                          f"sent: {exc}"}
                 self.queue.send(reply)
         except Exception as exc:
             self._count("reply_errors")
@@ -6603,7 +7088,9 @@ class RPCClient(_DynamicMethods):
         payload = {"id": request_id, "method": method,
                    "args": [] if args is None else list(args),
                    "kwargs": {} if kwargs is None else dict(kwargs), "timeout": wait}
-        message = _make_message(self.request_topic, payload, {}, RPC_REPLY_PREFIX + request_id)
+        headers: Dict[str, Any] = {}
+        _set_ttl(headers, wait)
+        message = _make_message(self.request_topic, payload, headers, RPC_REPLY_PREFIX + request_id)
         inbox = self.queue.transport.open_inbox(message.reply_to)  # type: ignore[arg-type]
         return message, inbox, wait
 

@@ -211,8 +211,9 @@ def test_implicit_reply_route_reaches_only_the_requester(tcp):
         asker.sendall(message_frame("svc", None, reply_to="_reply.raw-7"))
         reply = FrameReader(asker).read_message()
         assert (reply["topic"], reply["payload"]) == ("_reply.raw-7", "yours")
-        # A pattern subscriber of inbox topics still sees it, as before.
-        assert other_reader.read_message()["topic"] == "_reply.raw-7"
+        # Inbox topics are private: a '_reply.*' pattern does not see the reply.
+        other.sendall(frame({"topic": "$ping", "payload": {}}))
+        assert other_reader.read()["topic"] == "$pong"  # the next frame: no reply before it
         asker.sendall(frame({"topic": "$interest", "payload": {"remove": ["_reply.raw-7"]}}))
         assert wait_until(lambda: "_reply.raw-7" not in server._exact)
 
@@ -246,11 +247,13 @@ def test_peers_without_the_reply_feature_use_explicit_interest(tcp):
     mq = ef.MessageQueue(transport=client)
     for i in range(20):
         assert mq.request("svc", i, timeout=5.0).payload == i + 1
-    # A frame-only peer's request is answered too, and adds no interest.
+    # A frame-only peer's request is answered too: its reply_to routes the
+    # reply to that peer alone, until it disconnects.
     with raw_connect(server.port) as sock:
         sock.sendall(message_frame("svc", 1, reply_to="_reply.frame-only"))
         assert FrameReader(sock).read_message()["payload"] == 2
-        assert "_reply.frame-only" not in server._exact
+        assert "_reply.frame-only" in server._exact
+    assert wait_until(lambda: "_reply.frame-only" not in server._exact)
 
 
 def test_an_inbox_not_named_by_a_request_is_told_to_the_server(tcp):
