@@ -7748,6 +7748,10 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
                     stop.set()
 
         queue.subscribe(args.pattern, show)
+        try:  # "listening" means it: the server has the subscription
+            queue.transport.flush(10.0)  # type: ignore[attr-defined]
+        except (OSError, EventforgeError):
+            pass  # the connection-state lines say what goes on
         print(f"eventforge sub: listening to {args.pattern!r} on {where}",
               file=sys.stderr, flush=True)
         if args.timeout is not None:

@@ -10,9 +10,10 @@ from _tcp_helpers import FrameReader, frame, handshake, message_frame, raw_conne
 import eventforge as ef
 
 
-def _settle(server, peers):
-    assert wait_until(lambda: server.stats["handshake_peers"] == peers)
-    time.sleep(0.05)
+def _settle(*clients):
+    """Return once the server has applied every client's interest."""
+    for client in clients:
+        assert client.flush(10.0)
 
 
 def test_client_publish_reaches_other_clients_by_interest_only(tcp):
@@ -21,7 +22,7 @@ def test_client_publish_reaches_other_clients_by_interest_only(tcp):
     got_b, got_c = [], []
     b.subscribe("orders.**", got_b.append)
     c.subscribe("users.*", got_c.append)
-    _settle(server, 3)
+    _settle(a, b, c)
     a.send(ef.Message("orders.eu.created", 1))
     a.send(ef.Message("users.alice", 2))
     assert wait_until(lambda: got_b and got_c)
@@ -37,7 +38,7 @@ def test_overlapping_patterns_deliver_one_copy(tcp):
     client.subscribe("a.*", got.append)
     client.subscribe("a.b", got.append)
     client.subscribe("**", got.append)
-    _settle(server, 1)
+    _settle(client)
     server.send(ef.Message("a.b", "x"))
     assert wait_until(lambda: len(got) == 3)
     assert client.stats["messages_in"] == 1  # one frame on the wire, three local handlers
@@ -73,7 +74,7 @@ def test_server_publish_reaches_local_subscribers_and_interested_clients(tcp):
     got = []
     interested.subscribe("metrics.cpu", got.append)
     other.subscribe("logs.*", lambda m: None)
-    _settle(server, 2)
+    _settle(interested, other)
     server.send(ef.Message("metrics.cpu", 0.5))
     assert [m.payload for m in local] == [0.5]
     assert wait_until(lambda: got)
@@ -155,7 +156,7 @@ def test_fan_out_keeps_order_for_every_subscriber(tcp):
     got = [[] for _ in clients]
     for n, client in enumerate(clients):
         client.subscribe("fan.*", lambda m, n=n: got[n].append(m.payload))
-    _settle(server, 5)
+    _settle(*clients)
     for i in range(1000):
         server.send(ef.Message("fan.out", i))
     assert wait_until(lambda: all(len(g) == 1000 for g in got), timeout=20)
