@@ -1857,13 +1857,16 @@ class MemoryTransport(Transport):
 # Frames are those of section 3.  Peers that speak our handshake exchange a
 # few control frames on reserved ``$`` topics (docs/protocol.md, "TCP connections"):
 #
-#   client -> server  $hello     {version, features, nonce, ping_interval}
+#   client -> server  $hello     {version, features, nonce, ping_interval, max_frame_size}
 #   server -> client  $welcome   {version, features, auth, nonce, max_frame_size, ping_interval}
+#                     (a late $welcome switches a client that fell back to plain frames)
 #   client -> server  $auth      {proof}             only when the server has a secret
 #   server -> client  $ready     {proof}             only when the server has a secret
 #   client -> server  $interest  {add: [...], remove: [...]}
 #                     (feature "reply": a request's inbox reply_to is an implied add)
-#   server -> client  $ack       {n}                 data frames received so far
+#   server -> client  $ack       {n}                 data frames handled so far
+#   client -> server  $flush     {id}                feature "flush"
+#   server -> client  $flushed   {id}                all frames before $flush handled
 #   either way        $ping {} / $pong {}
 #   server -> client  $error     {code, reason}      just before the server closes
 #
@@ -1878,7 +1881,8 @@ class MemoryTransport(Transport):
 # network reach inboxes and blocked receivers straight from the reading
 # thread.  The server runs subscriber callbacks on the thread that read the
 # frame and hands the loop to a standby thread when one blocks (leader/
-# follower, see _lf_main); the client runs them on a dispatcher thread, and a
+# follower, see _lf_main); the client runs them on a dispatcher thread (a
+# callback that waits for a reply hands that role to a new thread first), and a
 # caller waiting for a reply reads the socket itself (_read_until).  Either
 # way a handler may block (even on a request over the same connection)
 # without stalling any socket, and one connection's messages keep their order.
@@ -4373,7 +4377,8 @@ class TCPClientTransport(Transport):
             loop.wake()
             if loop.thread is not None and loop.thread is not threading.current_thread():
                 loop.thread.join(self.connect_timeout + 2.0)
-        self._local.close()  # before the dispatcher: a callback waiting on an inbox returns
+        self._dispatcher.drain(1.0)  # callbacks for what arrived before close() run
+        self._local.close()  # then a callback still waiting on an inbox returns
         self._dispatcher.stop(1.0)
 
     def _deliver_before_close(self, deadline: float) -> None:
