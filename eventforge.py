@@ -5425,7 +5425,7 @@ class TCPClientTransport(Transport):
         chose and sends its interest, so both sides agree again.
         """
         if welcome.get("auth"):
-            self._lost(conn, "the server asks for authentication; pass secret=")
+            self._lost_soon(conn, "the server asks for authentication; pass secret=")
             return
         with self._lock:
             if self._conn is not conn or conn.handshake:
