@@ -1874,13 +1874,14 @@ class MemoryTransport(Transport):
 #
 #   client -> server  $hello     {version, features, nonce, ping_interval, max_frame_size}
 #   server -> client  $welcome   {version, features, auth, nonce, max_frame_size, ping_interval}
+#                     (a late $welcome switches a client that fell back to plain frames)
 #   client -> server  $auth      {proof}             only when the server has a secret
 #   server -> client  $ready     {proof}             only when the server has a secret
 #   client -> server  $interest  {add: [...], remove: [...]}
 #                     (feature "reply": a request's inbox reply_to is an implied add)
-#   server -> client  $ack       {n}                 data frames handled so far (in order)
+#   server -> client  $ack       {n}                 data frames handled so far
 #   client -> server  $flush     {id}                feature "flush"
-#   server -> client  $flushed   {id}                once every earlier frame was handled
+#   server -> client  $flushed   {id}                all frames before $flush handled
 #   either way        $ping {} / $pong {}
 #   server -> client  $error     {code, reason}      just before the server closes
 #
@@ -1896,7 +1897,8 @@ class MemoryTransport(Transport):
 # network reach inboxes and blocked receivers straight from the reading
 # thread.  The server runs subscriber callbacks on the thread that read the
 # frame and hands the loop to a standby thread when one blocks (leader/
-# follower, see _lf_main); the client runs them on a dispatcher thread, and a
+# follower, see _lf_main); the client runs them on a dispatcher thread (a
+# callback that waits for a reply hands that role to a new thread first), and a
 # caller waiting for a reply reads the socket itself (_read_until).  Either
 # way a handler may block (even on a request over the same connection)
 # without stalling any socket, and one connection's messages keep their order.
@@ -1939,14 +1941,12 @@ _CLIENT_COUNTERS = (
     "oversize_frames", "protocol_errors", "too_large", "refused", "withdrawn", "expired",
     "failed_requests",
 )
-# What our client asks for in $hello: the server's features plus the ones
-# only the client side needs to know about.
-_CLIENT_FEATURES = _FEATURES | frozenset(("flush",))
 # A frame that was the oldest unacknowledged one on this many connections
 # that all broke is taken as refused by the server and dropped.
 _MAX_SEND_ATTEMPTS = 3
-# A client still open at interpreter exit gets this long to deliver what it accepted.
-_EXIT_FLUSH_TIMEOUT = 5.0
+# close() waits this long by default for what the client accepted to be
+# delivered; clients still open at interpreter exit share one such wait.
+_CLOSE_TIMEOUT = 2.0
 
 # Connection states
 _TLS, _NEW, _AUTH, _READY = "tls", "new", "auth", "ready"
@@ -2522,11 +2522,11 @@ class _Dispatcher:
             done = 0
             while batch:
                 item = batch.popleft()
+                done += 1
                 try:
                     call(*item)
                 except BaseException:  # whatever user code raised, this thread goes on
                     logger.exception("%s: a handler call failed", self.name)
-                done += 1
             with mutex:
                 self.backlog -= done
                 resume = self.high and self.backlog < _DISPATCH_LOW_WATER
@@ -2547,7 +2547,7 @@ class _Dispatcher:
         return True
 
     def stop(self, timeout: float) -> int:
-        """Deliver what is queued (up to ``timeout``), then end the threads.
+        """Deliver what is queued (up to ``timeout`` in all), then end the threads.
 
         Returns how many queued items were dropped, not run.
         """
@@ -2568,7 +2568,7 @@ class _Dispatcher:
         current = threading.current_thread()
         for thread in threads:
             if thread is not current:
-                thread.join(max(0.0, deadline - _monotonic()) + 0.5)
+                thread.join(max(0.0, deadline - _monotonic()))
         return dropped
 
 
@@ -4061,7 +4061,7 @@ _exit_hook_installed = False
 
 def _close_open_clients() -> None:
     """atexit: close every client still open in this process, sharing one deadline."""
-    deadline = time.monotonic() + _EXIT_FLUSH_TIMEOUT
+    deadline = time.monotonic() + _CLOSE_TIMEOUT
     pid = os.getpid()
     for client in list(_open_clients):
         if client._pid != pid:  # inherited through fork: its threads are not here
@@ -4087,7 +4087,7 @@ def _welcome_features(welcome: Dict[str, Any]) -> frozenset:
     features = welcome.get("features")
     if not isinstance(features, list):
         return frozenset()
-    return frozenset(f for f in features if isinstance(f, str)) & _CLIENT_FEATURES
+    return frozenset(f for f in features if isinstance(f, str)) & _FEATURES
 
 
 def _welcome_limit(welcome: Dict[str, Any]) -> Optional[int]:
@@ -4119,6 +4119,130 @@ def _ttl_deadline(ttl_ms: Any) -> Optional[float]:
     if type(ttl_ms) is int and ttl_ms >= 0:
         return time.monotonic() + ttl_ms / 1000.0
     return None
+
+
+class _Backlog:
+    """A client's message frames that the server has not acknowledged, in order.
+
+    Each item is ``[seq, frame, charges, deadline]``: the frame's number on
+    the current connection (0: not sent on it), the frame (b"" once
+    acknowledged or withdrawn), how many connections broke while it was the
+    oldest unacknowledged frame, and the monotonic deadline of a request's
+    ``_ttl_ms`` (None without one).  :meth:`resend` decides what goes out
+    again on a new connection.  Not thread-safe: the client holds its lock.
+    """
+
+    __slots__ = ("items", "bytes", "counts")
+
+    def __init__(self, counts: Dict[str, int]) -> None:
+        self.items: Deque[List[Any]] = collections.deque()
+        self.bytes = 0  # of the frames still to deliver (acknowledged or withdrawn: 0)
+        self.counts = counts
+
+    def add(self, seq: int, frame: bytes, deadline: Optional[float]) -> List[Any]:
+        item = [seq, frame, 0, deadline]
+        self.items.append(item)
+        self.bytes += len(frame)
+        return item
+
+    def take_back_last(self) -> None:
+        """Undo the last :meth:`add` (the frame could not be queued after all)."""
+        self.bytes -= len(self.items.pop()[1])
+
+    def acknowledge(self, n: int) -> None:
+        """The server handled the connection's frames up to number ``n``."""
+        items = self.items
+        while items and 0 < items[0][0] <= n:
+            item = items.popleft()
+            self.bytes -= len(item[1])
+            item[1] = b""
+
+    def withdraw(self, item: List[Any]) -> None:
+        """Never send ``item`` again; it keeps its place (the server may still ack it).
+
+        Counted only if it never left (a request answered before its $ack is no news).
+        """
+        self.bytes -= len(item[1])
+        item[1] = b""
+        if not item[0]:
+            self.counts["withdrawn"] += 1
+
+    def connection_lost(self) -> None:
+        """Charge the oldest frame sent on the lost connection; forget the numbering.
+
+        Acknowledgements are cumulative and in order, so a server that keeps
+        closing the connection over one frame stops at that frame.
+        """
+        for item in self.items:
+            if item[1]:
+                if item[0]:
+                    item[2] += 1
+                break
+        for item in self.items:
+            item[0] = 0
+
+    def resend(self, limit: int, where: str) -> List[bytes]:
+        """Number the frames for a new connection (1, 2 ...) and return them.
+
+        Dropped, each logged and counted: a frame over the server's ``limit``
+        (``too_large``), a frame that broke ``_MAX_SEND_ATTEMPTS`` connections
+        as the oldest unacknowledged one (``refused``), a request whose TTL
+        ran out (``expired``).  A request that still has time goes out with
+        its ``_ttl_ms`` cut to what is left.
+        """
+        frames: List[bytes] = []
+        kept: Deque[List[Any]] = collections.deque()
+        now = time.monotonic()
+        expired = 0
+        for item in self.items:
+            frame = item[1]
+            if not frame:  # acknowledged or withdrawn
+                continue
+            if item[2] >= _MAX_SEND_ATTEMPTS:
+                self._drop(item, "refused", where, f"the connection broke {item[2]} times "
+                           "with it unacknowledged (the server refuses it?)")
+                continue
+            if len(frame) - 4 > limit:
+                self._drop(item, "too_large", where,
+                           f"the server now takes at most {limit} bytes per frame")
+                continue
+            if item[3] is not None:
+                remaining = item[3] - now
+                if remaining <= 0:
+                    item[1] = b""
+                    expired += 1
+                    continue
+                frame = item[1] = _with_ttl(frame, remaining)
+            item[0] = len(frames) + 1
+            kept.append(item)
+            frames.append(frame)
+        self.items = kept
+        self.bytes = sum(len(item[1]) for item in kept)
+        if expired:
+            self.counts["expired"] += expired
+            logger.info("tcp client: %d request(s) expired while disconnected; not resent",
+                        expired)
+        if frames:
+            self.counts["resent"] += len(frames)
+        return frames
+
+    def _drop(self, item: List[Any], counter: str, where: str, reason: str) -> None:
+        frame = item[1]
+        item[1] = b""
+        self.counts[counter] += 1
+        logger.warning("tcp client: dropped %s for %s: %s", _describe_frame(frame), where,
+                       reason)
+
+    def written(self) -> None:
+        """A server without acknowledgements: what was written is all it gets."""
+        for item in self.items:
+            item[1] = b""
+        self.items.clear()
+        self.bytes = 0
+
+    def undelivered(self) -> int:
+        """Frames still to deliver (neither acknowledged nor withdrawn)."""
+        return sum(1 for item in self.items if item[1])
 
 
 class _ClientInbox(Inbox):
@@ -4281,20 +4405,14 @@ class TCPClientTransport(Transport):
         self._implicit = False  # the server speaks the feature "reply"
         self._receive_topics: Dict[str, None] = {}
         self._sub_patterns: Dict[str, str] = {}
-        # Message frames the server has not acknowledged (or that wait for a
-        # connection), in order: [sequence number on this connection (0: not
-        # sent on it), frame (b"" once acknowledged or withdrawn), connections
-        # it broke on as the oldest unacknowledged frame, TTL deadline or None].
-        self._pending: Deque[List[Any]] = collections.deque()
         # Open inboxes: topic -> [inbox, connection its last request went out
-        # on, that request's pending item]; see _track_request / _inbox_closed.
+        # on, that request's backlog item]; see send, _interest_remove, _lost.
         self._requests: Dict[str, List[Any]] = {}
         self._flush_ids = itertools.count(1)
         self._flushed_upto = 0  # highest $flushed id seen
         self._pings_sent = 0  # $ping frames we sent on this connection ...
         self._pongs = 0  # ... and $pong answers to them (they come in order)
-        self._pending_bytes = 0
-        self._seq = 0
+        self._seq = 0  # data frames queued on this connection (the server counts them too)
         self._ack_mode = False
         self._conn: Optional[_Connection] = None
         self._loop: Optional[_Loop] = None
@@ -4315,6 +4433,8 @@ class TCPClientTransport(Transport):
         self._failed: Optional[str] = None
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
+        # Message frames not acknowledged yet (or waiting for a connection).
+        self._backlog = _Backlog(self._counts)
         self._messages_out = 0
         self._pid = 0
 
@@ -4372,7 +4492,7 @@ class TCPClientTransport(Transport):
     def _name(self) -> str:
         return f"TCPClientTransport to {self.host}:{self.port}"
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
         """Deliver what was accepted, then close the socket and stop every thread.
 
         New sends fail at once; messages already accepted are given up to
@@ -4402,7 +4522,8 @@ class TCPClientTransport(Transport):
             loop.wake()
             if loop.thread is not None and loop.thread is not threading.current_thread():
                 loop.thread.join(self.connect_timeout + 2.0)
-        self._local.close()  # before the dispatcher: a callback waiting on an inbox returns
+        self._dispatcher.drain(1.0)  # callbacks for what arrived before close() run
+        self._local.close()  # then a callback still waiting on an inbox returns
         self._dispatcher.stop(1.0)
 
     def _deliver_before_close(self, deadline: float) -> None:
@@ -4412,10 +4533,10 @@ class TCPClientTransport(Transport):
             while True:
                 conn = self._conn
                 if conn is None:
-                    waiting = (self._pending_bytes > 0 and self.reconnect
+                    waiting = (self._backlog.bytes > 0 and self.reconnect
                                and self._failed is None)
                 elif self._ack_mode:
-                    waiting = self._pending_bytes > 0
+                    waiting = self._backlog.bytes > 0
                 else:
                     waiting = conn.out_bytes > 0 or conn.cur is not None
                 remaining = deadline - time.monotonic()
@@ -4427,7 +4548,7 @@ class TCPClientTransport(Transport):
                                          self._ack_mode else remaining))
                 finally:
                     self._space_waiters -= 1
-            left = sum(1 for item in self._pending if item[1])
+            left = self._backlog.undelivered()
         if left:
             logger.warning(
                 "tcp client: closed with %d message(s) %s", left,
@@ -4510,7 +4631,7 @@ class TCPClientTransport(Transport):
                 self._pings_sent += 1
                 target, last_seq = self._pings_sent, self._seq
                 frame += _control_frame("$ping", {})
-                pending = self._pending
+                pending = self._backlog.items
 
                 def done() -> bool:
                     return self._pongs >= target and (
@@ -4565,31 +4686,31 @@ class TCPClientTransport(Transport):
                 return
             item: Optional[List[Any]] = None
             if self._ack_mode:
-                pending = self._pending
+                backlog = self._backlog
+                pending = backlog.items
                 if (len(pending) >= self.max_pending
-                        or self._pending_bytes + size > self.max_pending_bytes):
+                        or backlog.bytes + size > self.max_pending_bytes):
                     conn = self._wait_for_space(size)
                     if conn is None:
                         item = self._send_offline(frame, deadline)
                         if reply_to is not None and reply_to in self._requests:
                             self._requests[reply_to][2] = item
                         return
+                    pending = backlog.items
                     if (len(pending) >= self.max_pending
-                            or self._pending_bytes + size > self.max_pending_bytes):
+                            or backlog.bytes + size > self.max_pending_bytes):
                         self._counts["full"] += 1
                         raise TransportFullError(
-                            f"{len(pending)} messages ({self._pending_bytes} bytes) are "
+                            f"{len(pending)} messages ({backlog.bytes} bytes) are "
                             f"unacknowledged after {self.send_timeout} s; "
                             f"max_pending={self.max_pending}"
                         )
-                item = [self._seq + 1, frame, 0, deadline]
-                pending.append(item)
-                self._pending_bytes += size
+                item = backlog.add(self._seq + 1, frame, deadline)
             # Inline _Connection.enqueue (its lock nests inside ours).
             with conn.lock:
                 if conn.out_bytes + size > conn.max_outbound:
                     if item is not None:
-                        self._pending_bytes -= len(self._pending.pop()[1])
+                        self._backlog.take_back_last()
                     self._counts["full"] += 1
                     raise TransportFullError(
                         f"{conn.out_bytes} bytes wait for the server; "
@@ -4625,18 +4746,16 @@ class TCPClientTransport(Transport):
             raise ConnectionLostError(
                 f"not connected to {self.host}:{self.port}: call connect() first"
             )
-        if (len(self._pending) >= self.max_pending
-                or self._pending_bytes + len(frame) > self.max_pending_bytes):
+        backlog = self._backlog
+        if (len(backlog.items) >= self.max_pending
+                or backlog.bytes + len(frame) > self.max_pending_bytes):
             self._counts["full"] += 1
             raise TransportFullError(
-                f"{len(self._pending)} messages ({self._pending_bytes} bytes) wait for "
+                f"{len(backlog.items)} messages ({backlog.bytes} bytes) wait for "
                 f"a connection; max_pending={self.max_pending}"
             )
-        item = [0, frame, 0, deadline]
-        self._pending.append(item)
-        self._pending_bytes += len(frame)
         self._counts["buffered"] += 1
-        return item
+        return backlog.add(0, frame, deadline)
 
     def _wait_for_space(self, size: int) -> Optional[_Connection]:
         # Called with self._lock held and the buffer full.  While connected,
@@ -4645,8 +4764,8 @@ class TCPClientTransport(Transport):
         # write.  While disconnected, fail at once.
         deadline = time.monotonic() + self.send_timeout
         while (self._conn is not None and self._ack_mode and not self._closed
-               and (len(self._pending) >= self.max_pending
-                    or self._pending_bytes + size > self.max_pending_bytes)):
+               and (len(self._backlog.items) >= self.max_pending
+                    or self._backlog.bytes + size > self.max_pending_bytes)):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -4742,15 +4861,6 @@ class TCPClientTransport(Transport):
         """Withdraw the inbox's interest and any request of it not yet acknowledged."""
         self._interest_remove(inbox.topic, inbox)
 
-    def _withdraw(self, item: List[Any]) -> None:
-        # Called with self._lock held: the frame keeps its place (the server
-        # may still acknowledge it) but is never sent again.  Counted only if
-        # it never left (a request answered before its $ack is no news).
-        self._pending_bytes -= len(item[1])
-        item[1] = b""
-        if not item[0]:
-            self._counts["withdrawn"] += 1
-
     def _before_blocking(self) -> None:
         """A thread is about to wait for a message: if it runs callbacks, hand that role on."""
         self._dispatcher.hand_off_if_current()
@@ -4762,8 +4872,8 @@ class TCPClientTransport(Transport):
         stats.update(self._counts)
         stats["messages_out"] = self._messages_out
         stats["connected"] = self._conn is not None
-        stats["pending"] = len(self._pending)
-        stats["pending_bytes"] = self._pending_bytes
+        stats["pending"] = len(self._backlog.items)
+        stats["pending_bytes"] = self._backlog.bytes
         stats["interest"] = len(self._interest)
         stats["dispatch_backlog"] = self._dispatcher.backlog
         return stats
@@ -4815,7 +4925,7 @@ class TCPClientTransport(Transport):
                     del self._requests[pattern]
                     item = record[2]
                     if item is not None and item[1]:
-                        self._withdraw(item)
+                        self._backlog.withdraw(item)
             count = self._interest.get(pattern, 0)
             if count > 1:
                 self._interest[pattern] = count - 1
@@ -4920,7 +5030,7 @@ class TCPClientTransport(Transport):
             nonce = os.urandom(32)
             hello = Message("$hello", {
                 "version": PROTOCOL_VERSION,
-                "features": sorted(_CLIENT_FEATURES),
+                "features": sorted(_FEATURES),
                 "nonce": nonce.hex(),
                 "ping_interval": self.ping_interval,
                 "max_frame_size": self.max_frame_size,
@@ -5051,13 +5161,11 @@ class TCPClientTransport(Transport):
             interest = self._adopt_features(conn)
             if interest:
                 frames.append(interest)
-            self._seq = 0
-            frames.extend(self._resendable())
-            if not self._ack_mode:  # nothing will acknowledge them: written is all we get
-                for item in self._pending:
-                    item[1] = b""
-                self._pending.clear()
-                self._pending_bytes = 0
+            resent = self._backlog.resend(self._send_limit, conn.peer)
+            self._seq = len(resent)
+            frames.extend(resent)
+            if not self._ack_mode:
+                self._backlog.written()
             if frames:
                 with conn.lock:
                     data = b"".join(frames)
@@ -5095,61 +5203,6 @@ class TCPClientTransport(Transport):
         if conn.handshake and self._interest:
             return _control_frame("$interest", {"add": list(self._interest)})
         return b""
-
-    def _resendable(self) -> List[bytes]:
-        """Number the frames kept for a new connection; drop what must not go out again.
-
-        Called with self._lock held.  Dropped, each logged and counted: a
-        frame over the server's limit (``too_large``), a frame that broke
-        ``_MAX_SEND_ATTEMPTS`` connections as the oldest unacknowledged one
-        (``refused``), a request whose TTL ran out (``expired``).  A request
-        that still has time goes out with its ``_ttl_ms`` cut to what is left.
-        """
-        frames: List[bytes] = []
-        kept: Deque[List[Any]] = collections.deque()
-        limit = self._send_limit
-        now = time.monotonic()
-        expired = 0
-        for item in self._pending:
-            frame = item[1]
-            if not frame:  # acknowledged or withdrawn
-                continue
-            if item[2] >= _MAX_SEND_ATTEMPTS:
-                self._drop_frame(item, "refused", f"the connection broke {item[2]} times "
-                                 "with it unacknowledged (the server refuses it?)")
-                continue
-            if len(frame) - 4 > limit:
-                self._drop_frame(item, "too_large", f"the server now takes at most "
-                                 f"{limit} bytes per frame")
-                continue
-            if item[3] is not None:
-                remaining = item[3] - now
-                if remaining <= 0:
-                    item[1] = b""
-                    self._counts["expired"] += 1
-                    expired += 1
-                    continue
-                frame = item[1] = _with_ttl(frame, remaining)
-            self._seq += 1
-            item[0] = self._seq
-            kept.append(item)
-            frames.append(frame)
-        self._pending = kept
-        self._pending_bytes = sum(len(item[1]) for item in kept)
-        if expired:
-            logger.info("tcp client: %d request(s) expired while disconnected; not resent",
-                        expired)
-        if frames:
-            self._counts["resent"] += len(frames)
-        return frames
-
-    def _drop_frame(self, item: List[Any], counter: str, reason: str) -> None:
-        # Called with self._lock held.
-        frame = item[1]
-        item[1] = b""
-        self._counts[counter] += 1
-        logger.warning("tcp client: dropped %s for %s:%s: %s", _describe_frame(frame),
-                       self.host, self.port, reason)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -5387,11 +5440,7 @@ class TCPClientTransport(Transport):
             acked = payload.get("n")
             if isinstance(acked, int):
                 with self._lock:
-                    pending = self._pending
-                    while pending and 0 < pending[0][0] <= acked:
-                        item = pending.popleft()
-                        self._pending_bytes -= len(item[1])
-                        item[1] = b""
+                    self._backlog.acknowledge(acked)
                     if self._space_waiters:
                         self._space.notify_all()
         elif topic == "$ping":
@@ -5449,7 +5498,7 @@ class TCPClientTransport(Transport):
         chose and sends its interest, so both sides agree again.
         """
         if welcome.get("auth"):
-            self._lost(conn, "the server asks for authentication; pass secret=")
+            self._lost_soon(conn, "the server asks for authentication; pass secret=")
             return
         with self._lock:
             if self._conn is not conn or conn.handshake:
@@ -5471,7 +5520,7 @@ class TCPClientTransport(Transport):
 
         Callers waiting for the reply to a request sent on it get
         ConnectionLostError now (the request is not resent); the oldest
-        unacknowledged frame is charged one attempt (see _resendable).
+        unacknowledged frame is charged one attempt (see _Backlog.resend).
         """
         with self._lock:
             if self._conn is not conn:
@@ -5479,22 +5528,16 @@ class TCPClientTransport(Transport):
             self._conn = None
             if self._space_waiters:
                 self._space.notify_all()
-            for item in self._pending:
-                if item[1]:
-                    if item[0]:
-                        item[2] += 1
-                    break
             failed = []
             for record in self._requests.values():
                 if record[1] is conn:
                     record[1] = None
                     item = record[2]
                     if item is not None and item[1]:
-                        self._withdraw(item)
+                        self._backlog.withdraw(item)
                     failed.append(record[0])
             self._counts["failed_requests"] += len(failed)
-            for item in self._pending:
-                item[0] = 0
+            self._backlog.connection_lost()
         with self._read_lock:  # a caller may be reading it: wait for it to stop
             with self._sel_lock:
                 with conn.lock:
@@ -7786,6 +7829,10 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
                     stop.set()
 
         queue.subscribe(args.pattern, show)
+        try:  # "listening" means it: the server has the subscription
+            queue.transport.flush(10.0)  # type: ignore[attr-defined]
+        except (OSError, EventforgeError):
+            pass  # the connection-state lines say what goes on
         print(f"eventforge sub: listening to {args.pattern!r} on {where}",
               file=sys.stderr, flush=True)
         if args.timeout is not None:

@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, List, Optional
 
 import pytest
-from _tcp_helpers import frame, message_frame, wait_until
+from _tcp_helpers import FrameReader, frame, message_frame, wait_until
 
 import eventforge as ef
 
@@ -37,28 +37,13 @@ class RawConn:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.decoder = ef.FrameDecoder(64 * 1024 * 1024)
-        self.bodies: List[bytes] = []
+        self.reader = FrameReader(sock)
 
     def body(self, timeout: float = 5.0) -> Optional[bytes]:
-        deadline = time.monotonic() + timeout
-        while not self.bodies:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return None
-            if not data:
-                return None
-            self.bodies.extend(self.decoder.feed(data))
-        return self.bodies.pop(0)
+        return self.reader.read_body(timeout)
 
     def read(self, timeout: float = 5.0) -> Optional[dict]:
-        body = self.body(timeout)
-        return None if body is None else json.loads(body)
+        return self.reader.read(timeout)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -129,6 +114,18 @@ def _collecting_server(tcp, port: int = 0, got: Optional[List[Any]] = None, **op
     server = tcp.own(ef.TCPServerTransport("127.0.0.1", port, **options)).start()
     server.subscribe("stream", lambda m: got.append(m.payload))
     return server, got
+
+
+def _client_of_a_stopped_server(tcp, **options: Any):
+    """A client whose server went away: (its port, the client, the list a server there fills)."""
+    first, got = _collecting_server(tcp)
+    port = first.port
+    options.setdefault("backoff_initial", 0.01)
+    options.setdefault("backoff_max", 0.05)
+    client = tcp.client(port, **options)
+    first.close()
+    assert wait_until(lambda: not client.connected)
+    return port, client, got
 
 
 # -- 1. mode agreement ----------------------------------------------------------------
@@ -206,11 +203,7 @@ def test_send_refuses_a_frame_over_the_servers_limit(tcp):
 
 
 def test_a_buffered_frame_over_a_restarted_servers_limit_is_dropped(tcp, caplog):
-    first, got = _collecting_server(tcp)
-    port = first.port
-    client = tcp.client(port, backoff_initial=0.01, backoff_max=0.05)
-    first.close()
-    assert wait_until(lambda: not client.connected)
+    port, client, got = _client_of_a_stopped_server(tcp)
     client.send(ef.Message("stream", "before"))
     client.send(ef.Message("stream", "x" * 8000))  # fine for the old server, not the new
     client.send(ef.Message("stream", "after"))
@@ -304,11 +297,7 @@ def test_a_request_whose_caller_gave_up_is_never_delivered(tcp):
 
 
 def test_a_resent_request_carries_only_the_time_its_caller_has_left(tcp):
-    first, _ = _collecting_server(tcp)
-    port = first.port
-    client = tcp.client(port, backoff_initial=0.01, backoff_max=0.05)
-    first.close()
-    assert wait_until(lambda: not client.connected)
+    port, client, _ = _client_of_a_stopped_server(tcp)
     client.send(ef.Message("stream", "long", headers={"_ttl_ms": 20000}))
     client.send(ef.Message("stream", "short", headers={"_ttl_ms": 100}))
     time.sleep(0.5)  # the short one's caller has stopped waiting meanwhile
@@ -387,6 +376,8 @@ def test_flush_waits_for_the_servers_flushed(tcp):
             if got is None:
                 return
             order.append(got["topic"])
+            if got["topic"] == "a.b":  # a data frame, handled: acknowledge it
+                conn.send(frame({"topic": "$ack", "payload": {"n": 1}}))
             if got["topic"] == "$flush":
                 time.sleep(0.3)
                 order.append("flushed")
@@ -431,11 +422,7 @@ def test_flush_against_a_frame_only_server_says_it_cannot_confirm(tcp):
 
 
 def test_flush_waits_for_a_reconnect(tcp):
-    first, got = _collecting_server(tcp)
-    port = first.port
-    client = tcp.client(port, backoff_initial=0.01, backoff_max=0.05)
-    first.close()
-    assert wait_until(lambda: not client.connected)
+    port, client, got = _client_of_a_stopped_server(tcp)
     client.send(ef.Message("stream", "buffered"))
     with pytest.raises(ef.EventforgeTimeoutError):
         client.flush(0.2)
@@ -474,11 +461,7 @@ def test_a_process_that_publishes_and_exits_loses_nothing(tcp, how):
 
 
 def test_close_waits_for_a_reconnect_to_deliver_the_backlog(tcp):
-    first, got = _collecting_server(tcp)
-    port = first.port
-    client = tcp.client(port, backoff_initial=0.01, backoff_max=2.0)
-    first.close()
-    assert wait_until(lambda: not client.connected)
+    port, client, got = _client_of_a_stopped_server(tcp, backoff_max=2.0)
     time.sleep(0.5)  # let the backoff grow: close() must not sit it out
     for i in range(3):
         client.send(ef.Message("stream", i))
@@ -575,12 +558,9 @@ def test_a_call_in_flight_gets_connection_lost_at_once(tcp):
 
 
 def test_on_connection_change_reports_loss_and_return_once_each(tcp):
-    first, _ = _collecting_server(tcp)
-    port = first.port
     changes: List[Any] = []
-    client = tcp.client(port, backoff_initial=0.01, backoff_max=0.05,
-                        on_connection_change=lambda up, detail: changes.append(up))
-    first.close()
+    port, client, _ = _client_of_a_stopped_server(
+        tcp, on_connection_change=lambda up, detail: changes.append(up))
     assert wait_until(lambda: changes == [False])
     time.sleep(0.3)  # several failed attempts meanwhile: still one report
     assert changes == [False]

@@ -63,7 +63,7 @@ def test_frame_only_client_reaches_a_handler_on_another_client(tcp):
     server = tcp.server()
     worker = ef.MessageQueue(transport=tcp.client(server.port))
     worker.on("remote.work", lambda m: worker.reply(m, m.payload.upper()))
-    time.sleep(0.1)
+    assert worker.transport.flush(10.0)
     with raw_connect(server.port) as sock:
         sock.sendall(ef.encode(ef.Message("remote.work", "abc", reply_to="_reply.raw-2")))
         reply = FrameReader(sock).read_message()
