@@ -207,7 +207,14 @@ class RemoteError(EventforgeError):
 
 
 class MethodNotFoundError(RemoteError):
-    """The RPC server has no method registered under the requested name."""
+    """The RPC server has no method registered under the requested name.
+
+    ``str(error)`` is the server's message, ``"Method not found: NAME"``
+    (the class name already says the rest).
+    """
+
+    def __str__(self) -> str:
+        return self.remote_message or self.remote_type
 
 
 # ---------------------------------------------------------------------------
@@ -6356,6 +6363,11 @@ class _CLIError(Exception):
 #: Exit statuses of the command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
+_INFINITY = float("inf")
+
+#: Service name of a worker and of ``eventforge call`` when none is given.
+DEFAULT_SERVICE = "rpc"
+
 
 def _read_secret(path: Optional[str]) -> Optional[bytes]:
     if not path:
@@ -6370,6 +6382,25 @@ def _read_secret(path: Optional[str]) -> Optional[bytes]:
     return secret
 
 
+def _check_tls_files(*options: Tuple[str, Optional[str]]) -> None:
+    """Name the option and the path of a TLS file that cannot be read."""
+    for option, path in options:
+        if path and not os.path.isfile(path):
+            reason = "is a directory" if os.path.isdir(path) else "no such file"
+            raise _CLIError(f"cannot load TLS files: {option} {path!r}: {reason}")
+
+
+def _load_tls(what: str, load: Callable[[], Any]) -> None:
+    """Run one step of loading a TLS context; a failure names the options involved."""
+    import ssl
+
+    try:
+        load()
+    except (OSError, ssl.SSLError) as exc:
+        detail = getattr(exc, "reason", None) or exc.strerror or exc
+        raise _CLIError(f"cannot load TLS files: {what}: {detail}") from None
+
+
 def _server_ssl_context(cert: Optional[str], key: Optional[str], ca: Optional[str]) -> Any:
     """TLS for a listener: ``cert``/``key`` identify it; ``ca`` also requires client certs."""
     if not cert and not key:
@@ -6378,17 +6409,16 @@ def _server_ssl_context(cert: Optional[str], key: Optional[str], ca: Optional[st
         return None
     if not (cert and key):
         raise _CLIError("--tls-cert and --tls-key go together")
+    _check_tls_files(("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca))
     import ssl
 
-    try:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, key)
-        if ca:
-            context.load_verify_locations(ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise _CLIError(f"cannot load TLS files: {exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_tls(f"--tls-cert {cert!r} with --tls-key {key!r}",
+              lambda: context.load_cert_chain(cert, key))
+    if ca:
+        _load_tls(f"--tls-ca {ca!r}", lambda: context.load_verify_locations(ca))
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
@@ -6398,14 +6428,17 @@ def _client_ssl_context(ca: Optional[str], cert: Optional[str], key: Optional[st
         return None
     if bool(cert) != bool(key):
         raise _CLIError("--tls-cert and --tls-key go together")
+    _check_tls_files(("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key))
     import ssl
 
-    try:
-        context = ssl.create_default_context(cafile=ca)
-        if cert:
-            context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise _CLIError(f"cannot load TLS files: {exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificate and host name
+    if ca:
+        _load_tls(f"--tls-ca {ca!r}", lambda: context.load_verify_locations(ca))
+    else:
+        context.load_default_certs()
+    if cert:
+        _load_tls(f"--tls-cert {cert!r} with --tls-key {key!r}",
+                  lambda: context.load_cert_chain(cert, key))
     return context
 
 
@@ -6532,6 +6565,20 @@ def _configure_logging(level: str) -> None:
     logging.getLogger().setLevel(numeric)
 
 
+def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any]) -> None:
+    """A second Ctrl-C while draining: say so and end the process now.
+
+    The calls still running cannot be interrupted (threads cannot be killed,
+    and the interpreter would wait for them at exit), so the process ends
+    with ``os._exit``; their callers see the connection drop.
+    """
+    out(f"eventforge worker stopped at once (second Ctrl-C): service '{service}', "
+        f"{stats['requests']} requests served, {stats['in_flight']} abandoned in flight")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     _configure_logging(args.log_level)
     if args.workers < 1:
@@ -6540,7 +6587,7 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         module, handlers, module_service = load_worker_module(args.import_)
     except ValueError as exc:
         raise _CLIError(str(exc)) from None
-    service = args.service or module_service or "rpc"
+    service = args.service or module_service or DEFAULT_SERVICE
     try:
         _request_topic(service)
     except ValueError as exc:
@@ -6560,6 +6607,7 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         server = RPCServer(queue, executor=executor, service_name=service)
         for name, func in handlers.items():
             server.add_method(name, func)
+        _answer_service_queries(queue, service, handlers)
         setup = getattr(module, "setup", None)
         if setup is not None:  # before listening: nothing is served until it succeeded
             try:
@@ -6579,9 +6627,13 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
             f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
             f"{'s' if args.workers != 1 else ''}; pid {os.getpid()})")
         _wait_until(stop)
-        logger.info("worker %s: stopping, finishing calls in flight", service)
-        server.stop(timeout=args.drain_timeout)
-        executor.stop(wait=True)
+        logger.info("worker %s: stopping, finishing calls in flight "
+                    "(Ctrl-C again stops at once)", service)
+        try:
+            server.stop(timeout=args.drain_timeout)
+            executor.stop(wait=True)
+        except KeyboardInterrupt:
+            _stop_at_once(out, service, server.stats)
         out(f"eventforge worker stopped: service '{service}', "
             f"{server.stats['requests']} requests served")
         return EXIT_OK
@@ -6591,7 +6643,14 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         transport.close()
 
 
+def _require_seconds(option: str, value: Optional[float]) -> None:
+    """Refuse a duration that is not a finite number of seconds above zero."""
+    if value is not None and not 0 < value < _INFINITY:  # NaN fails this too
+        raise _CLIError(f"{option} must be a number of seconds above 0, not {value:g}")
+
+
 def _connect_queue(args: Any) -> MessageQueue:
+    _require_seconds("--connect-timeout", args.connect_timeout)
     secret = _read_secret(args.secret_file)
     context = _client_ssl_context(args.tls_ca, args.tls_cert, args.tls_key)
     transport = TCPClientTransport(args.host, args.port, secret=secret, ssl_context=context)
@@ -6599,16 +6658,40 @@ def _connect_queue(args: Any) -> MessageQueue:
         transport.connect(timeout=args.connect_timeout)
     except (OSError, EventforgeError) as exc:
         transport.close()
-        detail = getattr(exc, "strerror", None) or exc
-        raise _CLIError(f"cannot connect to {_format_address((args.host, args.port))}: {detail}",
-                        EXIT_FAILURE) from None
+        raise _CLIError(_connect_failure(args, exc), EXIT_FAILURE) from None
     return MessageQueue(transport)
 
 
-def _json_arg(text: str) -> Any:
-    """A command-line value: JSON when it parses as JSON, else the plain string."""
+def _connect_failure(args: Any, exc: BaseException) -> str:
+    """One line on why connecting failed, naming the address once and CLI options."""
+    address = _format_address((args.host, args.port))
+    detail = str(getattr(exc, "strerror", None) or exc)
+    if isinstance(exc, AuthenticationError) and not args.secret_file:
+        detail = re.sub(r"\s*\(pass secret=\)", "", detail) + " (pass --secret-file FILE)"
+    if detail.startswith(f"cannot connect to {address}"):
+        return detail
+    if address in detail:
+        return f"cannot connect: {detail}"
+    return f"cannot connect to {address}: {detail}"
+
+
+def _json_arg(text: str, what: str = "value") -> Any:
+    """A command-line value: JSON when it parses as JSON, else the plain string.
+
+    NaN, Infinity and numbers too large for a float (``1e400``) parse as JSON
+    here but cannot be sent as JSON, so they are refused with one line.
+    """
+
+    def refuse(literal: str) -> Any:
+        raise _CLIError(f"{what} {text!r}: {literal} is not a number JSON can carry "
+                        "(NaN, Infinity and out-of-range numbers are refused)")
+
+    def finite(literal: str) -> float:
+        number = float(literal)
+        return refuse(literal) if number in (_INFINITY, -_INFINITY) else number
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
     except ValueError:
         return text
 
@@ -6620,29 +6703,90 @@ def _to_json(value: Any) -> str:
         return repr(value)
 
 
+#: Topic on which a worker answers "which services and methods do you serve?".
+_SERVICES_TOPIC = "eventforge.services"
+
+
+def _answer_service_queries(queue: MessageQueue, service: str, methods: Iterable[str]) -> None:
+    """Make a worker reply ``{"services": {service: [methods]}}`` on :data:`_SERVICES_TOPIC`."""
+    listing = {"services": {service: sorted(methods)}}
+
+    def answer(message: Message) -> None:
+        if message.reply_to:
+            queue.reply(message, listing)
+
+    queue.subscribe(_SERVICES_TOPIC, answer)
+
+
+def _served_services(queue: MessageQueue, timeout: float) -> Optional[Dict[str, List[str]]]:
+    """Ask the server what it serves; None when nobody answers (not a worker)."""
+    try:
+        reply = queue.request(_SERVICES_TOPIC, None, timeout=timeout)
+    except EventforgeError:
+        return None
+    services = reply.payload.get("services") if reply and isinstance(reply.payload, dict) else None
+    return services if isinstance(services, dict) else None
+
+
+def _describe_services(services: Dict[str, Any]) -> str:
+    return "; ".join(f"'{name}' ({', '.join(map(str, methods))})"
+                     for name, methods in sorted(services.items()))
+
+
 def _cmd_call(args: Any, out: Callable[[str], Any]) -> int:
+    service = args.service or DEFAULT_SERVICE
+    which = f"service {service!r}" + ("" if args.service else " (the default)")
+    try:
+        _request_topic(service)
+    except ValueError as exc:
+        raise _CLIError(f"--service: {exc}") from None
+    if not args.method:
+        raise _CLIError("METHOD must be a non-empty name")
+    _require_seconds("--timeout", args.timeout)
     kwargs: Dict[str, Any] = {}
     if args.kwargs:
-        try:
-            kwargs = json.loads(args.kwargs)
-        except ValueError as exc:
-            raise _CLIError(f"--kwargs is not valid JSON: {exc}") from None
+        kwargs = _json_arg(args.kwargs, "--kwargs")
         if not isinstance(kwargs, dict):
             raise _CLIError("--kwargs must be a JSON object")
-    call_args = [_json_arg(a) for a in args.args]
+    call_args = [_json_arg(a, "argument") for a in args.args]
     queue = _connect_queue(args)
-    try:
-        client = RPCClient(queue, service_name=args.service, timeout=args.timeout)
+    outcome: Dict[str, Any] = {}
+
+    def run_call() -> None:
         try:
-            result = client.invoke(args.method, call_args, kwargs)
-        except RemoteError as exc:
-            raise _CLIError(f"remote error: {exc}", EXIT_FAILURE) from None
-        except (EventforgeTimeoutError, TransportError) as exc:
-            raise _CLIError(str(exc), EXIT_FAILURE) from None
-        out(_to_json(result))
+            outcome["result"] = client.invoke(args.method, call_args, kwargs)
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    client = RPCClient(queue, service_name=service, timeout=args.timeout)
+    caller = threading.Thread(target=run_call, name="eventforge-cli-call", daemon=True)
+    caller.start()
+    try:
+        # Meanwhile ask a worker what it serves, so that a wrong --service
+        # fails at once with the right names instead of after --timeout.
+        served = _served_services(queue, min(1.0, args.timeout))
+        if served is not None and service not in served and caller.is_alive():
+            hint = f"--service {next(iter(served))}" if len(served) == 1 else "--service NAME"
+            raise _CLIError(f"{which} is not served on "
+                            f"{_format_address((args.host, args.port))}, which serves "
+                            f"{_describe_services(served)}: pass {hint}", EXIT_FAILURE)
+        caller.join()
+        error = outcome.get("error")
+        if isinstance(error, RemoteError):
+            raise _CLIError(f"remote error: {error}", EXIT_FAILURE)
+        if isinstance(error, EventforgeTimeoutError):
+            hint = "" if args.service else (f" ({DEFAULT_SERVICE!r} is the default service; "
+                                             "pass --service NAME to call another)")
+            raise _CLIError(f"{error}{hint}", EXIT_FAILURE)
+        if isinstance(error, (TransportError, SerializationError)):
+            raise _CLIError(str(error), EXIT_FAILURE)
+        if error is not None:
+            raise error
+        out(_to_json(outcome.get("result")))
         return EXIT_OK
     finally:
         queue.close()
+        caller.join(5.0)
 
 
 def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:
@@ -6651,12 +6795,12 @@ def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise _CLIError(f"--header takes KEY=VALUE, not {item!r}")
-        headers[key] = _json_arg(value)
+        headers[key] = _json_arg(value, f"--header {key}")
     try:
         validate_topic(args.topic)
     except TopicError as exc:
         raise _CLIError(str(exc)) from None
-    payload = None if args.payload is None else _json_arg(args.payload)
+    payload = None if args.payload is None else _json_arg(args.payload, "PAYLOAD")
     queue = _connect_queue(args)
     try:
         try:
@@ -6676,6 +6820,7 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
         raise _CLIError(str(exc)) from None
     if args.count is not None and args.count < 1:
         raise _CLIError("--count must be >= 1")
+    _require_seconds("--timeout", args.timeout)
     stop = threading.Event()
     received = [0]
     lock = threading.Lock()
@@ -6996,7 +7141,7 @@ def _build_parser() -> Any:
     call.add_argument("method")
     call.add_argument("args", nargs="*", metavar="ARG")
     call.add_argument("--kwargs", metavar="JSON", help='keyword arguments, e.g. \'{"n": 3}\'')
-    call.add_argument("--service", default="rpc", help="service name (default rpc)")
+    call.add_argument("--service", help=f"service name (default {DEFAULT_SERVICE!r})")
     call.add_argument("--timeout", type=float, default=10.0, metavar="S",
                       help="seconds to wait for the reply (default 10)")
     _add_connection_options(call)
@@ -7032,6 +7177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = args.command
     try:
         if command == "demo":
+            if args.servers < 1 or args.calls < 1:
+                raise _CLIError("--servers and --calls must be >= 1")
             _demo_in_process(out)
             if args.in_process_only:
                 return EXIT_OK
@@ -7134,9 +7281,17 @@ if __name__ != "__main__" and not any(
     sys.meta_path.append(_AliasFinder())
 
 
-if __name__ == "__main__":  # pragma: no cover - ``python -m eventforge``
+if __name__ == "__main__":  # pragma: no cover - ``python -m eventforge``, ``python eventforge.py``
     # Hand over to the canonically imported module so that classes have one
     # identity (pickling in PROCESS mode and isinstance checks rely on it).
+    # That module must be this very file: under ``python -I eventforge.py``
+    # its directory is not on sys.path, and another eventforge may be.
+    import importlib.util
+
+    _here = os.path.abspath(__file__)
+    _found = importlib.util.find_spec("eventforge")
+    if _found is None or os.path.abspath(_found.origin or "") != _here:
+        sys.path.insert(0, os.path.dirname(_here))
     import eventforge as _canonical
 
     sys.exit(_canonical.main())
