@@ -647,7 +647,7 @@ class Message:
     request.  The timestamp is kept as epoch seconds (or the wire string it
     arrived as) and only turned into an aware UTC ``datetime`` when read.
 
-    For code written against the pydantic-based original, ``model_dump``,
+    For code written against eventforge 0.1 (pydantic-based), ``model_dump``,
     ``model_dump_json``, ``model_validate``, ``model_validate_json`` and
     ``model_copy`` behave like their pydantic namesakes.
     """
@@ -778,7 +778,7 @@ class Message:
             return NotImplemented
         return self._wire_dict() == other._wire_dict()
 
-    __hash__ = None  # type: ignore[assignment]  # mutable, like the original
+    __hash__ = None  # type: ignore[assignment]  # mutable, as in eventforge 0.1
 
     def __repr__(self) -> str:
         extra = ""
@@ -1677,8 +1677,8 @@ class MemoryTransport(Transport):
 #   either way        $ping {} / $pong {}
 #   server -> client  $error     {code, reason}      just before the server closes
 #
-# A peer whose first frame is not ``$hello`` speaks plain frames (the original
-# eventforge client): it receives every message the server routes, and is
+# A peer whose first frame is not ``$hello`` speaks plain frames (an eventforge 0.1
+# client): it receives every message the server routes, and is
 # refused when the server has a secret.
 #
 # I/O model: one selector loop per server (accepts, reads, and writes what
@@ -1695,7 +1695,7 @@ class MemoryTransport(Transport):
 
 #: Version of the handshake protocol spoken by this module.
 PROTOCOL_VERSION = 1
-#: Default TCP port of the original eventforge.
+#: Default TCP port, the same as eventforge 0.1's.
 DEFAULT_TCP_PORT = 9090
 
 _FEATURES = frozenset(("interest", "ack", "ping", "reply"))
@@ -2298,7 +2298,7 @@ class TCPServerTransport(Transport):
     whose interest matches; messages arriving from a client reach the local
     subscribers (on the dispatcher thread, in arrival order), inboxes and
     receivers, and the other clients whose interest matches.  A client that
-    never sent ``$hello`` (the original eventforge client) receives every
+    never sent ``$hello`` (an eventforge 0.1 client) receives every
     routed message.
 
     Call :meth:`start` before use (``port=0`` picks a free port; read
@@ -3201,7 +3201,7 @@ class TCPServerTransport(Transport):
             return
         if conn.state != _READY:
             if conn.state == _NEW and self._key is None:
-                conn.state = _READY  # a frame-only peer (the original client)
+                conn.state = _READY  # a frame-only peer (an eventforge 0.1 client)
             else:
                 self._drop(conn, "auth_failures",
                            "authentication required: a message arrived before the handshake")
@@ -3579,7 +3579,7 @@ class _ClientInbox(Inbox):
 
 
 class TCPClientTransport(Transport):
-    """A connection to a :class:`TCPServerTransport` (or the original eventforge server).
+    """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
     Call :meth:`connect` before use.  ``send`` writes straight from the
     caller's thread when the connection is idle and queues otherwise, so
@@ -3603,8 +3603,8 @@ class TCPClientTransport(Transport):
     ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a
     client-side :class:`ssl.SSLContext`) enables TLS, checked against
     ``server_hostname`` (default: ``host``).  A server that does not answer
-    ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
-    original eventforge server); ``handshake=False`` skips the hello and
+    ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (an
+    eventforge 0.1 server); ``handshake=False`` skips the hello and
     ``handshake=True`` requires it.
     """
 
@@ -5097,7 +5097,7 @@ class TaskResult:
     def unwrap(self) -> Any:
         """Return :attr:`value`, or raise the task's failure.
 
-        Re-raises the original exception when it is available, else a
+        Re-raises the task's own exception when it is available, else a
         :class:`RemoteError` built from :attr:`error_type` and :attr:`error`.
         """
         if self.status is TaskStatus.COMPLETED:
@@ -5160,7 +5160,7 @@ class TaskNotFoundError(EventforgeTimeoutError, KeyError):
     Raised at once (no waiting): the id was never returned by this executor's
     ``submit``, its result was already collected, or it was dropped by the
     ``max_results`` cap.  It is a :class:`TimeoutError` (a result that will never
-    come, as the original API reported it) and a :class:`KeyError` (a lookup of
+    come, as eventforge 0.1 reported it) and a :class:`KeyError` (a lookup of
     an unknown key), so either ``except`` clause catches it.
     """
 
@@ -5638,7 +5638,7 @@ async def _wait_future_async(future: Any, timeout: Optional[float]) -> bool:
 # 8. RPC
 # ---------------------------------------------------------------------------
 
-# Request/response payloads are those of the original eventforge, so either
+# Request/response payloads are those of eventforge 0.1, so either
 # side can talk to the other (see docs/protocol.md, "RPC"):
 #
 #   request   topic  "<service>.request", reply_to "_rpc_reply.<id>"
@@ -7209,7 +7209,7 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
 # 13. Import aliases
 # ---------------------------------------------------------------------------
 
-# The original shipped a package; these names keep its import paths working.
+# eventforge 0.1 shipped a package; these names keep its import paths working.
 # Each entry maps an alias module to (target module, runnable entry point or
 # None).  An entry point makes ``python -m ALIAS`` call ``target.entry()``.
 _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
@@ -7241,7 +7241,7 @@ class _AliasLoader:
 
         target = importlib.import_module(self.target)
         module.__path__ = []  # lets ``eventforge.transports.tcp`` be imported below it
-        module.__doc__ = f"Alias of {self.target!r} kept for the original import paths."
+        module.__doc__ = f"Alias of {self.target!r} kept for the import paths of eventforge 0.1."
         module.__getattr__ = lambda name: getattr(target, name)
         module.__dir__ = lambda: dir(target)
         module.__all__ = list(getattr(target, "__all__", ()))

@@ -248,6 +248,20 @@ def test_blocks_are_found_in_every_doc_file() -> None:
         assert block.not_run or block in RUNNABLE or block.partner_of, block.id
 
 
+def test_no_undefined_the_original() -> None:
+    # "eventforge 0.1" is defined once in the README (section "Compatibility
+    # with eventforge 0.1"); "the original" was never defined.
+    offenders = []
+    for name in doc_files() + ["eventforge.py"]:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if re.search(r"\bthe original\b", line, re.I):
+                    offenders.append(f"{name}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert "\n## Compatibility with eventforge 0.1\n" in f.read()
+
+
 def test_exclusions_need_a_reason() -> None:
     text = "intro\n<!-- not-run:   -->\n```python\nimport nothing_here\n```\n"
     with pytest.raises(AssertionError, match="needs a value"):
