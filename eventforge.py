@@ -6317,24 +6317,28 @@ def with_retry(
 def _demo_in_process(out: Callable[[str], Any]) -> None:
     """Show in-process pub-sub, wildcards and request-reply on a MessageQueue."""
     with MessageQueue() as queue:
-        out("== in-process pub-sub (MemoryTransport) ==")
+        out("== 1. pub-sub in this process: a publish reaches every matching subscriber ==")
+        out("  subscribed to orders.created, orders.* (one more segment) "
+            "and **.failed (any depth)")
 
         @queue.on("orders.created")
         def exact(message: Message) -> None:
-            out(f"  orders.created   got {message.payload}")
+            out(f"    orders.created   got {message.payload}")
 
         @queue.on("orders.*")
         def one_segment(message: Message) -> None:
-            out(f"  orders.*         got {message.topic}")
+            out(f"    orders.*         got {message.topic}")
 
         @queue.on("**.failed")
         def any_depth(message: Message) -> None:
-            out(f"  **.failed        got {message.topic}")
+            out(f"    **.failed        got {message.topic}")
 
-        queue.publish("orders.created", {"id": 1, "item": "book"})
-        queue.publish("orders.payment.failed", {"id": 1})
+        for topic, payload in (("orders.created", {"id": 1, "item": "book"}),
+                               ("orders.payment.failed", {"id": 1})):
+            out(f"  publish {topic}:")
+            queue.publish(topic, payload)
 
-        out("== request-reply ==")
+        out("== 2. request-reply in this process: one question, one answer ==")
 
         @queue.on("math.add")
         def add(message: Message) -> None:
@@ -6347,9 +6351,10 @@ def _demo_in_process(out: Callable[[str], Any]) -> None:
         for i in range(rounds):
             queue.request("math.add", {"a": i, "b": 1}, timeout=5.0)
         elapsed = time.perf_counter() - started
-        out(f"  {rounds} requests, {elapsed / rounds * 1e6:.1f} us each")
+        out(f"  {rounds} more requests, {elapsed / rounds * 1e6:.1f} us each")
         stats = queue.transport.stats
-        out(f"  left behind: {stats['mailboxes']} mailboxes, {stats['inboxes']} inboxes")
+        out(f"  nothing left over: {stats['buffered']} unclaimed messages kept, "
+            f"{stats['inboxes']} requests still waiting for a reply")
 
 
 class _CLIError(Exception):
@@ -6861,7 +6866,7 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
 # -- demo: three workers in subprocesses --------------------------------------
 
 _DEMO_HANDLERS_SOURCE = '''\
-"""Handlers served by the demo's workers (written by ``eventforge demo``).
+"""Handlers served by the demo's workers (``eventforge demo --print-handlers``).
 
 Any module shaped like this one can be served with
 ``python -m eventforge worker --import MODULE``.
@@ -6998,7 +7003,8 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
     import tempfile
 
     stream = sys.stdout if stream is None else stream
-    out(f"== {servers} workers in subprocesses, RPC over TCP loopback ==")
+    out(f"== 3. {servers} worker process{'es' if servers != 1 else ''} on this machine, "
+        "serving 'demo' over TCP on 127.0.0.1 ==")
     directory = tempfile.mkdtemp(prefix="eventforge-demo-")
     processes: List[Any] = []
     queues: List[MessageQueue] = []
@@ -7013,15 +7019,15 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
         addresses = [_read_ready_line(p, 30.0) for p in processes]
         for name, address, process in zip(names, addresses, processes):
             out(f"  {name}: pid {process.pid} serving 'demo' on {_format_address(address)}")
-        out(f"  started in {time.perf_counter() - started:.2f} s with "
-            f"`python -m eventforge worker --import demo_handlers.py --port 0`")
+        out(f"  each started as `{_demo_launcher()} worker --import demo_handlers.py --port 0`, "
+            f"all ready in {time.perf_counter() - started:.2f} s")
         for host, port in addresses:
             transport = TCPClientTransport(host, port)
             transport.connect(timeout=10)
             queues.append(MessageQueue(transport))
         pool = RoundRobinRPCClient([RPCClient(q, service_name="demo", timeout=10) for q in queues])
 
-        out(f"== {calls} calls spread round-robin over the {servers} workers ==")
+        out(f"== 4. {calls} calls, each to the next worker in turn (round-robin) ==")
         progress = _Progress(calls, out, stream)
         per_worker: Dict[str, int] = {}
         latencies: List[float] = []
@@ -7035,16 +7041,18 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
         for name in names:
             count = per_worker.get(name, 0)
             out(f"  {name}: {count:4d} calls  {'#' * (count * 30 // max(calls, 1))}")
-        out("  latency: " + ", ".join(
-            f"p{q} {_percentile(latencies, q) * 1e3:.2f} ms" for q in (50, 90, 99))
-            + f", max {latencies[-1] * 1e3:.2f} ms" if latencies else "  latency: n/a")
+        out(f"  time per call: median {_percentile(latencies, 50) * 1e3:.2f} ms, "
+            f"90% within {_percentile(latencies, 90) * 1e3:.2f} ms, "
+            f"99% within {_percentile(latencies, 99) * 1e3:.2f} ms, "
+            f"slowest {latencies[-1] * 1e3:.2f} ms")
 
         try:
             pool.compute("ten")
         except RemoteError as exc:
-            out(f"  errors come back too: compute('ten') raised RemoteError({exc})")
+            out(f"  an error in a worker comes back to the caller: "
+                f"compute('ten') raised RemoteError({exc})")
 
-        out("== pub-sub across processes ==")
+        out("== 5. pub-sub across processes: each worker answers a job with an event ==")
         events: List[Message] = []
         got_all = threading.Event()
         lock = threading.Lock()
@@ -7076,10 +7084,52 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
         shutil.rmtree(directory, ignore_errors=True)
     if codes:
         clean = all(code == 0 for code in codes)
-        out(f"== stopped {len(codes)} workers: exit codes {codes} "
-            f"({'clean' if clean else 'NOT clean'}) ==")
+        out(f"== stopped {len(codes)} worker{'s' if len(codes) != 1 else ''}: "
+            f"exit codes {codes} ({'clean' if clean else 'NOT clean'}) ==")
         if not clean:
             status = EXIT_FAILURE
+    return status
+
+
+def _demo_launcher() -> str:
+    """How to start eventforge again the way this demo was started."""
+    main_module = sys.modules.get("__main__")
+    script = sys.argv[0] if sys.argv else ""
+    if getattr(main_module, "__spec__", None) is None and \
+            os.path.basename(script) == "eventforge.py":
+        return f"python {script}"  # the vendored file, run as a script
+    return "python -m eventforge"
+
+
+def _demo_next_steps(out: Callable[[str], Any]) -> None:
+    run = _demo_launcher()
+    out("")
+    out("Try it by hand next (the last two commands in two terminals):")
+    out(f"  {run} demo --print-handlers > demo_handlers.py")
+    out(f"  {run} worker --import demo_handlers.py   # serves 'demo' on 127.0.0.1:9090")
+    out(f"  {run} call --service demo compute 1000   "
+        '# prints {"worker": "pid-...", "value": 332833500}')
+    out("README.md shows the same in Python code.")
+
+
+def _cmd_demo(args: Any, out: Callable[[str], Any]) -> int:
+    if args.print_handlers:
+        out(_DEMO_HANDLERS_SOURCE.rstrip("\n"))
+        return EXIT_OK
+    if args.servers < 1 or args.calls < 1:
+        raise _CLIError("--servers and --calls must be >= 1")
+    if args.in_process_only:
+        out("eventforge demo: pub-sub and request-reply inside this process. "
+            "Nothing to install.")
+    else:
+        processes = f"{args.servers} worker process{'es' if args.servers != 1 else ''}"
+        out(f"eventforge demo: pub-sub and request-reply inside this process, then across "
+            f"{processes} it starts here and stops at the end (TCP on 127.0.0.1). "
+            "Nothing to install.")
+    _demo_in_process(out)
+    status = EXIT_OK if args.in_process_only else _demo_cluster(out, args.servers, args.calls)
+    if status == EXIT_OK:
+        _demo_next_steps(out)
     return status
 
 
@@ -7111,6 +7161,8 @@ def _build_parser() -> Any:
     demo.add_argument("--calls", type=int, default=300, help="RPC calls to make (default 300)")
     demo.add_argument("--in-process-only", action="store_true",
                       help="skip the part with subprocesses")
+    demo.add_argument("--print-handlers", action="store_true",
+                      help="print the workers' handler module (to run one by hand) and exit")
 
     worker = commands.add_parser(
         "worker", help="serve a module's HANDLERS over TCP",
@@ -7177,12 +7229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = args.command
     try:
         if command == "demo":
-            if args.servers < 1 or args.calls < 1:
-                raise _CLIError("--servers and --calls must be >= 1")
-            _demo_in_process(out)
-            if args.in_process_only:
-                return EXIT_OK
-            return _demo_cluster(out, servers=args.servers, calls=args.calls)
+            return _cmd_demo(args, out)
         if command == "worker":
             return _cmd_worker(args, out)
         if command == "call":
