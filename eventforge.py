@@ -6755,43 +6755,54 @@ def _cmd_call(args: Any, out: Callable[[str], Any]) -> int:
             raise _CLIError("--kwargs must be a JSON object")
     call_args = [_json_arg(a, "argument") for a in args.args]
     queue = _connect_queue(args)
-    outcome: Dict[str, Any] = {}
+    served: Dict[str, Any] = {}
+    call_done = threading.Event()
 
-    def run_call() -> None:
-        try:
-            outcome["result"] = client.invoke(args.method, call_args, kwargs)
-        except BaseException as exc:  # handed to the main thread
-            outcome["error"] = exc
+    def not_served() -> Optional[str]:
+        listing = served.get("services")
+        if listing is None or service in listing:
+            return None
+        hint = f"--service {next(iter(listing))}" if len(listing) == 1 else "--service NAME"
+        return (f"{which} is not served on {_format_address((args.host, args.port))}, "
+                f"which serves {_describe_services(listing)}: pass {hint}")
 
+    def check_service() -> None:
+        # While the call is in flight, ask a worker what it serves, so that a
+        # wrong --service fails at once, naming the right one, rather than
+        # after --timeout.  A short grace lets a service the listing does not
+        # know (set up by the module itself) answer anyway.
+        grace = min(1.0, args.timeout)
+        served["services"] = _served_services(queue, grace)
+        if not_served() is not None and not call_done.wait(grace):
+            queue.close()  # ends the waiting call below at once
+
+    checker = threading.Thread(target=check_service, name="eventforge-cli-services",
+                               daemon=True)
     client = RPCClient(queue, service_name=service, timeout=args.timeout)
-    caller = threading.Thread(target=run_call, name="eventforge-cli-call", daemon=True)
-    caller.start()
+    checker.start()
     try:
-        # Meanwhile ask a worker what it serves, so that a wrong --service
-        # fails at once with the right names instead of after --timeout.
-        served = _served_services(queue, min(1.0, args.timeout))
-        if served is not None and service not in served and caller.is_alive():
-            hint = f"--service {next(iter(served))}" if len(served) == 1 else "--service NAME"
-            raise _CLIError(f"{which} is not served on "
-                            f"{_format_address((args.host, args.port))}, which serves "
-                            f"{_describe_services(served)}: pass {hint}", EXIT_FAILURE)
-        caller.join()
-        error = outcome.get("error")
-        if isinstance(error, RemoteError):
-            raise _CLIError(f"remote error: {error}", EXIT_FAILURE)
-        if isinstance(error, EventforgeTimeoutError):
-            hint = "" if args.service else (f" ({DEFAULT_SERVICE!r} is the default service; "
-                                             "pass --service NAME to call another)")
-            raise _CLIError(f"{error}{hint}", EXIT_FAILURE)
-        if isinstance(error, (TransportError, SerializationError)):
-            raise _CLIError(str(error), EXIT_FAILURE)
-        if error is not None:
-            raise error
-        out(_to_json(outcome.get("result")))
+        try:
+            result = client.invoke(args.method, call_args, kwargs)
+        except (RemoteError, EventforgeTimeoutError, TransportError, SerializationError) as exc:
+            call_done.set()
+            checker.join(5.0)
+            problem = not_served()
+            if problem is not None and not isinstance(exc, RemoteError):
+                raise _CLIError(problem, EXIT_FAILURE) from None
+            if isinstance(exc, RemoteError):
+                raise _CLIError(f"remote error: {exc}", EXIT_FAILURE) from None
+            hint = ""
+            if isinstance(exc, EventforgeTimeoutError) and not args.service:
+                hint = (f" ({DEFAULT_SERVICE!r} is the default service; "
+                        "pass --service NAME to call another)")
+            raise _CLIError(f"{exc}{hint}", EXIT_FAILURE) from None
+        finally:
+            call_done.set()
+        out(_to_json(result))
         return EXIT_OK
     finally:
         queue.close()
-        caller.join(5.0)
+        checker.join(5.0)
 
 
 def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:

@@ -143,6 +143,28 @@ def test_wrong_default_service_says_what_is_served_at_once(math_worker):
     assert (ok.returncode, ok.stdout.strip()) == (0, "42"), ok.stderr
 
 
+def test_a_service_the_listing_does_not_know_still_answers(tmp_path):
+    # setup(queue) may serve more on the worker's queue than the listing says.
+    (tmp_path / "twosvc.py").write_text(textwrap.dedent('''
+        import eventforge
+
+        SERVICE_NAME = "main"
+        HANDLERS = {"one": lambda: 1}
+
+
+        def setup(queue):
+            extra = eventforge.RPCServer(queue, service_name="extra")
+            extra.add_method("two", lambda: 2)
+            extra.serve(blocking=False)
+    '''))
+    worker = Worker("--import", "twosvc", cwd=str(tmp_path))
+    try:
+        result = run_cli("call", "--service", "extra", "two", "--port", str(worker.port))
+        assert (result.returncode, result.stdout.strip()) == (0, "2"), result.stderr
+    finally:
+        worker.close()
+
+
 def test_no_reply_names_the_default_service():
     # A server that is not a worker: nobody answers, so the timeout explains.
     server = ef.TCPServerTransport("127.0.0.1", 0)
