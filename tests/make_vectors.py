@@ -386,50 +386,41 @@ def rpc_vectors() -> List[Dict[str, Any]]:
     return result
 
 
-def write_rpc(out_dir: str) -> List[str]:
-    """Write the RPC vectors and rpc.json into ``out_dir``; return the file names."""
+def _write_set(out_dir: str, vectors: List[Dict[str, Any]], manifest_name: str,
+               description: str) -> List[str]:
+    """Write the vectors' frames and their manifest into ``out_dir``; return the file names."""
     os.makedirs(out_dir, exist_ok=True)
-    entries, names = [], []
-    for vector in rpc_vectors():
+    entries = []
+    names = []
+    for vector in vectors:
         entry = vector["entry"]
         with open(os.path.join(out_dir, entry["file"]), "wb") as f:
             f.write(vector["frame"])
         entries.append(entry)
         names.append(entry["file"])
     manifest = {
-        "description": "eventforge RPC test vectors (request and responses); "
-        "see docs/protocol.md, section 10",
+        "description": description,
         "frame": "4-byte unsigned big-endian body length, then the UTF-8 JSON body",
         "vectors": entries,
     }
-    with open(os.path.join(out_dir, "rpc.json"), "w", encoding="utf-8", newline="\n") as f:
+    with open(os.path.join(out_dir, manifest_name), "w", encoding="utf-8", newline="\n") as f:
         json.dump(manifest, f, ensure_ascii=True, indent=2)
         f.write("\n")
-    names.append("rpc.json")
+    names.append(manifest_name)
     return names
 
 
 def write(out_dir: str) -> List[str]:
     """Write every vector file and manifest.json into ``out_dir``; return the file names."""
-    os.makedirs(out_dir, exist_ok=True)
-    entries = []
-    names = []
-    for vector in vectors():
-        entry = vector["entry"]
-        with open(os.path.join(out_dir, entry["file"]), "wb") as f:
-            f.write(vector["frame"])
-        entries.append(entry)
-        names.append(entry["file"])
-    manifest = {
-        "description": "eventforge wire-format test vectors; see docs/protocol.md",
-        "frame": "4-byte unsigned big-endian body length, then the UTF-8 JSON body",
-        "vectors": entries,
-    }
-    with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8", newline="\n") as f:
-        json.dump(manifest, f, ensure_ascii=True, indent=2)
-        f.write("\n")
-    names.append("manifest.json")
-    return names
+    return _write_set(out_dir, vectors(), "manifest.json",
+                      "eventforge wire-format test vectors; see docs/protocol.md")
+
+
+def write_rpc(out_dir: str) -> List[str]:
+    """Write the RPC vectors and rpc.json into ``out_dir``; return the file names."""
+    return _write_set(out_dir, rpc_vectors(), "rpc.json",
+                      "eventforge RPC test vectors (request and responses); "
+                      "see docs/protocol.md, section 10")
 
 
 def main(argv: List[str]) -> int:

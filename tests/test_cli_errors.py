@@ -7,6 +7,7 @@ runs as a script under ``python -I``.  Real subprocesses, real sockets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -264,8 +265,10 @@ def _wait_for(condition, timeout=30.0, what="condition"):
         time.sleep(0.02)
 
 
-def _call_in_background(port: int, seconds: float):
-    transport = ef.TCPClientTransport("127.0.0.1", port)
+@contextlib.contextmanager
+def call_in_flight(worker, tmp_path, seconds: float):
+    """A nap(seconds) call running on ``worker``; yields its outcome dict."""
+    transport = ef.TCPClientTransport("127.0.0.1", worker.port)
     transport.connect(timeout=10)
     queue = ef.MessageQueue(transport)
     outcome = {}
@@ -278,29 +281,27 @@ def _call_in_background(port: int, seconds: float):
 
     caller = threading.Thread(target=call, name="test-caller")
     caller.start()
-    return queue, caller, outcome
+    try:
+        _wait_for((tmp_path / "nap.started").exists, what="the call to start")
+        yield outcome, caller
+    finally:
+        queue.close()
+        caller.join(30)
 
 
 def test_first_ctrl_c_finishes_the_call_in_flight(math_worker, tmp_path):
     worker = math_worker()
-    queue, caller, outcome = _call_in_background(worker.port, 2.0)
-    try:
-        _wait_for((tmp_path / "nap.started").exists, what="the call to start")
+    with call_in_flight(worker, tmp_path, 2.0) as (outcome, caller):
         worker.signal(signal.SIGINT)
         caller.join(60)
         assert outcome == {"result": "rested"}
         assert worker.wait(60) == 0
         assert worker.stdout[-1].startswith("eventforge worker stopped: service 'math'")
-    finally:
-        queue.close()
-        caller.join(10)
 
 
 def test_second_ctrl_c_stops_at_once(math_worker, tmp_path):
     worker = math_worker()
-    queue, caller, outcome = _call_in_background(worker.port, 60.0)
-    try:
-        _wait_for((tmp_path / "nap.started").exists, what="the call to start")
+    with call_in_flight(worker, tmp_path, 60.0) as (outcome, _):
         worker.signal(signal.SIGINT)
         _wait_for(lambda: any("stopping" in line for line in worker.stderr), what="draining")
         started = time.monotonic()
@@ -310,9 +311,6 @@ def test_second_ctrl_c_stops_at_once(math_worker, tmp_path):
         assert worker.stdout[-1] == ("eventforge worker stopped at once (second Ctrl-C): "
                                      "service 'math', 1 requests served, 1 abandoned in flight")
         assert not any("Traceback" in line for line in worker.stderr), worker.stderr
-    finally:
-        queue.close()
-        caller.join(30)
     assert "result" not in outcome
 
 
