@@ -273,6 +273,13 @@ def vectors() -> List[Dict[str, Any]]:
             note="Length prefix 2^32-1 with no body: refused at once, no allocation "
             "sized by it, connection closed.",
         ),
+        dict(
+            name="timestamp-past-year-9999",
+            body='{"topic":"a","timestamp":"9999-12-31T23:59:59-01:00"}',
+            error="FrameError",
+            note="Every field is in range, but the instant in UTC is in year 10000: "
+            "outside the years 1-9999, so refused at decode.",
+        ),
     ]
     result = []
     for number, vector in enumerate(accepted + refused, start=1):
@@ -326,13 +333,15 @@ def rpc_vectors() -> List[Dict[str, Any]]:
     """The RPC vectors: name, frame bytes and manifest entry."""
     request_body = (
         f'{{"id":"{ID}","topic":"calculator.request","payload":{{"id":"{RPC_REQUEST_ID}",'
-        '"method":"add","args":[10,20],"kwargs":{},"timeout":30.0},"headers":{},'
+        '"method":"add","args":[10,20],"kwargs":{},"timeout":30.0},'
+        '"headers":{"_ttl_ms":30000},'
         f'"timestamp":"2026-01-01T00:00:00Z","reply_to":"_rpc_reply.{RPC_REQUEST_ID}",'
         '"correlation_id":null}'
     )
     request = _message(
         "calculator.request",
         {"id": RPC_REQUEST_ID, "method": "add", "args": [10, 20], "kwargs": {}, "timeout": 30.0},
+        headers={"_ttl_ms": 30000},
         timestamp="2026-01-01T00:00:00Z", reply_to=f"_rpc_reply.{RPC_REQUEST_ID}",
     )
     success = _rpc_response(
@@ -359,8 +368,9 @@ def rpc_vectors() -> List[Dict[str, Any]]:
         dict(name="request", kind="request", body=request_body, message=request,
              call={"service": "calculator", "method": "add", "args": [10, 20], "kwargs": {}},
              note="calculator.add(10, 20) with a 30 s timeout: the request goes to "
-             "<service>.request, reply_to is _rpc_reply.<payload id>. A current client also "
-             "sets the reserved header _ttl_ms; a server must accept requests without it."),
+             "<service>.request, reply_to is _rpc_reply.<payload id>, and the reserved header "
+             "_ttl_ms says how long the caller still waits (30000 ms, just sent). A server "
+             "must also accept requests without _ttl_ms (eventforge 0.1 clients)."),
         dict(name="response-success", kind="response", **success,
              outcome={"result": 30},
              note="The answer to the request vector: correlation_id is the request "

@@ -22,6 +22,8 @@ Printed output promised in comments is checked:
 - ``# -> TEXT`` on any other line promises that TEXT is printed somewhere
   (by a handler, typically).
 
+In a promise, ``...`` stands for any text (``# {'count': 2, 'avg': ...}``).
+
 Port numbers 9000-9999 in a block are replaced by free ports (the same
 number by the same port within a server/client pair), so the examples keep
 their familiar ports and the tests never collide with a real service.
@@ -182,6 +184,14 @@ def _run(code: str) -> subprocess.CompletedProcess:
                           timeout=TIMEOUT)
 
 
+def _sample(*needles: str) -> str:
+    """The README block containing every needle, for tests that check more than promises."""
+    for block in BLOCKS:
+        if block.path == "README.md" and all(n in block.code for n in needles):
+            return block.code
+    raise AssertionError(f"README has no python block containing {needles}")
+
+
 def _check_result(block: Block, returncode: int, stdout: str, stderr: str) -> None:
     """Exit 0, no traceback on stderr (a handler error is printed there), promises kept."""
     assert returncode == 0, f"{block.id} exited {returncode}:\n{stdout}\n{stderr}"
@@ -194,14 +204,23 @@ def _check_output(block: Block, stdout: str) -> None:
     lines = stdout.splitlines()
     position = 0
     for expected in ordered:
-        try:
-            position = lines.index(expected, position) + 1
-        except ValueError:
+        found = _find_line(lines, expected, position)
+        if found is None:
             raise AssertionError(
-                f"{block.id}: expected the line {expected!r} (in this order), got:\n{stdout}"
-            ) from None
+                f"{block.id}: expected the line {expected!r} (in this order), got:\n{stdout}")
+        position = found + 1
     for expected in anywhere:
-        assert expected in lines, f"{block.id}: expected the line {expected!r}, got:\n{stdout}"
+        assert _find_line(lines, expected, 0) is not None, (
+            f"{block.id}: expected the line {expected!r}, got:\n{stdout}")
+
+
+def _find_line(lines: List[str], expected: str, start: int) -> Optional[int]:
+    """Index of the first line from ``start`` that ``expected`` describes (``...``: any text)."""
+    pattern = re.compile(".*".join(re.escape(part) for part in expected.split("...")))
+    for index in range(start, len(lines)):
+        if pattern.fullmatch(lines[index]):
+            return index
+    return None
 
 
 @pytest.mark.timeout(TIMEOUT * 2 + 30)
@@ -285,6 +304,13 @@ def test_promised_output_is_parsed() -> None:
         "y = 3             # a plain comment\n"
     )
     assert promised_output(code) == (["30", "5"], ["worker got: {'task': 42}"])
+
+
+def test_ellipsis_in_a_promise_stands_for_any_text() -> None:
+    block = Block("x.md", 1, "print(d)  # {'count': 2, 'avg': ..., 'max': ...}\n")
+    _check_output(block, "{'count': 2, 'avg': 0.5, 'max': 1.0, 'total': 1.0}\n")
+    with pytest.raises(AssertionError):
+        _check_output(block, "{'count': 3, 'avg': 0.5, 'max': 1.0}\n")
 
 
 def test_a_broken_promise_fails() -> None:

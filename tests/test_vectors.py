@@ -274,6 +274,8 @@ def test_the_client_sends_requests_shaped_like_the_vector():
         k: v for k, v in expected["payload"].items() if k not in ("id", "timeout")}
     assert request.reply_to == "_rpc_reply." + request.payload["id"]
     assert request.correlation_id is None
+    assert set(request.headers) == set(expected["headers"]) == {"_ttl_ms"}
+    assert isinstance(request.headers["_ttl_ms"], int)
 
 
 def test_protocol_md_rpc_example_is_the_request_vector():
