@@ -8700,9 +8700,9 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
             f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
             f"{'s' if args.workers != 1 else ''}; pid {os.getpid()})")
         _wait_until(stop)
-        logger.info("worker %s: stopping, finishing calls in flight "
-                    "(Ctrl-C again stops at once)", service)
         try:
+            logger.info("worker %s: stopping, finishing calls in flight "
+                        "(Ctrl-C again stops at once)", service)
             server.stop(timeout=args.drain_timeout)
             executor.stop(wait=True)
         except KeyboardInterrupt:
