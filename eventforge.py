@@ -8638,6 +8638,10 @@ def _configure_logging(level: str) -> None:
     logging.getLogger().setLevel(numeric)
 
 
+def _count_of(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any]) -> None:
     """A second Ctrl-C while draining: say so and end the process now.
 
@@ -8646,7 +8650,8 @@ def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any]
     with ``os._exit``; their callers see the connection drop.
     """
     out(f"eventforge worker stopped at once (second Ctrl-C): service '{service}', "
-        f"{stats['requests']} requests served, {stats['in_flight']} abandoned in flight")
+        f"{_count_of(stats['requests'], 'request')} served, "
+        f"{stats['in_flight']} abandoned in flight")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)
@@ -8708,7 +8713,7 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         except KeyboardInterrupt:
             _stop_at_once(out, service, server.stats)
         out(f"eventforge worker stopped: service '{service}', "
-            f"{server.stats['requests']} requests served")
+            f"{_count_of(server.stats['requests'], 'request')} served")
         return EXIT_OK
     finally:
         restore()

@@ -309,7 +309,7 @@ def test_second_ctrl_c_stops_at_once(math_worker, tmp_path):
         assert worker.wait(30) == 130
         assert time.monotonic() - started < 30  # not the 60 s the call would take
         assert worker.stdout[-1] == ("eventforge worker stopped at once (second Ctrl-C): "
-                                     "service 'math', 1 requests served, 1 abandoned in flight")
+                                     "service 'math', 1 request served, 1 abandoned in flight")
         assert not any("Traceback" in line for line in worker.stderr), worker.stderr
     assert "result" not in outcome
 
