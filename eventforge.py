@@ -295,7 +295,14 @@ class RemoteError(EventforgeError):
 
 
 class MethodNotFoundError(RemoteError):
-    """The RPC server has no method registered under the requested name."""
+    """The RPC server has no method registered under the requested name.
+
+    ``str(error)`` is the server's message, ``"Method not found: NAME"``
+    (the class name already says the rest).
+    """
+
+    def __str__(self) -> str:
+        return self.remote_message or self.remote_type
 
 
 # ---------------------------------------------------------------------------
@@ -765,7 +772,7 @@ class Message:
     request.  The timestamp is kept as epoch seconds (or the wire string it
     arrived as) and only turned into an aware UTC ``datetime`` when read.
 
-    For code written against the pydantic-based original, ``model_dump``,
+    For code written against eventforge 0.1 (pydantic-based), ``model_dump``,
     ``model_dump_json``, ``model_validate``, ``model_validate_json`` and
     ``model_copy`` behave like their pydantic namesakes.
     """
@@ -896,7 +903,7 @@ class Message:
             return NotImplemented
         return self._wire_dict() == other._wire_dict()
 
-    __hash__ = None  # type: ignore[assignment]  # mutable, like the original
+    __hash__ = None  # type: ignore[assignment]  # mutable, as in eventforge 0.1
 
     def __repr__(self) -> str:
         extra = ""
@@ -1920,8 +1927,8 @@ class MemoryTransport(Transport):
 #   either way        $ping {} / $pong {}
 #   server -> client  $error     {code, reason}      just before the server closes
 #
-# A peer whose first frame is not ``$hello`` speaks plain frames (the original
-# eventforge client): it receives every message the server routes but other
+# A peer whose first frame is not ``$hello`` speaks plain frames (an eventforge 0.1
+# client): it receives every message the server routes but other
 # connections' inbox messages, and is refused when the server has a secret
 # or ``allow_frame_only=False``.
 #
@@ -1940,7 +1947,7 @@ class MemoryTransport(Transport):
 
 #: Version of the handshake protocol spoken by this module.
 PROTOCOL_VERSION = 1
-#: Default TCP port of the original eventforge.
+#: Default TCP port, the same as eventforge 0.1's.
 DEFAULT_TCP_PORT = 9090
 
 _FEATURES = frozenset(("interest", "ack", "ping", "reply", "flush"))
@@ -2658,7 +2665,7 @@ class TCPServerTransport(Transport):
     whose interest matches; messages arriving from a client reach the local
     subscribers (on the dispatcher thread, in arrival order), inboxes and
     receivers, and the other clients whose interest matches.  A client that
-    never sent ``$hello`` (the original eventforge client) receives every
+    never sent ``$hello`` (an eventforge 0.1 client) receives every
     routed message.
 
     Call :meth:`start` before use (``port=0`` picks a free port; read
@@ -3549,7 +3556,7 @@ class TCPServerTransport(Transport):
                 self._tls_handshake(conn)
 
     def _add_broadcast(self, conn: _Connection) -> None:
-        # Until it sends $hello a peer may be an original (frame-only) client:
+        # Until it sends $hello a peer may be an eventforge 0.1 (frame-only) client:
         # it gets every routed message but inbox ones, and its requests'
         # reply_to inboxes are routed to it (see _implicit_interest).
         self._broadcast = self._broadcast + (conn,)
@@ -3695,7 +3702,7 @@ class TCPServerTransport(Transport):
             return
         if conn.state != _READY:
             if conn.state == _NEW and self.allow_frame_only:
-                conn.state = _READY  # a frame-only peer (the original client)
+                conn.state = _READY  # a frame-only peer (an eventforge 0.1 client)
             elif conn.state == _NEW and self._key is None:
                 self._refuse(conn, "frame_only_refused", "protocol",
                              "frame-only peers are refused here: send $hello first "
@@ -4334,7 +4341,7 @@ class _ClientInbox(Inbox):
 
 
 class TCPClientTransport(Transport):
-    """A connection to a :class:`TCPServerTransport` (or the original eventforge server).
+    """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
     Call :meth:`connect` before use.  ``send`` writes straight from the
     caller's thread when the connection is idle and queues otherwise, so
@@ -6211,7 +6218,7 @@ class TaskResult:
     def unwrap(self) -> Any:
         """Return :attr:`value`, or raise the task's failure.
 
-        Re-raises the original exception when it is available, else a
+        Re-raises the task's own exception when it is available, else a
         :class:`RemoteError` built from :attr:`error_type` and :attr:`error`.
         """
         if self.status is TaskStatus.COMPLETED:
@@ -6274,7 +6281,7 @@ class TaskNotFoundError(EventforgeTimeoutError, KeyError):
     Raised at once (no waiting): the id was never returned by this executor's
     ``submit``, its result was already collected, or it was dropped by the
     ``max_results`` cap.  It is a :class:`TimeoutError` (a result that will never
-    come, as the original API reported it) and a :class:`KeyError` (a lookup of
+    come, as eventforge 0.1 reported it) and a :class:`KeyError` (a lookup of
     an unknown key), so either ``except`` clause catches it.
     """
 
@@ -6771,7 +6778,7 @@ async def _wait_future_async(future: Any, timeout: Optional[float]) -> bool:
 # 8. RPC
 # ---------------------------------------------------------------------------
 
-# Request/response payloads are those of the original eventforge, so either
+# Request/response payloads are those of eventforge 0.1, so either
 # side can talk to the other (see docs/protocol.md, "RPC"):
 #
 #   request   topic  "<service>.request", reply_to "_rpc_reply.<id>"
@@ -9221,24 +9228,28 @@ def task(
 def _demo_in_process(out: Callable[[str], Any]) -> None:
     """Show in-process pub-sub, wildcards and request-reply on a MessageQueue."""
     with MessageQueue() as queue:
-        out("== in-process pub-sub (MemoryTransport) ==")
+        out("== 1. pub-sub in this process: a publish reaches every matching subscriber ==")
+        out("  subscribed to orders.created, orders.* (one more segment) "
+            "and **.failed (any depth)")
 
         @queue.on("orders.created")
         def exact(message: Message) -> None:
-            out(f"  orders.created   got {message.payload}")
+            out(f"    orders.created   got {message.payload}")
 
         @queue.on("orders.*")
         def one_segment(message: Message) -> None:
-            out(f"  orders.*         got {message.topic}")
+            out(f"    orders.*         got {message.topic}")
 
         @queue.on("**.failed")
         def any_depth(message: Message) -> None:
-            out(f"  **.failed        got {message.topic}")
+            out(f"    **.failed        got {message.topic}")
 
-        queue.publish("orders.created", {"id": 1, "item": "book"})
-        queue.publish("orders.payment.failed", {"id": 1})
+        for topic, payload in (("orders.created", {"id": 1, "item": "book"}),
+                               ("orders.payment.failed", {"id": 1})):
+            out(f"  publish {topic}:")
+            queue.publish(topic, payload)
 
-        out("== request-reply ==")
+        out("== 2. request-reply in this process: one question, one answer ==")
 
         @queue.on("math.add")
         def add(message: Message) -> None:
@@ -9251,9 +9262,10 @@ def _demo_in_process(out: Callable[[str], Any]) -> None:
         for i in range(rounds):
             queue.request("math.add", {"a": i, "b": 1}, timeout=5.0)
         elapsed = time.perf_counter() - started
-        out(f"  {rounds} requests, {elapsed / rounds * 1e6:.1f} us each")
+        out(f"  {rounds} more requests, {elapsed / rounds * 1e6:.1f} us each")
         stats = queue.transport.stats
-        out(f"  left behind: {stats['mailboxes']} mailboxes, {stats['inboxes']} inboxes")
+        out(f"  nothing left over: {stats['buffered']} unclaimed messages kept, "
+            f"{stats['inboxes']} requests still waiting for a reply")
 
 
 class _CLIError(Exception):
@@ -9266,6 +9278,11 @@ class _CLIError(Exception):
 
 #: Exit statuses of the command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+_INFINITY = float("inf")
+
+#: Service name of a worker and of ``eventforge call`` when none is given.
+DEFAULT_SERVICE = "rpc"
 
 
 def _read_secret(path: Optional[str]) -> Optional[bytes]:
@@ -9281,6 +9298,25 @@ def _read_secret(path: Optional[str]) -> Optional[bytes]:
     return secret
 
 
+def _check_tls_files(*options: Tuple[str, Optional[str]]) -> None:
+    """Name the option and the path of a TLS file that cannot be read."""
+    for option, path in options:
+        if path and not os.path.isfile(path):
+            reason = "is a directory" if os.path.isdir(path) else "no such file"
+            raise _CLIError(f"cannot load TLS files: {option} {path!r}: {reason}")
+
+
+def _load_tls(what: str, load: Callable[[], Any]) -> None:
+    """Run one step of loading a TLS context; a failure names the options involved."""
+    import ssl
+
+    try:
+        load()
+    except (OSError, ssl.SSLError) as exc:
+        detail = getattr(exc, "reason", None) or exc.strerror or exc
+        raise _CLIError(f"cannot load TLS files: {what}: {detail}") from None
+
+
 def _server_ssl_context(cert: Optional[str], key: Optional[str], ca: Optional[str]) -> Any:
     """TLS for a listener: ``cert``/``key`` identify it; ``ca`` also requires client certs."""
     if not cert and not key:
@@ -9289,17 +9325,16 @@ def _server_ssl_context(cert: Optional[str], key: Optional[str], ca: Optional[st
         return None
     if not (cert and key):
         raise _CLIError("--tls-cert and --tls-key go together")
+    _check_tls_files(("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca))
     import ssl
 
-    try:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, key)
-        if ca:
-            context.load_verify_locations(ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise _CLIError(f"cannot load TLS files: {exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_tls(f"--tls-cert {cert!r} with --tls-key {key!r}",
+              lambda: context.load_cert_chain(cert, key))
+    if ca:
+        _load_tls(f"--tls-ca {ca!r}", lambda: context.load_verify_locations(ca))
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
@@ -9309,14 +9344,17 @@ def _client_ssl_context(ca: Optional[str], cert: Optional[str], key: Optional[st
         return None
     if bool(cert) != bool(key):
         raise _CLIError("--tls-cert and --tls-key go together")
+    _check_tls_files(("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key))
     import ssl
 
-    try:
-        context = ssl.create_default_context(cafile=ca)
-        if cert:
-            context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise _CLIError(f"cannot load TLS files: {exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificate and host name
+    if ca:
+        _load_tls(f"--tls-ca {ca!r}", lambda: context.load_verify_locations(ca))
+    else:
+        context.load_default_certs()
+    if cert:
+        _load_tls(f"--tls-cert {cert!r} with --tls-key {key!r}",
+                  lambda: context.load_cert_chain(cert, key))
     return context
 
 
@@ -9443,6 +9481,25 @@ def _configure_logging(level: str) -> None:
     logging.getLogger().setLevel(numeric)
 
 
+def _count_of(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any]) -> None:
+    """A second Ctrl-C while draining: say so and end the process now.
+
+    The calls still running cannot be interrupted (threads cannot be killed,
+    and the interpreter would wait for them at exit), so the process ends
+    with ``os._exit``; their callers see the connection drop.
+    """
+    out(f"eventforge worker stopped at once (second Ctrl-C): service '{service}', "
+        f"{_count_of(stats['requests'], 'request')} served, "
+        f"{stats['in_flight']} abandoned in flight")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     _configure_logging(args.log_level)
     if args.workers < 1:
@@ -9451,7 +9508,7 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         module, handlers, module_service = load_worker_module(args.import_)
     except ValueError as exc:
         raise _CLIError(str(exc)) from None
-    service = args.service or module_service or "rpc"
+    service = args.service or module_service or DEFAULT_SERVICE
     try:
         _request_topic(service)
     except ValueError as exc:
@@ -9471,6 +9528,7 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         server = RPCServer(queue, executor=executor, service_name=service)
         for name, func in handlers.items():
             server.add_method(name, func)
+        _answer_service_queries(queue, service, handlers)
         setup = getattr(module, "setup", None)
         if setup is not None:  # before listening: nothing is served until it succeeded
             try:
@@ -9490,11 +9548,15 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
             f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
             f"{'s' if args.workers != 1 else ''}; pid {os.getpid()})")
         _wait_until(stop)
-        logger.info("worker %s: stopping, finishing calls in flight", service)
-        server.stop(timeout=args.drain_timeout)
-        executor.stop(wait=True)
+        try:
+            logger.info("worker %s: stopping, finishing calls in flight "
+                        "(Ctrl-C again stops at once)", service)
+            server.stop(timeout=args.drain_timeout)
+            executor.stop(wait=True)
+        except KeyboardInterrupt:
+            _stop_at_once(out, service, server.stats)
         out(f"eventforge worker stopped: service '{service}', "
-            f"{server.stats['requests']} requests served")
+            f"{_count_of(server.stats['requests'], 'request')} served")
         return EXIT_OK
     finally:
         restore()
@@ -9502,7 +9564,14 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         transport.close()
 
 
+def _require_seconds(option: str, value: Optional[float]) -> None:
+    """Refuse a duration that is not a finite number of seconds above zero."""
+    if value is not None and not 0 < value < _INFINITY:  # NaN fails this too
+        raise _CLIError(f"{option} must be a number of seconds above 0, not {value:g}")
+
+
 def _connect_queue(args: Any) -> MessageQueue:
+    _require_seconds("--connect-timeout", args.connect_timeout)
     secret = _read_secret(args.secret_file)
     context = _client_ssl_context(args.tls_ca, args.tls_cert, args.tls_key)
     transport = TCPClientTransport(args.host, args.port, secret=secret, ssl_context=context)
@@ -9510,16 +9579,40 @@ def _connect_queue(args: Any) -> MessageQueue:
         transport.connect(timeout=args.connect_timeout)
     except (OSError, EventforgeError) as exc:
         transport.close()
-        detail = getattr(exc, "strerror", None) or exc
-        raise _CLIError(f"cannot connect to {_format_address((args.host, args.port))}: {detail}",
-                        EXIT_FAILURE) from None
+        raise _CLIError(_connect_failure(args, exc), EXIT_FAILURE) from None
     return MessageQueue(transport)
 
 
-def _json_arg(text: str) -> Any:
-    """A command-line value: JSON when it parses as JSON, else the plain string."""
+def _connect_failure(args: Any, exc: BaseException) -> str:
+    """One line on why connecting failed, naming the address once and CLI options."""
+    address = _format_address((args.host, args.port))
+    detail = str(getattr(exc, "strerror", None) or exc)
+    if isinstance(exc, AuthenticationError) and not args.secret_file:
+        detail = re.sub(r"\s*\(pass secret=\)", "", detail) + " (pass --secret-file FILE)"
+    if detail.startswith(f"cannot connect to {address}"):
+        return detail
+    if address in detail:
+        return f"cannot connect: {detail}"
+    return f"cannot connect to {address}: {detail}"
+
+
+def _json_arg(text: str, what: str = "value") -> Any:
+    """A command-line value: JSON when it parses as JSON, else the plain string.
+
+    NaN, Infinity and numbers too large for a float (``1e400``) parse as JSON
+    here but cannot be sent as JSON, so they are refused with one line.
+    """
+
+    def refuse(literal: str) -> Any:
+        raise _CLIError(f"{what} {text!r}: {literal} is not a number JSON can carry "
+                        "(NaN, Infinity and out-of-range numbers are refused)")
+
+    def finite(literal: str) -> float:
+        number = float(literal)
+        return refuse(literal) if number in (_INFINITY, -_INFINITY) else number
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
     except ValueError:
         return text
 
@@ -9531,29 +9624,101 @@ def _to_json(value: Any) -> str:
         return repr(value)
 
 
+#: Topic on which a worker answers "which services and methods do you serve?".
+_SERVICES_TOPIC = "eventforge.services"
+
+
+def _answer_service_queries(queue: MessageQueue, service: str, methods: Iterable[str]) -> None:
+    """Make a worker reply ``{"services": {service: [methods]}}`` on :data:`_SERVICES_TOPIC`."""
+    listing = {"services": {service: sorted(methods)}}
+
+    def answer(message: Message) -> None:
+        if message.reply_to:
+            queue.reply(message, listing)
+
+    queue.subscribe(_SERVICES_TOPIC, answer)
+
+
+def _served_services(queue: MessageQueue, timeout: float) -> Optional[Dict[str, List[str]]]:
+    """Ask the server what it serves; None when nobody answers (not a worker)."""
+    try:
+        reply = queue.request(_SERVICES_TOPIC, None, timeout=timeout)
+    except EventforgeError:
+        return None
+    services = reply.payload.get("services") if reply and isinstance(reply.payload, dict) else None
+    return services if isinstance(services, dict) else None
+
+
+def _describe_services(services: Dict[str, Any]) -> str:
+    return "; ".join(f"'{name}' ({', '.join(map(str, methods))})"
+                     for name, methods in sorted(services.items()))
+
+
 def _cmd_call(args: Any, out: Callable[[str], Any]) -> int:
+    service = args.service or DEFAULT_SERVICE
+    which = f"service {service!r}" + ("" if args.service else " (the default)")
+    try:
+        _request_topic(service)
+    except ValueError as exc:
+        raise _CLIError(f"--service: {exc}") from None
+    if not args.method:
+        raise _CLIError("METHOD must be a non-empty name")
+    _require_seconds("--timeout", args.timeout)
     kwargs: Dict[str, Any] = {}
     if args.kwargs:
-        try:
-            kwargs = json.loads(args.kwargs)
-        except ValueError as exc:
-            raise _CLIError(f"--kwargs is not valid JSON: {exc}") from None
+        kwargs = _json_arg(args.kwargs, "--kwargs")
         if not isinstance(kwargs, dict):
             raise _CLIError("--kwargs must be a JSON object")
-    call_args = [_json_arg(a) for a in args.args]
+    call_args = [_json_arg(a, "argument") for a in args.args]
     queue = _connect_queue(args)
+    served: Dict[str, Any] = {}
+    call_done = threading.Event()
+
+    def not_served() -> Optional[str]:
+        listing = served.get("services")
+        if listing is None or service in listing:
+            return None
+        hint = f"--service {next(iter(listing))}" if len(listing) == 1 else "--service NAME"
+        return (f"{which} is not served on {_format_address((args.host, args.port))}, "
+                f"which serves {_describe_services(listing)}: pass {hint}")
+
+    def check_service() -> None:
+        # While the call is in flight, ask a worker what it serves, so that a
+        # wrong --service fails at once, naming the right one, rather than
+        # after --timeout.  A short grace lets a service the listing does not
+        # know (set up by the module itself) answer anyway.
+        grace = min(1.0, args.timeout)
+        served["services"] = _served_services(queue, grace)
+        if not_served() is not None and not call_done.wait(grace):
+            queue.close()  # ends the waiting call below at once
+
+    checker = threading.Thread(target=check_service, name="eventforge-cli-services",
+                               daemon=True)
+    client = RPCClient(queue, service_name=service, timeout=args.timeout)
+    checker.start()
     try:
-        client = RPCClient(queue, service_name=args.service, timeout=args.timeout)
         try:
             result = client.invoke(args.method, call_args, kwargs)
-        except RemoteError as exc:
-            raise _CLIError(f"remote error: {exc}", EXIT_FAILURE) from None
-        except (EventforgeTimeoutError, TransportError) as exc:
-            raise _CLIError(str(exc), EXIT_FAILURE) from None
+        except (RemoteError, EventforgeTimeoutError, TransportError, SerializationError) as exc:
+            call_done.set()
+            checker.join(5.0)
+            problem = not_served()
+            if problem is not None and not isinstance(exc, RemoteError):
+                raise _CLIError(problem, EXIT_FAILURE) from None
+            if isinstance(exc, RemoteError):
+                raise _CLIError(f"remote error: {exc}", EXIT_FAILURE) from None
+            hint = ""
+            if isinstance(exc, EventforgeTimeoutError) and not args.service:
+                hint = (f" ({DEFAULT_SERVICE!r} is the default service; "
+                        "pass --service NAME to call another)")
+            raise _CLIError(f"{exc}{hint}", EXIT_FAILURE) from None
+        finally:
+            call_done.set()
         out(_to_json(result))
         return EXIT_OK
     finally:
         queue.close()
+        checker.join(5.0)
 
 
 def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:
@@ -9562,12 +9727,12 @@ def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise _CLIError(f"--header takes KEY=VALUE, not {item!r}")
-        headers[key] = _json_arg(value)
+        headers[key] = _json_arg(value, f"--header {key}")
     try:
         validate_topic(args.topic)
     except TopicError as exc:
         raise _CLIError(str(exc)) from None
-    payload = None if args.payload is None else _json_arg(args.payload)
+    payload = None if args.payload is None else _json_arg(args.payload, "PAYLOAD")
     queue = _connect_queue(args)
     try:
         try:
@@ -9587,6 +9752,7 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
         raise _CLIError(str(exc)) from None
     if args.count is not None and args.count < 1:
         raise _CLIError("--count must be >= 1")
+    _require_seconds("--timeout", args.timeout)
     stop = threading.Event()
     received = [0]
     lock = threading.Lock()
@@ -9642,7 +9808,7 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
 # -- demo: three workers in subprocesses --------------------------------------
 
 _DEMO_HANDLERS_SOURCE = '''\
-"""Handlers served by the demo's workers (written by ``eventforge demo``).
+"""Handlers served by the demo's workers (``eventforge demo --print-handlers``).
 
 Any module shaped like this one can be served with
 ``python -m eventforge worker --import MODULE``.
@@ -9779,7 +9945,8 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
     import tempfile
 
     stream = sys.stdout if stream is None else stream
-    out(f"== {servers} workers in subprocesses, RPC over TCP loopback ==")
+    out(f"== 3. {servers} worker process{'es' if servers != 1 else ''} on this machine, "
+        "serving 'demo' over TCP on 127.0.0.1 ==")
     directory = tempfile.mkdtemp(prefix="eventforge-demo-")
     processes: List[Any] = []
     queues: List[MessageQueue] = []
@@ -9794,15 +9961,15 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
         addresses = [_read_ready_line(p, 30.0) for p in processes]
         for name, address, process in zip(names, addresses, processes):
             out(f"  {name}: pid {process.pid} serving 'demo' on {_format_address(address)}")
-        out(f"  started in {time.perf_counter() - started:.2f} s with "
-            f"`python -m eventforge worker --import demo_handlers.py --port 0`")
+        out(f"  each started as `{_demo_launcher()} worker --import demo_handlers.py --port 0`, "
+            f"all ready in {time.perf_counter() - started:.2f} s")
         for host, port in addresses:
             transport = TCPClientTransport(host, port)
             transport.connect(timeout=10)
             queues.append(MessageQueue(transport))
         pool = RoundRobinRPCClient([RPCClient(q, service_name="demo", timeout=10) for q in queues])
 
-        out(f"== {calls} calls spread round-robin over the {servers} workers ==")
+        out(f"== 4. {calls} calls, each to the next worker in turn (round-robin) ==")
         progress = _Progress(calls, out, stream)
         per_worker: Dict[str, int] = {}
         latencies: List[float] = []
@@ -9816,16 +9983,18 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
         for name in names:
             count = per_worker.get(name, 0)
             out(f"  {name}: {count:4d} calls  {'#' * (count * 30 // max(calls, 1))}")
-        out("  latency: " + ", ".join(
-            f"p{q} {_percentile(latencies, q) * 1e3:.2f} ms" for q in (50, 90, 99))
-            + f", max {latencies[-1] * 1e3:.2f} ms" if latencies else "  latency: n/a")
+        out(f"  time per call: median {_percentile(latencies, 50) * 1e3:.2f} ms, "
+            f"90% within {_percentile(latencies, 90) * 1e3:.2f} ms, "
+            f"99% within {_percentile(latencies, 99) * 1e3:.2f} ms, "
+            f"slowest {latencies[-1] * 1e3:.2f} ms")
 
         try:
             pool.compute("ten")
         except RemoteError as exc:
-            out(f"  errors come back too: compute('ten') raised RemoteError({exc})")
+            out(f"  an error in a worker comes back to the caller: "
+                f"compute('ten') raised RemoteError({exc})")
 
-        out("== pub-sub across processes ==")
+        out("== 5. pub-sub across processes: each worker answers a job with an event ==")
         events: List[Message] = []
         got_all = threading.Event()
         lock = threading.Lock()
@@ -9857,10 +10026,52 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
         shutil.rmtree(directory, ignore_errors=True)
     if codes:
         clean = all(code == 0 for code in codes)
-        out(f"== stopped {len(codes)} workers: exit codes {codes} "
-            f"({'clean' if clean else 'NOT clean'}) ==")
+        out(f"== stopped {len(codes)} worker{'s' if len(codes) != 1 else ''}: "
+            f"exit codes {codes} ({'clean' if clean else 'NOT clean'}) ==")
         if not clean:
             status = EXIT_FAILURE
+    return status
+
+
+def _demo_launcher() -> str:
+    """How to start eventforge again the way this demo was started."""
+    main_module = sys.modules.get("__main__")
+    script = sys.argv[0] if sys.argv else ""
+    if getattr(main_module, "__spec__", None) is None and \
+            os.path.basename(script) == "eventforge.py":
+        return f"python {script}"  # the vendored file, run as a script
+    return "python -m eventforge"
+
+
+def _demo_next_steps(out: Callable[[str], Any]) -> None:
+    run = _demo_launcher()
+    out("")
+    out("Try it by hand next (the last two commands in two terminals):")
+    out(f"  {run} demo --print-handlers > demo_handlers.py")
+    out(f"  {run} worker --import demo_handlers.py   # serves 'demo' on 127.0.0.1:9090")
+    out(f"  {run} call --service demo compute 1000   "
+        '# prints {"worker": "pid-...", "value": 332833500}')
+    out("README.md shows the same in Python code.")
+
+
+def _cmd_demo(args: Any, out: Callable[[str], Any]) -> int:
+    if args.print_handlers:
+        out(_DEMO_HANDLERS_SOURCE.rstrip("\n"))
+        return EXIT_OK
+    if args.servers < 1 or args.calls < 1:
+        raise _CLIError("--servers and --calls must be >= 1")
+    if args.in_process_only:
+        out("eventforge demo: pub-sub and request-reply inside this process. "
+            "Nothing to install.")
+    else:
+        processes = f"{args.servers} worker process{'es' if args.servers != 1 else ''}"
+        out(f"eventforge demo: pub-sub and request-reply inside this process, then across "
+            f"{processes} it starts here and stops at the end (TCP on 127.0.0.1). "
+            "Nothing to install.")
+    _demo_in_process(out)
+    status = EXIT_OK if args.in_process_only else _demo_cluster(out, args.servers, args.calls)
+    if status == EXIT_OK:
+        _demo_next_steps(out)
     return status
 
 
@@ -9892,6 +10103,8 @@ def _build_parser() -> Any:
     demo.add_argument("--calls", type=int, default=300, help="RPC calls to make (default 300)")
     demo.add_argument("--in-process-only", action="store_true",
                       help="skip the part with subprocesses")
+    demo.add_argument("--print-handlers", action="store_true",
+                      help="print the workers' handler module (to run one by hand) and exit")
 
     worker = commands.add_parser(
         "worker", help="serve a module's HANDLERS over TCP",
@@ -9922,7 +10135,7 @@ def _build_parser() -> Any:
     call.add_argument("method")
     call.add_argument("args", nargs="*", metavar="ARG")
     call.add_argument("--kwargs", metavar="JSON", help='keyword arguments, e.g. \'{"n": 3}\'')
-    call.add_argument("--service", default="rpc", help="service name (default rpc)")
+    call.add_argument("--service", help=f"service name (default {DEFAULT_SERVICE!r})")
     call.add_argument("--timeout", type=float, default=10.0, metavar="S",
                       help="seconds to wait for the reply (default 10)")
     _add_connection_options(call)
@@ -9958,10 +10171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = args.command
     try:
         if command == "demo":
-            _demo_in_process(out)
-            if args.in_process_only:
-                return EXIT_OK
-            return _demo_cluster(out, servers=args.servers, calls=args.calls)
+            return _cmd_demo(args, out)
         if command == "worker":
             return _cmd_worker(args, out)
         if command == "call":
@@ -9988,7 +10198,7 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
 # 13. Import aliases
 # ---------------------------------------------------------------------------
 
-# The original shipped a package; these names keep its import paths working.
+# eventforge 0.1 shipped a package; these names keep its import paths working.
 # Each entry maps an alias module to (target module, runnable entry point or
 # None).  An entry point makes ``python -m ALIAS`` call ``target.entry()``.
 _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
@@ -10032,7 +10242,7 @@ class _AliasLoader:
 
         target = importlib.import_module(self.target)
         module.__path__ = []  # lets ``eventforge.transports.tcp`` be imported below it
-        module.__doc__ = f"Alias of {self.target!r} kept for the original import paths."
+        module.__doc__ = f"Alias of {self.target!r} kept for the import paths of eventforge 0.1."
         leaf = module.__name__.rpartition(".")[2]
         shadowed = vars(target).get(leaf)
         if callable(shadowed) and not isinstance(shadowed, _ModuleType):
@@ -10082,9 +10292,17 @@ if __name__ != "__main__" and not any(
     sys.meta_path.append(_AliasFinder())
 
 
-if __name__ == "__main__":  # pragma: no cover - ``python -m eventforge``
+if __name__ == "__main__":  # pragma: no cover - ``python -m eventforge``, ``python eventforge.py``
     # Hand over to the canonically imported module so that classes have one
     # identity (pickling in PROCESS mode and isinstance checks rely on it).
+    # That module must be this very file: under ``python -I eventforge.py``
+    # its directory is not on sys.path, and another eventforge may be.
+    import importlib.util
+
+    _here = os.path.abspath(__file__)
+    _found = importlib.util.find_spec("eventforge")
+    if _found is None or os.path.abspath(_found.origin or "") != _here:
+        sys.path.insert(0, os.path.dirname(_here))
     import eventforge as _canonical
 
     sys.exit(_canonical.main())

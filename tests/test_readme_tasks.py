@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from test_readme import ROOT, _run, _sample
+from test_docs import ROOT, _run, _sample
 
 DOC = os.path.join(ROOT, "docs", "observers.md")
 
