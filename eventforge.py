@@ -7072,6 +7072,8 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.transports.base": ("eventforge", None),
     "eventforge.transports.memory": ("eventforge", None),
     "eventforge.transports.tcp": ("eventforge", None),
+    "eventforge.transports.redis": ("eventforge_ext.redis", None),
+    "eventforge.transports.nats": ("eventforge_ext.nats", None),
     "eventforge.remote": ("eventforge", None),
     "eventforge.executor": ("eventforge", None),
     "eventforge.rpc": ("eventforge", None),
