@@ -35,13 +35,13 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import eventforge as ef
 
 logger = logging.getLogger("eventforge")
 
-Route = Hashable
+Route = Tuple[Any, ...]  # a broker subscription: (kind, name) or (subject, queue)
 Message = ef.Message
 
 # eventforge ids: 8-4-4-4 hex (fixed per process), then a hex counter.

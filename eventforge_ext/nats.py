@@ -244,7 +244,7 @@ class NatsTransport(BrokerTransport):
         asyncio.run_coroutine_threadsafe(self._unsub(route), self._aloop)
 
     async def _sub(self, route: Route) -> None:
-        subject, queue = route  # type: ignore[misc]
+        subject, queue = route
 
         async def on_message(msg: Any) -> None:
             self._arrive(route, msg.data)

@@ -144,6 +144,7 @@ class RedisTransport(BrokerTransport):
         # subscribing: one selector thread owns the subscriber connection
         self._loop = ef._Loop(f"eventforge-redis-io-{self.address}")
         self._conn: Any = None
+        self._sock: Any = None  # the socket registered with the selector
         try:
             self._conn = self._new_connection()
         except BaseException:
@@ -178,12 +179,12 @@ class RedisTransport(BrokerTransport):
         return (("p", redis_glob(pattern).encode()),)
 
     def _subscribe_route(self, route: Route) -> None:
-        kind, name = route  # type: ignore[misc]
+        kind, name = route
         command = "SUBSCRIBE" if kind == "c" else "PSUBSCRIBE"
         self._loop.call_soon(lambda: self._command(command, name))
 
     def _unsubscribe_route(self, route: Route) -> None:
-        kind, name = route  # type: ignore[misc]
+        kind, name = route
         command = "UNSUBSCRIBE" if kind == "c" else "PUNSUBSCRIBE"
         self._loop.call_soon(lambda: self._command(command, name))
 
@@ -287,68 +288,69 @@ class RedisTransport(BrokerTransport):
             self._lost(conn, f"{command} failed: {exc}")
 
     def _run(self) -> None:
-        import selectors
-
         loop = self._loop
         loop.ident = threading.get_ident()
         selector = loop.selector
-        registered = None
         backoff = self.backoff_initial
         try:
+            self._adopt(self._conn)
             while not self._stopping.is_set():
-                conn = self._conn
-                if conn is None:
-                    registered = None
-                    conn = self._reconnect()
-                    if conn is None:
-                        for key, _ in selector.select(backoff):
-                            if key.data is None:
-                                loop.run_calls(drain=True)
-                        backoff = min(backoff * 2, self.backoff_max)
-                        continue
-                    backoff = self.backoff_initial
-                if registered is not conn:
-                    selector.register(conn._sock, selectors.EVENT_READ, conn)
-                    registered = conn
-                for key, _ in selector.select(1.0):
-                    if key.data is None:
-                        loop.run_calls(drain=True)
-                    elif key.data is self._conn:
-                        self._read(key.data)
-                loop.run_calls()
-        except BaseException:  # pragma: no cover - a bug; make it visible
-            ef.logger.exception("redis %s: I/O thread failed", self.address)
-            raise
+                try:
+                    if self._conn is None:
+                        if not self._reconnect():
+                            for key, _ in selector.select(backoff):
+                                if key.data is None:
+                                    loop.run_calls(drain=True)
+                            backoff = min(backoff * 2, self.backoff_max)
+                            continue
+                        backoff = self.backoff_initial
+                    for key, _ in selector.select(1.0):
+                        if key.data is None:
+                            loop.run_calls(drain=True)
+                        elif key.data is self._conn:
+                            self._read(key.data)
+                    loop.run_calls()
+                except Exception as exc:  # a bug, or a surprise from the client
+                    ef.logger.exception("redis %s: I/O loop error", self.address)
+                    if self._conn is not None:
+                        self._lost(self._conn, f"internal error: {exc!r}")
         finally:
             conn = self._conn
-            self._conn = None
-            self._connected = False
             if conn is not None:
-                conn.disconnect()
+                self._lost(conn, "closing")
 
-    def _reconnect(self) -> Any:
+    def _adopt(self, conn: Any) -> None:
+        import selectors
+
+        self._sock = conn._sock
+        self._loop.selector.register(self._sock, selectors.EVENT_READ, conn)
+        self._conn = conn
+        self._connected = True
+
+    def _reconnect(self) -> bool:
         self._counts["reconnect_attempts"] += 1
         try:
             conn = self._new_connection()
         except ef.ConnectionLostError as exc:
             self._log.warning("reconnect", "redis %s: still unreachable: %s", self.address, exc)
-            return None
-        self._conn = conn
-        self._connected = True
+            return False
+        self._adopt(conn)
         self._counts["reconnects"] += 1
         ef.logger.info("redis %s: reconnected; subscribing again", self.address)
         for route in self._routes_now():
-            kind, name = route  # type: ignore[misc]
+            kind, name = route
             self._command("SUBSCRIBE" if kind == "c" else "PSUBSCRIBE", name)
-        return self._conn
+        return True
 
     def _lost(self, conn: Any, reason: str) -> None:
         if self._conn is not conn:
             return
-        try:
-            self._loop.selector.unregister(conn._sock)
-        except (KeyError, ValueError, AttributeError, OSError):
-            pass
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                self._loop.selector.unregister(sock)  # works on a closed socket too
+            except (KeyError, ValueError):
+                pass
         conn.disconnect()
         self._conn = None
         self._connected = False
