@@ -88,6 +88,7 @@ __all__ = [
     "FrameDecoder",
     # transports
     "INBOX_PREFIXES",
+    "DEFAULT_MAX_BUFFERED",
     "Transport",
     "Inbox",
     "MemoryTransport",
@@ -99,6 +100,7 @@ __all__ = [
     # remote
     "RemoteQueue",
     # queues
+    "TTL_HEADER",
     "MessageQueue",
     # execution
     "ExecutionMode",
@@ -122,6 +124,54 @@ __all__ = [
 
 logger = logging.getLogger("eventforge")
 logger.addHandler(logging.NullHandler())
+
+
+def _logging_configured() -> bool:
+    """True if the application gave the ``eventforge`` logger somewhere to go:
+    a handler of its own (other than our NullHandler) or on an ancestor it
+    propagates to, the root logger included."""
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        for handler in current.handlers:
+            if not isinstance(handler, logging.NullHandler):
+                return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Re-raise Ctrl-C and ``sys.exit()`` on the main thread; anywhere else
+    they (like every other exception from user code) fail only that call."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) and (
+        threading.current_thread() is threading.main_thread()
+    ):
+        raise exc
+
+
+def _report_unhandled(summary: str, exc: BaseException) -> None:
+    """Show an error nobody asked to handle, once, with its traceback.
+
+    With logging configured by the application it is logged at ERROR on the
+    ``eventforge`` logger; otherwise it is printed to stderr, as
+    ``threading.excepthook`` and asyncio do, so it is never silently lost.
+    """
+    exc_info = (type(exc), exc, exc.__traceback__)
+    if _logging_configured():
+        logger.error("%s", summary, exc_info=exc_info)
+        return
+    stream = sys.stderr
+    if stream is None:  # pythonw: nowhere to print
+        return
+    import traceback
+
+    try:
+        stream.write(f"eventforge: {summary}\n")
+        traceback.print_exception(*exc_info, file=stream)
+        stream.flush()
+    except Exception:  # a broken stderr must not break delivery
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -223,6 +273,13 @@ _TOPIC_RE = re.compile(rf"{_SEGMENT_CHARS}(?:\.{_SEGMENT_CHARS})*")
 _PATTERN_SEGMENT_RE = re.compile(rf"{_SEGMENT_CHARS}|\*|\*\*")
 _FORBIDDEN_CHAR_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
+#: Topics with these prefixes are request inboxes.  They are private to the
+#: requester: no wildcard pattern matches them (as MQTT's ``#`` never matches
+#: ``$`` topics), only an exact subscription does.  A message sent to one that
+#: nobody awaits (a late reply after a timeout) is dropped and counted, never
+#: buffered, so abandoned requests leave no state behind.
+INBOX_PREFIXES = ("_reply.", "_rpc_reply.")
+
 # User topics (never '$' ones) already validated: the publish path pays
 # one dict lookup.  Cleared when full.
 _VALID_TOPICS: Dict[str, bool] = {}
@@ -308,9 +365,15 @@ def is_pattern(text: str) -> bool:
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
-    """Return True if the concrete ``topic`` matches the subscription ``pattern``."""
+    """Return True if the concrete ``topic`` matches the subscription ``pattern``.
+
+    A pattern with a wildcard never matches an inbox topic (one starting
+    with a prefix of :data:`INBOX_PREFIXES`): replies are private.
+    """
     if "*" not in pattern:
         return pattern == topic
+    if topic.startswith(INBOX_PREFIXES):
+        return False
     return _segments_match(pattern.split("."), topic.split("."))
 
 
@@ -363,6 +426,7 @@ class SubscriptionTrie:
 
     Values are returned in the order they were added.  Every transport,
     including the adapters in ``eventforge_ext``, uses this one matcher.
+    Inbox topics (:data:`INBOX_PREFIXES`) match exact patterns only.
     """
 
     def __init__(self, cache_size: int = 2048) -> None:
@@ -477,6 +541,8 @@ class SubscriptionTrie:
             return found
 
     def _match_locked(self, topic: str) -> Tuple[Any, ...]:
+        if topic.startswith(INBOX_PREFIXES):
+            return self._match_exact(topic)
         states = self._closure([self._root])
         for segment in topic.split("."):
             step: List[_TrieNode] = []
@@ -498,6 +564,16 @@ class SubscriptionTrie:
         if not hits:
             return ()
         hits.sort(key=_first)
+        return tuple(value for _, value in hits)
+
+    def _match_exact(self, topic: str) -> Tuple[Any, ...]:
+        # Literal children only: no '*' or '**' edge is ever followed.
+        node: Optional[_TrieNode] = self._root
+        for segment in topic.split("."):
+            node = node.children.get(segment)  # type: ignore[union-attr]
+            if node is None:
+                return ()
+        hits = sorted(node.entries.values(), key=_first)  # type: ignore[union-attr]
         return tuple(value for _, value in hits)
 
     @staticmethod
@@ -571,11 +647,16 @@ _ISO_RE = re.compile(
 )
 
 
+_MIN_EPOCH = -62135596800  # 0001-01-01T00:00:00Z
+_MAX_EPOCH = 253402300800  # 10000-01-01T00:00:00Z, excluded
+_LAST_EPOCH_FLOAT = 253402300799.99997  # the largest float below it, near enough
+
+
 def _parse_timestamp(value: Any) -> float:
     """Turn a wire timestamp (ISO 8601 string or epoch seconds) into epoch seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # Years 1-9999 (what datetime can hold); also refuses NaN and infinities.
-        if not -62135596800 <= value < 253402300800:
+        if not _MIN_EPOCH <= value < _MAX_EPOCH:
             raise FrameError(f"timestamp {value!r} is not epoch seconds in the years 1-9999")
         return float(value)
     if isinstance(value, str):
@@ -600,7 +681,12 @@ def _parse_timestamp(value: Any) -> float:
                     raise ValueError
             except (ValueError, OverflowError):
                 raise FrameError(f"timestamp {value!r} is not a valid date and time") from None
-            return base + fraction - offset
+            whole = base - offset
+            # An offset can push 0001-01-01 or 9999-12-31 out of what a datetime holds.
+            if not _MIN_EPOCH <= whole < _MAX_EPOCH:
+                raise FrameError(f"timestamp {value!r} is outside the years 1-9999 in UTC")
+            # Near year 9999 a float rounds the last microseconds up to 10000.
+            return min(whole + fraction, _LAST_EPOCH_FLOAT)
     raise FrameError(
         f"timestamp must be an ISO 8601 string or epoch seconds, not {value!r:.80}"
     )
@@ -857,7 +943,9 @@ def _dumps(obj: Any) -> str:
         return _encoder.encode(obj)
     except SerializationError:
         raise
-    except ValueError as exc:  # NaN / Infinity, circular references
+    except ValueError as exc:  # NaN / Infinity, circular references, huge ints
+        if _is_int_digits_error(exc):
+            raise SerializationError(f"payload has {_int_limit_text()}") from None
         raise SerializationError(f"payload is not valid JSON: {exc}") from None
     except RecursionError:
         raise SerializationError("payload is nested too deeply to encode") from None
@@ -913,8 +1001,24 @@ def decode(body: Any) -> Message:
     except RecursionError:
         raise FrameError("frame JSON is nested too deeply") from None
     except ValueError as exc:
+        if _is_int_digits_error(exc):
+            raise FrameError(f"frame has {_int_limit_text()}") from None
         raise FrameError(f"frame is not valid JSON: {exc}") from None
     return _message_from_dict(obj)
+
+
+def _is_int_digits_error(exc: ValueError) -> bool:
+    # Python 3.11+ (and security releases of 3.9/3.10) refuse to convert
+    # integers of more than sys.get_int_max_str_digits() decimal digits.
+    return "integer string conversion" in str(exc)
+
+
+def _int_limit_text() -> str:
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    return (
+        f"an integer of more than {limit} decimal digits, the limit of this Python "
+        "(sys.set_int_max_str_digits); send larger numbers as strings"
+    )
 
 
 def _optional_str(obj: Dict[str, Any], key: str) -> Optional[str]:
@@ -951,7 +1055,9 @@ def _message_from_dict(obj: Any) -> Message:
         match = _ISO_RE.fullmatch(ts)
         if match is None:
             raise FrameError(f"frame timestamp {ts!r:.80} is not ISO 8601")
-        if match.group(3) > "28":  # e.g. 2023-02-29: reject now, not when read
+        # Days 29-31 need a calendar (2023-02-29), and an offset can push the
+        # first or last year out of range: check those now, not when read.
+        if match.group(3) > "28" or match.group(1) in ("0001", "9999"):
             _parse_timestamp(ts)
     elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
@@ -1020,10 +1126,8 @@ class FrameDecoder:
 # 4. Transports: the ABC and the in-memory transport
 # ---------------------------------------------------------------------------
 
-#: Topics with these prefixes are request inboxes.  A message sent to one
-#: that nobody awaits (a late reply after a timeout) is dropped and counted,
-#: never buffered, so abandoned requests leave no state behind.
-INBOX_PREFIXES = ("_reply.", "_rpc_reply.")
+#: Default cap on unclaimed messages a MemoryTransport keeps over all topics.
+DEFAULT_MAX_BUFFERED = 10_000
 
 
 def _resolve_future(future: Any) -> None:
@@ -1133,7 +1237,8 @@ class Inbox:
     A request opens an inbox on its reply topic, sends, then waits with
     :meth:`get` or :meth:`get_async`; a reply that arrives before the wait
     starts is kept.  Close it (or use ``with``) to withdraw the interest.
-    At most ``maxsize`` messages are held; extra ones are dropped and logged.
+    At most ``maxsize`` messages are held; extra ones are dropped, counted
+    in :attr:`dropped` and logged once.
     """
 
     def __init__(
@@ -1168,7 +1273,9 @@ class Inbox:
                 self._messages.append(message)
             else:
                 self.dropped += 1
-                logger.warning("inbox %r is full; dropped message %s", self.topic, message.id)
+                if self.dropped == 1:  # once per inbox, never a line per message
+                    logger.warning("inbox %r holds maxsize=%d messages; dropping newer ones "
+                                   "(counted in .dropped)", self.topic, self.maxsize)
 
     def _requeue(self, message: Message) -> None:
         with self._lock:
@@ -1295,7 +1402,7 @@ class Transport(abc.ABC):
         def deliver(message: Message) -> None:
             try:
                 handler(message)
-            except Exception as exc:
+            except BaseException as exc:  # any failure is that call's only
                 on_error(handler, message, exc)
 
         return self.subscribe(topic, deliver)
@@ -1334,8 +1441,14 @@ def _count_value(counter: Any) -> int:
     return int(repr(counter)[6:-1])  # "count(42)"; pickling support is deprecated
 
 
+#: A callback carrying this attribute (set to True) still gets the messages
+#: matched for it before it was unsubscribed, e.g. requests a TCP server had
+#: read but not yet dispatched: RPCServer.stop() answers what it received.
+_FINISH_QUEUED = "_eventforge_finish_queued"
+
+
 class _Subscription:
-    __slots__ = ("id", "pattern", "callback", "on_error", "active")
+    __slots__ = ("id", "pattern", "callback", "on_error", "active", "finish_queued")
 
     def __init__(
         self,
@@ -1349,6 +1462,7 @@ class _Subscription:
         self.callback = callback
         self.on_error = on_error
         self.active = True
+        self.finish_queued = getattr(callback, _FINISH_QUEUED, False) is True
 
 
 def _callable_name(func: Any) -> str:
@@ -1372,25 +1486,43 @@ class MemoryTransport(Transport):
     exception is logged and counted and never reaches the sender.
 
     A message nobody subscribed to or is receiving waits in its topic's
-    mailbox (FIFO, at most ``max_queue_size``; a full mailbox makes ``send``
-    raise TransportFullError).  Drained mailboxes are removed, and messages
-    to inbox topics nobody awaits are dropped, so nothing accumulates.
+    mailbox for a later :meth:`receive`: a bounded retention buffer of at
+    most ``max_queue_size`` messages per topic and ``max_buffered`` over all
+    topics.  Past either bound the *oldest* unclaimed message is dropped,
+    counted in :attr:`stats` and logged (at most once per topic per
+    ``drop_log_interval`` seconds), so ``send`` never fails for lack of a
+    subscriber.  Emptied mailboxes are removed, and messages to inbox topics
+    nobody awaits are dropped at once, so one-off topics leave nothing behind.
     """
 
-    def __init__(self, max_queue_size: int = 1000) -> None:
-        if not isinstance(max_queue_size, int) or max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be a positive int, not {max_queue_size!r}")
+    #: Seconds between two log lines about drops on the same topic.
+    drop_log_interval = 60.0
+    _DROP_LOG_TOPICS = 20  # distinct topics logged per interval, at most
+
+    def __init__(
+        self, max_queue_size: int = 1000, *, max_buffered: int = DEFAULT_MAX_BUFFERED
+    ) -> None:
+        for name, value in (("max_queue_size", max_queue_size), ("max_buffered", max_buffered)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
         self.max_queue_size = max_queue_size
+        self.max_buffered = max_buffered
         self._lock = threading.Lock()
         self._subscriptions = SubscriptionTrie()
-        self._mailboxes: Dict[str, Deque[Message]] = {}
+        # Each mailbox holds (sequence, message); _order maps every retained
+        # sequence number to its topic, oldest first, for the total cap.
+        self._mailboxes: Dict[str, Deque[Tuple[int, Message]]] = {}
+        self._order: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._seq = itertools.count()
         self._waiters: Dict[str, Deque[_Waiter]] = {}
         self._inboxes: Dict[str, Inbox] = {}
         self._sub_ids = itertools.count(1)
         self._closed = False
         self._sent = itertools.count()  # next() is atomic: no lock on the fast path
         self._handler_errors = 0
-        self._dropped = 0
+        self._drops = {"topic_full": 0, "buffer_full": 0, "no_inbox": 0}
+        self._drop_log_since = -1e9  # monotonic start of the current log interval
+        self._drop_logged: Dict[str, int] = {}  # topics logged since _drop_log_since
 
     @property
     def closed(self) -> bool:
@@ -1421,7 +1553,7 @@ class MemoryTransport(Transport):
             if subscription.active:
                 try:
                     subscription.callback(message)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._handler_failed(subscription, message, exc)
 
     def _run_subscriptions(self, subscriptions: Tuple[Any, ...], message: Message) -> None:
@@ -1433,7 +1565,7 @@ class MemoryTransport(Transport):
             if subscription.active:
                 try:
                     subscription.callback(message)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._handler_failed(subscription, message, exc)
 
     def _hand_over(self, topic: str, message: Message) -> bool:
@@ -1455,37 +1587,82 @@ class MemoryTransport(Transport):
         return False
 
     def _keep(self, topic: str, message: Message) -> None:
-        # Called with self._lock held, for a message nobody took.
+        # Called with self._lock held, for a message nobody took: retain it,
+        # dropping the oldest past either bound.  Never raises.
         if topic.startswith(INBOX_PREFIXES):
-            self._dropped += 1
+            self._drops["no_inbox"] += 1
             logger.debug("dropped %s on %r: nobody awaits that reply", message.id, topic)
             return
+        seq = next(self._seq)
         mailbox = self._mailboxes.get(topic)
         if mailbox is None:
-            self._mailboxes[topic] = collections.deque((message,))
-        elif len(mailbox) < self.max_queue_size:
-            mailbox.append(message)
+            self._mailboxes[topic] = collections.deque(((seq, message),))
         else:
-            raise TransportFullError(
-                f"mailbox of {topic!r} holds max_queue_size={self.max_queue_size} "
-                "unconsumed messages; receive from it or subscribe"
-            )
+            if len(mailbox) >= self.max_queue_size:
+                del self._order[mailbox.popleft()[0]]
+                self._dropped_oldest(topic, "topic_full")
+            mailbox.append((seq, message))
+        order = self._order
+        order[seq] = topic
+        if len(order) > self.max_buffered:
+            oldest_topic = order.popitem(last=False)[1]
+            oldest_box = self._mailboxes[oldest_topic]
+            oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
+            if not oldest_box:
+                del self._mailboxes[oldest_topic]
+            self._dropped_oldest(oldest_topic, "buffer_full")
+
+    def _dropped_oldest(self, topic: str, reason: str) -> None:
+        # Count a drop; log it at most once per topic (and a few topics) per interval.
+        self._drops[reason] += 1
+        now = time.monotonic()
+        logged = self._drop_logged
+        if now - self._drop_log_since >= self.drop_log_interval:
+            self._drop_log_since = now
+            logged.clear()
+        if topic in logged or len(logged) >= self._DROP_LOG_TOPICS:
+            return
+        logged[topic] = 1
+        if reason == "topic_full":
+            why = f"its mailbox holds max_queue_size={self.max_queue_size}"
+        else:
+            why = f"all mailboxes together hold max_buffered={self.max_buffered}"
+        logger.warning(
+            "dropped the oldest unclaimed message on %r: %s and nobody subscribed or "
+            "received (drops are counted in stats, logged at most every %g s per topic)",
+            topic, why, self.drop_log_interval,
+        )
+
+    def _unkeep(self, topic: str) -> List[Message]:
+        # Called with self._lock held: take a topic's whole mailbox.
+        mailbox = self._mailboxes.pop(topic, ())
+        order = self._order
+        for seq, _ in mailbox:
+            del order[seq]
+        return [message for _, message in mailbox]
+
+    def _drain_mailbox(self, topic: str) -> List[Message]:
+        """Remove and return every message kept for ``topic``, oldest first."""
+        with self._lock:
+            return self._unkeep(topic)
 
     def _handler_failed(
-        self, subscription: _Subscription, message: Message, exc: Exception
+        self, subscription: _Subscription, message: Message, exc: BaseException
     ) -> None:
+        _reraise_interrupt(exc)
         if subscription.on_error is not None:
-            subscription.on_error(subscription.callback, message, exc)
-            return
+            try:
+                subscription.on_error(subscription.callback, message, exc)
+                return
+            except BaseException as hook_exc:  # report it; never propagate
+                _reraise_interrupt(hook_exc)
+                exc = hook_exc
         with self._lock:
             self._handler_errors += 1
-        logger.error(
-            "subscriber %s on %r failed for message %s on %r",
-            _callable_name(subscription.callback),
-            subscription.pattern,
-            message.id,
-            message.topic,
-            exc_info=True,
+        _report_unhandled(
+            f"subscriber {_callable_name(subscription.callback)} on {subscription.pattern!r} "
+            f"failed for message {message.id} on {message.topic!r}",
+            exc,
         )
 
     def _take(
@@ -1494,7 +1671,8 @@ class MemoryTransport(Transport):
         # Called with self._lock held: pop from the mailbox or register a waiter.
         mailbox = self._mailboxes.get(topic)
         if mailbox:
-            message = mailbox.popleft()
+            seq, message = mailbox.popleft()
+            del self._order[seq]
             if not mailbox:
                 del self._mailboxes[topic]
             return message, None
@@ -1523,10 +1701,13 @@ class MemoryTransport(Transport):
             with self._lock:
                 if self._closed or self._hand_over(topic, message):
                     return
-                if topic.startswith(INBOX_PREFIXES):
-                    self._dropped += 1
-                    return
-                self._mailboxes.setdefault(topic, collections.deque()).appendleft(message)
+                # Kept again, and put back at the front: it was its topic's oldest.
+                self._keep(topic, message)
+                mailbox = self._mailboxes.get(topic)
+                if mailbox and mailbox[-1][1] is message:
+                    entry = mailbox.pop()
+                    mailbox.appendleft(entry)
+                    self._order.move_to_end(entry[0], last=False)
 
         return requeue
 
@@ -1592,7 +1773,8 @@ class MemoryTransport(Transport):
         subscription = self._subscriptions.pop(subscription_id)
         if subscription is None:
             return False
-        subscription.active = False
+        if not subscription.finish_queued:
+            subscription.active = False
         return True
 
     def open_inbox(self, topic: str) -> Inbox:
@@ -1606,7 +1788,7 @@ class MemoryTransport(Transport):
             if topic in self._inboxes:
                 raise ValueError(f"an inbox for {topic!r} is already open")
             self._inboxes[topic] = inbox
-            for message in self._mailboxes.pop(topic, ()):
+            for message in self._unkeep(topic):
                 inbox.put(message)
         return inbox
 
@@ -1625,6 +1807,7 @@ class MemoryTransport(Transport):
             inboxes = list(self._inboxes.values())
             self._waiters.clear()
             self._mailboxes.clear()
+            self._order.clear()
             self._inboxes.clear()
             for waiter in waiters:
                 waiter.fulfil(None)
@@ -1634,15 +1817,25 @@ class MemoryTransport(Transport):
 
     @property
     def stats(self) -> Dict[str, int]:
-        """Counters (sent, handler_errors, dropped) and current sizes."""
+        """Counters and current sizes.
+
+        ``dropped`` is the sum of ``dropped_topic_full`` (a mailbox held
+        ``max_queue_size``), ``dropped_buffer_full`` (all mailboxes held
+        ``max_buffered``) and ``dropped_no_inbox`` (a reply nobody awaited);
+        ``buffered`` counts the unclaimed messages kept now.
+        """
         with self._lock:
+            drops = self._drops
             return {
                 "sent": _count_value(self._sent),
                 "handler_errors": self._handler_errors,
-                "dropped": self._dropped,
+                "dropped": sum(drops.values()),
+                "dropped_topic_full": drops["topic_full"],
+                "dropped_buffer_full": drops["buffer_full"],
+                "dropped_no_inbox": drops["no_inbox"],
                 "subscriptions": len(self._subscriptions),
                 "mailboxes": len(self._mailboxes),
-                "buffered": sum(len(m) for m in self._mailboxes.values()),
+                "buffered": len(self._order),
                 "receivers": sum(len(w) for w in self._waiters.values()),
                 "inboxes": len(self._inboxes),
             }
@@ -3380,10 +3573,7 @@ class TCPServerTransport(Transport):
     def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
         # Messages nobody had taken wait in the server's mailbox; the first
         # client to show interest in that topic takes them (send-then-receive).
-        local = self._local
-        with local._lock:
-            kept = local._mailboxes.pop(topic, None)
-        for message in kept or ():
+        for message in self._local._drain_mailbox(topic):
             try:
                 self._push(conn, encode(message, max_frame_size=self.max_frame_size))
             except (FrameError, SerializationError):  # pragma: no cover - checked at send
@@ -4612,6 +4802,17 @@ class TCPClientTransport(Transport):
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 
 
+#: Reserved request header: milliseconds the requester will still wait, as
+#: of sending.  Relative (like gRPC's grpc-timeout), so clock skew between
+#: hosts does not matter; a server may skip a request whose TTL ran out.
+TTL_HEADER = "_ttl_ms"
+
+
+def _set_ttl(headers: Dict[str, Any], timeout: Optional[float]) -> None:
+    if timeout is not None:
+        headers[TTL_HEADER] = max(0, int(timeout * 1000))
+
+
 def _is_async_callable(func: Any) -> bool:
     code = getattr(getattr(func, "__func__", func), "__code__", None)
     return code is not None and bool(code.co_flags & _CO_COROUTINE)
@@ -4624,9 +4825,12 @@ class MessageQueue:
     TCP (or broker) transport to reach other processes with the same API.
     Closing the queue closes its transport.
 
-    A handler that raises never disturbs the publisher or other handlers:
-    the error goes to ``on_error(exc, message)`` when given, and is always
-    counted in :attr:`stats`; without ``on_error`` it is logged.
+    A handler that raises (anything, ``BaseException`` included) never
+    disturbs the publisher or other handlers: the error goes to
+    ``on_error(exc, message)`` when given, and is always counted in
+    :attr:`stats`.  Without ``on_error`` it is logged at ERROR if the
+    application configured logging, else printed to stderr with its
+    traceback (as ``threading.excepthook`` does): never silently lost.
     """
 
     def __init__(
@@ -4709,21 +4913,19 @@ class MessageQueue:
         return removed
 
     def _handler_failed(self, handler: Any, message: Message, exc: BaseException) -> None:
+        _reraise_interrupt(exc)
         with self._lock:
             self._handler_errors += 1
+        what = (f"handler {_callable_name(handler)} failed for message {message.id} "
+                f"on {message.topic!r}")
         if self.on_error is not None:
             try:
                 self.on_error(exc, message)
                 return
-            except Exception:
-                logger.exception("on_error hook failed while handling an error")
-        logger.error(
-            "handler %s failed for message %s on %r",
-            _callable_name(handler),
-            message.id,
-            message.topic,
-            exc_info=(type(exc), exc, exc.__traceback__),
-        )
+            except BaseException as hook_exc:  # its traceback chains the handler's
+                _reraise_interrupt(hook_exc)
+                what, exc = f"on_error hook failed while handling: {what}", hook_exc
+        _report_unhandled(what, exc)
 
     # -- point-to-point -------------------------------------------------------
 
@@ -4740,8 +4942,9 @@ class MessageQueue:
     # -- request-reply --------------------------------------------------------
 
     def _prepare_request(
-        self, topic: str, payload: Any, headers: Dict[str, Any]
+        self, topic: str, payload: Any, headers: Dict[str, Any], timeout: Optional[float]
     ) -> Tuple[Message, Inbox]:
+        _set_ttl(headers, timeout)
         message = _make_message(topic, payload, headers)
         message.reply_to = "_reply." + message.id
         return message, self.transport.open_inbox(message.reply_to)
@@ -4752,9 +4955,10 @@ class MessageQueue:
         """Publish a request and wait for the reply ``Message``; None on timeout.
 
         The responder answers with :meth:`reply`.  A reply arriving after the
-        timeout is discarded.
+        timeout is discarded.  The request carries the header ``_ttl_ms`` (the
+        timeout in milliseconds), so a server can skip it once nobody waits.
         """
-        message, inbox = self._prepare_request(topic, payload, headers)
+        message, inbox = self._prepare_request(topic, payload, headers, timeout)
         try:
             self.transport.send(message)
             return inbox.get(timeout)
@@ -4765,7 +4969,7 @@ class MessageQueue:
         self, topic: str, payload: Any = None, timeout: Optional[float] = 30.0, **headers: Any
     ) -> Optional[Message]:
         """Asyncio-native :meth:`request`."""
-        message, inbox = self._prepare_request(topic, payload, headers)
+        message, inbox = self._prepare_request(topic, payload, headers, timeout)
         try:
             self.transport.send(message)
             return await inbox.get_async(timeout)
@@ -4899,10 +5103,12 @@ class RemoteQueue:
     def send(self, node_id: str, topic: str, payload: Any = None, **headers: Any) -> str:
         """Push a message to the peer ``node_id``; returns the message id.
 
-        Raises KeyError for an unknown peer, TransportFullError if its link
-        buffers too much while reconnecting.
+        Raises TransportClosedError after :meth:`close`, KeyError for an
+        unknown peer, TransportFullError if its link buffers too much while
+        reconnecting.
         """
         with self._lock:
+            self._check_open()
             transport = self._peers.get(node_id)
         if transport is None:
             raise KeyError(f"unknown peer {node_id!r}; connected peers: {sorted(self._peers)}")
@@ -4915,11 +5121,20 @@ class RemoteQueue:
         """Push the same message to every peer; returns ``{node_id: message_id}``.
 
         Peers that failed are missing from the result; their errors are in
-        :attr:`last_errors` (reset on every call), logged and counted.
+        :attr:`last_errors` (reset on every call), logged and counted.  A
+        broadcast that reaches no peer raises instead of returning ``{}``:
+        TransportClosedError after :meth:`close`, TransportError when no peer
+        is connected or every peer failed (the first failure is its cause).
         """
         validate_topic(topic)
         with self._lock:
+            self._check_open()
             peers = list(self._peers.items())
+        if not peers:
+            raise TransportError(
+                f"RemoteQueue {self.node_id!r} has no peers to broadcast {topic!r} to; "
+                "connect() one first"
+            )
         message = self._message(topic, payload, headers)
         sent: Dict[str, str] = {}
         errors: Dict[str, BaseException] = {}
@@ -4940,7 +5155,18 @@ class RemoteQueue:
                 sent[node_id] = message.id
                 self._counts["sent"] += 1
         self.last_errors = errors
+        if not sent:
+            first = next(iter(errors.values()))
+            raise TransportError(
+                f"broadcast of {message.id} on {topic!r} reached none of the "
+                f"{len(errors)} peer(s): " + "; ".join(f"{n}: {e}" for n, e in errors.items())
+            ) from first
         return sent
+
+    def _check_open(self) -> None:
+        # Called with self._lock held.
+        if self._closed:
+            raise TransportClosedError(f"RemoteQueue {self.node_id!r} is closed")
 
     def _require_local(self) -> MessageQueue:
         if self.local is None:
@@ -5174,9 +5400,17 @@ def _failure(
 
         tb = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
     return TaskResult(
-        task_id, TaskStatus.FAILED, None, str(exc), type(exc).__name__,
+        task_id, TaskStatus.FAILED, None, _exception_text(exc), type(exc).__name__,
         execution_time, worker_id, tb, exc,
     )
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder when the exception's ``__str__`` fails."""
+    try:
+        return str(exc)
+    except BaseException as failure:  # a broken __str__ must not escape
+        return f"<str() of the {type(exc).__name__} failed: {type(failure).__name__}>"
 
 
 def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
@@ -5189,7 +5423,9 @@ def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
     start = time.perf_counter()
     try:
         value = func(*args, **kwargs)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit, CancelledError ... fail this task only
+        if not in_process:
+            _reraise_interrupt(exc)
         return _failure(task_id, exc, time.perf_counter() - start, worker)
     return TaskResult(task_id, TaskStatus.COMPLETED, value, None, None,
                       time.perf_counter() - start, worker)
@@ -5262,9 +5498,11 @@ class Executor:
     PROCESS on a pool of ``max_workers`` processes (the function, its arguments
     and its return value must pickle; define the function at module level).
 
-    A task never raises out of the executor: exceptions, arguments that do not
-    pickle and a crashed worker process all come back as a FAILED TaskResult
-    with ``error_type`` set.
+    A task never raises out of the executor: exceptions (``BaseException``
+    included, such as ``SystemExit`` or ``asyncio.CancelledError``), arguments
+    that do not pickle and a crashed worker process all come back as a FAILED
+    TaskResult with ``error_type`` set.  Only Ctrl-C and ``sys.exit()`` in a
+    SEQUENTIAL task on the main thread propagate, as they should.
 
     Memory stays bounded: ``result(task_id)`` hands a result over exactly once
     and forgets it; at most ``max_results`` uncollected tasks are remembered,
@@ -5727,6 +5965,13 @@ class _DynamicMethods:
         )
 
 
+def _method_label(message: Message) -> str:
+    """``method()`` of an RPC request, for error texts (``request`` if unknown)."""
+    payload = message.payload
+    method = payload.get("method") if isinstance(payload, dict) else None
+    return f"{method}()" if isinstance(method, str) else "the request"
+
+
 class RPCServer:
     """Serve registered functions by name over a :class:`MessageQueue`.
 
@@ -5844,7 +6089,10 @@ class RPCServer:
     def stop(self, timeout: Optional[float] = 30.0) -> None:
         """Stop taking requests and wait up to ``timeout`` s for calls in flight.
 
-        Replies of calls that finish meanwhile are still sent.  Called from
+        Every request already received is still run and answered: calls in
+        flight, and requests the transport had read but not yet handed over
+        (a TCP connection's queued requests; they may finish after ``stop``
+        returns, and closing the transport waits for them).  Called from
         inside a method, it does not wait for that call.
         """
         with self._lock:
@@ -5919,8 +6167,9 @@ class RPCServer:
                 self._local.depth = getattr(self._local, "depth", 0) + 1
                 try:
                     value = func(*args, **kwargs)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._respond_task(message, request_id, _failure(request_id, exc))
+                    _reraise_interrupt(exc)  # Ctrl-C on the main thread: after the reply
                 else:
                     self._respond(message, request_id, value, None, outcome="succeeded")
                 finally:
@@ -5940,6 +6189,9 @@ class RPCServer:
                 lambda fut: self._respond_task(message, request_id,
                                                _result_of_future(request_id, fut), finish=True))
             return
+
+    # Requests matched before stop() unsubscribed are still answered.
+    setattr(_on_request, _FINISH_QUEUED, True)
 
     def _call_marked(self, func: Callable[..., Any], args: Any, kwargs: Dict[str, Any]) -> Any:
         # Runs on an executor thread: lets stop() called by the method not wait for itself.
@@ -5998,11 +6250,14 @@ class RPCServer:
             reply = _make_message(message.reply_to, payload, {}, None, message.id)
             try:
                 self.queue.send(reply)
-            except SerializationError as exc:
-                # The result cannot cross this transport: tell the caller why.
+            except (SerializationError, FrameTooLargeError) as exc:
+                # The reply cannot cross this transport: tell the caller why, at
+                # once, rather than let it wait for a timeout (and retry).
+                self._count("reply_errors")
                 reply.payload = {"id": payload["id"], "request_id": request_id, "result": None,
-                                 "error_type": "SerializationError",
-                                 "error": f"the result of the call cannot be sent: {exc}"}
+                                 "error_type": type(exc).__name__,
+                                 "error": f"the reply to {_method_label(message)} cannot be "
+                                          f"sent: {exc}"}
                 self.queue.send(reply)
         except Exception as exc:
             self._count("reply_errors")
@@ -6047,7 +6302,9 @@ class RPCClient(_DynamicMethods):
         payload = {"id": request_id, "method": method,
                    "args": [] if args is None else list(args),
                    "kwargs": {} if kwargs is None else dict(kwargs), "timeout": wait}
-        message = _make_message(self.request_topic, payload, {}, RPC_REPLY_PREFIX + request_id)
+        headers: Dict[str, Any] = {}
+        _set_ttl(headers, wait)
+        message = _make_message(self.request_topic, payload, headers, RPC_REPLY_PREFIX + request_id)
         inbox = self.queue.transport.open_inbox(message.reply_to)  # type: ignore[arg-type]
         return message, inbox, wait
 
