@@ -413,10 +413,6 @@ class BrokerTransport(ef.Transport):
         if subscriptions:
             sub_routes = self._sub_routes
             mine = tuple(s for s in subscriptions if route in sub_routes.get(s.id, ()))
-            if mine and topic.startswith(ef.INBOX_PREFIXES):
-                # Inbox topics are private: only a subscription naming the
-                # exact topic takes one (as in the core matcher).
-                mine = tuple(s for s in mine if s.pattern == topic)
             if mine:
                 self._dispatcher.put_many([(mine, message)])
                 if self._dispatcher.high:

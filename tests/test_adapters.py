@@ -285,6 +285,23 @@ def test_handler_errors_are_visible_and_do_not_stop_delivery(broker, caplog):
     assert [str(e) for e in errors] == ["broken by 0", "broken by 1", "broken by 2"]
 
 
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_dispatch_survives_base_exceptions(broker, error):
+    base = unique_name()
+    transport = broker.transport()
+    got, handler = collector()
+
+    def hostile(message: ef.Message) -> None:
+        raise error("from a handler")
+
+    transport.subscribe(f"{base}.*", hostile)
+    transport.subscribe(f"{base}.*", handler)
+    for i in range(3):
+        transport.send(ef.Message(topic=f"{base}.x", payload=i))
+    wait_for(lambda: len(got) == 3, what="deliveries after the BaseException")
+    assert [m.payload for m in got] == [0, 1, 2]
+
+
 def test_a_handler_may_request_over_the_same_transport(broker):
     base = unique_name()
     transport = broker.transport()
