@@ -9123,6 +9123,8 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.transports.tcp": ("eventforge", None),
     "eventforge.transports.redis": ("eventforge_ext.redis", None),
     "eventforge.transports.nats": ("eventforge_ext.nats", None),
+    "eventforge.integrations": ("eventforge_ext", None),
+    "eventforge.integrations.logfire": ("eventforge_ext.logfire", None),
     "eventforge.remote": ("eventforge", None),
     "eventforge.executor": ("eventforge", None),
     "eventforge.rpc": ("eventforge", None),
