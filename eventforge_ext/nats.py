@@ -132,6 +132,7 @@ class NatsTransport(BrokerTransport):
         self.address = servers if isinstance(servers, str) else ",".join(servers)
         self.rpc_queue_group = rpc_queue_group
         self._subs: Dict[Route, Any] = {}  # loop thread only
+        self._routes_alock: Any = None  # an asyncio.Lock, made in the loop
         self._outbox.where = f"the NATS client of {self.address}"
         self._thread: Optional[threading.Thread] = None
         self._owns_client = client is None
@@ -246,6 +247,17 @@ class NatsTransport(BrokerTransport):
 
         asyncio.run_coroutine_threadsafe(self._unsub(route), self._aloop)
 
+    def _route_lock(self) -> Any:
+        # Subscribe and unsubscribe coroutines start in the order they were
+        # scheduled; the (FIFO) lock keeps them in that order across their
+        # awaits, so a quick subscribe-unsubscribe-subscribe of one route can
+        # never leave two NATS subscriptions (two copies of each message).
+        import asyncio
+
+        if self._routes_alock is None:
+            self._routes_alock = asyncio.Lock()
+        return self._routes_alock
+
     async def _sub(self, route: Route) -> None:
         subject, queue = route
 
@@ -254,23 +266,28 @@ class NatsTransport(BrokerTransport):
             if not self._low.is_set():
                 await self._backpressure()
 
-        try:
-            self._subs[route] = await self._nc.subscribe(subject, queue=queue, cb=on_message)
-            await self._nc.flush(self.subscribe_timeout)
-        except Exception as exc:
-            self._counts["subscribe_errors"] += 1
-            self._log.warning("subscribe", "nats %s: subscribing %r failed: %s",
-                              self.address, subject, exc or type(exc).__name__)
-            return
+        async with self._route_lock():
+            try:
+                if route not in self._subs:
+                    self._subs[route] = await self._nc.subscribe(
+                        subject, queue=queue, cb=on_message
+                    )
+                await self._nc.flush(self.subscribe_timeout)
+            except Exception as exc:
+                self._counts["subscribe_errors"] += 1
+                self._log.warning("subscribe", "nats %s: subscribing %r failed: %s",
+                                  self.address, subject, exc or type(exc).__name__)
+                return
         self._confirmed(route)
 
     async def _unsub(self, route: Route) -> None:
-        sub = self._subs.pop(route, None)
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # closed or reconnecting: nothing left to withdraw
-                ef.logger.debug("nats %s: unsubscribe: %s", self.address, exc)
+        async with self._route_lock():
+            sub = self._subs.pop(route, None)
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:  # closed or reconnecting: nothing to withdraw
+                    ef.logger.debug("nats %s: unsubscribe: %s", self.address, exc)
 
     async def _backpressure(self) -> None:
         import asyncio

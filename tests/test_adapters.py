@@ -143,6 +143,23 @@ def test_per_subscription_order(broker, pattern_kind):
     assert [m.payload for m in got] == list(range(300))
 
 
+def test_subscription_churn_leaves_one_broker_subscription(broker):
+    base = unique_name()
+    transport, publisher = broker.transport(), broker.transport()
+    for pattern in (f"{base}.*", f"{base}.**", f"{base}.x"):
+        for _ in range(20):
+            transport.unsubscribe(transport.subscribe(pattern, print))
+    got, handler = collector()
+    for pattern in (f"{base}.*", f"{base}.**", f"{base}.x"):
+        transport.subscribe(pattern, handler)
+    publisher.send(ef.Message(topic=f"{base}.x", payload=1))
+    wait_for(lambda: len(got) >= 3, what="three deliveries")
+    time.sleep(0.3)  # a second broker subscription would deliver copies now
+    assert len(got) == 3
+    assert transport.stats["routes"] == len({r for routes in transport._sub_routes.values()
+                                             for r in routes})
+
+
 def test_message_fields_survive_the_broker(broker):
     base = unique_name()
     transport = broker.transport()
