@@ -47,6 +47,12 @@ Message = ef.Message
 # eventforge ids: 8-4-4-4 hex (fixed per process), then a hex counter.
 _ID_RE = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4})-([0-9a-f]{12,})\Z")
 _LOG_EVERY = 10.0  # at most one log line per kind of problem per this many seconds
+# Counters always present in a broker transport's stats.
+_COUNTERS = (
+    "messages_in", "messages_out", "dropped_out", "frame_errors", "mailbox_full",
+    "disconnects", "reconnects", "reconnect_attempts", "unconfirmed_subscriptions",
+    "subscribe_errors", "errors",
+)
 
 
 def require(module: str, package: str, extra: str) -> Any:
@@ -212,6 +218,7 @@ class BrokerTransport(ef.Transport):
         self._low = threading.Event()
         self._low.set()
         self._counts: Dict[str, int] = collections.defaultdict(int)
+        self._counts.update(dict.fromkeys(_COUNTERS, 0))
         self._log = _RateLimitedLog()
         self._closed = False
         self._connected = False

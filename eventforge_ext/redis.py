@@ -89,10 +89,10 @@ class RedisTransport(BrokerTransport):
     Publishing never waits for Redis: ``send`` encodes and queues, and a
     writer thread sends whatever has queued up as one pipeline (one round
     trip per batch).  :meth:`flush` waits until Redis has taken everything
-    sent so far.  Up to ``max_pending`` messages wait while Redis is
-    unreachable; beyond that ``send`` raises TransportFullError.  A batch
-    that fails on the wire is dropped, logged and counted (``dropped_out``):
-    Redis pub/sub is at-most-once.
+    sent so far.  The batch in flight when the connection fails is dropped,
+    logged and counted (``dropped_out``; Redis pub/sub is at-most-once);
+    later messages wait, up to ``max_pending`` (then ``send`` raises
+    TransportFullError), until Redis answers again.
 
     One I/O thread reads the subscriber connection; subscriber callbacks
     run on one dispatcher thread, in arrival order.  Redis has no queue
@@ -203,7 +203,6 @@ class RedisTransport(BrokerTransport):
         return self._outbox.wait_idle(timeout)
 
     def _write_loop(self) -> None:
-        backoff = self.backoff_initial
         while True:
             self._writer_wake.clear()
             batch = self._outbox.take(_WRITE_BATCH)
@@ -212,10 +211,23 @@ class RedisTransport(BrokerTransport):
                     return
                 self._writer_wake.wait()
                 continue
-            if self._write(batch):
-                backoff = self.backoff_initial
-            elif not self._stopping.wait(backoff):
+            if not self._write(batch):
+                self._await_broker()
+
+    def _await_broker(self) -> None:
+        """After a failed write, wait (backing off) until Redis answers a PING.
+
+        Meanwhile messages sent wait in the outbox (up to ``max_pending``) and
+        go out, in order, once Redis is back.
+        """
+        backoff = self.backoff_initial
+        while not self._stopping.wait(backoff):
+            try:
+                self._client.ping()
+            except Exception:
                 backoff = min(backoff * 2, self.backoff_max)
+            else:
+                return
 
     def _write(self, batch: List[Tuple[str, bytes]]) -> bool:
         pipe = self._client.pipeline(transaction=False)

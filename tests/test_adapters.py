@@ -504,6 +504,32 @@ def test_reconnect_and_resubscribe_after_a_broker_restart(private_broker):
 
 
 @pytest.mark.timeout(90)
+def test_a_backlog_sent_while_the_broker_is_down_goes_out_after_it_is_back(private_broker):
+    factory, server = private_broker
+    base = unique_name()
+    # A slow first retry, so the subscriber below is in place before the
+    # publisher's backlog goes out (pub-sub keeps nothing for latecomers).
+    if factory.kind == "redis":
+        publisher = factory.transport(backoff_initial=1.0)
+    else:
+        publisher = factory.transport(reconnect_time_wait=1.5)
+    server.stop()
+    wait_for(lambda: not publisher.connected or factory.kind == "redis", what="disconnect")
+    if factory.kind == "redis":
+        publisher.send(ef.Message(topic=f"{base}.x", payload="lost"))
+        wait_for(lambda: publisher.stats["dropped_out"] == 1, what="the failed write")
+    for i in range(20):
+        publisher.send(ef.Message(topic=f"{base}.x", payload=i))  # queued, no error
+    server.start()
+    subscriber = factory.transport()
+    got, handler = collector()
+    subscriber.subscribe(f"{base}.*", handler)  # confirmed by the broker on return
+    assert publisher.flush(PATIENCE)
+    wait_for(lambda: len(got) >= 20, what="the backlog")
+    assert [m.payload for m in got] == list(range(20))
+
+
+@pytest.mark.timeout(90)
 def test_send_never_waits_for_the_broker(private_broker):
     """A paused broker does not block send(): publishing pays no round trip."""
     factory, server = private_broker
