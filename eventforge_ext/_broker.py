@@ -46,6 +46,7 @@ Message = ef.Message
 
 # eventforge ids: 8-4-4-4 hex (fixed per process), then a hex counter.
 _ID_RE = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4})-([0-9a-f]{12,})\Z")
+_INBOXES = ef.INBOX_PREFIXES
 _LOG_EVERY = 10.0  # at most one log line per kind of problem per this many seconds
 # Counters always present in a broker transport's stats.
 _COUNTERS = (
@@ -241,8 +242,11 @@ class BrokerTransport(ef.Transport):
         """Withdraw ``route`` from the broker (must not block)."""
         raise NotImplementedError
 
-    def _publish(self, topic: str, body: bytes) -> None:
-        """Queue ``body`` for the broker under ``topic``'s broker name."""
+    def _publish(self, topic: str, body: bytes, urgent: bool) -> None:
+        """Queue ``body`` for the broker under ``topic``'s broker name.
+
+        ``urgent``: someone will wait for this message (a request or a reply).
+        """
         raise NotImplementedError
 
     def _stop(self) -> None:
@@ -277,7 +281,7 @@ class BrokerTransport(ef.Transport):
             ef.validate_topic(topic)
         self._check_open()
         body = ef.encode(message, max_frame_size=self.max_frame_size)[4:]
-        self._publish(topic, body)
+        self._publish(topic, body, message.reply_to is not None or topic.startswith(_INBOXES))
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic``.

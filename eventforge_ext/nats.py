@@ -299,7 +299,7 @@ class NatsTransport(BrokerTransport):
 
     # -- publishing ------------------------------------------------------------------------
 
-    def _publish(self, topic: str, body: bytes) -> None:
+    def _publish(self, topic: str, body: bytes, urgent: bool) -> None:
         if self._outbox.put((nats_subject(topic), body)):
             self._aloop.call_soon_threadsafe(self._start_drain)
 

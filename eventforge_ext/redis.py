@@ -192,9 +192,24 @@ class RedisTransport(BrokerTransport):
 
     # -- publishing ----------------------------------------------------------------------
 
-    def _publish(self, topic: str, body: bytes) -> None:
-        if self._outbox.put((redis_channel(topic), body)):
+    def _publish(self, topic: str, body: bytes, urgent: bool) -> None:
+        if not self._outbox.put((redis_channel(topic), body)):
+            return  # the writer is draining: this goes out in its next pipeline
+        if urgent:
+            # Nothing was waiting and someone will wait for this one (a request
+            # or a reply): send it from this thread, saving the writer hop.
+            self._write_inline()
+        else:
             self._writer_wake.set()
+
+    def _write_inline(self) -> None:
+        for _ in range(3):
+            batch = self._outbox.take(_WRITE_BATCH)
+            if batch is None:
+                return  # all sent; the outbox is idle again
+            if not self._write(batch):
+                break  # the writer takes over and waits for Redis
+        self._writer_wake.set()  # still more: the writer thread's job
 
     def flush(self, timeout: Optional[float] = 10.0) -> bool:
         """Wait until Redis has taken every message sent so far; False on timeout."""
