@@ -8596,6 +8596,9 @@ def _broker_transport(args: Any) -> Optional[Transport]:
     url = getattr(args, "nats", None) or getattr(args, "redis", None)
     if not url:
         return None
+    if any(getattr(args, name, None) for name in ("secret_file", "tls_cert", "tls_key", "tls_ca")):
+        raise _CLIError("--secret-file and --tls-* secure the TCP listener; with --nats or "
+                        "--redis put credentials and TLS in the broker URL instead")
     kind = "nats" if getattr(args, "nats", None) else "redis"
     try:
         if kind == "nats":

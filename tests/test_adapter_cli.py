@@ -80,3 +80,14 @@ def test_worker_reports_an_unreachable_broker_in_one_line(tmp_path):
     assert result.returncode == 1
     assert "cannot connect to redis://" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_worker_refuses_tcp_security_options_with_a_broker(tmp_path):
+    module = tmp_path / "handlers_secret.py"
+    module.write_text("HANDLERS = {'f': len}\n")
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    result = _run("worker", "--import", str(module), "--nats", "nats://127.0.0.1:1",
+                  "--secret-file", str(secret), timeout=60)
+    assert result.returncode == 2
+    assert "--secret-file and --tls-* secure the TCP listener" in result.stderr
