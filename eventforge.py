@@ -8610,7 +8610,9 @@ def _broker_transport(args: Any) -> Optional[Transport]:
         return RedisTransport(url=url)
     except ImportError as exc:
         raise _CLIError(str(exc)) from None
-    except (OSError, EventforgeError) as exc:
+    except EventforgeError as exc:  # the message names the broker and the reason
+        raise _CLIError(str(exc), EXIT_FAILURE) from None
+    except OSError as exc:
         raise _CLIError(f"cannot connect to {url}: {exc}", EXIT_FAILURE) from None
 
 
