@@ -26,7 +26,9 @@ The file reads top to bottom; every section uses only the sections above it.
    12. command line .......... worker, main(argv), demo
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
-The wire format is specified in ``docs/protocol.md``.  MIT licensed (see
+The wire format is specified in ``docs/protocol.md``; what each transport
+promises (ordering, delivery, what is kept or dropped) in
+``docs/guarantees.md``.  MIT licensed (see
 LICENSE); this file may be copied alone into a project.  Heavy standard-library
 modules (``ssl``, ``asyncio``, ``multiprocessing`` ...) are imported where they
 are first used, so ``import eventforge`` stays cheap.
@@ -603,12 +605,13 @@ class SubscriptionTrie:
 
     def _match_exact(self, topic: str) -> Tuple[Any, ...]:
         # Literal children only: no '*' or '**' edge is ever followed.
-        node: Optional[_TrieNode] = self._root
+        node = self._root
         for segment in topic.split("."):
-            node = node.children.get(segment)  # type: ignore[union-attr]
-            if node is None:
+            child = node.children.get(segment)
+            if child is None:
                 return ()
-        hits = sorted(node.entries.values(), key=_first)  # type: ignore[union-attr]
+            node = child
+        hits = sorted(node.entries.values(), key=_first)
         return tuple(value for _, value in hits)
 
     @staticmethod
@@ -1625,30 +1628,39 @@ class MemoryTransport(Transport):
         # Called with self._lock held, for a message nobody took: retain it,
         # dropping the oldest past either bound.  Never raises.
         if topic.startswith(INBOX_PREFIXES):
-            self._drops["no_inbox"] += 1
-            logger.debug("dropped %s on %r: nobody awaits that reply", message.id, topic)
-            return
-        seq = next(self._seq)
-        mailbox = self._mailboxes.get(topic)
-        if mailbox is None:
-            self._mailboxes[topic] = collections.deque(((seq, message),))
+            note = self._count_drop(topic, "no_inbox")
         else:
-            if len(mailbox) >= self.max_queue_size:
-                del self._order[mailbox.popleft()[0]]
-                self._dropped_oldest(topic, "topic_full")
-            mailbox.append((seq, message))
-        order = self._order
-        order[seq] = topic
-        if len(order) > self.max_buffered:
-            oldest_topic = order.popitem(last=False)[1]
-            oldest_box = self._mailboxes[oldest_topic]
-            oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
-            if not oldest_box:
-                del self._mailboxes[oldest_topic]
-            self._dropped_oldest(oldest_topic, "buffer_full")
+            note = None
+            seq = next(self._seq)
+            mailbox = self._mailboxes.get(topic)
+            if mailbox is None:
+                self._mailboxes[topic] = collections.deque(((seq, message),))
+            else:
+                if len(mailbox) >= self.max_queue_size:
+                    del self._order[mailbox.popleft()[0]]
+                    note = self._count_drop(topic, "topic_full")
+                mailbox.append((seq, message))
+            order = self._order
+            order[seq] = topic
+            if len(order) > self.max_buffered:  # (never together with topic_full)
+                oldest_topic = order.popitem(last=False)[1]
+                oldest_box = self._mailboxes[oldest_topic]
+                oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
+                if not oldest_box:
+                    del self._mailboxes[oldest_topic]
+                note = self._count_drop(oldest_topic, "buffer_full")
+        if note is not None:
+            # The state is consistent again: log with the lock released, since
+            # a logging handler is user code and may publish here.
+            self._lock.release()
+            try:
+                logger.log(*note)
+            finally:
+                self._lock.acquire()
 
-    def _dropped_oldest(self, topic: str, reason: str) -> None:
-        # Count a drop; log it at most once per topic (and a few topics) per interval.
+    def _count_drop(self, topic: str, reason: str) -> Optional[Tuple[Any, ...]]:
+        # Count a drop; return the log call's arguments at most once per topic
+        # (and for a few topics) per drop_log_interval, else None.
         self._drops[reason] += 1
         now = time.monotonic()
         logged = self._drop_logged
@@ -1656,13 +1668,16 @@ class MemoryTransport(Transport):
             self._drop_log_since = now
             logged.clear()
         if topic in logged or len(logged) >= self._DROP_LOG_TOPICS:
-            return
+            return None
         logged[topic] = 1
+        if reason == "no_inbox":  # a late reply: normal after a timeout
+            return (logging.DEBUG, "dropped a message on %r: nobody awaits that reply", topic)
         if reason == "topic_full":
             why = f"its mailbox holds max_queue_size={self.max_queue_size}"
         else:
             why = f"all mailboxes together hold max_buffered={self.max_buffered}"
-        logger.warning(
+        return (
+            logging.WARNING,
             "dropped the oldest unclaimed message on %r: %s and nobody subscribed or "
             "received (drops are counted in stats, logged at most every %g s per topic)",
             topic, why, self.drop_log_interval,
@@ -5184,8 +5199,10 @@ class RemoteQueue:
                 if self.on_error is not None:
                     try:
                         self.on_error(node_id, exc)
-                    except Exception:
-                        logger.exception("remote %s: on_error hook failed", self.node_id)
+                    except BaseException as hook_exc:  # shown, never propagated
+                        _reraise_interrupt(hook_exc)
+                        _report_unhandled(f"remote {self.node_id}: on_error hook failed",
+                                          hook_exc)
             else:
                 sent[node_id] = message.id
                 self._counts["sent"] += 1
@@ -5541,8 +5558,9 @@ class Executor:
 
     Memory stays bounded: ``result(task_id)`` hands a result over exactly once
     and forgets it; at most ``max_results`` uncollected tasks are remembered,
-    and beyond that the oldest one is dropped (its result is discarded, a
-    warning is logged and ``stats["dropped"]`` counts it).  Use :meth:`map`, or
+    and beyond that the oldest one is dropped (its result is discarded,
+    ``stats["dropped"]`` counts it and a warning is logged, at most once a
+    minute).  Use :meth:`map`, or
     collect what you submit, and nothing accumulates.
 
     The pool starts on :meth:`start`, on entering ``with``, or lazily on the
@@ -5580,6 +5598,7 @@ class Executor:
         self._counter = itertools.count(1)
         self._submitted = 0
         self._dropped = 0
+        self._drop_logged_at = -1e9  # monotonic time of the last drop warning
         self._pools_replaced = 0
 
     # -- life cycle -------------------------------------------------------
@@ -5654,10 +5673,15 @@ class Executor:
     def _drop_oldest_locked(self) -> None:
         old_id, _ = self._tasks.popitem(last=False)
         self._dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged_at < 60.0:  # one line a minute, never one per task
+            return
+        self._drop_logged_at = now
         logger.warning(
             "Executor: dropped the uncollected result of task %s (more than max_results=%d "
-            "uncollected tasks); collect results with result() or use map()",
-            old_id, self.max_results,
+            "uncollected tasks; %d dropped so far, counted in stats); collect results with "
+            "result() or use map()",
+            old_id, self.max_results, self._dropped,
         )
 
     def _submit_future(self, task_id: str, func: Callable[..., Any],
