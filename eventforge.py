@@ -6737,20 +6737,34 @@ class ExecutionContext:
     ``start_time``/``end_time`` are wall-clock epoch seconds (for display);
     :attr:`execution_time` is measured on the monotonic clock and is never
     negative.  ``metadata`` is a dict for observers and callbacks to keep
-    per-call data in (meters key their readings by themselves).
+    per-call data in (meters key their readings by themselves).  The id and
+    the dict are made when first read: most calls never need them.
     """
 
-    __slots__ = ("execution_id", "start_time", "end_time", "metadata", "_t0", "_elapsed")
+    __slots__ = ("_id", "start_time", "end_time", "_metadata", "_t0", "_elapsed")
 
     def __init__(self, execution_id: Optional[str] = None,
                  metadata: Optional[Dict[Any, Any]] = None) -> None:
-        self.execution_id = execution_id if execution_id is not None \
-            else _id_template % next(_ids)
+        self._id = execution_id
         self.start_time = _now()
         self.end_time: Optional[float] = None
-        self.metadata: Dict[Any, Any] = {} if metadata is None else metadata
+        self._metadata = metadata
         self._t0 = _perf_counter()
         self._elapsed: Optional[float] = None
+
+    @property
+    def execution_id(self) -> str:
+        """Unique id of this execution."""
+        if self._id is None:
+            self._id = _id_template % next(_ids)
+        return self._id
+
+    @property
+    def metadata(self) -> Dict[Any, Any]:
+        """A dict for per-call data of observers and callbacks."""
+        if self._metadata is None:
+            self._metadata = {}
+        return self._metadata
 
     def restart_clock(self) -> None:
         """Start the monotonic clock now (the task does this right before the body)."""
@@ -6777,7 +6791,8 @@ class TaskContext(ExecutionContext):
 
     Attributes:
         task_name: the task's name (the function's ``__name__``).
-        task_id: unique id of this call (also in the published result).
+        task_id: unique id of this call (also in the published result; the
+            same as ``execution_id``).
         args, kwargs: the call's arguments.
         result: the return value (None until it succeeded).
         error: the exception raised (None unless it failed).
@@ -6788,17 +6803,21 @@ class TaskContext(ExecutionContext):
         start_time, end_time, execution_time, metadata: see ExecutionContext.
     """
 
-    __slots__ = ("task_name", "task_id", "args", "kwargs", "result", "error", "error_type",
+    __slots__ = ("task_name", "args", "kwargs", "result", "error", "error_type",
                  "trigger", "message", "state")
 
     def __init__(self, task_name: str, task_id: Optional[str] = None,
                  args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
                  trigger: str = "call", message: Optional[Message] = None,
                  state: Optional[SharedState] = None) -> None:
-        tid = task_id if task_id is not None else _id_template % next(_ids)
-        ExecutionContext.__init__(self, tid)
+        # The base fields are set here rather than through ExecutionContext's
+        # __init__: one Python frame less on every task call.
+        self._id = task_id
+        self.start_time = _now()
+        self.end_time = None
+        self._metadata = None
+        self._elapsed = None
         self.task_name = task_name
-        self.task_id = tid
         self.args = args
         self.kwargs = {} if kwargs is None else kwargs
         self.result: Any = None
@@ -6807,6 +6826,9 @@ class TaskContext(ExecutionContext):
         self.trigger = trigger
         self.message = message
         self.state = state
+        self._t0 = _perf_counter()
+
+    task_id = ExecutionContext.execution_id
 
     @property
     def succeeded(self) -> bool:
@@ -7181,7 +7203,7 @@ class Eventful:
 
 
 # Class-level subscriptions made by Reporters: target class -> event -> entries.
-# An entry is a bound method (strong) or a weakref.WeakMethod (weak=True).
+# An entry is a bound method (strong) or a _WeakHandler (weak=True).
 _class_subscriptions: Dict[type, Dict[str, List[Any]]] = {}
 _class_lock = threading.Lock()
 _class_cache: Dict[Tuple[type, str], Tuple[Any, ...]] = {}
@@ -7204,9 +7226,15 @@ def _change_class_subscription(target: type, event: str, entry: Any, add: bool) 
     with _class_lock:
         entries = _class_subscriptions.setdefault(target, {}).setdefault(event, [])
         if add:
+            # Drop the weak subscriptions of Reporters that were collected.
+            entries[:] = [e for e in entries
+                          if not isinstance(e, _WeakHandler) or e.ref() is not None]
             entries.append(entry)
-        elif entry in entries:
-            entries.remove(entry)
+        else:
+            for index, existing in enumerate(entries):
+                if existing is entry:
+                    del entries[index]
+                    break
         _class_cache.clear()
 
 
@@ -7280,15 +7308,25 @@ class Observable:
         else:
             result = eventful.fire(*args, **kwargs)
         if _class_subscriptions:
-            for entry in _class_handlers(type(self), event):
-                handler = entry() if _is_weak_method(entry) else entry
-                if handler is not None:
-                    handler(*args, **kwargs)
+            for handler in _class_handlers(type(self), event):
+                handler(*args, **kwargs)
         return result
 
 
-def _is_weak_method(entry: Any) -> bool:
-    return type(entry).__name__ == "WeakMethod"
+class _WeakHandler:
+    """A class-level subscription that does not keep its Reporter alive."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, bound: Any) -> None:
+        import weakref
+
+        self.ref = weakref.WeakMethod(bound)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        method = self.ref()
+        if method is not None:  # the Reporter is gone: nothing to do
+            method(*args, **kwargs)
 
 
 def _observed_events(method: Any) -> List[Tuple[type, str]]:
@@ -7332,10 +7370,8 @@ class Reporter:
         """Start receiving the marked events (done by ``__init__``; idempotent)."""
         if self._registered:
             return
-        import weakref
-
         for target, event, bound in self._marked_methods():
-            entry = weakref.WeakMethod(bound) if self._weak else bound
+            entry = _WeakHandler(bound) if self._weak else bound
             _change_class_subscription(target, event, entry, add=True)
             self._registered.append((target, event, entry))
 
@@ -7402,8 +7438,9 @@ class Meter(Observable):
         if n != 1 and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"n must be an integer >= 1, not {n!r}")
         with self._lock:
+            total = self.sum + val * n  # a non-number fails here, before any change
             self.count += n
-            self.sum += val * n
+            self.sum = total
             self.last = val
             if self.min_val is None or val < self.min_val:
                 self.min_val = val
@@ -7519,7 +7556,7 @@ class TimingMeter(Meter):
 
     def on_complete(self, ctx: TaskContext) -> None:
         elapsed = ctx.execution_time
-        self.update(elapsed, ctx=ctx)
+        self.update(elapsed, 1, ctx)
         threshold = self.threshold
         if threshold is not None and elapsed > threshold:
             with self._lock:
@@ -7814,9 +7851,11 @@ class TaskPool:
         self.timeout = _check_timeout(timeout)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._active = 0
+        # One entry per slot held.  Uncapped, list append/pop and next() are
+        # atomic on their own, so counting a call takes no lock.
+        self._held: List[None] = []
+        self._released = itertools.count()
         self._queued = 0
-        self._processed = 0
 
     def acquire(self, timeout: Any = _MISSING) -> None:
         """Take a slot, waiting up to ``timeout`` s (default: the pool's timeout).
@@ -7825,16 +7864,20 @@ class TaskPool:
         slot frees in time.
         """
         limit = self.max_instances
+        if limit is None:
+            self._held.append(None)
+            return
+        held = self._held
         with self._lock:
-            if limit is None or self._active < limit:
-                self._active += 1
+            if len(held) < limit:
+                held.append(None)
                 return
         wait = self.timeout if timeout is _MISSING else _check_timeout(timeout)
         deadline = None if wait is None else time.monotonic() + wait
         with self._cond:
             self._queued += 1
             try:
-                while self._active >= limit:
+                while len(held) >= limit:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise EventforgeTimeoutError(
@@ -7843,17 +7886,24 @@ class TaskPool:
                     self._cond.wait(remaining)
             finally:
                 self._queued -= 1
-            self._active += 1
+            held.append(None)
 
     def release(self) -> None:
         """Free a slot; RuntimeError if none is held."""
+        if self.max_instances is None:
+            self._release_one()
+            return
         with self._lock:
-            if self._active <= 0:
-                raise RuntimeError("TaskPool.release() called more times than acquire()")
-            self._active -= 1
-            self._processed += 1
+            self._release_one()
             if self._queued:
                 self._cond.notify()
+
+    def _release_one(self) -> None:
+        try:
+            self._held.pop()
+        except IndexError:
+            raise RuntimeError("TaskPool.release() called more times than acquire()") from None
+        next(self._released)
 
     def slot(self, timeout: Any = _MISSING) -> Any:
         """Context manager holding one slot for the ``with`` block."""
@@ -7864,16 +7914,17 @@ class TaskPool:
         """active, queued, available, max, total_processed (max/available None if uncapped)."""
         with self._lock:
             limit = self.max_instances
+            active = len(self._held)
             return {
-                "active": self._active,
+                "active": active,
                 "queued": self._queued,
-                "available": None if limit is None else limit - self._active,
+                "available": None if limit is None else limit - active,
                 "max": limit,
-                "total_processed": self._processed,
+                "total_processed": _count_value(self._released),
             }
 
     def __repr__(self) -> str:
-        return f"<TaskPool {self._active}/{self.max_instances} active, {self._queued} queued>"
+        return f"<TaskPool {len(self._held)}/{self.max_instances} active, {self._queued} queued>"
 
 
 class _PoolSlot:
@@ -8004,6 +8055,8 @@ class TaskRunner:
             self.executor = Executor(mode=executor)
             self._owned_executor = True
         self._mode = None if self.executor is None else self.executor.mode
+        self._threaded = self._mode is ExecutionMode.THREAD
+        self._in_process = self._mode is ExecutionMode.PROCESS
         self.publish_result = publish_result
         self.state = SharedState()
         self.pool = TaskPool(max_instances, instance_timeout)
@@ -8066,16 +8119,14 @@ class TaskRunner:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._bare:  # only the uncapped pool's counters to keep
             pool = self.pool
-            lock = pool._lock
-            with lock:
-                pool._active += 1
+            held = pool._held
+            held.append(None)
             try:
                 return self.func(*args, **kwargs)
             finally:
-                with lock:
-                    pool._active -= 1
-                    pool._processed += 1
-        if self._mode is ExecutionMode.THREAD:
+                held.pop()
+                next(pool._released)
+        if self._threaded:
             return self._run(args, kwargs, "call", None)
         return self._lifecycle(args, kwargs, "call", None)
 
@@ -8093,7 +8144,7 @@ class TaskRunner:
 
     def _run(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], trigger: str,
              message: Optional[Message]) -> Any:
-        if self._mode is ExecutionMode.THREAD and not getattr(_task_thread, "pooled", False):
+        if self._threaded and not getattr(_task_thread, "pooled", False):
             # The whole life cycle runs on the pool thread, so per-thread
             # observers (CPUMeter) measure the thread that runs the body.  A
             # task called from inside a pooled task runs inline instead: it
@@ -8126,7 +8177,7 @@ class TaskRunner:
                 pool.acquire()
                 try:
                     ctx._t0 = _perf_counter()
-                    if self._mode is ExecutionMode.PROCESS:
+                    if self._in_process:
                         ctx.result = self._in_worker_process(args, kwargs)
                     else:
                         ctx.result = self.func(*args, **kwargs)

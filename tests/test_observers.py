@@ -41,6 +41,15 @@ def _leaks(no_leaks):
     yield
 
 
+def _in_threads(target, count):
+    """Run ``target`` on ``count`` threads at once and wait for them all."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # -- Eventful -------------------------------------------------------------------------
 
 
@@ -331,11 +340,7 @@ def test_node_acquire_is_atomic_under_contention():
         if node.try_acquire():
             won.append(1)
 
-    threads = [threading.Thread(target=grab) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(grab, 8)
     assert len(won) == 3 and node.active == 3
 
 
@@ -434,11 +439,7 @@ def test_shared_state_update_is_atomic():
         for _ in range(2000):
             state.update("n", lambda v: v + 1, 0)
 
-    threads = [threading.Thread(target=bump) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(bump, 4)
     assert state.get("n") == 8000
 
 
@@ -483,11 +484,7 @@ def test_concurrent_updates_lose_nothing():
         for _ in range(5000):
             meter.update(1)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(work, 4)
     assert meter.count == 20000 and meter.value == 20000
 
 
@@ -722,3 +719,107 @@ def test_observable_subclass_that_skips_init_still_works():
     lazy.on("ping", seen.append)
     lazy.fire("ping", 1)
     assert seen == [1] and Lazy().event("ping").subscribers == ()
+
+
+def test_a_bad_value_leaves_the_meter_unchanged():
+    meter = Meter()
+    meter.update(2)
+    with pytest.raises(TypeError):
+        meter.update("three")
+    with pytest.raises(TypeError):
+        meter.update(None)
+    assert (meter.count, meter.sum, meter.last, meter.value) == (1, 2, 2, 2.0)
+
+
+def test_an_extractor_returning_garbage_is_a_hook_error_not_a_failed_call(caplog):
+    sizes = MetricsMeter("size", extract=lambda result: "not a number")
+
+    @task(on_execute=[sizes])
+    def f():
+        return 1
+
+    with caplog.at_level(logging.ERROR, logger="eventforge"):
+        assert f() == 1
+    assert f.stats["hook_errors"] == 1 and sizes.successes == 1 and sizes.count == 0
+
+
+def test_collected_weak_reporters_are_pruned():
+    import gc
+
+    class Quiet(Reporter):
+        @observe(Door, "closed")
+        def got(self, who):
+            pass
+
+    for _ in range(5):
+        Quiet(weak=True)
+    gc.collect()
+    keeper = Quiet(weak=True)
+    try:
+        entries = ef._class_subscriptions[Door]["closed"]
+        assert len(entries) == 1
+    finally:
+        keeper.unregister()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=4),
+       st.lists(st.one_of(st.just("route"), st.integers(min_value=0, max_value=3)),
+                max_size=25))
+def test_least_loaded_matches_a_model(cpus, operations):
+    # Property: select() reserves a slot on a least-loaded node that has room,
+    # never goes over capacity, and raises "saturated" exactly when all are full.
+    nodes = [Node(f"n{i}", cpus=c) for i, c in enumerate(cpus)]
+    dispatcher = LeastLoadedDispatcher(nodes)
+    for op in operations:
+        if op == "route":
+            if all(n.active >= n.capacity for n in nodes):
+                with pytest.raises(RuntimeError, match="saturated"):
+                    dispatcher.select()
+            else:
+                lowest = min(n.load() for n in nodes if n.active < n.capacity)
+                before = {n.name: n.load() for n in nodes}
+                chosen = dispatcher.select()
+                assert before[chosen.name] == lowest
+        else:
+            nodes[op % len(nodes)].release()
+        assert all(0 <= n.active <= n.capacity for n in nodes)
+
+
+def test_least_loaded_under_contention_never_exceeds_capacity():
+    over = []
+    nodes = []
+
+    def handler():
+        for node in nodes:
+            if node.active > node.capacity:
+                over.append(node.name)
+        time.sleep(0.001)
+
+    nodes.extend(Node(f"n{i}", cpus=4 * (i + 1), handler=handler) for i in range(3))
+    dispatcher = LeastLoadedDispatcher(nodes)
+    routed, saturated = [], []
+
+    def caller():
+        for _ in range(50):
+            try:
+                dispatcher.route()
+                routed.append(1)
+            except RuntimeError:
+                saturated.append(1)
+
+    _in_threads(caller, 8)
+    assert not over
+    assert len(routed) + len(saturated) == 400 and routed
+    assert all(node.active == 0 for node in nodes)
+
+
+def test_async_functions_and_foreign_executors_are_refused():
+    async def coro():
+        pass
+
+    with pytest.raises(TypeError, match="coroutine function"):
+        task(coro)
+    with pytest.raises(ValueError, match="unknown execution mode"):
+        with cf.ThreadPoolExecutor(1) as pool:
+            task(executor=pool)(lambda: None)

@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import eventforge as ef
 from eventforge import (
@@ -632,3 +634,117 @@ def test_any_callable_name_without_a_queue():
     assert runner() == "anonymous" and runner.topic == "<lambda>"
     with MessageQueue() as queue, pytest.raises(ef.TopicError):
         TaskRunner(lambda: None, queue=queue, topic="bad topic")
+
+
+def _crash_worker():
+    import os
+
+    os._exit(3)
+
+
+def test_a_crashed_worker_process_is_a_failure_not_a_hang():
+    seen = []
+    with Executor(mode=ExecutionMode.PROCESS, max_workers=1) as executor:
+        runner = TaskRunner(_crash_worker, executor=executor, on_failure=seen.append)
+        with pytest.raises(RuntimeError, match="terminated abruptly") as info:
+            runner()
+        assert seen[0].error is info.value and seen[0].error_type == "BrokenProcessPool"
+        assert TaskRunner(str.lower, executor=executor)("OK") == "ok"  # the pool recovers
+
+
+def test_meters_survive_a_start_hook_that_failed_before_them():
+    import tracemalloc
+
+    from eventforge import CPUMeter, MemoryMeter
+
+    memory, cpu = MemoryMeter(), CPUMeter()
+
+    class Refuse:
+        def on_start(self, ctx):
+            raise RuntimeError("refused")
+
+    @task(on_execute=[Refuse(), memory, cpu])
+    def never():
+        raise AssertionError("the body must not run")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        never()
+    assert memory.count == 0 and cpu.count == 0
+    assert not tracemalloc.is_tracing()
+
+
+def test_module_level_task_on_a_process_rpc_server():
+    with MessageQueue() as queue, Executor(mode=ExecutionMode.PROCESS, max_workers=1) as ex:
+        server = RPCServer(queue, executor=ex, service_name="calc")
+        server.add_method("dec", plain_module_task)
+        with server:
+            assert RPCClient(queue, service_name="calc", timeout=30).call("dec", 10) == 9
+
+
+# -- property tests ---------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.none(), st.integers(min_value=1, max_value=4)),
+       st.lists(st.sampled_from(["acquire", "release"]), max_size=30))
+def test_pool_matches_a_counting_model(limit, operations):
+    pool = TaskPool(limit, timeout=0)
+    held = processed = 0
+    for op in operations:
+        if op == "acquire":
+            if limit is not None and held >= limit:
+                with pytest.raises(TimeoutError):
+                    pool.acquire()
+            else:
+                pool.acquire()
+                held += 1
+        elif held == 0:
+            with pytest.raises(RuntimeError):
+                pool.release()
+        else:
+            pool.release()
+            held -= 1
+            processed += 1
+        assert pool.stats == {
+            "active": held, "queued": 0, "max": limit,
+            "available": None if limit is None else limit - held,
+            "total_processed": processed,
+        }
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "delete", "bump", "clear"]),
+                          st.sampled_from("abc"), st.integers()), max_size=30))
+def test_shared_state_matches_a_dict(operations):
+    state, model = SharedState(), {}
+    for op, key, value in operations:
+        if op == "set":
+            state.set(key, value)
+            model[key] = value
+        elif op == "delete":
+            assert state.delete(key) is (key in model)
+            model.pop(key, None)
+        elif op == "bump":
+            assert state.update(key, lambda v: v + 1, 0) == model.get(key, 0) + 1
+            model[key] = model.get(key, 0) + 1
+        else:
+            state.clear()
+            model.clear()
+        assert dict(state.items()) == model
+        assert all(state.contains(k) == (k in model) for k in "abc")
+
+
+def test_a_result_the_wire_cannot_carry_is_reported_over_tcp(tcp, caplog):
+    server = tcp.server()
+    queue = MessageQueue(transport=tcp.client(server.port))
+
+    @task(queue=queue, topic="made")
+    def make():
+        return object()  # not JSON: the published result cannot be encoded
+
+    with caplog.at_level(logging.ERROR, logger="eventforge"):
+        assert type(make()) is object  # the caller still gets its result
+    assert make.stats["publish_errors"] == 1
+    assert any("could not publish its result to 'made.success'" in r.getMessage()
+               for r in caplog.records)
+    make.close()
