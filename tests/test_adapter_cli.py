@@ -9,12 +9,12 @@ import sys
 import textwrap
 
 import pytest
-from _servers import unique_name
+from _servers import require_module, unique_name
 
 import eventforge as ef
 
-pytest.importorskip("redis")
-pytest.importorskip("nats")
+require_module("redis")
+require_module("nats")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,12 +19,12 @@ import time
 from typing import Any, Callable, Dict, List
 
 import pytest
-from _servers import unique_name
+from _servers import require_module, unique_name
 
 import eventforge as ef
 
-pytest.importorskip("redis")
-pytest.importorskip("nats")
+require_module("redis")
+require_module("nats")
 
 from eventforge_ext.nats import RPC_QUEUE_GROUP, NatsTransport  # noqa: E402
 from eventforge_ext.redis import RedisTransport  # noqa: E402
