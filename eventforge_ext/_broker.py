@@ -366,7 +366,12 @@ class BrokerTransport(ef.Transport):
                     self._acquire((route,))
         else:
             self._acquire((route,))
-        inbox = self._local.open_inbox(topic)
+        try:
+            inbox = self._local.open_inbox(topic)
+        except BaseException:
+            if not shared:
+                self._release((route,))
+            raise
         inner = inbox._on_close
         self._exact[topic] = route
 

@@ -244,6 +244,18 @@ def test_request_times_out_and_a_late_reply_is_dropped(broker):
     assert stats["inboxes"] == 0 and stats["buffered"] == 0
 
 
+def test_a_second_inbox_on_one_topic_is_refused_without_leaking_a_route(broker):
+    transport = broker.transport()
+    topic = f"_reply.{unique_name()}"  # not an eventforge id: a route of its own
+    inbox = transport.open_inbox(topic)
+    routes = transport.stats["routes"]
+    with pytest.raises(ValueError):
+        transport.open_inbox(topic)
+    assert transport.stats["routes"] == routes
+    inbox.close()
+    assert transport.stats["routes"] == routes - 1
+
+
 def test_rpc_server_and_client(broker):
     service = unique_name()
     server = ef.RPCServer(ef.MessageQueue(broker.transport()), service_name=service)
