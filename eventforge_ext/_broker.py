@@ -211,7 +211,6 @@ class BrokerTransport(ef.Transport):
         self._sub_routes: Dict[str, Tuple[Route, ...]] = {}
         self._exact: Dict[str, Route] = {}  # receive topics and open inboxes -> their route
         self._receive_topics: Dict[str, None] = {}
-        self._inbox_refs: Dict[str, int] = {}
         self._kept_routes: Dict[Route, None] = {}  # shared reply routes: kept until close
         self._dispatcher = ef._Dispatcher(
             f"eventforge-{self.kind}-dispatch", self._local, self._dispatch_low
