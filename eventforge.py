@@ -5568,6 +5568,10 @@ class TCPClientTransport(Transport):
             if self._conn is not conn:
                 return
             self._conn = None
+            if not self.reconnect and not self._closing.is_set():
+                # In the same step as _conn: a send() in between must fail,
+                # not buffer a frame that no reconnect will ever carry.
+                self._failed = f"connection to {conn.peer} lost: {reason}"
             if self._space_waiters:
                 self._space.notify_all()
             failed = []
@@ -5603,8 +5607,6 @@ class TCPClientTransport(Transport):
             logger.warning("tcp client: lost %s (%s); reconnecting", conn.peer, reason)
         else:
             logger.warning("tcp client: lost %s (%s)", conn.peer, reason)
-            with self._lock:
-                self._failed = f"connection to {conn.peer} lost: {reason}"
         self._notify_state(False, reason)
 
     def _notify_state(self, connected: bool, detail: str) -> None:
@@ -9516,10 +9518,15 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     secret = _read_secret(args.secret_file)
     context = _server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
 
+    broker = _broker_transport(args)
+    listener: Optional[TCPServerTransport] = None
     try:
-        transport = TCPServerTransport(args.host, args.port, secret=secret, ssl_context=context)
+        if broker is None:
+            listener = TCPServerTransport(args.host, args.port, secret=secret,
+                                          ssl_context=context)
     except (ValueError, TypeError) as exc:
         raise _CLIError(str(exc)) from None
+    transport: Transport = broker or listener  # type: ignore[assignment]
     stop = threading.Event()
     executor = Executor(ExecutionMode(args.mode), max_workers=args.workers)
     restore = _install_stop_signals(stop)
@@ -9537,14 +9544,16 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
                 raise _CLIError(f"setup(queue) of {args.import_!r} failed: "
                                 f"{type(exc).__name__}: {exc}") from None
         try:
-            transport.start()
+            if listener is not None:
+                listener.start()
         except OSError as exc:
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             raise _CLIError(f"cannot listen on {_format_address((args.host, args.port))}: "
                             f"{cause.strerror or cause}", EXIT_FAILURE) from None
         executor.start()
         server.serve(blocking=False)
-        out(f"eventforge worker ready: service '{service}' on {_format_address(transport.address)} "
+        where = args.nats or args.redis or _format_address(listener.address)  # type: ignore
+        out(f"eventforge worker ready: service '{service}' on {where} "
             f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
             f"{'s' if args.workers != 1 else ''}; pid {os.getpid()})")
         _wait_until(stop)
@@ -9568,6 +9577,29 @@ def _require_seconds(option: str, value: Optional[float]) -> None:
     """Refuse a duration that is not a finite number of seconds above zero."""
     if value is not None and not 0 < value < _INFINITY:  # NaN fails this too
         raise _CLIError(f"{option} must be a number of seconds above 0, not {value:g}")
+def _broker_transport(args: Any) -> Optional[Transport]:
+    """The NatsTransport/RedisTransport asked for by ``--nats``/``--redis``, else None."""
+    url = getattr(args, "nats", None) or getattr(args, "redis", None)
+    if not url:
+        return None
+    if any(getattr(args, name, None) for name in ("secret_file", "tls_cert", "tls_key", "tls_ca")):
+        raise _CLIError("--secret-file and --tls-* secure the TCP listener; with --nats or "
+                        "--redis put credentials and TLS in the broker URL instead")
+    kind = "nats" if getattr(args, "nats", None) else "redis"
+    try:
+        if kind == "nats":
+            from eventforge_ext.nats import NatsTransport
+
+            return NatsTransport(url)
+        from eventforge_ext.redis import RedisTransport
+
+        return RedisTransport(url=url)
+    except ImportError as exc:
+        raise _CLIError(str(exc)) from None
+    except EventforgeError as exc:  # the message names the broker and the reason
+        raise _CLIError(str(exc), EXIT_FAILURE) from None
+    except OSError as exc:
+        raise _CLIError(f"cannot connect to {url}: {exc}", EXIT_FAILURE) from None
 
 
 def _connect_queue(args: Any) -> MessageQueue:
@@ -9879,7 +9911,7 @@ def _percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _start_demo_worker(handlers_path: str, name: str) -> Any:
+def _start_demo_worker(handlers_path: str, name: str, nats: Optional[str] = None) -> Any:
     import subprocess
 
     env = dict(os.environ)
@@ -9888,7 +9920,8 @@ def _start_demo_worker(handlers_path: str, name: str) -> Any:
     env["EVENTFORGE_DEMO_WORKER"] = name
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
-               "--port", "0", "--workers", "2", "--log-level", "WARNING"]
+               *(["--nats", nats] if nats else ["--port", "0"]),
+               "--workers", "2", "--log-level", "WARNING"]
     # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
     # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
     flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
@@ -9939,14 +9972,18 @@ def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
 
 
 def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
-                  stream: Any = None) -> int:
-    """Start ``servers`` workers as subprocesses and drive them over TCP loopback."""
+                  stream: Any = None, nats: Optional[str] = None) -> int:
+    """Start ``servers`` workers as subprocesses and drive them over TCP loopback.
+
+    With ``nats`` (a server URL) the workers and the demo meet on that NATS
+    server instead: one client, calls balanced by the NATS queue group.
+    """
     import shutil
     import tempfile
 
     stream = sys.stdout if stream is None else stream
     out(f"== 3. {servers} worker process{'es' if servers != 1 else ''} on this machine, "
-        "serving 'demo' over TCP on 127.0.0.1 ==")
+        f"serving 'demo' over {'NATS at ' + nats if nats else 'TCP on 127.0.0.1'} ==")
     directory = tempfile.mkdtemp(prefix="eventforge-demo-")
     processes: List[Any] = []
     queues: List[MessageQueue] = []
@@ -9957,19 +9994,28 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
             f.write(_DEMO_HANDLERS_SOURCE)
         started = time.perf_counter()
         names = [f"worker-{n + 1}" for n in range(servers)]
-        processes = [_start_demo_worker(handlers_path, name) for name in names]
+        processes = [_start_demo_worker(handlers_path, name, nats) for name in names]
         addresses = [_read_ready_line(p, 30.0) for p in processes]
         for name, address, process in zip(names, addresses, processes):
-            out(f"  {name}: pid {process.pid} serving 'demo' on {_format_address(address)}")
-        out(f"  each started as `{_demo_launcher()} worker --import demo_handlers.py --port 0`, "
+            where = nats or _format_address(address)
+            out(f"  {name}: pid {process.pid} serving 'demo' on {where}")
+        out(f"  each started as `{_demo_launcher()} worker --import demo_handlers.py "
+            f"{'--nats ' + nats if nats else '--port 0'}`, "
             f"all ready in {time.perf_counter() - started:.2f} s")
-        for host, port in addresses:
-            transport = TCPClientTransport(host, port)
-            transport.connect(timeout=10)
-            queues.append(MessageQueue(transport))
-        pool = RoundRobinRPCClient([RPCClient(q, service_name="demo", timeout=10) for q in queues])
+        if nats:  # one connection to the broker; it balances the calls
+            queues.append(MessageQueue(_broker_transport(_DemoBroker(nats))))
+            clients = [RPCClient(queues[0], service_name="demo", timeout=10)]
+        else:
+            for host, port in addresses:
+                transport = TCPClientTransport(host, port)
+                transport.connect(timeout=10)
+                queues.append(MessageQueue(transport))
+            clients = [RPCClient(q, service_name="demo", timeout=10) for q in queues]
+        pool = RoundRobinRPCClient(clients)
 
-        out(f"== 4. {calls} calls, each to the next worker in turn (round-robin) ==")
+        how = ("spread by the NATS queue group" if nats
+               else "each to the next worker in turn (round-robin)")
+        out(f"== 4. {calls} calls, {how} ==")
         progress = _Progress(calls, out, stream)
         per_worker: Dict[str, int] = {}
         latencies: List[float] = []
@@ -10009,7 +10055,7 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
             q.subscribe("demo.events.*", on_event)
         # Interest travels to the servers asynchronously: a call on each
         # connection makes sure it arrived before we publish.
-        for client in pool.clients:
+        for client in clients:
             client.whoami()
         for n, q in enumerate(queues):
             q.publish("demo.jobs", {"job": n + 1})
@@ -10066,13 +10112,23 @@ def _cmd_demo(args: Any, out: Callable[[str], Any]) -> int:
     else:
         processes = f"{args.servers} worker process{'es' if args.servers != 1 else ''}"
         out(f"eventforge demo: pub-sub and request-reply inside this process, then across "
-            f"{processes} it starts here and stops at the end (TCP on 127.0.0.1). "
-            "Nothing to install.")
+            f"{processes} it starts here and stops at the end "
+            + (f"(through NATS at {args.nats})." if args.nats
+               else "(TCP on 127.0.0.1). Nothing to install."))
     _demo_in_process(out)
-    status = EXIT_OK if args.in_process_only else _demo_cluster(out, args.servers, args.calls)
+    status = (EXIT_OK if args.in_process_only
+              else _demo_cluster(out, args.servers, args.calls, nats=args.nats))
     if status == EXIT_OK:
         _demo_next_steps(out)
     return status
+
+
+class _DemoBroker:
+    """Arguments for _broker_transport when the demo runs through NATS."""
+
+    def __init__(self, nats: str) -> None:
+        self.nats = nats
+        self.redis = None
 
 
 def _add_connection_options(parser: Any) -> None:
@@ -10105,6 +10161,8 @@ def _build_parser() -> Any:
                       help="skip the part with subprocesses")
     demo.add_argument("--print-handlers", action="store_true",
                       help="print the workers' handler module (to run one by hand) and exit")
+    demo.add_argument("--nats", metavar="URL", help="connect the workers through this NATS "
+                      "server instead of TCP (needs eventforge[nats])")
 
     worker = commands.add_parser(
         "worker", help="serve a module's HANDLERS over TCP",
@@ -10124,6 +10182,11 @@ def _build_parser() -> Any:
     worker.add_argument("--tls-cert", metavar="F", help="serve TLS with this certificate")
     worker.add_argument("--tls-key", metavar="F", help="private key of --tls-cert")
     worker.add_argument("--tls-ca", metavar="F", help="require client certificates from this CA")
+    via = worker.add_mutually_exclusive_group()
+    via.add_argument("--nats", metavar="URL", help="serve through this NATS server instead of "
+                     "listening (workers share a service by queue group); needs eventforge[nats]")
+    via.add_argument("--redis", metavar="URL", help="serve through this Redis server instead of "
+                     "listening (one worker per service); needs eventforge[redis]")
     worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                         help="on stop, seconds to let calls in flight finish (default 30)")
     worker.add_argument("--log-level", default="INFO", metavar="L",
@@ -10208,6 +10271,10 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.transports.base": ("eventforge", None),
     "eventforge.transports.memory": ("eventforge", None),
     "eventforge.transports.tcp": ("eventforge", None),
+    "eventforge.transports.redis": ("eventforge_ext.redis", None),
+    "eventforge.transports.nats": ("eventforge_ext.nats", None),
+    "eventforge.integrations": ("eventforge_ext", None),
+    "eventforge.integrations.logfire": ("eventforge_ext.logfire", None),
     "eventforge.remote": ("eventforge", None),
     "eventforge.executor": ("eventforge", None),
     "eventforge.rpc": ("eventforge", None),
