@@ -6415,6 +6415,13 @@ class WorkStore(abc.ABC):
     def ack(self, lease: Lease) -> bool:
         """Finish the job; False (changing nothing) if the token is stale."""
 
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        """:meth:`ack` each lease, in one step where the store can; one result each.
+
+        Push delivery acknowledges the jobs of a batch together through this.
+        """
+        return [self.ack(lease) for lease in leases]
+
     @abc.abstractmethod
     def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
         """Put the job back, ready again after ``delay`` seconds; False if stale.
@@ -6533,8 +6540,11 @@ class MemoryWorkStore(WorkStore):
 
     def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
         with self._lock:
-            self._check_open()
-            groups = self._groups(topic)
+            if self._closed:
+                raise RuntimeError("the work store is closed")
+            groups = self._topics.get(topic)
+            if groups is None:
+                groups = self._topics[topic] = {}
             if max_pending:
                 for name, state in groups.items():
                     if len(state.ready) + len(state.delayed) >= max_pending:
@@ -6627,13 +6637,20 @@ class MemoryWorkStore(WorkStore):
 
     def ack(self, lease: Lease) -> bool:
         with self._lock:
-            held = self._held(lease)
-            if held is None:
-                return False
-            del held[0].leased[lease.job_id]
-            held[1].token = 0
-            self._live -= 1
-            return True
+            return self._ack_locked(lease)
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        with self._lock:
+            return [self._ack_locked(lease) for lease in leases]
+
+    def _ack_locked(self, lease: Lease) -> bool:
+        held = self._held(lease)
+        if held is None:
+            return False
+        del held[0].leased[lease.job_id]
+        held[1].token = 0
+        self._live -= 1
+        return True
 
     def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
         with self._lock:
@@ -6891,6 +6908,7 @@ class WorkQueue(MessageQueue):
         self._stop_reaper = threading.Event()
         # itertools.count: next() is atomic, so the hot paths count without a lock
         self._counters = {name: itertools.count() for name in _WORK_COUNTERS}
+        self._enqueued = self._counters["enqueued"]
 
     # -- producing --------------------------------------------------------------
 
@@ -6904,19 +6922,23 @@ class WorkQueue(MessageQueue):
         ``max_work_queue_size`` waiting jobs, RuntimeError after :meth:`close`,
         and ValueError for a header starting with ``_wq_`` (reserved).
         """
-        self._check_open()
-        validate_topic(topic)
-        for name in headers:
-            if name.startswith(_WQ_HEADER_PREFIX):
-                raise ValueError(f"header {name!r} is reserved: headers starting with "
-                                 f"{_WQ_HEADER_PREFIX!r} belong to the work queue")
+        if self._closed:
+            raise RuntimeError("WorkQueue is closed")
+        if type(topic) is not str or topic not in _VALID_TOPICS:
+            validate_topic(topic)
+        if headers:
+            for name in headers:
+                if name.startswith(_WQ_HEADER_PREFIX):
+                    raise ValueError(f"header {name!r} is reserved: headers starting with "
+                                     f"{_WQ_HEADER_PREFIX!r} belong to the work queue")
         if visibility_timeout is not None:
             _check_seconds("visibility_timeout", visibility_timeout, positive=True)
             headers[_WQ_VISIBILITY] = float(visibility_timeout)
         message = _make_message(topic, payload, headers)
-        self._start_reaper()
+        if self._reaper is None:
+            self._start_reaper()
         job_id = self.store.enqueue(topic, message, max_pending=self.max_work_queue_size)
-        next(self._counters["enqueued"])
+        next(self._enqueued)
         return job_id
 
     # -- pulling ----------------------------------------------------------------
@@ -7160,36 +7182,58 @@ class WorkQueue(MessageQueue):
             if not leases:
                 return True
             started = time.monotonic()
-            for index, lease in enumerate(leases):
-                if consumer.removed or self.closed or (
-                        index and time.monotonic() - started > _BATCH_BUDGET):
-                    for unstarted in leases[index:]:
-                        store.nack(unstarted, count_attempt=False)
-                    break
-                self._run_job(consumer, self._hand_out(lease))
+            finished: List[Lease] = []
+            try:
+                for index, lease in enumerate(leases):
+                    if consumer.removed or self._closed or (
+                            index and time.monotonic() - started > _BATCH_BUDGET):
+                        for unstarted in leases[index:]:
+                            store.nack(unstarted, count_attempt=False)
+                        break
+                    done = self._run_job(consumer, self._hand_out(lease))
+                    if done is not None:
+                        finished.append(done)
+            finally:
+                if finished:
+                    self._ack_finished(finished)
             handled += len(leases)
             quick = time.monotonic() - started < _BATCH_BUDGET / 2
             batch = min(batch * 2, consumer.prefetch) if quick else 1
         return True
 
-    def _run_job(self, consumer: _Consumer, message: Message) -> None:
-        """Run one pushed job and settle it: ack on return, the failure policy on a raise."""
+    def _run_job(self, consumer: _Consumer, message: Message) -> Optional[Lease]:
+        """Run one pushed job; return its lease to ack, or None if it is settled already.
+
+        A raising handler's job goes through the failure policy here.
+        """
         try:
+            consumer.handler(message)
+        except BaseException as exc:  # the pool thread survives anything
             try:
-                consumer.handler(message)
-            except BaseException as exc:  # the pool thread survives anything
                 next(self._counters["handler_errors"])
                 self._handler_failed(consumer.handler, message, exc)
                 lease = self._leases.pop(message.headers["_wq_delivery_id"], None)
                 if lease is not None and not self._settle_failed(lease, True, exc):
                     self._refused(lease, "nack")
-            else:
-                # None when the handler settled the job itself.
-                lease = self._leases.pop(message.headers["_wq_delivery_id"], None)
-                if lease is not None and not self._settle_ack(lease):
-                    self._refused(lease, "ack")
+            except Exception:
+                logger.exception("settling job %s on %r failed", message.id, message.topic)
+            return None
+        # None when the handler settled the job itself.
+        return self._leases.pop(message.headers["_wq_delivery_id"], None)
+
+    def _ack_finished(self, leases: List[Lease]) -> None:
+        try:
+            results = self.store.ack_all(leases)
         except Exception:
-            logger.exception("settling job %s on %r failed", message.id, message.topic)
+            logger.exception("acknowledging %d job(s) of %r failed; they will be redelivered "
+                             "when their leases expire", len(leases), leases[0].topic)
+            return
+        acked = self._counters["acked"]
+        for lease, settled in zip(leases, results):
+            if settled:
+                next(acked)
+            else:
+                self._refused(lease, "ack")
 
     # -- expiry -----------------------------------------------------------------
 

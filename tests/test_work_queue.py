@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import random
+import re
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Dict, List
@@ -772,3 +776,25 @@ def test_quick_handlers_prefetch_and_every_job_is_done_once(no_leaks):
         assert wait_for(lambda: wq.in_flight_count() == 0)
         assert wq.stats["work"]["acked"] == 2000
     assert set(seen.values()) == {1}
+
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                   "workqueue.md")
+
+
+def _doc_examples() -> List[str]:
+    with open(DOC, encoding="utf-8") as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_doc_examples())))
+def test_docs_examples_run_and_print_what_they_promise(index):
+    code = _doc_examples()[index]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(DOC) + "/..")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    promised = [line.split("# ", 1)[1].split(":")[0].strip()
+                for line in code.splitlines() if "print(" in line and "# " in line]
+    for text in promised:
+        assert text in result.stdout, (text, result.stdout)
