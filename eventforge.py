@@ -6835,8 +6835,9 @@ class SQLiteWorkStore(WorkStore):
       locked out is retried a few times with jitter, then raises
       :class:`StoreBusyError`.  A full disk raises :class:`StoreFullError`
       at once (no retry).
-    * ``wal_size_limit`` bytes: the write-ahead log is checkpointed and
-      truncated once it grows past this (checked with each sweep).
+    * ``wal_size_limit`` bytes: SQLite checkpoints the write-ahead log once
+      it holds that much, and each sweep truncates it if it still grew past
+      (readers pinning old pages can delay a checkpoint, not stop it).
     * ``sweep_interval``: expired leases are swept at most this often.
     * ``clock`` (default ``time.time``, shared by processes) dates leases;
       deadlines and delays are clamped to their length on every sweep, so a
@@ -6912,6 +6913,8 @@ class SQLiteWorkStore(WorkStore):
                                  f"(journal_mode stays {mode!r})")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(f"PRAGMA journal_size_limit={self.wal_size_limit}")
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_size_limit // page_size)}")
             statements = [s for s in _SQLITE_SCHEMA.split(";") if s.strip()]
             self._write_on(conn, "create the schema",
                            lambda c: [c.execute(statement) for statement in statements])
