@@ -6663,23 +6663,23 @@ class MemoryWorkStore(WorkStore):
             return [self._ack_locked(lease) for lease in leases]
 
     def _ack_locked(self, lease: Lease) -> bool:
+        return self._unlease(lease) is not None
+
+    def _unlease(self, lease: Lease) -> Optional[Tuple[_MemoryGroup, _MemoryEntry]]:
+        # Called with the lock held: end the lease if its token is current.
         held = self._held(lease)
-        if held is None:
-            return False
-        del held[0].leased[lease.job_id]
-        held[1].token = 0
-        self._live -= 1
-        return True
+        if held is not None:
+            del held[0].leased[lease.job_id]
+            held[1].token = 0
+            self._live -= 1
+        return held
 
     def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
         with self._lock:
-            held = self._held(lease)
+            held = self._unlease(lease)
             if held is None:
                 return False
             state, entry = held
-            del state.leased[lease.job_id]
-            entry.token = 0
-            self._live -= 1
             if not count_attempt:
                 entry.attempts -= 1
             if delay > 0:
@@ -6702,14 +6702,10 @@ class MemoryWorkStore(WorkStore):
 
     def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
         with self._lock:
-            held = self._held(lease)
+            held = self._unlease(lease)
             if held is None:
                 return False
-            state, entry = held
-            del state.leased[lease.job_id]
-            entry.token = 0
-            self._live -= 1
-            state.dead += 1
+            held[0].dead += 1
             self._add_locked(self._groups(topic), message)
             return True
 
