@@ -211,8 +211,9 @@ def test_implicit_reply_route_reaches_only_the_requester(tcp):
         asker.sendall(message_frame("svc", None, reply_to="_reply.raw-7"))
         reply = FrameReader(asker).read_message()
         assert (reply["topic"], reply["payload"]) == ("_reply.raw-7", "yours")
-        # A pattern subscriber of inbox topics still sees it, as before.
-        assert other_reader.read_message()["topic"] == "_reply.raw-7"
+        # Inbox topics are private: a '_reply.*' pattern does not see the reply.
+        other.sendall(frame({"topic": "$ping", "payload": {}}))
+        assert other_reader.read()["topic"] == "$pong"  # the next frame: no reply before it
         asker.sendall(frame({"topic": "$interest", "payload": {"remove": ["_reply.raw-7"]}}))
         assert wait_until(lambda: "_reply.raw-7" not in server._exact)
 
