@@ -22,8 +22,10 @@ The file reads top to bottom; every section uses only the sections above it.
                                dispatchers, Node, Reporter, Meter and its kinds,
                                observe
    10. tasks ................. task, TaskRunner, TaskPool
-   11. work queues ........... (to come) WorkQueue
-   12. command line .......... worker, main(argv), demo
+   11. work queues ........... WorkQueue; WorkStore (the storage seam), Lease,
+                               MemoryWorkStore, SQLiteWorkStore
+   12. command line .......... worker (RPC, or a work queue's JOBS), main(argv),
+                               demo, demo-queue
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
 The wire format is specified in ``docs/protocol.md``; what each transport
@@ -79,6 +81,9 @@ __all__ = [
     "RPCTimeoutError",
     "RemoteError",
     "MethodNotFoundError",
+    "StoreError",
+    "StoreBusyError",
+    "StoreFullError",
     # topics
     "MAX_TOPIC_LENGTH",
     "validate_topic",
@@ -150,8 +155,17 @@ __all__ = [
     "TaskPool",
     "TaskRunner",
     "task",
+    # work queues
+    "DEFAULT_CONSUMER_GROUP",
+    "DEAD_LETTER_SUFFIX",
+    "Lease",
+    "WorkStore",
+    "MemoryWorkStore",
+    "SQLiteWorkStore",
+    "WorkQueue",
     # command line
     "load_worker_module",
+    "load_job_module",
     "worker_main",
     "main",
 ]
@@ -303,6 +317,18 @@ class MethodNotFoundError(RemoteError):
 
     def __str__(self) -> str:
         return self.remote_message or self.remote_type
+
+
+class StoreError(EventforgeError):
+    """A durable work store failed (the message names the file and the operation)."""
+
+
+class StoreBusyError(StoreError, TimeoutError):
+    """A durable work store stayed locked by another writer past its busy timeout."""
+
+
+class StoreFullError(StoreError):
+    """A durable work store cannot grow: its disk, or its size limit, is full."""
 
 
 # ---------------------------------------------------------------------------
@@ -9218,8 +9244,1549 @@ def task(
 
 
 # ---------------------------------------------------------------------------
-# 11. Work queues
+# 11. Work queues: WorkStore, MemoryWorkStore, WorkQueue
 # ---------------------------------------------------------------------------
+# A WorkQueue hands every job to one consumer of each consumer group and keeps
+# it leased until the consumer acknowledges it.  The work is split in two:
+#
+# * a WorkStore owns the job state and every transition that must be atomic:
+#   enqueue (with its bound), claim (a Lease with a fencing token and the
+#   delivery count), ack / nack / extend by token (a stale token is refused),
+#   dead-letter (move and ack in one step), the sweep of expired leases, and
+#   the counts.  MemoryWorkStore is the in-process store; a durable store
+#   implements the same small interface and plugs in unchanged.
+# * the WorkQueue owns the policy: how many retries, after what delay, which
+#   reason and dead-letter topic, push delivery on a bounded pool, the reaper
+#   thread and the wake-ups.
+
+DEFAULT_CONSUMER_GROUP = "default"
+DEAD_LETTER_SUFFIX = ".dead_letter"
+_WQ_HEADER_PREFIX = "_wq_"
+_WQ_VISIBILITY = "_wq_visibility_timeout"  # a job's own lease length, set by enqueue()
+_DEAD_LETTER_REASONS = ("nack_no_requeue", "max_retries_exceeded", "visibility_timeout_exceeded")
+_PUMP_WAIT = 1.0  # longest a push turn blocks in claim() before it re-checks its consumer
+_CONTENDED_WAIT = 0.05  # ... when other turns wait for a pool thread
+_TURN_JOBS = 256  # jobs a pool thread runs for one consumer before it lets others in
+_BATCH_BUDGET = 0.005  # prefetched jobs not started within this go back to the queue
+_WORK_COUNTERS = ("enqueued", "acked", "retried", "dead_lettered", "expired",
+                  "handler_errors", "stale")
+_SWEEP_HOLD = 30.0  # how long the reaper holds an expired job while it decides its fate
+
+
+class Lease:
+    """A claimed job: what a consumer holds until it acks, nacks, or the lease runs out.
+
+    ``token`` is the fencing token.  Ack, nack, extend and dead-letter name
+    it, and a store refuses a token that is no longer the job's current one
+    (the lease expired and the job was handed to someone else), so a late
+    worker can never settle another worker's delivery.  ``attempt`` counts the
+    deliveries of this job to this group, 1 for the first.  ``deadline`` is on
+    the store's clock.  ``handle`` is the store's private reference to the
+    job copy (a row id, a stream entry id).
+    """
+
+    __slots__ = ("topic", "group", "job_id", "token", "attempt", "message", "deadline",
+                 "handle")
+
+    def __init__(self, topic: str, group: str, job_id: str, token: int, attempt: int,
+                 message: Message, deadline: float, handle: Any = None) -> None:
+        self.topic = topic
+        self.group = group
+        self.job_id = job_id
+        self.token = token
+        self.attempt = attempt
+        self.message = message
+        self.deadline = deadline
+        self.handle = handle  # the store's own reference (e.g. a row id)
+
+    def __repr__(self) -> str:
+        return (f"Lease(topic={self.topic!r}, group={self.group!r}, job_id={self.job_id!r}, "
+                f"token={self.token!r}, attempt={self.attempt})")
+
+
+def _job_lease_seconds(message: Message, default: float) -> float:
+    """The lease length of a job: its own ``visibility_timeout``, else the default."""
+    own = message.headers.get(_WQ_VISIBILITY)
+    return float(own) if own else default
+
+
+class WorkStore(abc.ABC):
+    """Where a :class:`WorkQueue` keeps its jobs: the atomic state transitions.
+
+    Jobs live per topic and consumer group; each group has its own copy of
+    every job enqueued while it exists.  A job enqueued on a topic that has
+    no group yet goes to :data:`DEFAULT_CONSUMER_GROUP`, so enqueue-then-
+    dequeue works without setup.  A job copy is *ready*, *delayed* (a retry
+    waiting for its time), or *in flight* (leased).  Every method is
+    thread-safe and each one is a single atomic step; deciding what to do
+    (retry or dead-letter, which delay, which topic) is the WorkQueue's job.
+
+    A store is owned by one WorkQueue, which closes it.
+    """
+
+    @abc.abstractmethod
+    def ensure_group(self, topic: str, group: str) -> None:
+        """Create ``group`` for ``topic`` if missing; it receives jobs enqueued from now on."""
+
+    @abc.abstractmethod
+    def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
+        """Add the job ``message`` to every group of ``topic``; return its job id.
+
+        With ``max_pending`` > 0, raise :class:`QueueFullError` (adding
+        nothing) when a group already holds that many ready or delayed jobs.
+        """
+
+    @abc.abstractmethod
+    def claim(self, topic: str, group: str, lease_seconds: float, *, max_count: int = 1,
+              wait: Optional[float] = 0.0) -> List[Lease]:
+        """Lease up to ``max_count`` ready jobs of ``group``; ``[]`` if none came.
+
+        Each lease lasts the job's own visibility timeout or ``lease_seconds``,
+        gets a fresh fencing token and counts one more delivery attempt.
+        Waits up to ``wait`` seconds for a job (None: until :meth:`wake` or
+        :meth:`close`); returns ``[]`` early when woken.
+        """
+
+    @abc.abstractmethod
+    def ack(self, lease: Lease) -> bool:
+        """Finish the job; False (changing nothing) if the token is stale."""
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        """:meth:`ack` each lease, in one step where the store can; one result each.
+
+        Push delivery acknowledges the jobs of a batch together through this.
+        """
+        return [self.ack(lease) for lease in leases]
+
+    @abc.abstractmethod
+    def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
+        """Put the job back, ready again after ``delay`` seconds; False if stale.
+
+        ``count_attempt=False`` undoes the attempt the claim counted (the job
+        was released unseen, e.g. while closing).
+        """
+
+    @abc.abstractmethod
+    def extend(self, lease: Lease, lease_seconds: float) -> bool:
+        """Move the lease's deadline to now + ``lease_seconds``; False if stale."""
+
+    @abc.abstractmethod
+    def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
+        """In one step, finish the leased job and enqueue ``message`` on ``topic``.
+
+        The dead-letter enqueue ignores any bound (a job is never lost this
+        way).  False, changing nothing, if the token is stale.
+        """
+
+    @abc.abstractmethod
+    def sweep(self, hold_seconds: float) -> List[Lease]:
+        """Take over every lease past its deadline and return the new leases.
+
+        Each expired job gets a new token (so its late holder's ack is
+        refused) and a deadline ``hold_seconds`` away, keeping its attempt
+        count; the caller then nacks or dead-letters it.  If the caller dies
+        in between, the job simply expires again.
+        """
+
+    @abc.abstractmethod
+    def counts(self, topic: Optional[str] = None, group: Optional[str] = None) -> Dict[str, int]:
+        """``ready``, ``delayed``, ``in_flight`` and ``dead`` (jobs dead-lettered away).
+
+        Summed over every topic and/or group left as None.
+        """
+
+    @abc.abstractmethod
+    def wake(self) -> None:
+        """Make every claim blocked right now return ``[]`` at once."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release resources and wake blocked claims; later calls may raise."""
+
+
+class _MemoryEntry:
+    """One group's copy of a job in a MemoryWorkStore."""
+
+    __slots__ = ("message", "attempts", "token", "deadline")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.attempts = 0
+        self.token = 0  # 0: not leased
+        self.deadline = 0.0
+
+
+class _MemoryGroup:
+    __slots__ = ("ready", "delayed", "leased", "dead", "cond", "waiting")
+
+    def __init__(self, lock: Any) -> None:
+        self.ready: Deque[_MemoryEntry] = collections.deque()
+        self.delayed: List[Tuple[float, int, _MemoryEntry]] = []  # heap by due time
+        self.leased: Dict[str, _MemoryEntry] = {}
+        self.dead = 0
+        self.cond = threading.Condition(lock)
+        self.waiting = 0  # claims blocked on cond
+
+
+class MemoryWorkStore(WorkStore):
+    """The in-process :class:`WorkStore`: jobs live as long as the process.
+
+    Lease deadlines sit in one heap, so a sweep costs only the expired
+    leases.  ``clock`` (default ``time.monotonic``) is injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._topics: Dict[str, Dict[str, _MemoryGroup]] = {}
+        # (deadline, token, topic, group, entry); tokens are unique, so entries never compare
+        self._deadlines: List[Tuple[float, int, str, str, _MemoryEntry]] = []
+        self._tokens = itertools.count(1)
+        self._seq = itertools.count()
+        self._generation = 0  # bumped by wake(): blocked claims return
+        self._closed = False
+        self._live = 0  # leases held now; the rest of the deadline heap is stale
+        import heapq
+
+        self._heappush = heapq.heappush
+        self._heappop = heapq.heappop
+        self._heapify = heapq.heapify
+
+    def _groups(self, topic: str) -> Dict[str, _MemoryGroup]:
+        groups = self._topics.get(topic)
+        if groups is None:
+            groups = self._topics[topic] = {}
+        return groups
+
+    def _group(self, topic: str, group: str) -> _MemoryGroup:
+        groups = self._groups(topic)
+        found = groups.get(group)
+        if found is None:
+            found = groups[group] = _MemoryGroup(self._lock)
+        return found
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the work store is closed")
+
+    def ensure_group(self, topic: str, group: str) -> None:
+        with self._lock:
+            self._check_open()
+            self._group(topic, group)
+
+    def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the work store is closed")
+            groups = self._topics.get(topic)
+            if groups is None:
+                groups = self._topics[topic] = {}
+            if max_pending:
+                for name, state in groups.items():
+                    if len(state.ready) + len(state.delayed) >= max_pending:
+                        raise QueueFullError(
+                            f"work queue {topic!r} (group {name!r}) holds "
+                            f"max_work_queue_size={max_pending} waiting jobs"
+                        )
+            self._add_locked(groups, message)
+        return message.id
+
+    def _add_locked(self, groups: Dict[str, _MemoryGroup], message: Message) -> None:
+        if not groups:
+            groups[DEFAULT_CONSUMER_GROUP] = _MemoryGroup(self._lock)
+        for state in groups.values():
+            state.ready.append(_MemoryEntry(message))
+            if state.waiting:
+                state.cond.notify()
+
+    def claim(self, topic: str, group: str, lease_seconds: float, *, max_count: int = 1,
+              wait: Optional[float] = 0.0) -> List[Lease]:
+        clock = self._clock
+        with self._lock:
+            self._check_open()
+            state = self._group(topic, group)
+            generation = self._generation
+            end = None if wait is None else clock() + wait
+            while True:
+                now = clock()
+                if state.delayed:
+                    self._promote(state, now)
+                if state.ready:
+                    return self._lease_locked(topic, group, state, lease_seconds, max_count, now)
+                if self._closed or generation != self._generation:
+                    return []
+                timeout = None if end is None else end - now
+                if timeout is not None and timeout <= 0:
+                    return []
+                if state.delayed:
+                    due = state.delayed[0][0] - now
+                    timeout = due if timeout is None else min(timeout, due)
+                state.waiting += 1
+                try:
+                    state.cond.wait(timeout)
+                finally:
+                    state.waiting -= 1
+
+    def _promote(self, state: _MemoryGroup, now: float) -> None:
+        while state.delayed and state.delayed[0][0] <= now:
+            state.ready.append(self._heappop(state.delayed)[2])
+
+    def _lease_locked(self, topic: str, group: str, state: _MemoryGroup, lease_seconds: float,
+                      max_count: int, now: float) -> List[Lease]:
+        leases = []
+        ready = state.ready
+        leased = state.leased
+        deadlines = self._deadlines
+        push = self._heappush
+        tokens = self._tokens
+        for _ in range(min(max_count, len(ready))):
+            entry = ready.popleft()
+            message = entry.message
+            entry.attempts += 1
+            entry.token = token = next(tokens)
+            own = message.headers.get(_WQ_VISIBILITY)
+            entry.deadline = deadline = now + (float(own) if own else lease_seconds)
+            leased[message.id] = entry
+            push(deadlines, (deadline, token, topic, group, entry))
+            leases.append(Lease(topic, group, message.id, token, entry.attempts, message,
+                                deadline))
+        self._live += len(leases)
+        if len(deadlines) > 2 * self._live + 1024:
+            self._compact()
+        return leases
+
+    def _compact(self) -> None:
+        # Drop heap items of settled or extended leases (amortised O(1) per lease).
+        self._deadlines = [item for item in self._deadlines
+                           if item[4].token == item[1] and item[4].deadline == item[0]]
+        self._heapify(self._deadlines)
+
+    def _held(self, lease: Lease) -> Optional[Tuple[_MemoryGroup, _MemoryEntry]]:
+        # Called with the lock held: the group and entry if the token is current.
+        state = self._topics.get(lease.topic, {}).get(lease.group)
+        if state is None:
+            return None
+        entry = state.leased.get(lease.job_id)
+        if entry is None or entry.token != lease.token:
+            return None
+        return state, entry
+
+    def ack(self, lease: Lease) -> bool:
+        with self._lock:
+            return self._ack_locked(lease)
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        with self._lock:
+            return [self._ack_locked(lease) for lease in leases]
+
+    def _ack_locked(self, lease: Lease) -> bool:
+        return self._unlease(lease) is not None
+
+    def _unlease(self, lease: Lease) -> Optional[Tuple[_MemoryGroup, _MemoryEntry]]:
+        # Called with the lock held: end the lease if its token is current.
+        held = self._held(lease)
+        if held is not None:
+            del held[0].leased[lease.job_id]
+            held[1].token = 0
+            self._live -= 1
+        return held
+
+    def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
+        with self._lock:
+            held = self._unlease(lease)
+            if held is None:
+                return False
+            state, entry = held
+            if not count_attempt:
+                entry.attempts -= 1
+            if delay > 0:
+                self._heappush(state.delayed, (self._clock() + delay, next(self._seq), entry))
+            else:
+                state.ready.append(entry)
+            state.cond.notify()
+            return True
+
+    def extend(self, lease: Lease, lease_seconds: float) -> bool:
+        with self._lock:
+            held = self._held(lease)
+            if held is None:
+                return False
+            entry = held[1]
+            entry.deadline = lease.deadline = self._clock() + lease_seconds
+            self._heappush(self._deadlines,
+                           (entry.deadline, entry.token, lease.topic, lease.group, entry))
+            return True
+
+    def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
+        with self._lock:
+            held = self._unlease(lease)
+            if held is None:
+                return False
+            held[0].dead += 1
+            self._add_locked(self._groups(topic), message)
+            return True
+
+    def sweep(self, hold_seconds: float) -> List[Lease]:
+        expired = []
+        with self._lock:
+            now = self._clock()
+            heap = self._deadlines
+            while heap and heap[0][0] <= now:
+                _, token, topic, group, entry = self._heappop(heap)
+                if entry.token != token or entry.deadline > now:
+                    continue  # settled, re-leased, or extended (a later heap item exists)
+                entry.token = next(self._tokens)
+                entry.deadline = now + hold_seconds
+                self._heappush(heap, (entry.deadline, entry.token, topic, group, entry))
+                expired.append(Lease(topic, group, entry.message.id, entry.token,
+                                     entry.attempts, entry.message, entry.deadline))
+        return expired
+
+    def counts(self, topic: Optional[str] = None, group: Optional[str] = None) -> Dict[str, int]:
+        totals = {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+        with self._lock:
+            topics = self._topics.items() if topic is None else [
+                (topic, self._topics.get(topic, {}))]
+            for _, groups in topics:
+                for name, state in groups.items():
+                    if group is None or name == group:
+                        totals["ready"] += len(state.ready)
+                        totals["delayed"] += len(state.delayed)
+                        totals["in_flight"] += len(state.leased)
+                        totals["dead"] += state.dead
+        return totals
+
+    def wake(self) -> None:
+        with self._lock:
+            self._generation += 1
+            for groups in self._topics.values():
+                for state in groups.values():
+                    state.cond.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.wake()
+        with self._lock:
+            self._topics.clear()
+            self._deadlines.clear()
+            self._live = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryWorkStore {len(self._topics)} topics{' closed' if self._closed else ''}>"
+
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS eventforge_groups (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    dead INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (topic, grp)
+);
+CREATE TABLE IF NOT EXISTS eventforge_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: (id, token) names one lease
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    body TEXT NOT NULL,                    -- the job Message, wire JSON
+    visibility REAL,                       -- the job's own lease length, or NULL
+    leased INTEGER NOT NULL DEFAULT 0,
+    ready_at REAL NOT NULL,                -- ready (0) jobs: claimable from then on
+    wait_len REAL NOT NULL DEFAULT 0,      -- the delay that set ready_at (for clamping)
+    deadline REAL,                         -- leased (1) jobs: the lease ends then
+    lease_len REAL,                        -- the lease length that set deadline
+    token INTEGER NOT NULL DEFAULT 0,      -- fencing token, +1 at every lease
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS eventforge_jobs_ready
+    ON eventforge_jobs (topic, grp, leased, ready_at, id);
+CREATE INDEX IF NOT EXISTS eventforge_jobs_deadline ON eventforge_jobs (leased, deadline);
+"""
+
+_LEASE_SET = """leased = 1, token = token + 1, attempts = attempts + 1,
+    lease_len = COALESCE(visibility, :lease), deadline = :now + COALESCE(visibility, :lease)"""
+_READY_WHERE = "topic = :topic AND grp = :grp AND leased = 0 AND ready_at <= :now"
+_CLAIM_RETURNING = f"""UPDATE eventforge_jobs SET {_LEASE_SET}
+WHERE id IN (SELECT id FROM eventforge_jobs WHERE {_READY_WHERE}
+             ORDER BY ready_at, id LIMIT :n)
+RETURNING id, job_id, body, token, attempts, deadline, ready_at"""
+_CLAIM_SELECT = f"""SELECT id, token FROM eventforge_jobs WHERE {_READY_WHERE}
+ORDER BY ready_at, id LIMIT :n"""
+_CLAIM_ONE = f"""UPDATE eventforge_jobs SET {_LEASE_SET}
+WHERE id = :id AND token = :token AND leased = 0"""
+_LEASED_ROW = """SELECT id, job_id, body, token, attempts, deadline, ready_at
+FROM eventforge_jobs WHERE id = ?"""
+_HELD = "id = ? AND token = ? AND leased = 1"
+_POLL_MIN = 0.002  # an idle claim checks PRAGMA data_version after this, doubling ...
+_POLL_MAX = 0.05  # ... up to this: a job from another process is seen within ~50 ms
+_SQLITE_BUSY_RETRIES = 5
+_SYNCHRONOUS = ("FULL", "NORMAL")
+
+# Connections opened before a fork() are kept here in the child, never used and
+# never closed: closing one could checkpoint or unlock on the parent's behalf.
+_INHERITED_CONNECTIONS: List[Any] = []
+
+
+def _sqlite_problem(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return "busy"
+    if "full" in text:
+        return "full"
+    return "other"
+
+
+class SQLiteWorkStore(WorkStore):
+    """A durable :class:`WorkStore` in one SQLite file, shared by the processes of a machine.
+
+    ``WorkQueue(store="jobs.db")`` opens one; open it yourself for options:
+
+    * ``synchronous="FULL"`` (default) makes every commit durable across a
+      power cut; ``"NORMAL"`` is several times faster in WAL mode but may
+      lose the last commits (never corrupt the file) if power fails.
+    * ``busy_timeout`` seconds SQLite waits for another writer; a write still
+      locked out is retried a few times with jitter, then raises
+      :class:`StoreBusyError`.  A full disk raises :class:`StoreFullError`
+      at once (no retry).
+    * ``wal_size_limit`` bytes: SQLite checkpoints the write-ahead log once
+      it holds that much, and each sweep truncates it if it still grew past
+      (readers pinning old pages can delay a checkpoint, not stop it).
+    * ``sweep_interval``: expired leases are swept at most this often.
+    * ``clock`` (default ``time.time``, shared by processes) dates leases;
+      deadlines and delays are clamped to their length on every sweep, so a
+      clock that jumps back strands nothing.
+
+    Every write is one ``BEGIN IMMEDIATE`` transaction (never a read that
+    later upgrades, which SQLite fails at once when another writer is busy).
+    A claim is a single ``UPDATE ... RETURNING`` on SQLite 3.35+, else a
+    select and a conditional update in the same transaction.  A claim that
+    waits sees local jobs at once and other processes' commits by polling
+    ``PRAGMA data_version`` with backoff (no write while idle).  The
+    connection is reopened in a child after ``fork()``.  ``sqlite3`` is
+    imported only when a store is opened.
+    """
+
+    def __init__(self, path: Any, *, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 wal_size_limit: int = 64 * 1024 * 1024, sweep_interval: float = 1.0,
+                 clock: Callable[[], float] = time.time,
+                 use_returning: Optional[bool] = None) -> None:
+        import sqlite3
+
+        self._sqlite3 = sqlite3
+        self.path = os.fspath(path)
+        sync = str(synchronous).upper()
+        if sync not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
+                             f"not {synchronous!r}")
+        self.synchronous = sync
+        _check_seconds("busy_timeout", busy_timeout, positive=False)
+        _check_seconds("sweep_interval", sweep_interval, positive=False)
+        _check_count("wal_size_limit", wal_size_limit, 0)
+        self.busy_timeout = float(busy_timeout)
+        self.wal_size_limit = wal_size_limit
+        self.sweep_interval = float(sweep_interval)
+        self._clock = clock
+        has_returning = sqlite3.sqlite_version_info >= (3, 35, 0)
+        if use_returning and not has_returning:
+            raise ValueError(f"SQLite {sqlite3.sqlite_version} has no UPDATE ... RETURNING "
+                             "(3.35+)")
+        self.use_returning = has_returning if use_returning is None else bool(use_returning)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._conn: Any = None
+        self._pid = os.getpid()
+        self._generation = 0  # bumped by wake()
+        self._changes = 0  # bumped by local commits that make jobs ready
+        self._poller = False  # a waiting claim is polling PRAGMA data_version
+        self._last_sweep = -float("inf")
+        self._closed = False
+        with self._lock:
+            self._connection()
+        _watch_for_fork(self)
+
+    # -- the connection -------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        # Called with the lock held.
+        if self._closed:
+            raise RuntimeError(f"the work store {self.path!r} is closed")
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:  # inherited through fork(): leave it alone
+                _INHERITED_CONNECTIONS.append(self._conn)
+            self._pid = os.getpid()
+            self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> Any:
+        conn = self._sqlite3.connect(self.path, timeout=self.busy_timeout,
+                                     isolation_level=None, check_same_thread=False)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path!r} cannot use a write-ahead log "
+                                 f"(journal_mode stays {mode!r})")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit={self.wal_size_limit}")
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_size_limit // page_size)}")
+            statements = [s for s in _SQLITE_SCHEMA.split(";") if s.strip()]
+            self._write_on(conn, "create the schema",
+                           lambda c: [c.execute(statement) for statement in statements])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._poller = False
+
+    # -- transactions ---------------------------------------------------------------
+
+    def _write(self, action: str, work: Callable[[Any], Any]) -> Any:
+        """Run ``work(connection)`` in one BEGIN IMMEDIATE transaction, retrying if busy."""
+        with self._lock:
+            return self._write_on(self._connection(), action, work)
+
+    def _write_on(self, conn: Any, action: str, work: Callable[[Any], Any]) -> Any:
+        import random
+
+        for attempt in range(_SQLITE_BUSY_RETRIES + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(conn)
+                    conn.execute("COMMIT")
+                    return result
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except self._sqlite3.OperationalError as exc:
+                problem = _sqlite_problem(exc)
+                if problem == "full":
+                    raise StoreFullError(f"cannot {action} in {self.path!r}: the database or "
+                                         f"disk is full ({exc})") from exc
+                if problem != "busy":
+                    raise StoreError(f"cannot {action} in {self.path!r}: {exc}") from exc
+                if attempt == _SQLITE_BUSY_RETRIES:
+                    raise StoreBusyError(
+                        f"cannot {action} in {self.path!r}: still locked by another "
+                        f"connection after {_SQLITE_BUSY_RETRIES + 1} tries of "
+                        f"busy_timeout={self.busy_timeout}s") from exc
+                time.sleep(random.uniform(0.0, 0.01 * 2 ** attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, sql: str, params: Any = ()) -> List[Any]:
+        with self._lock:
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except self._sqlite3.OperationalError as exc:
+                if _sqlite_problem(exc) == "busy":
+                    raise StoreBusyError(f"cannot read {self.path!r}: {exc}") from exc
+                raise StoreError(f"cannot read {self.path!r}: {exc}") from exc
+
+    def _changed(self) -> None:
+        # Called with the lock held after a commit that made jobs ready.
+        self._changes += 1
+        self._cond.notify_all()
+
+    # -- WorkStore --------------------------------------------------------------------
+
+    def ensure_group(self, topic: str, group: str) -> None:
+        self._write("create a consumer group", lambda c: c.execute(
+            "INSERT OR IGNORE INTO eventforge_groups (topic, grp) VALUES (?, ?)",
+            (topic, group)))
+
+    @staticmethod
+    def _insert(conn: Any, topic: str, message: Message, body: str, now: float) -> None:
+        groups = [row[0] for row in conn.execute(
+            "SELECT grp FROM eventforge_groups WHERE topic = ?", (topic,))]
+        if not groups:
+            conn.execute("INSERT INTO eventforge_groups (topic, grp) VALUES (?, ?)",
+                         (topic, DEFAULT_CONSUMER_GROUP))
+            groups = [DEFAULT_CONSUMER_GROUP]
+        own = message.headers.get(_WQ_VISIBILITY)
+        visibility = float(own) if own else None
+        conn.executemany(
+            "INSERT INTO eventforge_jobs (topic, grp, job_id, body, visibility, ready_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(topic, group, message.id, body, visibility, now) for group in groups])
+
+    def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
+        body = _dumps(message._wire_dict())  # SerializationError before any write
+
+        def work(conn: Any) -> None:
+            if max_pending:
+                for group, waiting in conn.execute(
+                        "SELECT grp, COUNT(*) FROM eventforge_jobs WHERE topic = ? AND leased = 0 "
+                        "GROUP BY grp", (topic,)):
+                    if waiting >= max_pending:
+                        raise QueueFullError(
+                            f"work queue {topic!r} (group {group!r}) holds "
+                            f"max_work_queue_size={max_pending} waiting jobs")
+            self._insert(conn, topic, message, body, self._clock())
+
+        with self._lock:
+            self._write("enqueue a job", work)
+            self._changed()
+        return message.id
+
+    def claim(self, topic: str, group: str, lease_seconds: float, *, max_count: int = 1,
+              wait: Optional[float] = 0.0) -> List[Lease]:
+        end = None if wait is None else time.monotonic() + wait
+        with self._lock:
+            generation = self._generation
+            while True:
+                leases = self._write("claim a job", lambda c: self._claim_on(
+                    c, topic, group, lease_seconds, max_count))
+                if leases or self._closed or generation != self._generation:
+                    return leases
+                if not self._wait_for_jobs(topic, group, end, generation):
+                    return []
+
+    def _claim_on(self, conn: Any, topic: str, group: str, lease_seconds: float,
+                  max_count: int) -> List[Lease]:
+        params = {"topic": topic, "grp": group, "now": self._clock(), "lease": lease_seconds,
+                  "n": max_count}
+        if self.use_returning:
+            rows = conn.execute(_CLAIM_RETURNING, params).fetchall()
+        else:
+            rows = []
+            for row_id, token in conn.execute(_CLAIM_SELECT, params).fetchall():
+                if conn.execute(_CLAIM_ONE, dict(params, id=row_id, token=token)).rowcount:
+                    rows.append(conn.execute(_LEASED_ROW, (row_id,)).fetchone())
+        rows.sort(key=lambda row: (row[6], row[0]))
+        return [Lease(topic, group, job_id, token, attempts,
+                      _message_from_dict(json.loads(body)), deadline, handle=row_id)
+                for row_id, job_id, body, token, attempts, deadline, _ in rows]
+
+    def _wait_for_jobs(self, topic: str, group: str, end: Optional[float],
+                       generation: int) -> bool:
+        """Wait (lock held) until jobs may be ready; False on timeout, wake or close.
+
+        Local commits notify at once.  For other processes' commits one waiter
+        of this store polls ``PRAGMA data_version`` (with backoff) and wakes
+        the others; the rest just wait.
+        """
+        conn = self._connection()
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        changes = self._changes
+        due = self._read("SELECT MIN(ready_at) FROM eventforge_jobs WHERE topic = ? AND grp = ? "
+                         "AND leased = 0", (topic, group))[0][0]
+        due_at = None if due is None else time.monotonic() + max(0.0, due - self._clock())
+        backoff = _POLL_MIN
+        try:
+            while True:
+                now = time.monotonic()
+                if (end is not None and now >= end) or (due_at is not None and now >= due_at):
+                    return end is None or now < end
+                polling = not self._poller
+                if polling:
+                    self._poller = True
+                limits = [t - now for t in (end, due_at) if t is not None]
+                if polling:
+                    limits.append(backoff)
+                try:
+                    self._cond.wait(min(limits) if limits else None)
+                finally:
+                    if polling:
+                        self._poller = False
+                if self._closed or generation != self._generation:
+                    return False
+                if self._changes != changes:
+                    return True
+                if polling:
+                    if self._connection().execute("PRAGMA data_version").fetchone()[0] != version:
+                        self._changed()  # wake the other waiters too
+                        return True
+                    backoff = min(backoff * 2, _POLL_MAX)
+        finally:
+            self._cond.notify_all()  # if this waiter was polling, another one takes over
+
+    def ack(self, lease: Lease) -> bool:
+        return self.ack_all([lease])[0]
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        return self._write("acknowledge jobs", lambda c: [
+            c.execute(f"DELETE FROM eventforge_jobs WHERE {_HELD}",
+                      (lease.handle, lease.token)).rowcount == 1 for lease in leases])
+
+    def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
+        def work(conn: Any) -> bool:
+            return conn.execute(
+                "UPDATE eventforge_jobs SET leased = 0, deadline = NULL, ready_at = ?, "
+                f"wait_len = ?, attempts = attempts - ? WHERE {_HELD}",
+                (self._clock() + delay, delay, 0 if count_attempt else 1, lease.handle,
+                 lease.token)).rowcount == 1
+
+        with self._lock:
+            done = bool(self._write("release a job", work))
+            if done:
+                self._changed()
+            return done
+
+    def extend(self, lease: Lease, lease_seconds: float) -> bool:
+        deadline = self._clock() + lease_seconds
+        done = bool(self._write("extend a lease", lambda c: c.execute(
+            f"UPDATE eventforge_jobs SET deadline = ?, lease_len = ? WHERE {_HELD}",
+            (deadline, lease_seconds, lease.handle, lease.token)).rowcount == 1))
+        if done:
+            lease.deadline = deadline
+        return done
+
+    def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
+        body = _dumps(message._wire_dict())
+
+        def work(conn: Any) -> bool:
+            if conn.execute(f"DELETE FROM eventforge_jobs WHERE {_HELD}",
+                            (lease.handle, lease.token)).rowcount != 1:
+                return False
+            conn.execute("UPDATE eventforge_groups SET dead = dead + 1 WHERE topic = ? AND "
+                         "grp = ?", (lease.topic, lease.group))
+            self._insert(conn, topic, message, body, self._clock())
+            return True
+
+        with self._lock:
+            done = bool(self._write("dead-letter a job", work))
+            if done:
+                self._changed()
+            return done
+
+    def sweep(self, hold_seconds: float) -> List[Lease]:
+        with self._lock:
+            if time.monotonic() - self._last_sweep < self.sweep_interval:
+                return []
+            self._last_sweep = time.monotonic()
+
+            def work(conn: Any) -> List[Any]:
+                now = self._clock()
+                # Clamp first: after the clock jumped back, nothing waits longer than
+                # the lease or delay that set its time.
+                conn.execute("UPDATE eventforge_jobs SET deadline = ? + lease_len "
+                             "WHERE leased = 1 AND deadline > ? + lease_len", (now, now))
+                conn.execute("UPDATE eventforge_jobs SET ready_at = ? + wait_len "
+                             "WHERE leased = 0 AND ready_at > ? + wait_len", (now, now))
+                expired = conn.execute(
+                    "SELECT id, topic, grp, job_id, body, token, attempts FROM eventforge_jobs "
+                    "WHERE leased = 1 AND deadline <= ?", (now,)).fetchall()
+                conn.executemany(
+                    "UPDATE eventforge_jobs SET token = token + 1, deadline = ?, lease_len = ? "
+                    "WHERE id = ? AND token = ?",
+                    [(now + hold_seconds, hold_seconds, row[0], row[5]) for row in expired])
+                return [Lease(topic, group, job_id, token + 1, attempts,
+                              _message_from_dict(json.loads(body)), now + hold_seconds,
+                              handle=row_id)
+                        for row_id, topic, group, job_id, body, token, attempts in expired]
+
+            expired = self._write("sweep expired leases", work)
+            self._bound_wal()
+            return expired
+
+    def _bound_wal(self) -> None:
+        # Called with the lock held, at most once per sweep interval.
+        try:
+            size = os.path.getsize(self.path + "-wal")
+        except OSError:
+            return
+        if size > self.wal_size_limit:
+            try:
+                self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except self._sqlite3.OperationalError as exc:
+                logger.warning("checkpoint of %r failed (%s); the next sweep retries",
+                               self.path, exc)
+
+    def counts(self, topic: Optional[str] = None, group: Optional[str] = None) -> Dict[str, int]:
+        where = " AND ".join(clause for clause, value in (("topic = :topic", topic),
+                                                          ("grp = :grp", group)) if value)
+        where = f"WHERE {where}" if where else ""
+        params = {"topic": topic, "grp": group, "now": self._clock()}
+        totals = {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+        for leased, ready, number in self._read(
+                f"SELECT leased, ready_at <= :now, COUNT(*) FROM eventforge_jobs {where} "
+                "GROUP BY 1, 2", params):
+            key = "in_flight" if leased else ("ready" if ready else "delayed")
+            totals[key] += number
+        dead = self._read(f"SELECT SUM(dead) FROM eventforge_groups {where}", params)[0][0]
+        totals["dead"] = int(dead or 0)
+        return totals
+
+    def wake(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._generation += 1
+            self._cond.notify_all()
+            conn, self._conn = self._conn, None
+            if conn is not None and self._pid == os.getpid():
+                conn.close()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteWorkStore {self.path!r}{' closed' if self._closed else ''}>"
+
+
+_FORK_WATCHED: Any = None  # weakref.WeakSet of SQLiteWorkStores, made on first use
+
+
+def _watch_for_fork(store: SQLiteWorkStore) -> None:
+    """Give ``store`` fresh locks in a forked child (its connection reopens lazily)."""
+    global _FORK_WATCHED
+    if _FORK_WATCHED is None:
+        import weakref
+
+        _FORK_WATCHED = weakref.WeakSet()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_stores_after_fork)
+    _FORK_WATCHED.add(store)
+
+
+def _stores_after_fork() -> None:
+    for store in list(_FORK_WATCHED or ()):
+        store._after_fork_in_child()
+
+
+_BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _open_work_store(store: Any) -> WorkStore:
+    """The store a WorkQueue was given.
+
+    None keeps jobs in memory; a WorkStore object is used as is; a
+    ``redis://`` (``rediss://``, ``unix://``) URL opens the Redis Streams
+    store of ``eventforge_ext.redis``; any other str or path opens a
+    :class:`SQLiteWorkStore` on that file.
+    """
+    if store is None:
+        return MemoryWorkStore()
+    if isinstance(store, WorkStore):
+        return store
+    if isinstance(store, str) and store.startswith(_BROKER_SCHEMES):
+        return _open_redis_work_store(store)
+    if isinstance(store, (str, os.PathLike)):
+        return SQLiteWorkStore(store)
+    raise TypeError(f"store must be None, a WorkStore, a file path or a redis:// URL, "
+                    f"not {type(store).__name__}")
+
+
+def _open_redis_work_store(url: str) -> WorkStore:
+    import importlib
+
+    try:
+        adapter = importlib.import_module("eventforge_ext.redis")
+        opener = adapter.RedisWorkStore
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(
+            f"store={url!r} needs the Redis Streams work store, RedisWorkStore from "
+            f"eventforge_ext.redis, which is not available here ({exc}); "
+            "install eventforge[redis] with a version that provides it") from exc
+    return opener.from_url(url)
+
+
+class _Consumer:
+    """A push consumer: a handler in a group, allowed ``limit`` jobs at once.
+
+    Each of its ``limit`` slots claims up to ``prefetch`` jobs at a time."""
+
+    __slots__ = ("id", "topic", "group", "handler", "limit", "prefetch", "removed")
+
+    def __init__(self, consumer_id: str, topic: str, group: str,
+                 handler: Callable[[Message], Any], limit: int, prefetch: int) -> None:
+        self.id = consumer_id
+        self.topic = topic
+        self.group = group
+        self.handler = handler
+        self.limit = limit
+        self.prefetch = prefetch
+        self.removed = False
+
+
+class _WorkerPool:
+    """At most ``size`` named threads taking turns at the submitted items, FIFO.
+
+    ``run(item)`` returns True to queue the item again (behind the others),
+    False to drop it.  Threads start on demand and live until :meth:`close`.
+    """
+
+    def __init__(self, name: str, size: int, run: Callable[[Any], bool]) -> None:
+        self._name = name
+        self._size = size
+        self._run = run
+        self._cond = threading.Condition()
+        self._items: Deque[Any] = collections.deque()
+        self._threads: List[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
+
+    @property
+    def contended(self) -> bool:
+        """True while items wait for a thread (a turn should be short)."""
+        return bool(self._items)
+
+    def submit(self, item: Any) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._items.append(item)
+            if self._idle >= len(self._items) or len(self._threads) >= self._size:
+                self._cond.notify()
+                return
+            thread = threading.Thread(target=self._work, daemon=True,
+                                      name=f"{self._name}-{len(self._threads) + 1}")
+            self._threads.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        cond = self._cond
+        items = self._items
+        while True:
+            with cond:
+                while not items and not self._closed:
+                    self._idle += 1
+                    cond.wait()
+                    self._idle -= 1
+                if self._closed:
+                    return
+                item = items.popleft()
+            if self._run(item):
+                with cond:
+                    if not self._closed:
+                        items.append(item)
+
+    def close(self, timeout: Optional[float], nudge: Callable[[], None]) -> None:
+        """Drop the waiting items and wait up to ``timeout`` for the running ones.
+
+        ``nudge()`` is called every few milliseconds meanwhile, to wake a
+        thread that blocked after the first nudge.
+        """
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            while thread.is_alive():
+                nudge()
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    return
+                thread.join(left)
+
+
+class WorkQueue(MessageQueue):
+    """Competing consumers with acknowledgements, retries and dead letters.
+
+    A WorkQueue is still a :class:`MessageQueue` (``publish``/``subscribe``
+    work as ever); on top of that, :meth:`enqueue` adds a *job* that exactly
+    one consumer of each consumer group processes.  A consumer either pulls
+    (:meth:`dequeue`, then :meth:`ack` or :meth:`nack`) or is pushed jobs
+    (:meth:`consume`; returning acks, raising nacks).  A delivered job is
+    *leased* for its visibility timeout: not acknowledged in time, it is
+    delivered again (at-least-once).
+
+    ``max_retries`` is how many times a failed job is delivered *again*: a
+    job is delivered at most ``1 + max_retries`` times per group, then goes
+    to ``<topic>.dead_letter`` with the header ``_wq_reason``.  A failed
+    attempt is a nack, a raising handler or an expired lease.
+
+    ``store`` holds the jobs (default: in memory, see :class:`WorkStore`);
+    ``max_workers`` bounds the threads running push handlers; a retry waits
+    ``retry_delay * retry_backoff ** (attempt - 1)`` seconds, at most
+    ``max_retry_delay`` (no delay by default).  See docs/workqueue.md.
+    """
+
+    def __init__(
+        self,
+        transport: Optional[Transport] = None,
+        max_work_queue_size: int = 0,
+        default_visibility_timeout: float = 30.0,
+        max_retries: int = 3,
+        reaper_interval: float = 1.0,
+        *,
+        store: Any = None,
+        max_workers: int = 8,
+        retry_delay: float = 0.0,
+        retry_backoff: float = 2.0,
+        max_retry_delay: float = 300.0,
+        on_error: Optional[Callable[[BaseException, Message], Any]] = None,
+    ) -> None:
+        _check_count("max_work_queue_size", max_work_queue_size, 0)
+        _check_count("max_retries", max_retries, 0)
+        _check_count("max_workers", max_workers, 1)
+        _check_seconds("default_visibility_timeout", default_visibility_timeout, positive=True)
+        _check_seconds("reaper_interval", reaper_interval, positive=True)
+        _check_seconds("retry_delay", retry_delay, positive=False)
+        _check_seconds("max_retry_delay", max_retry_delay, positive=False)
+        _check_seconds("retry_backoff", retry_backoff, positive=True)
+        self.store: WorkStore = _open_work_store(store)
+        super().__init__(transport, on_error=on_error)
+        self.max_work_queue_size = max_work_queue_size
+        self.default_visibility_timeout = float(default_visibility_timeout)
+        self.max_retries = max_retries
+        self.reaper_interval = float(reaper_interval)
+        self.retry_delay = float(retry_delay)
+        self.retry_backoff = float(retry_backoff)
+        self.max_retry_delay = float(max_retry_delay)
+        self._wq_lock = threading.Lock()
+        self._closed = False
+        self._leases: Dict[str, Lease] = {}  # delivery id -> lease handed out here
+        self._consumers: Dict[str, _Consumer] = {}
+        self._consumer_ids = itertools.count(1)
+        self._pool = _WorkerPool("eventforge-workqueue-worker", max_workers, self._take_turn)
+        self._reaper: Optional[threading.Thread] = None
+        self._stop_reaper = threading.Event()
+        # itertools.count: next() is atomic, so the hot paths count without a lock
+        self._counters = {name: itertools.count() for name in _WORK_COUNTERS}
+        self._enqueued = self._counters["enqueued"]
+
+    # -- producing --------------------------------------------------------------
+
+    def enqueue(self, topic: str, payload: Any = None, visibility_timeout: Optional[float] = None,
+                **headers: Any) -> str:
+        """Add a job on ``topic``; keyword arguments become headers.  Returns the job id.
+
+        Every consumer group of the topic gets the job once.
+        ``visibility_timeout`` overrides the queue's lease length for this job.
+        Raises :class:`QueueFullError` when a group already holds
+        ``max_work_queue_size`` waiting jobs, RuntimeError after :meth:`close`,
+        and ValueError for a header starting with ``_wq_`` (reserved).
+        """
+        if self._closed:
+            raise RuntimeError("WorkQueue is closed")
+        if type(topic) is not str or topic not in _VALID_TOPICS:
+            validate_topic(topic)
+        if headers:
+            for name in headers:
+                if name.startswith(_WQ_HEADER_PREFIX):
+                    raise ValueError(f"header {name!r} is reserved: headers starting with "
+                                     f"{_WQ_HEADER_PREFIX!r} belong to the work queue")
+        if visibility_timeout is not None:
+            _check_seconds("visibility_timeout", visibility_timeout, positive=True)
+            headers[_WQ_VISIBILITY] = float(visibility_timeout)
+        message = _make_message(topic, payload, headers)
+        if self._reaper is None:
+            self._start_reaper()
+        job_id = self.store.enqueue(topic, message, max_pending=self.max_work_queue_size)
+        next(self._enqueued)
+        return job_id
+
+    # -- pulling ----------------------------------------------------------------
+
+    def dequeue(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
+        """Lease the next job of ``topic`` (default group), waiting up to ``timeout``.
+
+        Returns the job as a Message whose header ``_wq_delivery_id`` names
+        this delivery for :meth:`ack`, :meth:`nack` and :meth:`touch`, or
+        None on timeout or close.
+        """
+        _refuse_receive_pattern(topic)
+        validate_topic(topic)
+        self._check_open()
+        self._start_reaper()
+        group = DEFAULT_CONSUMER_GROUP
+        self.store.ensure_group(topic, group)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _PUMP_WAIT if end is None else max(0.0, end - time.monotonic())
+            try:
+                leases = self.store.claim(topic, group, self.default_visibility_timeout,
+                                          wait=wait)
+            except RuntimeError:
+                if self.closed:  # closed while we were on the way in
+                    return None
+                raise
+            if leases:
+                return self._hand_out(leases[0])
+            if self._closed or (end is not None and time.monotonic() >= end):
+                return None
+
+    def _hand_out(self, lease: Lease) -> Message:
+        # Remember the lease (dict writes are atomic) and build the delivered copy.
+        job = lease.message
+        delivery_id = f"{lease.job_id}:{lease.token}"
+        self._leases[delivery_id] = lease
+        headers = job.headers.copy()
+        headers["_wq_delivery_id"] = delivery_id
+        headers["_wq_attempt"] = lease.attempt
+        headers["_wq_group"] = lease.group
+        message = _new_object(Message)
+        message.id = job.id
+        message.topic = lease.topic
+        message.payload = job.payload
+        message.headers = headers
+        message._ts = job._ts
+        message.reply_to = job.reply_to
+        message.correlation_id = job.correlation_id
+        return message
+
+    # -- settling ---------------------------------------------------------------
+
+    def _take_lease(self, delivery: Any, action: str) -> Optional[Lease]:
+        delivery_id = delivery.headers.get("_wq_delivery_id") if isinstance(
+            delivery, Message) else delivery
+        lease = self._leases.pop(delivery_id, None) if isinstance(delivery_id, str) else None
+        if lease is None:
+            next(self._counters["stale"])
+            logger.warning("%s of delivery %r refused: unknown, already settled or expired",
+                           action, delivery_id)
+        return lease
+
+    def _refused(self, lease: Lease, action: str) -> bool:
+        next(self._counters["stale"])
+        logger.warning("%s of job %s on %r (group %r) refused: its lease expired and the job "
+                       "was taken over", action, lease.job_id, lease.topic, lease.group)
+        return False
+
+    def ack(self, delivery: Any) -> bool:
+        """Finish a delivered job (a Message from :meth:`dequeue` or its delivery id).
+
+        Returns False, and logs why, when the delivery is unknown, already
+        settled, or its lease expired and the job was handed on (the fencing
+        token no longer matches); the job is then left to its new holder.
+        """
+        lease = self._take_lease(delivery, "ack")
+        if lease is None:
+            return False
+        if not self._settle_ack(lease):
+            return self._refused(lease, "ack")
+        return True
+
+    def _settle_ack(self, lease: Lease) -> bool:
+        if self.store.ack(lease):
+            next(self._counters["acked"])
+            return True
+        return False
+
+    def nack(self, delivery: Any, requeue: bool = True) -> bool:
+        """Give a delivered job back: retried (after the retry delay) or dead-lettered.
+
+        With ``requeue=True`` the job is delivered again unless it already
+        used its ``max_retries`` retries (then reason ``max_retries_exceeded``);
+        ``requeue=False`` dead-letters it at once (``nack_no_requeue``).
+        Returns False like :meth:`ack` when the delivery is not held any more.
+        """
+        lease = self._take_lease(delivery, "nack")
+        if lease is None:
+            return False
+        if not self._settle_failed(lease, requeue, None):
+            return self._refused(lease, "nack")
+        return True
+
+    def touch(self, delivery: Any, visibility_timeout: Optional[float] = None) -> bool:
+        """Extend a delivered job's lease: it now ends ``visibility_timeout`` from now.
+
+        The default is the job's own visibility timeout.  A handler doing long
+        work calls this periodically.  Returns False if the lease is no
+        longer held.
+        """
+        delivery_id = delivery.headers.get("_wq_delivery_id") if isinstance(
+            delivery, Message) else delivery
+        lease = self._leases.get(delivery_id) if isinstance(delivery_id, str) else None
+        if lease is None:
+            return False
+        seconds = visibility_timeout
+        if seconds is None:
+            seconds = _job_lease_seconds(lease.message, self.default_visibility_timeout)
+        else:
+            _check_seconds("visibility_timeout", seconds, positive=True)
+        return self.store.extend(lease, float(seconds))
+
+    def _settle_failed(self, lease: Lease, requeue: bool, error: Optional[BaseException]) -> bool:
+        # The policy for a failed attempt: retry, or dead-letter with a reason.
+        if not requeue:
+            return self._dead_letter(lease, "nack_no_requeue", error)
+        if lease.attempt > self.max_retries:
+            return self._dead_letter(lease, "max_retries_exceeded", error)
+        if self.store.nack(lease, self._retry_delay(lease.attempt)):
+            next(self._counters["retried"])
+            return True
+        return False
+
+    def _retry_delay(self, attempt: int) -> float:
+        if not self.retry_delay:
+            return 0.0
+        return min(self.retry_delay * self.retry_backoff ** (attempt - 1), self.max_retry_delay)
+
+    def _dead_letter(self, lease: Lease, reason: str, error: Optional[BaseException]) -> bool:
+        job = lease.message
+        headers = {k: v for k, v in job.headers.items() if not k.startswith(_WQ_HEADER_PREFIX)}
+        headers.update(_wq_reason=reason, _wq_original_topic=lease.topic,
+                       _wq_group=lease.group, _wq_attempts=lease.attempt,
+                       _wq_job_id=lease.job_id)
+        if error is not None:
+            headers["_wq_error"] = f"{type(error).__name__}: {error}"[:1000]
+        topic = lease.topic + DEAD_LETTER_SUFFIX
+        letter = _make_message(topic, job.payload, headers)
+        if not self.store.dead_letter(lease, topic, letter):
+            return False
+        next(self._counters["dead_lettered"])
+        logger.warning("job %s on %r (group %r) dead-lettered to %r after %d attempt(s): %s",
+                       lease.job_id, lease.topic, lease.group, topic, lease.attempt, reason)
+        return True
+
+    # -- pushing ----------------------------------------------------------------
+
+    def consume(self, topic: str, handler: Callable[[Message], Any],
+                consumer_group: Optional[str] = None, *, concurrency: int = 1,
+                prefetch: int = 16) -> str:
+        """Push jobs of ``topic`` to ``handler``; returns a consumer id.
+
+        Consumers in one group share its jobs: an idle consumer waits in line
+        and the one waiting longest takes the next job (round-robin while they
+        keep up).  Every group gets its own copy of each job; None is the
+        default group, the one :meth:`dequeue` reads.  A handler that returns
+        acks its job; one that raises (anything, BaseException included) has
+        the job nacked and the error logged (or passed to ``on_error``).
+        ``concurrency`` is how many jobs this consumer may run at once, on the
+        queue's pool of at most ``max_workers`` threads.  While its handler
+        finishes within a couple of milliseconds, each slot claims up to
+        ``prefetch`` jobs at a time (fewer lock round trips); jobs it has not
+        started after 5 ms go back to the queue.  ``prefetch=1`` claims one
+        job at a time.
+        """
+        _refuse_receive_pattern(topic)
+        validate_topic(topic)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        if _is_async_callable(handler):
+            raise TypeError(f"handler {_callable_name(handler)} is a coroutine function; "
+                            "consume() takes a plain function")
+        _check_count("concurrency", concurrency, 1)
+        _check_count("prefetch", prefetch, 1)
+        group = DEFAULT_CONSUMER_GROUP if consumer_group is None else consumer_group
+        if not isinstance(group, str) or not group:
+            raise ValueError(f"consumer_group must be a non-empty str, not {consumer_group!r}")
+        self._check_open()
+        self.store.ensure_group(topic, group)
+        self._start_reaper()
+        consumer = _Consumer(f"consumer-{next(self._consumer_ids)}", topic, group, handler,
+                             concurrency, prefetch)
+        with self._wq_lock:
+            self._check_open()
+            self._consumers[consumer.id] = consumer
+        for _ in range(concurrency):  # one turn per job it may run at once
+            self._pool.submit(consumer)
+        return consumer.id
+
+    def remove_consumer(self, consumer_id: str) -> bool:
+        """Stop pushing jobs to a consumer; the jobs it is running finish normally.
+
+        Returns False for an unknown id.  The group's last consumer gone,
+        its jobs wait for the next consumer or :meth:`dequeue`.
+        """
+        with self._wq_lock:
+            consumer = self._consumers.pop(consumer_id, None)
+        if consumer is None:
+            return False
+        consumer.removed = True
+        self.store.wake()  # its turns blocked in claim() return and end
+        return True
+
+    def _take_turn(self, consumer: _Consumer) -> bool:
+        """A pool thread serves one consumer for a while; True to queue its turn again.
+
+        The thread claims jobs for the consumer, runs and settles them, and
+        goes on while jobs come; it gives the turn back (to the end of the
+        pool's line) after a quiet claim, or sooner when other turns wait.
+        While the handler keeps finishing fast, claims grow to ``prefetch``
+        jobs at a time; jobs not started within _BATCH_BUDGET go back.
+        """
+        store = self.store
+        batch = 1
+        handled = 0
+        while handled < _TURN_JOBS:
+            if consumer.removed or self._closed:
+                return False
+            wait = _CONTENDED_WAIT if self._pool.contended else _PUMP_WAIT
+            try:
+                leases = store.claim(consumer.topic, consumer.group,
+                                     self.default_visibility_timeout, max_count=batch, wait=wait)
+            except Exception:
+                if self.closed:
+                    return False
+                logger.exception("claiming jobs of %r (group %r) failed; retrying",
+                                 consumer.topic, consumer.group)
+                self._stop_reaper.wait(_PUMP_WAIT)
+                return True
+            if not leases:
+                return True
+            started = time.monotonic()
+            finished: List[Lease] = []
+            try:
+                for index, lease in enumerate(leases):
+                    if consumer.removed or self._closed or (
+                            index and time.monotonic() - started > _BATCH_BUDGET):
+                        for unstarted in leases[index:]:
+                            store.nack(unstarted, count_attempt=False)
+                        break
+                    done = self._run_job(consumer, self._hand_out(lease))
+                    if done is not None:
+                        finished.append(done)
+            finally:
+                if finished:
+                    self._ack_finished(finished)
+            handled += len(leases)
+            quick = time.monotonic() - started < _BATCH_BUDGET / 2
+            batch = min(batch * 2, consumer.prefetch) if quick else 1
+        return True
+
+    def _run_job(self, consumer: _Consumer, message: Message) -> Optional[Lease]:
+        """Run one pushed job; return its lease to ack, or None if it is settled already.
+
+        A raising handler's job goes through the failure policy here.
+        """
+        try:
+            consumer.handler(message)
+        except BaseException as exc:  # the pool thread survives anything
+            try:
+                next(self._counters["handler_errors"])
+                self._handler_failed(consumer.handler, message, exc)
+                lease = self._leases.pop(message.headers["_wq_delivery_id"], None)
+                if lease is not None and not self._settle_failed(lease, True, exc):
+                    self._refused(lease, "nack")
+            except Exception:
+                logger.exception("settling job %s on %r failed", message.id, message.topic)
+            return None
+        # None when the handler settled the job itself.
+        return self._leases.pop(message.headers["_wq_delivery_id"], None)
+
+    def _ack_finished(self, leases: List[Lease]) -> None:
+        try:
+            results = self.store.ack_all(leases)
+        except Exception:
+            logger.exception("acknowledging %d job(s) of %r failed; they will be redelivered "
+                             "when their leases expire", len(leases), leases[0].topic)
+            return
+        acked = self._counters["acked"]
+        for lease, settled in zip(leases, results):
+            if settled:
+                next(acked)
+            else:
+                self._refused(lease, "ack")
+
+    # -- expiry -----------------------------------------------------------------
+
+    def _start_reaper(self) -> None:
+        if self._reaper is not None:
+            return
+        with self._wq_lock:
+            if self._reaper is not None or self._closed:
+                return
+            self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
+                                            name="eventforge-workqueue-reaper")
+            self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        while not self._stop_reaper.wait(self.reaper_interval):
+            try:
+                self.reap()
+            except Exception:
+                if self._closed:
+                    return
+                logger.exception("work queue reaper failed; it keeps running")
+
+    def reap(self) -> int:
+        """Handle every expired lease now (the reaper thread calls this); returns the count.
+
+        An expired job is delivered again, or dead-lettered with reason
+        ``visibility_timeout_exceeded`` when it used its ``max_retries``.
+        """
+        expired = self.store.sweep(_SWEEP_HOLD)
+        if not expired:
+            return 0
+        taken_over = {(lease.topic, lease.group, lease.job_id) for lease in expired}
+        with self._wq_lock:
+            for key, held in list(self._leases.items()):
+                if (held.topic, held.group, held.job_id) in taken_over:
+                    del self._leases[key]
+        for lease in expired:
+            next(self._counters["expired"])
+            logger.info("lease of job %s on %r (group %r) expired after attempt %d",
+                        lease.job_id, lease.topic, lease.group, lease.attempt)
+            if lease.attempt > self.max_retries:
+                self._dead_letter(lease, "visibility_timeout_exceeded", None)
+            elif self.store.nack(lease, self._retry_delay(lease.attempt)):
+                next(self._counters["retried"])
+        return len(expired)
+
+    # -- counts and lifecycle -----------------------------------------------------
+
+    def pending_count(self, topic: Optional[str] = None,
+                      consumer_group: Optional[str] = None) -> int:
+        """Jobs waiting (ready or delayed) on ``topic``, for ``consumer_group``.
+
+        None for either means summed over all topics / groups.
+        """
+        counts = self.store.counts(topic, consumer_group)
+        return counts["ready"] + counts["delayed"]
+
+    def in_flight_count(self, topic: Optional[str] = None,
+                        consumer_group: Optional[str] = None) -> int:
+        """Jobs delivered and not yet settled (leased), like :meth:`pending_count`."""
+        return self.store.counts(topic, consumer_group)["in_flight"]
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """MessageQueue stats plus ``work``: counts of jobs enqueued, acked, retried,
+        dead-lettered, expired, handler errors, and refused (stale) settlements."""
+        stats = super().stats
+        stats["work"] = {name: _count_value(c) for name, c in self._counters.items()}
+        return stats
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("WorkQueue is closed")
+
+    def close(self, timeout: Optional[float] = 10.0) -> None:
+        """Stop: wake blocked :meth:`dequeue` calls, stop push delivery and the reaper.
+
+        Handlers already running get up to ``timeout`` seconds to finish and
+        settle their jobs.  Then the store and the transport are closed.
+        """
+        with self._wq_lock:
+            if self._closed:
+                return
+            self._closed = True
+            reaper = self._reaper
+            for consumer in self._consumers.values():
+                consumer.removed = True
+            self._consumers.clear()
+        self._stop_reaper.set()
+        self._pool.close(timeout, self.store.wake)
+        if reaper is not None:
+            reaper.join(timeout)
+        self.store.close()
+        super().close()
+
+    def __enter__(self) -> WorkQueue:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<WorkQueue on {self.store!r}{' closed' if self._closed else ''}>"
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
+
+
+def _check_seconds(name: str, value: Any, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (
+            value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a number of seconds {'> 0' if positive else '>= 0'}, "
+                         f"not {value!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -9410,18 +10977,7 @@ def load_worker_module(spec: str) -> Tuple[Any, Dict[str, Callable[..., Any]], O
         if not isinstance(handlers, dict):
             raise _CLIError(f"HANDLERS in {spec!r} must be a dict of name -> callable, "
                             f"not {type(handlers).__name__}")
-        if not handlers:
-            raise _CLIError(f"HANDLERS in {spec!r} is empty: nothing to serve")
-        for name, func in handlers.items():
-            if not isinstance(name, str) or not name:
-                raise _CLIError(f"HANDLERS in {spec!r} has a key that is not a non-empty "
-                                f"string: {name!r}")
-            if not callable(func):
-                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is not callable "
-                                f"({type(func).__name__})")
-            if _is_async_callable(func):
-                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is a coroutine function; "
-                                "workers serve plain functions")
+        _check_handler_table(spec, "HANDLERS", handlers)
         service = getattr(module, "SERVICE_NAME", None)
         if service is not None and (not isinstance(service, str) or not service):
             raise _CLIError(f"SERVICE_NAME in {spec!r} must be a non-empty string, "
@@ -9432,6 +10988,47 @@ def load_worker_module(spec: str) -> Tuple[Any, Dict[str, Callable[..., Any]], O
     except _CLIError as exc:
         raise ValueError(str(exc)) from None
     return module, dict(handlers), service
+
+
+def _check_handler_table(spec: str, name: str, table: Dict[Any, Any]) -> None:
+    """A worker module's table of handlers: non-empty, str keys, plain callables."""
+    if not table:
+        raise _CLIError(f"{name} in {spec!r} is empty: nothing to serve")
+    for key, func in table.items():
+        if not isinstance(key, str) or not key:
+            raise _CLIError(f"{name} in {spec!r} has a key that is not a non-empty "
+                            f"string: {key!r}")
+        if not callable(func):
+            raise _CLIError(f"{name}[{key!r}] in {spec!r} is not callable "
+                            f"({type(func).__name__})")
+        if _is_async_callable(func):
+            raise _CLIError(f"{name}[{key!r}] in {spec!r} is a coroutine function; "
+                            "workers serve plain functions")
+
+
+def load_job_module(spec: str) -> Tuple[Any, Dict[str, Callable[[Message], Any]]]:
+    """Import a queue worker's module; return (module, jobs).
+
+    The module must define a non-empty dict ``JOBS`` mapping topics to
+    handlers; each handler is called with a job (a :class:`Message`), acks it
+    by returning and has it retried by raising.  A broken module raises
+    ValueError with one line saying what is wrong.
+    """
+    try:
+        module = _load_handler_module(spec)
+        jobs = getattr(module, "JOBS", None)
+        if not isinstance(jobs, dict):
+            raise _CLIError(f"module {spec!r} defines no JOBS dict (expected "
+                            "JOBS = {'topic': handler, ...}, each handler taking a job)")
+        _check_handler_table(spec, "JOBS", jobs)
+        for topic in jobs:
+            try:
+                validate_topic(topic)
+            except TopicError as exc:
+                raise _CLIError(f"JOBS in {spec!r}: {exc}") from None
+    except _CLIError as exc:
+        raise ValueError(str(exc)) from None
+    return module, dict(jobs)
 
 
 def _format_address(address: Any) -> str:
@@ -9506,6 +11103,8 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     _configure_logging(args.log_level)
     if args.workers < 1:
         raise _CLIError(f"--workers must be >= 1, not {args.workers}")
+    if args.queue:
+        return _cmd_queue_worker(args, out)
     try:
         module, handlers, module_service = load_worker_module(args.import_)
     except ValueError as exc:
@@ -9577,6 +11176,8 @@ def _require_seconds(option: str, value: Optional[float]) -> None:
     """Refuse a duration that is not a finite number of seconds above zero."""
     if value is not None and not 0 < value < _INFINITY:  # NaN fails this too
         raise _CLIError(f"{option} must be a number of seconds above 0, not {value:g}")
+
+
 def _broker_transport(args: Any) -> Optional[Transport]:
     """The NatsTransport/RedisTransport asked for by ``--nats``/``--redis``, else None."""
     url = getattr(args, "nats", None) or getattr(args, "redis", None)
@@ -9600,6 +11201,38 @@ def _broker_transport(args: Any) -> Optional[Transport]:
         raise _CLIError(str(exc), EXIT_FAILURE) from None
     except OSError as exc:
         raise _CLIError(f"cannot connect to {url}: {exc}", EXIT_FAILURE) from None
+
+
+def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
+    """``worker --queue``: consume a durable work queue with the module's JOBS."""
+    try:
+        _, jobs = load_job_module(args.import_)
+    except ValueError as exc:
+        raise _CLIError(str(exc)) from None
+    stop = threading.Event()
+    restore = _install_stop_signals(stop)
+    try:
+        try:
+            queue = WorkQueue(store=args.queue, max_workers=args.workers * len(jobs),
+                              default_visibility_timeout=args.visibility_timeout,
+                              max_retries=args.max_retries)
+        except (ImportError, StoreError, OSError, ValueError, TypeError) as exc:
+            raise _CLIError(f"cannot open the work queue {args.queue!r}: {exc}") from None
+        try:
+            for topic, handler in jobs.items():
+                queue.consume(topic, handler, consumer_group=args.group,
+                              concurrency=args.workers)
+            out(f"eventforge worker ready: jobs of {', '.join(sorted(jobs))} from {args.queue} "
+                f"({args.workers} at a time per topic; pid {os.getpid()})")
+            _wait_until(stop)
+            logger.info("worker: stopping, finishing the jobs in hand")
+        finally:
+            # Running jobs finish and are acked; claimed ones not started go back.
+            queue.close(timeout=args.drain_timeout)
+        out(f"eventforge worker stopped: {queue.stats['work']['acked']} jobs done")
+        return EXIT_OK
+    finally:
+        restore()
 
 
 def _connect_queue(args: Any) -> MessageQueue:
@@ -9911,7 +11544,8 @@ def _percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _start_demo_worker(handlers_path: str, name: str, nats: Optional[str] = None) -> Any:
+def _start_demo_worker(handlers_path: str, name: str,
+                       options: Tuple[str, ...] = ("--port", "0", "--workers", "2")) -> Any:
     import subprocess
 
     env = dict(os.environ)
@@ -9920,8 +11554,7 @@ def _start_demo_worker(handlers_path: str, name: str, nats: Optional[str] = None
     env["EVENTFORGE_DEMO_WORKER"] = name
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
-               *(["--nats", nats] if nats else ["--port", "0"]),
-               "--workers", "2", "--log-level", "WARNING"]
+               *options, "--log-level", "WARNING"]
     # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
     # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
     flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
@@ -9971,6 +11604,123 @@ def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
     return process.returncode
 
 
+_DEMO_JOBS_SOURCE = '''\
+"""Jobs of the workers of ``eventforge demo-queue`` (written by the demo).
+
+Any module shaped like this one can be run with
+``python -m eventforge worker --import MODULE --queue jobs.db``.
+"""
+import os
+import time
+
+WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
+
+
+def render(job):
+    print("%s: rendering %s (attempt %d)" % (WORKER, job.payload["name"],
+                                              job.headers["_wq_attempt"]), flush=True)
+    time.sleep(job.payload["seconds"])
+    print("%s: finished %s" % (WORKER, job.payload["name"]), flush=True)
+
+
+JOBS = {"demo.render": render}
+'''
+
+
+class _LineReader:
+    """Collects a child process's stdout lines on a thread; waits for a pattern."""
+
+    def __init__(self, process: Any) -> None:
+        import queue as queue_module
+
+        self.lines: Any = queue_module.Queue()
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True,
+                                        name="eventforge-demo-reader")
+        self._thread.start()
+
+    def _read(self, process: Any) -> None:
+        for line in process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, pattern: str, timeout: float) -> str:
+        import queue as queue_module
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_module.Empty:
+                line = None
+            if line is None:
+                raise _CLIError(f"the demo worker did not print {pattern!r} in time",
+                                EXIT_FAILURE)
+            if re.search(pattern, line):
+                return line
+
+
+def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
+    """A durable work queue: a worker killed mid-job, the job finished by another."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="eventforge-demo-queue-")
+    path = os.path.join(directory, "jobs.db")
+    jobs_file = os.path.join(directory, "demo_jobs.py")
+    with open(jobs_file, "w", encoding="utf-8") as f:
+        f.write(_DEMO_JOBS_SOURCE)
+    options = ("--queue", path, "--workers", "1", "--visibility-timeout", str(lease))
+    workers = []
+    try:
+        out(f"durable work queue: jobs in {path}, workers in separate processes")
+        with WorkQueue(store=path) as queue:
+            first = _start_demo_worker(jobs_file, "worker-1", options)
+            workers.append(first)
+            reader = _LineReader(first)
+            reader.expect("ready", 30)
+            queue.enqueue("demo.render", {"name": "report.pdf", "seconds": 0.5})
+            out("  enqueued job 'report.pdf'")
+            out("  " + reader.expect("rendering report.pdf", 30))
+            first.kill()  # SIGKILL: no chance to ack or release the job
+            first.wait(10)
+            killed = time.monotonic()
+            out(f"  killed worker-1 (pid {first.pid}) mid-job, without warning")
+            second = _start_demo_worker(jobs_file, "worker-2", options)
+            workers.append(second)
+            reader = _LineReader(second)
+            reader.expect("ready", 30)
+            out(f"  started worker-2 (pid {second.pid})")
+            line = reader.expect("rendering report.pdf", 30)
+            out(f"  {line}, {time.monotonic() - killed:.1f} s after the kill: "
+                f"the {lease:g} s lease of worker-1 ran out")
+            out("  " + reader.expect("finished report.pdf", 30))
+            if not _wait_for_empty(queue, 10.0):
+                raise _CLIError("the job was not acknowledged in time", EXIT_FAILURE)
+            counts = queue.store.counts()
+            out(f"  queue: {counts['ready']} waiting, {counts['in_flight']} in flight, "
+                f"{counts['dead']} dead letters")
+        code = _stop_process(second)
+        out(f"  worker-2 stopped (exit code {code}); the job was started twice and completed once")
+        return EXIT_OK if code == 0 else EXIT_FAILURE
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=10)
+            else:
+                process.communicate(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_for_empty(queue: WorkQueue, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while queue.pending_count() or queue.in_flight_count():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
                   stream: Any = None, nats: Optional[str] = None) -> int:
     """Start ``servers`` workers as subprocesses and drive them over TCP loopback.
@@ -9994,7 +11744,9 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
             f.write(_DEMO_HANDLERS_SOURCE)
         started = time.perf_counter()
         names = [f"worker-{n + 1}" for n in range(servers)]
-        processes = [_start_demo_worker(handlers_path, name, nats) for name in names]
+        listen = ("--nats", nats) if nats else ("--port", "0")
+        processes = [_start_demo_worker(handlers_path, name, (*listen, "--workers", "2"))
+                     for name in names]
         addresses = [_read_ready_line(p, 30.0) for p in processes]
         for name, address, process in zip(names, addresses, processes):
             where = nats or _format_address(address)
@@ -10163,19 +11915,33 @@ def _build_parser() -> Any:
                       help="print the workers' handler module (to run one by hand) and exit")
     demo.add_argument("--nats", metavar="URL", help="connect the workers through this NATS "
                       "server instead of TCP (needs eventforge[nats])")
+    commands.add_parser("demo-queue", help="demo a durable work queue surviving a killed worker",
+                        description="Two worker processes share an SQLite work queue: the "
+                        "first is killed mid-job, the second finishes the job after its lease.")
 
     worker = commands.add_parser(
-        "worker", help="serve a module's HANDLERS over TCP",
-        description="Serve the HANDLERS of a module by RPC over TCP until SIGTERM or Ctrl-C.")
+        "worker", help="serve a module's HANDLERS over TCP, or its JOBS from a work queue",
+        description="Serve the HANDLERS of a module by RPC over TCP, or with --queue consume "
+        "its JOBS from a durable work queue, until SIGTERM or Ctrl-C.")
     worker.add_argument("--import", dest="import_", required=True, metavar="MODULE",
-                        help="module name or .py path defining HANDLERS = {name: callable}")
+                        help="module name or .py path defining HANDLERS = {name: callable} "
+                        "(or, with --queue, JOBS = {topic: handler})")
+    worker.add_argument("--queue", metavar="STORE",
+                        help="consume jobs from this work queue: an SQLite file path "
+                        "(or a redis:// URL) instead of serving RPC")
+    worker.add_argument("--group", metavar="NAME",
+                        help="with --queue: the consumer group (default: the default group)")
+    worker.add_argument("--visibility-timeout", type=float, default=30.0, metavar="S",
+                        help="with --queue: seconds a job stays leased (default 30)")
+    worker.add_argument("--max-retries", type=int, default=3, metavar="N",
+                        help="with --queue: redeliveries before dead-lettering (default 3)")
     worker.add_argument("--service", help="service name (default: the module's SERVICE_NAME, "
                         "else 'rpc')")
     worker.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     worker.add_argument("--port", type=int, default=9090, help="port (default 9090; 0 = any free)")
     worker.add_argument("--workers", type=int, default=4,
-                        help="calls run concurrently (default 4)")
+                        help="calls (with --queue: jobs per topic) run concurrently (default 4)")
     worker.add_argument("--mode", choices=("thread", "process"), default="thread",
                         help="run calls on threads or processes (default thread)")
     worker.add_argument("--secret-file", metavar="F", help="require this shared secret")
@@ -10188,7 +11954,8 @@ def _build_parser() -> Any:
     via.add_argument("--redis", metavar="URL", help="serve through this Redis server instead of "
                      "listening (one worker per service); needs eventforge[redis]")
     worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                        help="on stop, seconds to let calls in flight finish (default 30)")
+                        help="on stop, seconds to let calls (or jobs) in flight finish "
+                        "(default 30)")
     worker.add_argument("--log-level", default="INFO", metavar="L",
                         help="DEBUG, INFO, WARNING or ERROR (default INFO)")
 
@@ -10220,7 +11987,7 @@ def _build_parser() -> Any:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``eventforge`` command line; return the process exit status.
 
-    Commands: ``demo``, ``worker``, ``call``, ``pub``, ``sub`` (see
+    Commands: ``demo``, ``demo-queue``, ``worker``, ``call``, ``pub``, ``sub`` (see
     ``eventforge COMMAND --help``).  Exit status 0 on success, 1 when the
     work failed (remote error, connection refused, timeout), 2 for bad usage
     or a bad handler module; problems are reported as one line on stderr.
@@ -10235,6 +12002,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if command == "demo":
             return _cmd_demo(args, out)
+        if command == "demo-queue":
+            return _demo_queue(out)
         if command == "worker":
             return _cmd_worker(args, out)
         if command == "call":
@@ -10280,6 +12049,7 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.rpc": ("eventforge", None),
     "eventforge.observers": ("eventforge", None),
     "eventforge.task": ("eventforge", None),
+    "eventforge.work_queue": ("eventforge", None),
     "eventforge.worker": ("eventforge", "worker_main"),
 }
 
