@@ -158,7 +158,7 @@ def row(
     if baseline is not None:
         ratio = spread(ratios(values, baseline))
         text = f"{text:<86} {ratio.median:5.2f}x {base_label} [{ratio.low:.2f}..{ratio.high:.2f}]"
-    print(text, flush=True)
+    print(text.rstrip(), flush=True)
 
 
 def verdict(what: str, values: Sequence[float], target: float, *, at_most: bool = True,

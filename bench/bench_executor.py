@@ -48,20 +48,24 @@ def per_task_us(run, ops):
     return lambda: bench.time_batch(run, ops) * US
 
 
+def _one_at_a_time(pool, ex, n, rounds):
+    """Interleaved rounds of ``n`` submit-then-wait tasks on ``pool`` and on ``ex``."""
+    def base():
+        for i in range(n):
+            pool.submit(work, i).result()
+
+    def ours():
+        for i in range(n):
+            ex.result(ex.submit(work, i))
+
+    return bench.interleave({"base": per_task_us(base, n), "ours": per_task_us(ours, n)}, rounds)
+
+
 def bench_thread_one_at_a_time(n, rounds):
     print(f"\n1. THREAD submit + result, one task at a time ({n:,} tasks per round, 4 workers)")
     with cf.ThreadPoolExecutor(4) as pool, \
             ef.Executor(ef.ExecutionMode.THREAD, max_workers=4) as ex:
-        def base():
-            for i in range(n):
-                pool.submit(work, i).result()
-
-        def ours():
-            for i in range(n):
-                ex.result(ex.submit(work, i))
-
-        got = bench.interleave({"base": per_task_us(base, n), "ours": per_task_us(ours, n)},
-                               rounds)
+        got = _one_at_a_time(pool, ex, n, rounds)
     bench.row("ThreadPoolExecutor submit().result()", got["base"], "us")
     bench.row("Executor(THREAD) result(submit())", got["ours"], "us", got["base"], "TPE")
     ratio = bench.ratios(got["ours"], got["base"])
@@ -124,16 +128,7 @@ def bench_process(n, rounds):
         pool.submit(work, 0).result()  # start the workers outside the timing
         ex.result(ex.submit(work, 0))
 
-        def base():
-            for i in range(n):
-                pool.submit(work, i).result()
-
-        def ours():
-            for i in range(n):
-                ex.result(ex.submit(work, i))
-
-        got = bench.interleave({"base": per_task_us(base, n), "ours": per_task_us(ours, n)},
-                               rounds)
+        got = _one_at_a_time(pool, ex, n, rounds)
     bench.row("ProcessPoolExecutor submit().result()", got["base"], "us")
     bench.row("Executor(PROCESS) result(submit())", got["ours"], "us", got["base"], "PPE")
 

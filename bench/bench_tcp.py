@@ -75,6 +75,19 @@ def _raw_frame(obj: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def _split_frames(buffer: bytes) -> Tuple[List[Any], bytes]:
+    """Decode the complete length-prefixed JSON frames in ``buffer``; return them and the rest."""
+    frames = []
+    pos = 0
+    while len(buffer) - pos >= 4:
+        (size,) = HEADER.unpack_from(buffer, pos)
+        if len(buffer) - pos - 4 < size:
+            break
+        frames.append(json.loads(buffer[pos + 4:pos + 4 + size]))
+        pos += 4 + size
+    return frames, buffer[pos:]
+
+
 def role_raw_server() -> None:
     """The floor: thread per connection, read a frame, json.loads, act."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -89,14 +102,8 @@ def role_raw_server() -> None:
                 data = sock.recv(1 << 18)
                 if not data:
                     return
-                buffer += data
-                pos = 0
-                while len(buffer) - pos >= 4:
-                    (size,) = HEADER.unpack_from(buffer, pos)
-                    if len(buffer) - pos - 4 < size:
-                        break
-                    obj = json.loads(buffer[pos + 4:pos + 4 + size])
-                    pos += 4 + size
+                frames, buffer = _split_frames(buffer + data)
+                for obj in frames:
                     kind = obj.get("topic")
                     if kind == "echo":
                         sock.sendall(_raw_frame({"topic": "reply", "payload": obj["payload"]}))
@@ -107,7 +114,6 @@ def role_raw_server() -> None:
                         return  # handled by role_raw_fanout
                     else:
                         count += 1
-                buffer = buffer[pos:]
         except OSError:
             return
 
@@ -233,21 +239,13 @@ def role_fan_clients(port: int, clients: int, count: int, kind: str) -> None:
         while finished < clients:
             for key, _ in sel.select():
                 state = key.data
-                data = key.fileobj.recv(1 << 18)
-                buffer = state[0] + data
-                pos = 0
-                while len(buffer) - pos >= 4:
-                    (size,) = HEADER.unpack_from(buffer, pos)
-                    if len(buffer) - pos - 4 < size:
-                        break
-                    obj = json.loads(buffer[pos + 4:pos + 4 + size])
-                    pos += 4 + size
+                frames, state[0] = _split_frames(state[0] + key.fileobj.recv(1 << 18))
+                for obj in frames:
                     if obj["topic"] != "fan.data":
                         continue
                     state[1] += 1
                     if state[1] == count:
                         finished += 1
-                state[0] = buffer[pos:]
         for key in sel.get_map().values():
             key.data[1] = 0
         print("done", flush=True)
