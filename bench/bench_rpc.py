@@ -11,8 +11,10 @@ Figures (targets from issues 4 and 9):
      length-prefixed JSON echo over a socket (the floor), xmlrpc, Pyro5,
      RPyC and pyzmq REQ/REP (target: p50 <= 1.2x the floor, p99 <= 1.5x,
      ahead of RPyC), to an ``eventforge worker --workers 1`` and to an
-     RPCServer without an executor (methods run inline).  Every server runs
-     in its own process (this script with --serve KIND), all at once;
+     RPCServer without an executor (methods run inline), with
+     ``MessageQueue.request`` to a plain subscriber against the same floor.
+     Every server runs in its own process (this script with --serve KIND),
+     all at once;
   3. throughput of one worker process with 4 concurrent callers on a method
      sleeping 5 ms, --workers 4 against --workers 1 (should scale near 4x).
 
@@ -156,9 +158,11 @@ def serve_zmq():
 
 
 def serve_ef_inline():
-    """An RPCServer without an executor: methods run in the transport's dispatch thread."""
+    """An RPCServer without an executor (methods run in the transport's dispatch
+    thread), and a plain ``math.add`` subscriber answering MessageQueue.request."""
     transport = ef.TCPServerTransport("127.0.0.1", 0).start()
     queue = ef.MessageQueue(transport)
+    queue.subscribe("math.add", lambda m: queue.reply(m, m.payload[0] + m.payload[1]))
     server = ef.RPCServer(queue, service_name="bench")
     server.add_method("add", lambda a, b: a + b)
     server.serve(blocking=False)
@@ -265,16 +269,30 @@ def zmq_client(port):
     return call, close
 
 
-def eventforge_client(port):
+def _eventforge_queue(port):
     from eventforge.transports.tcp import TCPClientTransport
 
     transport = TCPClientTransport("127.0.0.1", port)
     transport.connect(timeout=10)
-    queue = ef.MessageQueue(transport)
+    return ef.MessageQueue(transport)
+
+
+def eventforge_client(port):
+    queue = _eventforge_queue(port)
     client = ef.RPCClient(queue, service_name="bench", timeout=10)
 
     def call(i):
         assert client.call("add", i, 1) == i + 1
+    return call, queue.close
+
+
+def eventforge_request_client(port):
+    """MessageQueue.request to the ``math.add`` subscriber of the ef-inline server."""
+    queue = _eventforge_queue(port)
+
+    def call(i):
+        reply = queue.request("math.add", [i, 1], timeout=10)
+        assert reply is not None and reply.payload == i + 1
     return call, queue.close
 
 
@@ -323,6 +341,10 @@ def bench_memory(calls, rounds):
     return rpc_latency[0]
 
 
+# The eventforge contenders of figure 2: a plain request to a subscriber, RPC
+# to a server without an executor, RPC to a worker (its executor adds a hand-off).
+EVENTFORGE = ("ef-request", "ef-inline", "ef-worker")
+
 PEERS = [("raw JSON echo (floor)", "raw", raw_client),
          ("xmlrpc (stdlib, HTTP/1.1)", "xmlrpc", xmlrpc_client),
          ("Pyro5", "pyro5", pyro5_client),
@@ -351,14 +373,18 @@ def bench_tcp(calls, rounds, workdir):
             call, close = make_client(server.port)
             closers.append(close)
             contenders[kind], labels[kind] = call, label
-        for kind, label, command, cwd in (
-                ("ef-worker", "eventforge RPCClient -> worker --workers 1",
-                 _worker_command(1), workdir),
-                ("ef-inline", "eventforge RPCClient -> RPCServer, inline",
-                 [sys.executable, os.path.abspath(__file__), "--serve", "ef-inline"], None)):
-            server = Server(command, cwd=cwd)
-            servers.append(server)
-            call, close = eventforge_client(server.port)
+        inline = Server([sys.executable, os.path.abspath(__file__), "--serve", "ef-inline"])
+        servers.append(inline)
+        worker = Server(_worker_command(1), cwd=workdir)
+        servers.append(worker)
+        for kind, label, make_client, port in (
+                ("ef-request", "eventforge MessageQueue.request", eventforge_request_client,
+                 inline.port),
+                ("ef-inline", "eventforge RPCClient -> RPCServer, inline", eventforge_client,
+                 inline.port),
+                ("ef-worker", "eventforge RPCClient -> worker --workers 1", eventforge_client,
+                 worker.port)):
+            call, close = make_client(port)
             closers.append(close)
             contenders[kind], labels[kind] = call, label
         for call in contenders.values():
@@ -374,14 +400,14 @@ def bench_tcp(calls, rounds, workdir):
     floor = latency.get("raw")
     for kind, label in labels.items():
         _latency_rows(label, latency[kind], None if kind == "raw" else floor)
-    for kind in ("ef-worker", "ef-inline"):
+    for kind in EVENTFORGE:
         p50, p99 = latency[kind]
         if floor:
             bench.verdict(f"{kind} p50 / floor p50", bench.ratios(p50, floor[0]),
                           ROUND_TRIP_P50_TARGET)
             bench.verdict(f"{kind} p99 / floor p99", bench.ratios(p99, floor[1]),
                           ROUND_TRIP_P99_TARGET)
-        if "rpyc" in latency:
+        if "rpyc" in latency and kind != "ef-request":
             bench.verdict(f"{kind} p50 / RPyC p50", bench.ratios(p50, latency["rpyc"][0]), 1.0)
     return latency
 
@@ -454,10 +480,10 @@ def main():
     print("\nsummary (median [min..max] over the rounds):")
     print(f"  RPC over MemoryTransport p50 {bench.describe(memory, ' us')} (target <= 10 us)")
     floor = tcp.get("raw")
-    for kind in ("ef-worker", "ef-inline"):
+    for kind in EVENTFORGE:
         p50, p99 = tcp[kind]
         if floor:
-            print(f"  RPC over TCP ({kind}) / raw JSON floor: p50 "
+            print(f"  {kind} over TCP / raw JSON floor: p50 "
                   f"{bench.describe(bench.ratios(p50, floor[0]))}, p99 "
                   f"{bench.describe(bench.ratios(p99, floor[1]))} "
                   f"(targets <= {ROUND_TRIP_P50_TARGET}x, <= {ROUND_TRIP_P99_TARGET}x)")
