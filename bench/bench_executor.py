@@ -1,25 +1,28 @@
 """Executor benchmarks, each printed beside its concurrent.futures baseline.
 
-    python bench/bench_executor.py            # all figures
-    python bench/bench_executor.py --quick    # fewer rounds (smoke run)
+    python bench/bench_executor.py              # all figures
+    python bench/bench_executor.py --quick      # less work per round, 3 rounds (smoke run)
+    python bench/bench_executor.py --rounds 15  # more rounds for a steadier median
 
-Figures (target from issue 4):
+Figures (targets from issues 4 and 9):
   1. THREAD submit + result, one task at a time, vs ThreadPoolExecutor
      submit().result()                              (target <= 1.15x)
-  2. THREAD: submit a batch of 1,000 then collect them all, vs the same with
-     ThreadPoolExecutor
+  2. THREAD: submit 5,000 tasks, then collect each by its id, vs the same
+     with ThreadPoolExecutor futures                (target <= 1.15x);
+     ``Executor.map`` over the same items beside it
   3. SEQUENTIAL submit + result vs calling the function directly
   4. PROCESS submit + result vs ProcessPoolExecutor submit().result()
   5. bookkeeping after a million submit/result pairs (SEQUENTIAL): tracked
      tasks and memory growth (stays flat)
 
-Timings take the best of several repeats (the least disturbed run).  The
-machine may be shared: read ratios, not absolute figures.
+eventforge and its baseline run in the same rounds, in random order; each
+figure is the median over the rounds with its min-max range, ratios are taken
+per round, and every verdict is computed from the measured median (see
+``bench/_common.py``).  The machine may be shared: read ratios from one run.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import os
 import sys
@@ -27,114 +30,107 @@ import time
 import tracemalloc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import _common as bench  # noqa: E402
 
 import eventforge as ef  # noqa: E402
+
+US = 1e6  # seconds -> microseconds
 
 
 def work(x):
     return x
 
 
-def best_per_op_us(run, ops, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best / ops * 1e6
+def per_task_us(run, ops):
+    """A contender for bench.interleave: one round is ``run()``, in us per task."""
+    return lambda: bench.time_batch(run, ops) * US
 
 
-def row(label, value, unit="us", baseline=0.0, base_label="", target=None):
-    text = f"  {label:<50} {value:>9.2f} {unit}"
-    if baseline:
-        ratio = value / baseline
-        text += f"   {ratio:5.2f}x {base_label}"
-        if target is not None:
-            text += f"  (target <= {target}x: {'meets' if ratio <= target else 'MISSES'})"
-    print(text, flush=True)
-
-
-def bench_thread_one_at_a_time(n, repeat):
-    print(f"\n1. THREAD submit + result, one task at a time ({n} tasks, 4 workers)")
-    with cf.ThreadPoolExecutor(4) as pool:
-        def base():
-            for i in range(n):
-                pool.submit(work, i).result()
-        base_us = best_per_op_us(base, n, repeat)
-    with ef.Executor(ef.ExecutionMode.THREAD, max_workers=4) as ex:
-        def ours():
-            for i in range(n):
-                ex.result(ex.submit(work, i))
-        ours_us = best_per_op_us(ours, n, repeat)
-    row("ThreadPoolExecutor submit().result()", base_us)
-    row("Executor(THREAD) result(submit())", ours_us, baseline=base_us,
-        base_label="ThreadPoolExecutor", target=1.15)
-    return ours_us / base_us
-
-
-def bench_thread_batch(n, repeat):
-    print(f"\n2. THREAD batch: submit {n}, then collect all (4 workers)")
-    with cf.ThreadPoolExecutor(4) as pool:
-        def base():
-            futures = [pool.submit(work, i) for i in range(n)]
-            for f in futures:
-                f.result()
-        base_us = best_per_op_us(base, n, repeat)
-    with ef.Executor(ef.ExecutionMode.THREAD, max_workers=4) as ex:
-        def ours():
-            ids = [ex.submit(work, i) for i in range(n)]
-            for t in ids:
-                ex.result(t)
-        ours_us = best_per_op_us(ours, n, repeat)
-
-        def mapped():
-            ex.map(work, range(n))
-        map_us = best_per_op_us(mapped, n, repeat)
-    row("ThreadPoolExecutor, per task", base_us)
-    row("Executor(THREAD) submit/result, per task", ours_us, baseline=base_us,
-        base_label="ThreadPoolExecutor")
-    row("Executor(THREAD).map, per item", map_us, baseline=base_us,
-        base_label="ThreadPoolExecutor")
-
-
-def bench_sequential(n, repeat):
-    print(f"\n3. SEQUENTIAL submit + result ({n} tasks)")
-
+def _one_at_a_time(pool, ex, n, rounds):
+    """Interleaved rounds of ``n`` submit-then-wait tasks on ``pool`` and on ``ex``."""
     def base():
         for i in range(n):
-            work(i)
-    base_us = best_per_op_us(base, n, repeat)
-    ex = ef.Executor()
+            pool.submit(work, i).result()
 
     def ours():
         for i in range(n):
             ex.result(ex.submit(work, i))
-    ours_us = best_per_op_us(ours, n, repeat)
-    row("direct call", base_us)
-    row("Executor(SEQUENTIAL) result(submit())", ours_us)
-    print(f"  {'overhead per task':<50} {ours_us - base_us:>9.2f} us")
+
+    return bench.interleave({"base": per_task_us(base, n), "ours": per_task_us(ours, n)}, rounds)
 
 
-def bench_process(n, repeat):
-    print(f"\n4. PROCESS submit + result, one task at a time ({n} tasks, 2 workers)")
-    with cf.ProcessPoolExecutor(2) as pool:
-        pool.submit(work, 0).result()  # start the workers outside the timing
+def bench_thread_one_at_a_time(n, rounds):
+    print(f"\n1. THREAD submit + result, one task at a time ({n:,} tasks per round, 4 workers)")
+    with cf.ThreadPoolExecutor(4) as pool, \
+            ef.Executor(ef.ExecutionMode.THREAD, max_workers=4) as ex:
+        got = _one_at_a_time(pool, ex, n, rounds)
+    bench.row("ThreadPoolExecutor submit().result()", got["base"], "us")
+    bench.row("Executor(THREAD) result(submit())", got["ours"], "us", got["base"], "TPE")
+    ratio = bench.ratios(got["ours"], got["base"])
+    bench.verdict("Executor(THREAD) / ThreadPoolExecutor, one at a time", ratio, 1.15)
+    return ratio
 
+
+def bench_thread_batch(n, rounds):
+    print(f"\n2. THREAD batch: submit {n:,} tasks, then collect each by id (4 workers)")
+    with cf.ThreadPoolExecutor(4) as pool, \
+            ef.Executor(ef.ExecutionMode.THREAD, max_workers=4) as ex:
         def base():
-            for i in range(n):
-                pool.submit(work, i).result()
-        base_us = best_per_op_us(base, n, repeat)
-    with ef.Executor(ef.ExecutionMode.PROCESS, max_workers=2) as ex:
-        ex.result(ex.submit(work, 0))
+            futures = [pool.submit(work, i) for i in range(n)]
+            for f in futures:
+                f.result()
 
         def ours():
-            for i in range(n):
-                ex.result(ex.submit(work, i))
-        ours_us = best_per_op_us(ours, n, repeat)
-    row("ProcessPoolExecutor submit().result()", base_us)
-    row("Executor(PROCESS) result(submit())", ours_us, baseline=base_us,
-        base_label="ProcessPoolExecutor")
+            ids = [ex.submit(work, i) for i in range(n)]
+            for task_id in ids:
+                ex.result(task_id)
+
+        def mapped():
+            ex.map(work, range(n))
+
+        got = bench.interleave({"base": per_task_us(base, n), "ours": per_task_us(ours, n),
+                                "map": per_task_us(mapped, n)}, rounds)
+    bench.row("ThreadPoolExecutor, per task", got["base"], "us")
+    bench.row("Executor(THREAD) submit/result, per task", got["ours"], "us", got["base"], "TPE")
+    bench.row("Executor(THREAD).map, per item", got["map"], "us", got["base"], "TPE")
+    ratio = bench.ratios(got["ours"], got["base"])
+    bench.verdict("Executor(THREAD) / ThreadPoolExecutor, submit all then collect", ratio,
+                  1.15)
+    return ratio
+
+
+def bench_sequential(n, rounds):
+    print(f"\n3. SEQUENTIAL submit + result ({n:,} tasks per round)")
+    ex = ef.Executor()
+
+    def base():
+        for i in range(n):
+            work(i)
+
+    def ours():
+        for i in range(n):
+            ex.result(ex.submit(work, i))
+
+    got = bench.interleave({"base": per_task_us(base, n), "ours": per_task_us(ours, n)}, rounds)
+    overhead = [o - b for o, b in zip(got["ours"], got["base"])]
+    bench.row("direct call", got["base"], "us")
+    bench.row("Executor(SEQUENTIAL) result(submit())", got["ours"], "us")
+    bench.row("overhead per task (per round)", overhead, "us")
+
+
+def bench_process(n, rounds):
+    print(f"\n4. PROCESS submit + result, one task at a time ({n:,} tasks per round, "
+          "2 workers)")
+    with cf.ProcessPoolExecutor(2) as pool, \
+            ef.Executor(ef.ExecutionMode.PROCESS, max_workers=2) as ex:
+        pool.submit(work, 0).result()  # start the workers outside the timing
+        ex.result(ex.submit(work, 0))
+
+        got = _one_at_a_time(pool, ex, n, rounds)
+    bench.row("ProcessPoolExecutor submit().result()", got["base"], "us")
+    bench.row("Executor(PROCESS) result(submit())", got["ours"], "us", got["base"], "PPE")
 
 
 def bench_bounded(n):
@@ -160,21 +156,22 @@ def bench_bounded(n):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    args = parser.parse_args()
+    args = bench.parser(__doc__).parse_args()
+    rounds = bench.rounds_of(args)
     import logging
 
     logging.getLogger("eventforge").setLevel(logging.ERROR)  # the cap's warnings
-    n, repeat = (2_000, 3) if args.quick else (20_000, 5)
-    print(f"eventforge {ef.__version__} executor benchmarks, Python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs")
-    ratio = bench_thread_one_at_a_time(n, repeat)
-    bench_thread_batch(1000, repeat * 2)
-    bench_sequential(n * 5, repeat)
-    bench_process(n // 10, repeat)
+    n = 2_000 if args.quick else 20_000
+    bench.header("executor benchmarks", ef.__version__, rounds)
+    one = bench_thread_one_at_a_time(n, rounds)
+    batch = bench_thread_batch(5_000, rounds)
+    bench_sequential(n * 5, rounds)
+    bench_process(n // 10, rounds)
     bench_bounded(100_000 if args.quick else 1_000_000)
-    print(f"\nsummary: THREAD submit+result = {ratio:.2f}x ThreadPoolExecutor (target <= 1.15x)")
+    print("\nsummary (median [min..max] of the per-round ratios):")
+    for label, ratio in (("one at a time", one), ("submit 5,000 then collect", batch)):
+        print(f"  Executor(THREAD) / ThreadPoolExecutor, {label}: {bench.describe(ratio)} "
+              "(target <= 1.15x)")
 
 
 if __name__ == "__main__":

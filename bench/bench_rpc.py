@@ -1,20 +1,28 @@
 """RPC benchmarks, each printed beside baselines measured in the same run.
 
-    python bench/bench_rpc.py            # all figures (peers: pip install pyro5 rpyc pyzmq)
-    python bench/bench_rpc.py --quick    # fewer rounds (smoke run)
+    python bench/bench_rpc.py              # all figures (peers: pip install pyro5 rpyc pyzmq)
+    python bench/bench_rpc.py --quick      # fewer calls, 3 rounds (smoke run)
+    python bench/bench_rpc.py --rounds 15  # more rounds for a steadier median
 
-Figures (targets from issue 4):
+Figures (targets from issues 4 and 9):
   1. RPC over MemoryTransport, p50 of a call (target <= 10 us), beside
      MessageQueue.request on the same transport;
   2. RPC round trip over TCP loopback, p50 and p99, against a raw
      length-prefixed JSON echo over a socket (the floor), xmlrpc, Pyro5,
-     RPyC and pyzmq REQ/REP (target: p50 <= 1.3x the floor, ahead of RPyC).
-     Every server runs in its own process (this script with --serve KIND);
+     RPyC and pyzmq REQ/REP (target: p50 <= 1.2x the floor, p99 <= 1.5x,
+     ahead of RPyC), to an ``eventforge worker --workers 1`` and to an
+     RPCServer without an executor (methods run inline), with
+     ``MessageQueue.request`` to a plain subscriber against the same floor.
+     Every server runs in its own process (this script with --serve KIND),
+     all at once;
   3. throughput of one worker process with 4 concurrent callers on a method
      sleeping 5 ms, --workers 4 against --workers 1 (should scale near 4x).
 
-A peer that is not installed is reported as skipped.  The machine may be
-shared: read ratios, not absolute figures.
+A peer that is not installed is reported as skipped.  eventforge and its
+baselines run in the same rounds, in random order; each figure is the median
+over the rounds with its min-max range, ratios are taken per round, and every
+verdict is computed from the measured median (see ``bench/_common.py``).  The
+machine may be shared: read ratios from one run.
 """
 
 from __future__ import annotations
@@ -32,9 +40,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, HERE]
+
+import _common as bench  # noqa: E402
 
 import eventforge as ef  # noqa: E402
+
+US = 1e6  # seconds -> microseconds
+ROUND_TRIP_P50_TARGET = 1.2  # x the raw echo floor (issue 9; issue 4 asked 1.3x)
+ROUND_TRIP_P99_TARGET = 1.5
 
 HANDLERS = '''
 import time
@@ -143,8 +157,21 @@ def serve_zmq():
                              "result": request["args"][0] + request["args"][1]}).encode())
 
 
+def serve_ef_inline():
+    """An RPCServer without an executor (methods run in the transport's dispatch
+    thread), and a plain ``math.add`` subscriber answering MessageQueue.request."""
+    transport = ef.TCPServerTransport("127.0.0.1", 0).start()
+    queue = ef.MessageQueue(transport)
+    queue.subscribe("math.add", lambda m: queue.reply(m, m.payload[0] + m.payload[1]))
+    server = ef.RPCServer(queue, service_name="bench")
+    server.add_method("add", lambda a, b: a + b)
+    server.serve(blocking=False)
+    _announce(transport.port)
+    threading.Event().wait()  # until the parent terminates us
+
+
 SERVERS = {"raw": serve_raw, "xmlrpc": serve_xmlrpc, "pyro5": serve_pyro5,
-           "rpyc": serve_rpyc, "zmq": serve_zmq}
+           "rpyc": serve_rpyc, "zmq": serve_zmq, "ef-inline": serve_ef_inline}
 
 
 # -- clients -------------------------------------------------------------------
@@ -180,19 +207,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.communicate()
-
-
-def measure(call, rounds, warmup):
-    for i in range(warmup):
-        call(i)
-    samples = []
-    perf = time.perf_counter
-    for i in range(rounds):
-        t0 = perf()
-        call(i)
-        samples.append(perf() - t0)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
 def raw_client(port):
@@ -255,12 +269,16 @@ def zmq_client(port):
     return call, close
 
 
-def eventforge_client(port):
+def _eventforge_queue(port):
     from eventforge.transports.tcp import TCPClientTransport
 
     transport = TCPClientTransport("127.0.0.1", port)
     transport.connect(timeout=10)
-    queue = ef.MessageQueue(transport)
+    return ef.MessageQueue(transport)
+
+
+def eventforge_client(port):
+    queue = _eventforge_queue(port)
     client = ef.RPCClient(queue, service_name="bench", timeout=10)
 
     def call(i):
@@ -268,145 +286,211 @@ def eventforge_client(port):
     return call, queue.close
 
 
-def row(label, p50, p99, floor=None, note=""):
-    text = f"  {label:<34} p50 {p50:8.1f} us   p99 {p99:8.1f} us"
-    if floor:
-        text += f"   p50 {p50 / floor:5.2f}x floor"
-    print(text + note, flush=True)
+def eventforge_request_client(port):
+    """MessageQueue.request to the ``math.add`` subscriber of the ef-inline server."""
+    queue = _eventforge_queue(port)
+
+    def call(i):
+        reply = queue.request("math.add", [i, 1], timeout=10)
+        assert reply is not None and reply.payload == i + 1
+    return call, queue.close
 
 
-def bench_memory(rounds):
-    print(f"\n1. RPC over MemoryTransport ({rounds} calls)")
+def _p50_p99(rounds_of_samples):
+    """Per-round p50 and p99, in microseconds."""
+    return ([bench.percentile(samples, 50) * US for samples in rounds_of_samples],
+            [bench.percentile(samples, 99) * US for samples in rounds_of_samples])
+
+
+def _calls(call, count):
+    """A contender for bench.interleave: one round times ``count`` calls."""
+    return lambda: bench.time_calls(call, count)
+
+
+def _latency_rows(label, latency, floor=None):
+    p50, p99 = latency
+    bench.row(f"{label} p50", p50, "us", floor and floor[0], "floor")
+    bench.row(f"{label} p99", p99, "us", floor and floor[1], "floor")
+
+
+def bench_memory(calls, rounds):
+    print(f"\n1. RPC over MemoryTransport ({calls:,} calls per round)")
     with ef.MessageQueue() as queue:
         server = ef.RPCServer(queue, service_name="bench")
         server.add_method("add", lambda a, b: a + b)
         server.serve(blocking=False)
         client = ef.RPCClient(queue, service_name="bench")
         queue.subscribe("math.add", lambda m: queue.reply(m, m.payload[0] + m.payload[1]))
-        p50_rpc, p99_rpc = measure(lambda i: client.call("add", i, 1), rounds, rounds // 10)
-        p50_req, p99_req = measure(lambda i: queue.request("math.add", [i, 1], timeout=5),
-                                   rounds, rounds // 10)
+
+        def rpc(i):
+            assert client.call("add", i, 1) == i + 1
+
+        def request(i):
+            queue.request("math.add", [i, 1], timeout=5)
+
+        for warm in (rpc, request):
+            bench.time_calls(warm, calls // 10)
+        got = bench.interleave({"rpc": _calls(rpc, calls), "request": _calls(request, calls)},
+                               rounds)
         server.stop()
-    row("MessageQueue.request (baseline)", p50_req, p99_req)
-    row("RPCClient.call", p50_rpc, p99_rpc,
-        note=f"   {p50_rpc / p50_req:4.2f}x request  (target p50 <= 10 us: "
-             f"{'meets' if p50_rpc <= 10 else 'MISSES'})")
-    return p50_rpc
+    request_latency, rpc_latency = _p50_p99(got["request"]), _p50_p99(got["rpc"])
+    _latency_rows("MessageQueue.request (baseline)", request_latency)
+    bench.row("RPCClient.call p50", rpc_latency[0], "us", request_latency[0], "request")
+    bench.row("RPCClient.call p99", rpc_latency[1], "us", request_latency[1], "request")
+    bench.verdict("RPC p50 over MemoryTransport", rpc_latency[0], 10, unit=" us")
+    return rpc_latency[0]
 
 
-def bench_tcp(rounds, workdir):
-    print(f"\n2. RPC round trip over TCP loopback ({rounds} calls, servers in subprocesses)")
-    results = {}
-    peers = [("raw JSON echo (floor)", "raw", raw_client),
-             ("xmlrpc (stdlib, HTTP/1.1)", "xmlrpc", xmlrpc_client),
-             ("Pyro5", "pyro5", pyro5_client),
-             ("RPyC", "rpyc", rpyc_client),
-             ("pyzmq REQ/REP + JSON", "zmq", zmq_client)]
-    floor = None
-    for label, kind, make_client in peers:
-        try:
-            server = Server([sys.executable, os.path.abspath(__file__), "--serve", kind])
-        except Exception as exc:
-            print(f"  {label:<34} skipped: {str(exc).strip().splitlines()[-1][:80]}")
-            continue
-        try:
-            call, close = make_client(server.port)
-            p50, p99 = measure(call, rounds, rounds // 10)
-            close()
-        finally:
-            server.stop()
-        results[kind] = p50
-        if kind == "raw":
-            floor = p50
-        row(label, p50, p99, floor if kind != "raw" else None)
-    server = Server([sys.executable, "-m", "eventforge", "worker", "--import", "bench_handlers",
-                     "--service", "bench", "--port", "0", "--workers", "1",
-                     "--log-level", "WARNING"], cwd=workdir)
+# The eventforge contenders of figure 2: a plain request to a subscriber, RPC
+# to a server without an executor, RPC to a worker (its executor adds a hand-off).
+EVENTFORGE = ("ef-request", "ef-inline", "ef-worker")
+
+PEERS = [("raw JSON echo (floor)", "raw", raw_client),
+         ("xmlrpc (stdlib, HTTP/1.1)", "xmlrpc", xmlrpc_client),
+         ("Pyro5", "pyro5", pyro5_client),
+         ("RPyC", "rpyc", rpyc_client),
+         ("pyzmq REQ/REP + JSON", "zmq", zmq_client)]
+
+
+def _worker_command(workers):
+    return [sys.executable, "-m", "eventforge", "worker", "--import", "bench_handlers",
+            "--service", "bench", "--port", "0", "--workers", str(workers),
+            "--log-level", "WARNING"]
+
+
+def bench_tcp(calls, rounds, workdir):
+    print(f"\n2. RPC round trip over TCP loopback ({calls:,} calls per round, servers in "
+          "subprocesses, all up at once)")
+    servers, closers, contenders, labels = [], [], {}, {}
     try:
-        call, close = eventforge_client(server.port)
-        p50, p99 = measure(call, rounds, rounds // 10)
-        close()
+        for label, kind, make_client in PEERS:
+            try:
+                server = Server([sys.executable, os.path.abspath(__file__), "--serve", kind])
+            except Exception as exc:
+                print(f"  {label:<46} skipped: {str(exc).strip().splitlines()[-1][:60]}")
+                continue
+            servers.append(server)
+            call, close = make_client(server.port)
+            closers.append(close)
+            contenders[kind], labels[kind] = call, label
+        inline = Server([sys.executable, os.path.abspath(__file__), "--serve", "ef-inline"])
+        servers.append(inline)
+        worker = Server(_worker_command(1), cwd=workdir)
+        servers.append(worker)
+        for kind, label, make_client, port in (
+                ("ef-request", "eventforge MessageQueue.request", eventforge_request_client,
+                 inline.port),
+                ("ef-inline", "eventforge RPCClient -> RPCServer, inline", eventforge_client,
+                 inline.port),
+                ("ef-worker", "eventforge RPCClient -> worker --workers 1", eventforge_client,
+                 worker.port)):
+            call, close = make_client(port)
+            closers.append(close)
+            contenders[kind], labels[kind] = call, label
+        for call in contenders.values():
+            bench.time_calls(call, calls // 10)  # warm-up
+        got = bench.interleave({kind: _calls(call, calls) for kind, call in contenders.items()},
+                               rounds)
     finally:
-        server.stop()
-    results["eventforge"] = p50
-    verdict = []
-    if floor:
-        verdict.append(f"target <= 1.3x floor: {'meets' if p50 <= 1.3 * floor else 'MISSES'}")
-    if "rpyc" in results:
-        verdict.append(f"{'ahead of' if p50 < results['rpyc'] else 'BEHIND'} RPyC")
-    row("eventforge RPCClient -> worker", p50, p99, floor, note="   (" + "; ".join(verdict) + ")")
-    return results
+        for close in closers:
+            close()
+        for server in servers:
+            server.stop()
+    latency = {kind: _p50_p99(samples) for kind, samples in got.items()}
+    floor = latency.get("raw")
+    for kind, label in labels.items():
+        _latency_rows(label, latency[kind], None if kind == "raw" else floor)
+    for kind in EVENTFORGE:
+        p50, p99 = latency[kind]
+        if floor:
+            bench.verdict(f"{kind} p50 / floor p50", bench.ratios(p50, floor[0]),
+                          ROUND_TRIP_P50_TARGET)
+            bench.verdict(f"{kind} p99 / floor p99", bench.ratios(p99, floor[1]),
+                          ROUND_TRIP_P99_TARGET)
+        if "rpyc" in latency and kind != "ef-request":
+            bench.verdict(f"{kind} p50 / RPyC p50", bench.ratios(p50, latency["rpyc"][0]), 1.0)
+    return latency
 
 
-def bench_scaling(seconds, workdir):
-    print(f"\n3. one worker, 4 concurrent callers, method sleeps 5 ms ({seconds:.0f} s each)")
+def bench_scaling(seconds, rounds, workdir):
+    print(f"\n3. one worker, 4 concurrent callers, method sleeps 5 ms ({seconds:.1f} s per "
+          "round)")
     from eventforge.transports.tcp import TCPClientTransport
 
-    rates = {}
-    for workers in (1, 4):
-        server = Server([sys.executable, "-m", "eventforge", "worker", "--import",
-                         "bench_handlers", "--service", "bench", "--port", "0", "--workers",
-                         str(workers), "--log-level", "WARNING"], cwd=workdir)
-        queues = []
-        try:
-            counts = [0] * 4
-            stop = time.monotonic() + seconds
-
-            def caller(n, client, counts=counts, stop=stop):
-                while time.monotonic() < stop:
-                    client.call("sleep5")
-                    counts[n] += 1
-
-            threads = []
-            for n in range(4):
+    servers, queues, rate_of = [], [], {}
+    try:
+        for workers in (1, 4):
+            server = Server(_worker_command(workers), cwd=workdir)
+            servers.append(server)
+            clients = []
+            for _ in range(4):
                 transport = TCPClientTransport("127.0.0.1", server.port)
                 transport.connect(timeout=10)
                 queue = ef.MessageQueue(transport)
                 queues.append(queue)
-                client = ef.RPCClient(queue, service_name="bench", timeout=10)
-                threads.append(threading.Thread(target=caller, args=(n, client)))
-            started = time.monotonic()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            rates[workers] = sum(counts) / (time.monotonic() - started)
-        finally:
-            for q in queues:
-                q.close()
+                clients.append(ef.RPCClient(queue, service_name="bench", timeout=10))
+            rate_of[workers] = lambda clients=clients: _calls_per_second(clients, seconds)
+        got = bench.interleave(rate_of, rounds)
+    finally:
+        for queue in queues:
+            queue.close()
+        for server in servers:
             server.stop()
-        print(f"  --workers {workers}: {rates[workers]:8.1f} calls/s")
-    ratio = rates[4] / rates[1]
-    print(f"  scaling --workers 4 / --workers 1: {ratio:.2f}x (ideal 4x)")
-    return ratio
+    bench.row("--workers 1", got[1], "call/s")
+    bench.row("--workers 4", got[4], "call/s", got[1], "--workers 1 (ideal 4x)")
+    return bench.ratios(got[4], got[1])
+
+
+def _calls_per_second(clients, seconds):
+    """Calls per second of ``clients`` each calling sleep5 in a loop for ``seconds``."""
+    counts = [0] * len(clients)
+    stop = time.monotonic() + seconds
+
+    def caller(n):
+        while time.monotonic() < stop:
+            clients[n].call("sleep5")
+            counts[n] += 1
+
+    threads = [threading.Thread(target=caller, args=(n,), name=f"bench-caller-{n}")
+               for n in range(len(clients))]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.monotonic() - started)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser = bench.parser(__doc__)
     parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         SERVERS[args.serve]()
         return
-    rounds = 1000 if args.quick else 5000
-    print(f"eventforge {ef.__version__} RPC benchmarks, Python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs")
+    rounds = bench.rounds_of(args)
+    calls = 300 if args.quick else 2000
+    bench.header("RPC benchmarks", ef.__version__, rounds)
     with tempfile.TemporaryDirectory() as workdir:
         with open(os.path.join(workdir, "bench_handlers.py"), "w") as f:
             f.write(HANDLERS)
-        memory = bench_memory(rounds * 4)
-        tcp = bench_tcp(rounds, workdir)
-        scaling = bench_scaling(1.0 if args.quick else 3.0, workdir)
-    print("\nsummary:")
-    print(f"  RPC over MemoryTransport p50 {memory:.1f} us (target <= 10 us)")
-    if "raw" in tcp:
-        print(f"  RPC over TCP p50 {tcp['eventforge']:.1f} us = "
-              f"{tcp['eventforge'] / tcp['raw']:.2f}x the raw JSON floor (target <= 1.3x)")
-    for kind in ("xmlrpc", "pyro5", "rpyc", "zmq"):
-        if kind in tcp:
-            print(f"  eventforge / {kind}: {tcp['eventforge'] / tcp[kind]:.2f}x")
-    print(f"  --workers 4 vs 1 with 4 callers: {scaling:.2f}x (ideal 4x)")
+        memory = bench_memory(calls * 4, rounds)
+        tcp = bench_tcp(calls, rounds, workdir)
+        scaling = bench_scaling(0.5 if args.quick else 2.0, rounds, workdir)
+    print("\nsummary (median [min..max] over the rounds):")
+    print(f"  RPC over MemoryTransport p50 {bench.describe(memory, ' us')} (target <= 10 us)")
+    floor = tcp.get("raw")
+    for kind in EVENTFORGE:
+        p50, p99 = tcp[kind]
+        if floor:
+            print(f"  {kind} over TCP / raw JSON floor: p50 "
+                  f"{bench.describe(bench.ratios(p50, floor[0]))}, p99 "
+                  f"{bench.describe(bench.ratios(p99, floor[1]))} "
+                  f"(targets <= {ROUND_TRIP_P50_TARGET}x, <= {ROUND_TRIP_P99_TARGET}x)")
+        for peer in ("xmlrpc", "pyro5", "rpyc", "zmq"):
+            if peer in tcp:
+                print(f"    p50 / {peer}: {bench.describe(bench.ratios(p50, tcp[peer][0]))}")
+    print(f"  --workers 4 vs 1 with 4 callers: {bench.describe(scaling)} (ideal 4x)")
 
 
 if __name__ == "__main__":
