@@ -41,7 +41,8 @@ _STDLIB_FALLBACK = frozenset(
 STDLIB = frozenset(getattr(sys, "stdlib_module_names", _STDLIB_FALLBACK))
 
 HEAVY = ["ssl", "asyncio", "multiprocessing", "concurrent", "tracemalloc", "uuid",
-         "dataclasses", "decimal", "inspect"]
+         "dataclasses", "decimal", "inspect", "sqlite3"]
+HEAVY_SUBMODULES = ["http.server"]  # its package (http) alone is light
 
 
 def _clean_env():
@@ -192,6 +193,8 @@ def test_import_is_cheap(lonely_dir):
     assert report["threads"] == 1, "import started a thread"
     loaded = {name.split(".")[0] for name in report["all"]}
     assert not loaded & set(HEAVY), f"imported at import time: {sorted(loaded & set(HEAVY))}"
+    heavy_subs = set(report["all"]) & set(HEAVY_SUBMODULES)
+    assert not heavy_subs, f"imported at import time: {sorted(heavy_subs)}"
     # The -X importtime log tells the same story.
     timed = {
         line.split("|")[-1].strip().split(".")[0]
@@ -200,3 +203,6 @@ def test_import_is_cheap(lonely_dir):
     }
     assert "eventforge" in timed and "json" in timed
     assert not timed & set(HEAVY), sorted(timed & set(HEAVY))
+    timed_full = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                  if line.startswith("import time:") and "|" in line}
+    assert not timed_full & set(HEAVY_SUBMODULES), sorted(timed_full & set(HEAVY_SUBMODULES))

@@ -1,0 +1,823 @@
+"""The public API of eventforge 0.1, as its reference README names it, holds here.
+
+Two halves:
+
+* every class, method, property and parameter the reference names exists under
+  that name and accepts the call shapes written there (checked with
+  ``inspect.signature``), and behaves as the reference says (return types,
+  defaults, dynamic access, context managers, async variants);
+* every code sample of the reference runs *verbatim* in a fresh interpreter
+  (the code is copied here as data, since the reference text is not part of the
+  repository) and prints what its comments promise.
+
+Samples that bind the fixed ports of the reference (9090, 9001) run as written
+when the port is free and are skipped, with the reason, when something else
+holds it. The Redis sample gets a real redis-server on 127.0.0.1:6379 (started
+here and stopped after, unless one already listens there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import inspect
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from _servers import RedisServer, find_binary
+from _worker_helpers import REPO, Worker, child_env
+
+import eventforge as ef
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _params(obj):
+    return inspect.signature(obj).parameters
+
+
+def _default(obj, name):
+    return _params(obj)[name].default
+
+
+def _binds(obj, *args, **kwargs):
+    """True when the call shape binds (raises TypeError with the signature otherwise)."""
+    signature = inspect.signature(obj)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise AssertionError(
+            f"{obj.__qualname__}{signature} rejects {args!r} {kwargs!r}: {exc}") from None
+    return True
+
+
+def _port_holder(port, host="0.0.0.0"):
+    """None when *port* can be bound like the samples do, else a reason to skip."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        return f"port {port} is taken by another program ({exc.strerror}); sample binds it as-is"
+    finally:
+        probe.close()
+    return None
+
+
+def _listening(port, host="127.0.0.1"):
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _run_sample(tmp_path, code, *, name="sample.py", show=(), timeout=60):
+    """Run *code* verbatim as ``python name`` (cwd *tmp_path*, PYTHONPATH at the repo).
+
+    ``show`` names globals whose repr is printed after the script finished (the
+    script itself runs unchanged through ``runpy`` as ``__main__``).
+    """
+    script = tmp_path / name
+    script.write_text(code)
+    if show:
+        runner = textwrap.dedent(
+            f"""
+            import runpy, sys
+            sys.argv = [{str(script)!r}]
+            found = runpy.run_path({str(script)!r}, run_name="__main__")
+            for name in {list(show)!r}:
+                print(f"@{{name}}={{found[name]!r}}")
+            """
+        )
+        command = [sys.executable, "-c", runner]
+    else:
+        command = [sys.executable, str(script)]
+    result = subprocess.run(command, cwd=str(tmp_path), env=child_env(), stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0 and (f"[Errno {errno.EADDRINUSE}]" in result.stderr
+                                   or "Address already in use" in result.stderr):
+        pytest.skip(f"a port of the sample was taken by another program meanwhile:\n"
+                    f"{result.stderr[-400:]}")
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stdout.splitlines()
+
+
+# ---------------------------------------------------------------------------
+# 1. names, parameters and defaults
+# ---------------------------------------------------------------------------
+
+
+class TestTransportApi:
+    def test_memory_transport(self):
+        assert _default(ef.MemoryTransport, "max_queue_size") == 1000
+        transport = ef.MemoryTransport(max_queue_size=1000)
+        try:
+            assert isinstance(transport, ef.Transport)
+        finally:
+            transport.close()
+
+    def test_tcp_transports_and_their_import_path(self):
+        from eventforge.transports.tcp import TCPClientTransport, TCPServerTransport
+
+        assert TCPServerTransport is ef.TCPServerTransport
+        assert TCPClientTransport is ef.TCPClientTransport
+        assert _default(TCPServerTransport, "host") == "127.0.0.1"
+        assert _default(TCPServerTransport, "port") == 9090
+        assert _default(TCPClientTransport, "host") == "localhost"
+        assert _default(TCPClientTransport, "port") == 9090
+        _binds(TCPServerTransport, host="127.0.0.1", port=9090)
+        _binds(TCPClientTransport, host="localhost", port=9090)
+        _binds(TCPServerTransport, "127.0.0.1", 9090)  # TCPServerTransport(host, port)
+        _binds(TCPClientTransport, "localhost", 9090)
+        assert callable(TCPServerTransport.start) and callable(TCPClientTransport.connect)
+        assert issubclass(TCPServerTransport, ef.Transport)
+        assert issubclass(TCPClientTransport, ef.Transport)
+
+    def test_start_and_connect_over_loopback(self):
+        server = ef.TCPServerTransport(host="127.0.0.1", port=0).start()
+        try:
+            client = ef.TCPClientTransport(host="127.0.0.1", port=server.port).connect(timeout=10)
+            try:
+                sender = ef.MessageQueue(transport=client)
+                receiver = ef.MessageQueue(transport=server)
+                assert isinstance(sender.publish("t", 1), str)
+                message = receiver.receive("t", timeout=10)
+                assert message is not None and message.payload == 1
+            finally:
+                client.close()
+        finally:
+            server.close()
+
+    def test_broker_transport_import_paths(self):
+        from eventforge.transports.nats import NatsTransport
+        from eventforge.transports.redis import RedisTransport
+
+        for cls in (RedisTransport, NatsTransport):
+            assert issubclass(cls, ef.Transport), cls
+        _binds(RedisTransport, host="localhost", port=6379)
+
+    def test_abc_has_exactly_the_six_methods(self):
+        six = {"send", "receive", "receive_async", "subscribe", "unsubscribe", "close"}
+        assert set(ef.Transport.__abstractmethods__) == six
+        assert inspect.iscoroutinefunction(ef.Transport.receive_async)
+        _binds(ef.Transport.send, None, "message")
+        _binds(ef.Transport.receive, None, "topic", timeout=None)
+        _binds(ef.Transport.receive_async, None, "topic", timeout=None)
+        _binds(ef.Transport.subscribe, None, "topic", lambda message: None)
+        _binds(ef.Transport.unsubscribe, None, "subscription-id")
+        _binds(ef.Transport.close, None)
+        assert _default(ef.Transport.receive, "timeout") is None
+
+    def test_a_transport_of_just_the_six_methods_serves_everything_above(self):
+        """The reference: adding a transport is just those six methods."""
+        queue = ef.MessageQueue(transport=_SixMethodTransport())
+        got = []
+        queue.on("a.*", lambda message: got.append(message.payload))
+        queue.publish("a.b", 1)
+        assert got == [1]
+        queue.on("math.add", lambda m: queue.reply(m, m.payload["a"] + m.payload["b"]))
+        assert queue.request("math.add", {"a": 1, "b": 2}, timeout=5).payload == 3
+        server = ef.RPCServer(queue, service_name="six")
+        server.add_method("mul", lambda a, b: a * b)
+        server.serve(blocking=False)
+        try:
+            assert ef.RPCClient(queue, service_name="six", timeout=5).mul(3, 4) == 12
+        finally:
+            server.stop()
+            queue.close()
+
+
+class _SixMethodTransport(ef.Transport):
+    """A third-party transport: the six methods of the ABC and nothing else."""
+
+    def __init__(self):
+        import itertools
+        import threading
+
+        self._ids = itertools.count()
+        self._subs = {}
+        self._mail = []
+        self._cond = threading.Condition()
+
+    def send(self, message):
+        with self._cond:
+            subs = [cb for pattern, cb in self._subs.values()
+                    if ef.topic_matches(pattern, message.topic)]
+            if not subs:
+                self._mail.append(message)
+                self._cond.notify_all()
+        for callback in subs:
+            callback(message)
+
+    def _take(self, topic):
+        for message in self._mail:
+            if ef.topic_matches(topic, message.topic):
+                self._mail.remove(message)
+                return message
+        return None
+
+    def receive(self, topic, timeout=None):
+        with self._cond:
+            found = []
+            self._cond.wait_for(lambda: found.append(self._take(topic)) or found[-1], timeout)
+            return found[-1] if found else None
+
+    async def receive_async(self, topic, timeout=None):
+        return self.receive(topic, timeout)
+
+    def subscribe(self, topic, callback):
+        sid = f"s{next(self._ids)}"
+        with self._cond:
+            self._subs[sid] = (topic, callback)
+        return sid
+
+    def unsubscribe(self, subscription_id):
+        with self._cond:
+            return self._subs.pop(subscription_id, None) is not None
+
+    def close(self):
+        with self._cond:
+            self._subs.clear()
+
+
+class TestMessageQueueApi:
+    def test_signatures(self):
+        mq = ef.MessageQueue
+        assert _default(mq, "transport") is None
+        _binds(mq.publish, None, "topic", {"p": 1}, trace="x")
+        _binds(mq.subscribe, None, "topic", print)
+        _binds(mq.on, None, "topic")
+        _binds(mq.on, None, "topic", print)
+        _binds(mq.unsubscribe, None, "handler-id")
+        _binds(mq.receive, None, "topic", timeout=None)
+        _binds(mq.request, None, "topic", {"p": 1}, timeout=30.0, trace="x")
+        _binds(mq.reply, None, "original", {"p": 1}, trace="x")
+        _binds(mq.close, None)
+        assert _default(mq.receive, "timeout") is None
+        assert _default(mq.request, "timeout") == 30.0
+
+    def test_behaviour(self):
+        queue = ef.MessageQueue(transport=None)
+        try:
+            assert isinstance(queue.transport, ef.MemoryTransport)
+            got = []
+            handler_id = queue.subscribe("a.*", lambda m: got.append(("sub", m.payload)))
+            assert isinstance(handler_id, str)
+            queue.on("a.b", lambda m: got.append(("on", m.payload)))
+
+            @queue.on("a.**")
+            def deep(message):
+                got.append(("deco", message.payload, message.headers.get("trace")))
+
+            message_id = queue.publish("a.b", 7, trace="t1")
+            assert isinstance(message_id, str)
+            assert sorted(got, key=repr) == sorted(
+                [("sub", 7), ("on", 7), ("deco", 7, "t1")], key=repr)
+            assert queue.unsubscribe(handler_id) is True
+            assert queue.unsubscribe(handler_id) is False
+
+            queue.publish("mail.box", {"x": 1})
+            received = queue.receive("mail.box", timeout=1.0)
+            assert isinstance(received, ef.Message) and received.payload == {"x": 1}
+            assert queue.receive("mail.box", timeout=0.05) is None
+
+            @queue.on("math.add")
+            def add(message):
+                assert isinstance(queue.reply(message, message.payload["a"] + 1), str)
+
+            response = queue.request("math.add", {"a": 1}, timeout=5.0)
+            assert isinstance(response, ef.Message) and response.payload == 2
+            assert queue.request("nobody.home", 1, timeout=0.05) is None  # -> Message | None
+        finally:
+            queue.close()
+
+
+class TestRemoteQueueApi:
+    def test_signatures(self):
+        rq = ef.RemoteQueue
+        params = _params(rq)
+        assert list(params)[:2] == ["node_id", "local"]
+        assert params["local"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params["local"].default is None
+        _binds(rq.connect, None, "peer", "127.0.0.1", 9001)
+        _binds(rq.connect, None, "peer", host="127.0.0.1", port=9001)
+        _binds(rq.disconnect, None, "peer")
+        _binds(rq.send, None, "peer", "topic", {"p": 1}, trace="x")
+        _binds(rq.broadcast, None, "topic", {"p": 1}, trace="x")
+        _binds(rq.subscribe, None, "topic", print)
+        _binds(rq.on, None, "topic")
+        _binds(rq.close, None)
+        assert isinstance(inspect.getattr_static(rq, "peers"), property)
+
+    def test_behaviour_over_loopback(self):
+        server = ef.TCPServerTransport(host="127.0.0.1", port=0).start()
+        worker = ef.RemoteQueue("w", local=ef.MessageQueue(transport=server))
+        coord = ef.RemoteQueue("c")
+        try:
+            got = []
+            sub_id = worker.subscribe("jobs", lambda m: got.append(m.payload))
+            assert isinstance(sub_id, str)
+            assert coord.peers == []
+            coord.connect("w", host="127.0.0.1", port=server.port)
+            assert coord.peers == ["w"]
+            assert isinstance(coord.send("w", "jobs", 1), str)
+            sent = coord.broadcast("jobs", 2)
+            assert isinstance(sent, dict) and list(sent) == ["w"]
+            assert all(isinstance(v, str) for v in sent.values())
+            flush = getattr(coord, "flush", None)
+            if flush is not None:
+                flush(timeout=10)
+            _wait_until(lambda: len(got) == 2)
+            assert got == [1, 2]
+            assert coord.disconnect("w") is True
+            assert coord.disconnect("w") is False
+            assert coord.peers == []
+        finally:
+            coord.close()
+            worker.close()
+            server.close()
+
+
+def _wait_until(condition, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _square(n):
+    return n * n
+
+
+class TestExecutorApi:
+    def test_signatures(self):
+        ex = ef.Executor
+        assert _default(ex, "mode") is ef.ExecutionMode.SEQUENTIAL
+        assert _default(ex, "max_workers") == 4
+        _binds(ex, mode=ef.ExecutionMode.SEQUENTIAL, max_workers=4)
+        _binds(ex.submit, None, print, 1, 2, sep="-")
+        _binds(ex.result, None, "task-id", timeout=None)
+        _binds(ex.map, None, print, [1, 2], timeout=None)
+        _binds(ex.start, None)
+        _binds(ex.stop, None, wait=True)
+        assert _default(ex.stop, "wait") is True
+        assert _default(ex.result, "timeout") is None
+        assert _default(ex.map, "timeout") is None
+        assert {m.name for m in ef.ExecutionMode} >= {"SEQUENTIAL", "THREAD", "PROCESS"}
+        for sync, name in (("submit", "submit_async"), ("result", "result_async"),
+                           ("map", "map_async")):
+            assert inspect.iscoroutinefunction(getattr(ex, name)), name
+            assert list(_params(getattr(ex, name))) == list(_params(getattr(ex, sync))), name
+
+    def test_sequential_runs_inline_at_submit(self):
+        seen = []
+        executor = ef.Executor()
+        executor.start()
+        try:
+            task_id = executor.submit(seen.append, 1)
+            assert seen == [1]  # before result() is asked for
+            result = executor.result(task_id, timeout=None)
+            assert isinstance(result, ef.TaskResult)
+            assert result.status == ef.TaskStatus.COMPLETED and result.error is None
+            assert result.execution_time >= 0
+        finally:
+            executor.stop(wait=True)
+
+    def test_thread_map_and_failure_and_async(self):
+        with ef.Executor(mode=ef.ExecutionMode.THREAD, max_workers=4) as executor:
+            results = executor.map(_square, [1, 2, 3], timeout=30)
+            assert isinstance(results, list)
+            assert [r.value for r in results] == [1, 4, 9]
+            failed = executor.result(executor.submit(_square, "x"), timeout=30)
+            assert failed.status == ef.TaskStatus.FAILED and "TypeError" in (
+                (failed.error_type or "") + (failed.error or ""))
+
+            async def use_async():
+                task_id = await executor.submit_async(_square, 5)
+                one = await executor.result_async(task_id, timeout=30)
+                many = await executor.map_async(_square, [2, 3], timeout=30)
+                return one.value, [r.value for r in many]
+
+            assert asyncio.run(use_async()) == (25, [4, 9])
+
+
+class TestRpcApi:
+    def test_signatures(self):
+        assert list(_params(ef.RPCServer))[:3] == ["queue", "executor", "service_name"]
+        assert _default(ef.RPCServer, "executor") is None
+        assert _default(ef.RPCServer, "service_name") == "rpc"
+        _binds(ef.RPCServer.register, None, name=None)
+        _binds(ef.RPCServer.register, None)
+        _binds(ef.RPCServer.add_method, None, "name", print)
+        _binds(ef.RPCServer.serve, None, blocking=True)
+        assert _default(ef.RPCServer.serve, "blocking") is True
+        _binds(ef.RPCServer.stop, None)
+        assert list(_params(ef.RPCClient))[:3] == ["queue", "service_name", "timeout"]
+        assert _default(ef.RPCClient, "service_name") == "rpc"
+        assert _default(ef.RPCClient, "timeout") == 30.0
+        call = _params(ef.RPCClient.call)
+        assert call["timeout"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert call["timeout"].default is None
+        _binds(ef.RPCClient.call, None, "method", 1, 2, timeout=None, key="word")
+        _binds(ef.RoundRobinRPCClient, [object(), object()])
+        _binds(ef.with_retry, object(), max_retries=3)
+        assert _default(ef.with_retry, "max_retries") == 3
+
+    def test_behaviour(self):
+        queue = ef.MessageQueue()
+        server = ef.RPCServer(queue, service_name="calc")
+
+        @server.register()
+        def add(a, b=0):
+            return a + b
+
+        @server.register("twice")
+        def double(x):
+            return 2 * x
+
+        server.register(name="neg")(lambda x: -x)
+        server.add_method("pid", os.getpid)
+        server.serve(blocking=False)
+        try:
+            one = ef.RPCClient(queue, service_name="calc", timeout=30.0)
+            two = ef.RPCClient(queue, service_name="calc")
+            assert one.call("add", 1, b=2, timeout=5) == 3
+            assert one.add(1, 2) == 3 and one.twice(4) == 8 and one.neg(1) == -1
+            assert one.pid() == os.getpid()
+            pool = ef.RoundRobinRPCClient([one, two])
+            assert pool.call("add", 2, 3) == 5 and pool.twice(5) == 10
+            retrying = ef.with_retry(one, max_retries=3)
+            assert retrying.call("add", 4, 4) == 8 and retrying.neg(2) == -2
+            with pytest.raises(ef.MethodNotFoundError):
+                one.call("nope")
+        finally:
+            server.stop()
+            queue.close()
+
+
+class TestTaskAndObserverApi:
+    def test_task_signature(self):
+        params = _params(ef.task)
+        expected = {"queue": None, "topic": None, "executor": None, "on_execute": None,
+                    "on_success": None, "on_failure": None, "on_complete": None,
+                    "publish_result": True, "max_instances": None, "instance_timeout": None}
+        for name, default in expected.items():
+            assert name in params, name
+            assert params[name].default == default, name
+
+    def test_state_and_pool_stats(self):
+        @ef.task(max_instances=2)
+        def capped(x):
+            return x + 1
+
+        assert capped(21) == 22
+        assert isinstance(capped.state, ef.SharedState)
+        stats = capped.pool.stats
+        assert isinstance(stats, dict) and stats["max"] == 2
+
+    def test_observers_named_by_the_reference(self):
+        for name in ("Meter", "TimingMeter", "MemoryMeter", "CPUMeter", "MetricsMeter",
+                     "LoggingReporter", "Observable", "Eventful", "Dispatcher",
+                     "BroadcastDispatcher", "RoundRobinDispatcher", "ConcurrentDispatcher",
+                     "LeastLoadedDispatcher", "Node", "TaskContext", "observe"):
+            assert hasattr(ef, name), name
+            assert name in ef.__all__, name
+        _binds(ef.TimingMeter, threshold=1.0)
+        assert _default(ef.TimingMeter, "reduction") == "mean"
+        assert _default(ef.MemoryMeter, "reduction") == "max"
+        assert _default(ef.CPUMeter, "reduction") == "mean"
+        for reduction in ("mean", "max", "min", "sum", "last", "count"):
+            meter = ef.Meter(reduction=reduction)
+            for value in (3.0, 1.0, 2.0):
+                meter.update(value)
+            assert set(meter.stats) == {"value", "count"}, reduction
+            assert meter.stats["count"] == 3
+            assert meter.stats["value"] == {"mean": 2.0, "max": 3.0, "min": 1.0, "sum": 6.0,
+                                            "last": 2.0, "count": 3}[reduction]
+        assert ef.TimingMeter(reduction="max").reduction == "max"  # a default you can override
+
+
+# ---------------------------------------------------------------------------
+# 2. the reference's code samples, verbatim
+# ---------------------------------------------------------------------------
+
+SAMPLE_TRANSPORTS = '''\
+from eventforge import MessageQueue
+from eventforge.transports.tcp import TCPServerTransport
+
+# in-process (default)
+local = MessageQueue()
+
+# cross-process: same MessageQueue API, different wire
+transport = TCPServerTransport(host="127.0.0.1", port=9090)
+transport.start()
+networked = MessageQueue(transport=transport)
+
+# broker-backed: same MessageQueue API again
+from eventforge.transports.redis import RedisTransport
+brokered = MessageQueue(transport=RedisTransport(host="localhost", port=6379))
+'''
+
+SAMPLE_MESSAGE_QUEUE = '''\
+from eventforge import MessageQueue
+
+queue = MessageQueue()
+
+@queue.on("events.user")
+def handle_event(message):
+    print(f"Received: {message.topic} -> {message.payload}")
+
+queue.publish("events.user", {"action": "login", "user": "alice"})
+# Received: events.user -> {'action': 'login', 'user': 'alice'}
+
+# Request-reply over the same queue
+@queue.on("math.add")
+def add_handler(message):
+    a, b = message.payload["a"], message.payload["b"]
+    queue.reply(message, a + b)
+
+response = queue.request("math.add", {"a": 10, "b": 20}, timeout=5.0)
+print(response.payload)  # 30
+'''
+
+SAMPLE_REMOTE_QUEUE = '''\
+from eventforge import MessageQueue, RemoteQueue
+from eventforge.transports.tcp import TCPServerTransport
+
+# --- Worker: RECEIVES, so it listens on a port and subscribes locally. ---
+# (TCPServerTransport must be .start()ed before use.)
+worker_srv = TCPServerTransport(host="0.0.0.0", port=9001)
+worker_srv.start()
+worker = RemoteQueue("worker-1", local=MessageQueue(transport=worker_srv))
+
+@worker.on("work")
+def run(msg):
+    print(f"worker got: {msg.payload}")
+
+# --- Coordinator: only SENDS, so it needs no local queue at all. ---
+coord = RemoteQueue("coordinator")
+coord.connect("worker-1", host="127.0.0.1", port=9001)  # own a TCP link by address
+
+coord.send("worker-1", "work", {"task": 42})  # push to one peer
+# -> worker got: {'task': 42}
+
+coord.broadcast("work", {"task": 99})          # push to ALL connected peers
+print(coord.peers)                             # ['worker-1']
+'''
+
+SAMPLE_EXECUTOR = '''\
+from eventforge import Executor, ExecutionMode
+
+def heavy_task(n):
+    return sum(range(n))
+
+# Submit a job and fetch its TaskResult by id.
+with Executor(mode=ExecutionMode.THREAD, max_workers=4) as executor:
+    task_id = executor.submit(heavy_task, 1_000_000)
+    result = executor.result(task_id)
+    print(result.value)
+
+# Process pool for CPU-bound work, mapped over an iterable.
+with Executor(mode=ExecutionMode.PROCESS, max_workers=4) as executor:
+    for r in executor.map(heavy_task, [100_000, 200_000, 300_000]):
+        print(r.value)
+'''
+
+SAMPLE_RPC = '''\
+from eventforge import MessageQueue, RPCServer, RPCClient
+
+queue = MessageQueue()
+
+# Server
+server = RPCServer(queue, service_name="calculator")
+
+@server.register()
+def add(a: int, b: int) -> int:
+    return a + b
+
+@server.register()
+def multiply(a: int, b: int) -> int:
+    return a * b
+
+server.serve(blocking=False)  # subscribe + return; True blocks the thread
+
+# Client
+client = RPCClient(queue, service_name="calculator")
+print(client.call("add", 10, 20))   # 30
+print(client.multiply(5, 6))        # 30 (dynamic method access)
+
+server.stop()
+'''
+
+SAMPLE_TASK = '''\
+from eventforge import (
+    task, MessageQueue, Executor, ExecutionMode, TimingMeter
+)
+
+queue = MessageQueue()
+executor = Executor(mode=ExecutionMode.THREAD)
+timing = TimingMeter()
+
+@task(
+    queue=queue,             # pub-sub wiring (subscribe topic + publish result)
+    topic="process.data",
+    executor=executor,       # the Executor: local thread mode here
+    on_execute=[timing],     # observers (cross-cutting)
+    on_success=lambda ctx: print(f"Done: {ctx.result}"),
+)
+def process_data(data):
+    return data.upper()
+
+# Direct call -- runs locally through the Executor, returns the result.
+result = process_data("hello")   # "HELLO"
+
+# Queue trigger -- same execution path, same observers.
+queue.publish("process.data", "world")
+
+print(timing.stats)              # {'count': 2, 'avg': ..., ...}
+'''
+
+SAMPLE_TASK_RPC = '''\
+from eventforge import task, MessageQueue, RPCServer, RPCClient, TimingMeter
+
+# SERVER: define once, where it runs; @task adds observers around each call.
+@task(on_execute=[TimingMeter()])
+def predict(x):
+    return x * 2
+
+queue = MessageQueue()
+server = RPCServer(queue, service_name="ml")
+server.add_method("predict", predict)      # or @server.register("predict")
+server.serve(blocking=False)
+
+# CLIENT: plain, no @task, no stub.
+client = RPCClient(queue, service_name="ml")
+result = client.call("predict", 2)         # 4 -- runs predict ON the server, observers and all
+'''
+
+SAMPLE_OBSERVERS = '''\
+from eventforge import task, TimingMeter, MetricsMeter, observe
+
+timing = TimingMeter(threshold=1.0)  # alert if > 1s
+metrics = MetricsMeter()
+
+@task(on_execute=[timing, metrics])
+def my_task(x):
+    return x * 2
+
+my_task(21)
+my_task(42)
+
+print(timing.stats)   # {'count': 2, 'avg': ..., 'min': ..., 'max': ...}
+print(metrics.stats)  # {'calls': 2, 'successes': 2, 'failures': 0}
+
+# Or @observe on any plain function:
+@observe(timing, metrics)
+def simple_function(x):
+    return x + 1
+'''
+
+SAMPLE_TASK_REFERENCE = '''\
+@task(
+    queue=None,           # MessageQueue for pub-sub integration
+    topic=None,           # topic name (defaults to function name)
+    executor=None,        # Executor (default) -- how the body runs
+                          #   in-process (inline / thread / process)
+    on_execute=None,      # list of observers
+    on_success=None,      # Callable[[TaskContext], None]
+    on_failure=None,      # Callable[[TaskContext], None]
+    on_complete=None,     # Callable[[TaskContext], None]
+    publish_result=True,  # auto-publish to {topic}.success / {topic}.failure
+    max_instances=None,   # concurrency cap (None = unlimited)
+    instance_timeout=None,
+)
+def my_task(x): ...
+
+my_task(21)               # direct call -> result
+my_task.state            # SharedState across invocations
+my_task.pool.stats       # TaskPool stats when max_instances is set
+'''
+
+WORKER_COMMAND = "python -m eventforge.worker --import handlers --service math --port 9090"
+
+
+def _stats_line(line):
+    import ast
+
+    return ast.literal_eval(line)
+
+
+class TestSamples:
+    def test_message_queue(self, tmp_path):
+        lines = _run_sample(tmp_path, SAMPLE_MESSAGE_QUEUE)
+        assert lines == ["Received: events.user -> {'action': 'login', 'user': 'alice'}", "30"]
+
+    def test_transports(self, tmp_path):
+        reason = _port_holder(9090, "127.0.0.1")
+        if reason:
+            pytest.skip(reason)
+        redis = None
+        if not _listening(6379):
+            if find_binary("redis-server") is None:
+                pytest.skip("redis-server is not installed and nothing listens on 6379")
+            redis = RedisServer(port=6379).start()
+        try:
+            lines = _run_sample(tmp_path, SAMPLE_TRANSPORTS,
+                                show=("local", "networked", "brokered"))
+            # The script prints nothing itself; it must build all three queues and
+            # exit on its own although it closes nothing.
+            assert [line.split("=")[0] for line in lines] == ["@local", "@networked", "@brokered"]
+            assert all("MessageQueue" in line for line in lines), lines
+        finally:
+            if redis is not None:
+                redis.stop()
+
+    def test_remote_queue_delivers_without_close(self, tmp_path):
+        reason = _port_holder(9001)
+        if reason:
+            pytest.skip(reason)
+        out = "\n".join(_run_sample(tmp_path, SAMPLE_REMOTE_QUEUE))
+        # The worker prints from its handler thread while the script prints from the
+        # main one, so the lines may come in any order (even share a line: print
+        # writes the text and the newline separately); each must come exactly once.
+        expected = ["worker got: {'task': 42}", "worker got: {'task': 99}", "['worker-1']"]
+        assert [out.count(text) for text in expected] == [1, 1, 1], out
+        assert out.index(expected[0]) < out.index(expected[1]), out
+        for text in expected:
+            out = out.replace(text, "")
+        assert not out.strip(), f"unexpected output: {out!r}"
+
+    def test_executor_thread_and_process(self, tmp_path):
+        lines = _run_sample(tmp_path, SAMPLE_EXECUTOR)
+        assert lines == [str(sum(range(n))) for n in (1_000_000, 100_000, 200_000, 300_000)]
+
+    def test_rpc(self, tmp_path):
+        assert _run_sample(tmp_path, SAMPLE_RPC) == ["30", "30"]
+
+    def test_task_with_queue_and_executor(self, tmp_path):
+        lines = _run_sample(tmp_path, SAMPLE_TASK, show=("result",))
+        assert lines[:2] == ["Done: HELLO", "Done: WORLD"]
+        stats = _stats_line(lines[2])
+        assert stats["count"] == 2 and {"avg"} <= set(stats)
+        assert lines[3:] == ["@result='HELLO'"]
+
+    def test_task_served_over_rpc(self, tmp_path):
+        assert _run_sample(tmp_path, SAMPLE_TASK_RPC, show=("result",)) == ["@result=4"]
+
+    def test_observers(self, tmp_path):
+        lines = _run_sample(tmp_path, SAMPLE_OBSERVERS, show=("simple_function",))
+        timing = _stats_line(lines[0])
+        assert timing["count"] == 2 and {"avg", "min", "max"} <= set(timing)
+        assert _stats_line(lines[1]) == {"calls": 2, "successes": 2, "failures": 0}
+        assert lines[2].startswith("@simple_function=")
+
+    def test_task_reference_block(self, tmp_path):
+        # The block is the decorator's reference card; the import is the only addition.
+        code = "from eventforge import task\n" + SAMPLE_TASK_REFERENCE
+        lines = _run_sample(tmp_path, code, show=("my_task",))
+        assert len(lines) == 1 and lines[0].startswith("@my_task=")
+
+    def test_worker_command_line(self, tmp_path):
+        reason = _port_holder(9090, "127.0.0.1")
+        if reason:
+            pytest.skip(reason)
+        (tmp_path / "handlers.py").write_text(textwrap.dedent(
+            """
+            def compute(x, y=1):
+                return x * y
+
+            HANDLERS = {"compute": compute};  SERVICE_NAME = "math"
+            """))
+        args = WORKER_COMMAND.split()
+        assert args[:3] == ["python", "-m", "eventforge.worker"]
+        worker = Worker(*args[3:], cwd=str(tmp_path), module=("eventforge.worker",))
+        try:
+            assert worker.service == "math" and worker.port == 9090
+            transport = ef.TCPClientTransport("127.0.0.1", 9090).connect(timeout=10)
+            queue = ef.MessageQueue(transport)
+            try:
+                client = ef.RPCClient(queue, service_name="math", timeout=10)
+                assert client.call("compute", 6, 7) == 42
+                assert client.compute(5) == 5
+            finally:
+                queue.close()
+            assert worker.stop() == 0
+        finally:
+            worker.close()
+
+
+def test_samples_import_from_the_checkout():
+    assert child_env()["PYTHONPATH"].split(os.pathsep)[0] == REPO
