@@ -467,6 +467,60 @@ class TestRpcApi:
             server.stop()
             queue.close()
 
+    def test_round_robin_spreads_over_the_pool(self):
+        queues = [ef.MessageQueue(), ef.MessageQueue()]
+        servers = []
+        for name, queue in zip("ab", queues):
+            server = ef.RPCServer(queue, service_name="w")
+            server.add_method("who", lambda name=name: name)
+            server.serve(blocking=False)
+            servers.append(server)
+        try:
+            pool = ef.RoundRobinRPCClient([ef.RPCClient(q, service_name="w") for q in queues])
+            assert sorted(pool.who() for _ in range(4)) == ["a", "a", "b", "b"]
+            assert sorted(pool.call("who") for _ in range(2)) == ["a", "b"]
+        finally:
+            for server in servers:
+                server.stop()
+            for queue in queues:
+                queue.close()
+
+    def test_with_retry_retries_then_gives_up(self):
+        class LateTwice:
+            calls = 0
+
+            def call(self, method, *args, **kwargs):
+                self.calls += 1
+                if self.calls <= 2:
+                    raise TimeoutError("late")
+                return method, args, kwargs
+
+        client = LateTwice()
+        retrying = ef.with_retry(client, max_retries=3, backoff_initial=0.001)
+        assert retrying.call("m", 1, x=2) == ("m", (1,), {"x": 2})
+        assert client.calls == 3
+        client = LateTwice()
+        with pytest.raises(TimeoutError):
+            ef.with_retry(client, max_retries=1, backoff_initial=0.001).m()
+        assert client.calls == 2  # the first try and one retry
+
+    def test_serve_blocking_returns_on_stop(self):
+        import threading
+
+        queue = ef.MessageQueue()
+        server = ef.RPCServer(queue)
+        server.add_method("one", lambda: 1)
+        serving = threading.Thread(target=server.serve, kwargs={"blocking": True},
+                                   name="test-rpc-serve")
+        serving.start()
+        try:
+            assert ef.RPCClient(queue, timeout=10).one() == 1  # service_name "rpc" both sides
+        finally:
+            server.stop()
+            serving.join(10)
+            queue.close()
+        assert not serving.is_alive()
+
 
 class TestTaskAndObserverApi:
     def test_task_signature(self):
@@ -487,6 +541,45 @@ class TestTaskAndObserverApi:
         assert isinstance(capped.state, ef.SharedState)
         stats = capped.pool.stats
         assert isinstance(stats, dict) and stats["max"] == 2
+
+    def test_topic_defaults_to_the_name_and_results_are_published(self):
+        queue = ef.MessageQueue()
+        try:
+            seen = []
+            queue.on("double.*", lambda m: seen.append((m.topic, m.payload.get("result"))))
+
+            @ef.task(queue=queue, on_complete=lambda ctx: seen.append("complete"))
+            def double(x):
+                if x < 0:
+                    raise ValueError("negative")
+                return 2 * x
+
+            assert double(2) == 4
+            with pytest.raises(ValueError):
+                double(-1)
+            queue.publish("double", 5)  # the topic defaults to the function name
+            assert seen == [("double.success", 4), "complete", ("double.failure", None),
+                            "complete", ("double.success", 10), "complete"]
+        finally:
+            queue.close()
+
+    def test_metrics_meter_extractor_and_timing_threshold(self, caplog):
+        import time
+
+        metrics = ef.MetricsMeter(extract=lambda result: result["score"])
+        timing = ef.TimingMeter(threshold=0.001)
+
+        @ef.task(on_execute=[metrics, timing])
+        def scored(x):
+            time.sleep(0.01)
+            return {"score": x}
+
+        with caplog.at_level("WARNING", logger="eventforge"):
+            scored(1)
+            scored(3)
+        assert metrics.stats["value"] == 2.0 and metrics.stats["calls"] == 2
+        assert timing.stats["over_threshold"] == 2
+        assert any("threshold" in record.getMessage() for record in caplog.records)
 
     def test_observers_named_by_the_reference(self):
         for name in ("Meter", "TimingMeter", "MemoryMeter", "CPUMeter", "MetricsMeter",
@@ -759,6 +852,29 @@ class TestSamples:
         for text in expected:
             out = out.replace(text, "")
         assert not out.strip(), f"unexpected output: {out!r}"
+
+    def test_a_pure_sender_process_delivers_everything_without_close(self, tmp_path):
+        """The sample's promise across processes: a send that returned survives exit."""
+        server = ef.TCPServerTransport(host="127.0.0.1", port=0).start()
+        queue = ef.MessageQueue(transport=server)
+        try:
+            got = []
+            queue.subscribe("work", lambda message: got.append(message.payload["i"]))
+            code = textwrap.dedent(
+                f"""
+                from eventforge import RemoteQueue
+                coord = RemoteQueue("coordinator")
+                coord.connect("sink", host="127.0.0.1", port={server.port})
+                for i in range(2000):
+                    coord.send("sink", "work", {{"i": i}})
+                coord.broadcast("work", {{"i": "last"}})
+                """)
+            assert _run_sample(tmp_path, code) == []
+            # Handled before the sender's exit completed: no waiting needed here.
+            assert got == [*range(2000), "last"]
+        finally:
+            queue.close()
+            server.close()
 
     def test_executor_thread_and_process(self, tmp_path):
         lines = _run_sample(tmp_path, SAMPLE_EXECUTOR)
