@@ -161,6 +161,29 @@ def test_a_late_welcome_switches_the_client_to_handshake_mode(tcp):
     assert wait_until(lambda: got == ["routed by interest"], timeout=10), (interest, got)
 
 
+def test_a_real_server_busy_in_a_handler_answers_late_and_still_routes(tcp):
+    # dispatch="inline": a handler that blocks stalls the server's I/O loop,
+    # so a client connecting meanwhile gets its $welcome after hello_timeout.
+    server = tcp.server(dispatch="inline")
+    entered = threading.Event()
+
+    def busy(message):
+        entered.set()
+        time.sleep(1.0)
+
+    server.subscribe("busy", busy)
+    tcp.client(server.port).send(ef.Message("busy", None))
+    assert entered.wait(10)
+    late = tcp.client(server.port, hello_timeout=0.2)
+    assert late.mode == "frames"
+    got: List[Any] = []
+    late.subscribe("news.*", lambda m: got.append(m.payload))
+    assert wait_until(lambda: late.mode == "handshake", timeout=10)
+    assert late.flush(10.0) is True
+    server.send(ef.Message("news.today", "routed"))
+    assert wait_until(lambda: got == ["routed"], timeout=10), got
+
+
 def test_a_late_welcome_asking_for_a_secret_drops_the_connection(tcp, caplog):
     def serve(conn: RawConn) -> None:
         conn.read()
