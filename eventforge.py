@@ -5572,8 +5572,8 @@ class TCPClientTransport(Transport):
                 if self._closing.is_set():
                     opened[0].close()
                     return False
+                self._counts["reconnects"] += 1  # before any frame goes out on it
                 self._install(*opened)
-                self._counts["reconnects"] += 1
                 logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
                 self._notify_state(True, f"reconnected to {self.host}:{self.port}")
                 return True
@@ -8018,10 +8018,8 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
 
         for q in queues:
             q.subscribe("demo.events.*", on_event)
-        # Interest travels to the servers asynchronously: a call on each
-        # connection makes sure it arrived before we publish.
-        for client in pool.clients:
-            client.whoami()
+        for q in queues:  # returns once each server has the subscription
+            q.transport.flush(10.0)  # type: ignore[attr-defined]
         for n, q in enumerate(queues):
             q.publish("demo.jobs", {"job": n + 1})
         if got_all.wait(10.0):

@@ -194,8 +194,8 @@ def test_a_late_welcome_asking_for_a_secret_drops_the_connection(tcp, caplog):
 
     raw = tcp.own(RawServer(serve))
     client = tcp.client(raw.port, hello_timeout=0.1, reconnect=False)
-    assert wait_until(lambda: not client.connected, timeout=10)
-    assert "pass secret=" in caplog.text
+    assert wait_until(lambda: "pass secret=" in caplog.text, timeout=10)
+    assert not client.connected
 
 
 # -- 2. frame limits -------------------------------------------------------------------
@@ -578,6 +578,34 @@ def test_a_call_in_flight_gets_connection_lost_at_once(tcp):
     assert len(errors) == 1 and isinstance(errors[0], ef.ConnectionLostError), errors
     assert "lost before the reply came" in str(errors[0])
     assert client.stats["failed_requests"] == 1
+
+
+def test_an_async_call_in_flight_gets_connection_lost_at_once(tcp):
+    import asyncio
+
+    server = tcp.server()
+    queue = ef.MessageQueue(server)
+    entered = threading.Event()
+    queue.on("stall", lambda m: (entered.set(), time.sleep(1.0)))
+    client = tcp.client(server.port, backoff_initial=0.01)
+
+    def cut() -> None:
+        entered.wait(10)
+        for conn in list(server._conns.values()):
+            server._close_later(conn, "disconnects", "cut by the test")
+
+    async def main() -> None:
+        cutter = threading.Thread(target=cut)
+        cutter.start()
+        try:
+            with pytest.raises(ef.ConnectionLostError):
+                await ef.MessageQueue(client).request_async("stall", None, timeout=60.0)
+        finally:
+            cutter.join(10)
+
+    started = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - started < 20.0
 
 
 def test_on_connection_change_reports_loss_and_return_once_each(tcp):
