@@ -5140,6 +5140,11 @@ class TCPClientTransport(Transport):
             resent = self._backlog.resend(self._send_limit, conn.peer)
             self._seq = len(resent)
             frames.extend(resent)
+            if resent:
+                for record in self._requests.values():  # requests now in flight on conn
+                    item = record[2]
+                    if item is not None and item[1] and item[0]:
+                        record[1] = conn
             if not self._ack_mode:
                 self._backlog.written()
             if frames:

@@ -580,6 +580,33 @@ def test_a_call_in_flight_gets_connection_lost_at_once(tcp):
     assert client.stats["failed_requests"] == 1
 
 
+def test_a_request_resent_after_a_reconnect_fails_at_once_if_that_connection_breaks(tcp):
+    port, client, _ = _client_of_a_stopped_server(tcp)
+    errors: List[BaseException] = []
+
+    def call() -> None:
+        try:
+            ef.MessageQueue(client).request("stall", None, timeout=60.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()  # buffered: the server is down
+    assert wait_until(lambda: client.stats["pending"] == 1)
+    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port))
+
+    def cut(message):  # the resent request arrives: drop the connection instead of replying
+        for conn in list(server._conns.values()):
+            server._close_later(conn, "disconnects", "cut by the test")
+
+    server.subscribe("stall", cut)
+    server.start()
+    started = time.monotonic()
+    thread.join(60)
+    assert time.monotonic() - started < 20.0  # not the 60 s timeout
+    assert len(errors) == 1 and isinstance(errors[0], ef.ConnectionLostError), errors
+
+
 def test_an_async_call_in_flight_gets_connection_lost_at_once(tcp):
     import asyncio
 
