@@ -23,7 +23,9 @@ The file reads top to bottom; every section uses only the sections above it.
    12. command line .......... worker, main(argv), demo
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
-The wire format is specified in ``docs/protocol.md``.  MIT licensed (see
+The wire format is specified in ``docs/protocol.md``; what each transport
+promises (ordering, delivery, what is kept or dropped) in
+``docs/guarantees.md``.  MIT licensed (see
 LICENSE); this file may be copied alone into a project.  Heavy standard-library
 modules (``ssl``, ``asyncio``, ``multiprocessing`` ...) are imported where they
 are first used, so ``import eventforge`` stays cheap.
@@ -569,12 +571,13 @@ class SubscriptionTrie:
 
     def _match_exact(self, topic: str) -> Tuple[Any, ...]:
         # Literal children only: no '*' or '**' edge is ever followed.
-        node: Optional[_TrieNode] = self._root
+        node = self._root
         for segment in topic.split("."):
-            node = node.children.get(segment)  # type: ignore[union-attr]
-            if node is None:
+            child = node.children.get(segment)
+            if child is None:
                 return ()
-        hits = sorted(node.entries.values(), key=_first)  # type: ignore[union-attr]
+            node = child
+        hits = sorted(node.entries.values(), key=_first)
         return tuple(value for _, value in hits)
 
     @staticmethod
@@ -1594,30 +1597,39 @@ class MemoryTransport(Transport):
         # Called with self._lock held, for a message nobody took: retain it,
         # dropping the oldest past either bound.  Never raises.
         if topic.startswith(INBOX_PREFIXES):
-            self._drops["no_inbox"] += 1
-            logger.debug("dropped %s on %r: nobody awaits that reply", message.id, topic)
-            return
-        seq = next(self._seq)
-        mailbox = self._mailboxes.get(topic)
-        if mailbox is None:
-            self._mailboxes[topic] = collections.deque(((seq, message),))
+            note = self._count_drop(topic, "no_inbox")
         else:
-            if len(mailbox) >= self.max_queue_size:
-                del self._order[mailbox.popleft()[0]]
-                self._dropped_oldest(topic, "topic_full")
-            mailbox.append((seq, message))
-        order = self._order
-        order[seq] = topic
-        if len(order) > self.max_buffered:
-            oldest_topic = order.popitem(last=False)[1]
-            oldest_box = self._mailboxes[oldest_topic]
-            oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
-            if not oldest_box:
-                del self._mailboxes[oldest_topic]
-            self._dropped_oldest(oldest_topic, "buffer_full")
+            note = None
+            seq = next(self._seq)
+            mailbox = self._mailboxes.get(topic)
+            if mailbox is None:
+                self._mailboxes[topic] = collections.deque(((seq, message),))
+            else:
+                if len(mailbox) >= self.max_queue_size:
+                    del self._order[mailbox.popleft()[0]]
+                    note = self._count_drop(topic, "topic_full")
+                mailbox.append((seq, message))
+            order = self._order
+            order[seq] = topic
+            if len(order) > self.max_buffered:  # (never together with topic_full)
+                oldest_topic = order.popitem(last=False)[1]
+                oldest_box = self._mailboxes[oldest_topic]
+                oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
+                if not oldest_box:
+                    del self._mailboxes[oldest_topic]
+                note = self._count_drop(oldest_topic, "buffer_full")
+        if note is not None:
+            # The state is consistent again: log with the lock released, since
+            # a logging handler is user code and may publish here.
+            self._lock.release()
+            try:
+                logger.log(*note)
+            finally:
+                self._lock.acquire()
 
-    def _dropped_oldest(self, topic: str, reason: str) -> None:
-        # Count a drop; log it at most once per topic (and a few topics) per interval.
+    def _count_drop(self, topic: str, reason: str) -> Optional[Tuple[Any, ...]]:
+        # Count a drop; return the log call's arguments at most once per topic
+        # (and for a few topics) per drop_log_interval, else None.
         self._drops[reason] += 1
         now = time.monotonic()
         logged = self._drop_logged
@@ -1625,13 +1637,16 @@ class MemoryTransport(Transport):
             self._drop_log_since = now
             logged.clear()
         if topic in logged or len(logged) >= self._DROP_LOG_TOPICS:
-            return
+            return None
         logged[topic] = 1
+        if reason == "no_inbox":  # a late reply: normal after a timeout
+            return (logging.DEBUG, "dropped a message on %r: nobody awaits that reply", topic)
         if reason == "topic_full":
             why = f"its mailbox holds max_queue_size={self.max_queue_size}"
         else:
             why = f"all mailboxes together hold max_buffered={self.max_buffered}"
-        logger.warning(
+        return (
+            logging.WARNING,
             "dropped the oldest unclaimed message on %r: %s and nobody subscribed or "
             "received (drops are counted in stats, logged at most every %g s per topic)",
             topic, why, self.drop_log_interval,
@@ -1871,8 +1886,9 @@ class MemoryTransport(Transport):
 #   server -> client  $error     {code, reason}      just before the server closes
 #
 # A peer whose first frame is not ``$hello`` speaks plain frames (the original
-# eventforge client): it receives every message the server routes, and is
-# refused when the server has a secret.
+# eventforge client): it receives every message the server routes but other
+# connections' inbox messages, and is refused when the server has a secret
+# or ``allow_frame_only=False``.
 #
 # I/O model: one selector loop per server (accepts, reads, and writes what
 # the kernel would not take at once) and one per client; a sender writes
@@ -2630,7 +2646,15 @@ class TCPServerTransport(Transport):
     at a time (a thread hop per message).  ``dispatch="inline"`` runs them on
     the I/O thread with no standby; use it only when handlers return quickly
     and never wait for network traffic: while a handler runs, no socket of
-    this server is served.
+    this server is served.  In every mode a handler that raises anything,
+    ``BaseException`` included, fails that call only.
+
+    A client's frame is acknowledged once handled (routed on and its local
+    callbacks run), so :meth:`close` loses nothing a reconnecting client
+    does not send again.  Inbox messages (``_reply.``/``_rpc_reply.``) go
+    only to the connection whose request opened the inbox.
+    ``allow_frame_only=False`` refuses peers that do not start with
+    ``$hello`` (a server with a ``secret`` always does).
     """
 
     def __init__(
@@ -5220,9 +5244,9 @@ class TCPClientTransport(Transport):
         except OSError as exc:
             reason = f"write failed: {exc}"
             if loop.in_loop():
-                self._lost(conn, reason)
+                self._lost_after_write(conn, reason)
             else:
-                loop.call_soon(lambda: self._lost(conn, reason))
+                loop.call_soon(lambda: self._lost_after_write(conn, reason))
             return
         if done is False:
             if loop.in_loop():
@@ -5470,6 +5494,28 @@ class TCPClientTransport(Transport):
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
+
+    def _lost_after_write(self, conn: _Connection, reason: str) -> None:
+        """A write failed (loop thread): first take what the server sent before it closed.
+
+        A server closing with our frames unread resets the connection, and
+        our next write fails; its last ``$ack`` may still wait in the socket,
+        and reading it spares resending what the server already handled.
+        """
+        if not conn.tls and not conn.closed:
+            import select
+
+            with self._read_lock:  # a caller may be reading it (_read_until)
+                for _ in range(64):  # bounded: a few receive buffers at most
+                    if self._conn is not conn:
+                        return  # _read found the end and gave the connection up
+                    try:
+                        readable = select.select([conn.sock], [], [], 0)[0]
+                    except (OSError, ValueError):
+                        break
+                    if not readable or not self._read(conn):
+                        break
+        self._lost(conn, reason)
 
     def _late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
         """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
@@ -5988,8 +6034,10 @@ class RemoteQueue:
                 if self.on_error is not None:
                     try:
                         self.on_error(node_id, exc)
-                    except Exception:
-                        logger.exception("remote %s: on_error hook failed", self.node_id)
+                    except BaseException as hook_exc:  # shown, never propagated
+                        _reraise_interrupt(hook_exc)
+                        _report_unhandled(f"remote {self.node_id}: on_error hook failed",
+                                          hook_exc)
             else:
                 sent[node_id] = message.id
                 self._counts["sent"] += 1
@@ -6345,8 +6393,9 @@ class Executor:
 
     Memory stays bounded: ``result(task_id)`` hands a result over exactly once
     and forgets it; at most ``max_results`` uncollected tasks are remembered,
-    and beyond that the oldest one is dropped (its result is discarded, a
-    warning is logged and ``stats["dropped"]`` counts it).  Use :meth:`map`, or
+    and beyond that the oldest one is dropped (its result is discarded,
+    ``stats["dropped"]`` counts it and a warning is logged, at most once a
+    minute).  Use :meth:`map`, or
     collect what you submit, and nothing accumulates.
 
     The pool starts on :meth:`start`, on entering ``with``, or lazily on the
@@ -6384,6 +6433,7 @@ class Executor:
         self._counter = itertools.count(1)
         self._submitted = 0
         self._dropped = 0
+        self._drop_logged_at = -1e9  # monotonic time of the last drop warning
         self._pools_replaced = 0
 
     # -- life cycle -------------------------------------------------------
@@ -6458,10 +6508,15 @@ class Executor:
     def _drop_oldest_locked(self) -> None:
         old_id, _ = self._tasks.popitem(last=False)
         self._dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged_at < 60.0:  # one line a minute, never one per task
+            return
+        self._drop_logged_at = now
         logger.warning(
             "Executor: dropped the uncollected result of task %s (more than max_results=%d "
-            "uncollected tasks); collect results with result() or use map()",
-            old_id, self.max_results,
+            "uncollected tasks; %d dropped so far, counted in stats); collect results with "
+            "result() or use map()",
+            old_id, self.max_results, self._dropped,
         )
 
     def _submit_future(self, task_id: str, func: Callable[..., Any],

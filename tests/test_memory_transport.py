@@ -383,3 +383,52 @@ def test_a_full_inbox_counts_its_drops_and_logs_once(caplog):
     assert len([r for r in caplog.records if "_reply.many" in r.getMessage()]) == 1
     inbox.close()
     transport.close()
+
+
+def test_a_logging_handler_may_publish_while_a_drop_is_logged():
+    # The drop warning is logged with the transport's lock released: a handler
+    # that forwards log records onto the same transport must not deadlock.
+    transport = ef.MemoryTransport(max_queue_size=1)
+    forwarded = []
+    transport.subscribe("logs", forwarded.append)
+
+    class Forward(logging.Handler):
+        def emit(self, record):
+            transport.send(ef.Message("logs", record.getMessage()))
+
+    handler = Forward(logging.WARNING)
+    log = logging.getLogger("eventforge")
+    log.addHandler(handler)
+    try:
+        run_threads([lambda: [transport.send(ef.Message("full", i)) for i in range(3)]])
+    finally:
+        log.removeHandler(handler)
+    assert len(forwarded) == 1 and "'full'" in forwarded[0].payload
+    assert transport.receive("full", 0).payload == 2
+    transport.close()
+
+
+def test_drop_logging_is_bounded_across_many_topics(caplog):
+    transport = ef.MemoryTransport(max_buffered=5)
+    with caplog.at_level(logging.WARNING, logger="eventforge"):
+        for i in range(500):
+            transport.send(ef.Message(f"one.off.{i}", i))
+    assert transport.stats["dropped_buffer_full"] == 495
+    lines = [r for r in caplog.records if "dropped the oldest" in r.getMessage()]
+    assert len(lines) == ef.MemoryTransport._DROP_LOG_TOPICS == 20
+    transport.drop_log_interval = 0.0  # a new interval: the topic may be logged again
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="eventforge"):
+        transport.send(ef.Message("another", 0))
+    assert len(caplog.records) == 1
+    transport.close()
+
+
+def test_requests_to_a_service_nobody_serves_cost_bounded_memory():
+    queue = ef.MessageQueue(transport=ef.MemoryTransport(max_queue_size=100))
+    for i in range(1500):
+        assert queue.request("nobody.serves", i, timeout=0) is None
+    stats = queue.transport.stats
+    assert stats["buffered"] == 100 and stats["dropped_topic_full"] == 1400
+    assert stats["inboxes"] == 0 and stats["receivers"] == 0
+    queue.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from _tcp_helpers import FrameReader, frame, handshake, message_frame, raw_connect, wait_until
 
@@ -25,9 +24,11 @@ def test_client_publish_reaches_other_clients_by_interest_only(tcp):
     _settle(a, b, c)
     a.send(ef.Message("orders.eu.created", 1))
     a.send(ef.Message("users.alice", 2))
-    assert wait_until(lambda: got_b and got_c)
-    time.sleep(0.05)
-    assert [m.payload for m in got_b] == [1] and [m.payload for m in got_c] == [2]
+    # End markers: a message routed where it should not go would arrive before them.
+    a.send(ef.Message("orders.end", "end"))
+    a.send(ef.Message("users.end", "end"))
+    assert wait_until(lambda: len(got_b) == 2 and len(got_c) == 2)
+    assert [m.payload for m in got_b] == [1, "end"] and [m.payload for m in got_c] == [2, "end"]
     assert a.stats["messages_in"] == 0
 
 
@@ -166,8 +167,7 @@ def test_fan_out_keeps_order_for_every_subscriber(tcp):
 def test_handshake_peer_without_interest_feature_gets_everything(tcp):
     server = tcp.server()
     with raw_connect(server.port) as sock:
-        handshake(sock, features=["ping"])
-        time.sleep(0.05)
+        handshake(sock, features=["ping"])  # $welcome: the server applied the $hello
         server.send(ef.Message("any.topic", 1))
         got = FrameReader(sock).read_message()
         assert (got["topic"], got["payload"]) == ("any.topic", 1)
