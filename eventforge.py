@@ -4114,13 +4114,6 @@ def _with_ttl(frame: bytes, remaining: float) -> bytes:
     return encode(message, max_frame_size=len(frame) + 64)
 
 
-def _ttl_deadline(ttl_ms: Any) -> Optional[float]:
-    """The monotonic deadline of a request's ``_ttl_ms`` header (None if absent or bad)."""
-    if type(ttl_ms) is int and ttl_ms >= 0:
-        return time.monotonic() + ttl_ms / 1000.0
-    return None
-
-
 class _Backlog:
     """A client's message frames that the server has not acknowledged, in order.
 
@@ -4285,11 +4278,13 @@ class _ClientInbox(Inbox):
     def get(self, timeout: Optional[float] = None) -> Optional[Message]:
         if not self._messages and not self._closed and self._failure is None:
             if timeout is None or timeout > 0:
-                self._transport._before_blocking()
+                transport = self._transport
+                if transport._dispatcher._thread is threading.current_thread():
+                    transport._dispatcher.hand_off_if_current()
                 if self._read_ahead:
                     budget = _CALLER_READ if timeout is None else min(timeout, _CALLER_READ)
                     started = _perf_counter()
-                    self._transport._read_until(self, budget)
+                    transport._read_until(self, budget)
                     if timeout is not None:
                         timeout = max(0.0, timeout - (_perf_counter() - started))
         return self._check(Inbox.get(self, timeout))
@@ -4675,7 +4670,11 @@ class TCPClientTransport(Transport):
             ) from None
         size = len(frame)
         headers = message.headers
-        deadline = _ttl_deadline(headers.get("_ttl_ms")) if headers else None
+        deadline = None
+        if headers:
+            ttl = headers.get("_ttl_ms")
+            if type(ttl) is int and ttl >= 0:  # a request: its caller's deadline
+                deadline = _monotonic() + ttl / 1000.0
         reply_to = message.reply_to
         with self._lock:
             conn = self._conn
@@ -4705,7 +4704,9 @@ class TCPClientTransport(Transport):
                             f"unacknowledged after {self.send_timeout} s; "
                             f"max_pending={self.max_pending}"
                         )
-                item = backlog.add(self._seq + 1, frame, deadline)
+                item = [self._seq + 1, frame, 0, deadline]  # _Backlog.add, inlined
+                pending.append(item)
+                backlog.bytes += size
             # Inline _Connection.enqueue (its lock nests inside ours).
             with conn.lock:
                 if conn.out_bytes + size > conn.max_outbound:
@@ -4860,10 +4861,6 @@ class TCPClientTransport(Transport):
     def _inbox_closed(self, inbox: Inbox) -> None:
         """Withdraw the inbox's interest and any request of it not yet acknowledged."""
         self._interest_remove(inbox.topic, inbox)
-
-    def _before_blocking(self) -> None:
-        """A thread is about to wait for a message: if it runs callbacks, hand that role on."""
-        self._dispatcher.hand_off_if_current()
 
     @property
     def stats(self) -> Dict[str, Any]:
