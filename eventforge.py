@@ -6083,14 +6083,19 @@ class RemoteQueue:
             "peers": {node: transport.stats for node, transport in peers.items()},
         }
 
-    def close(self) -> None:
-        """Close every peer link and the local queue."""
+    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
+        """Close every peer link, then the local queue.
+
+        What the links already accepted gets ``timeout`` seconds in all (not
+        per peer) to reach the peers; see :meth:`TCPClientTransport.close`.
+        """
         with self._lock:
             self._closed = True
             peers = list(self._peers.values())
             self._peers.clear()
+        deadline = _monotonic() + timeout
         for transport in peers:
-            transport.close()
+            transport.close(max(0.0, deadline - _monotonic()))
         if self.local is not None:
             self.local.close()
 

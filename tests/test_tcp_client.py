@@ -496,11 +496,18 @@ def test_close_waits_for_a_reconnect_to_deliver_the_backlog(tcp):
 
 
 def test_open_clients_are_held_weakly(tcp):
+    import gc
+    import weakref
+
     server = tcp.server()
-    client = tcp.client(server.port)
+    client = ef.TCPClientTransport("127.0.0.1", server.port).connect(5.0)
     assert client in ef._open_clients
     client.close()
     assert client not in ef._open_clients
+    ref = weakref.ref(client)
+    del client
+    gc.collect()
+    assert ref() is None  # nothing (the exit hook included) keeps a closed client alive
 
 
 # -- 7. RemoteQueue close during a reconnect ------------------------------------------------
@@ -542,6 +549,20 @@ def test_remote_queue_close_during_a_reconnect_does_not_wait_for_connect_timeout
         for filler in fillers:
             filler.close()
         blackhole.close()
+
+
+def test_remote_queue_close_shares_one_timeout_across_its_peers(tcp):
+    remote = tcp.own(ef.RemoteQueue("a"))
+    for node in ("b", "c", "d"):
+        server = tcp.server()
+        remote.connect(node, "127.0.0.1", server.port, backoff_initial=0.01, backoff_max=0.05)
+        server.close()
+    for node in ("b", "c", "d"):
+        assert wait_until(lambda link=remote._peers[node]: not link.connected)
+        remote.send(node, "work", 1)  # buffered: its peer is gone for good
+    started = time.monotonic()
+    remote.close(timeout=1.0)
+    assert time.monotonic() - started < 2.5  # about 1 s in all, not 1 s per peer
 
 
 # -- 9. lost connections and the connection-state hook --------------------------------------
