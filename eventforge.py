@@ -5550,6 +5550,9 @@ class TCPClientTransport(Transport):
             if self._conn is not conn:
                 return
             self._conn = None
+            if not self.reconnect and not self._closing.is_set():
+                # Before anyone sees "not connected": later sends fail, never buffer.
+                self._failed = f"connection to {conn.peer} lost: {reason}"
             if self._space_waiters:
                 self._space.notify_all()
             failed = []
@@ -5585,8 +5588,6 @@ class TCPClientTransport(Transport):
             logger.warning("tcp client: lost %s (%s); reconnecting", conn.peer, reason)
         else:
             logger.warning("tcp client: lost %s (%s)", conn.peer, reason)
-            with self._lock:
-                self._failed = f"connection to {conn.peer} lost: {reason}"
         self._notify_state(False, reason)
 
     def _notify_state(self, connected: bool, detail: str) -> None:
