@@ -4447,7 +4447,11 @@ class TCPClientTransport(Transport):
 
     @property
     def mode(self) -> Optional[str]:
-        """``"handshake"`` (our server), ``"frames"`` (a plain-frame server) or None."""
+        """``"handshake"`` (our server), ``"frames"`` (a plain-frame server) or None.
+
+        ``"frames"`` turns into ``"handshake"`` if the server's ``$welcome``
+        arrives after ``hello_timeout`` (see the class doc).
+        """
         conn = self._conn
         if conn is None:
             return None

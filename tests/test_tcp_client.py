@@ -111,9 +111,9 @@ def _free_port() -> int:
 def _collecting_server(tcp, port: int = 0, got: Optional[List[Any]] = None, **options: Any):
     """A real server whose local subscriber records every ``stream`` payload."""
     got = [] if got is None else got
-    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port, **options)).start()
-    server.subscribe("stream", lambda m: got.append(m.payload))
-    return server, got
+    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port, **options))
+    server.subscribe("stream", lambda m: got.append(m.payload))  # before a resend can come
+    return server.start(), got
 
 
 def _client_of_a_stopped_server(tcp, **options: Any):
@@ -230,8 +230,7 @@ def test_a_buffered_frame_over_a_restarted_servers_limit_is_dropped(tcp, caplog)
     client.send(ef.Message("stream", "before"))
     client.send(ef.Message("stream", "x" * 8000))  # fine for the old server, not the new
     client.send(ef.Message("stream", "after"))
-    second = tcp.own(ef.TCPServerTransport("127.0.0.1", port, max_frame_size=4096)).start()
-    second.subscribe("stream", lambda m: got.append(m.payload))
+    _collecting_server(tcp, port, got, max_frame_size=4096)
     assert wait_until(lambda: got == ["before", "after"], timeout=10), got
     assert client.stats["too_large"] == 1
     assert "at most 4096 bytes" in caplog.text
@@ -291,12 +290,12 @@ class _Stopper:
 
 
 def _billing(tcp, port: int, runs: List[Any]):
-    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port)).start()
+    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port))
     rpc = ef.RPCServer(ef.MessageQueue(server), service_name="billing")
     rpc.add_method("charge", lambda amount: runs.append(amount) or "charged")
-    rpc.serve(blocking=False)
+    rpc.serve(blocking=False)  # serving before a resent request could arrive
     tcp.own(_Stopper(rpc))
-    return server
+    return server.start()
 
 
 def test_a_request_whose_caller_gave_up_is_never_delivered(tcp):
@@ -325,8 +324,9 @@ def test_a_resent_request_carries_only_the_time_its_caller_has_left(tcp):
     client.send(ef.Message("stream", "short", headers={"_ttl_ms": 100}))
     time.sleep(0.5)  # the short one's caller has stopped waiting meanwhile
     seen: List[Any] = []
-    second = tcp.own(ef.TCPServerTransport("127.0.0.1", port)).start()
+    second = tcp.own(ef.TCPServerTransport("127.0.0.1", port))
     second.subscribe("stream", lambda m: seen.append((m.payload, m.headers["_ttl_ms"])))
+    second.start()
     assert wait_until(lambda: seen, timeout=10)
     assert client.flush(10.0) is True
     assert [payload for payload, _ in seen] == ["long"]
