@@ -4301,9 +4301,12 @@ class TCPClientTransport(Transport):
     frames from many threads never interleave.  ``subscribe``, ``receive``
     and request inboxes tell the server what this client wants (its
     *interest*); the server then sends only matching messages.  Subscriber
-    callbacks run on one dispatcher thread, in arrival order; a thread
-    waiting for a request's reply reads the socket itself for a few
-    milliseconds, so the reply wakes it directly.
+    callbacks run on one dispatcher thread, in arrival order; a callback that
+    waits for a reply (a request, an RPC call, a ``receive``) first hands
+    the dispatcher role to a new thread, so the reply may come through
+    another subscriber of this client.  A thread waiting for a request's
+    reply reads the socket itself for a few milliseconds, so the reply
+    wakes it directly.
 
     If the connection drops, the client reconnects (``reconnect=True``) with
     capped exponential backoff and jitter (``backoff_initial`` ..
