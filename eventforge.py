@@ -4293,6 +4293,212 @@ class _ClientInbox(Inbox):
         return self._check(await Inbox.get_async(self, timeout))
 
 
+class _Dialer:
+    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, ``$hello``.
+
+    Blocking, on the thread calling ``connect()`` or on the client's I/O
+    thread when it reconnects.  The socket being set up is published as the
+    client's ``_connecting``, so ``close()`` can abort it at once.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: TCPClientTransport) -> None:
+        self.client = client
+
+    def connect_socket(self, timeout: float) -> Any:
+        """A connected socket, like ``socket.create_connection``, but abortable.
+
+        The socket is published as the client's ``_connecting`` before
+        ``connect()``, so :meth:`TCPClientTransport.close` can abort a connect
+        (or a handshake read) in progress with ``shutdown()`` instead of
+        waiting up to ``connect_timeout``.
+        """
+        import socket
+
+        c = self.client
+        where = f"{c.host}:{c.port}"
+        deadline = time.monotonic() + timeout
+        try:
+            infos = socket.getaddrinfo(c.host, c.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
+        error: Optional[str] = None
+        for family, kind, proto, _name, address in infos:
+            if c._closing.is_set():
+                break
+            sock = socket.socket(family, kind, proto)
+            c._connecting = sock
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.connect(address)
+            except socket.timeout:
+                error = f"timed out after {timeout} s"
+            except OSError as exc:
+                error = str(exc)
+            else:
+                if not c._closing.is_set():
+                    return sock
+            c._connecting = None
+            sock.close()
+        if c._closing.is_set():
+            raise TransportClosedError(f"{c._name()} is closed")
+        raise ConnectionLostError(f"cannot connect to {where}: {error or 'no address'}")
+
+    def open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message],
+                                             bytes, Optional[int]]:
+        """Connect and handshake (blocking); return the socket and what was learned.
+
+        That is: socket, decoder, handshake done, agreed features, messages
+        that came before the handshake ended, the nonce of a ``$hello`` left
+        unanswered (b"" if none) and the server's ``max_frame_size``.
+        """
+        import socket
+
+        c = self.client
+        deadline = time.monotonic() + timeout
+        where = f"{c.host}:{c.port}"
+        sock = self.connect_socket(timeout)
+        try:
+            if c._closed and c._closing.is_set():
+                raise TransportClosedError(f"{c._name()} is closed")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if c.ssl_context is not None:
+                ssl = _ssl_module()
+                try:
+                    sock = c.ssl_context.wrap_socket(
+                        sock, server_hostname=c.server_hostname or c.host
+                    )
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    raise AuthenticationError(f"TLS handshake with {where} failed: {exc}") from None
+                except (OSError, socket.timeout) as exc:
+                    raise ConnectionLostError(
+                        f"TLS handshake with {where} failed: {exc or 'timed out'} "
+                        "(does the server use TLS?)"
+                    ) from None
+                c._connecting = sock
+            decoder = FrameDecoder(c.max_frame_size)
+            early: List[Message] = []
+            if c.handshake is False:
+                sock.setblocking(False)
+                return sock, decoder, False, frozenset(), early, b"", None
+            nonce = os.urandom(32)
+            hello = Message("$hello", {
+                "version": PROTOCOL_VERSION,
+                "features": sorted(_FEATURES),
+                "nonce": nonce.hex(),
+                "ping_interval": c.ping_interval,
+                "max_frame_size": c.max_frame_size,
+            })
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.sendall(encode(hello))
+            required = c.handshake is True or c._key is not None
+            hello_deadline = deadline
+            if not required:
+                hello_deadline = min(deadline, time.monotonic() + c.hello_timeout)
+            welcome = self.await_control(sock, decoder, early, "$welcome", hello_deadline)
+            if welcome is None:
+                if required:
+                    raise AuthenticationError(
+                        f"{where} did not answer the handshake within "
+                        f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
+                        "or one that speaks plain frames only)"
+                    )
+                logger.info("tcp client: %s did not answer $hello within %s s; speaking "
+                            "plain frames until it does", where, c.hello_timeout)
+                sock.setblocking(False)
+                return sock, decoder, False, frozenset(), early, nonce, None
+            features = _welcome_features(welcome)
+            if welcome.get("auth"):
+                if welcome.get("auth") != "hmac-sha256":
+                    raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
+                if c._key is None:
+                    raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
+                server_nonce = _nonce_from(welcome.get("nonce"))
+                if server_nonce is None:
+                    raise AuthenticationError(f"{where} sent an invalid nonce")
+                proof = _proof(c._key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
+                sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
+                ready = self.await_control(sock, decoder, early, "$ready", deadline)
+                if ready is None:
+                    raise AuthenticationError(f"{where} did not confirm authentication in time")
+                expected = _proof(c._key, _AUTH_LABEL_SERVER, server_nonce, nonce)
+                if not _proof_matches(expected, ready.get("proof")):
+                    raise AuthenticationError(f"{where} failed to prove it knows the secret")
+            elif c._key is not None:
+                raise AuthenticationError(
+                    f"{where} does not authenticate, so it cannot prove it knows the secret"
+                )
+            sock.setblocking(False)
+            return sock, decoder, True, features, early, b"", _welcome_limit(welcome)
+        except (EventforgeError, socket.timeout):
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            if c.ssl_context is not None and isinstance(exc, _ssl_module().SSLError):
+                raise AuthenticationError(f"TLS session with {where} failed: {exc}") from None
+            raise ConnectionLostError(f"handshake with {where} failed: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            c._connecting = None
+
+    def await_control(
+        self, sock: Any, decoder: FrameDecoder, early: List[Message], want: str, deadline: float
+    ) -> Optional[Dict[str, Any]]:
+        """Read until control frame ``want`` arrives; None at ``deadline``."""
+        import socket
+
+        c = self.client
+        where = f"{c.host}:{c.port}"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                return None
+            except OSError as exc:
+                raise ConnectionLostError(
+                    f"{where} closed the connection during the handshake: {exc}"
+                ) from None
+            if not data:
+                raise ConnectionLostError(
+                    f"{where} closed the connection during the handshake "
+                    "(does it require TLS or a secret?)"
+                )
+            try:
+                bodies = decoder.feed(data)
+            except FrameTooLargeError as exc:
+                raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
+            found: Optional[Dict[str, Any]] = None
+            for body in bodies:
+                try:
+                    message = decode(body)
+                except FrameError as exc:
+                    logger.warning(
+                        "tcp client: bad frame from %s during the handshake: %s", where, exc
+                    )
+                    continue
+                payload = message.payload if isinstance(message.payload, dict) else {}
+                if found is None and message.topic == want:
+                    found = payload
+                elif message.topic == "$error":
+                    reason = str(payload.get("reason", "refused"))[:200]
+                    if payload.get("code") == "auth":
+                        raise AuthenticationError(f"{where} refused the connection: {reason}")
+                    raise ConnectionLostError(f"{where} refused the connection: {reason}")
+                elif message.topic[0] != "$":
+                    early.append(message)
+            if found is not None:
+                return found
+
+
 class TCPClientTransport(Transport):
     """A connection to a :class:`TCPServerTransport` (or the original eventforge server).
 
@@ -4475,7 +4681,7 @@ class TCPClientTransport(Transport):
                     raise TransportClosedError(f"{self._name()} is closed")
                 if self._started:
                     return self
-            opened = self._open(timeout)
+            opened = _Dialer(self).open(timeout)
             with self._lock:
                 if self.closed:  # close() may have run on another thread meanwhile
                     opened[0].close()
@@ -4957,194 +5163,6 @@ class TCPClientTransport(Transport):
 
     # -- connection set-up ------------------------------------------------------------------
 
-    def _connect_socket(self, timeout: float) -> Any:
-        """A connected socket, like ``socket.create_connection``, but abortable.
-
-        The socket is published as ``_connecting`` before ``connect()``, so
-        :meth:`close` can abort a connect (or a handshake read) in progress
-        with ``shutdown()`` instead of waiting up to ``connect_timeout``.
-        """
-        import socket
-
-        where = f"{self.host}:{self.port}"
-        deadline = time.monotonic() + timeout
-        try:
-            infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
-        error: Optional[str] = None
-        for family, kind, proto, _name, address in infos:
-            if self._closing.is_set():
-                break
-            sock = socket.socket(family, kind, proto)
-            self._connecting = sock
-            try:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                sock.connect(address)
-            except socket.timeout:
-                error = f"timed out after {timeout} s"
-            except OSError as exc:
-                error = str(exc)
-            else:
-                if not self._closing.is_set():
-                    return sock
-            self._connecting = None
-            sock.close()
-        if self._closing.is_set():
-            raise TransportClosedError(f"{self._name()} is closed")
-        raise ConnectionLostError(f"cannot connect to {where}: {error or 'no address'}")
-
-    def _open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message],
-                                             bytes, Optional[int]]:
-        """Connect and handshake (blocking); return the socket and what was learned.
-
-        That is: socket, decoder, handshake done, agreed features, messages
-        that came before the handshake ended, the nonce of a ``$hello`` left
-        unanswered (b"" if none) and the server's ``max_frame_size``.
-        """
-        import socket
-
-        deadline = time.monotonic() + timeout
-        where = f"{self.host}:{self.port}"
-        sock = self._connect_socket(timeout)
-        try:
-            if self._closed and self._closing.is_set():
-                raise TransportClosedError(f"{self._name()} is closed")
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if self.ssl_context is not None:
-                ssl = _ssl_module()
-                try:
-                    sock = self.ssl_context.wrap_socket(
-                        sock, server_hostname=self.server_hostname or self.host
-                    )
-                except (ssl.SSLError, ssl.CertificateError) as exc:
-                    raise AuthenticationError(f"TLS handshake with {where} failed: {exc}") from None
-                except (OSError, socket.timeout) as exc:
-                    raise ConnectionLostError(
-                        f"TLS handshake with {where} failed: {exc or 'timed out'} "
-                        "(does the server use TLS?)"
-                    ) from None
-                self._connecting = sock
-            decoder = FrameDecoder(self.max_frame_size)
-            early: List[Message] = []
-            if self.handshake is False:
-                sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early, b"", None
-            nonce = os.urandom(32)
-            hello = Message("$hello", {
-                "version": PROTOCOL_VERSION,
-                "features": sorted(_FEATURES),
-                "nonce": nonce.hex(),
-                "ping_interval": self.ping_interval,
-                "max_frame_size": self.max_frame_size,
-            })
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            sock.sendall(encode(hello))
-            required = self.handshake is True or self._key is not None
-            hello_deadline = deadline
-            if not required:
-                hello_deadline = min(deadline, time.monotonic() + self.hello_timeout)
-            welcome = self._await(sock, decoder, early, "$welcome", hello_deadline)
-            if welcome is None:
-                if required:
-                    raise AuthenticationError(
-                        f"{where} did not answer the handshake within "
-                        f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
-                        "or one that speaks plain frames only)"
-                    )
-                logger.info("tcp client: %s did not answer $hello within %s s; speaking "
-                            "plain frames until it does", where, self.hello_timeout)
-                sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early, nonce, None
-            features = _welcome_features(welcome)
-            if welcome.get("auth"):
-                if welcome.get("auth") != "hmac-sha256":
-                    raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
-                if self._key is None:
-                    raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
-                server_nonce = _nonce_from(welcome.get("nonce"))
-                if server_nonce is None:
-                    raise AuthenticationError(f"{where} sent an invalid nonce")
-                proof = _proof(self._key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
-                sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
-                ready = self._await(sock, decoder, early, "$ready", deadline)
-                if ready is None:
-                    raise AuthenticationError(f"{where} did not confirm authentication in time")
-                expected = _proof(self._key, _AUTH_LABEL_SERVER, server_nonce, nonce)
-                if not _proof_matches(expected, ready.get("proof")):
-                    raise AuthenticationError(f"{where} failed to prove it knows the secret")
-            elif self._key is not None:
-                raise AuthenticationError(
-                    f"{where} does not authenticate, so it cannot prove it knows the secret"
-                )
-            sock.setblocking(False)
-            return sock, decoder, True, features, early, b"", _welcome_limit(welcome)
-        except (EventforgeError, socket.timeout):
-            sock.close()
-            raise
-        except OSError as exc:
-            sock.close()
-            if self.ssl_context is not None and isinstance(exc, _ssl_module().SSLError):
-                raise AuthenticationError(f"TLS session with {where} failed: {exc}") from None
-            raise ConnectionLostError(f"handshake with {where} failed: {exc}") from None
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            self._connecting = None
-
-    def _await(
-        self, sock: Any, decoder: FrameDecoder, early: List[Message], want: str, deadline: float
-    ) -> Optional[Dict[str, Any]]:
-        """Read until control frame ``want`` arrives; None at ``deadline``."""
-        import socket
-
-        where = f"{self.host}:{self.port}"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(65536)
-            except socket.timeout:
-                return None
-            except OSError as exc:
-                raise ConnectionLostError(
-                    f"{where} closed the connection during the handshake: {exc}"
-                ) from None
-            if not data:
-                raise ConnectionLostError(
-                    f"{where} closed the connection during the handshake "
-                    "(does it require TLS or a secret?)"
-                )
-            try:
-                bodies = decoder.feed(data)
-            except FrameTooLargeError as exc:
-                raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
-            found: Optional[Dict[str, Any]] = None
-            for body in bodies:
-                try:
-                    message = decode(body)
-                except FrameError as exc:
-                    logger.warning(
-                        "tcp client: bad frame from %s during the handshake: %s", where, exc
-                    )
-                    continue
-                payload = message.payload if isinstance(message.payload, dict) else {}
-                if found is None and message.topic == want:
-                    found = payload
-                elif message.topic == "$error":
-                    reason = str(payload.get("reason", "refused"))[:200]
-                    if payload.get("code") == "auth":
-                        raise AuthenticationError(f"{where} refused the connection: {reason}")
-                    raise ConnectionLostError(f"{where} refused the connection: {reason}")
-                elif message.topic[0] != "$":
-                    early.append(message)
-            if found is not None:
-                return found
-
     def _install(
         self, sock: Any, decoder: FrameDecoder, handshake: bool, features: frozenset,
         early: List[Message], hello_nonce: bytes, limit: Optional[int],
@@ -5619,7 +5637,7 @@ class TCPClientTransport(Transport):
                 return False
             self._counts["reconnect_attempts"] += 1
             try:
-                opened = self._open(self.connect_timeout)
+                opened = _Dialer(self).open(self.connect_timeout)
             except AuthenticationError as exc:
                 logger.error("tcp client: reconnect refused: %s", exc)
             except (ConnectionError, OSError, TransportClosedError) as exc:
