@@ -35,6 +35,14 @@ def run_cli(*args: str, cwd: Optional[str] = None, timeout: float = 60,
                           timeout=timeout)
 
 
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The single non-empty stderr line of a failed command (no traceback)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
 class Proc:
     """A long-running child whose stdout/stderr lines are collected by reader threads."""
 

@@ -1,6 +1,6 @@
 """Write the wire-format test vectors under tests/vectors/ (kept for maintainers).
 
-    python tests/make_vectors.py            # rewrite tests/vectors/
+    python tests/make_vectors.py            # rewrite tests/vectors/ (and vectors/rpc/)
     python tests/make_vectors.py OUT_DIR    # write them somewhere else
 
 Every frame body below is spelled out by hand as the exact JSON text, rather
@@ -305,27 +305,132 @@ def vectors() -> List[Dict[str, Any]]:
     return result
 
 
-def write(out_dir: str) -> List[str]:
-    """Write every vector file and manifest.json into ``out_dir``; return the file names."""
+# -- RPC: a request and the three kinds of response (docs/protocol.md, section 10) --
+
+RPC_REQUEST_ID = "0b7e5c4d-3a2f-4e1d-8c0b-9a8f7e6d5c4b"  # the request payload's id
+RPC_RESPONSE_MESSAGE_ID = "5d4c3b2a-1f0e-4d9c-8b7a-6f5e4d3c2b1a"
+RPC_RESPONSE_ID = "9e8d7c6b-5a49-4837-a261-5f4e3d2c1b0a"  # the response payload's id
+RPC_TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "calc.py", line 2, in divide\n'
+    "ZeroDivisionError: division by zero\n"
+)
+
+
+def _rpc_response(payload_json: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+    """A response frame body (spelled out) and its message, answering the request vector."""
+    body = (
+        f'{{"id":"{RPC_RESPONSE_MESSAGE_ID}","topic":"_rpc_reply.{RPC_REQUEST_ID}",'
+        f'"payload":{payload_json},"headers":{{}},"timestamp":"2026-01-01T00:00:00.250000Z",'
+        f'"reply_to":null,"correlation_id":"{ID}"}}'
+    )
+    message = _message(f"_rpc_reply.{RPC_REQUEST_ID}", payload, id=RPC_RESPONSE_MESSAGE_ID,
+                       timestamp="2026-01-01T00:00:00.250000Z", correlation_id=ID)
+    return {"body": body, "message": message}
+
+
+def rpc_vectors() -> List[Dict[str, Any]]:
+    """The RPC vectors: name, frame bytes and manifest entry."""
+    request_body = (
+        f'{{"id":"{ID}","topic":"calculator.request","payload":{{"id":"{RPC_REQUEST_ID}",'
+        '"method":"add","args":[10,20],"kwargs":{},"timeout":30.0},'
+        '"headers":{"_ttl_ms":30000},'
+        f'"timestamp":"2026-01-01T00:00:00Z","reply_to":"_rpc_reply.{RPC_REQUEST_ID}",'
+        '"correlation_id":null}'
+    )
+    request = _message(
+        "calculator.request",
+        {"id": RPC_REQUEST_ID, "method": "add", "args": [10, 20], "kwargs": {}, "timeout": 30.0},
+        headers={"_ttl_ms": 30000},
+        timestamp="2026-01-01T00:00:00Z", reply_to=f"_rpc_reply.{RPC_REQUEST_ID}",
+    )
+    success = _rpc_response(
+        f'{{"id":"{RPC_RESPONSE_ID}","request_id":"{RPC_REQUEST_ID}","result":30,'
+        '"error":null,"error_type":null}',
+        {"id": RPC_RESPONSE_ID, "request_id": RPC_REQUEST_ID, "result": 30, "error": None,
+         "error_type": None},
+    )
+    error = _rpc_response(
+        f'{{"id":"{RPC_RESPONSE_ID}","request_id":"{RPC_REQUEST_ID}","result":null,'
+        '"error":"division by zero","error_type":"ZeroDivisionError","traceback":'
+        + json.dumps(RPC_TRACEBACK) + "}",
+        {"id": RPC_RESPONSE_ID, "request_id": RPC_REQUEST_ID, "result": None,
+         "error": "division by zero", "error_type": "ZeroDivisionError",
+         "traceback": RPC_TRACEBACK},
+    )
+    not_found = _rpc_response(
+        f'{{"id":"{RPC_RESPONSE_ID}","request_id":"{RPC_REQUEST_ID}","result":null,'
+        '"error":"Method not found: subtract","error_type":"MethodNotFoundError"}',
+        {"id": RPC_RESPONSE_ID, "request_id": RPC_REQUEST_ID, "result": None,
+         "error": "Method not found: subtract", "error_type": "MethodNotFoundError"},
+    )
+    entries = [
+        dict(name="request", kind="request", body=request_body, message=request,
+             call={"service": "calculator", "method": "add", "args": [10, 20], "kwargs": {}},
+             note="calculator.add(10, 20) with a 30 s timeout: the request goes to "
+             "<service>.request, reply_to is _rpc_reply.<payload id>, and the reserved header "
+             "_ttl_ms says how long the caller still waits (30000 ms, just sent). A server "
+             "must also accept requests without _ttl_ms (eventforge 0.1 clients)."),
+        dict(name="response-success", kind="response", **success,
+             outcome={"result": 30},
+             note="The answer to the request vector: correlation_id is the request "
+             "message's id, request_id the request payload's id; error and error_type null."),
+        dict(name="response-error", kind="response", **error,
+             outcome={"raises": "RemoteError", "remote_type": "ZeroDivisionError",
+                      "remote_message": "division by zero"},
+             note="The method raised: error is str(exception), error_type its class name, "
+             "traceback the server's formatted traceback (optional). The caller raises "
+             "RemoteError."),
+        dict(name="response-method-not-found", kind="response", **not_found,
+             outcome={"raises": "MethodNotFoundError", "remote_type": "MethodNotFoundError",
+                      "remote_message": "Method not found: subtract"},
+             note="No method of that name: error_type MethodNotFoundError, error "
+             "'Method not found: <name>'. The caller raises MethodNotFoundError."),
+    ]
+    result = []
+    for number, vector in enumerate(entries, start=1):
+        body = vector.pop("body").encode("utf-8")
+        entry = {"name": vector["name"], "file": f"{number:02d}-{vector['name']}.bin"}
+        entry.update((k, v) for k, v in vector.items() if k != "name")
+        result.append({"entry": entry, "frame": _frame(body)})
+    return result
+
+
+def _write_set(out_dir: str, vectors: List[Dict[str, Any]], manifest_name: str,
+               description: str) -> List[str]:
+    """Write the vectors' frames and their manifest into ``out_dir``; return the file names."""
     os.makedirs(out_dir, exist_ok=True)
     entries = []
     names = []
-    for vector in vectors():
+    for vector in vectors:
         entry = vector["entry"]
         with open(os.path.join(out_dir, entry["file"]), "wb") as f:
             f.write(vector["frame"])
         entries.append(entry)
         names.append(entry["file"])
     manifest = {
-        "description": "eventforge wire-format test vectors; see docs/protocol.md",
+        "description": description,
         "frame": "4-byte unsigned big-endian body length, then the UTF-8 JSON body",
         "vectors": entries,
     }
-    with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8", newline="\n") as f:
+    with open(os.path.join(out_dir, manifest_name), "w", encoding="utf-8", newline="\n") as f:
         json.dump(manifest, f, ensure_ascii=True, indent=2)
         f.write("\n")
-    names.append("manifest.json")
+    names.append(manifest_name)
     return names
+
+
+def write(out_dir: str) -> List[str]:
+    """Write every vector file and manifest.json into ``out_dir``; return the file names."""
+    return _write_set(out_dir, vectors(), "manifest.json",
+                      "eventforge wire-format test vectors; see docs/protocol.md")
+
+
+def write_rpc(out_dir: str) -> List[str]:
+    """Write the RPC vectors and rpc.json into ``out_dir``; return the file names."""
+    return _write_set(out_dir, rpc_vectors(), "rpc.json",
+                      "eventforge RPC test vectors (request and responses); "
+                      "see docs/protocol.md, section 10")
 
 
 def main(argv: List[str]) -> int:
@@ -333,6 +438,9 @@ def main(argv: List[str]) -> int:
     out_dir = argv[0] if argv else os.path.join(here, "vectors")
     for name in write(out_dir):
         print(os.path.join(out_dir, name))
+    rpc_dir = os.path.join(out_dir, "rpc")
+    for name in write_rpc(rpc_dir):
+        print(os.path.join(rpc_dir, name))
     return 0
 
 

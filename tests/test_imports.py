@@ -117,7 +117,8 @@ def test_demo_runs_from_the_lonely_copy(lonely_dir):
     result = _run(["-S", "-m", "eventforge", "demo"], lonely_dir, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "request-reply" in result.stdout and "pub-sub" in result.stdout
-    assert "left behind: 0 mailboxes, 0 inboxes" in result.stdout
+    assert "nothing left over: 0 unclaimed messages kept, 0 requests still waiting" in result.stdout
+    assert "== stopped 3 workers: exit codes [0, 0, 0] (clean) ==" in result.stdout
 
 
 def test_version_from_the_command_line(lonely_dir):

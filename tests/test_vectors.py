@@ -148,3 +148,140 @@ def test_all_accepted_vectors_as_one_stream_in_single_bytes():
         bodies += decoder.feed(stream[i : i + 1])
     assert decoder.buffered == 0
     assert [ef.decode(b).topic for b in bodies] == [e["message"]["topic"] for e in ACCEPTED]
+
+
+# -- RPC vectors (tests/vectors/rpc/): a request and the three kinds of response --
+
+RPC_DIR = VECTOR_DIR / "rpc"
+RPC = json.loads((RPC_DIR / "rpc.json").read_text("utf-8"))["vectors"]
+RPC_BY_NAME = {e["name"]: e for e in RPC}
+
+
+def _rpc_message(entry) -> ef.Message:
+    data = (RPC_DIR / entry["file"]).read_bytes()
+    bodies = ef.FrameDecoder().feed(data)
+    assert len(bodies) == 1
+    return ef.decode(bodies[0])
+
+
+def test_rpc_vectors_cover_request_success_error_and_not_found(tmp_path):
+    assert [e["name"] for e in RPC] == [
+        "request", "response-success", "response-error", "response-method-not-found"]
+    written = make_vectors.write_rpc(str(tmp_path))
+    assert sorted(written) == sorted(p.name for p in RPC_DIR.iterdir())
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (RPC_DIR / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("entry", RPC, ids=_name)
+def test_rpc_vector_decodes_to_its_message(entry):
+    message = _rpc_message(entry)
+    got = message.model_dump(mode="json")
+    for field in FIELDS:
+        if field == "timestamp":
+            assert message.timestamp == _instant(entry["message"]["timestamp"])
+        else:
+            assert got[field] == entry["message"][field], field
+    # JSON key order of the payload is part of the canonical form.
+    assert list(got["payload"]) == list(entry["message"]["payload"])
+
+
+@pytest.mark.parametrize("entry", RPC, ids=_name)
+@pytest.mark.parametrize("timestamp_as", ["datetime", "epoch"])
+def test_rpc_vector_encodes_to_exactly_the_file(entry, timestamp_as):
+    message = _build(entry["message"], timestamp_as)
+    assert ef.encode(message) == (RPC_DIR / entry["file"]).read_bytes()
+
+
+def _answer_of_server(method: str, args: list) -> ef.Message:
+    """Feed the request vector (with this method and args) to an RPCServer; its reply."""
+    request = _rpc_message(RPC_BY_NAME["request"])
+    request.payload = dict(request.payload, method=method, args=args)
+    with ef.MessageQueue() as queue:
+        server = ef.RPCServer(queue, service_name="calculator")
+        server.add_method("add", lambda a, b: a + b)
+        server.add_method("divide", lambda a, b: a / b)
+        server.serve(blocking=False)
+        inbox = queue.transport.open_inbox(request.reply_to)
+        try:
+            queue.transport.send(request)
+            reply = inbox.get(10)
+        finally:
+            inbox.close()
+            server.stop()
+    assert reply is not None
+    return reply
+
+
+@pytest.mark.parametrize("name,method,args", [
+    ("response-success", "add", [10, 20]),
+    ("response-error", "divide", [1, 0]),
+    ("response-method-not-found", "subtract", [10, 20]),
+])
+def test_server_answers_the_request_vector_as_the_response_vectors(name, method, args):
+    expected = RPC_BY_NAME[name]["message"]
+    reply = _answer_of_server(method, args)
+    request = RPC_BY_NAME["request"]["message"]
+    assert reply.topic == expected["topic"] == request["reply_to"]
+    assert reply.correlation_id == expected["correlation_id"] == request["id"]
+    payload = dict(reply.payload)
+    want = dict(expected["payload"])
+    assert isinstance(payload.pop("id"), str) and want.pop("id")  # fresh ids on both sides
+    if "traceback" in want:  # the text differs; its last line names the error
+        assert payload.pop("traceback").rstrip().endswith(want.pop("traceback").rstrip()
+                                                         .splitlines()[-1])
+    assert list(payload) == list(want) and payload == want
+
+
+@pytest.mark.parametrize("name", ["response-success", "response-error",
+                                  "response-method-not-found"])
+def test_client_reads_the_response_vectors(name):
+    entry = RPC_BY_NAME[name]
+    response = _rpc_message(entry)
+    call = RPC_BY_NAME["request"]["call"]
+    with ef.MessageQueue() as queue:
+        def answer(request):
+            # The response vector, addressed to this client's request.
+            queue.transport.send(ef.Message(
+                request.reply_to, dict(response.payload, request_id=request.payload["id"]),
+                correlation_id=request.id))
+
+        queue.subscribe(f"{call['service']}.request", answer)
+        client = ef.RPCClient(queue, service_name=call["service"], timeout=10)
+        outcome = entry["outcome"]
+        if "result" in outcome:
+            assert client.call(call["method"], *call["args"]) == outcome["result"]
+            return
+        with pytest.raises(getattr(ef, outcome["raises"])) as caught:
+            client.call(call["method"], *call["args"])
+    assert type(caught.value) is getattr(ef, outcome["raises"])
+    assert caught.value.remote_type == outcome["remote_type"]
+    assert caught.value.remote_message == outcome["remote_message"]
+
+
+def test_the_client_sends_requests_shaped_like_the_vector():
+    expected = RPC_BY_NAME["request"]["message"]
+    seen = []
+    with ef.MessageQueue() as queue:
+        queue.subscribe("calculator.request", seen.append)
+        client = ef.RPCClient(queue, service_name="calculator", timeout=0.01)
+        with pytest.raises(ef.RPCTimeoutError):
+            client.call("add", 10, 20)
+    (request,) = seen
+    assert request.topic == expected["topic"]
+    assert list(request.payload) == list(expected["payload"])
+    assert {k: v for k, v in request.payload.items() if k not in ("id", "timeout")} == {
+        k: v for k, v in expected["payload"].items() if k not in ("id", "timeout")}
+    assert request.reply_to == "_rpc_reply." + request.payload["id"]
+    assert request.correlation_id is None
+    assert set(request.headers) == set(expected["headers"]) == {"_ttl_ms"}
+    assert isinstance(request.headers["_ttl_ms"], int)
+
+
+def test_protocol_md_rpc_example_is_the_request_vector():
+    text = (VECTOR_DIR.parent.parent / "docs" / "protocol.md").read_text("utf-8")
+    section = text[text.index("## 10. RPC"):]
+    example = section[section.index("```json\n") + 8:]
+    example = example[:example.index("```")]
+    body = (RPC_DIR / RPC_BY_NAME["request"]["file"]).read_bytes()[4:]
+    assert example.strip().encode("utf-8") == body
