@@ -4182,13 +4182,6 @@ def _with_ttl(frame: bytes, remaining: float) -> bytes:
     return encode(message, max_frame_size=len(frame) + 64)
 
 
-def _ttl_deadline(ttl_ms: Any) -> Optional[float]:
-    """The monotonic deadline of a request's ``_ttl_ms`` header (None if absent or bad)."""
-    if type(ttl_ms) is int and ttl_ms >= 0:
-        return time.monotonic() + ttl_ms / 1000.0
-    return None
-
-
 class _Backlog:
     """A client's message frames that the server has not acknowledged, in order.
 
@@ -4353,17 +4346,225 @@ class _ClientInbox(Inbox):
     def get(self, timeout: Optional[float] = None) -> Optional[Message]:
         if not self._messages and not self._closed and self._failure is None:
             if timeout is None or timeout > 0:
-                self._transport._before_blocking()
+                transport = self._transport
+                if transport._dispatcher._thread is threading.current_thread():
+                    transport._dispatcher.hand_off_if_current()
                 if self._read_ahead:
                     budget = _CALLER_READ if timeout is None else min(timeout, _CALLER_READ)
                     started = _perf_counter()
-                    self._transport._read_until(self, budget)
+                    transport._read_until(self, budget)
                     if timeout is not None:
                         timeout = max(0.0, timeout - (_perf_counter() - started))
         return self._check(Inbox.get(self, timeout))
 
     async def get_async(self, timeout: Optional[float] = None) -> Optional[Message]:
         return self._check(await Inbox.get_async(self, timeout))
+
+
+class _Dialer:
+    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, ``$hello``.
+
+    Blocking, on the thread calling ``connect()`` or on the client's I/O
+    thread when it reconnects.  The socket being set up is published as the
+    client's ``_connecting``, so ``close()`` can abort it at once.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: TCPClientTransport) -> None:
+        self.client = client
+
+    def connect_socket(self, timeout: float) -> Any:
+        """A connected socket, like ``socket.create_connection``, but abortable.
+
+        The socket is published as the client's ``_connecting`` before
+        ``connect()``, so :meth:`TCPClientTransport.close` can abort a connect
+        (or a handshake read) in progress with ``shutdown()`` instead of
+        waiting up to ``connect_timeout``.
+        """
+        import socket
+
+        c = self.client
+        where = f"{c.host}:{c.port}"
+        deadline = time.monotonic() + timeout
+        try:
+            infos = socket.getaddrinfo(c.host, c.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
+        error: Optional[str] = None
+        for family, kind, proto, _name, address in infos:
+            if c._closing.is_set():
+                break
+            sock = socket.socket(family, kind, proto)
+            c._connecting = sock
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.connect(address)
+            except socket.timeout:
+                error = f"timed out after {timeout} s"
+            except OSError as exc:
+                error = str(exc)
+            else:
+                if not c._closing.is_set():
+                    return sock
+            c._connecting = None
+            sock.close()
+        if c._closing.is_set():
+            raise TransportClosedError(f"{c._name()} is closed")
+        raise ConnectionLostError(f"cannot connect to {where}: {error or 'no address'}")
+
+    def open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message],
+                                             bytes, Optional[int]]:
+        """Connect and handshake (blocking); return the socket and what was learned.
+
+        That is: socket, decoder, handshake done, agreed features, messages
+        that came before the handshake ended, the nonce of a ``$hello`` left
+        unanswered (b"" if none) and the server's ``max_frame_size``.
+        """
+        import socket
+
+        c = self.client
+        deadline = time.monotonic() + timeout
+        where = f"{c.host}:{c.port}"
+        sock = self.connect_socket(timeout)
+        try:
+            if c._closed and c._closing.is_set():
+                raise TransportClosedError(f"{c._name()} is closed")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if c.ssl_context is not None:
+                ssl = _ssl_module()
+                try:
+                    sock = c.ssl_context.wrap_socket(
+                        sock, server_hostname=c.server_hostname or c.host
+                    )
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    raise AuthenticationError(f"TLS handshake with {where} failed: {exc}") from None
+                except (OSError, socket.timeout) as exc:
+                    raise ConnectionLostError(
+                        f"TLS handshake with {where} failed: {exc or 'timed out'} "
+                        "(does the server use TLS?)"
+                    ) from None
+                c._connecting = sock
+            decoder = FrameDecoder(c.max_frame_size)
+            early: List[Message] = []
+            if c.handshake is False:
+                sock.setblocking(False)
+                return sock, decoder, False, frozenset(), early, b"", None
+            nonce = os.urandom(32)
+            hello = Message("$hello", {
+                "version": PROTOCOL_VERSION,
+                "features": sorted(_FEATURES),
+                "nonce": nonce.hex(),
+                "ping_interval": c.ping_interval,
+                "max_frame_size": c.max_frame_size,
+            })
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.sendall(encode(hello))
+            required = c.handshake is True or c._key is not None
+            hello_deadline = deadline
+            if not required:
+                hello_deadline = min(deadline, time.monotonic() + c.hello_timeout)
+            welcome = self.await_control(sock, decoder, early, "$welcome", hello_deadline)
+            if welcome is None:
+                if required:
+                    raise AuthenticationError(
+                        f"{where} did not answer the handshake within "
+                        f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
+                        "or one that speaks plain frames only)"
+                    )
+                logger.info("tcp client: %s did not answer $hello within %s s; speaking "
+                            "plain frames until it does", where, c.hello_timeout)
+                sock.setblocking(False)
+                return sock, decoder, False, frozenset(), early, nonce, None
+            features = _welcome_features(welcome)
+            if welcome.get("auth"):
+                if welcome.get("auth") != "hmac-sha256":
+                    raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
+                if c._key is None:
+                    raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
+                server_nonce = _nonce_from(welcome.get("nonce"))
+                if server_nonce is None:
+                    raise AuthenticationError(f"{where} sent an invalid nonce")
+                proof = _proof(c._key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
+                sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
+                ready = self.await_control(sock, decoder, early, "$ready", deadline)
+                if ready is None:
+                    raise AuthenticationError(f"{where} did not confirm authentication in time")
+                expected = _proof(c._key, _AUTH_LABEL_SERVER, server_nonce, nonce)
+                if not _proof_matches(expected, ready.get("proof")):
+                    raise AuthenticationError(f"{where} failed to prove it knows the secret")
+            elif c._key is not None:
+                raise AuthenticationError(
+                    f"{where} does not authenticate, so it cannot prove it knows the secret"
+                )
+            sock.setblocking(False)
+            return sock, decoder, True, features, early, b"", _welcome_limit(welcome)
+        except (EventforgeError, socket.timeout):
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            if c.ssl_context is not None and isinstance(exc, _ssl_module().SSLError):
+                raise AuthenticationError(f"TLS session with {where} failed: {exc}") from None
+            raise ConnectionLostError(f"handshake with {where} failed: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            c._connecting = None
+
+    def await_control(
+        self, sock: Any, decoder: FrameDecoder, early: List[Message], want: str, deadline: float
+    ) -> Optional[Dict[str, Any]]:
+        """Read until control frame ``want`` arrives; None at ``deadline``."""
+        import socket
+
+        c = self.client
+        where = f"{c.host}:{c.port}"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                return None
+            except OSError as exc:
+                raise ConnectionLostError(
+                    f"{where} closed the connection during the handshake: {exc}"
+                ) from None
+            if not data:
+                raise ConnectionLostError(
+                    f"{where} closed the connection during the handshake "
+                    "(does it require TLS or a secret?)"
+                )
+            try:
+                bodies = decoder.feed(data)
+            except FrameTooLargeError as exc:
+                raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
+            found: Optional[Dict[str, Any]] = None
+            for body in bodies:
+                try:
+                    message = decode(body)
+                except FrameError as exc:
+                    logger.warning(
+                        "tcp client: bad frame from %s during the handshake: %s", where, exc
+                    )
+                    continue
+                payload = message.payload if isinstance(message.payload, dict) else {}
+                if found is None and message.topic == want:
+                    found = payload
+                elif message.topic == "$error":
+                    reason = str(payload.get("reason", "refused"))[:200]
+                    if payload.get("code") == "auth":
+                        raise AuthenticationError(f"{where} refused the connection: {reason}")
+                    raise ConnectionLostError(f"{where} refused the connection: {reason}")
+                elif message.topic[0] != "$":
+                    early.append(message)
+            if found is not None:
+                return found
 
 
 class TCPClientTransport(Transport):
@@ -4374,9 +4575,12 @@ class TCPClientTransport(Transport):
     frames from many threads never interleave.  ``subscribe``, ``receive``
     and request inboxes tell the server what this client wants (its
     *interest*); the server then sends only matching messages.  Subscriber
-    callbacks run on one dispatcher thread, in arrival order; a thread
-    waiting for a request's reply reads the socket itself for a few
-    milliseconds, so the reply wakes it directly.
+    callbacks run on one dispatcher thread, in arrival order; a callback that
+    waits for a reply (a request, an RPC call, a ``receive``) first hands
+    the dispatcher role to a new thread, so the reply may come through
+    another subscriber of this client.  A thread waiting for a request's
+    reply reads the socket itself for a few milliseconds, so the reply
+    wakes it directly.
 
     If the connection drops, the client reconnects (``reconnect=True``) with
     capped exponential backoff and jitter (``backoff_initial`` ..
@@ -4520,7 +4724,11 @@ class TCPClientTransport(Transport):
 
     @property
     def mode(self) -> Optional[str]:
-        """``"handshake"`` (our server), ``"frames"`` (a plain-frame server) or None."""
+        """``"handshake"`` (our server), ``"frames"`` (a plain-frame server) or None.
+
+        ``"frames"`` turns into ``"handshake"`` if the server's ``$welcome``
+        arrives after ``hello_timeout`` (see the class doc).
+        """
         conn = self._conn
         if conn is None:
             return None
@@ -4541,7 +4749,7 @@ class TCPClientTransport(Transport):
                     raise TransportClosedError(f"{self._name()} is closed")
                 if self._started:
                     return self
-            opened = self._open(timeout)
+            opened = _Dialer(self).open(timeout)
             with self._lock:
                 if self.closed:  # close() may have run on another thread meanwhile
                     opened[0].close()
@@ -4743,7 +4951,11 @@ class TCPClientTransport(Transport):
             ) from None
         size = len(frame)
         headers = message.headers
-        deadline = _ttl_deadline(headers.get("_ttl_ms")) if headers else None
+        deadline = None
+        if headers:
+            ttl = headers.get("_ttl_ms")
+            if type(ttl) is int and ttl >= 0:  # a request: its caller's deadline
+                deadline = _monotonic() + ttl / 1000.0
         reply_to = message.reply_to
         with self._lock:
             conn = self._conn
@@ -4773,7 +4985,9 @@ class TCPClientTransport(Transport):
                             f"unacknowledged after {self.send_timeout} s; "
                             f"max_pending={self.max_pending}"
                         )
-                item = backlog.add(self._seq + 1, frame, deadline)
+                item = [self._seq + 1, frame, 0, deadline]  # _Backlog.add, inlined
+                pending.append(item)
+                backlog.bytes += size
             # Inline _Connection.enqueue (its lock nests inside ours).
             with conn.lock:
                 if conn.out_bytes + size > conn.max_outbound:
@@ -4929,10 +5143,6 @@ class TCPClientTransport(Transport):
         """Withdraw the inbox's interest and any request of it not yet acknowledged."""
         self._interest_remove(inbox.topic, inbox)
 
-    def _before_blocking(self) -> None:
-        """A thread is about to wait for a message: if it runs callbacks, hand that role on."""
-        self._dispatcher.hand_off_if_current()
-
     @property
     def stats(self) -> Dict[str, Any]:
         """Local delivery counters plus connection and buffering counters."""
@@ -5021,194 +5231,6 @@ class TCPClientTransport(Transport):
 
     # -- connection set-up ------------------------------------------------------------------
 
-    def _connect_socket(self, timeout: float) -> Any:
-        """A connected socket, like ``socket.create_connection``, but abortable.
-
-        The socket is published as ``_connecting`` before ``connect()``, so
-        :meth:`close` can abort a connect (or a handshake read) in progress
-        with ``shutdown()`` instead of waiting up to ``connect_timeout``.
-        """
-        import socket
-
-        where = f"{self.host}:{self.port}"
-        deadline = time.monotonic() + timeout
-        try:
-            infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
-        error: Optional[str] = None
-        for family, kind, proto, _name, address in infos:
-            if self._closing.is_set():
-                break
-            sock = socket.socket(family, kind, proto)
-            self._connecting = sock
-            try:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                sock.connect(address)
-            except socket.timeout:
-                error = f"timed out after {timeout} s"
-            except OSError as exc:
-                error = str(exc)
-            else:
-                if not self._closing.is_set():
-                    return sock
-            self._connecting = None
-            sock.close()
-        if self._closing.is_set():
-            raise TransportClosedError(f"{self._name()} is closed")
-        raise ConnectionLostError(f"cannot connect to {where}: {error or 'no address'}")
-
-    def _open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message],
-                                             bytes, Optional[int]]:
-        """Connect and handshake (blocking); return the socket and what was learned.
-
-        That is: socket, decoder, handshake done, agreed features, messages
-        that came before the handshake ended, the nonce of a ``$hello`` left
-        unanswered (b"" if none) and the server's ``max_frame_size``.
-        """
-        import socket
-
-        deadline = time.monotonic() + timeout
-        where = f"{self.host}:{self.port}"
-        sock = self._connect_socket(timeout)
-        try:
-            if self._closed and self._closing.is_set():
-                raise TransportClosedError(f"{self._name()} is closed")
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if self.ssl_context is not None:
-                ssl = _ssl_module()
-                try:
-                    sock = self.ssl_context.wrap_socket(
-                        sock, server_hostname=self.server_hostname or self.host
-                    )
-                except (ssl.SSLError, ssl.CertificateError) as exc:
-                    raise AuthenticationError(f"TLS handshake with {where} failed: {exc}") from None
-                except (OSError, socket.timeout) as exc:
-                    raise ConnectionLostError(
-                        f"TLS handshake with {where} failed: {exc or 'timed out'} "
-                        "(does the server use TLS?)"
-                    ) from None
-                self._connecting = sock
-            decoder = FrameDecoder(self.max_frame_size)
-            early: List[Message] = []
-            if self.handshake is False:
-                sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early, b"", None
-            nonce = os.urandom(32)
-            hello = Message("$hello", {
-                "version": PROTOCOL_VERSION,
-                "features": sorted(_FEATURES),
-                "nonce": nonce.hex(),
-                "ping_interval": self.ping_interval,
-                "max_frame_size": self.max_frame_size,
-            })
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            sock.sendall(encode(hello))
-            required = self.handshake is True or self._key is not None
-            hello_deadline = deadline
-            if not required:
-                hello_deadline = min(deadline, time.monotonic() + self.hello_timeout)
-            welcome = self._await(sock, decoder, early, "$welcome", hello_deadline)
-            if welcome is None:
-                if required:
-                    raise AuthenticationError(
-                        f"{where} did not answer the handshake within "
-                        f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
-                        "or one that speaks plain frames only)"
-                    )
-                logger.info("tcp client: %s did not answer $hello within %s s; speaking "
-                            "plain frames until it does", where, self.hello_timeout)
-                sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early, nonce, None
-            features = _welcome_features(welcome)
-            if welcome.get("auth"):
-                if welcome.get("auth") != "hmac-sha256":
-                    raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
-                if self._key is None:
-                    raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
-                server_nonce = _nonce_from(welcome.get("nonce"))
-                if server_nonce is None:
-                    raise AuthenticationError(f"{where} sent an invalid nonce")
-                proof = _proof(self._key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
-                sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
-                ready = self._await(sock, decoder, early, "$ready", deadline)
-                if ready is None:
-                    raise AuthenticationError(f"{where} did not confirm authentication in time")
-                expected = _proof(self._key, _AUTH_LABEL_SERVER, server_nonce, nonce)
-                if not _proof_matches(expected, ready.get("proof")):
-                    raise AuthenticationError(f"{where} failed to prove it knows the secret")
-            elif self._key is not None:
-                raise AuthenticationError(
-                    f"{where} does not authenticate, so it cannot prove it knows the secret"
-                )
-            sock.setblocking(False)
-            return sock, decoder, True, features, early, b"", _welcome_limit(welcome)
-        except (EventforgeError, socket.timeout):
-            sock.close()
-            raise
-        except OSError as exc:
-            sock.close()
-            if self.ssl_context is not None and isinstance(exc, _ssl_module().SSLError):
-                raise AuthenticationError(f"TLS session with {where} failed: {exc}") from None
-            raise ConnectionLostError(f"handshake with {where} failed: {exc}") from None
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            self._connecting = None
-
-    def _await(
-        self, sock: Any, decoder: FrameDecoder, early: List[Message], want: str, deadline: float
-    ) -> Optional[Dict[str, Any]]:
-        """Read until control frame ``want`` arrives; None at ``deadline``."""
-        import socket
-
-        where = f"{self.host}:{self.port}"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(65536)
-            except socket.timeout:
-                return None
-            except OSError as exc:
-                raise ConnectionLostError(
-                    f"{where} closed the connection during the handshake: {exc}"
-                ) from None
-            if not data:
-                raise ConnectionLostError(
-                    f"{where} closed the connection during the handshake "
-                    "(does it require TLS or a secret?)"
-                )
-            try:
-                bodies = decoder.feed(data)
-            except FrameTooLargeError as exc:
-                raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
-            found: Optional[Dict[str, Any]] = None
-            for body in bodies:
-                try:
-                    message = decode(body)
-                except FrameError as exc:
-                    logger.warning(
-                        "tcp client: bad frame from %s during the handshake: %s", where, exc
-                    )
-                    continue
-                payload = message.payload if isinstance(message.payload, dict) else {}
-                if found is None and message.topic == want:
-                    found = payload
-                elif message.topic == "$error":
-                    reason = str(payload.get("reason", "refused"))[:200]
-                    if payload.get("code") == "auth":
-                        raise AuthenticationError(f"{where} refused the connection: {reason}")
-                    raise ConnectionLostError(f"{where} refused the connection: {reason}")
-                elif message.topic[0] != "$":
-                    early.append(message)
-            if found is not None:
-                return found
-
     def _install(
         self, sock: Any, decoder: FrameDecoder, handshake: bool, features: frozenset,
         early: List[Message], hello_nonce: bytes, limit: Optional[int],
@@ -5232,6 +5254,11 @@ class TCPClientTransport(Transport):
             resent = self._backlog.resend(self._send_limit, conn.peer)
             self._seq = len(resent)
             frames.extend(resent)
+            if resent:
+                for record in self._requests.values():  # requests now in flight on conn
+                    item = record[2]
+                    if item is not None and item[1] and item[0]:
+                        record[1] = conn
             if not self._ack_mode:
                 self._backlog.written()
             if frames:
@@ -5307,9 +5334,9 @@ class TCPClientTransport(Transport):
         except OSError as exc:
             reason = f"write failed: {exc}"
             if loop.in_loop():
-                self._lost(conn, reason)
+                self._lost_after_write(conn, reason)
             else:
-                loop.call_soon(lambda: self._lost(conn, reason))
+                loop.call_soon(lambda: self._lost_after_write(conn, reason))
             return
         if done is False:
             if loop.in_loop():
@@ -5558,6 +5585,28 @@ class TCPClientTransport(Transport):
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
 
+    def _lost_after_write(self, conn: _Connection, reason: str) -> None:
+        """A write failed (loop thread): first take what the server sent before it closed.
+
+        A server closing with our frames unread resets the connection, and
+        our next write fails; its last ``$ack`` may still wait in the socket,
+        and reading it spares resending what the server already handled.
+        """
+        if not conn.tls and not conn.closed:
+            import select
+
+            with self._read_lock:  # a caller may be reading it (_read_until)
+                for _ in range(64):  # bounded: a few receive buffers at most
+                    if self._conn is not conn:
+                        return  # _read found the end and gave the connection up
+                    try:
+                        readable = select.select([conn.sock], [], [], 0)[0]
+                    except (OSError, ValueError):
+                        break
+                    if not readable or not self._read(conn):
+                        break
+        self._lost(conn, reason)
+
     def _late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
         """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
 
@@ -5657,7 +5706,7 @@ class TCPClientTransport(Transport):
                 return False
             self._counts["reconnect_attempts"] += 1
             try:
-                opened = self._open(self.connect_timeout)
+                opened = _Dialer(self).open(self.connect_timeout)
             except AuthenticationError as exc:
                 logger.error("tcp client: reconnect refused: %s", exc)
             except (ConnectionError, OSError, TransportClosedError) as exc:
@@ -5666,8 +5715,8 @@ class TCPClientTransport(Transport):
                 if self._closing.is_set():
                     opened[0].close()
                     return False
+                self._counts["reconnects"] += 1  # before any frame goes out on it
                 self._install(*opened)
-                self._counts["reconnects"] += 1
                 logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
                 self._notify_state(True, f"reconnected to {self.host}:{self.port}")
                 return True
@@ -6129,14 +6178,19 @@ class RemoteQueue:
             "peers": {node: transport.stats for node, transport in peers.items()},
         }
 
-    def close(self) -> None:
-        """Close every peer link and the local queue."""
+    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
+        """Close every peer link, then the local queue.
+
+        What the links already accepted gets ``timeout`` seconds in all (not
+        per peer) to reach the peers; see :meth:`TCPClientTransport.close`.
+        """
         with self._lock:
             self._closed = True
             peers = list(self._peers.values())
             self._peers.clear()
+        deadline = _monotonic() + timeout
         for transport in peers:
-            transport.close()
+            transport.close(max(0.0, deadline - _monotonic()))
         if self.local is not None:
             self.local.close()
 
@@ -11805,10 +11859,13 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
 
         for q in queues:
             q.subscribe("demo.events.*", on_event)
-        # Interest travels to the servers asynchronously: a call on each
-        # connection makes sure it arrived before we publish.
-        for client in clients:
-            client.whoami()
+        # Interest travels to the servers asynchronously: make sure it arrived
+        # before we publish (flush() on TCP; a call through a broker).
+        for q, client in zip(queues, clients):
+            if isinstance(q.transport, TCPClientTransport):
+                q.transport.flush(10.0)
+            else:
+                client.whoami()
         for n, q in enumerate(queues):
             q.publish("demo.jobs", {"job": n + 1})
         if got_all.wait(10.0):

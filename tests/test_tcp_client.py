@@ -111,9 +111,9 @@ def _free_port() -> int:
 def _collecting_server(tcp, port: int = 0, got: Optional[List[Any]] = None, **options: Any):
     """A real server whose local subscriber records every ``stream`` payload."""
     got = [] if got is None else got
-    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port, **options)).start()
-    server.subscribe("stream", lambda m: got.append(m.payload))
-    return server, got
+    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port, **options))
+    server.subscribe("stream", lambda m: got.append(m.payload))  # before a resend can come
+    return server.start(), got
 
 
 def _client_of_a_stopped_server(tcp, **options: Any):
@@ -161,6 +161,29 @@ def test_a_late_welcome_switches_the_client_to_handshake_mode(tcp):
     assert wait_until(lambda: got == ["routed by interest"], timeout=10), (interest, got)
 
 
+def test_a_real_server_busy_in_a_handler_answers_late_and_still_routes(tcp):
+    # dispatch="inline": a handler that blocks stalls the server's I/O loop,
+    # so a client connecting meanwhile gets its $welcome after hello_timeout.
+    server = tcp.server(dispatch="inline")
+    entered = threading.Event()
+
+    def busy(message):
+        entered.set()
+        time.sleep(1.0)
+
+    server.subscribe("busy", busy)
+    tcp.client(server.port).send(ef.Message("busy", None))
+    assert entered.wait(10)
+    late = tcp.client(server.port, hello_timeout=0.2)
+    assert late.mode == "frames"
+    got: List[Any] = []
+    late.subscribe("news.*", lambda m: got.append(m.payload))
+    assert wait_until(lambda: late.mode == "handshake", timeout=10)
+    assert late.flush(10.0) is True
+    server.send(ef.Message("news.today", "routed"))
+    assert wait_until(lambda: got == ["routed"], timeout=10), got
+
+
 def test_a_late_welcome_asking_for_a_secret_drops_the_connection(tcp, caplog):
     def serve(conn: RawConn) -> None:
         conn.read()
@@ -171,8 +194,8 @@ def test_a_late_welcome_asking_for_a_secret_drops_the_connection(tcp, caplog):
 
     raw = tcp.own(RawServer(serve))
     client = tcp.client(raw.port, hello_timeout=0.1, reconnect=False)
-    assert wait_until(lambda: not client.connected, timeout=10)
-    assert "pass secret=" in caplog.text
+    assert wait_until(lambda: "pass secret=" in caplog.text, timeout=10)
+    assert not client.connected
 
 
 # -- 2. frame limits -------------------------------------------------------------------
@@ -207,8 +230,7 @@ def test_a_buffered_frame_over_a_restarted_servers_limit_is_dropped(tcp, caplog)
     client.send(ef.Message("stream", "before"))
     client.send(ef.Message("stream", "x" * 8000))  # fine for the old server, not the new
     client.send(ef.Message("stream", "after"))
-    second = tcp.own(ef.TCPServerTransport("127.0.0.1", port, max_frame_size=4096)).start()
-    second.subscribe("stream", lambda m: got.append(m.payload))
+    _collecting_server(tcp, port, got, max_frame_size=4096)
     assert wait_until(lambda: got == ["before", "after"], timeout=10), got
     assert client.stats["too_large"] == 1
     assert "at most 4096 bytes" in caplog.text
@@ -268,12 +290,12 @@ class _Stopper:
 
 
 def _billing(tcp, port: int, runs: List[Any]):
-    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port)).start()
+    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port))
     rpc = ef.RPCServer(ef.MessageQueue(server), service_name="billing")
     rpc.add_method("charge", lambda amount: runs.append(amount) or "charged")
-    rpc.serve(blocking=False)
+    rpc.serve(blocking=False)  # serving before a resent request could arrive
     tcp.own(_Stopper(rpc))
-    return server
+    return server.start()
 
 
 def test_a_request_whose_caller_gave_up_is_never_delivered(tcp):
@@ -302,8 +324,9 @@ def test_a_resent_request_carries_only_the_time_its_caller_has_left(tcp):
     client.send(ef.Message("stream", "short", headers={"_ttl_ms": 100}))
     time.sleep(0.5)  # the short one's caller has stopped waiting meanwhile
     seen: List[Any] = []
-    second = tcp.own(ef.TCPServerTransport("127.0.0.1", port)).start()
+    second = tcp.own(ef.TCPServerTransport("127.0.0.1", port))
     second.subscribe("stream", lambda m: seen.append((m.payload, m.headers["_ttl_ms"])))
+    second.start()
     assert wait_until(lambda: seen, timeout=10)
     assert client.flush(10.0) is True
     assert [payload for payload, _ in seen] == ["long"]
@@ -473,11 +496,18 @@ def test_close_waits_for_a_reconnect_to_deliver_the_backlog(tcp):
 
 
 def test_open_clients_are_held_weakly(tcp):
+    import gc
+    import weakref
+
     server = tcp.server()
-    client = tcp.client(server.port)
+    client = ef.TCPClientTransport("127.0.0.1", server.port).connect(5.0)
     assert client in ef._open_clients
     client.close()
     assert client not in ef._open_clients
+    ref = weakref.ref(client)
+    del client
+    gc.collect()
+    assert ref() is None  # nothing (the exit hook included) keeps a closed client alive
 
 
 # -- 7. RemoteQueue close during a reconnect ------------------------------------------------
@@ -521,6 +551,20 @@ def test_remote_queue_close_during_a_reconnect_does_not_wait_for_connect_timeout
         blackhole.close()
 
 
+def test_remote_queue_close_shares_one_timeout_across_its_peers(tcp):
+    remote = tcp.own(ef.RemoteQueue("a"))
+    for node in ("b", "c", "d"):
+        server = tcp.server()
+        remote.connect(node, "127.0.0.1", server.port, backoff_initial=0.01, backoff_max=0.05)
+        server.close()
+    for node in ("b", "c", "d"):
+        assert wait_until(lambda link=remote._peers[node]: not link.connected)
+        remote.send(node, "work", 1)  # buffered: its peer is gone for good
+    started = time.monotonic()
+    remote.close(timeout=1.0)
+    assert time.monotonic() - started < 2.5  # about 1 s in all, not 1 s per peer
+
+
 # -- 9. lost connections and the connection-state hook --------------------------------------
 
 
@@ -555,6 +599,61 @@ def test_a_call_in_flight_gets_connection_lost_at_once(tcp):
     assert len(errors) == 1 and isinstance(errors[0], ef.ConnectionLostError), errors
     assert "lost before the reply came" in str(errors[0])
     assert client.stats["failed_requests"] == 1
+
+
+def test_a_request_resent_after_a_reconnect_fails_at_once_if_that_connection_breaks(tcp):
+    port, client, _ = _client_of_a_stopped_server(tcp)
+    errors: List[BaseException] = []
+
+    def call() -> None:
+        try:
+            ef.MessageQueue(client).request("stall", None, timeout=60.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()  # buffered: the server is down
+    assert wait_until(lambda: client.stats["pending"] == 1)
+    server = tcp.own(ef.TCPServerTransport("127.0.0.1", port))
+
+    def cut(message):  # the resent request arrives: drop the connection instead of replying
+        for conn in list(server._conns.values()):
+            server._close_later(conn, "disconnects", "cut by the test")
+
+    server.subscribe("stall", cut)
+    server.start()
+    started = time.monotonic()
+    thread.join(60)
+    assert time.monotonic() - started < 20.0  # not the 60 s timeout
+    assert len(errors) == 1 and isinstance(errors[0], ef.ConnectionLostError), errors
+
+
+def test_an_async_call_in_flight_gets_connection_lost_at_once(tcp):
+    import asyncio
+
+    server = tcp.server()
+    queue = ef.MessageQueue(server)
+    entered = threading.Event()
+    queue.on("stall", lambda m: (entered.set(), time.sleep(1.0)))
+    client = tcp.client(server.port, backoff_initial=0.01)
+
+    def cut() -> None:
+        entered.wait(10)
+        for conn in list(server._conns.values()):
+            server._close_later(conn, "disconnects", "cut by the test")
+
+    async def main() -> None:
+        cutter = threading.Thread(target=cut)
+        cutter.start()
+        try:
+            with pytest.raises(ef.ConnectionLostError):
+                await ef.MessageQueue(client).request_async("stall", None, timeout=60.0)
+        finally:
+            cutter.join(10)
+
+    started = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - started < 20.0
 
 
 def test_on_connection_change_reports_loss_and_return_once_each(tcp):
