@@ -6017,6 +6017,12 @@ class RemoteQueue:
     ) -> None:
         if not isinstance(node_id, str) or not node_id:
             raise ValueError("node_id must be a non-empty str")
+        given: Any = local  # checked at run time, whatever the annotation says
+        if given is not None and not isinstance(given, MessageQueue):
+            hint = (" (a transport: wrap it, local=MessageQueue(transport=...))"
+                    if isinstance(given, Transport) else "")
+            raise TypeError(f"local must be a MessageQueue or None, not "
+                            f"{type(given).__name__}{hint}")
         self.node_id = node_id
         self.local = local
         self.on_error = on_error

@@ -22,6 +22,7 @@ import asyncio
 import errno
 import inspect
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -158,6 +159,22 @@ class TestTransportApi:
                 client.close()
         finally:
             server.close()
+
+    def test_receive_async_on_every_core_transport(self):
+        server = ef.TCPServerTransport(host="127.0.0.1", port=0).start()
+        client = ef.TCPClientTransport(host="127.0.0.1", port=server.port).connect(timeout=10)
+        memory = ef.MemoryTransport()
+        try:
+            for transport in (memory, server, client):
+                assert asyncio.run(transport.receive_async("none", timeout=0.05)) is None
+            ef.MessageQueue(memory).publish("m", 1)
+            assert asyncio.run(memory.receive_async("m", timeout=10)).payload == 1
+            ef.MessageQueue(client).publish("to.server", 2)
+            assert asyncio.run(server.receive_async("to.server", timeout=10)).payload == 2
+        finally:
+            client.close()
+            server.close()
+            memory.close()
 
     def test_broker_transport_import_paths(self):
         from eventforge.transports.nats import NatsTransport
@@ -319,6 +336,18 @@ class TestRemoteQueueApi:
         _binds(rq.on, None, "topic")
         _binds(rq.close, None)
         assert isinstance(inspect.getattr_static(rq, "peers"), property)
+
+    def test_local_must_be_a_message_queue(self):
+        transport = ef.MemoryTransport()
+        try:
+            with pytest.raises(TypeError, match=r"local=MessageQueue\(transport=\.\.\.\)"):
+                ef.RemoteQueue("w", local=transport)  # the transport, not a queue over it
+        finally:
+            transport.close()
+        with pytest.raises(TypeError, match="local must be a MessageQueue or None, not str"):
+            ef.RemoteQueue("w", local="queue")
+        with pytest.raises(RuntimeError, match="no local queue"):
+            ef.RemoteQueue("sender").subscribe("t", print)  # a pure sender cannot receive
 
     def test_behaviour_over_loopback(self):
         server = ef.TCPServerTransport(host="127.0.0.1", port=0).start()
@@ -933,6 +962,18 @@ class TestSamples:
             assert worker.stop() == 0
         finally:
             worker.close()
+
+
+def test_files_and_extras_the_reference_points_at():
+    for relative in ("docs/observers.md", "deploy/README.md", "deploy/docker-compose.yml",
+                     "deploy/Dockerfile"):
+        assert os.path.isfile(os.path.join(REPO, relative)), relative
+    deploy = os.listdir(os.path.join(REPO, "deploy"))
+    assert any(name.endswith(".def") for name in deploy), "no Apptainer definition in deploy/"
+    with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as fh:
+        pyproject = fh.read()
+    for extra in ("redis", "nats", "logfire"):  # pip install eventforge[EXTRA]
+        assert re.search(rf"^{extra} = \[", pyproject, re.MULTILINE), extra
 
 
 def test_samples_import_from_the_checkout():
