@@ -7,8 +7,9 @@ Two halves:
   ``inspect.signature``), and behaves as the reference says (return types,
   defaults, dynamic access, context managers, async variants);
 * every code sample of the reference runs *verbatim* in a fresh interpreter
-  (the code is copied here as data, since the reference text is not part of the
-  repository) and prints what its comments promise.
+  (the code is copied as data into ``tests/_reference_samples.py``, since the
+  reference text is not part of the repository) and prints what its comments
+  promise.
 
 Samples that bind the fixed ports of the reference (9090, 9001) run as written
 when the port is free and are skipped, with the reason, when something else
@@ -29,6 +30,17 @@ import sys
 import textwrap
 
 import pytest
+from _reference_samples import (
+    SAMPLE_EXECUTOR,
+    SAMPLE_MESSAGE_QUEUE,
+    SAMPLE_OBSERVERS,
+    SAMPLE_REMOTE_QUEUE,
+    SAMPLE_RPC,
+    SAMPLE_TASK,
+    SAMPLE_TASK_REFERENCE,
+    SAMPLE_TASK_RPC,
+    SAMPLE_TRANSPORTS,
+)
 from _servers import RedisServer, find_binary
 from _worker_helpers import REPO, Worker, child_env
 
@@ -378,6 +390,31 @@ class TestRemoteQueueApi:
             server.close()
 
 
+    def test_bidirectional_with_a_local_on_both_sides(self):
+        """The reference: give the coordinator a local too; the worker sends results back."""
+        worker_srv = ef.TCPServerTransport(host="127.0.0.1", port=0).start()
+        coord_srv = ef.TCPServerTransport(host="127.0.0.1", port=0).start()
+        worker = ef.RemoteQueue("worker", local=ef.MessageQueue(transport=worker_srv))
+        coord = ef.RemoteQueue("coord", local=ef.MessageQueue(transport=coord_srv))
+        try:
+            worker.connect("coord", host="127.0.0.1", port=coord_srv.port)
+            coord.connect("worker", host="127.0.0.1", port=worker_srv.port)
+
+            @worker.on("work")
+            def run(message):
+                worker.send(message.headers["source_node"], "result", message.payload * 2)
+
+            results = []
+            coord.on("result", lambda message: results.append(message.payload))
+            coord.send("worker", "work", 21)
+            _wait_until(lambda: results == [42])
+        finally:
+            coord.close()
+            worker.close()
+            coord_srv.close()
+            worker_srv.close()
+
+
 def _wait_until(condition, timeout=10.0):
     import time
 
@@ -532,6 +569,17 @@ class TestRpcApi:
         with pytest.raises(TimeoutError):
             ef.with_retry(client, max_retries=1, backoff_initial=0.001).m()
         assert client.calls == 2  # the first try and one retry
+        queue = ef.MessageQueue()  # nobody serves: a real RPC timeout is retried too
+        try:
+            retries = []
+            nobody = ef.with_retry(ef.RPCClient(queue, service_name="none", timeout=0.05),
+                                   max_retries=2, backoff_initial=0.001,
+                                   on_retry=lambda attempt, exc, delay: retries.append(attempt))
+            with pytest.raises(ef.RPCTimeoutError):
+                nobody.anything()
+            assert retries == [1, 2]
+        finally:
+            queue.close()
 
     def test_serve_blocking_returns_on_stop(self):
         import threading
@@ -592,6 +640,25 @@ class TestTaskAndObserverApi:
         finally:
             queue.close()
 
+    def test_task_observers_run_around_calls_served_over_rpc(self):
+        timing, metrics = ef.TimingMeter(), ef.MetricsMeter()
+
+        @ef.task(on_execute=[timing, metrics])
+        def predict(x):
+            return x * 2
+
+        queue = ef.MessageQueue()
+        server = ef.RPCServer(queue, service_name="ml")
+        server.add_method("predict", predict)
+        server.serve(blocking=False)
+        try:
+            assert ef.RPCClient(queue, service_name="ml", timeout=10).call("predict", 2) == 4
+        finally:
+            server.stop()
+            queue.close()
+        assert timing.stats["count"] == 1
+        assert metrics.stats == {"calls": 1, "successes": 1, "failures": 0}
+
     def test_metrics_meter_extractor_and_timing_threshold(self, caplog):
         import time
 
@@ -635,203 +702,6 @@ class TestTaskAndObserverApi:
 # ---------------------------------------------------------------------------
 # 2. the reference's code samples, verbatim
 # ---------------------------------------------------------------------------
-
-SAMPLE_TRANSPORTS = '''\
-from eventforge import MessageQueue
-from eventforge.transports.tcp import TCPServerTransport
-
-# in-process (default)
-local = MessageQueue()
-
-# cross-process: same MessageQueue API, different wire
-transport = TCPServerTransport(host="127.0.0.1", port=9090)
-transport.start()
-networked = MessageQueue(transport=transport)
-
-# broker-backed: same MessageQueue API again
-from eventforge.transports.redis import RedisTransport
-brokered = MessageQueue(transport=RedisTransport(host="localhost", port=6379))
-'''
-
-SAMPLE_MESSAGE_QUEUE = '''\
-from eventforge import MessageQueue
-
-queue = MessageQueue()
-
-@queue.on("events.user")
-def handle_event(message):
-    print(f"Received: {message.topic} -> {message.payload}")
-
-queue.publish("events.user", {"action": "login", "user": "alice"})
-# Received: events.user -> {'action': 'login', 'user': 'alice'}
-
-# Request-reply over the same queue
-@queue.on("math.add")
-def add_handler(message):
-    a, b = message.payload["a"], message.payload["b"]
-    queue.reply(message, a + b)
-
-response = queue.request("math.add", {"a": 10, "b": 20}, timeout=5.0)
-print(response.payload)  # 30
-'''
-
-SAMPLE_REMOTE_QUEUE = '''\
-from eventforge import MessageQueue, RemoteQueue
-from eventforge.transports.tcp import TCPServerTransport
-
-# --- Worker: RECEIVES, so it listens on a port and subscribes locally. ---
-# (TCPServerTransport must be .start()ed before use.)
-worker_srv = TCPServerTransport(host="0.0.0.0", port=9001)
-worker_srv.start()
-worker = RemoteQueue("worker-1", local=MessageQueue(transport=worker_srv))
-
-@worker.on("work")
-def run(msg):
-    print(f"worker got: {msg.payload}")
-
-# --- Coordinator: only SENDS, so it needs no local queue at all. ---
-coord = RemoteQueue("coordinator")
-coord.connect("worker-1", host="127.0.0.1", port=9001)  # own a TCP link by address
-
-coord.send("worker-1", "work", {"task": 42})  # push to one peer
-# -> worker got: {'task': 42}
-
-coord.broadcast("work", {"task": 99})          # push to ALL connected peers
-print(coord.peers)                             # ['worker-1']
-'''
-
-SAMPLE_EXECUTOR = '''\
-from eventforge import Executor, ExecutionMode
-
-def heavy_task(n):
-    return sum(range(n))
-
-# Submit a job and fetch its TaskResult by id.
-with Executor(mode=ExecutionMode.THREAD, max_workers=4) as executor:
-    task_id = executor.submit(heavy_task, 1_000_000)
-    result = executor.result(task_id)
-    print(result.value)
-
-# Process pool for CPU-bound work, mapped over an iterable.
-with Executor(mode=ExecutionMode.PROCESS, max_workers=4) as executor:
-    for r in executor.map(heavy_task, [100_000, 200_000, 300_000]):
-        print(r.value)
-'''
-
-SAMPLE_RPC = '''\
-from eventforge import MessageQueue, RPCServer, RPCClient
-
-queue = MessageQueue()
-
-# Server
-server = RPCServer(queue, service_name="calculator")
-
-@server.register()
-def add(a: int, b: int) -> int:
-    return a + b
-
-@server.register()
-def multiply(a: int, b: int) -> int:
-    return a * b
-
-server.serve(blocking=False)  # subscribe + return; True blocks the thread
-
-# Client
-client = RPCClient(queue, service_name="calculator")
-print(client.call("add", 10, 20))   # 30
-print(client.multiply(5, 6))        # 30 (dynamic method access)
-
-server.stop()
-'''
-
-SAMPLE_TASK = '''\
-from eventforge import (
-    task, MessageQueue, Executor, ExecutionMode, TimingMeter
-)
-
-queue = MessageQueue()
-executor = Executor(mode=ExecutionMode.THREAD)
-timing = TimingMeter()
-
-@task(
-    queue=queue,             # pub-sub wiring (subscribe topic + publish result)
-    topic="process.data",
-    executor=executor,       # the Executor: local thread mode here
-    on_execute=[timing],     # observers (cross-cutting)
-    on_success=lambda ctx: print(f"Done: {ctx.result}"),
-)
-def process_data(data):
-    return data.upper()
-
-# Direct call -- runs locally through the Executor, returns the result.
-result = process_data("hello")   # "HELLO"
-
-# Queue trigger -- same execution path, same observers.
-queue.publish("process.data", "world")
-
-print(timing.stats)              # {'count': 2, 'avg': ..., ...}
-'''
-
-SAMPLE_TASK_RPC = '''\
-from eventforge import task, MessageQueue, RPCServer, RPCClient, TimingMeter
-
-# SERVER: define once, where it runs; @task adds observers around each call.
-@task(on_execute=[TimingMeter()])
-def predict(x):
-    return x * 2
-
-queue = MessageQueue()
-server = RPCServer(queue, service_name="ml")
-server.add_method("predict", predict)      # or @server.register("predict")
-server.serve(blocking=False)
-
-# CLIENT: plain, no @task, no stub.
-client = RPCClient(queue, service_name="ml")
-result = client.call("predict", 2)         # 4 -- runs predict ON the server, observers and all
-'''
-
-SAMPLE_OBSERVERS = '''\
-from eventforge import task, TimingMeter, MetricsMeter, observe
-
-timing = TimingMeter(threshold=1.0)  # alert if > 1s
-metrics = MetricsMeter()
-
-@task(on_execute=[timing, metrics])
-def my_task(x):
-    return x * 2
-
-my_task(21)
-my_task(42)
-
-print(timing.stats)   # {'count': 2, 'avg': ..., 'min': ..., 'max': ...}
-print(metrics.stats)  # {'calls': 2, 'successes': 2, 'failures': 0}
-
-# Or @observe on any plain function:
-@observe(timing, metrics)
-def simple_function(x):
-    return x + 1
-'''
-
-SAMPLE_TASK_REFERENCE = '''\
-@task(
-    queue=None,           # MessageQueue for pub-sub integration
-    topic=None,           # topic name (defaults to function name)
-    executor=None,        # Executor (default) -- how the body runs
-                          #   in-process (inline / thread / process)
-    on_execute=None,      # list of observers
-    on_success=None,      # Callable[[TaskContext], None]
-    on_failure=None,      # Callable[[TaskContext], None]
-    on_complete=None,     # Callable[[TaskContext], None]
-    publish_result=True,  # auto-publish to {topic}.success / {topic}.failure
-    max_instances=None,   # concurrency cap (None = unlimited)
-    instance_timeout=None,
-)
-def my_task(x): ...
-
-my_task(21)               # direct call -> result
-my_task.state            # SharedState across invocations
-my_task.pool.stats       # TaskPool stats when max_instances is set
-'''
 
 WORKER_COMMAND = "python -m eventforge.worker --import handlers --service math --port 9090"
 
@@ -974,6 +844,24 @@ def test_files_and_extras_the_reference_points_at():
         pyproject = fh.read()
     for extra in ("redis", "nats", "logfire"):  # pip install eventforge[EXTRA]
         assert re.search(rf"^{extra} = \[", pyproject, re.MULTILINE), extra
+
+
+REFERENCE_TEXT = os.environ.get("EVENTFORGE_REFERENCE",
+                                "/work/shared/reference/eventforge-README.txt")
+
+
+@pytest.mark.skipif(not os.path.isfile(REFERENCE_TEXT),
+                    reason="the reference README is not on this machine (set EVENTFORGE_REFERENCE)")
+def test_samples_are_verbatim_copies_of_the_reference():
+    import _reference_samples
+
+    with open(REFERENCE_TEXT, encoding="utf-8") as fh:
+        reference = fh.read()
+    names = [name for name in dir(_reference_samples) if name.startswith("SAMPLE_")]
+    assert len(names) == 9
+    for name in names:
+        assert getattr(_reference_samples, name).strip() in reference, name
+    assert WORKER_COMMAND in reference
 
 
 def test_samples_import_from_the_checkout():

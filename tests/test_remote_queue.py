@@ -8,34 +8,12 @@ import logging
 import time
 
 import pytest
+from _reference_samples import SAMPLE_REMOTE_QUEUE
 from _tcp_helpers import wait_until
 
 import eventforge as ef
 
-README_REMOTE_SAMPLE = '''
-from eventforge import MessageQueue, RemoteQueue
-from eventforge.transports.tcp import TCPServerTransport
-
-# --- Worker: RECEIVES, so it listens on a port and subscribes locally. ---
-# (TCPServerTransport must be .start()ed before use.)
-worker_srv = TCPServerTransport(host="0.0.0.0", port=9001)
-worker_srv.start()
-worker = RemoteQueue("worker-1", local=MessageQueue(transport=worker_srv))
-
-@worker.on("work")
-def run(msg):
-    print(f"worker got: {msg.payload}")
-
-# --- Coordinator: only SENDS, so it needs no local queue at all. ---
-coord = RemoteQueue("coordinator")
-coord.connect("worker-1", host="127.0.0.1", port=9001)  # own a TCP link by address
-
-coord.send("worker-1", "work", {"task": 42})  # push to one peer
-# -> worker got: {'task': 42}
-
-coord.broadcast("work", {"task": 99})          # push to ALL connected peers
-print(coord.peers)                             # ['worker-1']
-'''
+README_REMOTE_SAMPLE = SAMPLE_REMOTE_QUEUE  # the reference's sample, verbatim
 
 README_TCP_SAMPLE = '''
 from eventforge import MessageQueue

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from _reference_samples import SAMPLE_RPC
 from _worker_helpers import assert_no_leaks, leak_snapshot
 
 import eventforge as ef
@@ -74,22 +75,10 @@ def leftovers(queue):
 
 
 class TestCalls:
-    def test_readme_example(self, queue):
-        server = RPCServer(queue, service_name="calculator")
-
-        @server.register()
-        def add(a: int, b: int) -> int:
-            return a + b
-
-        @server.register()
-        def multiply(a: int, b: int) -> int:
-            return a * b
-
-        server.serve(blocking=False)
-        client = RPCClient(queue, service_name="calculator")
-        assert client.call("add", 10, 20) == 30
-        assert client.multiply(5, 6) == 30
-        server.stop()
+    def test_readme_example(self, capsys):
+        # The reference's sample, in-process (test_reference_api runs it as a script).
+        exec(compile(SAMPLE_RPC, "reference", "exec"), {"__name__": "reference"})
+        assert capsys.readouterr().out.splitlines() == ["30", "30"]
 
     def test_register_forms(self, queue):
         server = RPCServer(queue)
