@@ -5997,9 +5997,10 @@ class RemoteQueue:
 
     :meth:`connect` opens and owns a :class:`TCPClientTransport` to each
     peer; :meth:`send` pushes a message to one peer, :meth:`broadcast` to
-    all.  A node that also receives passes ``local=`` (typically a
-    :class:`MessageQueue` on a started :class:`TCPServerTransport`) and
-    subscribes to it with :meth:`subscribe` / :meth:`on`.  There is no way
+    all.  A node that also receives passes ``local=`` (a :class:`MessageQueue`,
+    typically on a started :class:`TCPServerTransport`; anything else, a bare
+    transport included, is a TypeError) and subscribes to it with
+    :meth:`subscribe` / :meth:`on`.  There is no way
     to pull from a peer's topics: that direction is request-reply (RPC).
 
     Every message carries the header ``source_node`` (this node's id) unless

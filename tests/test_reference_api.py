@@ -424,6 +424,12 @@ def _wait_until(condition, timeout=10.0):
         time.sleep(0.01)
 
 
+def _thread_name():
+    import threading
+
+    return threading.current_thread().name
+
+
 def _square(n):
     return n * n
 
@@ -531,6 +537,24 @@ class TestRpcApi:
                 one.call("nope")
         finally:
             server.stop()
+            queue.close()
+
+    @pytest.mark.parametrize("mode", ["thread", "process"])
+    def test_server_runs_methods_on_the_given_executor(self, mode):
+        queue = ef.MessageQueue()
+        executor = ef.Executor(mode=ef.ExecutionMode(mode), max_workers=2)
+        server = ef.RPCServer(queue, executor=executor, service_name="pooled")
+        server.add_method("pid", os.getpid)
+        server.serve(blocking=False)
+        try:
+            client = ef.RPCClient(queue, service_name="pooled", timeout=30)
+            assert (client.pid() == os.getpid()) is (mode == "thread")
+            if mode == "thread":  # not inline in the caller, as it would be without one
+                server.add_method("thread", _thread_name)
+                assert client.thread() != _thread_name()
+        finally:
+            server.stop()
+            executor.stop()
             queue.close()
 
     def test_round_robin_spreads_over_the_pool(self):
