@@ -705,3 +705,30 @@ def test_worker_monitor_flag_errors(tmp_path, monkeypatch):
     result = run_cli("worker", "--import", str(module), "--port", "0",
                      "--monitor", "0.0.0.0:0")
     assert result.returncode == 2 and "needs a token" in result.stderr
+
+
+def test_a_real_work_queue_on_queuez_the_page_and_metrics(tcp):
+    work = tcp.own(ef.WorkQueue(max_retries=0))
+    for n in range(6):
+        work.enqueue("jobs.email", {"n": n})
+    job = work.dequeue("jobs.email", timeout=5)
+    assert work.ack(job)
+    job = work.dequeue("jobs.email", timeout=5)
+    assert work.nack(job, requeue=False)  # -> jobs.email.dead_letter
+    monitor = tcp.own(ef.Monitor(port=0)).start()
+    monitor.watch(work, "mail")
+    _, body = get_json(monitor.port, "/queuez")
+    row = body["queues"]["mail"]
+    assert (row["ready"], row["in_flight"], row["dead_letters"]) == (4, 0, 1)
+    assert row["acked_total"] == 1 and row["dead_lettered_total"] == 1
+    assert row["nacked_total"] == 1 and row["oldest_ready_age_seconds"] >= 0
+    assert row["wait_seconds"]["count"] == 2
+    assert set(row["topics"]) == {"jobs.email", "jobs.email.dead_letter"}
+    page = fetch(monitor.port, "/")[2].decode()
+    assert re.search(r'<td>mail</td><td>4</td><td>0</td><td>0</td><td class="alert">1</td>', page)
+    samples = om_samples(fetch(monitor.port, "/metrics", headers={
+        "Accept": "application/openmetrics-text"})[2].decode())
+    values = {(name, labels): value for name, labels, value in samples}
+    assert values[("eventforge_queue_wait_seconds_count", (("queue", "mail"),))] == 2
+    assert values[("eventforge_queue_dead_letters", (("queue", "mail"),))] == 1
+    check_histograms(samples)
