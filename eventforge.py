@@ -9207,7 +9207,8 @@ def _worker_monitor(args: Any, service: str) -> Optional[Monitor]:
         raise _CLIError(f"--monitor takes HOST:PORT (e.g. 127.0.0.1:8222), not {args.monitor!r}")
     try:
         return Monitor(match.group(1), int(match.group(2)), name=f"worker {service}",
-                       token_file=args.monitor_token_file)
+                       token_file=args.monitor_token_file,
+                       allowed_hosts=args.monitor_allowed_host)
     except ValueError as exc:
         raise _CLIError(f"--monitor: {exc}") from None
 
@@ -9408,7 +9409,7 @@ def _percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _start_demo_worker(handlers_path: str, name: str) -> Any:
+def _start_demo_worker(handlers_path: str, name: str, monitor: bool = False) -> Any:
     import subprocess
 
     env = dict(os.environ)
@@ -9418,6 +9419,8 @@ def _start_demo_worker(handlers_path: str, name: str) -> Any:
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
                "--port", "0", "--workers", "2", "--log-level", "WARNING"]
+    if monitor:
+        command += ["--monitor", "127.0.0.1:0"]
     # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
     # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
     flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
@@ -9431,6 +9434,9 @@ def _read_ready_line(process: Any, timeout: float) -> Tuple[str, int]:
 
     def read() -> None:
         for line in process.stdout:
+            monitor = re.search(r"monitor: (http://\S+)", line)
+            if monitor:
+                process.monitor_url = monitor.group(1)
             match = re.search(r"ready: service '[^']*' on \[?([^\]\s]+?)\]?:(\d+) ", line)
             if match:
                 found["address"] = (match.group(1), int(match.group(2)))
@@ -9485,10 +9491,14 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
             f.write(_DEMO_HANDLERS_SOURCE)
         started = time.perf_counter()
         names = [f"worker-{n + 1}" for n in range(servers)]
-        processes = [_start_demo_worker(handlers_path, name) for name in names]
+        processes = [_start_demo_worker(handlers_path, name, monitor=n == 0)
+                     for n, name in enumerate(names)]
         addresses = [_read_ready_line(p, 30.0) for p in processes]
         for name, address, process in zip(names, addresses, processes):
             out(f"  {name}: pid {process.pid} serving 'demo' on {_format_address(address)}")
+        monitor_url = getattr(processes[0], "monitor_url", None) if processes else None
+        if monitor_url:
+            out(f"  {names[0]} monitor (while the demo runs): {monitor_url}")
         out(f"  started in {time.perf_counter() - started:.2f} s with "
             f"`python -m eventforge worker --import demo_handlers.py --port 0`")
         for host, port in addresses:
@@ -9615,6 +9625,9 @@ def _build_parser() -> Any:
     worker.add_argument("--monitor-token-file", metavar="F",
                         help=f"require this token from monitor clients (or set "
                         f"{MONITOR_TOKEN_ENV}); needed unless HOST is loopback")
+    worker.add_argument("--monitor-allowed-host", action="append", default=[], metavar="NAME",
+                        help="also accept this Host name (e.g. the one Prometheus scrapes; "
+                        "repeatable)")
 
     call = commands.add_parser("call", help="call a method on a running worker",
                                description="Call METHOD with ARGs (each parsed as JSON, else "

@@ -52,6 +52,7 @@ def test_demo_runs_and_cleans_up():
         assert re.search(rf"worker-{n}:\s+100 calls", out)
     assert re.search(r"p50 [\d.]+ ms, p90 [\d.]+ ms, p99 [\d.]+ ms", out)
     assert "progress: 300/300 calls (100%)" in out
+    assert re.search(r"worker-1 monitor \(while the demo runs\): http://127\.0\.0\.1:\d+/", out)
     assert "\r" not in out
     # pub-sub across processes: one event back from each worker
     for n in (1, 2, 3):

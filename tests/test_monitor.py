@@ -673,7 +673,8 @@ def test_worker_with_monitor_serves_every_endpoint(tmp_path):
     token = tmp_path / "token"
     token.write_text("worker-token")
     worker = Worker("--import", str(module), "--monitor", "127.0.0.1:0",
-                    "--monitor-token-file", str(token), "--log-level", "WARNING")
+                    "--monitor-token-file", str(token), "--log-level", "WARNING",
+                    "--monitor-allowed-host", "scrape.example")
     try:
         line = next(line for line in worker.stdout if "monitor:" in line)
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
@@ -689,6 +690,8 @@ def test_worker_with_monitor_serves_every_endpoint(tmp_path):
         assert json.loads(body)["services"]["calc"]["methods"]["add"]["calls"] == 1
         _, _, body = fetch(port, "/varz", headers=auth)
         assert json.loads(body)["total_connections"] == 1
+        assert fetch(port, "/healthz", headers=auth, host="scrape.example:9100")[0] == 200
+        assert fetch(port, "/healthz", headers=auth, host="other.example")[0] == 403
     finally:
         assert worker.stop() == 0
         worker.close()
