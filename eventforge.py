@@ -8291,10 +8291,11 @@ def _render_page(monitor: Monitor, snap: _Snapshot, rates: Optional[Dict[str, fl
     parts.append(f"<h2>Top connections by pending bytes ({len(conns)} open)</h2>")
     parts.append(_table(
         ["cid", "peer", "name", "pending bytes", "msgs in", "frames out", "bytes in",
-         "bytes out", "subs", "last activity"],
+         "bytes out", "subs", "idle"],
         [[_td(c["cid"]), _td(c["peer"], "text"), _td(c["name"] or "", "text"),
           _td(c["pending_bytes"]), _td(c["in_msgs"]), _td(c["out_frames"]), _td(c["in_bytes"]),
-          _td(c["out_bytes"]), _td(c["subscriptions"]), _td(_iso(c["last_activity"]), "text")]
+          _td(c["out_bytes"]), _td(c["subscriptions"]),
+          _td(_seconds_text(max(0.0, snap.now - c["last_activity"])))]
          for c in conns[:_PAGE_ROWS]], "no open connections"))
     if len(conns) > _PAGE_ROWS:
         parts.append('<p><a href="/connz?sort=pending">all connections</a></p>')

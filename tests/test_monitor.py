@@ -735,3 +735,23 @@ def test_a_real_work_queue_on_queuez_the_page_and_metrics(tcp):
     assert values[("eventforge_queue_wait_seconds_count", (("queue", "mail"),))] == 2
     assert values[("eventforge_queue_dead_letters", (("queue", "mail"),))] == 1
     check_histograms(samples)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/monitor.md"])
+def test_the_documented_scrape_config_passes_promtool_check_config(doc, tmp_path):
+    promtool = find_promtool()
+    if promtool is None:
+        if IN_CI or os.environ.get("EVENTFORGE_PROMTOOL"):
+            pytest.fail("promtool is required in CI (.ci/run installs it)")
+        pytest.skip("promtool not installed (CI installs it)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, doc), encoding="utf-8") as fh:
+        blocks = re.findall(r"```yaml\n(.*?)```", fh.read(), re.S)
+    assert len(blocks) == 1, doc
+    token = tmp_path / "token"
+    token.write_text("t")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(blocks[0].replace("/etc/prometheus/eventforge-monitor-token", str(token)))
+    result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
+                            timeout=60)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
