@@ -8442,9 +8442,17 @@ def _http_classes() -> Tuple[Any, Any]:
 
         def send_error(self, code: int, message: Optional[str] = None,
                        explain: Optional[str] = None) -> None:
-            # Malformed request lines and headers: JSON with our headers.
+            # Malformed request lines and headers: JSON with our headers, and
+            # without echoing the request (http.server's messages quote it).
+            import http
+
             self.close_connection = True
-            self.server.monitor._write(self, code, {"error": message or "bad request"})
+            self.request_version = "HTTP/1.0"  # always send the status line and headers
+            try:
+                phrase = http.HTTPStatus(code).phrase
+            except ValueError:
+                phrase = "error"
+            self.server.monitor._write(self, code, {"error": phrase})
 
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("monitor: %s %s", self.address_string(), format % args)

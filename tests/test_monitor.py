@@ -755,3 +755,31 @@ def test_the_documented_scrape_config_passes_promtool_check_config(doc, tmp_path
     result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
                             timeout=60)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        reply = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return reply
+            reply += chunk
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"<script>alert(1)</script>\r\n\r\n", b"400"),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    (b"GET /varz HTTP/1.1\r\nHost: localhost\r\n" + b"X: y\r\n" * 200 + b"\r\n", b"431"),
+    (b"GET /varz HTTP/9.9\r\nHost: localhost\r\n\r\n", b"505"),
+    (b"BREW /varz HTTP/1.1\r\nHost: localhost\r\n\r\n", b"501"),
+])
+def test_malformed_requests_get_json_errors_that_echo_nothing(tcp, request_bytes, status):
+    monitor = tcp.own(ef.Monitor(port=0)).start()
+    reply = raw_request(monitor.port, request_bytes)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 " + status), reply[:200]
+    assert b"X-Content-Type-Options: nosniff" in head
+    assert b"script" not in body and b"aaaa" not in body and b"BREW" not in body
+    assert json.loads(body)["error"]
