@@ -8503,9 +8503,12 @@ def _http_classes() -> Tuple[Any, Any]:
         def service_actions(self) -> None:
             # A client trickling bytes can renew each socket timeout; cut it
             # off after twice the timeout in total.
-            limit = time.monotonic() - 2 * self.monitor.request_timeout
+            self.cut_off(time.monotonic() - 2 * self.monitor.request_timeout)
+
+        def cut_off(self, began_before: float) -> None:
             with self.workers_lock:
-                late = [sock for sock, (_, began) in self.workers.items() if began < limit]
+                late = [sock for sock, (_, began) in self.workers.items()
+                        if began < began_before]
             for sock in late:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
@@ -8513,6 +8516,7 @@ def _http_classes() -> Tuple[Any, Any]:
                     pass
 
         def stop_workers(self, timeout: float) -> None:
+            self.cut_off(float("inf"))  # requests still reading or writing end now
             deadline = time.monotonic() + timeout
             with self.workers_lock:
                 workers = [w for w, _ in self.workers.values()]
@@ -8657,7 +8661,7 @@ class Monitor:
         return self
 
     def close(self) -> None:
-        """Stop serving and wait for requests in progress (safe to call twice)."""
+        """Stop serving; requests still in progress are cut off (safe to call twice)."""
         with self._lock:
             if self._closed:
                 return
@@ -8669,7 +8673,7 @@ class Monitor:
             httpd.shutdown()
             thread.join(5.0)
         httpd.server_close()
-        httpd.stop_workers(2 * self.request_timeout)
+        httpd.stop_workers(5.0)
 
     stop = close
 

@@ -62,7 +62,7 @@ def get_json(port: int, path: str, **kw: Any) -> Tuple[int, Any]:
     return status, json.loads(body)
 
 
-def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -567,7 +567,9 @@ def test_url_length_and_socket_timeouts_are_capped(tcp):
 
 
 def test_too_many_concurrent_requests_get_a_503(tcp):
-    monitor = tcp.own(ef.Monitor(port=0, request_timeout=5)).start()
+    # The idle sockets hold the four slots until we close them (well before
+    # the 30 s request timeout, however busy the machine is).
+    monitor = tcp.own(ef.Monitor(port=0, request_timeout=30)).start()
     idle = [socket.create_connection(("127.0.0.1", monitor.port), timeout=10) for _ in range(4)]
     try:
         wait_until(lambda: fetch(monitor.port, "/healthz")[0] == 503, what="a 503")
@@ -783,3 +785,16 @@ def test_malformed_requests_get_json_errors_that_echo_nothing(tcp, request_bytes
     assert b"X-Content-Type-Options: nosniff" in head
     assert b"script" not in body and b"aaaa" not in body and b"BREW" not in body
     assert json.loads(body)["error"]
+
+
+def test_close_does_not_wait_for_idle_clients(no_leaks):
+    monitor = ef.Monitor(port=0, request_timeout=60).start()
+    idle = socket.create_connection(("127.0.0.1", monitor.port), timeout=10)
+    try:
+        wait_until(lambda: monitor._httpd.workers, what="the idle request being served")
+        started = time.monotonic()
+        monitor.close()
+        assert time.monotonic() - started < 30  # not the 60 s request timeout
+        assert idle.recv(100) == b""  # the server hung up
+    finally:
+        idle.close()
