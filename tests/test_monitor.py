@@ -24,6 +24,8 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from _worker_helpers import Worker
 
 import eventforge as ef
@@ -798,3 +800,40 @@ def test_close_does_not_wait_for_idle_clients(no_leaks):
         assert idle.recv(100) == b""  # the server hung up
     finally:
         idle.close()
+
+
+# -- properties ----------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=12), st.integers(0, 10 ** 6), max_size=40),
+       st.integers(2, 12))
+def test_folding_keeps_the_total_and_caps_the_keys(values, cap):
+    folded, n = ef._fold(dict(values), cap, ef._merge_numbers)
+    assert len(folded) <= cap
+    assert sum(folded.values()) == sum(values.values())
+    assert n == (0 if len(values) <= cap else len(values) - (cap - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 100, allow_nan=False), min_size=1, max_size=50),
+       st.floats(0.01, 0.99), st.floats(0.01, 0.99))
+def test_quantiles_are_monotonic_and_inside_the_buckets(observations, q1, q2):
+    hist = ef._Histogram()
+    for value in observations:
+        hist.observe(value)
+    snap = hist.snapshot()
+    low, high = sorted((q1, q2))
+    a, b = ef._histogram_quantile(low, snap), ef._histogram_quantile(high, snap)
+    assert 0 <= a <= b <= ef.DURATION_BUCKETS[-1]
+    assert snap["buckets"][-1][1] == snap["count"] == len(observations)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(max_size=30))
+def test_any_label_value_survives_both_formats(value):
+    writer_om, writer_text = ef._MetricsWriter(True), ef._MetricsWriter(False)
+    for writer in (writer_om, writer_text):
+        writer.gauge("eventforge_probe", "A probe.", [({"pattern": value}, 1)])
+    (om,) = [s for s in om_samples(writer_om.text()) if s[0] == "eventforge_probe"]
+    (text,) = [s for s in prom_samples(writer_text.text()) if s[0] == "eventforge_probe"]
+    assert om == text == ("eventforge_probe", (("pattern", value),), 1.0)
