@@ -8591,6 +8591,8 @@ class Monitor:
         self.max_label_values = max_label_values
         self.request_timeout = min(max(float(request_timeout), 0.1), 60.0)
         self.poll_interval = max(float(poll_interval), 0.5)
+        if isinstance(allowed_hosts, str):
+            allowed_hosts = [allowed_hosts]
         wildcard = host in ("0.0.0.0", "::", "")
         self._allowed_hosts = _LOOPBACK_NAMES | {h.lower().strip("[]") for h in allowed_hosts} | (
             set() if wildcard else {host.lower().strip("[]")})
