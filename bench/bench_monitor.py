@@ -152,13 +152,22 @@ class TCPSetup:
         self.server_queue.close()
 
 
+def scrape_once(url: str) -> float:
+    started = time.perf_counter()
+    for path in ("metrics", "varz", "connz"):
+        with urllib.request.urlopen(url + path, timeout=10) as response:
+            response.read()
+    return time.perf_counter() - started
+
+
 def measure(make: Callable[[bool], Any], count: int, rounds: int,
-            interval: float) -> Tuple[Dict[str, List[float]], List[float]]:
+            interval: float) -> Tuple[Dict[str, List[float]], List[float], float]:
     setups = {"off": make(False), "on": make(True)}
     results: Dict[str, List[float]] = {v: [] for v in VARIANTS}
     try:
         for setup in setups.values():  # warm up
             setup.run(count // 10)
+        idle = statistics.median(scrape_once(setups["on"].monitor.url) for _ in range(9))
         with Scraper(setups["on"].monitor.url, interval) as scraper:
             for r in range(rounds):
                 for variant in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
@@ -168,7 +177,7 @@ def measure(make: Callable[[bool], Any], count: int, rounds: int,
     finally:
         for setup in setups.values():
             setup.close()
-    return results, scraper.seconds
+    return results, scraper.seconds, idle
 
 
 def fast_third(values: List[float]) -> List[float]:
@@ -177,7 +186,8 @@ def fast_third(values: List[float]) -> List[float]:
     return ordered[:max(1, len(ordered) // 3)]
 
 
-def report(name: str, results: Dict[str, List[float]], scrapes: List[float]) -> bool:
+def report(name: str, results: Dict[str, List[float]], scrapes: List[float],
+           idle: float) -> bool:
     off_fast = fast_third(results["off"])
     base = statistics.mean(off_fast)
     # Noise: how far apart the least disturbed "off" rounds themselves are.
@@ -196,8 +206,9 @@ def report(name: str, results: Dict[str, List[float]], scrapes: List[float]) -> 
             "  within noise" if within else "  OUTSIDE noise")
         print(f"  {variant:<4} fastest third {fast:7.0f}  median {statistics.median(values):7.0f}"
               f"  min {min(values):7.0f}  max {max(values):7.0f}   {ratio:4.2f}x off{verdict}")
-    print(f"  one scrape (/metrics + /varz + /connz): median "
-          f"{statistics.median(scrapes) * 1e3:.1f} ms over {len(scrapes)} scrapes")
+    print(f"  one scrape (/metrics + /varz + /connz): {idle * 1e3:.1f} ms with nothing else "
+          f"running; {statistics.median(scrapes) * 1e3:.1f} ms (median of {len(scrapes)}) "
+          f"while the rounds ran (waiting for the GIL)")
     return ok
 
 
