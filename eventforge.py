@@ -25,7 +25,9 @@ The file reads top to bottom; every section uses only the sections above it.
    13. command line .......... worker, main(argv), demo
    14. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
-The wire format is specified in ``docs/protocol.md``.  MIT licensed (see
+The wire format is specified in ``docs/protocol.md``; what each transport
+promises (ordering, delivery, what is kept or dropped) in
+``docs/guarantees.md``.  MIT licensed (see
 LICENSE); this file may be copied alone into a project.  Heavy standard-library
 modules (``ssl``, ``asyncio``, ``multiprocessing`` ...) are imported where they
 are first used, so ``import eventforge`` stays cheap.
@@ -44,6 +46,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from typing import (
     Any,
     Callable,
@@ -91,6 +94,7 @@ __all__ = [
     "FrameDecoder",
     # transports
     "INBOX_PREFIXES",
+    "DEFAULT_MAX_BUFFERED",
     "Transport",
     "Inbox",
     "MemoryTransport",
@@ -102,6 +106,7 @@ __all__ = [
     # remote
     "RemoteQueue",
     # queues
+    "TTL_HEADER",
     "MessageQueue",
     # execution
     "ExecutionMode",
@@ -137,6 +142,54 @@ __all__ = [
 
 logger = logging.getLogger("eventforge")
 logger.addHandler(logging.NullHandler())
+
+
+def _logging_configured() -> bool:
+    """True if the application gave the ``eventforge`` logger somewhere to go:
+    a handler of its own (other than our NullHandler) or on an ancestor it
+    propagates to, the root logger included."""
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        for handler in current.handlers:
+            if not isinstance(handler, logging.NullHandler):
+                return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Re-raise Ctrl-C and ``sys.exit()`` on the main thread; anywhere else
+    they (like every other exception from user code) fail only that call."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) and (
+        threading.current_thread() is threading.main_thread()
+    ):
+        raise exc
+
+
+def _report_unhandled(summary: str, exc: BaseException) -> None:
+    """Show an error nobody asked to handle, once, with its traceback.
+
+    With logging configured by the application it is logged at ERROR on the
+    ``eventforge`` logger; otherwise it is printed to stderr, as
+    ``threading.excepthook`` and asyncio do, so it is never silently lost.
+    """
+    exc_info = (type(exc), exc, exc.__traceback__)
+    if _logging_configured():
+        logger.error("%s", summary, exc_info=exc_info)
+        return
+    stream = sys.stderr
+    if stream is None:  # pythonw: nowhere to print
+        return
+    import traceback
+
+    try:
+        stream.write(f"eventforge: {summary}\n")
+        traceback.print_exception(*exc_info, file=stream)
+        stream.flush()
+    except Exception:  # a broken stderr must not break delivery
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -242,6 +295,13 @@ _TOPIC_RE = re.compile(rf"{_SEGMENT_CHARS}(?:\.{_SEGMENT_CHARS})*")
 _PATTERN_SEGMENT_RE = re.compile(rf"{_SEGMENT_CHARS}|\*|\*\*")
 _FORBIDDEN_CHAR_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
+#: Topics with these prefixes are request inboxes.  They are private to the
+#: requester: no wildcard pattern matches them (as MQTT's ``#`` never matches
+#: ``$`` topics), only an exact subscription does.  A message sent to one that
+#: nobody awaits (a late reply after a timeout) is dropped and counted, never
+#: buffered, so abandoned requests leave no state behind.
+INBOX_PREFIXES = ("_reply.", "_rpc_reply.")
+
 # User topics (never '$' ones) already validated: the publish path pays
 # one dict lookup.  Cleared when full.
 _VALID_TOPICS: Dict[str, bool] = {}
@@ -327,9 +387,15 @@ def is_pattern(text: str) -> bool:
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
-    """Return True if the concrete ``topic`` matches the subscription ``pattern``."""
+    """Return True if the concrete ``topic`` matches the subscription ``pattern``.
+
+    A pattern with a wildcard never matches an inbox topic (one starting
+    with a prefix of :data:`INBOX_PREFIXES`): replies are private.
+    """
     if "*" not in pattern:
         return pattern == topic
+    if topic.startswith(INBOX_PREFIXES):
+        return False
     return _segments_match(pattern.split("."), topic.split("."))
 
 
@@ -382,6 +448,7 @@ class SubscriptionTrie:
 
     Values are returned in the order they were added.  Every transport,
     including the adapters in ``eventforge_ext``, uses this one matcher.
+    Inbox topics (:data:`INBOX_PREFIXES`) match exact patterns only.
     """
 
     def __init__(self, cache_size: int = 2048) -> None:
@@ -496,6 +563,8 @@ class SubscriptionTrie:
             return found
 
     def _match_locked(self, topic: str) -> Tuple[Any, ...]:
+        if topic.startswith(INBOX_PREFIXES):
+            return self._match_exact(topic)
         states = self._closure([self._root])
         for segment in topic.split("."):
             step: List[_TrieNode] = []
@@ -517,6 +586,17 @@ class SubscriptionTrie:
         if not hits:
             return ()
         hits.sort(key=_first)
+        return tuple(value for _, value in hits)
+
+    def _match_exact(self, topic: str) -> Tuple[Any, ...]:
+        # Literal children only: no '*' or '**' edge is ever followed.
+        node = self._root
+        for segment in topic.split("."):
+            child = node.children.get(segment)
+            if child is None:
+                return ()
+            node = child
+        hits = sorted(node.entries.values(), key=_first)
         return tuple(value for _, value in hits)
 
     @staticmethod
@@ -590,11 +670,16 @@ _ISO_RE = re.compile(
 )
 
 
+_MIN_EPOCH = -62135596800  # 0001-01-01T00:00:00Z
+_MAX_EPOCH = 253402300800  # 10000-01-01T00:00:00Z, excluded
+_LAST_EPOCH_FLOAT = 253402300799.99997  # the largest float below it, near enough
+
+
 def _parse_timestamp(value: Any) -> float:
     """Turn a wire timestamp (ISO 8601 string or epoch seconds) into epoch seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # Years 1-9999 (what datetime can hold); also refuses NaN and infinities.
-        if not -62135596800 <= value < 253402300800:
+        if not _MIN_EPOCH <= value < _MAX_EPOCH:
             raise FrameError(f"timestamp {value!r} is not epoch seconds in the years 1-9999")
         return float(value)
     if isinstance(value, str):
@@ -619,7 +704,12 @@ def _parse_timestamp(value: Any) -> float:
                     raise ValueError
             except (ValueError, OverflowError):
                 raise FrameError(f"timestamp {value!r} is not a valid date and time") from None
-            return base + fraction - offset
+            whole = base - offset
+            # An offset can push 0001-01-01 or 9999-12-31 out of what a datetime holds.
+            if not _MIN_EPOCH <= whole < _MAX_EPOCH:
+                raise FrameError(f"timestamp {value!r} is outside the years 1-9999 in UTC")
+            # Near year 9999 a float rounds the last microseconds up to 10000.
+            return min(whole + fraction, _LAST_EPOCH_FLOAT)
     raise FrameError(
         f"timestamp must be an ISO 8601 string or epoch seconds, not {value!r:.80}"
     )
@@ -876,7 +966,9 @@ def _dumps(obj: Any) -> str:
         return _encoder.encode(obj)
     except SerializationError:
         raise
-    except ValueError as exc:  # NaN / Infinity, circular references
+    except ValueError as exc:  # NaN / Infinity, circular references, huge ints
+        if _is_int_digits_error(exc):
+            raise SerializationError(f"payload has {_int_limit_text()}") from None
         raise SerializationError(f"payload is not valid JSON: {exc}") from None
     except RecursionError:
         raise SerializationError("payload is nested too deeply to encode") from None
@@ -932,8 +1024,24 @@ def decode(body: Any) -> Message:
     except RecursionError:
         raise FrameError("frame JSON is nested too deeply") from None
     except ValueError as exc:
+        if _is_int_digits_error(exc):
+            raise FrameError(f"frame has {_int_limit_text()}") from None
         raise FrameError(f"frame is not valid JSON: {exc}") from None
     return _message_from_dict(obj)
+
+
+def _is_int_digits_error(exc: ValueError) -> bool:
+    # Python 3.11+ (and security releases of 3.9/3.10) refuse to convert
+    # integers of more than sys.get_int_max_str_digits() decimal digits.
+    return "integer string conversion" in str(exc)
+
+
+def _int_limit_text() -> str:
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    return (
+        f"an integer of more than {limit} decimal digits, the limit of this Python "
+        "(sys.set_int_max_str_digits); send larger numbers as strings"
+    )
 
 
 def _optional_str(obj: Dict[str, Any], key: str) -> Optional[str]:
@@ -970,7 +1078,9 @@ def _message_from_dict(obj: Any) -> Message:
         match = _ISO_RE.fullmatch(ts)
         if match is None:
             raise FrameError(f"frame timestamp {ts!r:.80} is not ISO 8601")
-        if match.group(3) > "28":  # e.g. 2023-02-29: reject now, not when read
+        # Days 29-31 need a calendar (2023-02-29), and an offset can push the
+        # first or last year out of range: check those now, not when read.
+        if match.group(3) > "28" or match.group(1) in ("0001", "9999"):
             _parse_timestamp(ts)
     elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
@@ -1039,10 +1149,8 @@ class FrameDecoder:
 # 4. Transports: the ABC and the in-memory transport
 # ---------------------------------------------------------------------------
 
-#: Topics with these prefixes are request inboxes.  A message sent to one
-#: that nobody awaits (a late reply after a timeout) is dropped and counted,
-#: never buffered, so abandoned requests leave no state behind.
-INBOX_PREFIXES = ("_reply.", "_rpc_reply.")
+#: Default cap on unclaimed messages a MemoryTransport keeps over all topics.
+DEFAULT_MAX_BUFFERED = 10_000
 
 
 def _resolve_future(future: Any) -> None:
@@ -1152,7 +1260,8 @@ class Inbox:
     A request opens an inbox on its reply topic, sends, then waits with
     :meth:`get` or :meth:`get_async`; a reply that arrives before the wait
     starts is kept.  Close it (or use ``with``) to withdraw the interest.
-    At most ``maxsize`` messages are held; extra ones are dropped and logged.
+    At most ``maxsize`` messages are held; extra ones are dropped, counted
+    in :attr:`dropped` and logged once.
     """
 
     def __init__(
@@ -1187,7 +1296,9 @@ class Inbox:
                 self._messages.append(message)
             else:
                 self.dropped += 1
-                logger.warning("inbox %r is full; dropped message %s", self.topic, message.id)
+                if self.dropped == 1:  # once per inbox, never a line per message
+                    logger.warning("inbox %r holds maxsize=%d messages; dropping newer ones "
+                                   "(counted in .dropped)", self.topic, self.maxsize)
 
     def _requeue(self, message: Message) -> None:
         with self._lock:
@@ -1314,7 +1425,7 @@ class Transport(abc.ABC):
         def deliver(message: Message) -> None:
             try:
                 handler(message)
-            except Exception as exc:
+            except BaseException as exc:  # any failure is that call's only
                 on_error(handler, message, exc)
 
         return self.subscribe(topic, deliver)
@@ -1353,8 +1464,14 @@ def _count_value(counter: Any) -> int:
     return int(repr(counter)[6:-1])  # "count(42)"; pickling support is deprecated
 
 
+#: A callback carrying this attribute (set to True) still gets the messages
+#: matched for it before it was unsubscribed, e.g. requests a TCP server had
+#: read but not yet dispatched: RPCServer.stop() answers what it received.
+_FINISH_QUEUED = "_eventforge_finish_queued"
+
+
 class _Subscription:
-    __slots__ = ("id", "pattern", "callback", "on_error", "active")
+    __slots__ = ("id", "pattern", "callback", "on_error", "active", "finish_queued")
 
     def __init__(
         self,
@@ -1368,6 +1485,7 @@ class _Subscription:
         self.callback = callback
         self.on_error = on_error
         self.active = True
+        self.finish_queued = getattr(callback, _FINISH_QUEUED, False) is True
 
 
 def _callable_name(func: Any) -> str:
@@ -1391,25 +1509,43 @@ class MemoryTransport(Transport):
     exception is logged and counted and never reaches the sender.
 
     A message nobody subscribed to or is receiving waits in its topic's
-    mailbox (FIFO, at most ``max_queue_size``; a full mailbox makes ``send``
-    raise TransportFullError).  Drained mailboxes are removed, and messages
-    to inbox topics nobody awaits are dropped, so nothing accumulates.
+    mailbox for a later :meth:`receive`: a bounded retention buffer of at
+    most ``max_queue_size`` messages per topic and ``max_buffered`` over all
+    topics.  Past either bound the *oldest* unclaimed message is dropped,
+    counted in :attr:`stats` and logged (at most once per topic per
+    ``drop_log_interval`` seconds), so ``send`` never fails for lack of a
+    subscriber.  Emptied mailboxes are removed, and messages to inbox topics
+    nobody awaits are dropped at once, so one-off topics leave nothing behind.
     """
 
-    def __init__(self, max_queue_size: int = 1000) -> None:
-        if not isinstance(max_queue_size, int) or max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be a positive int, not {max_queue_size!r}")
+    #: Seconds between two log lines about drops on the same topic.
+    drop_log_interval = 60.0
+    _DROP_LOG_TOPICS = 20  # distinct topics logged per interval, at most
+
+    def __init__(
+        self, max_queue_size: int = 1000, *, max_buffered: int = DEFAULT_MAX_BUFFERED
+    ) -> None:
+        for name, value in (("max_queue_size", max_queue_size), ("max_buffered", max_buffered)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
         self.max_queue_size = max_queue_size
+        self.max_buffered = max_buffered
         self._lock = threading.Lock()
         self._subscriptions = SubscriptionTrie()
-        self._mailboxes: Dict[str, Deque[Message]] = {}
+        # Each mailbox holds (sequence, message); _order maps every retained
+        # sequence number to its topic, oldest first, for the total cap.
+        self._mailboxes: Dict[str, Deque[Tuple[int, Message]]] = {}
+        self._order: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._seq = itertools.count()
         self._waiters: Dict[str, Deque[_Waiter]] = {}
         self._inboxes: Dict[str, Inbox] = {}
         self._sub_ids = itertools.count(1)
         self._closed = False
         self._sent = itertools.count()  # next() is atomic: no lock on the fast path
         self._handler_errors = 0
-        self._dropped = 0
+        self._drops = {"topic_full": 0, "buffer_full": 0, "no_inbox": 0}
+        self._drop_log_since = -1e9  # monotonic start of the current log interval
+        self._drop_logged: Dict[str, int] = {}  # topics logged since _drop_log_since
 
     @property
     def closed(self) -> bool:
@@ -1440,19 +1576,22 @@ class MemoryTransport(Transport):
             if subscription.active:
                 try:
                     subscription.callback(message)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._handler_failed(subscription, message, exc)
 
     def _run_subscriptions(self, subscriptions: Tuple[Any, ...], message: Message) -> None:
         """Call each still-active subscription; failures go to _handler_failed.
 
-        The TCP transports deliver network messages through this.
+        The TCP transports deliver network messages through this, on their
+        dispatch threads, which must survive whatever a handler raises
+        (``asyncio.CancelledError``, ``SystemExit`` ... included): it is a
+        failure of that call only.
         """
         for subscription in subscriptions:
             if subscription.active:
                 try:
                     subscription.callback(message)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._handler_failed(subscription, message, exc)
 
     def _hand_over(self, topic: str, message: Message) -> bool:
@@ -1474,37 +1613,94 @@ class MemoryTransport(Transport):
         return False
 
     def _keep(self, topic: str, message: Message) -> None:
-        # Called with self._lock held, for a message nobody took.
+        # Called with self._lock held, for a message nobody took: retain it,
+        # dropping the oldest past either bound.  Never raises.
         if topic.startswith(INBOX_PREFIXES):
-            self._dropped += 1
-            logger.debug("dropped %s on %r: nobody awaits that reply", message.id, topic)
-            return
-        mailbox = self._mailboxes.get(topic)
-        if mailbox is None:
-            self._mailboxes[topic] = collections.deque((message,))
-        elif len(mailbox) < self.max_queue_size:
-            mailbox.append(message)
+            note = self._count_drop(topic, "no_inbox")
         else:
-            raise TransportFullError(
-                f"mailbox of {topic!r} holds max_queue_size={self.max_queue_size} "
-                "unconsumed messages; receive from it or subscribe"
-            )
+            note = None
+            seq = next(self._seq)
+            mailbox = self._mailboxes.get(topic)
+            if mailbox is None:
+                self._mailboxes[topic] = collections.deque(((seq, message),))
+            else:
+                if len(mailbox) >= self.max_queue_size:
+                    del self._order[mailbox.popleft()[0]]
+                    note = self._count_drop(topic, "topic_full")
+                mailbox.append((seq, message))
+            order = self._order
+            order[seq] = topic
+            if len(order) > self.max_buffered:  # (never together with topic_full)
+                oldest_topic = order.popitem(last=False)[1]
+                oldest_box = self._mailboxes[oldest_topic]
+                oldest_box.popleft()  # per-topic FIFO: its head is the globally oldest
+                if not oldest_box:
+                    del self._mailboxes[oldest_topic]
+                note = self._count_drop(oldest_topic, "buffer_full")
+        if note is not None:
+            # The state is consistent again: log with the lock released, since
+            # a logging handler is user code and may publish here.
+            self._lock.release()
+            try:
+                logger.log(*note)
+            finally:
+                self._lock.acquire()
+
+    def _count_drop(self, topic: str, reason: str) -> Optional[Tuple[Any, ...]]:
+        # Count a drop; return the log call's arguments at most once per topic
+        # (and for a few topics) per drop_log_interval, else None.
+        self._drops[reason] += 1
+        now = time.monotonic()
+        logged = self._drop_logged
+        if now - self._drop_log_since >= self.drop_log_interval:
+            self._drop_log_since = now
+            logged.clear()
+        if topic in logged or len(logged) >= self._DROP_LOG_TOPICS:
+            return None
+        logged[topic] = 1
+        if reason == "no_inbox":  # a late reply: normal after a timeout
+            return (logging.DEBUG, "dropped a message on %r: nobody awaits that reply", topic)
+        if reason == "topic_full":
+            why = f"its mailbox holds max_queue_size={self.max_queue_size}"
+        else:
+            why = f"all mailboxes together hold max_buffered={self.max_buffered}"
+        return (
+            logging.WARNING,
+            "dropped the oldest unclaimed message on %r: %s and nobody subscribed or "
+            "received (drops are counted in stats, logged at most every %g s per topic)",
+            topic, why, self.drop_log_interval,
+        )
+
+    def _unkeep(self, topic: str) -> List[Message]:
+        # Called with self._lock held: take a topic's whole mailbox.
+        mailbox = self._mailboxes.pop(topic, ())
+        order = self._order
+        for seq, _ in mailbox:
+            del order[seq]
+        return [message for _, message in mailbox]
+
+    def _drain_mailbox(self, topic: str) -> List[Message]:
+        """Remove and return every message kept for ``topic``, oldest first."""
+        with self._lock:
+            return self._unkeep(topic)
 
     def _handler_failed(
-        self, subscription: _Subscription, message: Message, exc: Exception
+        self, subscription: _Subscription, message: Message, exc: BaseException
     ) -> None:
+        _reraise_interrupt(exc)
         if subscription.on_error is not None:
-            subscription.on_error(subscription.callback, message, exc)
-            return
+            try:
+                subscription.on_error(subscription.callback, message, exc)
+                return
+            except BaseException as hook_exc:  # report it; never propagate
+                _reraise_interrupt(hook_exc)
+                exc = hook_exc
         with self._lock:
             self._handler_errors += 1
-        logger.error(
-            "subscriber %s on %r failed for message %s on %r",
-            _callable_name(subscription.callback),
-            subscription.pattern,
-            message.id,
-            message.topic,
-            exc_info=True,
+        _report_unhandled(
+            f"subscriber {_callable_name(subscription.callback)} on {subscription.pattern!r} "
+            f"failed for message {message.id} on {message.topic!r}",
+            exc,
         )
 
     def _take(
@@ -1513,7 +1709,8 @@ class MemoryTransport(Transport):
         # Called with self._lock held: pop from the mailbox or register a waiter.
         mailbox = self._mailboxes.get(topic)
         if mailbox:
-            message = mailbox.popleft()
+            seq, message = mailbox.popleft()
+            del self._order[seq]
             if not mailbox:
                 del self._mailboxes[topic]
             return message, None
@@ -1542,10 +1739,13 @@ class MemoryTransport(Transport):
             with self._lock:
                 if self._closed or self._hand_over(topic, message):
                     return
-                if topic.startswith(INBOX_PREFIXES):
-                    self._dropped += 1
-                    return
-                self._mailboxes.setdefault(topic, collections.deque()).appendleft(message)
+                # Kept again, and put back at the front: it was its topic's oldest.
+                self._keep(topic, message)
+                mailbox = self._mailboxes.get(topic)
+                if mailbox and mailbox[-1][1] is message:
+                    entry = mailbox.pop()
+                    mailbox.appendleft(entry)
+                    self._order.move_to_end(entry[0], last=False)
 
         return requeue
 
@@ -1611,7 +1811,8 @@ class MemoryTransport(Transport):
         subscription = self._subscriptions.pop(subscription_id)
         if subscription is None:
             return False
-        subscription.active = False
+        if not subscription.finish_queued:
+            subscription.active = False
         return True
 
     def open_inbox(self, topic: str) -> Inbox:
@@ -1625,7 +1826,7 @@ class MemoryTransport(Transport):
             if topic in self._inboxes:
                 raise ValueError(f"an inbox for {topic!r} is already open")
             self._inboxes[topic] = inbox
-            for message in self._mailboxes.pop(topic, ()):
+            for message in self._unkeep(topic):
                 inbox.put(message)
         return inbox
 
@@ -1644,6 +1845,7 @@ class MemoryTransport(Transport):
             inboxes = list(self._inboxes.values())
             self._waiters.clear()
             self._mailboxes.clear()
+            self._order.clear()
             self._inboxes.clear()
             for waiter in waiters:
                 waiter.fulfil(None)
@@ -1653,15 +1855,25 @@ class MemoryTransport(Transport):
 
     @property
     def stats(self) -> Dict[str, int]:
-        """Counters (sent, handler_errors, dropped) and current sizes."""
+        """Counters and current sizes.
+
+        ``dropped`` is the sum of ``dropped_topic_full`` (a mailbox held
+        ``max_queue_size``), ``dropped_buffer_full`` (all mailboxes held
+        ``max_buffered``) and ``dropped_no_inbox`` (a reply nobody awaited);
+        ``buffered`` counts the unclaimed messages kept now.
+        """
         with self._lock:
+            drops = self._drops
             return {
                 "sent": _count_value(self._sent),
                 "handler_errors": self._handler_errors,
-                "dropped": self._dropped,
+                "dropped": sum(drops.values()),
+                "dropped_topic_full": drops["topic_full"],
+                "dropped_buffer_full": drops["buffer_full"],
+                "dropped_no_inbox": drops["no_inbox"],
                 "subscriptions": len(self._subscriptions),
                 "mailboxes": len(self._mailboxes),
-                "buffered": sum(len(m) for m in self._mailboxes.values()),
+                "buffered": len(self._order),
                 "receivers": sum(len(w) for w in self._waiters.values()),
                 "inboxes": len(self._inboxes),
             }
@@ -1679,19 +1891,23 @@ class MemoryTransport(Transport):
 # Frames are those of section 3.  Peers that speak our handshake exchange a
 # few control frames on reserved ``$`` topics (docs/protocol.md, "TCP connections"):
 #
-#   client -> server  $hello     {version, features, nonce, ping_interval}
+#   client -> server  $hello     {version, features, nonce, ping_interval, max_frame_size}
 #   server -> client  $welcome   {version, features, auth, nonce, max_frame_size, ping_interval}
+#                     (a late $welcome switches a client that fell back to plain frames)
 #   client -> server  $auth      {proof}             only when the server has a secret
 #   server -> client  $ready     {proof}             only when the server has a secret
 #   client -> server  $interest  {add: [...], remove: [...]}
 #                     (feature "reply": a request's inbox reply_to is an implied add)
-#   server -> client  $ack       {n}                 data frames received so far
+#   server -> client  $ack       {n}                 data frames handled so far
+#   client -> server  $flush     {id}                feature "flush"
+#   server -> client  $flushed   {id}                all frames before $flush handled
 #   either way        $ping {} / $pong {}
 #   server -> client  $error     {code, reason}      just before the server closes
 #
 # A peer whose first frame is not ``$hello`` speaks plain frames (the original
-# eventforge client): it receives every message the server routes, and is
-# refused when the server has a secret.
+# eventforge client): it receives every message the server routes but other
+# connections' inbox messages, and is refused when the server has a secret
+# or ``allow_frame_only=False``.
 #
 # I/O model: one selector loop per server (accepts, reads, and writes what
 # the kernel would not take at once) and one per client; a sender writes
@@ -1700,7 +1916,8 @@ class MemoryTransport(Transport):
 # network reach inboxes and blocked receivers straight from the reading
 # thread.  The server runs subscriber callbacks on the thread that read the
 # frame and hands the loop to a standby thread when one blocks (leader/
-# follower, see _lf_main); the client runs them on a dispatcher thread, and a
+# follower, see _lf_main); the client runs them on a dispatcher thread (a
+# callback that waits for a reply hands that role to a new thread first), and a
 # caller waiting for a reply reads the socket itself (_read_until).  Either
 # way a handler may block (even on a request over the same connection)
 # without stalling any socket, and one connection's messages keep their order.
@@ -1710,7 +1927,8 @@ PROTOCOL_VERSION = 1
 #: Default TCP port of the original eventforge.
 DEFAULT_TCP_PORT = 9090
 
-_FEATURES = frozenset(("interest", "ack", "ping", "reply"))
+_FEATURES = frozenset(("interest", "ack", "ping", "reply", "flush"))
+_PROGRESS_FEATURES = frozenset(("ack", "flush"))  # the server tracks which frames were handled
 _HANDSHAKE_MAX_FRAME = 4096  # read cap before a secret-protected peer has authenticated
 _AUTH_LABEL_CLIENT = b"eventforge-v1 client"
 _AUTH_LABEL_SERVER = b"eventforge-v1 server"
@@ -1719,6 +1937,7 @@ _ACK_DELAY = 0.02
 _RECV_SIZE = 256 * 1024
 _DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
 _DISPATCH_LOW_WATER = 5000
+_MAX_DISPATCH_THREADS = 32  # client callbacks waiting for a reply, plus the one dispatching
 # dispatch="leader": a handler that has run this long on the I/O thread makes
 # the standby thread take the I/O loop over; the standby checks this often
 # while handlers run, and sleeps until woken after a second without any.
@@ -1732,15 +1951,23 @@ _conn_ids = itertools.count(1)
 # Counters always present in TCPServerTransport.stats (each refusal has its own).
 _SERVER_COUNTERS = (
     "accepted", "refused_connections", "accept_errors", "disconnects", "messages_in",
-    "messages_out", "bytes_in", "mailbox_full", "frame_errors", "oversize_frames",
+    "messages_out", "bytes_in", "frame_errors", "oversize_frames",
     "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
     "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
+    "expired", "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
 )
 _CLIENT_COUNTERS = (
     "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
     "reconnect_attempts", "reconnects", "dead_peers", "mailbox_full", "frame_errors",
-    "oversize_frames", "protocol_errors",
+    "oversize_frames", "protocol_errors", "too_large", "refused", "withdrawn", "expired",
+    "failed_requests",
 )
+# A frame that was the oldest unacknowledged one on this many connections
+# that all broke is taken as refused by the server and dropped.
+_MAX_SEND_ATTEMPTS = 3
+# close() waits this long by default for what the client accepted to be
+# delivered; clients still open at interpreter exit share one such wait.
+_CLOSE_TIMEOUT = 2.0
 
 # Connection states
 _TLS, _NEW, _AUTH, _READY = "tls", "new", "auth", "ready"
@@ -1753,6 +1980,48 @@ _HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
 _REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
 _CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
 _perf_counter = time.perf_counter
+_monotonic = time.monotonic
+_NO_PEER_LIMIT = 1 << 32  # a peer that named no max_frame_size: the length prefix's own bound
+_MAX_FLUSHES = 1024  # $flush requests one connection may have waiting
+_TTL_HEADER = "_ttl_ms"
+# A server handler call: (subscriptions, message, expiry or 0.0, connection read from).
+_Call = Tuple[Tuple[Any, ...], Message, float, Any]
+
+
+def _ttl_expiry(value: Any) -> float:
+    """The monotonic deadline of a request whose ``_ttl_ms`` header is ``value``, or 0.0."""
+    if type(value) is int and value >= 0:
+        return _monotonic() + value / 1000.0
+    return 0.0  # absent or malformed: no deadline
+
+
+class _LogLimiter:
+    """Logs a recurring event at most once per ``interval`` seconds, with a count.
+
+    For events a peer can repeat at will (a dropped frame, an expired
+    request): one line per interval says how many there were, so the log
+    stays readable and cheap.  Races between threads cost at most a line.
+    """
+
+    __slots__ = ("interval", "level", "_next", "_skipped")
+
+    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
+        self.interval = interval
+        self.level = level
+        self._next = 0.0
+        self._skipped = 0
+
+    def log(self, msg: str, *args: Any) -> None:
+        now = _monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg += " (%d more since the last such line)"
+            args += (self._skipped,)
+        self._skipped = 0
+        self._next = now + self.interval
+        logger.log(self.level, msg, *args)
 
 
 def _control_frame(topic: str, payload: Dict[str, Any]) -> bytes:
@@ -1776,12 +2045,14 @@ def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
         obj = _decoder.decode(body.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if type(obj) is not dict or len(obj) != 2:
+    # Exactly these two keys: any other key (an id, a timestamp ...) must be
+    # checked by decode(), which may refuse the frame.
+    if type(obj) is not dict or len(obj) != 2 or "payload" not in obj:
         return None
-    topic = obj.get("topic")
+    topic = obj["topic"]
     if type(topic) is not str or not _TOPIC_RE.fullmatch(topic) or len(topic) > 64:
         return None
-    return topic, obj.get("payload")
+    return topic, obj["payload"]
 
 
 _json_string = json.JSONEncoder(ensure_ascii=False).encode
@@ -1898,6 +2169,7 @@ class _Connection:
         "ping_sent", "received", "acked", "interest", "events", "paused",
         "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
         "pending", "running", "queued", "caller_reading", "poller",
+        "finished", "waiting", "counted", "peer_max_frame", "flushes",
         "frames_out", "bytes_out", "name", "started_at",
     )
 
@@ -1942,11 +2214,20 @@ class _Connection:
         # dispatch="leader": handler calls not run yet, in arrival order; a
         # connection is run by one thread at a time (running), and waits in
         # the server's ready queue (queued) while no thread runs it.
-        self.pending: Optional[Deque[Tuple[Tuple[Any, ...], Message]]] = None
+        self.pending: Optional[Deque[Any]] = None
         self.running = False
         self.queued = False
         self.caller_reading = False  # client: a waiting caller reads the socket itself
         self.poller: Any = None
+        # Server, "acknowledge after handling": the numbers of the frames read
+        # whose handler calls had not finished when last looked (loop thread
+        # only), how many of those were since seen finished, and the finished
+        # calls (counted by whichever thread ran them; one at a time).
+        self.waiting: Optional[Deque[int]] = None  # set for peers with "ack" or "flush"
+        self.counted = 0
+        self.finished = 0
+        self.peer_max_frame = _NO_PEER_LIMIT  # the largest frame the peer accepts
+        self.flushes: Optional[Deque[Tuple[int, Any]]] = None  # ($flush seq, id) waiting
         # Read by the monitor: frames queued (control frames included) and
         # bytes the kernel took; the peer's name from its $hello.
         self.frames_out = 0
@@ -2188,24 +2469,45 @@ class _Dispatcher:
     the very same connection, say) without stalling any socket.  ``backlog``
     lets the I/O thread stop reading while too much waits here.  A bare lock
     serves as the wake-up signal: cheaper than a Condition on this hot path.
+
+    A callback about to wait for a message (a request's reply, say) calls
+    :meth:`hand_off_if_current`: a new thread takes over the queue, so a
+    reply that must itself pass through a callback is not stuck behind the
+    waiting one; the old thread ends when its callback returns.  At most
+    ``_MAX_DISPATCH_THREADS`` threads exist; beyond that the callback waits
+    in place (until its timeout, if its reply needs the queue).
     """
 
-    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None]) -> None:
+    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None],
+                 run: Optional[Callable[..., None]] = None) -> None:
         self.name = name
         self._local = local
         self._on_low = on_low
+        # Called with each item's fields; by default items are (subscriptions, message).
+        self._call = run if run is not None else local._run_subscriptions
         self._mutex = threading.Lock()
         self._signal = threading.Lock()
         self._signal.acquire()
-        self._items: Deque[Tuple[Tuple[Any, ...], Message]] = collections.deque()
-        self._thread: Optional[threading.Thread] = None
+        self._items: Deque[Tuple[Any, ...]] = collections.deque()
+        self._batch: Deque[Tuple[Any, ...]] = collections.deque()
+        self._thread: Optional[threading.Thread] = None  # the one dispatching now
+        self._threads: List[threading.Thread] = []  # every one started and maybe alive
         self._sleeping = False
         self._idle = True
         self._stopping = False
         self.backlog = 0
         self.high = False
 
-    def put_many(self, items: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def _start_thread(self) -> None:
+        # Called with _mutex held.
+        self._threads = [t for t in self._threads if t.is_alive()]
+        name = self.name if not self._threads else f"{self.name}-{len(self._threads)}"
+        thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = thread
+        self._threads.append(thread)
+        thread.start()
+
+    def put_many(self, items: List[Tuple[Any, ...]]) -> None:
         wake = False
         with self._mutex:
             if self._stopping:
@@ -2216,36 +2518,59 @@ class _Dispatcher:
                 self.high = True
             self._idle = False
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
+                self._start_thread()
             elif self._sleeping:
                 self._sleeping = False
                 wake = True
         if wake:
             self._signal.release()
 
+    def hand_off_if_current(self) -> None:
+        """If the calling thread is the dispatcher, let a new thread take the queue over."""
+        if self._thread is not threading.current_thread():
+            return
+        with self._mutex:
+            if self._thread is not threading.current_thread() or self._stopping:
+                return
+            if sum(1 for t in self._threads if t.is_alive()) >= _MAX_DISPATCH_THREADS:
+                return
+            batch = self._batch  # the rest of this thread's batch goes first
+            self._items.extendleft(reversed(batch))
+            batch.clear()
+            self._idle = not self._items
+            self._sleeping = False
+            self._start_thread()
+
     def _run(self) -> None:
-        items = self._items
+        me = threading.current_thread()
         mutex = self._mutex
         while True:
             with mutex:
-                if not items:
+                if self._thread is not me:  # handed off while a callback waited
+                    return
+                if not self._items:
                     self._idle = True
                     if self._stopping:
                         return
                     self._sleeping = True
                     batch = None
                 else:
-                    batch = list(items)
-                    items.clear()
+                    batch = self._batch = self._items
+                    self._items = collections.deque()
             if batch is None:
                 self._signal.acquire()
                 continue
-            run = self._local._run_subscriptions
-            for subscriptions, message in batch:
-                run(subscriptions, message)
+            call = self._call
+            done = 0
+            while batch:
+                item = batch.popleft()
+                done += 1
+                try:
+                    call(*item)
+                except BaseException:  # whatever user code raised, this thread goes on
+                    logger.exception("%s: a handler call failed", self.name)
             with mutex:
-                self.backlog -= len(batch)
+                self.backlog -= done
                 resume = self.high and self.backlog < _DISPATCH_LOW_WATER
                 if resume:
                     self.high = False
@@ -2263,8 +2588,12 @@ class _Dispatcher:
             time.sleep(0.002)
         return True
 
-    def stop(self, timeout: float) -> None:
-        """Deliver what is queued (up to ``timeout``), then end the thread."""
+    def stop(self, timeout: float) -> int:
+        """Deliver what is queued (up to ``timeout`` in all), then end the threads.
+
+        Returns how many queued items were dropped, not run.
+        """
+        deadline = _monotonic() + timeout
         self.drain(timeout)
         with self._mutex:
             self._stopping = True
@@ -2273,13 +2602,16 @@ class _Dispatcher:
             self.backlog = 0
             wake = self._sleeping
             self._sleeping = False
-            thread = self._thread
+            threads = list(self._threads)
         if wake:
             self._signal.release()
         if dropped:
             logger.warning("%s: %d messages not delivered at close", self.name, dropped)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        current = threading.current_thread()
+        for thread in threads:
+            if thread is not current:
+                thread.join(max(0.0, deadline - _monotonic()))
+        return dropped
 
 
 def _deliver_local(
@@ -2289,9 +2621,9 @@ def _deliver_local(
 
     The MemoryTransport delivery model minus running the callbacks, which the
     caller does inline or on a dispatcher.  ``taken`` says a remote peer
-    already took the message, so it is not kept in a mailbox.  Raises
-    TransportFullError if the mailbox is full and TransportClosedError after
-    close.
+    already took the message, so it is not kept in a mailbox.  A mailbox
+    past its bounds drops its oldest message; never raises TransportFullError.
+    Raises TransportClosedError after close.
     """
     topic = message.topic
     trie = local._subscriptions
@@ -2356,7 +2688,15 @@ class TCPServerTransport(Transport):
     at a time (a thread hop per message).  ``dispatch="inline"`` runs them on
     the I/O thread with no standby; use it only when handlers return quickly
     and never wait for network traffic: while a handler runs, no socket of
-    this server is served.
+    this server is served.  In every mode a handler that raises anything,
+    ``BaseException`` included, fails that call only.
+
+    A client's frame is acknowledged once handled (routed on and its local
+    callbacks run), so :meth:`close` loses nothing a reconnecting client
+    does not send again.  Inbox messages (``_reply.``/``_rpc_reply.``) go
+    only to the connection whose request opened the inbox.
+    ``allow_frame_only=False`` refuses peers that do not start with
+    ``$hello`` (a server with a ``secret`` always does).
     """
 
     def __init__(
@@ -2377,6 +2717,7 @@ class TCPServerTransport(Transport):
         backlog: int = 512,
         dispatch: str = "leader",
         max_handler_threads: int = 32,
+        allow_frame_only: bool = True,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
@@ -2425,14 +2766,21 @@ class TCPServerTransport(Transport):
         self.max_interest = max_interest
         self.backlog = backlog
         self._key = _secret_key(secret)
+        # Peers that never send $hello; a secret always refuses them.
+        self.allow_frame_only = bool(allow_frame_only) and self._key is None
         self.ssl_context = ssl_context
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
         self._listener: Any = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
-            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low
+            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low,
+            run=self._dispatch_call,
         )
+        self._discard = False  # closing: handler calls not started are skipped
+        self._reading = True  # False once close() stopped reading
+        self._expired_log = _LogLimiter()
+        self._oversize_log = _LogLimiter()
         self._conns: Dict[int, _Connection] = {}
         # Routing tables, written by the loop thread only, read by any thread
         # (values are replaced, never mutated: copy on write).
@@ -2503,49 +2851,73 @@ class TCPServerTransport(Transport):
         logger.info("tcp server listening on %s", _peer_name(self._address))
         return self
 
-    def close(self) -> None:
-        """Stop accepting and reading, deliver what was read, close every connection.
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting and reading, handle what was read, close every connection.
 
-        Messages already read are dispatched (for up to 5 seconds), acknowledged
-        and their replies flushed before the sockets close.  Safe to call twice
-        and from a handler.
+        The handler calls of frames already read go on running until
+        ``timeout`` (seconds) has nearly passed: a quarter of it, at most 1 s,
+        is kept for the rest.  Calls not started by then are skipped and their
+        frames never acknowledged, so a reconnecting client sends them again
+        (at-least-once).  Then what was handled is acknowledged, replies are
+        flushed, every connection is closed and every thread joined; close
+        returns within about ``timeout``.  Only a handler that is still
+        running at that point (it blocks) can outlive it; that is logged.
+        Safe to call twice and from a handler.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             loop = self._loop
-        if loop is not None and self._leader:
-            loop.call_soon(self._stop_reading)
-            self._reads_stopped.wait(5.0)
-            self._lf_drain(5.0)
-            loop.call_soon(self._shutdown)
-            self._loop_done.wait(5.0)
+        if loop is None:
+            self._dispatcher.stop(0)
+            self._local.close()
+            return
+        deadline = _monotonic() + timeout
+        handle_until = deadline - min(1.0, timeout / 4)
+        if self._inline and loop.in_loop():
+            # close() from a handler on the I/O thread: the rest of the batch it
+            # runs in cannot be waited for, so it is left unacknowledged.
+            self._stop_reading()
+            self._skip_unstarted()
+            self._shutdown(deadline)
+            self._local.close()
+            return  # the loop ends (and cleans up) when this handler returns
+        loop.call_soon(self._stop_reading)
+        if not self._drain(handle_until):
+            self._skip_unstarted()
+            self._drain(deadline)  # only calls still running remain: wait for them
+        loop.call_soon(lambda: self._shutdown(deadline))
+        self._join_threads(loop, deadline)
+        self._local.close()
+
+    def _skip_unstarted(self) -> None:
+        self._discard = True
+        left = self._backlog if self._leader else self._dispatcher.backlog
+        self._counts["unhandled_at_close"] += left
+        logger.warning("tcp server: closing; %d handler call(s) not started are skipped and "
+                       "their frames left unacknowledged (clients send them again)", left)
+
+    def _join_threads(self, loop: _Loop, deadline: float) -> None:
+        me = threading.current_thread()
+        if self._leader:
+            self._loop_done.wait(max(0.0, deadline - _monotonic()))
             with self._lf_lock:
                 self._lf_stop = True
                 threads = list(self._lf_threads)
                 if self._standby_asleep:
                     self._standby_asleep = False
                     self._standby_signal.release()
-            me = threading.current_thread()
-            deadline = time.monotonic() + 5.0
-            for thread in threads:
-                if thread is not me:
-                    thread.join(max(0.0, deadline - time.monotonic()))
-            if not self._loop_done.is_set():  # pragma: no cover - defensive
-                logger.error("tcp server: I/O loop did not stop within 5 s")
-        elif loop is not None:
-            loop.call_soon(self._stop_reading)
-            self._reads_stopped.wait(5.0)
-            self._dispatcher.stop(5.0)
-            loop.call_soon(self._shutdown)
-            if loop.thread is not None and loop.thread is not threading.current_thread():
-                loop.thread.join(5.0)
-                if loop.thread.is_alive():  # pragma: no cover - defensive
-                    logger.error("tcp server: I/O thread did not stop within 5 s")
         else:
-            self._dispatcher.stop(0)
-        self._local.close()
+            self._dispatcher.stop(max(0.0, deadline - _monotonic()))
+            threads = [loop.thread] if loop.thread is not None else []
+        for thread in threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - _monotonic()))
+        alive = [t.name for t in threads if t is not me and t.is_alive()]
+        if alive:
+            logger.error("tcp server: thread(s) %s still running after close(); a handler "
+                         "blocks", ", ".join(alive))
 
     # -- Transport API ------------------------------------------------------------
 
@@ -2646,6 +3018,13 @@ class TCPServerTransport(Transport):
         A message that went to any connection is not kept in a local mailbox.
         """
         targets = list(self._exact.get(topic, ()))
+        if topic.startswith(INBOX_PREFIXES):
+            # An inbox is private: it goes only to the connection whose request
+            # opened it, or that named this exact topic; no pattern matches it
+            # and frame-only peers do not get it.
+            if targets:
+                targets = [conn for conn in targets if not conn.closed]
+            return targets, bool(targets)
         if len(self._patterns):
             matched = self._patterns.match(topic)
             if matched:
@@ -2667,6 +3046,9 @@ class TCPServerTransport(Transport):
         return targets, bool(targets)
 
     def _push(self, conn: _Connection, frame: bytes) -> None:
+        if len(frame) - 4 > conn.peer_max_frame:
+            self._too_large_for(conn, frame)
+            return
         result = conn.enqueue(frame)
         if result == _OK:
             loop = self._loop
@@ -2691,6 +3073,15 @@ class TCPServerTransport(Transport):
                 f"max_outbound_bytes={self.max_outbound_bytes}",
             )
 
+    def _too_large_for(self, conn: _Connection, frame: bytes) -> None:
+        # Never send a peer more than the max_frame_size it announced in
+        # $hello: it would have to close the connection.  The frame is dropped
+        # for this peer only; the connection stays.
+        self._counts["oversize_for_peer"] += 1
+        self._oversize_log.log(
+            "tcp server: dropped a %d-byte frame for %s: over the max_frame_size=%d it accepts",
+            len(frame) - 4, conn.peer, conn.peer_max_frame)
+
     def _scheduled_flush(self, conn: _Connection) -> None:
         conn.scheduled = False
         if not conn.closed:
@@ -2711,6 +3102,9 @@ class TCPServerTransport(Transport):
             pending = self._fanout
             schedule = not pending
             for conn in targets:
+                if len(frame) - 4 > conn.peer_max_frame:
+                    self._too_large_for(conn, frame)
+                    continue
                 result = conn.enqueue(frame)
                 if result == _OK:
                     pending[conn.id] = conn
@@ -2799,7 +3193,7 @@ class TCPServerTransport(Transport):
                         try:
                             if mask & selectors.EVENT_WRITE:
                                 self._on_writable(obj)
-                            if mask & selectors.EVENT_READ and not obj.closed:
+                            if mask & selectors.EVENT_READ and not obj.closed and self._reading:
                                 self._on_readable(obj)
                         except Exception:
                             logger.exception("tcp server: internal error on %s", obj.peer)
@@ -2914,8 +3308,7 @@ class TCPServerTransport(Transport):
         self._spawn_standby()
         return True
 
-    def _queue_handlers(self, conn: _Connection,
-                        batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def _queue_handlers(self, conn: _Connection, batch: List[_Call]) -> None:
         # Loop thread: calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
         with self._lf_lock:
             pending = conn.pending
@@ -3014,26 +3407,96 @@ class TCPServerTransport(Transport):
         """
         me = threading.get_ident()
         lock = self._lf_lock
-        run = self._local._run_subscriptions
+        run = self._dispatch_call
         while call is not None:
             run(*call)
             with lock:
                 call = self._next_call(conn, me)
 
-    def _lf_drain(self, timeout: float) -> bool:
+    def _lf_drain(self, deadline: float) -> bool:
         """Wait until every handler call read so far has run (not counting our own)."""
         me = threading.get_ident()
-        deadline = time.monotonic() + timeout
         while True:
             with self._lf_lock:
                 others = sum(1 for ident in self._in_handlers if ident != me)
                 if not others and not self._ready:
                     return True
-            if time.monotonic() >= deadline:
-                logger.warning("tcp server: %d handler call(s) not finished at close",
-                               self._backlog)
+            if _monotonic() >= deadline:
                 return False
             time.sleep(0.002)  # only used while closing: polling is fine
+
+    # -- every dispatch mode --------------------------------------------------------
+
+    def _dispatch_call(self, subscriptions: Tuple[Any, ...], message: Message,
+                       expires: float, conn: _Connection) -> None:
+        """Run the local callbacks of one message read from ``conn``.
+
+        Whatever they raise is a failure of that call only (logged and
+        counted by the local delivery), never of the thread running it.  A
+        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
+        call that completes counts towards ``conn``'s acknowledgements; while
+        closing, calls not started are skipped *without* counting, so their
+        frames stay unacknowledged and the client sends them again.
+        """
+        if self._discard:
+            return
+        if expires and _monotonic() > expires:
+            self._counts["expired"] += 1
+            self._expired_log.log(
+                "tcp server: skipped request %s on %r from %s: its _ttl_ms ran out "
+                "before a handler was free", message.id, message.topic, conn.peer)
+        else:
+            try:
+                self._local._run_subscriptions(subscriptions, message)
+            except BaseException:  # an on_error hook failed: still this call's failure only
+                self._counts["internal_errors"] += 1
+                logger.exception("tcp server: error handler failed for %s", message.id)
+        conn.finished += 1
+
+    def _drain(self, deadline: float) -> bool:
+        """Wait until reads stopped and every handler call read so far has run."""
+        if not self._reads_stopped.wait(max(0.0, deadline - _monotonic())):
+            return False
+        if self._leader:
+            return self._lf_drain(deadline)
+        if not self._inline:
+            return self._dispatcher.drain(max(0.0, deadline - _monotonic()))
+        return True  # inline: the loop ran them before it stopped reading
+
+    def _handled_upto(self, conn: _Connection) -> int:
+        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
+
+        A frame is handled once it was routed on and its local callbacks ran
+        (or it had none); frames are handled in order.
+        """
+        waiting = conn.waiting
+        done = conn.finished - conn.counted
+        while done > 0 and waiting:
+            waiting.popleft()
+            conn.counted += 1
+            done -= 1
+        return waiting[0] - 1 if waiting else conn.received
+
+    def _report_progress(self, conn: _Connection) -> bool:
+        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
+
+        Loop thread.  True when nothing is left to report until it sends more.
+        """
+        handled = self._handled_upto(conn)
+        acks = "ack" in conn.features
+        if acks and handled != conn.acked:
+            conn.acked = handled
+            self._push(conn, _control_frame("$ack", {"n": handled}))
+        flushes = conn.flushes
+        while flushes and flushes[0][0] <= handled:
+            self._push(conn, _control_frame("$flushed", {"id": flushes.popleft()[1]}))
+        return not flushes and (handled == conn.received or not acks)
+
+    def _progress_due(self, conn: _Connection) -> None:
+        # Look at ``conn`` again within _ACK_DELAY (its handlers are still running).
+        if not self._ack_due:
+            self._ack_at = _monotonic() + _ACK_DELAY
+        self._ack_due[conn.id] = conn
 
     def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
         """Run a housekeeping step; a bug in it is logged, never kills the loop."""
@@ -3107,11 +3570,18 @@ class TCPServerTransport(Transport):
             conn = _Connection(sock, peer, limit, self.max_outbound_bytes, tls)
             self._conns[conn.id] = conn
             self._counts["accepted"] += 1
-            if not tls and self._key is None:
-                self._broadcast = self._broadcast + (conn,)
+            if not tls and self.allow_frame_only:
+                self._add_broadcast(conn)
             self._update_events(conn)
             if tls:
                 self._tls_handshake(conn)
+
+    def _add_broadcast(self, conn: _Connection) -> None:
+        # Until it sends $hello a peer may be an original (frame-only) client:
+        # it gets every routed message but inbox ones, and its requests'
+        # reply_to inboxes are routed to it (see _implicit_interest).
+        self._broadcast = self._broadcast + (conn,)
+        conn.implicit = True
 
     def _update_events(self, conn: _Connection) -> None:
         if conn.closed:
@@ -3137,8 +3607,8 @@ class TCPServerTransport(Transport):
         conn.state = _NEW
         conn.blocked = False
         self._update_events(conn)
-        if self._key is None:
-            self._broadcast = self._broadcast + (conn,)
+        if self.allow_frame_only:
+            self._add_broadcast(conn)
 
     def _on_writable(self, conn: _Connection) -> None:
         if conn.state == _TLS:
@@ -3186,7 +3656,7 @@ class TCPServerTransport(Transport):
             conn.frame_started = None
         elif bodies or conn.frame_started is None:
             conn.frame_started = now
-        batch: List[Tuple[Tuple[Any, ...], Message]] = []
+        batch: List[_Call] = []
         for body in bodies:
             if conn.closed:
                 break
@@ -3204,13 +3674,10 @@ class TCPServerTransport(Transport):
                 self._dispatcher.put_many(batch)
                 if self._dispatcher.high and not self._paused:
                     self._set_paused(True)
-        if conn.handshake and conn.received != conn.acked and "ack" in conn.features:
-            if conn.received - conn.acked >= _ACK_EVERY:
-                self._ack(conn)
-            else:
-                if not self._ack_due:
-                    self._ack_at = now + _ACK_DELAY
-                self._ack_due[conn.id] = conn
+        if conn.received != conn.acked and conn.handshake and "ack" in conn.features:
+            # Acknowledged once handled: now if enough are, else within _ACK_DELAY.
+            if conn.received - conn.acked < _ACK_EVERY or not self._report_progress(conn):
+                self._progress_due(conn)
         if run_now is not None:
             # dispatch="leader", nothing of this connection waits: run its
             # handlers here.  _lead checks afterwards whether we still lead.
@@ -3233,8 +3700,7 @@ class TCPServerTransport(Transport):
         return what
 
     def _on_frame(
-        self, conn: _Connection, body: bytes,
-        batch: Optional[List[Tuple[Tuple[Any, ...], Message]]] = None,
+        self, conn: _Connection, body: bytes, batch: Optional[List[_Call]] = None
     ) -> None:
         control = _fast_control(body)
         if control is not None:
@@ -3256,8 +3722,13 @@ class TCPServerTransport(Transport):
             self._on_control(conn, topic, message.payload)
             return
         if conn.state != _READY:
-            if conn.state == _NEW and self._key is None:
+            if conn.state == _NEW and self.allow_frame_only:
                 conn.state = _READY  # a frame-only peer (the original client)
+            elif conn.state == _NEW and self._key is None:
+                self._refuse(conn, "frame_only_refused", "protocol",
+                             "frame-only peers are refused here: send $hello first "
+                             "(allow_frame_only=False)")
+                return
             else:
                 self._drop(conn, "auth_failures",
                            "authentication required: a message arrived before the handshake")
@@ -3267,8 +3738,7 @@ class TCPServerTransport(Transport):
         self._route_incoming(conn, message, body, batch)
 
     def _route_incoming(
-        self, origin: _Connection, message: Message, body: bytes,
-        batch: Optional[List[Tuple[Tuple[Any, ...], Message]]],
+        self, origin: _Connection, message: Message, body: bytes, batch: Optional[List[_Call]]
     ) -> None:
         topic = message.topic
         reply_to = message.reply_to
@@ -3283,27 +3753,28 @@ class TCPServerTransport(Transport):
                 self._push(conn, frame)
         try:
             subscriptions = _deliver_local(self._local, message, taken)
-        except TransportFullError as exc:
-            self._counts["mailbox_full"] += 1
-            logger.warning("tcp server: dropped %s from %s: %s", message.id, origin.peer, exc)
-            return
         except TransportClosedError:
             return
         if subscriptions:
+            headers = message.headers
+            expires = _ttl_expiry(headers[_TTL_HEADER]) if _TTL_HEADER in headers else 0.0
+            if origin.waiting is not None:  # it counts as handled once the call finished
+                origin.waiting.append(origin.received)
+            call = (subscriptions, message, expires, origin)
             if batch is not None:
-                batch.append((subscriptions, message))
+                batch.append(call)
             elif self._leader:
-                self._queue_handlers(origin, [(subscriptions, message)])
+                self._queue_handlers(origin, [call])
             elif self._inline:
-                self._run_inline([(subscriptions, message)])
+                self._run_inline([call])
             else:
-                self._dispatcher.put_many([(subscriptions, message)])
+                self._dispatcher.put_many([call])
 
-    def _run_inline(self, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
+    def _run_inline(self, batch: List[_Call]) -> None:
         # dispatch="inline": callbacks run here, on the I/O thread.
-        run = self._local._run_subscriptions
-        for subscriptions, message in batch:
-            run(subscriptions, message)
+        run = self._dispatch_call
+        for call in batch:
+            run(*call)
 
     # -- control frames ---------------------------------------------------------------
 
@@ -3324,6 +3795,8 @@ class TCPServerTransport(Transport):
             pass
         elif topic == "$interest" and conn.handshake:
             self._on_interest(conn, payload)
+        elif topic == "$flush" and "flush" in conn.features:
+            self._on_flush(conn, payload)
         else:
             self._counts["protocol_errors"] += 1
             logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
@@ -3340,13 +3813,20 @@ class TCPServerTransport(Transport):
         ping = payload.get("ping_interval")
         if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
             conn.peer_ping = float(ping)
+        limit = payload.get("max_frame_size")
+        if type(limit) is int and limit > 0:
+            conn.peer_max_frame = limit
         name = payload.get("name")
         if isinstance(name, str):  # optional: shown by a monitor
             conn.name = name[:_MAX_PEER_NAME]
         conn.handshake = True
+        if conn.features & _PROGRESS_FEATURES:
+            conn.waiting = collections.deque()
         if "interest" in conn.features:  # else it keeps receiving everything
             self._broadcast = tuple(c for c in self._broadcast if c is not conn)
             conn.implicit = "reply" in conn.features
+        else:  # like a frame-only peer: its requests' inboxes are routed to it
+            conn.implicit = True
         welcome: Dict[str, Any] = {
             "version": PROTOCOL_VERSION,
             "features": sorted(conn.features),
@@ -3426,6 +3906,27 @@ class TCPServerTransport(Transport):
                 if not pattern.startswith(INBOX_PREFIXES):  # never kept in a mailbox
                     self._hand_mailbox(conn, pattern)
 
+    def _on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        # Feature "flush": answer $flushed once every frame read before this
+        # one was handled; $interest frames were applied when read.
+        flush_id = payload.get("id")
+        if type(flush_id) is not int:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
+                           conn.peer, flush_id)
+            return
+        flushes = conn.flushes
+        if flushes is None:
+            flushes = conn.flushes = collections.deque()
+        if len(flushes) >= _MAX_FLUSHES:
+            self._counts["protocol_errors"] += 1
+            logger.warning("tcp server: ignored $flush from %s: %d already wait",
+                           conn.peer, len(flushes))
+            return
+        flushes.append((conn.received, flush_id))
+        if not self._report_progress(conn):
+            self._progress_due(conn)
+
     def _implicit_interest(self, conn: _Connection, topic: str) -> None:
         # Feature "reply": a request naming an inbox topic as its reply_to
         # adds that topic to its connection's interest, as if an $interest
@@ -3436,20 +3937,24 @@ class TCPServerTransport(Transport):
                            topic[:80], conn.peer)
             return
         if len(conn.interest) >= self.max_interest:
-            self._counts["protocol_errors"] += 1
-            logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
-                           conn.peer, self.max_interest, topic)
-            return
+            if "interest" not in conn.features:
+                # A peer that cannot withdraw routes (frame-only): forget the
+                # oldest inbox, long answered or given up by now.
+                oldest = next(iter(conn.interest))
+                del conn.interest[oldest]
+                self._remove_route(conn, oldest)
+            else:
+                self._counts["protocol_errors"] += 1
+                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
+                               conn.peer, self.max_interest, topic)
+                return
         conn.interest[topic] = None
         self._exact[topic] = self._exact.get(topic, ()) + (conn,)
 
     def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
         # Messages nobody had taken wait in the server's mailbox; the first
         # client to show interest in that topic takes them (send-then-receive).
-        local = self._local
-        with local._lock:
-            kept = local._mailboxes.pop(topic, None)
-        for message in kept or ():
+        for message in self._local._drain_mailbox(topic):
             try:
                 self._push(conn, encode(message, max_frame_size=self.max_frame_size))
             except (FrameError, SerializationError):  # pragma: no cover - checked at send
@@ -3465,16 +3970,11 @@ class TCPServerTransport(Transport):
             else:
                 self._exact.pop(pattern, None)
 
-    def _ack(self, conn: _Connection) -> None:
-        conn.acked = conn.received
-        self._ack_due.pop(conn.id, None)
-        self._push(conn, _control_frame("$ack", {"n": conn.received}))
-
     def _send_acks(self) -> None:
-        for conn in list(self._ack_due.values()):
-            if not conn.closed and conn.received != conn.acked:
-                self._ack(conn)
-        self._ack_due.clear()
+        due, self._ack_due = self._ack_due, {}
+        for conn in due.values():
+            if not conn.closed and not self._report_progress(conn):
+                self._progress_due(conn)
 
     # -- housekeeping -------------------------------------------------------------------
 
@@ -3490,7 +3990,8 @@ class TCPServerTransport(Transport):
         for conn in list(self._conns.values()):
             if conn.closed:
                 continue
-            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake):
+            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake
+                                         or not self.allow_frame_only):
                 if now - conn.opened > self.handshake_timeout:
                     self._drop(conn, "handshake_timeouts",
                                f"handshake not completed within {self.handshake_timeout} s")
@@ -3578,20 +4079,20 @@ class TCPServerTransport(Transport):
                 pass
             self._listener.close()
         self._paused = True
+        self._reading = False
         for conn in list(self._conns.values()):
             self._update_events(conn)
         self._reads_stopped.set()
 
-    def _shutdown(self) -> None:
-        # Acknowledge what was read and dispatched, flush replies, then close.
+    def _shutdown(self, deadline: float) -> None:
+        # Acknowledge what was handled, flush replies (until ``deadline``), then close.
         import selectors
 
         loop = self._loop
         assert loop is not None
         for conn in list(self._conns.values()):
-            if conn.handshake and "ack" in conn.features and conn.received != conn.acked:
-                self._ack(conn)
-        deadline = time.monotonic() + 1.0
+            if conn.waiting is not None and not conn.closed:
+                self._report_progress(conn)
         pending = [c for c in self._conns.values() if c.out_bytes and not c.closed]
         while pending and time.monotonic() < deadline:
             for conn in pending:
@@ -3622,23 +4123,249 @@ class TCPServerTransport(Transport):
             loop.close()
 
 
-class _ClientInbox(Inbox):
-    """A client's request inbox: ``get`` first reads the socket itself for a while.
+# Clients still open at interpreter exit deliver what they accepted (weakly
+# held: an unreferenced, closed client is not kept alive by this).
+_open_clients: Any = weakref.WeakSet()
+_exit_hook_installed = False
 
-    The reply then wakes the waiting thread directly instead of waking the
-    client's I/O thread, which would wake the caller in turn.
+
+def _close_open_clients() -> None:
+    """atexit: close every client still open in this process, sharing one deadline."""
+    deadline = time.monotonic() + _CLOSE_TIMEOUT
+    pid = os.getpid()
+    for client in list(_open_clients):
+        if client._pid != pid:  # inherited through fork: its threads are not here
+            continue
+        try:
+            client.close(max(0.0, deadline - time.monotonic()))
+        except Exception:  # pragma: no cover - keep closing the others
+            logger.exception("tcp client: close at exit failed")
+
+
+def _watch_at_exit(client: Any) -> None:
+    global _exit_hook_installed
+    if not _exit_hook_installed:
+        import atexit
+
+        atexit.register(_close_open_clients)
+        _exit_hook_installed = True
+    _open_clients.add(client)
+
+
+def _welcome_features(welcome: Dict[str, Any]) -> frozenset:
+    """The features a ``$welcome`` agreed on that this client knows."""
+    features = welcome.get("features")
+    if not isinstance(features, list):
+        return frozenset()
+    return frozenset(f for f in features if isinstance(f, str)) & _FEATURES
+
+
+def _welcome_limit(welcome: Dict[str, Any]) -> Optional[int]:
+    """The server's ``max_frame_size`` from its ``$welcome`` (None if absent or bad)."""
+    limit = welcome.get("max_frame_size")
+    if type(limit) is int and limit > 0:
+        return limit
+    return None
+
+
+def _describe_frame(frame: bytes) -> str:
+    """``message <id> on '<topic>' (<n> bytes)`` for a log line about a frame."""
+    try:
+        message = decode(frame[4:])
+    except FrameError:
+        return f"a frame of {len(frame) - 4} bytes"
+    return f"message {message.id} on {message.topic!r} ({len(frame) - 4} bytes)"
+
+
+def _with_ttl(frame: bytes, remaining: float) -> bytes:
+    """``frame`` re-encoded with its ``_ttl_ms`` header set to ``remaining`` seconds."""
+    message = decode(frame[4:])
+    message.headers["_ttl_ms"] = max(1, int(remaining * 1000))
+    return encode(message, max_frame_size=len(frame) + 64)
+
+
+def _ttl_deadline(ttl_ms: Any) -> Optional[float]:
+    """The monotonic deadline of a request's ``_ttl_ms`` header (None if absent or bad)."""
+    if type(ttl_ms) is int and ttl_ms >= 0:
+        return time.monotonic() + ttl_ms / 1000.0
+    return None
+
+
+class _Backlog:
+    """A client's message frames that the server has not acknowledged, in order.
+
+    Each item is ``[seq, frame, charges, deadline]``: the frame's number on
+    the current connection (0: not sent on it), the frame (b"" once
+    acknowledged or withdrawn), how many connections broke while it was the
+    oldest unacknowledged frame, and the monotonic deadline of a request's
+    ``_ttl_ms`` (None without one).  :meth:`resend` decides what goes out
+    again on a new connection.  Not thread-safe: the client holds its lock.
+    """
+
+    __slots__ = ("items", "bytes", "counts")
+
+    def __init__(self, counts: Dict[str, int]) -> None:
+        self.items: Deque[List[Any]] = collections.deque()
+        self.bytes = 0  # of the frames still to deliver (acknowledged or withdrawn: 0)
+        self.counts = counts
+
+    def add(self, seq: int, frame: bytes, deadline: Optional[float]) -> List[Any]:
+        item = [seq, frame, 0, deadline]
+        self.items.append(item)
+        self.bytes += len(frame)
+        return item
+
+    def take_back_last(self) -> None:
+        """Undo the last :meth:`add` (the frame could not be queued after all)."""
+        self.bytes -= len(self.items.pop()[1])
+
+    def acknowledge(self, n: int) -> None:
+        """The server handled the connection's frames up to number ``n``."""
+        items = self.items
+        while items and 0 < items[0][0] <= n:
+            item = items.popleft()
+            self.bytes -= len(item[1])
+            item[1] = b""
+
+    def withdraw(self, item: List[Any]) -> None:
+        """Never send ``item`` again; it keeps its place (the server may still ack it).
+
+        Counted only if it never left (a request answered before its $ack is no news).
+        """
+        self.bytes -= len(item[1])
+        item[1] = b""
+        if not item[0]:
+            self.counts["withdrawn"] += 1
+
+    def connection_lost(self) -> None:
+        """Charge the oldest frame sent on the lost connection; forget the numbering.
+
+        Acknowledgements are cumulative and in order, so a server that keeps
+        closing the connection over one frame stops at that frame.
+        """
+        for item in self.items:
+            if item[1]:
+                if item[0]:
+                    item[2] += 1
+                break
+        for item in self.items:
+            item[0] = 0
+
+    def resend(self, limit: int, where: str) -> List[bytes]:
+        """Number the frames for a new connection (1, 2 ...) and return them.
+
+        Dropped, each logged and counted: a frame over the server's ``limit``
+        (``too_large``), a frame that broke ``_MAX_SEND_ATTEMPTS`` connections
+        as the oldest unacknowledged one (``refused``), a request whose TTL
+        ran out (``expired``).  A request that still has time goes out with
+        its ``_ttl_ms`` cut to what is left.
+        """
+        frames: List[bytes] = []
+        kept: Deque[List[Any]] = collections.deque()
+        now = time.monotonic()
+        expired = 0
+        for item in self.items:
+            frame = item[1]
+            if not frame:  # acknowledged or withdrawn
+                continue
+            if item[2] >= _MAX_SEND_ATTEMPTS:
+                self._drop(item, "refused", where, f"the connection broke {item[2]} times "
+                           "with it unacknowledged (the server refuses it?)")
+                continue
+            if len(frame) - 4 > limit:
+                self._drop(item, "too_large", where,
+                           f"the server now takes at most {limit} bytes per frame")
+                continue
+            if item[3] is not None:
+                remaining = item[3] - now
+                if remaining <= 0:
+                    item[1] = b""
+                    expired += 1
+                    continue
+                frame = item[1] = _with_ttl(frame, remaining)
+            item[0] = len(frames) + 1
+            kept.append(item)
+            frames.append(frame)
+        self.items = kept
+        self.bytes = sum(len(item[1]) for item in kept)
+        if expired:
+            self.counts["expired"] += expired
+            logger.info("tcp client: %d request(s) expired while disconnected; not resent",
+                        expired)
+        if frames:
+            self.counts["resent"] += len(frames)
+        return frames
+
+    def _drop(self, item: List[Any], counter: str, where: str, reason: str) -> None:
+        frame = item[1]
+        item[1] = b""
+        self.counts[counter] += 1
+        logger.warning("tcp client: dropped %s for %s: %s", _describe_frame(frame), where,
+                       reason)
+
+    def written(self) -> None:
+        """A server without acknowledgements: what was written is all it gets."""
+        for item in self.items:
+            item[1] = b""
+        self.items.clear()
+        self.bytes = 0
+
+    def undelivered(self) -> int:
+        """Frames still to deliver (neither acknowledged nor withdrawn)."""
+        return sum(1 for item in self.items if item[1])
+
+
+class _ClientInbox(Inbox):
+    """A request inbox of a :class:`TCPClientTransport`.
+
+    ``get`` first reads the socket itself for a while (where the platform
+    allows it), so the reply wakes the waiting thread directly instead of
+    waking the client's I/O thread, which would wake the caller in turn.
+    A subscriber callback that waits here hands the dispatcher role to
+    another thread first, so a reply (or the request itself) that must pass
+    through a subscriber of this very client is not stuck behind it.  If the
+    connection that carried the request breaks before the reply came,
+    ``get`` raises ConnectionLostError at once instead of waiting its timeout.
     """
 
     _transport: Any = None
+    _read_ahead = False
+    _failure: Optional[str] = None
+
+    def _fail(self, reason: str) -> None:
+        """The reply can no longer come: wake the getters, who raise ConnectionLostError."""
+        with self._lock:
+            if self._closed or self._failure is not None:
+                return
+            self._failure = reason
+            waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            waiter.fulfil(None)
+
+    def _register(self, timeout: Optional[float]) -> Tuple[Optional[Message], Optional[_Waiter]]:
+        if self._failure is not None and not self._messages:
+            return None, None  # no waiting for a reply that cannot come
+        return Inbox._register(self, timeout)
+
+    def _check(self, message: Optional[Message]) -> Optional[Message]:
+        if message is None and self._failure is not None and not self._closed:
+            raise ConnectionLostError(self._failure)
+        return message
 
     def get(self, timeout: Optional[float] = None) -> Optional[Message]:
-        if not self._messages and not self._closed and (timeout is None or timeout > 0):
-            budget = _CALLER_READ if timeout is None else min(timeout, _CALLER_READ)
-            started = _perf_counter()
-            self._transport._read_until(self, budget)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (_perf_counter() - started))
-        return Inbox.get(self, timeout)
+        if not self._messages and not self._closed and self._failure is None:
+            if timeout is None or timeout > 0:
+                self._transport._before_blocking()
+                if self._read_ahead:
+                    budget = _CALLER_READ if timeout is None else min(timeout, _CALLER_READ)
+                    started = _perf_counter()
+                    self._transport._read_until(self, budget)
+                    if timeout is not None:
+                        timeout = max(0.0, timeout - (_perf_counter() - started))
+        return self._check(Inbox.get(self, timeout))
+
+    async def get_async(self, timeout: Optional[float] = None) -> Optional[Message]:
+        return self._check(await Inbox.get_async(self, timeout))
 
 
 class TCPClientTransport(Transport):
@@ -3667,9 +4394,27 @@ class TCPClientTransport(Transport):
     client-side :class:`ssl.SSLContext`) enables TLS, checked against
     ``server_hostname`` (default: ``host``).  A server that does not answer
     ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
-    original eventforge server); ``handshake=False`` skips the hello and
+    eventforge 0.1 server) until its ``$welcome`` arrives, if ever: a late
+    welcome switches the connection to handshake mode and the client sends
+    its interest then.  ``handshake=False`` skips the hello and
     ``handshake=True`` requires it.  ``name`` (optional) is sent in the hello
     so the server's :class:`Monitor` can show who this connection is.
+
+    Limits: ``send`` raises FrameTooLargeError for a message over the
+    server's ``max_frame_size`` (learned at handshake).  A buffered message
+    that a reconnected server can no longer take, or that it keeps refusing,
+    is dropped with a logged reason and counted (``too_large``, ``refused``);
+    nothing is resent forever.  A request whose caller stopped waiting (its
+    inbox closed) is withdrawn: never resent after a reconnect.  A caller
+    waiting for the reply to a request that went out on a connection that
+    broke gets ConnectionLostError at once.
+
+    :meth:`flush` waits until the server has processed everything sent
+    before it; :meth:`close` delivers what was accepted (bounded by its
+    ``timeout``), and clients still open at normal interpreter exit are
+    closed the same way.  ``on_connection_change(connected, detail)`` is
+    called (on the I/O thread) when the connection is lost and when it is
+    back.
     """
 
     def __init__(
@@ -3692,6 +4437,7 @@ class TCPClientTransport(Transport):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_queue_size: int = 1000,
         send_timeout: float = 10.0,
+        on_connection_change: Optional[Callable[[bool, str], Any]] = None,
         name: Optional[str] = None,
     ) -> None:
         if not isinstance(port, int) or not 0 < port <= 65535:
@@ -3717,7 +4463,8 @@ class TCPClientTransport(Transport):
         self.max_frame_size = max_frame_size
         self.send_timeout = send_timeout
         self.name = name  # sent in $hello; the server's monitor shows it
-        self._send_limit = max_frame_size
+        self.on_connection_change = on_connection_change
+        self._send_limit = max_frame_size  # the server's max_frame_size, once known
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
@@ -3731,11 +4478,14 @@ class TCPClientTransport(Transport):
         self._implicit = False  # the server speaks the feature "reply"
         self._receive_topics: Dict[str, None] = {}
         self._sub_patterns: Dict[str, str] = {}
-        # Message frames the server has not acknowledged (or that wait for a
-        # connection), in order: [sequence number on this connection, frame].
-        self._pending: Deque[List[Any]] = collections.deque()
-        self._pending_bytes = 0
-        self._seq = 0
+        # Open inboxes: topic -> [inbox, connection its last request went out
+        # on, that request's backlog item]; see send, _interest_remove, _lost.
+        self._requests: Dict[str, List[Any]] = {}
+        self._flush_ids = itertools.count(1)
+        self._flushed_upto = 0  # highest $flushed id seen
+        self._pings_sent = 0  # $ping frames we sent on this connection ...
+        self._pongs = 0  # ... and $pong answers to them (they come in order)
+        self._seq = 0  # data frames queued on this connection (the server counts them too)
         self._ack_mode = False
         self._conn: Optional[_Connection] = None
         self._loop: Optional[_Loop] = None
@@ -3749,13 +4499,17 @@ class TCPClientTransport(Transport):
         self._sel_lock = threading.Lock()
         self._epoll: Any = None  # the loop's epoll object, if the selector is epoll
         self._closing = threading.Event()
+        self._nudge = threading.Event()  # ends a reconnect's backoff wait early
         self._connecting: Any = None
         self._started = False
         self._closed = False
         self._failed: Optional[str] = None
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
+        # Message frames not acknowledged yet (or waiting for a connection).
+        self._backlog = _Backlog(self._counts)
         self._messages_out = 0
+        self._pid = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -3789,107 +4543,247 @@ class TCPClientTransport(Transport):
         with self._connect_lock:  # one connect at a time; later ones see _started
             with self._lock:
                 if self._closed:
-                    raise TransportClosedError("TCPClientTransport is closed")
+                    raise TransportClosedError(f"{self._name()} is closed")
                 if self._started:
                     return self
             opened = self._open(timeout)
             with self._lock:
                 if self.closed:  # close() may have run on another thread meanwhile
                     opened[0].close()
-                    raise TransportClosedError("TCPClientTransport is closed")
+                    raise TransportClosedError(f"{self._name()} is closed")
                 loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
                 raw = getattr(loop.selector, "_selector", None)
                 if self.ssl_context is None and type(raw).__name__ == "epoll":
                     self._epoll = raw
                 self._started = True
+            self._pid = os.getpid()
+            _watch_at_exit(self)
             self._install(*opened)
             loop.start(self._run)
         return self
 
-    def close(self) -> None:
-        """Flush what is queued (up to 1 s), close the socket and stop every thread."""
+    def _name(self) -> str:
+        return f"TCPClientTransport to {self.host}:{self.port}"
+
+    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
+        """Deliver what was accepted, then close the socket and stop every thread.
+
+        New sends fail at once; messages already accepted are given up to
+        ``timeout`` seconds to reach the server: until acknowledged (a server
+        with the feature "ack"), written (a frame-only server), or sent after
+        a reconnect that is under way.  What is still undelivered then is
+        logged.  A connection attempt in progress is abandoned at once.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._space.notify_all()
-            # Give the server a moment to acknowledge what it was sent.
-            deadline = time.monotonic() + 1.0
-            while self._pending and self._conn is not None and self._ack_mode:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._loop is None or self._loop.in_loop():
-                    break
-                self._space_waiters += 1
-                try:
-                    self._space.wait(remaining)
-                finally:
-                    self._space_waiters -= 1
-            left = len(self._pending)
-            connected = self._conn is not None
-        if left:
-            logger.warning(
-                "tcp client: closed with %d message(s) %s", left,
-                "not acknowledged by the server" if connected else "never sent (disconnected)",
-            )
+        _open_clients.discard(self)
+        loop = self._loop
+        if self._started and loop is not None and not loop.in_loop():
+            self._deliver_before_close(time.monotonic() + timeout)
         self._closing.set()
+        self._nudge.set()
         connecting = self._connecting
         if connecting is not None:
-            try:
-                connecting.close()
+            try:  # wakes a blocked connect() or handshake read; its owner closes it
+                connecting.shutdown(2)  # socket.SHUT_RDWR
             except OSError:
                 pass
-        loop = self._loop
         if loop is not None:
             loop.wake()
             if loop.thread is not None and loop.thread is not threading.current_thread():
                 loop.thread.join(self.connect_timeout + 2.0)
+        self._dispatcher.drain(1.0)  # callbacks for what arrived before close() run
+        self._local.close()  # then a callback still waiting on an inbox returns
         self._dispatcher.stop(1.0)
-        self._local.close()
+
+    def _deliver_before_close(self, deadline: float) -> None:
+        """Wait (up to ``deadline``) until every accepted message reached the server."""
+        self._nudge.set()  # a reconnect waiting out its backoff tries again now
+        with self._lock:
+            while True:
+                conn = self._conn
+                if conn is None:
+                    waiting = (self._backlog.bytes > 0 and self.reconnect
+                               and self._failed is None)
+                elif self._ack_mode:
+                    waiting = self._backlog.bytes > 0
+                else:
+                    waiting = conn.out_bytes > 0 or conn.cur is not None
+                remaining = deadline - time.monotonic()
+                if not waiting or remaining <= 0:
+                    break
+                self._space_waiters += 1
+                try:
+                    self._space.wait(min(remaining, 0.005 if conn is not None and not
+                                         self._ack_mode else remaining))
+                finally:
+                    self._space_waiters -= 1
+            left = self._backlog.undelivered()
+        if left:
+            logger.warning(
+                "tcp client: closed with %d message(s) %s", left,
+                "not acknowledged by the server" if conn is not None
+                else "never sent (disconnected)",
+            )
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the server has processed everything sent before this call.
+
+        "Everything" includes subscriptions, receive topics and inboxes
+        (interest): once ``flush`` returns, messages published by others
+        reach this client's new subscriptions.  With a server that speaks
+        the feature "flush" this is one ``$flush``/``$flushed`` round trip.
+        With an older handshake server it is a ``$ping``/``$pong`` round trip
+        (the server applies interest in order) followed by the
+        acknowledgement of every message sent before.  Returns True once
+        confirmed; False with a frame-only server (eventforge 0.1), which
+        cannot confirm anything: then it returns once every queued frame was
+        written to the socket.  While disconnected it waits for the
+        reconnect.  Raises EventforgeTimeoutError after ``timeout`` seconds,
+        ConnectionLostError if the connection is lost for good,
+        TransportClosedError after :meth:`close`.
+        """
+        loop = self._loop
+        if loop is not None and loop.in_loop():
+            raise RuntimeError("flush() cannot wait on the client's own I/O thread")
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = self._wait_connected(deadline)
+            done = self._flush_on(conn, deadline)
+            if done is not None:
+                return done
+
+    def _wait_connected(self, deadline: float) -> _Connection:
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise TransportClosedError(f"{self._name()} is closed")
+                if self._conn is not None:
+                    return self._conn
+                if self._failed is not None:
+                    raise ConnectionLostError(self._failed)
+                if not self._started:
+                    raise ConnectionLostError(
+                        f"not connected to {self.host}:{self.port}: call connect() first"
+                    )
+                self._wait_locked(deadline, 1.0)
+
+    def _wait_locked(self, deadline: float, poll: float) -> None:
+        # Called with self._lock held: one wait on _space, at most ``poll`` s.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EventforgeTimeoutError(
+                f"{self._name()}: the server did not confirm the flush in time"
+            )
+        self._space_waiters += 1
+        try:
+            self._space.wait(min(remaining, poll))
+        finally:
+            self._space_waiters -= 1
+
+    def _flush_on(self, conn: _Connection, deadline: float) -> Optional[bool]:
+        """Flush over ``conn``; None if it broke meanwhile (the caller retries)."""
+        with self._lock:
+            if self._conn is not conn:
+                return None
+            features = conn.features if conn.handshake else frozenset()
+            frame = b""
+            done: Optional[Callable[[], bool]]
+            if self._removals or self._deferred:
+                frame = self._interest_changes()
+            if "flush" in features:
+                ident = next(self._flush_ids)
+                frame += _control_frame("$flush", {"id": ident})
+
+                def done() -> bool:
+                    return self._flushed_upto >= ident
+            elif "ping" in features:
+                self._pings_sent += 1
+                target, last_seq = self._pings_sent, self._seq
+                frame += _control_frame("$ping", {})
+                pending = self._backlog.items
+
+                def done() -> bool:
+                    return self._pongs >= target and (
+                        not pending or pending[0][0] > last_seq or not self._ack_mode)
+            else:
+                done = None
+            if frame:
+                conn.enqueue(frame)
+        self._kick(conn)
+        with self._lock:
+            while self._conn is conn:
+                if done is None:
+                    if conn.out_bytes == 0 and conn.cur is None:
+                        return False
+                    self._wait_locked(deadline, 0.005)  # nothing signals a write: poll
+                elif done():
+                    return True
+                else:
+                    self._wait_locked(deadline, 1.0)
+        return None
 
     # -- Transport API ----------------------------------------------------------------
 
     def send(self, message: Message) -> None:
         """Send ``message`` to the server; queue it while reconnecting.
 
-        Raises TransportFullError when ``max_pending`` messages already wait,
-        ConnectionLostError before :meth:`connect` or after a failure with
-        ``reconnect=False``, TransportClosedError after :meth:`close`.
+        Raises FrameTooLargeError for a message over the server's
+        ``max_frame_size``, TransportFullError when ``max_pending`` messages
+        already wait, ConnectionLostError before :meth:`connect` or after a
+        failure with ``reconnect=False``, TransportClosedError after
+        :meth:`close`.
         """
         topic = message.topic
         if type(topic) is not str or topic not in _VALID_TOPICS:
             validate_topic(topic)
-        frame = encode(message, max_frame_size=self._send_limit)
+        try:
+            frame = encode(message, max_frame_size=self._send_limit)
+        except FrameTooLargeError as exc:
+            raise FrameTooLargeError(
+                f"{exc} (the largest frame {self.host}:{self.port} takes)"
+            ) from None
         size = len(frame)
+        headers = message.headers
+        deadline = _ttl_deadline(headers.get("_ttl_ms")) if headers else None
+        reply_to = message.reply_to
         with self._lock:
             conn = self._conn
             if conn is None or self._closed:
-                self._send_offline(frame)
+                offline = self._send_offline(frame, deadline)
+                if reply_to is not None and reply_to in self._requests:
+                    self._requests[reply_to][2] = offline
                 return
+            item: Optional[List[Any]] = None
             if self._ack_mode:
-                pending = self._pending
+                backlog = self._backlog
+                pending = backlog.items
                 if (len(pending) >= self.max_pending
-                        or self._pending_bytes + size > self.max_pending_bytes):
+                        or backlog.bytes + size > self.max_pending_bytes):
                     conn = self._wait_for_space(size)
                     if conn is None:
-                        self._send_offline(frame)
+                        item = self._send_offline(frame, deadline)
+                        if reply_to is not None and reply_to in self._requests:
+                            self._requests[reply_to][2] = item
                         return
+                    pending = backlog.items
                     if (len(pending) >= self.max_pending
-                            or self._pending_bytes + size > self.max_pending_bytes):
+                            or backlog.bytes + size > self.max_pending_bytes):
                         self._counts["full"] += 1
                         raise TransportFullError(
-                            f"{len(pending)} messages ({self._pending_bytes} bytes) are "
+                            f"{len(pending)} messages ({backlog.bytes} bytes) are "
                             f"unacknowledged after {self.send_timeout} s; "
                             f"max_pending={self.max_pending}"
                         )
-                self._seq += 1
-                pending.append([self._seq, frame])
-                self._pending_bytes += size
+                item = backlog.add(self._seq + 1, frame, deadline)
             # Inline _Connection.enqueue (its lock nests inside ours).
             with conn.lock:
                 if conn.out_bytes + size > conn.max_outbound:
-                    if self._ack_mode:
-                        self._seq -= 1
-                        self._pending_bytes -= len(self._pending.pop()[1])
+                    if item is not None:
+                        self._backlog.take_back_last()
                     self._counts["full"] += 1
                     raise TransportFullError(
                         f"{conn.out_bytes} bytes wait for the server; "
@@ -3898,37 +4792,43 @@ class TCPClientTransport(Transport):
                 if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
                     # The request's own inbox needs no frame (the server takes
                     # its reply_to as interest); any other goes ahead of it.
-                    if self._deferred and message.reply_to is not None:
-                        self._deferred.pop(message.reply_to, None)
+                    if self._deferred and reply_to is not None:
+                        self._deferred.pop(reply_to, None)
                     if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
                         extra = self._interest_changes()
                         conn.out.append(extra)
                         conn.out_bytes += len(extra)
                 conn.out.append(frame)
                 conn.out_bytes += size
+            self._seq += 1  # counts every data frame of the connection, as the server does
+            if reply_to is not None:
+                record = self._requests.get(reply_to)
+                if record is not None:
+                    record[1] = conn
+                    record[2] = item
             self._messages_out += 1
         self._kick(conn)
 
-    def _send_offline(self, frame: bytes) -> None:
+    def _send_offline(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
         # Called with self._lock held while there is no connection.
         if self._closed:
-            raise TransportClosedError("TCPClientTransport is closed")
+            raise TransportClosedError(f"{self._name()} is closed")
         if self._failed is not None:
             raise ConnectionLostError(self._failed)
         if not self._started:
             raise ConnectionLostError(
                 f"not connected to {self.host}:{self.port}: call connect() first"
             )
-        if (len(self._pending) >= self.max_pending
-                or self._pending_bytes + len(frame) > self.max_pending_bytes):
+        backlog = self._backlog
+        if (len(backlog.items) >= self.max_pending
+                or backlog.bytes + len(frame) > self.max_pending_bytes):
             self._counts["full"] += 1
             raise TransportFullError(
-                f"{len(self._pending)} messages ({self._pending_bytes} bytes) wait for "
+                f"{len(backlog.items)} messages ({backlog.bytes} bytes) wait for "
                 f"a connection; max_pending={self.max_pending}"
             )
-        self._pending.append([0, frame])
-        self._pending_bytes += len(frame)
         self._counts["buffered"] += 1
+        return backlog.add(0, frame, deadline)
 
     def _wait_for_space(self, size: int) -> Optional[_Connection]:
         # Called with self._lock held and the buffer full.  While connected,
@@ -3937,8 +4837,8 @@ class TCPClientTransport(Transport):
         # write.  While disconnected, fail at once.
         deadline = time.monotonic() + self.send_timeout
         while (self._conn is not None and self._ack_mode and not self._closed
-               and (len(self._pending) >= self.max_pending
-                    or self._pending_bytes + size > self.max_pending_bytes)):
+               and (len(self._backlog.items) >= self.max_pending
+                    or self._backlog.bytes + size > self.max_pending_bytes)):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -3948,7 +4848,7 @@ class TCPClientTransport(Transport):
             finally:
                 self._space_waiters -= 1
         if self._closed:
-            raise TransportClosedError("TCPClientTransport is closed")
+            raise TransportClosedError(f"{self._name()} is closed")
         return self._conn
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
@@ -3959,6 +4859,8 @@ class TCPClientTransport(Transport):
         ``max_queue_size``) until received.
         """
         self._want_receive(topic)
+        if timeout is None or timeout > 0:
+            self._dispatcher.hand_off_if_current()
         return self._local.receive(topic, timeout)
 
     async def receive_async(
@@ -4004,23 +4906,37 @@ class TCPClientTransport(Transport):
 
         An inbox topic (:data:`INBOX_PREFIXES`) named as ``reply_to`` by the
         next message sent needs no frame of its own when the server speaks
-        the feature "reply": the request itself tells the server.
+        the feature "reply": the request itself tells the server.  Closing
+        the inbox withdraws a request that named it and is still waiting
+        for a connection or an acknowledgement: it is never resent.
         """
+        if self._closed:
+            raise TransportClosedError(f"{self._name()} is closed")
         inbox = self._local.open_inbox(topic)
         inner = inbox._on_close
 
         def on_close(closing: Inbox) -> None:
             if inner is not None:
                 inner(closing)
-            self._interest_remove(topic)
+            self._inbox_closed(closing)
 
         inbox._on_close = on_close
+        # Same object, a subclass that fails on a lost connection and may read the socket.
+        inbox.__class__ = _ClientInbox
+        inbox._transport = self  # type: ignore[attr-defined]
         if self._epoll is not None:
-            # Same object, a subclass whose get() may read the socket itself.
-            inbox.__class__ = _ClientInbox
-            inbox._transport = self  # type: ignore[attr-defined]
-        self._interest_add(topic, flush=False, defer=topic.startswith(INBOX_PREFIXES))
+            inbox._read_ahead = True  # type: ignore[attr-defined]
+        self._interest_add(topic, flush=False, defer=topic.startswith(INBOX_PREFIXES),
+                           inbox=inbox)
         return inbox
+
+    def _inbox_closed(self, inbox: Inbox) -> None:
+        """Withdraw the inbox's interest and any request of it not yet acknowledged."""
+        self._interest_remove(inbox.topic, inbox)
+
+    def _before_blocking(self) -> None:
+        """A thread is about to wait for a message: if it runs callbacks, hand that role on."""
+        self._dispatcher.hand_off_if_current()
 
     @property
     def stats(self) -> Dict[str, Any]:
@@ -4029,8 +4945,8 @@ class TCPClientTransport(Transport):
         stats.update(self._counts)
         stats["messages_out"] = self._messages_out
         stats["connected"] = self._conn is not None
-        stats["pending"] = len(self._pending)
-        stats["pending_bytes"] = self._pending_bytes
+        stats["pending"] = len(self._backlog.items)
+        stats["pending_bytes"] = self._backlog.bytes
         stats["interest"] = len(self._interest)
         stats["dispatch_backlog"] = self._dispatcher.backlog
         return stats
@@ -4051,8 +4967,12 @@ class TCPClientTransport(Transport):
                 self._receive_topics[topic] = None
             self._interest_add(topic)
 
-    def _interest_add(self, pattern: str, flush: bool = True, defer: bool = False) -> None:
+    def _interest_add(
+        self, pattern: str, flush: bool = True, defer: bool = False, inbox: Any = None
+    ) -> None:
         with self._lock:
+            if inbox is not None:
+                self._requests[pattern] = [inbox, None, None]
             count = self._interest.get(pattern, 0)
             self._interest[pattern] = count + 1
             conn = self._conn
@@ -4069,9 +4989,16 @@ class TCPClientTransport(Transport):
         if flush:
             self._kick(conn)
 
-    def _interest_remove(self, pattern: str) -> None:
+    def _interest_remove(self, pattern: str, inbox: Any = None) -> None:
         # Not urgent: rides along with the next $interest, or leaves on a tick.
         with self._lock:
+            if inbox is not None:
+                record = self._requests.get(pattern)
+                if record is not None and record[0] is inbox:
+                    del self._requests[pattern]
+                    item = record[2]
+                    if item is not None and item[1]:
+                        self._backlog.withdraw(item)
             count = self._interest.get(pattern, 0)
             if count > 1:
                 self._interest[pattern] = count - 1
@@ -4099,24 +5026,59 @@ class TCPClientTransport(Transport):
 
     # -- connection set-up ------------------------------------------------------------------
 
-    def _open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message]]:
-        """Connect and handshake (blocking); return the socket and what was learned."""
+    def _connect_socket(self, timeout: float) -> Any:
+        """A connected socket, like ``socket.create_connection``, but abortable.
+
+        The socket is published as ``_connecting`` before ``connect()``, so
+        :meth:`close` can abort a connect (or a handshake read) in progress
+        with ``shutdown()`` instead of waiting up to ``connect_timeout``.
+        """
+        import socket
+
+        where = f"{self.host}:{self.port}"
+        deadline = time.monotonic() + timeout
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
+        error: Optional[str] = None
+        for family, kind, proto, _name, address in infos:
+            if self._closing.is_set():
+                break
+            sock = socket.socket(family, kind, proto)
+            self._connecting = sock
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.connect(address)
+            except socket.timeout:
+                error = f"timed out after {timeout} s"
+            except OSError as exc:
+                error = str(exc)
+            else:
+                if not self._closing.is_set():
+                    return sock
+            self._connecting = None
+            sock.close()
+        if self._closing.is_set():
+            raise TransportClosedError(f"{self._name()} is closed")
+        raise ConnectionLostError(f"cannot connect to {where}: {error or 'no address'}")
+
+    def _open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message],
+                                             bytes, Optional[int]]:
+        """Connect and handshake (blocking); return the socket and what was learned.
+
+        That is: socket, decoder, handshake done, agreed features, messages
+        that came before the handshake ended, the nonce of a ``$hello`` left
+        unanswered (b"" if none) and the server's ``max_frame_size``.
+        """
         import socket
 
         deadline = time.monotonic() + timeout
         where = f"{self.host}:{self.port}"
+        sock = self._connect_socket(timeout)
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        except socket.timeout:
-            raise ConnectionLostError(
-                f"cannot connect to {where}: timed out after {timeout} s"
-            ) from None
-        except OSError as exc:
-            raise ConnectionLostError(f"cannot connect to {where}: {exc}") from None
-        self._connecting = sock
-        try:
-            if self._closed:
-                raise TransportClosedError("TCPClientTransport is closed")
+            if self._closed and self._closing.is_set():
+                raise TransportClosedError(f"{self._name()} is closed")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if self.ssl_context is not None:
@@ -4137,13 +5099,14 @@ class TCPClientTransport(Transport):
             early: List[Message] = []
             if self.handshake is False:
                 sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early
+                return sock, decoder, False, frozenset(), early, b"", None
             nonce = os.urandom(32)
             hello = Message("$hello", {
                 "version": PROTOCOL_VERSION,
                 "features": sorted(_FEATURES),
                 "nonce": nonce.hex(),
                 "ping_interval": self.ping_interval,
+                "max_frame_size": self.max_frame_size,
             })
             if self.name:
                 hello.payload["name"] = self.name
@@ -4161,15 +5124,11 @@ class TCPClientTransport(Transport):
                         f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
                         "or one that speaks plain frames only)"
                     )
-                logger.info("tcp client: %s did not answer $hello; speaking plain frames", where)
+                logger.info("tcp client: %s did not answer $hello within %s s; speaking "
+                            "plain frames until it does", where, self.hello_timeout)
                 sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early
-            features = frozenset(
-                f for f in welcome.get("features") or () if isinstance(f, str)
-            ) & _FEATURES
-            limit = welcome.get("max_frame_size")
-            if isinstance(limit, int) and 0 < limit < self.max_frame_size:
-                self._send_limit = limit
+                return sock, decoder, False, frozenset(), early, nonce, None
+            features = _welcome_features(welcome)
             if welcome.get("auth"):
                 if welcome.get("auth") != "hmac-sha256":
                     raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
@@ -4191,7 +5150,7 @@ class TCPClientTransport(Transport):
                     f"{where} does not authenticate, so it cannot prove it knows the secret"
                 )
             sock.setblocking(False)
-            return sock, decoder, True, features, early
+            return sock, decoder, True, features, early, b"", _welcome_limit(welcome)
         except (EventforgeError, socket.timeout):
             sock.close()
             raise
@@ -4259,7 +5218,7 @@ class TCPClientTransport(Transport):
 
     def _install(
         self, sock: Any, decoder: FrameDecoder, handshake: bool, features: frozenset,
-        early: List[Message],
+        early: List[Message], hello_nonce: bytes, limit: Optional[int],
     ) -> None:
         """Adopt a fresh connection: interest first, then every unacknowledged message."""
         tls = self.ssl_context is not None
@@ -4269,30 +5228,27 @@ class TCPClientTransport(Transport):
         conn.state = _READY
         conn.handshake = handshake
         conn.features = features
+        conn.nonce = hello_nonce  # a $hello still unanswered: a late $welcome is adopted
         with self._lock:
             frames: List[bytes] = []
-            self._removals = {}  # the new connection learns the whole interest anyway
-            self._deferred = {}
-            self._implicit = handshake and "interest" in features and "reply" in features
-            if handshake and self._interest:
-                frames.append(_control_frame("$interest", {"add": list(self._interest)}))
-            self._ack_mode = "ack" in features
-            self._seq = 0
-            for item in self._pending:
-                self._seq += 1
-                item[0] = self._seq
-                frames.append(item[1])
-            if self._pending:
-                self._counts["resent"] += len(self._pending)
+            self._send_limit = limit if limit is not None else self.max_frame_size
+            self._pings_sent = self._pongs = 0
+            interest = self._adopt_features(conn)
+            if interest:
+                frames.append(interest)
+            resent = self._backlog.resend(self._send_limit, conn.peer)
+            self._seq = len(resent)
+            frames.extend(resent)
             if not self._ack_mode:
-                self._pending.clear()
-                self._pending_bytes = 0
+                self._backlog.written()
             if frames:
                 with conn.lock:
                     data = b"".join(frames)
                     conn.out.append(data)
                     conn.out_bytes += len(data)
             self._conn = conn
+            if self._space_waiters:
+                self._space.notify_all()
         loop = self._loop
         assert loop is not None
         import selectors
@@ -4307,6 +5263,21 @@ class TCPClientTransport(Transport):
                 self._dispatcher.put_many(batch)
         if frames:
             self._kick(conn)
+
+    def _adopt_features(self, conn: _Connection) -> bytes:
+        """Take up the connection's mode and features; return the ``$interest`` to send.
+
+        Called with self._lock held, when a connection is installed and when
+        a late ``$welcome`` turns a frame-only connection into a handshake one.
+        """
+        features = conn.features if conn.handshake else frozenset()
+        self._removals = {}  # the server learns the whole interest anyway
+        self._deferred = {}
+        self._implicit = "interest" in features and "reply" in features
+        self._ack_mode = "ack" in features
+        if conn.handshake and self._interest:
+            return _control_frame("$interest", {"add": list(self._interest)})
+        return b""
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -4544,16 +5515,28 @@ class TCPClientTransport(Transport):
             acked = payload.get("n")
             if isinstance(acked, int):
                 with self._lock:
-                    pending = self._pending
-                    while pending and 0 < pending[0][0] <= acked:
-                        self._pending_bytes -= len(pending.popleft()[1])
+                    self._backlog.acknowledge(acked)
                     if self._space_waiters:
                         self._space.notify_all()
         elif topic == "$ping":
             if conn.enqueue(_control_frame("$pong", {})) == _OK:
                 self._flush(conn)
         elif topic == "$pong":
-            pass
+            with self._lock:
+                if self._conn is conn:
+                    self._pongs += 1
+                    if self._space_waiters:
+                        self._space.notify_all()
+        elif topic == "$flushed":
+            ident = payload.get("id")
+            if type(ident) is int:
+                with self._lock:
+                    if ident > self._flushed_upto:
+                        self._flushed_upto = ident
+                    if self._space_waiters:
+                        self._space.notify_all()
+        elif topic == "$welcome" and not conn.handshake and conn.nonce:
+            self._late_welcome(conn, payload)
         elif topic == "$error":
             reason = str(payload.get("reason"))[:200]
             logger.warning("tcp client: %s reports: %s", conn.peer, reason)
@@ -4574,22 +5557,62 @@ class TCPClientTransport(Transport):
                 return
             if silent > interval and not conn.ping_sent:
                 conn.ping_sent = True
-                conn.enqueue(_control_frame("$ping", {}))
+                with self._lock:
+                    self._pings_sent += 1
+                    conn.enqueue(_control_frame("$ping", {}))
         if self._removals or self._deferred:
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
 
+    def _late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
+        """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
+
+        Until now the server took this client for a handshake peer while the
+        client spoke plain frames; the client now adopts the mode the server
+        chose and sends its interest, so both sides agree again.
+        """
+        if welcome.get("auth"):
+            self._lost_soon(conn, "the server asks for authentication; pass secret=")
+            return
+        with self._lock:
+            if self._conn is not conn or conn.handshake:
+                return
+            conn.handshake = True
+            conn.nonce = b""
+            conn.features = _welcome_features(welcome)
+            limit = _welcome_limit(welcome)
+            self._send_limit = limit if limit is not None else self.max_frame_size
+            interest = self._adopt_features(conn)
+            if interest:
+                conn.enqueue(interest)
+        logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
+                    "protocol now", conn.peer, self.hello_timeout)
+        self._kick(conn)
+
     def _lost(self, conn: _Connection, reason: str) -> None:
-        """The connection broke (loop thread): forget it; _run reconnects."""
+        """The connection broke (loop thread): forget it; _run reconnects.
+
+        Callers waiting for the reply to a request sent on it get
+        ConnectionLostError now (the request is not resent); the oldest
+        unacknowledged frame is charged one attempt (see _Backlog.resend).
+        """
         with self._lock:
             if self._conn is not conn:
                 return
             self._conn = None
             if self._space_waiters:
                 self._space.notify_all()
-            for item in self._pending:
-                item[0] = 0
+            failed = []
+            for record in self._requests.values():
+                if record[1] is conn:
+                    record[1] = None
+                    item = record[2]
+                    if item is not None and item[1]:
+                        self._backlog.withdraw(item)
+                    failed.append(record[0])
+            self._counts["failed_requests"] += len(failed)
+            self._backlog.connection_lost()
         with self._read_lock:  # a caller may be reading it: wait for it to stop
             with self._sel_lock:
                 with conn.lock:
@@ -4604,6 +5627,8 @@ class TCPClientTransport(Transport):
                 conn.sock.close()
             except OSError:
                 pass
+        for inbox in failed:
+            inbox._fail(f"connection to {conn.peer} lost before the reply came: {reason}")
         if self._closing.is_set():
             return
         self._counts["disconnects"] += 1
@@ -4613,6 +5638,16 @@ class TCPClientTransport(Transport):
             logger.warning("tcp client: lost %s (%s)", conn.peer, reason)
             with self._lock:
                 self._failed = f"connection to {conn.peer} lost: {reason}"
+        self._notify_state(False, reason)
+
+    def _notify_state(self, connected: bool, detail: str) -> None:
+        callback = self.on_connection_change
+        if callback is None:
+            return
+        try:
+            callback(connected, detail)
+        except Exception:
+            logger.exception("tcp client: on_connection_change callback failed")
 
     def _reconnect(self) -> bool:
         """Retry with capped exponential backoff and jitter; False to stop the loop."""
@@ -4621,7 +5656,9 @@ class TCPClientTransport(Transport):
         delay = self.backoff_initial
         while not self._closing.is_set():
             jitter = 0.5 + os.urandom(1)[0] / 510.0  # 0.5 .. 1.0
-            if self._closing.wait(delay * jitter):
+            if self._nudge.wait(delay * jitter):  # close() wants the backlog out: now
+                self._nudge.clear()
+            if self._closing.is_set():
                 return False
             self._counts["reconnect_attempts"] += 1
             try:
@@ -4637,8 +5674,10 @@ class TCPClientTransport(Transport):
                 self._install(*opened)
                 self._counts["reconnects"] += 1
                 logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
+                self._notify_state(True, f"reconnected to {self.host}:{self.port}")
                 return True
-            delay = min(delay * 2, self.backoff_max)
+            # While close() waits to deliver the backlog, retry briskly.
+            delay = min(delay * 2, 0.1 if self._closed else self.backoff_max)
         return False
 
     def _dispatch_low(self) -> None:
@@ -4664,14 +5703,23 @@ class TCPClientTransport(Transport):
                 conn.out.clear()
                 conn.cur = None
                 conn.closed = True
-            if chunks:
-                try:
-                    conn.sock.settimeout(1.0)
-                    conn.sock.sendall(b"".join(chunks))
-                except OSError:
-                    pass
+            sock = conn.sock
             try:
-                conn.sock.close()
+                if chunks:
+                    sock.settimeout(1.0)
+                    sock.sendall(b"".join(chunks))
+                if not conn.tls:
+                    # Unread input would make close() send RST, and an RST may
+                    # discard what the server has not read yet: send FIN, then
+                    # drop what is waiting here before closing.
+                    sock.shutdown(1)  # socket.SHUT_WR
+                    sock.setblocking(False)
+                    while sock.recv(_RECV_SIZE):
+                        pass
+            except OSError:
+                pass
+            try:
+                sock.close()
             except OSError:
                 pass
         loop = self._loop
@@ -4687,6 +5735,17 @@ class TCPClientTransport(Transport):
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 
 
+#: Reserved request header: milliseconds the requester will still wait, as
+#: of sending.  Relative (like gRPC's grpc-timeout), so clock skew between
+#: hosts does not matter; a server may skip a request whose TTL ran out.
+TTL_HEADER = "_ttl_ms"
+
+
+def _set_ttl(headers: Dict[str, Any], timeout: Optional[float]) -> None:
+    if timeout is not None:
+        headers[TTL_HEADER] = max(0, int(timeout * 1000))
+
+
 def _is_async_callable(func: Any) -> bool:
     code = getattr(getattr(func, "__func__", func), "__code__", None)
     return code is not None and bool(code.co_flags & _CO_COROUTINE)
@@ -4699,9 +5758,12 @@ class MessageQueue:
     TCP (or broker) transport to reach other processes with the same API.
     Closing the queue closes its transport.
 
-    A handler that raises never disturbs the publisher or other handlers:
-    the error goes to ``on_error(exc, message)`` when given, and is always
-    counted in :attr:`stats`; without ``on_error`` it is logged.
+    A handler that raises (anything, ``BaseException`` included) never
+    disturbs the publisher or other handlers: the error goes to
+    ``on_error(exc, message)`` when given, and is always counted in
+    :attr:`stats`.  Without ``on_error`` it is logged at ERROR if the
+    application configured logging, else printed to stderr with its
+    traceback (as ``threading.excepthook`` does): never silently lost.
     """
 
     def __init__(
@@ -4784,21 +5846,19 @@ class MessageQueue:
         return removed
 
     def _handler_failed(self, handler: Any, message: Message, exc: BaseException) -> None:
+        _reraise_interrupt(exc)
         with self._lock:
             self._handler_errors += 1
+        what = (f"handler {_callable_name(handler)} failed for message {message.id} "
+                f"on {message.topic!r}")
         if self.on_error is not None:
             try:
                 self.on_error(exc, message)
                 return
-            except Exception:
-                logger.exception("on_error hook failed while handling an error")
-        logger.error(
-            "handler %s failed for message %s on %r",
-            _callable_name(handler),
-            message.id,
-            message.topic,
-            exc_info=(type(exc), exc, exc.__traceback__),
-        )
+            except BaseException as hook_exc:  # its traceback chains the handler's
+                _reraise_interrupt(hook_exc)
+                what, exc = f"on_error hook failed while handling: {what}", hook_exc
+        _report_unhandled(what, exc)
 
     # -- point-to-point -------------------------------------------------------
 
@@ -4815,8 +5875,9 @@ class MessageQueue:
     # -- request-reply --------------------------------------------------------
 
     def _prepare_request(
-        self, topic: str, payload: Any, headers: Dict[str, Any]
+        self, topic: str, payload: Any, headers: Dict[str, Any], timeout: Optional[float]
     ) -> Tuple[Message, Inbox]:
+        _set_ttl(headers, timeout)
         message = _make_message(topic, payload, headers)
         message.reply_to = "_reply." + message.id
         return message, self.transport.open_inbox(message.reply_to)
@@ -4827,9 +5888,10 @@ class MessageQueue:
         """Publish a request and wait for the reply ``Message``; None on timeout.
 
         The responder answers with :meth:`reply`.  A reply arriving after the
-        timeout is discarded.
+        timeout is discarded.  The request carries the header ``_ttl_ms`` (the
+        timeout in milliseconds), so a server can skip it once nobody waits.
         """
-        message, inbox = self._prepare_request(topic, payload, headers)
+        message, inbox = self._prepare_request(topic, payload, headers, timeout)
         try:
             self.transport.send(message)
             return inbox.get(timeout)
@@ -4840,7 +5902,7 @@ class MessageQueue:
         self, topic: str, payload: Any = None, timeout: Optional[float] = 30.0, **headers: Any
     ) -> Optional[Message]:
         """Asyncio-native :meth:`request`."""
-        message, inbox = self._prepare_request(topic, payload, headers)
+        message, inbox = self._prepare_request(topic, payload, headers, timeout)
         try:
             self.transport.send(message)
             return await inbox.get_async(timeout)
@@ -4974,10 +6036,12 @@ class RemoteQueue:
     def send(self, node_id: str, topic: str, payload: Any = None, **headers: Any) -> str:
         """Push a message to the peer ``node_id``; returns the message id.
 
-        Raises KeyError for an unknown peer, TransportFullError if its link
-        buffers too much while reconnecting.
+        Raises TransportClosedError after :meth:`close`, KeyError for an
+        unknown peer, TransportFullError if its link buffers too much while
+        reconnecting.
         """
         with self._lock:
+            self._check_open()
             transport = self._peers.get(node_id)
         if transport is None:
             raise KeyError(f"unknown peer {node_id!r}; connected peers: {sorted(self._peers)}")
@@ -4990,11 +6054,20 @@ class RemoteQueue:
         """Push the same message to every peer; returns ``{node_id: message_id}``.
 
         Peers that failed are missing from the result; their errors are in
-        :attr:`last_errors` (reset on every call), logged and counted.
+        :attr:`last_errors` (reset on every call), logged and counted.  A
+        broadcast that reaches no peer raises instead of returning ``{}``:
+        TransportClosedError after :meth:`close`, TransportError when no peer
+        is connected or every peer failed (the first failure is its cause).
         """
         validate_topic(topic)
         with self._lock:
+            self._check_open()
             peers = list(self._peers.items())
+        if not peers:
+            raise TransportError(
+                f"RemoteQueue {self.node_id!r} has no peers to broadcast {topic!r} to; "
+                "connect() one first"
+            )
         message = self._message(topic, payload, headers)
         sent: Dict[str, str] = {}
         errors: Dict[str, BaseException] = {}
@@ -5009,13 +6082,26 @@ class RemoteQueue:
                 if self.on_error is not None:
                     try:
                         self.on_error(node_id, exc)
-                    except Exception:
-                        logger.exception("remote %s: on_error hook failed", self.node_id)
+                    except BaseException as hook_exc:  # shown, never propagated
+                        _reraise_interrupt(hook_exc)
+                        _report_unhandled(f"remote {self.node_id}: on_error hook failed",
+                                          hook_exc)
             else:
                 sent[node_id] = message.id
                 self._counts["sent"] += 1
         self.last_errors = errors
+        if not sent:
+            first = next(iter(errors.values()))
+            raise TransportError(
+                f"broadcast of {message.id} on {topic!r} reached none of the "
+                f"{len(errors)} peer(s): " + "; ".join(f"{n}: {e}" for n, e in errors.items())
+            ) from first
         return sent
+
+    def _check_open(self) -> None:
+        # Called with self._lock held.
+        if self._closed:
+            raise TransportClosedError(f"RemoteQueue {self.node_id!r} is closed")
 
     def _require_local(self) -> MessageQueue:
         if self.local is None:
@@ -5249,9 +6335,17 @@ def _failure(
 
         tb = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
     return TaskResult(
-        task_id, TaskStatus.FAILED, None, str(exc), type(exc).__name__,
+        task_id, TaskStatus.FAILED, None, _exception_text(exc), type(exc).__name__,
         execution_time, worker_id, tb, exc,
     )
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder when the exception's ``__str__`` fails."""
+    try:
+        return str(exc)
+    except BaseException as failure:  # a broken __str__ must not escape
+        return f"<str() of the {type(exc).__name__} failed: {type(failure).__name__}>"
 
 
 def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
@@ -5264,7 +6358,9 @@ def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
     start = time.perf_counter()
     try:
         value = func(*args, **kwargs)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit, CancelledError ... fail this task only
+        if not in_process:
+            _reraise_interrupt(exc)
         return _failure(task_id, exc, time.perf_counter() - start, worker)
     return TaskResult(task_id, TaskStatus.COMPLETED, value, None, None,
                       time.perf_counter() - start, worker)
@@ -5337,14 +6433,17 @@ class Executor:
     PROCESS on a pool of ``max_workers`` processes (the function, its arguments
     and its return value must pickle; define the function at module level).
 
-    A task never raises out of the executor: exceptions, arguments that do not
-    pickle and a crashed worker process all come back as a FAILED TaskResult
-    with ``error_type`` set.
+    A task never raises out of the executor: exceptions (``BaseException``
+    included, such as ``SystemExit`` or ``asyncio.CancelledError``), arguments
+    that do not pickle and a crashed worker process all come back as a FAILED
+    TaskResult with ``error_type`` set.  Only Ctrl-C and ``sys.exit()`` in a
+    SEQUENTIAL task on the main thread propagate, as they should.
 
     Memory stays bounded: ``result(task_id)`` hands a result over exactly once
     and forgets it; at most ``max_results`` uncollected tasks are remembered,
-    and beyond that the oldest one is dropped (its result is discarded, a
-    warning is logged and ``stats["dropped"]`` counts it).  Use :meth:`map`, or
+    and beyond that the oldest one is dropped (its result is discarded,
+    ``stats["dropped"]`` counts it and a warning is logged, at most once a
+    minute).  Use :meth:`map`, or
     collect what you submit, and nothing accumulates.
 
     The pool starts on :meth:`start`, on entering ``with``, or lazily on the
@@ -5382,6 +6481,7 @@ class Executor:
         self._counter = itertools.count(1)
         self._submitted = 0
         self._dropped = 0
+        self._drop_logged_at = -1e9  # monotonic time of the last drop warning
         self._pools_replaced = 0
 
     # -- life cycle -------------------------------------------------------
@@ -5456,10 +6556,15 @@ class Executor:
     def _drop_oldest_locked(self) -> None:
         old_id, _ = self._tasks.popitem(last=False)
         self._dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged_at < 60.0:  # one line a minute, never one per task
+            return
+        self._drop_logged_at = now
         logger.warning(
             "Executor: dropped the uncollected result of task %s (more than max_results=%d "
-            "uncollected tasks); collect results with result() or use map()",
-            old_id, self.max_results,
+            "uncollected tasks; %d dropped so far, counted in stats); collect results with "
+            "result() or use map()",
+            old_id, self.max_results, self._dropped,
         )
 
     def _submit_future(self, task_id: str, func: Callable[..., Any],
@@ -5861,6 +6966,13 @@ class _DynamicMethods:
         )
 
 
+def _method_label(message: Message) -> str:
+    """``method()`` of an RPC request, for error texts (``request`` if unknown)."""
+    payload = message.payload
+    method = payload.get("method") if isinstance(payload, dict) else None
+    return f"{method}()" if isinstance(method, str) else "the request"
+
+
 class RPCServer:
     """Serve registered functions by name over a :class:`MessageQueue`.
 
@@ -5979,7 +7091,10 @@ class RPCServer:
     def stop(self, timeout: Optional[float] = 30.0) -> None:
         """Stop taking requests and wait up to ``timeout`` s for calls in flight.
 
-        Replies of calls that finish meanwhile are still sent.  Called from
+        Every request already received is still run and answered: calls in
+        flight, and requests the transport had read but not yet handed over
+        (a TCP connection's queued requests; they may finish after ``stop``
+        returns, and closing the transport waits for them).  Called from
         inside a method, it does not wait for that call.
         """
         with self._lock:
@@ -6049,6 +7164,7 @@ class RPCServer:
     def _on_request(self, message: Message) -> None:
         payload = message.payload
         call: Optional[Tuple[str, float]] = None
+        settled = False  # the call was answered and counted (in flight no more)
         with self._lock:
             self._counts["requests"] += 1
             self._inflight += 1
@@ -6080,8 +7196,10 @@ class RPCServer:
                 self._local.depth = getattr(self._local, "depth", 0) + 1
                 try:
                     value = func(*args, **kwargs)
-                except Exception as exc:
+                except BaseException as exc:  # any failure is that call's only
                     self._respond_task(message, request_id, _failure(request_id, exc), call=call)
+                    settled = True
+                    _reraise_interrupt(exc)  # Ctrl-C on the main thread: after the reply
                 else:
                     self._respond(message, request_id, value, None, outcome="succeeded",
                                   call=call)
@@ -6093,11 +7211,12 @@ class RPCServer:
             else:
                 _, handle = self.executor._future_for(self._call_marked, (func, args, kwargs), {})
         except BaseException as exc:
-            if call is not None:  # e.g. a BaseException out of an inline method
-                with self._lock:
-                    self._per_method[call[0]].finish(_perf_counter() - call[1],
-                                                     type(exc).__name__)
-            self._finish()
+            if not settled:
+                if call is not None:  # e.g. the executor refused the call
+                    with self._lock:
+                        self._per_method[call[0]].finish(_perf_counter() - call[1],
+                                                         type(exc).__name__)
+                self._finish()
             raise
         if isinstance(handle, _Done):
             self._respond_task(message, request_id, handle.result, finish=True, call=call)
@@ -6107,6 +7226,9 @@ class RPCServer:
                                                _result_of_future(request_id, fut), finish=True,
                                                call=call))
             return
+
+    # Requests matched before stop() unsubscribed are still answered.
+    setattr(_on_request, _FINISH_QUEUED, True)
 
     def _call_marked(self, func: Callable[..., Any], args: Any, kwargs: Dict[str, Any]) -> Any:
         # Runs on an executor thread: lets stop() called by the method not wait for itself.
@@ -6166,11 +7288,14 @@ class RPCServer:
             reply = _make_message(message.reply_to, payload, {}, None, message.id)
             try:
                 self.queue.send(reply)
-            except SerializationError as exc:
-                # The result cannot cross this transport: tell the caller why.
+            except (SerializationError, FrameTooLargeError) as exc:
+                # The reply cannot cross this transport: tell the caller why, at
+                # once, rather than let it wait for a timeout (and retry).
+                self._count("reply_errors")
                 reply.payload = {"id": payload["id"], "request_id": request_id, "result": None,
-                                 "error_type": "SerializationError",
-                                 "error": f"the result of the call cannot be sent: {exc}"}
+                                 "error_type": type(exc).__name__,
+                                 "error": f"the reply to {_method_label(message)} cannot be "
+                                          f"sent: {exc}"}
                 self.queue.send(reply)
         except Exception as exc:
             self._count("reply_errors")
@@ -6215,7 +7340,9 @@ class RPCClient(_DynamicMethods):
         payload = {"id": request_id, "method": method,
                    "args": [] if args is None else list(args),
                    "kwargs": {} if kwargs is None else dict(kwargs), "timeout": wait}
-        message = _make_message(self.request_topic, payload, {}, RPC_REPLY_PREFIX + request_id)
+        headers: Dict[str, Any] = {}
+        _set_ttl(headers, wait)
+        message = _make_message(self.request_topic, payload, headers, RPC_REPLY_PREFIX + request_id)
         inbox = self.queue.transport.open_inbox(message.reply_to)  # type: ignore[arg-type]
         return message, inbox, wait
 
@@ -7577,10 +8704,11 @@ _CONNZ_SORTS = {  # sort= value -> (snapshot key, descending)
 _CONNECTION_FAILURES = (
     "refused_connections", "accept_errors", "resets", "truncated_frames", "frame_timeouts",
     "handshake_timeouts", "auth_failures", "tls_failures", "protocol_errors",
-    "slow_consumers", "dead_peers", "oversize_frames", "internal_errors",
+    "slow_consumers", "dead_peers", "oversize_frames", "internal_errors", "frame_only_refused",
 )
-_IN_FAILURES = ("frame_errors", "mailbox_full", "expired")
-_OUT_FAILURES = ("dropped", "handler_errors", "full")
+_IN_FAILURES = ("frame_errors", "mailbox_full", "expired", "unhandled_at_close")
+_OUT_FAILURES = ("dropped_topic_full", "dropped_buffer_full", "dropped_no_inbox",
+                 "handler_errors", "full", "oversize_for_peer", "too_large", "refused")
 _QUEUE_GAUGES = ("ready", "in_flight", "delayed", "dead_letters", "oldest_ready_age_seconds")
 _QUEUE_TOTALS = ("acked_total", "nacked_total", "redelivered_total", "dead_lettered_total")
 
@@ -9317,6 +10445,17 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
     received = [0]
     lock = threading.Lock()
     queue = _connect_queue(args)
+    where = _format_address((args.host, args.port))
+
+    def connection_changed(connected: bool, detail: str) -> None:
+        # One line when the server goes away, one when it is back (not one per retry).
+        if connected:
+            print(f"eventforge sub: connected to {where} again", file=sys.stderr, flush=True)
+        else:
+            print(f"eventforge sub: lost the connection to {where} ({detail}); reconnecting",
+                  file=sys.stderr, flush=True)
+
+    queue.transport.on_connection_change = connection_changed  # type: ignore[attr-defined]
     restore = _install_stop_signals(stop)
     try:
         def show(message: Message) -> None:
@@ -9331,8 +10470,12 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
                     stop.set()
 
         queue.subscribe(args.pattern, show)
-        print(f"eventforge sub: listening to {args.pattern!r} on "
-              f"{_format_address((args.host, args.port))}", file=sys.stderr, flush=True)
+        try:  # "listening" means it: the server has the subscription
+            queue.transport.flush(10.0)  # type: ignore[attr-defined]
+        except (OSError, EventforgeError):
+            pass  # the connection-state lines say what goes on
+        print(f"eventforge sub: listening to {args.pattern!r} on {where}",
+              file=sys.stderr, flush=True)
         if args.timeout is not None:
             deadline = time.monotonic() + args.timeout
             try:

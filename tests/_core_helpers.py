@@ -10,6 +10,10 @@ from typing import Any, Callable, List, Sequence
 #: may be slow, but nothing in these tests legitimately takes this long.
 PATIENCE = 10.0
 
+#: Generous upper bound on how late a timeout may return on a busy machine.
+#: Returning *early* is a bug and is checked tightly; lateness is not speed.
+SLACK = 2.0
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float = PATIENCE) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value."""

@@ -53,6 +53,11 @@ class FrameReader:
 
     def read(self, timeout: float = 5.0) -> Optional[dict]:
         """Return the next frame as a dict, or None at EOF/timeout."""
+        body = self.read_body(timeout)
+        return None if body is None else json.loads(body)
+
+    def read_body(self, timeout: float = 5.0) -> Optional[bytes]:
+        """Return the next frame's body as bytes, or None at EOF/timeout."""
         deadline = time.monotonic() + timeout
         while not self.frames:
             remaining = deadline - time.monotonic()
@@ -68,7 +73,7 @@ class FrameReader:
             if not data:
                 return None
             self.frames.extend(self.decoder.feed(data))
-        return json.loads(self.frames.pop(0))
+        return self.frames.pop(0)
 
     def read_message(self, timeout: float = 5.0) -> Optional[dict]:
         """Like :meth:`read`, skipping control frames."""

@@ -53,6 +53,23 @@ def no_leaks():
     assert not fds, f"file descriptors left behind: {[_describe_fd(fd) for fd in fds]}"
 
 
+# The core (non-TCP) test modules get the leak check on every test, for free:
+# enumerating threads and /proc/self/fd costs microseconds when nothing leaked.
+_LEAK_CHECKED_MODULES = frozenset({
+    "test_async", "test_codec", "test_codec_fuzz", "test_executor", "test_failures_core",
+    "test_mailbox_model", "test_memory_transport", "test_message_queue", "test_rpc",
+    "test_topics", "test_vectors",
+})
+
+
+@pytest.fixture(autouse=True)
+def _core_leak_check(request):
+    module = getattr(request, "module", None)
+    if module is not None and module.__name__.rpartition(".")[2] in _LEAK_CHECKED_MODULES:
+        request.getfixturevalue("no_leaks")
+    yield
+
+
 class TCPFactory:
     """Creates servers/clients bound to 127.0.0.1 on free ports; closes them all."""
 

@@ -273,6 +273,13 @@ def vectors() -> List[Dict[str, Any]]:
             note="Length prefix 2^32-1 with no body: refused at once, no allocation "
             "sized by it, connection closed.",
         ),
+        dict(
+            name="timestamp-past-year-9999",
+            body='{"topic":"a","timestamp":"9999-12-31T23:59:59-01:00"}',
+            error="FrameError",
+            note="Every field is in range, but the instant in UTC is in year 10000: "
+            "outside the years 1-9999, so refused at decode.",
+        ),
     ]
     result = []
     for number, vector in enumerate(accepted + refused, start=1):

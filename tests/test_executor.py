@@ -170,6 +170,8 @@ class TestBookkeeping:
             ex.result(ids[0])
         assert ex.result(ids[-1]).value == 24 * 24
         assert "dropped the uncollected result" in caplog.text
+        drops = [r for r in caplog.records if "dropped the uncollected" in r.getMessage()]
+        assert len(drops) == 1  # one line for 15 drops, never one per task
 
     @pytest.mark.parametrize("mode", [ExecutionMode.SEQUENTIAL, ExecutionMode.THREAD])
     def test_many_tasks_leave_nothing_behind(self, mode):

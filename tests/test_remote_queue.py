@@ -192,7 +192,8 @@ def test_disconnect_and_reconnect_and_context_manager(tcp):
             assert coord.disconnect("n") is True
             assert coord.disconnect("n") is False
             assert coord.peers == []
-            assert coord.broadcast("t", 2) == {}
+            with pytest.raises(ef.TransportError, match="no peers"):
+                coord.broadcast("t", 2)  # never a silent {}
     assert server.closed  # closing the node closed its local queue and server
 
 
@@ -282,3 +283,31 @@ def test_readme_cross_process_blocks_run(no_leaks):
         server.wait(5)
         server.stdin.close()
         server.stdout.close()
+
+
+def test_send_and_broadcast_after_close_raise_transport_closed(tcp):
+    node, server = _node(tcp, "n")
+    coord = ef.RemoteQueue("coord")
+    coord.connect("n", "127.0.0.1", server.port)
+    coord.close()
+    with pytest.raises(ef.TransportClosedError, match="closed"):
+        coord.send("n", "t", 1)  # was a KeyError: the peer table was emptied
+    with pytest.raises(ef.TransportClosedError):
+        coord.send("never-known", "t", 1)
+    with pytest.raises(ef.TransportClosedError):
+        coord.broadcast("t", 1)
+    node.close()
+
+
+def test_broadcast_that_reaches_no_peer_raises_with_every_reason(tcp):
+    node, server = _node(tcp, "n")
+    errors = []
+    coord = tcp.own(ef.RemoteQueue("coord", on_error=lambda peer, exc: errors.append(peer)))
+    coord.connect("n", "127.0.0.1", server.port, reconnect=False)
+    server.close()
+    assert wait_until(lambda: not coord._peers["n"].connected)
+    with pytest.raises(ef.TransportError, match="reached none of the 1 peer") as caught:
+        coord.broadcast("t", 1)
+    assert "n:" in str(caught.value) and isinstance(caught.value.__cause__, ef.TransportError)
+    assert errors == ["n"] and set(coord.last_errors) == {"n"}
+    node.close()

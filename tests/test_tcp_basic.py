@@ -70,8 +70,7 @@ def test_server_publish_reaches_matching_client_subscribers_and_local(tcp):
     client = tcp.client(server.port)
     got = []
     ef.MessageQueue(transport=client).subscribe("orders.*.created", got.append)
-    assert wait_until(lambda: server.stats["handshake_peers"] == 1)
-    time.sleep(0.05)  # interest travels ahead of nothing here: give it a moment
+    assert client.flush(10.0)  # the server has the interest now
     server_queue.publish("orders.eu.created", 1)
     server_queue.publish("orders.eu.paid", 2)
     assert wait_until(lambda: got)
@@ -103,8 +102,7 @@ def test_request_reply_server_to_client(tcp):
     def echo(message):
         client_queue.reply(message, {"echo": message.payload})
 
-    assert wait_until(lambda: server.stats["handshake_peers"] == 1)
-    time.sleep(0.05)
+    assert client_queue.transport.flush(10.0)
     server_queue = ef.MessageQueue(transport=server)
     response = server_queue.request("client.echo", "hi", timeout=5.0)
     assert response is not None and response.payload == {"echo": "hi"}
@@ -133,8 +131,7 @@ def test_handler_may_block_on_a_request_over_the_same_connection(tcp):
         inner = queue.request("inner", None, timeout=5.0)
         queue.reply(message, inner.payload if inner else None)
 
-    assert wait_until(lambda: server.stats["handshake_peers"] == 1)
-    time.sleep(0.05)
+    assert queue.transport.flush(10.0)
     response = server_queue.request("outer", None, timeout=5.0)
     assert response is not None and response.payload == "inner-ok"
 
@@ -177,7 +174,8 @@ def test_async_receive_and_request(tcp):
         )
         assert [r.payload for r in replies] == [i * 2 for i in range(20)]
         waiter = asyncio.ensure_future(queue.receive_async("async.topic", timeout=5.0))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0)  # the receiver registers; a message sent before its
+        # interest reaches the server waits in the server's mailbox for it
         server.send(ef.Message("async.topic", "late"))
         got = await waiter
         assert got.payload == "late"
@@ -191,8 +189,7 @@ def test_unsubscribe_withdraws_interest(tcp):
     client = tcp.client(server.port)
     got = []
     sub = client.subscribe("news.*", got.append)
-    assert wait_until(lambda: server.stats.get("handshake_peers") == 1)
-    time.sleep(0.05)
+    assert client.flush(10.0)
     server.send(ef.Message("news.a", 1))
     assert wait_until(lambda: got)
     assert client.unsubscribe(sub) is True
@@ -355,8 +352,7 @@ def test_subscribe_before_connect_and_close_waits_for_acknowledgement(tcp, caplo
     pushed = []
     client.subscribe("push.*", pushed.append)  # sent with the handshake
     client.connect(5.0)
-    assert wait_until(lambda: server.stats["handshake_peers"] == 1)
-    time.sleep(0.05)
+    assert client.flush(10.0)
     server.send(ef.Message("push.a", "hello"))
     assert wait_until(lambda: pushed)
     for i in range(100):
@@ -404,7 +400,7 @@ def test_inline_dispatch_handler_waiting_on_the_network_times_out(tcp):
     def outer(message):
         results.append(queue.request("client.echo", "x", timeout=0.3))
 
-    time.sleep(0.1)
+    assert client.transport.flush(10.0)
     client.publish("outer", None)
     assert wait_until(lambda: results, timeout=5)
     assert results == [None]

@@ -14,6 +14,8 @@ import time
 
 import pytest
 from _tcp_helpers import FrameReader, frame, message_frame, raw_connect, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import eventforge as ef
 
@@ -61,7 +63,7 @@ def test_frame_only_client_reaches_a_handler_on_another_client(tcp):
     server = tcp.server()
     worker = ef.MessageQueue(transport=tcp.client(server.port))
     worker.on("remote.work", lambda m: worker.reply(m, m.payload.upper()))
-    time.sleep(0.1)
+    assert worker.transport.flush(10.0)
     with raw_connect(server.port) as sock:
         sock.sendall(ef.encode(ef.Message("remote.work", "abc", reply_to="_reply.raw-2")))
         reply = FrameReader(sock).read_message()
@@ -219,6 +221,58 @@ def test_control_frame_vectors(vector):
     assert decoded.topic == vector["topic"] and decoded.payload == vector["payload"]
 
 
+def _vector_bytes(name):
+    entry = next(v for v in _vectors() if v["name"] == name)
+    with open(os.path.join(VECTORS, entry["file"]), "rb") as f:
+        return f.read()
+
+
+def _read_exactly(sock, size, timeout=5.0):
+    sock.settimeout(timeout)
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_server_speaks_the_flush_and_limit_vectors_byte_for_byte(tcp):
+    """Decode direction: the server takes the vectors' bytes; encode: it writes theirs."""
+    server = tcp.server()
+    welcome, flushed = _vector_bytes("welcome-flush"), _vector_bytes("flushed")
+    with raw_connect(server.port) as sock:
+        sock.sendall(_vector_bytes("hello-limits"))
+        assert _read_exactly(sock, len(welcome)) == welcome
+        sock.sendall(_vector_bytes("flush"))
+        assert _read_exactly(sock, len(flushed)) == flushed
+        conn = next(iter(server._conns.values()))
+        assert conn.peer_max_frame == 65536  # from the $hello vector
+        assert conn.features >= {"ack", "flush", "interest", "ping", "reply"}
+    refusing = tcp.server(allow_frame_only=False)
+    error = _vector_bytes("error-frame-only")
+    with raw_connect(refusing.port) as sock:
+        sock.sendall(message_frame("no.hello", 1))
+        assert _read_exactly(sock, len(error) + 1) == error  # then the connection closes
+
+
+def test_tcp_vector_generator_reproduces_the_checked_in_files(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "tcp_make_vectors", os.path.join(VECTORS, "make_vectors.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(str(tmp_path))
+    written = sorted(p.name for p in tmp_path.iterdir())
+    on_disk = sorted(n for n in os.listdir(VECTORS) if n.endswith((".bin", ".json")))
+    assert written == on_disk
+    for name in written:
+        with open(os.path.join(VECTORS, name), "rb") as f:
+            assert (tmp_path / name).read_bytes() == f.read(), name
+
+
 def test_hmac_vector():
     v = json.load(open(os.path.join(VECTORS, "auth.json")))
     key = v["secret"].encode()
@@ -236,3 +290,58 @@ def test_interest_frames_match_the_generic_control_encoding(topic):
     assert ef._interest_frame([], [topic]) == control("$interest", {"remove": [topic]})
     both = ef._interest_frame([topic, "a.b"], [topic, "x.y"])
     assert both == control("$interest", {"add": [topic, "a.b"], "remove": [topic, "x.y"]})
+
+
+# -- the fast control-frame parser agrees with decode() ------------------------------------
+
+_json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=8,
+)
+_field_names = st.sampled_from(
+    ["topic", "payload", "id", "headers", "timestamp", "reply_to", "correlation_id", "x"])
+_control_topics = st.one_of(
+    st.sampled_from(["$hello", "$ack", "$flush", "$x.y", "$", "$a..b", "$a b", "$" + "a" * 70]),
+    st.text(max_size=12).map(lambda t: "$" + t),
+)
+
+
+@st.composite
+def _control_like_bodies(draw):
+    """Bodies starting like a compact control frame, valid or not."""
+    obj = {"topic": draw(_control_topics)}
+    for name in draw(st.lists(_field_names, max_size=3)):
+        obj[name] = draw(_json_values)
+    if draw(st.booleans()):
+        obj["payload"] = draw(_json_values)
+    body = json.dumps(obj, ensure_ascii=draw(st.booleans()),
+                      separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])))
+    body = body.encode("utf-8", "surrogatepass")
+    cut = draw(st.one_of(st.none(), st.integers(0, len(body))))
+    tail = draw(st.binary(max_size=4))
+    return body if cut is None else body[:cut] + tail
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_control_like_bodies(),
+                 st.binary(max_size=40).map(lambda b: ef._CONTROL_PREFIX + b)))
+def test_fast_control_parser_agrees_with_decode(body):
+    fast = ef._fast_control(body)
+    if fast is None:
+        return  # left to decode(), which then has the last word
+    message = ef.decode(body)  # must not raise: the fast path accepted the frame
+    assert (message.topic, message.payload) == fast
+
+
+@pytest.mark.parametrize("body", [
+    b'{"topic":"$x","timestamp":"bad"}', b'{"topic":"$x","id":5}',
+    b'{"topic":"$x","headers":1}', b'{"topic":"$x","reply_to":[]}',
+])
+def test_fast_control_parser_leaves_other_keys_to_decode(body):
+    assert ef._fast_control(body) is None
+    with pytest.raises(ef.FrameError):
+        ef.decode(body)

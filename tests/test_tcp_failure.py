@@ -57,8 +57,7 @@ def test_server_restart_while_client_publishes(tcp):
     assert wait_until(lambda: client.stats["pending"] == 0)
     assert client.stats["reconnects"] == 1
     # subscriptions were restored on the new server
-    assert wait_until(lambda: second.stats["handshake_peers"] == 1)
-    time.sleep(0.05)
+    assert client.flush(10.0)
     second.send(ef.Message("push.after", "restored"))
     assert wait_until(lambda: pushed)
     duplicates = len(got) - len(set(got))
@@ -302,7 +301,7 @@ def test_close_from_inside_a_handler(tcp):
         closed.set()
 
     client.subscribe("shutdown", handler)
-    time.sleep(0.05)
+    assert client.flush(10.0)
     server.send(ef.Message("shutdown", None))
     assert closed.wait(5)
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from _tcp_helpers import FrameReader, frame, handshake, message_frame, raw_connect, wait_until
 
 import eventforge as ef
 
 
-def _settle(server, peers):
-    assert wait_until(lambda: server.stats["handshake_peers"] == peers)
-    time.sleep(0.05)
+def _settle(*clients):
+    """Return once the server has applied every client's interest."""
+    for client in clients:
+        assert client.flush(10.0)
 
 
 def test_client_publish_reaches_other_clients_by_interest_only(tcp):
@@ -21,12 +21,14 @@ def test_client_publish_reaches_other_clients_by_interest_only(tcp):
     got_b, got_c = [], []
     b.subscribe("orders.**", got_b.append)
     c.subscribe("users.*", got_c.append)
-    _settle(server, 3)
+    _settle(a, b, c)
     a.send(ef.Message("orders.eu.created", 1))
     a.send(ef.Message("users.alice", 2))
-    assert wait_until(lambda: got_b and got_c)
-    time.sleep(0.05)
-    assert [m.payload for m in got_b] == [1] and [m.payload for m in got_c] == [2]
+    # End markers: a message routed where it should not go would arrive before them.
+    a.send(ef.Message("orders.end", "end"))
+    a.send(ef.Message("users.end", "end"))
+    assert wait_until(lambda: len(got_b) == 2 and len(got_c) == 2)
+    assert [m.payload for m in got_b] == [1, "end"] and [m.payload for m in got_c] == [2, "end"]
     assert a.stats["messages_in"] == 0
 
 
@@ -37,7 +39,7 @@ def test_overlapping_patterns_deliver_one_copy(tcp):
     client.subscribe("a.*", got.append)
     client.subscribe("a.b", got.append)
     client.subscribe("**", got.append)
-    _settle(server, 1)
+    _settle(client)
     server.send(ef.Message("a.b", "x"))
     assert wait_until(lambda: len(got) == 3)
     assert client.stats["messages_in"] == 1  # one frame on the wire, three local handlers
@@ -73,7 +75,7 @@ def test_server_publish_reaches_local_subscribers_and_interested_clients(tcp):
     got = []
     interested.subscribe("metrics.cpu", got.append)
     other.subscribe("logs.*", lambda m: None)
-    _settle(server, 2)
+    _settle(interested, other)
     server.send(ef.Message("metrics.cpu", 0.5))
     assert [m.payload for m in local] == [0.5]
     assert wait_until(lambda: got)
@@ -155,7 +157,7 @@ def test_fan_out_keeps_order_for_every_subscriber(tcp):
     got = [[] for _ in clients]
     for n, client in enumerate(clients):
         client.subscribe("fan.*", lambda m, n=n: got[n].append(m.payload))
-    _settle(server, 5)
+    _settle(*clients)
     for i in range(1000):
         server.send(ef.Message("fan.out", i))
     assert wait_until(lambda: all(len(g) == 1000 for g in got), timeout=20)
@@ -165,8 +167,7 @@ def test_fan_out_keeps_order_for_every_subscriber(tcp):
 def test_handshake_peer_without_interest_feature_gets_everything(tcp):
     server = tcp.server()
     with raw_connect(server.port) as sock:
-        handshake(sock, features=["ping"])
-        time.sleep(0.05)
+        handshake(sock, features=["ping"])  # $welcome: the server applied the $hello
         server.send(ef.Message("any.topic", 1))
         got = FrameReader(sock).read_message()
         assert (got["topic"], got["payload"]) == ("any.topic", 1)
@@ -211,8 +212,9 @@ def test_implicit_reply_route_reaches_only_the_requester(tcp):
         asker.sendall(message_frame("svc", None, reply_to="_reply.raw-7"))
         reply = FrameReader(asker).read_message()
         assert (reply["topic"], reply["payload"]) == ("_reply.raw-7", "yours")
-        # A pattern subscriber of inbox topics still sees it, as before.
-        assert other_reader.read_message()["topic"] == "_reply.raw-7"
+        # Inbox topics are private: a '_reply.*' pattern does not see the reply.
+        other.sendall(frame({"topic": "$ping", "payload": {}}))
+        assert other_reader.read()["topic"] == "$pong"  # the next frame: no reply before it
         asker.sendall(frame({"topic": "$interest", "payload": {"remove": ["_reply.raw-7"]}}))
         assert wait_until(lambda: "_reply.raw-7" not in server._exact)
 
@@ -246,11 +248,13 @@ def test_peers_without_the_reply_feature_use_explicit_interest(tcp):
     mq = ef.MessageQueue(transport=client)
     for i in range(20):
         assert mq.request("svc", i, timeout=5.0).payload == i + 1
-    # A frame-only peer's request is answered too, and adds no interest.
+    # A frame-only peer's request is answered too: its reply_to routes the
+    # reply to that peer alone, until it disconnects.
     with raw_connect(server.port) as sock:
         sock.sendall(message_frame("svc", 1, reply_to="_reply.frame-only"))
         assert FrameReader(sock).read_message()["payload"] == 2
-        assert "_reply.frame-only" not in server._exact
+        assert "_reply.frame-only" in server._exact
+    assert wait_until(lambda: "_reply.frame-only" not in server._exact)
 
 
 def test_an_inbox_not_named_by_a_request_is_told_to_the_server(tcp):

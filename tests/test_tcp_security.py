@@ -331,7 +331,7 @@ def test_tls_round_trip(tcp, certs):
     assert client_queue.request("svc", 1, timeout=5.0).payload == 2
     got = []
     client_queue.subscribe("push.*", got.append)
-    time.sleep(0.1)
+    assert client.flush(10.0)
     for i in range(300):
         queue.publish("push.x", i)
     assert wait_until(lambda: len(got) == 300)

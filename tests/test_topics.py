@@ -21,8 +21,16 @@ import eventforge as ef
 # ---------------------------------------------------------------------------
 
 
+INBOX = ("_reply.", "_rpc_reply.")
+
+
 def reference_match(pattern: str, topic: str) -> bool:
-    """Segment-wise recursive matcher: '*' = one segment, '**' = zero or more."""
+    """Segment-wise recursive matcher: '*' = one segment, '**' = zero or more.
+
+    Inbox topics (``_reply.``/``_rpc_reply.``) match exact patterns only.
+    """
+    if topic.startswith(INBOX):
+        return pattern == topic
     p, t = pattern.split("."), topic.split(".")
 
     @cache
@@ -40,6 +48,8 @@ def reference_match(pattern: str, topic: str) -> bool:
 
 def regex_match(pattern: str, topic: str) -> bool:
     """A second, differently built reference: translate the pattern to a regex."""
+    if "*" in pattern and re.match(r"_(rpc_)?reply\.", topic):
+        return False  # inbox topics are private to exact subscriptions
     # Match on "." + topic so every segment is preceded by a dot.
     parts = []
     for segment in pattern.split("."):
@@ -53,10 +63,18 @@ def regex_match(pattern: str, topic: str) -> bool:
 
 
 SEGMENTS = ["a", "b", "c"]
-topic_st = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=6).map(".".join)
-pattern_st = st.lists(st.sampled_from(SEGMENTS + ["*", "**"]), min_size=1, max_size=6).map(
-    ".".join
+# "_reply"/"_rpc_reply" as a first segment makes inbox topics; "reply" also
+# appears elsewhere so prefixes that merely look alike are tried too.
+topic_st = st.one_of(
+    st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=6).map(".".join),
+    st.tuples(
+        st.sampled_from(["_reply", "_rpc_reply", "reply", "a_reply"]),
+        st.lists(st.sampled_from(SEGMENTS + ["_reply"]), min_size=0, max_size=4),
+    ).map(lambda pair: ".".join([pair[0], *pair[1]])),
 )
+pattern_st = st.lists(
+    st.sampled_from(SEGMENTS + ["*", "**", "_reply", "_rpc_reply"]), min_size=1, max_size=6
+).map(".".join)
 
 
 def test_references_agree_on_documented_examples():
@@ -76,6 +94,14 @@ def test_references_agree_on_documented_examples():
         ("a.b", "a.b", True),
         ("a.b", "a.c", False),
         ("a.*.*", "a.b", False),
+        ("**", "_reply.x", False),
+        ("*.x", "_reply.x", False),
+        ("_reply.*", "_reply.x", False),
+        ("_rpc_reply.**", "_rpc_reply.x", False),
+        ("**.x", "_rpc_reply.x", False),
+        ("_reply.x", "_reply.x", True),
+        ("**", "a._reply.x", True),  # only a *leading* inbox prefix is private
+        ("**", "reply.x", True),
     ]
     for pattern, topic, expected in cases:
         assert reference_match(pattern, topic) is expected, (pattern, topic)

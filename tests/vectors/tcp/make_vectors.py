@@ -1,4 +1,4 @@
-"""Regenerate the control-frame vectors: python tests/vectors/tcp/make_vectors.py
+"""Regenerate the control-frame vectors: python tests/vectors/tcp/make_vectors.py [OUT_DIR]
 
 The .bin files are exact frames (length prefix included); control.json lists
 them with their topic and payload; auth.json holds an HMAC handshake example.
@@ -9,6 +9,7 @@ import hmac
 import json
 import os
 import struct
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,6 +32,19 @@ CONTROL = [
     ("error-auth", "$error", {"code": "auth", "reason": "authentication failed: wrong secret"}),
     ("error-full", "$error", {"code": "full", "reason": "server is at max_connections"}),
     ("interest-remove-batch", "$interest", {"remove": ["_reply.0a1b", "_rpc_reply.2c3d"]}),
+    ("hello-limits", "$hello", {"version": 1,
+                                "features": ["ack", "flush", "interest", "ping", "reply"],
+                                "nonce": "11" * 32, "ping_interval": 5.0,
+                                "max_frame_size": 65536}),
+    ("welcome-flush", "$welcome", {"version": 1,
+                                   "features": ["ack", "flush", "interest", "ping", "reply"],
+                                   "auth": None, "max_frame_size": 1048576,
+                                   "ping_interval": 15.0}),
+    ("flush", "$flush", {"id": 7}),
+    ("flushed", "$flushed", {"id": 7}),
+    ("error-frame-only", "$error", {"code": "protocol",
+                                    "reason": "frame-only peers are refused here: send $hello "
+                                              "first (allow_frame_only=False)"}),
 ]
 
 
@@ -40,14 +54,14 @@ def frame(topic, payload):
     return struct.pack(">I", len(body)) + body
 
 
-def main():
+def main(out=HERE):
     listing = []
     for i, (name, topic, payload) in enumerate(CONTROL, 1):
         file = f"{i:02d}-{name}.bin"
-        with open(os.path.join(HERE, file), "wb") as f:
+        with open(os.path.join(out, file), "wb") as f:
             f.write(frame(topic, payload))
         listing.append({"name": name, "file": file, "topic": topic, "payload": payload})
-    with open(os.path.join(HERE, "control.json"), "w") as f:
+    with open(os.path.join(out, "control.json"), "w") as f:
         json.dump(listing, f, indent=1)
         f.write("\n")
     secret, cn, sn = "correct horse battery staple", bytes(range(32)), bytes(range(32, 64))
@@ -60,10 +74,10 @@ def main():
         "server_proof": hmac.new(secret.encode(), b"eventforge-v1 server" + sn + cn,
                                  hashlib.sha256).hexdigest(),
     }
-    with open(os.path.join(HERE, "auth.json"), "w") as f:
+    with open(os.path.join(out, "auth.json"), "w") as f:
         json.dump(auth, f, indent=1)
         f.write("\n")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])
