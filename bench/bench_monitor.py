@@ -80,7 +80,27 @@ class Scraper:
                 return
 
 
-class LocalSetup:
+class Setup:
+    """Components to publish through, and the monitor watching them (or None)."""
+
+    queue: ef.MessageQueue
+    monitor: Optional[ef.Monitor] = None
+
+    def publish(self, count: int) -> float:
+        """Publish ``count`` messages; returns when it started (perf_counter)."""
+        publish = self.queue.publish
+        started = time.perf_counter()
+        for _ in range(count):
+            publish("orders.created", 1)
+        return started
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        self.queue.close()
+
+
+class LocalSetup(Setup):
     """pub_local: a MessageQueue with one subscriber."""
 
     def __init__(self, monitored: bool) -> None:
@@ -93,20 +113,11 @@ class LocalSetup:
         self.seen += 1
 
     def run(self, count: int) -> float:
-        publish = self.queue.publish
-        started = time.perf_counter()
-        for _ in range(count):
-            publish("orders.created", 1)
-        elapsed = time.perf_counter() - started
-        return elapsed / count * 1e9
-
-    def close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-        self.queue.close()
+        started = self.publish(count)
+        return (time.perf_counter() - started) / count * 1e9
 
 
-class TCPSetup:
+class TCPSetup(Setup):
     """pub_tcp: client -> server, the server's subscriber counts arrivals."""
 
     def __init__(self, monitored: bool) -> None:
@@ -136,19 +147,13 @@ class TCPSetup:
             self.seen = 0
             self.target = count
             self.done.clear()
-        publish = self.queue.publish
-        started = time.perf_counter()
-        for _ in range(count):
-            publish("orders.created", 1)
+        started = self.publish(count)
         if not self.done.wait(60):
             raise RuntimeError(f"only {self.seen} of {count} messages arrived")
-        elapsed = time.perf_counter() - started
-        return elapsed / count * 1e9
+        return (time.perf_counter() - started) / count * 1e9
 
     def close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-        self.queue.close()
+        super().close()
         self.server_queue.close()
 
 
