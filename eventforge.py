@@ -16,9 +16,12 @@ The file reads top to bottom; every section uses only the sections above it.
     5. TCP ................... TCPServerTransport, TCPClientTransport
     6. queues ................ MessageQueue, RemoteQueue
     7. execution ............. Executor, ExecutionMode, TaskStatus, TaskResult
-    8. RPC ................... RPCServer, RPCClient, RoundRobinRPCClient, with_retry
-    9. observers ............. (to come) Eventful, Observable, dispatchers, meters
-   10. tasks ................. (to come) task, TaskRunner, TaskPool, SharedState
+    8. RPC ................... RPCServer, RPCClient, RoundRobinRPCClient, with_retry,
+                               RPCRequest, RPCResponse, TaskRequest
+    9. observers ............. TaskContext, SharedState, Eventful, Observable,
+                               dispatchers, Node, Reporter, Meter and its kinds,
+                               observe
+   10. tasks ................. task, TaskRunner, TaskPool
    11. work queues ........... WorkQueue; WorkStore (the storage seam), Lease,
                                MemoryWorkStore
    12. monitor ............... Monitor (health, JSON, Prometheus metrics, a page)
@@ -71,13 +74,13 @@ __all__ = [
     "TransportError",
     "TransportClosedError",
     "TransportFullError",
+    "QueueFullError",
     "ConnectionLostError",
     "AuthenticationError",
     "EventforgeTimeoutError",
     "RPCTimeoutError",
     "RemoteError",
     "MethodNotFoundError",
-    "QueueFullError",
     # topics
     "MAX_TOPIC_LENGTH",
     "validate_topic",
@@ -123,6 +126,33 @@ __all__ = [
     "RetryingRPCClient",
     "with_retry",
     "DURATION_BUCKETS",
+    "TaskRequest",
+    "RPCRequest",
+    "RPCResponse",
+    # observers
+    "ExecutionContext",
+    "TaskContext",
+    "SharedState",
+    "Dispatcher",
+    "BroadcastDispatcher",
+    "RoundRobinDispatcher",
+    "ConcurrentDispatcher",
+    "LeastLoadedDispatcher",
+    "Node",
+    "Eventful",
+    "Observable",
+    "Reporter",
+    "LoggingReporter",
+    "Meter",
+    "TimingMeter",
+    "MemoryMeter",
+    "CPUMeter",
+    "MetricsMeter",
+    "observe",
+    # tasks
+    "TaskPool",
+    "TaskRunner",
+    "task",
     # work queues
     "DEFAULT_CONSUMER_GROUP",
     "DEAD_LETTER_SUFFIX",
@@ -231,6 +261,10 @@ class TransportFullError(TransportError):
     """A bounded buffer is full; the message was not accepted (backpressure)."""
 
 
+class QueueFullError(EventforgeError):
+    """A bounded work queue is full; the job was not accepted (backpressure)."""
+
+
 class ConnectionLostError(TransportError, ConnectionError):
     """A network connection was lost or refused."""
 
@@ -276,10 +310,6 @@ class RemoteError(EventforgeError):
 
 class MethodNotFoundError(RemoteError):
     """The RPC server has no method registered under the requested name."""
-
-
-class QueueFullError(EventforgeError):
-    """A bounded work queue already holds as many waiting jobs as it may."""
 
 
 # ---------------------------------------------------------------------------
@@ -7582,14 +7612,1766 @@ def with_retry(
                              backoff_max=backoff_max, jitter=jitter, on_retry=on_retry)
 
 
+# -- records of eventforge 0.1's ``eventforge.types`` ----------------------------
+# Plain __slots__ classes with the pydantic-style helpers Message has.  The
+# RPC payloads above carry the same fields as RPCRequest/RPCResponse.
+
+
+class _Record:
+    """Shared behaviour of the small record types: dump, validate, compare, repr."""
+
+    __slots__: Tuple[str, ...] = ()
+
+    def model_dump(self, *, mode: str = "python") -> Dict[str, Any]:
+        """The fields as a dict (``mode`` is accepted for pydantic compatibility)."""
+        out = {name: getattr(self, name) for name in self.__slots__}
+        if mode == "json" and "args" in out:
+            out["args"] = list(out["args"])
+        return out
+
+    def model_dump_json(self) -> str:
+        """The fields as JSON text."""
+        return _dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def model_validate(cls, obj: Any) -> Any:
+        """Build one from a dict of fields (or return an instance as is)."""
+        if isinstance(obj, cls):
+            return obj
+        if not isinstance(obj, dict):
+            raise TypeError(f"{cls.__name__}.model_validate() needs a dict, not "
+                            f"{type(obj).__name__}")
+        unknown = set(obj) - set(cls.__slots__)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+        return cls(**obj)
+
+    @classmethod
+    def model_validate_json(cls, data: Any) -> Any:
+        """Build one from JSON text (str or bytes)."""
+        return cls.model_validate(json.loads(data))
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r:.200}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class TaskRequest(_Record):
+    """A request to run the function named ``func_name`` with ``args``/``kwargs``."""
+
+    __slots__ = ("func_name", "args", "kwargs")
+
+    def __init__(self, func_name: str, args: Iterable[Any] = (),
+                 kwargs: Optional[Dict[str, Any]] = None) -> None:
+        self.func_name = func_name
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs) if kwargs else {}
+
+
+class RPCRequest(_Record):
+    """An RPC call: ``method`` with ``args``/``kwargs``; ``id`` is generated when omitted."""
+
+    __slots__ = ("method", "args", "kwargs", "id")
+
+    def __init__(self, method: str, args: Iterable[Any] = (),
+                 kwargs: Optional[Dict[str, Any]] = None,
+                 id: Optional[str] = None) -> None:  # noqa: A002 - the field is "id"
+        self.method = method
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs) if kwargs else {}
+        self.id = id if id is not None else new_id()
+
+
+class RPCResponse(_Record):
+    """The answer to an RPC call: ``result``, or ``error`` and ``error_type``."""
+
+    __slots__ = ("id", "request_id", "result", "error", "error_type")
+
+    def __init__(self, id: str, request_id: str, result: Any = None,  # noqa: A002
+                 error: Optional[str] = None, error_type: Optional[str] = None) -> None:
+        self.id = id
+        self.request_id = request_id
+        self.result = result
+        self.error = error
+        self.error_type = error_type
+
+    @property
+    def is_error(self) -> bool:
+        """True when the call failed."""
+        return self.error is not None or self.error_type is not None
+
+
 # ---------------------------------------------------------------------------
 # 9. Observers
 # ---------------------------------------------------------------------------
+
+# An observer measures or reports work without being part of it.  The
+# contract is duck-typed: any object may define some of
+#
+#     on_start(ctx)  on_success(ctx)  on_failure(ctx)  on_complete(ctx)
+#
+# each taking the TaskContext of one call.  A task calls them in that order
+# (success or failure, then complete, which always fires), observers before
+# the user's callbacks.  Meters implement all four.
+#
+# Underneath are two small event primitives: Eventful (one event, a list of
+# subscribers, a pluggable Dispatcher) and Observable (named events declared
+# in EVENTS).  A Reporter's @observe(TargetClass, "event") methods receive an
+# event from every instance of TargetClass and its subclasses.
+
+
+def _report_error(what: str, exc: BaseException) -> None:
+    """Report an error that cannot be raised to a caller (the core's visible path).
+
+    An observer hook failing after the task finished, a subscriber failing on
+    a pool thread, a result that could not be published: logged when the
+    application configured logging, else printed to stderr.
+    """
+    _report_unhandled(f"{what}: {type(exc).__name__}: {exc}", exc)
+
+
+_perf_counter = time.perf_counter
+
+
+class ExecutionContext:
+    """Timing and scratch space of one execution (the base of :class:`TaskContext`).
+
+    ``start_time``/``end_time`` are wall-clock epoch seconds (for display);
+    :attr:`execution_time` is measured on the monotonic clock and is never
+    negative.  ``metadata`` is a dict for observers and callbacks to keep
+    per-call data in (meters key their readings by themselves).  The id and
+    the dict are made when first read: most calls never need them.
+    """
+
+    __slots__ = ("_id", "start_time", "end_time", "_metadata", "_t0", "_elapsed")
+
+    def __init__(self, execution_id: Optional[str] = None,
+                 metadata: Optional[Dict[Any, Any]] = None) -> None:
+        self._id = execution_id
+        self.start_time = _now()
+        self.end_time: Optional[float] = None
+        self._metadata = metadata
+        self._t0 = _perf_counter()
+        self._elapsed: Optional[float] = None
+
+    @property
+    def execution_id(self) -> str:
+        """Unique id of this execution."""
+        if self._id is None:
+            self._id = _id_template % next(_ids)
+        return self._id
+
+    @property
+    def metadata(self) -> Dict[Any, Any]:
+        """A dict for per-call data of observers and callbacks."""
+        if self._metadata is None:
+            self._metadata = {}
+        return self._metadata
+
+    def restart_clock(self) -> None:
+        """Start the monotonic clock now (the task does this right before the body)."""
+        self._t0 = _perf_counter()
+
+    def stop_clock(self) -> float:
+        """Stop the clock: fix ``end_time`` and :attr:`execution_time`; returns the latter."""
+        elapsed = _perf_counter() - self._t0
+        self._elapsed = elapsed if elapsed > 0.0 else 0.0
+        self.end_time = _now()
+        return self._elapsed
+
+    @property
+    def execution_time(self) -> float:
+        """Seconds elapsed (monotonic clock; never negative; still running: so far)."""
+        if self._elapsed is not None:
+            return self._elapsed
+        elapsed = _perf_counter() - self._t0
+        return elapsed if elapsed > 0.0 else 0.0
+
+
+class TaskContext(ExecutionContext):
+    """What observers and callbacks learn about one task call.
+
+    Attributes:
+        task_name: the task's name (the function's ``__name__``).
+        task_id: unique id of this call (also in the published result; the
+            same as ``execution_id``).
+        args, kwargs: the call's arguments.
+        result: the return value (None until it succeeded).
+        error: the exception raised (None unless it failed).
+        error_type: the exception's class name (None unless it failed).
+        trigger: ``"call"`` for a direct call, ``"queue"`` for a run
+            triggered by a message (``message`` is then that Message).
+        state: the task's :class:`SharedState`.
+        start_time, end_time, execution_time, metadata: see ExecutionContext.
+    """
+
+    __slots__ = ("task_name", "args", "kwargs", "result", "error", "error_type",
+                 "trigger", "message", "state")
+
+    def __init__(self, task_name: str, task_id: Optional[str] = None,
+                 args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
+                 trigger: str = "call", message: Optional[Message] = None,
+                 state: Optional[SharedState] = None) -> None:
+        # The base fields are set here rather than through ExecutionContext's
+        # __init__: one Python frame less on every task call.
+        self._id = task_id
+        self.start_time = _now()
+        self.end_time = None
+        self._metadata = None
+        self._elapsed = None
+        self.task_name = task_name
+        self.args = args
+        self.kwargs = {} if kwargs is None else kwargs
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.error_type: Optional[str] = None
+        self.trigger = trigger
+        self.message = message
+        self.state = state
+        self._t0 = _perf_counter()
+
+    task_id = ExecutionContext.execution_id
+
+    @property
+    def succeeded(self) -> bool:
+        """True once the call finished without an error."""
+        return self.error is None and self._elapsed is not None
+
+    def __repr__(self) -> str:
+        outcome = (f"error={self.error_type}" if self.error is not None
+                   else f"result={self.result!r:.80}")
+        return (f"<TaskContext {self.task_name} {self.task_id} {outcome} "
+                f"execution_time={self.execution_time:.6f}>")
+
+
+class SharedState:
+    """A thread-safe dict shared by every call of one task (``my_task.state``).
+
+    Each method takes one lock, so single operations are atomic;
+    :meth:`update` with a function is an atomic read-modify-write
+    (``state.update("calls", lambda n: n + 1, 0)``).
+    """
+
+    def __init__(self, initial: Optional[Dict[str, Any]] = None) -> None:
+        self._lock = threading.RLock()
+        self._data: Dict[Any, Any] = dict(initial or {})
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """Return the value of ``key`` or ``default``."""
+        with self._lock:
+            return self._data.get(key, default)
+
+    def set(self, key: Any, value: Any) -> None:
+        """Set ``key`` to ``value``."""
+        with self._lock:
+            self._data[key] = value
+
+    def update(self, key: Any = None, func: Optional[Callable[[Any], Any]] = None,
+               default: Any = None, **values: Any) -> Any:
+        """Atomically change the state; two forms.
+
+        ``update(key, func, default=None)`` stores ``func(current)`` (current
+        is ``default`` when the key is missing) and returns the new value.
+        ``update(mapping)`` / ``update(a=1, b=2)`` merges values like
+        ``dict.update`` and returns None.
+        """
+        with self._lock:
+            if func is not None:
+                new = func(self._data.get(key, default))
+                self._data[key] = new
+                return new
+            if key is not None:
+                self._data.update(key)
+            self._data.update(values)
+            return None
+
+    def delete(self, key: Any) -> bool:
+        """Remove ``key``; return False if it was not there."""
+        with self._lock:
+            return self._data.pop(key, _MISSING) is not _MISSING
+
+    def clear(self) -> None:
+        """Remove every key."""
+        with self._lock:
+            self._data.clear()
+
+    def items(self) -> List[Tuple[Any, Any]]:
+        """A snapshot list of ``(key, value)`` pairs."""
+        with self._lock:
+            return list(self._data.items())
+
+    def contains(self, key: Any) -> bool:
+        """True if ``key`` is set (``key in state`` works too)."""
+        with self._lock:
+            return key in self._data
+
+    __contains__ = contains
+
+    def __getitem__(self, key: Any) -> Any:
+        with self._lock:
+            return self._data[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.set(key, value)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"SharedState({dict(self.items())!r})"
+
+
+_MISSING = object()
+
+
+# -- dispatchers ---------------------------------------------------------------
+# A dispatcher decides how one firing reaches a tuple of subscribers:
+# dispatch(subscribers, *args, **kwargs) -> whatever suits that policy.
+
+
+class Dispatcher(abc.ABC):
+    """How an event reaches its subscribers (see the four implementations)."""
+
+    @abc.abstractmethod
+    def dispatch(self, subscribers: Tuple[Callable[..., Any], ...],
+                 *args: Any, **kwargs: Any) -> Any:
+        """Deliver one firing to ``subscribers``."""
+
+
+class BroadcastDispatcher(Dispatcher):
+    """Call every subscriber in subscription order; return their results as a list.
+
+    The first exception propagates to the firing code; the subscribers
+    before the failing one have run, the ones after it have not.
+    """
+
+    def dispatch(self, subscribers: Tuple[Callable[..., Any], ...],
+                 *args: Any, **kwargs: Any) -> List[Any]:
+        return [fn(*args, **kwargs) for fn in subscribers]
+
+
+class RoundRobinDispatcher(Dispatcher):
+    """Give each firing to one subscriber, in turn; return its result (None if none).
+
+    The rotation is stable when members change: it continues after the
+    subscriber served last, so adding a member does not restart the turn and
+    removing one does not skip the next.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: Any = _MISSING
+        self._position = -1
+
+    def dispatch(self, subscribers: Tuple[Callable[..., Any], ...],
+                 *args: Any, **kwargs: Any) -> Any:
+        if not subscribers:
+            return None
+        with self._lock:
+            chosen = self._next_index(subscribers)
+            self._last, self._position = subscribers[chosen], chosen
+        return subscribers[chosen](*args, **kwargs)
+
+    def _next_index(self, subscribers: Tuple[Callable[..., Any], ...]) -> int:
+        last = self._last
+        for index, fn in enumerate(subscribers):
+            if fn is last:
+                return (index + 1) % len(subscribers)
+        # The last one served left: its successor moved into its position.
+        return max(self._position, 0) % len(subscribers)
+
+
+class ConcurrentDispatcher(Dispatcher):
+    """Run every subscriber on an executor; return one Future per subscriber.
+
+    ``executor`` is an eventforge :class:`Executor` or any
+    ``concurrent.futures`` executor.  Each Future resolves to the
+    subscriber's return value or raises its exception; a subscriber that
+    fails is also logged (nobody may be holding its Future).
+    """
+
+    def __init__(self, executor: Any) -> None:
+        if not callable(getattr(executor, "submit", None)):
+            raise TypeError(f"executor must have a submit() method, not {executor!r}")
+        self.executor = executor
+
+    def dispatch(self, subscribers: Tuple[Callable[..., Any], ...],
+                 *args: Any, **kwargs: Any) -> List[Any]:
+        return [self._submit(fn, args, kwargs) for fn in subscribers]
+
+    def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...],
+                kwargs: Dict[str, Any]) -> Any:
+        import concurrent.futures as cf
+
+        if not isinstance(self.executor, Executor):
+            future = self.executor.submit(fn, *args, **kwargs)
+            future.add_done_callback(lambda f: self._log_failure(fn, f))
+            return future
+        out: Any = cf.Future()
+        _, handle = self.executor._future_for(fn, args, kwargs)
+
+        def settle(result: TaskResult) -> None:
+            if result.is_success:
+                out.set_result(result.value)
+            else:
+                exc = result.exception or RemoteError(
+                    result.error_type or "Error", result.error or "", result.traceback)
+                out.set_exception(exc)
+                self._log_failure(fn, out)
+
+        if isinstance(handle, _Done):
+            settle(handle.result)
+        else:
+            handle.add_done_callback(lambda f: settle(_result_of_future("dispatch", f)))
+        return out
+
+    @staticmethod
+    def _log_failure(fn: Callable[..., Any], future: Any) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            _report_error(f"subscriber {_callable_name(fn)} failed", exc)
+
+
+class Node:
+    """A worker with a capacity, routed to by :class:`LeastLoadedDispatcher`.
+
+    Capacity is ``gpus`` when there are any, else ``max(cpus // 4, 1)``
+    concurrent calls.  :meth:`try_acquire` reserves a slot (atomically; False
+    when full) and :meth:`release` frees one (never below zero).  Calling the
+    node calls ``handler`` and counts the call in :meth:`load` while it runs
+    (a direct call is counted, not refused: use try_acquire to respect the
+    capacity).
+    """
+
+    def __init__(self, name: str, cpus: int = 4, memory_gb: float = 0.0, gpus: int = 0,
+                 handler: Optional[Callable[..., Any]] = None) -> None:
+        for label, value in (("cpus", cpus), ("gpus", gpus)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{label} must be an integer >= 0, not {value!r}")
+        self.name = name
+        self.cpus = cpus
+        self.memory_gb = memory_gb
+        self.gpus = gpus
+        self.handler = handler
+        self.capacity = gpus if gpus > 0 else max(cpus // 4, 1)
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def load(self) -> float:
+        """Calls in progress divided by the capacity (1.0 is full)."""
+        return self.active / self.capacity
+
+    def try_acquire(self) -> bool:
+        """Reserve one slot if the node is not full; True if reserved."""
+        with self._lock:
+            if self.active >= self.capacity:
+                return False
+            self.active += 1
+            return True
+
+    def release(self) -> None:
+        """Free one slot (extra releases leave it at zero)."""
+        with self._lock:
+            if self.active > 0:
+                self.active -= 1
+
+    def _call_handler(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if self.handler is None:
+            raise TypeError(f"node {self.name!r} has no handler")
+        return self.handler(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self.active += 1
+        try:
+            return self._call_handler(args, kwargs)
+        finally:
+            self.release()
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name!r} load={self.active}/{self.capacity}>"
+
+
+class LeastLoadedDispatcher(Dispatcher):
+    """Send each call to the least-loaded :class:`Node` that has a free slot.
+
+    Selecting and reserving happen under one lock, so two concurrent calls
+    never take the same last slot.  :meth:`route` returns the handler's
+    result; when every node is full it raises a ``RuntimeError`` saying the
+    nodes are saturated.  The reserved node's handler is called directly, so
+    a node reads load 1.0 (not 2.0) while it runs a call at capacity 1.
+    """
+
+    def __init__(self, nodes: Iterable[Node] = ()) -> None:
+        self._lock = threading.Lock()
+        self.nodes: List[Node] = list(nodes)
+
+    def add(self, node: Node) -> Node:
+        """Add a node to route to; returns it."""
+        with self._lock:
+            self.nodes.append(node)
+        return node
+
+    def remove(self, node: Node) -> bool:
+        """Stop routing to ``node``; False if it was not here."""
+        with self._lock:
+            if node in self.nodes:
+                self.nodes.remove(node)
+                return True
+            return False
+
+    def select(self, nodes: Optional[Iterable[Any]] = None) -> Node:
+        """Reserve a slot on the least-loaded node with room and return it.
+
+        The caller must ``release()`` it.  Raises RuntimeError when all are full.
+        """
+        with self._lock:
+            pool = list(self.nodes if nodes is None else nodes)
+            for node in pool:
+                if not isinstance(node, Node):
+                    raise TypeError(f"LeastLoadedDispatcher routes to Nodes, not {node!r}")
+            for node in sorted(pool, key=Node.load):
+                if node.try_acquire():
+                    return node
+        raise RuntimeError(f"all {len(pool)} nodes are saturated; no free slot to route to")
+
+    def route(self, *args: Any, **kwargs: Any) -> Any:
+        """Run ``handler(*args, **kwargs)`` on the least-loaded node; return its result."""
+        return self._run(self.select(), args, kwargs)
+
+    def dispatch(self, subscribers: Tuple[Callable[..., Any], ...],
+                 *args: Any, **kwargs: Any) -> Any:
+        node = self.select(subscribers or None)
+        return self._run(node, args, kwargs)
+
+    @staticmethod
+    def _run(node: Node, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        try:
+            return node._call_handler(args, kwargs)
+        finally:
+            node.release()
+
+
+# -- events ------------------------------------------------------------------------
+
+
+class Eventful:
+    """One event: an ordered list of subscribers and the dispatcher that calls them.
+
+    Subscribing and firing are thread-safe; a firing sees the subscribers as
+    they were when it started (no lock is held while they run).
+    """
+
+    def __init__(self, dispatcher: Optional[Dispatcher] = None) -> None:
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None \
+            else BroadcastDispatcher()
+        self._subscribers: Tuple[Callable[..., Any], ...] = ()
+        self._sub_lock = threading.Lock()
+
+    @property
+    def subscribers(self) -> Tuple[Callable[..., Any], ...]:
+        """The current subscribers, in order."""
+        return self._subscribers
+
+    def subscribe(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Add ``fn`` (called on every :meth:`fire`); returns it."""
+        if not callable(fn):
+            raise TypeError(f"subscriber must be callable, not {type(fn).__name__}")
+        with self._sub_lock:
+            self._subscribers = self._subscribers + (fn,)
+        return fn
+
+    def on(self, fn: Optional[Callable[..., Any]] = None) -> Any:
+        """:meth:`subscribe`, usable as a decorator (``@event.on``)."""
+        return self.subscribe(fn) if fn is not None else self.subscribe
+
+    def unsubscribe(self, fn: Callable[..., Any]) -> bool:
+        """Remove the first subscription of ``fn``; False if it was not subscribed."""
+        with self._sub_lock:
+            subs = list(self._subscribers)
+            for index, sub in enumerate(subs):
+                if sub is fn or sub == fn:
+                    del subs[index]
+                    self._subscribers = tuple(subs)
+                    return True
+            return False
+
+    def fire(self, *args: Any, **kwargs: Any) -> Any:
+        """Deliver ``(*args, **kwargs)`` through the dispatcher; returns what it returns."""
+        return self.dispatcher.dispatch(self._subscribers, *args, **kwargs)
+
+
+# Class-level subscriptions made by Reporters: target class -> event -> entries.
+# An entry is a bound method (strong) or a _WeakHandler (weak=True).
+_class_subscriptions: Dict[type, Dict[str, List[Any]]] = {}
+_class_lock = threading.Lock()
+_class_cache: Dict[Tuple[type, str], Tuple[Any, ...]] = {}
+
+
+def _class_handlers(cls: type, event: str) -> Tuple[Any, ...]:
+    """Entries subscribed to ``event`` on ``cls`` or a base class (cached)."""
+    key = (cls, event)
+    found = _class_cache.get(key)
+    if found is None:
+        with _class_lock:
+            entries: List[Any] = []
+            for klass in cls.__mro__:
+                entries.extend(_class_subscriptions.get(klass, {}).get(event, ()))
+            found = _class_cache[key] = tuple(entries)
+    return found
+
+
+def _change_class_subscription(target: type, event: str, entry: Any, add: bool) -> None:
+    with _class_lock:
+        entries = _class_subscriptions.setdefault(target, {}).setdefault(event, [])
+        if add:
+            # Drop the weak subscriptions of Reporters that were collected.
+            entries[:] = [e for e in entries
+                          if not isinstance(e, _WeakHandler) or e.ref() is not None]
+            entries.append(entry)
+        else:
+            for index, existing in enumerate(entries):
+                if existing is entry:
+                    del entries[index]
+                    break
+        _class_cache.clear()
+
+
+_NO_EVENTS: Any = type(type.__dict__)({})  # an empty read-only mapping
+
+
+class Observable:
+    """Named events on an object: ``on(event, fn)``, ``fire(event, ...)``, ``events()``.
+
+    A subclass declares its events in ``EVENTS`` (names accumulate along the
+    class hierarchy).  Naming an event the class does not declare raises an
+    AttributeError that names the class.  Besides the instance's own
+    subscribers, a firing reaches the methods Reporters marked with
+    ``@observe(TheClass, "event")`` for this class or a base of it.
+    """
+
+    EVENTS: Tuple[str, ...] = ()
+    # Until the first subscription (or when a subclass skipped __init__).
+    _events: Dict[str, Eventful] = _NO_EVENTS
+
+    def __init__(self) -> None:
+        self._events = {}
+
+    @classmethod
+    def events(cls) -> Tuple[str, ...]:
+        """Every event name this class declares (its own and its bases')."""
+        names: List[str] = []
+        for klass in reversed(cls.__mro__):
+            for name in vars(klass).get("EVENTS", ()):
+                if name not in names:
+                    names.append(name)
+        return tuple(names)
+
+    def _check_event(self, event: str) -> None:
+        if event not in self.events():
+            raise AttributeError(
+                f"{type(self).__name__} has no event {event!r}; "
+                f"its events are: {', '.join(self.events()) or '(none)'}"
+            )
+
+    def event(self, event: str) -> Eventful:
+        """The :class:`Eventful` behind ``event`` (to set its dispatcher, say)."""
+        found = self._events.get(event)
+        if found is None:
+            self._check_event(event)
+            with _class_lock:
+                if self._events is _NO_EVENTS:
+                    self._events = {}
+                found = self._events.setdefault(event, Eventful())
+        return found
+
+    def on(self, event: str, fn: Optional[Callable[..., Any]] = None) -> Any:
+        """Subscribe ``fn`` to ``event``; without ``fn``, a decorator.  Returns ``fn``."""
+        eventful = self.event(event)
+        return eventful.subscribe(fn) if fn is not None else eventful.subscribe
+
+    def off(self, event: str, fn: Callable[..., Any]) -> bool:
+        """Unsubscribe ``fn`` from ``event``; False if it was not subscribed."""
+        return self.event(event).unsubscribe(fn)
+
+    def fire(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        """Fire ``event``: the instance's subscribers, then class-level ones.
+
+        Returns what the instance's dispatcher returned (None without
+        subscribers).  The first exception propagates (broadcast order).
+        """
+        eventful = self._events.get(event)
+        if eventful is None:
+            self._check_event(event)
+            result = None
+        else:
+            result = eventful.fire(*args, **kwargs)
+        if _class_subscriptions:
+            for handler in _class_handlers(type(self), event):
+                handler(*args, **kwargs)
+        return result
+
+
+class _WeakHandler:
+    """A class-level subscription that does not keep its Reporter alive."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, bound: Any) -> None:
+        import weakref
+
+        self.ref = weakref.WeakMethod(bound)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        method = self.ref()
+        if method is not None:  # the Reporter is gone: nothing to do
+            method(*args, **kwargs)
+
+
+def _observed_events(method: Any) -> List[Tuple[type, str]]:
+    return list(getattr(method, "_eventforge_observes", ()))
+
+
+class Reporter:
+    """Base class for objects that react to events of whole classes.
+
+    Methods marked ``@observe(TargetClass, "event")`` receive that event from
+    every instance of ``TargetClass`` (and its subclasses), with the
+    arguments it was fired with.  A Reporter registers on creation and, by
+    default, is held strongly: one nobody else references keeps reporting
+    until :meth:`unregister` (or the end of a ``with`` block).  Pass
+    ``weak=True`` to be dropped when garbage-collected instead.
+    """
+
+    def __init__(self, *, weak: bool = False) -> None:
+        self._weak = weak
+        self._registered: List[Tuple[type, str, Any]] = []
+        self.register()
+
+    def _marked_methods(self) -> List[Tuple[type, str, Any]]:
+        found: List[Tuple[type, str, Any]] = []
+        seen = set()
+        for klass in type(self).__mro__:
+            for name, attr in vars(klass).items():
+                if name in seen:
+                    continue
+                seen.add(name)
+                for target, event in _observed_events(attr):
+                    found.append((target, event, getattr(self, name)))
+        return found
+
+    @property
+    def registered(self) -> bool:
+        """True while the marked methods receive events."""
+        return bool(self._registered)
+
+    def register(self) -> None:
+        """Start receiving the marked events (done by ``__init__``; idempotent)."""
+        if self._registered:
+            return
+        for target, event, bound in self._marked_methods():
+            entry = _WeakHandler(bound) if self._weak else bound
+            _change_class_subscription(target, event, entry, add=True)
+            self._registered.append((target, event, entry))
+
+    def unregister(self) -> None:
+        """Stop receiving events (idempotent)."""
+        registered, self._registered = self._registered, []
+        for target, event, entry in registered:
+            _change_class_subscription(target, event, entry, add=False)
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.unregister()
+
+
+# -- meters ------------------------------------------------------------------------
+
+
+def _noop_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # Marks a hook that does nothing, so a task skips it on its hot path.
+    fn._eventforge_noop = True  # type: ignore[attr-defined]
+    return fn
+
+
+_REDUCTIONS = ("mean", "max", "min", "sum", "last", "count")
+
+
+class Meter(Observable):
+    """Aggregates numbers into one value; also an observer of tasks.
+
+    ``reduction`` picks the value: ``"mean"``, ``"max"``, ``"min"``,
+    ``"sum"``, ``"last"`` or ``"count"``.  :meth:`update` adds observations
+    (thread-safe; concurrent updates lose nothing).  The aggregate stays
+    readable as plain attributes: ``count``, ``sum``, ``last``, ``min_val``
+    and ``max_val``.  Every update fires the ``measurement`` event with
+    ``(meter, value, ctx)`` (ctx is the TaskContext, or None for a manual
+    update).
+
+    As an observer (``@task(on_execute=[meter])``), a subclass measures each
+    call in :meth:`measure`; the base Meter measures nothing by itself.
+    """
+
+    EVENTS = ("measurement",)
+    REDUCTIONS = _REDUCTIONS
+
+    def __init__(self, name: Optional[str] = None, *, reduction: str = "mean") -> None:
+        if reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"unknown reduction {reduction!r}; choose one of: {', '.join(_REDUCTIONS)}"
+            )
+        Observable.__init__(self)
+        self.name = name if name is not None else type(self).__name__
+        self.reduction = reduction
+        self._lock = threading.Lock()
+        self.count = 0
+        self.sum: float = 0
+        self.last: Optional[float] = None
+        self.min_val: Optional[float] = None
+        self.max_val: Optional[float] = None
+
+    def update(self, val: float, n: int = 1, ctx: Optional[TaskContext] = None) -> None:
+        """Record ``n`` observations of ``val`` and fire ``measurement``."""
+        if n != 1 and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n must be an integer >= 1, not {n!r}")
+        with self._lock:
+            total = self.sum + val * n  # a non-number fails here, before any change
+            self.count += n
+            self.sum = total
+            self.last = val
+            if self.min_val is None or val < self.min_val:
+                self.min_val = val
+            if self.max_val is None or val > self.max_val:
+                self.max_val = val
+        if self._events or _class_subscriptions:
+            self.fire("measurement", self, val, ctx)
+
+    def reset(self) -> None:
+        """Forget every observation."""
+        with self._lock:
+            self.count = 0
+            self.sum = 0
+            self.last = self.min_val = self.max_val = None
+
+    def _value_locked(self) -> Optional[float]:
+        reduction = self.reduction
+        if reduction == "count":
+            return self.count
+        if reduction == "sum":
+            return self.sum
+        if reduction == "mean":
+            return self.sum / self.count if self.count else None
+        if reduction == "max":
+            return self.max_val
+        if reduction == "min":
+            return self.min_val
+        return self.last
+
+    @property
+    def value(self) -> Optional[float]:
+        """The reduced value (None before the first observation, except count/sum)."""
+        with self._lock:
+            return self._value_locked()
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """``{"value": ..., "count": ...}`` (subclasses add their own keys)."""
+        with self._lock:
+            return {"value": self._value_locked(), "count": self.count}
+
+    def attach(self, source: Any) -> Any:
+        """Measure ``source``; returns it.
+
+        A task (anything with ``add_observer``) gets this meter as an
+        observer.  Another Meter feeds its measurements into this one (a
+        ``Meter(reduction="max")`` attached to a TimingMeter keeps the
+        slowest call).
+        """
+        if callable(getattr(source, "add_observer", None)):
+            source.add_observer(self)
+        elif isinstance(source, Observable) and "measurement" in source.events():
+            source.on("measurement", self._on_source_measurement)
+        else:
+            raise TypeError(f"cannot attach a meter to {source!r}: not a task or a meter")
+        return source
+
+    def _on_source_measurement(self, meter: Meter, value: float, ctx: Any) -> None:
+        self.update(value, ctx=ctx)
+
+    # -- observer hooks ---------------------------------------------------------
+
+    def measure(self, ctx: TaskContext) -> Optional[float]:
+        """The reading for one finished call (None records nothing)."""
+        return None
+
+    @_noop_hook
+    def on_start(self, ctx: TaskContext) -> None:
+        """Called before the call's body runs."""
+
+    @_noop_hook
+    def on_success(self, ctx: TaskContext) -> None:
+        """Called after the body returned."""
+
+    @_noop_hook
+    def on_failure(self, ctx: TaskContext) -> None:
+        """Called after the body raised."""
+
+    def on_complete(self, ctx: TaskContext) -> None:
+        """Called last, whatever happened: records :meth:`measure` if it gives a number."""
+        value = self.measure(ctx)
+        if value is not None:
+            self.update(value, ctx=ctx)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.reduction}={self.value!r} " \
+               f"count={self.count}>"
+
+
+class TimingMeter(Meter):
+    """Per-call elapsed time in seconds (monotonic clock), averaged by default.
+
+    ``stats`` adds ``avg``, ``min``, ``max`` and ``total``.  With a
+    ``threshold`` (seconds), a slower call logs a warning, fires the
+    ``threshold_exceeded`` event with ``(meter, elapsed, ctx)`` and is counted
+    in ``over_threshold``.
+    """
+
+    EVENTS = ("threshold_exceeded",)
+
+    def __init__(self, threshold: Optional[float] = None, name: Optional[str] = None, *,
+                 reduction: str = "mean") -> None:
+        if threshold is not None and (isinstance(threshold, bool)
+                                      or not isinstance(threshold, (int, float))
+                                      or not threshold >= 0):
+            raise ValueError(f"threshold must be a number of seconds >= 0, not {threshold!r}")
+        Meter.__init__(self, name, reduction=reduction)
+        self.threshold = threshold
+        self.over_threshold = 0
+
+    def measure(self, ctx: TaskContext) -> Optional[float]:
+        return ctx.execution_time
+
+    def on_complete(self, ctx: TaskContext) -> None:
+        elapsed = ctx.execution_time
+        self.update(elapsed, 1, ctx)
+        threshold = self.threshold
+        if threshold is not None and elapsed > threshold:
+            with self._lock:
+                self.over_threshold += 1
+            logger.warning("%s: %s took %.6f s, over the %.6f s threshold",
+                           self.name, getattr(ctx, "task_name", "a call"), elapsed, threshold)
+            self.fire("threshold_exceeded", self, elapsed, ctx)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.over_threshold = 0
+        Meter.reset(self)
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """count, avg, min, max, total (seconds), value (by reduction), over_threshold."""
+        with self._lock:
+            count = self.count
+            return {
+                "count": count,
+                "avg": self.sum / count if count else 0.0,
+                "min": self.min_val,
+                "max": self.max_val,
+                "total": self.sum,
+                "value": self._value_locked(),
+                "over_threshold": self.over_threshold,
+            }
+
+
+# tracemalloc is process-wide: MemoryMeters share one tracing session, started
+# by the first call in progress and stopped after the last one (unless someone
+# else had started tracing, which is then left alone).
+_tracing_lock = threading.Lock()
+_tracing_users = 0
+_tracing_ours = False
+
+
+class MemoryMeter(Meter):
+    """Per-call peak memory allocated, in bytes (``tracemalloc``), max by default.
+
+    Tracing runs only while a measured call is in progress, so the meter costs
+    nothing when unused (tracemalloc slows every allocation while on).
+
+    Concurrency: tracemalloc sees the whole process.  The peak is reset when
+    a call starts with no other measured call in progress; overlapping calls
+    share it, so each of them reports the process-wide peak since the first
+    of them started minus its own starting level: an upper bound that may
+    include the others' allocations.
+    """
+
+    def __init__(self, name: Optional[str] = None, *, reduction: str = "max") -> None:
+        Meter.__init__(self, name, reduction=reduction)
+
+    def on_start(self, ctx: TaskContext) -> None:
+        global _tracing_users, _tracing_ours
+        import tracemalloc
+
+        with _tracing_lock:
+            if _tracing_users == 0:
+                if not tracemalloc.is_tracing():
+                    tracemalloc.start()
+                    _tracing_ours = True
+                tracemalloc.reset_peak()
+            _tracing_users += 1
+            ctx.metadata[self] = tracemalloc.get_traced_memory()[0]
+
+    def on_complete(self, ctx: TaskContext) -> None:
+        global _tracing_users, _tracing_ours
+        import tracemalloc
+
+        baseline = ctx.metadata.pop(self, None)
+        if baseline is None:  # on_start did not run for this call
+            return
+        with _tracing_lock:
+            peak = tracemalloc.get_traced_memory()[1]
+            _tracing_users -= 1
+            if _tracing_users == 0 and _tracing_ours:
+                tracemalloc.stop()
+                _tracing_ours = False
+        self.update(max(peak - baseline, 0), ctx=ctx)
+
+
+class CPUMeter(Meter):
+    """Per-call CPU time (seconds) of the thread running the call, mean by default.
+
+    Measured with ``time.thread_time()`` from ``on_start`` to
+    ``on_complete``; blocking and sleeping cost nothing.
+    """
+
+    def __init__(self, name: Optional[str] = None, *, reduction: str = "mean") -> None:
+        Meter.__init__(self, name, reduction=reduction)
+
+    def on_start(self, ctx: TaskContext) -> None:
+        ctx.metadata[self] = time.thread_time()
+
+    def on_complete(self, ctx: TaskContext) -> None:
+        start = ctx.metadata.pop(self, None)
+        if start is not None:
+            used = time.thread_time() - start
+            self.update(used if used > 0.0 else 0.0, ctx=ctx)
+
+
+class MetricsMeter(Meter):
+    """Counts calls, successes and failures; optionally aggregates a number per result.
+
+    ``MetricsMeter()`` only counts: ``stats`` is
+    ``{'calls': ..., 'successes': ..., 'failures': ...}``.
+    ``MetricsMeter(name, extract)`` also records ``extract(result)`` for each
+    successful call (a number, or None to skip it), reduced as any Meter;
+    its stats add ``value`` and ``count``.
+    """
+
+    def __init__(self, name: Optional[str] = None,
+                 extract: Optional[Callable[[Any], Optional[float]]] = None, *,
+                 reduction: str = "mean") -> None:
+        if extract is not None and not callable(extract):
+            raise TypeError(f"extract must be callable, not {type(extract).__name__}")
+        Meter.__init__(self, name, reduction=reduction)
+        self.extract = extract
+        self.calls = 0
+        self.successes = 0
+        self.failures = 0
+
+    def on_start(self, ctx: TaskContext) -> None:
+        with self._lock:
+            self.calls += 1
+
+    def on_success(self, ctx: TaskContext) -> None:
+        with self._lock:
+            self.successes += 1
+        if self.extract is not None:
+            value = self.extract(ctx.result)
+            if value is not None:
+                self.update(value, ctx=ctx)
+
+    def on_failure(self, ctx: TaskContext) -> None:
+        with self._lock:
+            self.failures += 1
+
+    @_noop_hook
+    def on_complete(self, ctx: TaskContext) -> None:
+        """Nothing to do: the outcome hooks counted the call."""
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls = self.successes = self.failures = 0
+        Meter.reset(self)
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            counts = {"calls": self.calls, "successes": self.successes,
+                      "failures": self.failures}
+            if self.extract is None:
+                return counts
+            return {"value": self._value_locked(), "count": self.count, **counts}
+
+
+# -- reporters and @observe ------------------------------------------------------------
+
+
+def observe(*targets: Any) -> Callable[[Any], Any]:
+    """Decorator with two forms.
+
+    ``@observe(meter, ...)`` wraps a plain function so that every call runs
+    with those observers around it (a :class:`TaskRunner` without a queue).
+
+    ``@observe(TargetClass, "event")`` marks a :class:`Reporter` method: it
+    receives ``event`` from every instance of ``TargetClass`` and its
+    subclasses.  Stack it to receive several events.
+    """
+    if len(targets) == 2 and isinstance(targets[0], type) and isinstance(targets[1], str):
+        target, event = targets
+        if not issubclass(target, Observable):
+            raise TypeError(f"@observe(cls, event) needs an Observable class, not {target!r}")
+        if event not in target.events():
+            raise AttributeError(
+                f"{target.__name__} has no event {event!r}; "
+                f"its events are: {', '.join(target.events()) or '(none)'}"
+            )
+
+        def mark(method: Any) -> Any:
+            marks = list(getattr(method, "_eventforge_observes", ()))
+            marks.append((target, event))
+            method._eventforge_observes = tuple(marks)
+            return method
+
+        return mark
+    if not targets:
+        raise TypeError("observe() needs observers, or a class and an event name")
+    for observer in targets:
+        if isinstance(observer, type):
+            raise TypeError(f"observe() takes observer instances, not the class {observer!r}")
+
+    def wrap(func: Callable[..., Any]) -> Any:
+        return TaskRunner(func, on_execute=list(targets), publish_result=False)
+
+    return wrap
+
+
+class LoggingReporter(Reporter):
+    """Logs every meter measurement, and (used as an observer) every task outcome.
+
+    As a Reporter it receives the ``measurement`` event of every Meter.  In
+    ``@task(on_execute=[...])`` it also logs each call's outcome;
+    ``log_args``/``log_result`` add the arguments and the return value to
+    those lines.  Records go to the logger ``logger_name`` at ``level``
+    (failures at ERROR or ``level``, whichever is higher).
+    """
+
+    def __init__(self, level: int = logging.INFO, log_args: bool = False,
+                 log_result: bool = False, logger_name: str = "eventforge.reporter", *,
+                 weak: bool = False) -> None:
+        self.level = level
+        self.log_args = log_args
+        self.log_result = log_result
+        self.logger = logging.getLogger(logger_name)
+        Reporter.__init__(self, weak=weak)
+
+    @observe(Meter, "measurement")
+    def on_measurement(self, meter: Meter, value: Any, ctx: Optional[TaskContext]) -> None:
+        """Log one measurement of any Meter."""
+        if not self.logger.isEnabledFor(self.level):
+            return
+        task = f" task={ctx.task_name}" if ctx is not None else ""
+        self.logger.log(self.level, "meter=%s value=%r count=%d%s%s", meter.name, value,
+                        meter.count, task, self._details(ctx, with_result=True))
+
+    def _details(self, ctx: Optional[TaskContext], with_result: bool) -> str:
+        if ctx is None:
+            return ""
+        text = ""
+        if self.log_args:
+            text += f" args={ctx.args!r} kwargs={ctx.kwargs!r}"
+        if self.log_result and with_result and ctx.error is None:
+            text += f" result={ctx.result!r:.200}"
+        return text
+
+    def on_complete(self, ctx: TaskContext) -> None:
+        """Log the outcome of one task call."""
+        if ctx.error is None:
+            if self.logger.isEnabledFor(self.level):
+                self.logger.log(self.level, "task=%s id=%s succeeded in %.6f s%s",
+                                ctx.task_name, ctx.task_id, ctx.execution_time,
+                                self._details(ctx, with_result=True))
+        else:
+            self.logger.log(max(self.level, logging.ERROR),
+                            "task=%s id=%s failed in %.6f s: %s: %s%s", ctx.task_name,
+                            ctx.task_id, ctx.execution_time, ctx.error_type, ctx.error,
+                            self._details(ctx, with_result=False))
 
 
 # ---------------------------------------------------------------------------
 # 10. Tasks
 # ---------------------------------------------------------------------------
+
+# @task composes an Executor (how the body runs), an optional MessageQueue
+# (a topic that triggers it, topics its results go to) and observers into
+# one callable.  A direct call, a message on the topic and an RPC call all
+# go through TaskRunner._lifecycle:
+#
+#     start hooks -> [pool slot] -> body -> success or failure hooks
+#     -> publish the result -> complete hooks (always)
+#
+# Observers' hooks run before the user's callbacks in each phase.  A start
+# hook that raises fails the call (the body does not run); an error raised by
+# a later hook is reported (logged, counted) and does not change the outcome.
+# With no hook, no queue, no cap and inline execution a call is the bare
+# function call plus the pool's counters: nothing observes the life cycle,
+# so no context is built.
+
+
+class TaskPool:
+    """Counts, and optionally caps, the calls of one task in progress (``my_task.pool``).
+
+    With ``max_instances`` (``@task(max_instances=N)``) at most N calls run
+    at once: :meth:`acquire` waits for a free slot (``TimeoutError`` past its
+    timeout).  Without it the pool only counts (``max`` and ``available``
+    read None).  :meth:`release` frees a slot and raises RuntimeError when
+    nothing is held; :meth:`slot` is the context-manager form.  ``stats``
+    reports ``active``, ``queued`` (callers waiting), ``available``, ``max``
+    and ``total_processed`` (slots released).
+    """
+
+    def __init__(self, max_instances: Optional[int] = None,
+                 timeout: Optional[float] = None) -> None:
+        if max_instances is not None and (isinstance(max_instances, bool)
+                                          or not isinstance(max_instances, int)
+                                          or max_instances < 1):
+            raise ValueError(f"max_instances must be an integer >= 1, not {max_instances!r}")
+        self.max_instances = max_instances
+        self.timeout = _check_timeout(timeout)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # One entry per slot held.  Uncapped, list append/pop and next() are
+        # atomic on their own, so counting a call takes no lock.
+        self._held: List[None] = []
+        self._released = itertools.count()
+        self._queued = 0
+
+    def acquire(self, timeout: Any = _MISSING) -> None:
+        """Take a slot, waiting up to ``timeout`` s (default: the pool's timeout).
+
+        Raises :class:`EventforgeTimeoutError` (a ``TimeoutError``) when no
+        slot frees in time.
+        """
+        limit = self.max_instances
+        if limit is None:
+            self._held.append(None)
+            return
+        held = self._held
+        with self._lock:
+            if len(held) < limit:
+                held.append(None)
+                return
+        wait = self.timeout if timeout is _MISSING else _check_timeout(timeout)
+        deadline = None if wait is None else time.monotonic() + wait
+        with self._cond:
+            self._queued += 1
+            try:
+                while len(held) >= limit:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise EventforgeTimeoutError(
+                            f"no free task slot within {wait} s ({limit} of {limit} in use)"
+                        )
+                    self._cond.wait(remaining)
+            finally:
+                self._queued -= 1
+            held.append(None)
+
+    def release(self) -> None:
+        """Free a slot; RuntimeError if none is held."""
+        if self.max_instances is None:
+            self._release_one()
+            return
+        with self._lock:
+            self._release_one()
+            if self._queued:
+                self._cond.notify()
+
+    def _release_one(self) -> None:
+        try:
+            self._held.pop()
+        except IndexError:
+            raise RuntimeError("TaskPool.release() called more times than acquire()") from None
+        next(self._released)
+
+    def slot(self, timeout: Any = _MISSING) -> Any:
+        """Context manager holding one slot for the ``with`` block."""
+        return _PoolSlot(self, timeout)
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """active, queued, available, max, total_processed (max/available None if uncapped)."""
+        with self._lock:
+            limit = self.max_instances
+            active = len(self._held)
+            return {
+                "active": active,
+                "queued": self._queued,
+                "available": None if limit is None else limit - active,
+                "max": limit,
+                "total_processed": _count_value(self._released),
+            }
+
+    def __repr__(self) -> str:
+        return f"<TaskPool {len(self._held)}/{self.max_instances} active, {self._queued} queued>"
+
+
+class _PoolSlot:
+    __slots__ = ("pool", "timeout")
+
+    def __init__(self, pool: TaskPool, timeout: Any) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    def __enter__(self) -> TaskPool:
+        self.pool.acquire(self.timeout)
+        return self.pool
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.pool.release()
+
+
+class _BodyByName:
+    """A picklable stand-in for a @task body shadowed by its TaskRunner.
+
+    ``@task`` at module level rebinds the function's name to the runner, so
+    the function cannot be pickled by reference; a worker process imports
+    the module, finds the runner under that name and calls its body.
+    """
+
+    __slots__ = ("module", "qualname")
+
+    def __init__(self, module: str, qualname: str) -> None:
+        self.module = module
+        self.qualname = qualname
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        target = _resolve_name(self.module, self.qualname)
+        body = target.func if isinstance(target, TaskRunner) else target
+        return body(*args, **kwargs)
+
+    def __reduce__(self) -> Any:
+        return (_BodyByName, (self.module, self.qualname))
+
+
+def _resolve_name(module: str, qualname: str) -> Any:
+    import importlib
+
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _task_by_name(module: str, qualname: str) -> Any:
+    return _resolve_name(module, qualname)
+
+
+def _hooks(phase: str, observers: List[Any], callback: Any) -> Tuple[Callable[..., Any], ...]:
+    found = []
+    for observer in observers:
+        hook = getattr(observer, phase, None)
+        if hook is not None and not getattr(hook, "_eventforge_noop", False):
+            found.append(hook)
+    if callback is not None:
+        found.extend(callback if isinstance(callback, (list, tuple)) else [callback])
+    for hook in found:
+        if not callable(hook):
+            raise TypeError(f"{phase} hook must be callable, not {hook!r}")
+    return tuple(found)
+
+
+def _payload_call(payload: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """A triggering message's payload as call arguments."""
+    if isinstance(payload, dict):
+        return (), dict(payload)
+    if isinstance(payload, list):
+        return tuple(payload), {}
+    return (payload,), {}
+
+
+_task_thread = threading.local()  # .pooled: this thread runs a THREAD-mode task
+
+
+class TaskRunner:
+    """A function run with observers, an executor and optional queue wiring.
+
+    Built by :func:`task` (see there for the parameters) and usable directly:
+    ``TaskRunner(str.upper, executor=ExecutionMode.PROCESS)("hello")``
+    returns ``"HELLO"``.  Calling it runs the life cycle and returns the
+    result, or raises the call's exception.  ``executor`` is an
+    :class:`Executor`, an :class:`ExecutionMode` (the runner then owns an
+    executor of that mode; :meth:`close` stops it) or None to run inline.
+
+    Attributes: ``func`` (the body), ``name``, ``topic``, ``queue``,
+    ``state`` (a :class:`SharedState`), ``pool`` (a :class:`TaskPool`,
+    capped when ``max_instances`` is set), ``observers``.
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        queue: Optional[MessageQueue] = None,
+        topic: Optional[str] = None,
+        executor: Any = None,
+        on_execute: Any = None,
+        on_start: Any = None,
+        on_success: Any = None,
+        on_failure: Any = None,
+        on_complete: Any = None,
+        publish_result: bool = True,
+        max_instances: Optional[int] = None,
+        instance_timeout: Optional[float] = None,
+    ) -> None:
+        if not callable(func):
+            raise TypeError(f"@task needs a callable, not {type(func).__name__}")
+        if _is_async_callable(func):
+            raise TypeError(f"{_callable_name(func)} is a coroutine function; "
+                            "@task runs plain functions")
+        import functools
+
+        functools.update_wrapper(self, func)
+        self.func = func
+        self.name: str = getattr(func, "__name__", None) or type(func).__name__
+        self.queue = queue
+        self.topic = topic if topic is not None else self.name
+        if queue is not None:
+            validate_topic(self.topic)
+        self._owned_executor = False
+        if executor is None or isinstance(executor, Executor):
+            self.executor: Optional[Executor] = executor
+        else:
+            self.executor = Executor(mode=executor)
+            self._owned_executor = True
+        self._mode = None if self.executor is None else self.executor.mode
+        self._threaded = self._mode is ExecutionMode.THREAD
+        self._in_process = self._mode is ExecutionMode.PROCESS
+        self.publish_result = publish_result
+        self.state = SharedState()
+        self.pool = TaskPool(max_instances, instance_timeout)
+        self._callbacks = {"on_start": on_start, "on_success": on_success,
+                           "on_failure": on_failure, "on_complete": on_complete}
+        if on_execute is None:
+            observers: List[Any] = []
+        elif isinstance(on_execute, (list, tuple)):
+            observers = list(on_execute)
+        else:
+            observers = [on_execute]
+        self._observer_lock = threading.Lock()
+        self._observers = observers
+        self._lock = threading.Lock()
+        self._counts = {"publish_errors": 0, "hook_errors": 0}
+        self._rebuild_hooks()
+        self._subscription: Optional[str] = None
+        if queue is not None:
+            self._subscription = queue.subscribe(self.topic, self._on_message)
+
+    # -- observers ----------------------------------------------------------------
+
+    def _rebuild_hooks(self) -> None:
+        observers = self._observers
+        cb = self._callbacks
+        self._on_start = _hooks("on_start", observers, cb["on_start"])
+        self._on_success = _hooks("on_success", observers, cb["on_success"])
+        self._on_failure = _hooks("on_failure", observers, cb["on_failure"])
+        self._on_complete = _hooks("on_complete", observers, cb["on_complete"])
+        publishes = self._publishes = self.queue is not None and bool(self.publish_result)
+        self._bare = not (self._on_start or self._on_success or self._on_failure
+                          or self._on_complete or publishes
+                          or self.pool.max_instances is not None
+                          or (self._mode is not None
+                              and self._mode is not ExecutionMode.SEQUENTIAL))
+
+    @property
+    def observers(self) -> Tuple[Any, ...]:
+        """The observers in ``on_execute`` order."""
+        return tuple(self._observers)
+
+    def add_observer(self, observer: Any) -> Any:
+        """Add an observer (``meter.attach(task)`` calls this); returns it."""
+        with self._observer_lock:
+            self._observers = self._observers + [observer]
+            self._rebuild_hooks()
+        return observer
+
+    def remove_observer(self, observer: Any) -> bool:
+        """Remove an observer; False if it was not there."""
+        with self._observer_lock:
+            if observer not in self._observers:
+                return False
+            self._observers = [o for o in self._observers if o is not observer]
+            self._rebuild_hooks()
+            return True
+
+    # -- calling ------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._bare:  # only the uncapped pool's counters to keep
+            pool = self.pool
+            held = pool._held
+            held.append(None)
+            try:
+                return self.func(*args, **kwargs)
+            finally:
+                held.pop()
+                next(pool._released)
+        if self._threaded:
+            return self._run(args, kwargs, "call", None)
+        return self._lifecycle(args, kwargs, "call", None)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Same as calling the task."""
+        return self(*args, **kwargs)
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        # @task on a method: bind like a function does.
+        if instance is None:
+            return self
+        import types
+
+        return types.MethodType(self, instance)
+
+    def _run(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], trigger: str,
+             message: Optional[Message]) -> Any:
+        if self._threaded and not getattr(_task_thread, "pooled", False):
+            # The whole life cycle runs on the pool thread, so per-thread
+            # observers (CPUMeter) measure the thread that runs the body.  A
+            # task called from inside a pooled task runs inline instead: it
+            # must not wait for a pool whose threads may all be waiting too.
+            executor = self.executor
+            assert executor is not None
+            _, handle = executor._future_for(self._pooled_lifecycle,
+                                             (args, kwargs, trigger, message), {})
+            if not isinstance(handle, _Done):
+                _wait_future(handle, None)
+                return _result_of_future("task", handle).unwrap()
+            return handle.result.unwrap()
+        return self._lifecycle(args, kwargs, trigger, message)
+
+    def _pooled_lifecycle(self, *call: Any) -> Any:
+        _task_thread.pooled = True
+        try:
+            return self._lifecycle(*call)
+        finally:
+            _task_thread.pooled = False
+
+    def _lifecycle(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], trigger: str,
+                   message: Optional[Message]) -> Any:
+        ctx = TaskContext(self.name, None, args, kwargs, trigger, message, self.state)
+        try:
+            try:
+                for hook in self._on_start:
+                    hook(ctx)
+                pool = self.pool
+                pool.acquire()
+                try:
+                    ctx._t0 = _perf_counter()
+                    if self._in_process:
+                        ctx.result = self._in_worker_process(args, kwargs)
+                    else:
+                        ctx.result = self.func(*args, **kwargs)
+                finally:
+                    ctx.stop_clock()
+                    pool.release()
+            except BaseException as exc:
+                if ctx._elapsed is None:  # a start hook or the pool failed
+                    ctx.stop_clock()
+                ctx.error = exc
+                ctx.error_type = exc.remote_type if isinstance(exc, _TaskBodyError) \
+                    else type(exc).__name__
+                phase, hooks = "on_failure", self._on_failure
+            else:
+                phase, hooks = "on_success", self._on_success
+            for hook in hooks:
+                try:
+                    hook(ctx)
+                except Exception as exc:
+                    self._hook_failed(phase, hook, exc)
+            if self._publishes:
+                self._publish(ctx)
+        finally:
+            for hook in self._on_complete:
+                try:
+                    hook(ctx)
+                except Exception as exc:
+                    self._hook_failed("on_complete", hook, exc)
+        if ctx.error is not None:
+            raise ctx.error
+        return ctx.result
+
+    def _in_worker_process(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        executor = self.executor
+        assert executor is not None
+        _, handle = executor._future_for(self._picklable_body(), args, kwargs)
+        if not isinstance(handle, _Done):
+            _wait_future(handle, None)
+            result = _result_of_future("task", handle)
+        else:
+            result = handle.result
+        if result.is_success:
+            return result.value
+        exc = result.exception
+        if exc is not None and type(exc).__name__ == result.error_type:
+            raise exc
+        # The exception did not pickle, or the call never reached a worker
+        # (the executor names that a PicklingError): report what we know.
+        raise _TaskBodyError(result.error_type or "Error", result.error or "",
+                             result.traceback) from exc
+
+    def _picklable_body(self) -> Callable[..., Any]:
+        func = self.func
+        module = getattr(func, "__module__", None)
+        qualname = getattr(func, "__qualname__", None)
+        if module and qualname and "<locals>" not in qualname:
+            try:
+                found = _resolve_name(module, qualname)
+            except (ImportError, AttributeError):
+                found = None
+            if isinstance(found, TaskRunner) and found.func is func:
+                return _BodyByName(module, qualname)
+        return func
+
+    def _hook_failed(self, phase: str, hook: Callable[..., Any], exc: BaseException) -> None:
+        self._count("hook_errors")
+        _report_error(f"task {self.name}: {phase} hook {_callable_name(hook)} failed", exc)
+
+    def _publish(self, ctx: TaskContext) -> None:
+        if ctx.error is None:
+            topic = self.topic + ".success"
+            payload: Dict[str, Any] = {"task_id": ctx.task_id, "result": ctx.result,
+                                       "execution_time": ctx.execution_time}
+        else:
+            topic = self.topic + ".failure"
+            payload = {"task_id": ctx.task_id, "error": str(ctx.error),
+                       "error_type": ctx.error_type, "execution_time": ctx.execution_time}
+        try:
+            self.queue.publish(topic, payload)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._count("publish_errors")
+            _report_error(f"task {self.name}: could not publish its result to {topic!r}", exc)
+
+    def _on_message(self, message: Message) -> None:
+        args, kwargs = _payload_call(message.payload)
+        try:
+            self._run(args, kwargs, "queue", message)
+        except Exception:
+            if not self._callbacks["on_failure"]:
+                raise  # nobody handles it: the queue's error path reports it
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Errors nobody could be told about: publish_errors, hook_errors.
+
+        Calls, successes and failures are what observers are for (MetricsMeter).
+        """
+        with self._lock:
+            return dict(self._counts)
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unsubscribe from the queue and stop an executor this runner created."""
+        sub, self._subscription = self._subscription, None
+        if sub is not None and self.queue is not None:
+            try:
+                self.queue.unsubscribe(sub)
+            except Exception as exc:  # the transport may already be closed
+                logger.debug("task %s: unsubscribe failed: %s", self.name, exc)
+        if self._owned_executor and self.executor is not None:
+            self.executor.stop(wait=True)
+
+    def __enter__(self) -> TaskRunner:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:
+        # A module-level task pickles by name (PROCESS executors, RPC servers).
+        module = getattr(self.func, "__module__", None)
+        qualname = getattr(self.func, "__qualname__", None)
+        if not module or not qualname or "<locals>" in qualname:
+            raise TypeError(f"task {self.name!r} is not defined at module level; "
+                            "it cannot be pickled")
+        return (_task_by_name, (module, qualname))
+
+    def __repr__(self) -> str:
+        where = f" topic={self.topic!r}" if self.queue is not None else ""
+        return f"<TaskRunner {self.name}{where} observers={len(self._observers)}>"
+
+
+class _TaskBodyError(RemoteError):
+    """A body that failed in a worker process with an exception that did not pickle."""
+
+
+def task(
+    queue: Any = None,
+    topic: Optional[str] = None,
+    executor: Any = None,
+    on_execute: Any = None,
+    on_start: Any = None,
+    on_success: Any = None,
+    on_failure: Any = None,
+    on_complete: Any = None,
+    publish_result: bool = True,
+    max_instances: Optional[int] = None,
+    instance_timeout: Optional[float] = None,
+) -> Any:
+    """Decorator turning a function into a :class:`TaskRunner`.
+
+    Args:
+        queue: a MessageQueue: a message on ``topic`` runs the task (a dict
+            payload becomes keyword arguments, a list positional arguments,
+            anything else the one argument), and results are published.
+        topic: the trigger topic (default: the function's name).
+        executor: how the body runs: None inline, or an :class:`Executor` /
+            :class:`ExecutionMode` (THREAD: the call runs on a pool thread;
+            PROCESS: the body runs in a worker process, so it must be a
+            module-level function and its arguments and result must pickle).
+        on_execute: observers (see section 9), e.g. meters.
+        on_start, on_success, on_failure, on_complete: callables (or lists)
+            taking the :class:`TaskContext`; they run after the observers.
+        publish_result: with a queue, publish ``{task_id, result,
+            execution_time}`` to ``<topic>.success`` or ``{task_id, error,
+            error_type, execution_time}`` to ``<topic>.failure``.
+        max_instances: cap on concurrent calls (a :class:`TaskPool`).
+        instance_timeout: seconds to wait for a slot (then TimeoutError).
+
+    Bare ``@task`` works as well as ``@task()``.
+    """
+    if callable(queue) and not isinstance(queue, MessageQueue):
+        return TaskRunner(queue)  # bare @task
+
+    def decorator(func: Callable[..., Any]) -> TaskRunner:
+        return TaskRunner(func, queue, topic, executor, on_execute, on_start, on_success,
+                          on_failure, on_complete, publish_result, max_instances,
+                          instance_timeout)
+
+    return decorator
 
 
 # ---------------------------------------------------------------------------
@@ -10872,9 +12654,21 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.remote": ("eventforge", None),
     "eventforge.executor": ("eventforge", None),
     "eventforge.rpc": ("eventforge", None),
+    "eventforge.observers": ("eventforge", None),
+    "eventforge.task": ("eventforge", None),
     "eventforge.work_queue": ("eventforge", None),
     "eventforge.worker": ("eventforge", "worker_main"),
 }
+
+
+_ModuleType = type(sys)
+
+
+class _CallableAlias(_ModuleType):  # type: ignore[valid-type,misc]
+    """An alias module that also stands for the function of the same name."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eventforge_call(*args, **kwargs)
 
 
 class _AliasLoader:
@@ -10893,7 +12687,17 @@ class _AliasLoader:
         target = importlib.import_module(self.target)
         module.__path__ = []  # lets ``eventforge.transports.tcp`` be imported below it
         module.__doc__ = f"Alias of {self.target!r} kept for the original import paths."
-        module.__getattr__ = lambda name: getattr(target, name)
+        leaf = module.__name__.rpartition(".")[2]
+        shadowed = vars(target).get(leaf)
+        if callable(shadowed) and not isinstance(shadowed, _ModuleType):
+            # ``import eventforge.task`` rebinds ``eventforge.task`` (the
+            # decorator) to this module: the module stays callable as the
+            # decorator and ``from eventforge.task import task`` finds it.
+            module.__class__ = _CallableAlias
+            module._eventforge_call = module.__wrapped__ = shadowed
+            module.__getattr__ = lambda name: shadowed if name == leaf else getattr(target, name)
+        else:
+            module.__getattr__ = lambda name: getattr(target, name)
         module.__dir__ = lambda: dir(target)
         module.__all__ = list(getattr(target, "__all__", ()))
 

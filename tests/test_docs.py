@@ -18,7 +18,8 @@ Printed output promised in comments is checked:
 
 - ``print(...)  # TEXT`` promises the line TEXT (an explanation may follow
   in parentheses: ``# 5 (None on timeout)``).  These lines must appear in
-  stdout in the order of the code.
+  stdout in the order of the code.  ``...`` in TEXT stands for any text
+  (``# {'count': 2, 'avg': ..., ...}``, as the reference samples write it).
 - ``# -> TEXT`` on any other line promises that TEXT is printed somewhere
   (by a handler, typically).
 
@@ -189,19 +190,28 @@ def _check_result(block: Block, returncode: int, stdout: str, stderr: str) -> No
     _check_output(block, stdout)
 
 
+def _matches(expected: str, line: str) -> bool:
+    """A promised line; ``...`` in it stands for any text (``{'count': 2, 'avg': ...}``)."""
+    if "..." not in expected:
+        return line == expected
+    return re.fullmatch(".*?".join(re.escape(part) for part in expected.split("...")),
+                        line) is not None
+
+
 def _check_output(block: Block, stdout: str) -> None:
     ordered, anywhere = promised_output(block.code)
     lines = stdout.splitlines()
     position = 0
     for expected in ordered:
-        try:
-            position = lines.index(expected, position) + 1
-        except ValueError:
+        found = next((i for i in range(position, len(lines)) if _matches(expected, lines[i])),
+                     None)
+        if found is None:
             raise AssertionError(
-                f"{block.id}: expected the line {expected!r} (in this order), got:\n{stdout}"
-            ) from None
+                f"{block.id}: expected the line {expected!r} (in this order), got:\n{stdout}")
+        position = found + 1
     for expected in anywhere:
-        assert expected in lines, f"{block.id}: expected the line {expected!r}, got:\n{stdout}"
+        assert any(_matches(expected, line) for line in lines), (
+            f"{block.id}: expected the line {expected!r}, got:\n{stdout}")
 
 
 @pytest.mark.timeout(TIMEOUT * 2 + 30)

@@ -840,3 +840,23 @@ def test_any_label_value_survives_both_formats(value):
     (om,) = [s for s in om_samples(writer_om.text()) if s[0] == "eventforge_probe"]
     (text,) = [s for s in prom_samples(writer_text.text()) if s[0] == "eventforge_probe"]
     assert om == text == ("eventforge_probe", (("pattern", value),), 1.0)
+
+
+def test_real_meters_and_a_task_pool_on_meterz_and_metrics():
+    timing, metrics = ef.TimingMeter(), ef.MetricsMeter()
+
+    @ef.task(on_execute=[timing, metrics], max_instances=2)
+    def double(x):
+        return x * 2
+
+    assert double(2) == 4 and double(3) == 6
+    monitor = ef.Monitor(port=0, components=[timing, metrics])
+    monitor.watch(double.pool, "double-pool")
+    meters = monitor.get("/meterz")[1]["meters"]
+    assert meters["TimingMeter"]["count"] == 2
+    assert meters["MetricsMeter"] == {"calls": 2, "successes": 2, "failures": 0}
+    assert meters["double-pool"]["total_processed"] == 2
+    values = {(name, labels): value for name, labels, value in
+              om_samples(monitor.metrics(openmetrics=True))}
+    assert values[("eventforge_meter", (("meter", "MetricsMeter"), ("stat", "calls")))] == 2
+    assert values[("eventforge_meter", (("meter", "double-pool"), ("stat", "max")))] == 2
