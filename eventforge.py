@@ -23,9 +23,10 @@ The file reads top to bottom; every section uses only the sections above it.
                                observe
    10. tasks ................. task, TaskRunner, TaskPool
    11. work queues ........... WorkQueue; WorkStore (the storage seam), Lease,
-                               MemoryWorkStore
+                               MemoryWorkStore, SQLiteWorkStore
    12. monitor ............... Monitor (health, JSON, Prometheus metrics, a page)
-   13. command line .......... worker, main(argv), demo
+   13. command line .......... worker (RPC, or a work queue's JOBS), main(argv),
+                               demo, demo-queue
    14. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
 The wire format is specified in ``docs/protocol.md``; what each transport
@@ -81,6 +82,9 @@ __all__ = [
     "RPCTimeoutError",
     "RemoteError",
     "MethodNotFoundError",
+    "StoreError",
+    "StoreBusyError",
+    "StoreFullError",
     # topics
     "MAX_TOPIC_LENGTH",
     "validate_topic",
@@ -159,6 +163,7 @@ __all__ = [
     "Lease",
     "WorkStore",
     "MemoryWorkStore",
+    "SQLiteWorkStore",
     "WorkQueue",
     # monitor
     "DEFAULT_MONITOR_PORT",
@@ -166,6 +171,7 @@ __all__ = [
     "Monitor",
     # command line
     "load_worker_module",
+    "load_job_module",
     "worker_main",
     "main",
 ]
@@ -310,6 +316,18 @@ class RemoteError(EventforgeError):
 
 class MethodNotFoundError(RemoteError):
     """The RPC server has no method registered under the requested name."""
+
+
+class StoreError(EventforgeError):
+    """A durable work store failed (the message names the file and the operation)."""
+
+
+class StoreBusyError(StoreError, TimeoutError):
+    """A durable work store stayed locked by another writer past its busy timeout."""
+
+
+class StoreFullError(StoreError):
+    """A durable work store cannot grow: its disk, or its size limit, is full."""
 
 
 # ---------------------------------------------------------------------------
@@ -924,6 +942,16 @@ class Message:
 
 _new_object = object.__new__
 _now = time.time
+
+
+def _message_epoch(message: Message) -> float:
+    """When ``message`` was created, in epoch seconds (without building a datetime)."""
+    ts = message._ts
+    if type(ts) is float or type(ts) is int:
+        return float(ts)
+    if hasattr(ts, "tzinfo"):
+        return _datetime_to_epoch(ts)
+    return _parse_timestamp(ts)
 
 
 def _make_message(
@@ -9412,13 +9440,15 @@ class Lease:
     (the lease expired and the job was handed to someone else), so a late
     worker can never settle another worker's delivery.  ``attempt`` counts the
     deliveries of this job to this group, 1 for the first.  ``deadline`` is on
-    the store's clock.
+    the store's clock.  ``handle`` is the store's private reference to the
+    job copy (a row id, a stream entry id).
     """
 
-    __slots__ = ("topic", "group", "job_id", "token", "attempt", "message", "deadline")
+    __slots__ = ("topic", "group", "job_id", "token", "attempt", "message", "deadline",
+                 "handle")
 
     def __init__(self, topic: str, group: str, job_id: str, token: int, attempt: int,
-                 message: Message, deadline: float) -> None:
+                 message: Message, deadline: float, handle: Any = None) -> None:
         self.topic = topic
         self.group = group
         self.job_id = job_id
@@ -9426,6 +9456,7 @@ class Lease:
         self.attempt = attempt
         self.message = message
         self.deadline = deadline
+        self.handle = handle  # the store's own reference (e.g. a row id)
 
     def __repr__(self) -> str:
         return (f"Lease(topic={self.topic!r}, group={self.group!r}, job_id={self.job_id!r}, "
@@ -9478,6 +9509,13 @@ class WorkStore(abc.ABC):
     @abc.abstractmethod
     def ack(self, lease: Lease) -> bool:
         """Finish the job; False (changing nothing) if the token is stale."""
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        """:meth:`ack` each lease, in one step where the store can; one result each.
+
+        Push delivery acknowledges the jobs of a batch together through this.
+        """
+        return [self.ack(lease) for lease in leases]
 
     @abc.abstractmethod
     def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
@@ -9605,8 +9643,11 @@ class MemoryWorkStore(WorkStore):
 
     def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
         with self._lock:
-            self._check_open()
-            groups = self._groups(topic)
+            if self._closed:
+                raise RuntimeError("the work store is closed")
+            groups = self._topics.get(topic)
+            if groups is None:
+                groups = self._topics[topic] = {}
             if max_pending:
                 for name, state in groups.items():
                     if len(state.ready) + len(state.delayed) >= max_pending:
@@ -9699,23 +9740,30 @@ class MemoryWorkStore(WorkStore):
 
     def ack(self, lease: Lease) -> bool:
         with self._lock:
-            held = self._held(lease)
-            if held is None:
-                return False
+            return self._ack_locked(lease)
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        with self._lock:
+            return [self._ack_locked(lease) for lease in leases]
+
+    def _ack_locked(self, lease: Lease) -> bool:
+        return self._unlease(lease) is not None
+
+    def _unlease(self, lease: Lease) -> Optional[Tuple[_MemoryGroup, _MemoryEntry]]:
+        # Called with the lock held: end the lease if its token is current.
+        held = self._held(lease)
+        if held is not None:
             del held[0].leased[lease.job_id]
             held[1].token = 0
             self._live -= 1
-            return True
+        return held
 
     def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
         with self._lock:
-            held = self._held(lease)
+            held = self._unlease(lease)
             if held is None:
                 return False
             state, entry = held
-            del state.leased[lease.job_id]
-            entry.token = 0
-            self._live -= 1
             if not count_attempt:
                 entry.attempts -= 1
             if delay > 0:
@@ -9738,14 +9786,10 @@ class MemoryWorkStore(WorkStore):
 
     def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
         with self._lock:
-            held = self._held(lease)
+            held = self._unlease(lease)
             if held is None:
                 return False
-            state, entry = held
-            del state.leased[lease.job_id]
-            entry.token = 0
-            self._live -= 1
-            state.dead += 1
+            held[0].dead += 1
             self._add_locked(self._groups(topic), message)
             return True
 
@@ -9787,8 +9831,8 @@ class MemoryWorkStore(WorkStore):
         with self._lock:
             groups = [g for name, gs in self._topics.items() if topic in (None, name)
                       for g in gs.values()]
-            stamps = [g.ready[0].message._ts for g in groups if g.ready]
-        return min(stamps) if stamps else None
+            firsts = [g.ready[0].message for g in groups if g.ready]
+        return min((_message_epoch(m) for m in firsts), default=None)
 
     def wake(self) -> None:
         with self._lock:
@@ -9810,13 +9854,506 @@ class MemoryWorkStore(WorkStore):
         return f"<MemoryWorkStore {len(self._topics)} topics{' closed' if self._closed else ''}>"
 
 
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS eventforge_groups (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    dead INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (topic, grp)
+);
+CREATE TABLE IF NOT EXISTS eventforge_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: (id, token) names one lease
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    body TEXT NOT NULL,                    -- the job Message, wire JSON
+    visibility REAL,                       -- the job's own lease length, or NULL
+    leased INTEGER NOT NULL DEFAULT 0,
+    ready_at REAL NOT NULL,                -- ready (0) jobs: claimable from then on
+    wait_len REAL NOT NULL DEFAULT 0,      -- the delay that set ready_at (for clamping)
+    deadline REAL,                         -- leased (1) jobs: the lease ends then
+    lease_len REAL,                        -- the lease length that set deadline
+    token INTEGER NOT NULL DEFAULT 0,      -- fencing token, +1 at every lease
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS eventforge_jobs_ready
+    ON eventforge_jobs (topic, grp, leased, ready_at, id);
+CREATE INDEX IF NOT EXISTS eventforge_jobs_deadline ON eventforge_jobs (leased, deadline);
+"""
+
+_LEASE_SET = """leased = 1, token = token + 1, attempts = attempts + 1,
+    lease_len = COALESCE(visibility, :lease), deadline = :now + COALESCE(visibility, :lease)"""
+_READY_WHERE = "topic = :topic AND grp = :grp AND leased = 0 AND ready_at <= :now"
+_CLAIM_RETURNING = f"""UPDATE eventforge_jobs SET {_LEASE_SET}
+WHERE id IN (SELECT id FROM eventforge_jobs WHERE {_READY_WHERE}
+             ORDER BY ready_at, id LIMIT :n)
+RETURNING id, job_id, body, token, attempts, deadline, ready_at"""
+_CLAIM_SELECT = f"""SELECT id, token FROM eventforge_jobs WHERE {_READY_WHERE}
+ORDER BY ready_at, id LIMIT :n"""
+_CLAIM_ONE = f"""UPDATE eventforge_jobs SET {_LEASE_SET}
+WHERE id = :id AND token = :token AND leased = 0"""
+_LEASED_ROW = """SELECT id, job_id, body, token, attempts, deadline, ready_at
+FROM eventforge_jobs WHERE id = ?"""
+_HELD = "id = ? AND token = ? AND leased = 1"
+_POLL_MIN = 0.002  # an idle claim checks PRAGMA data_version after this, doubling ...
+_POLL_MAX = 0.05  # ... up to this: a job from another process is seen within ~50 ms
+_SQLITE_BUSY_RETRIES = 5
+_SYNCHRONOUS = ("FULL", "NORMAL")
+
+# Connections opened before a fork() are kept here in the child, never used and
+# never closed: closing one could checkpoint or unlock on the parent's behalf.
+_INHERITED_CONNECTIONS: List[Any] = []
+
+
+def _sqlite_problem(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return "busy"
+    if "full" in text:
+        return "full"
+    return "other"
+
+
+class SQLiteWorkStore(WorkStore):
+    """A durable :class:`WorkStore` in one SQLite file, shared by the processes of a machine.
+
+    ``WorkQueue(store="jobs.db")`` opens one; open it yourself for options:
+
+    * ``synchronous="FULL"`` (default) makes every commit durable across a
+      power cut; ``"NORMAL"`` is several times faster in WAL mode but may
+      lose the last commits (never corrupt the file) if power fails.
+    * ``busy_timeout`` seconds SQLite waits for another writer; a write still
+      locked out is retried a few times with jitter, then raises
+      :class:`StoreBusyError`.  A full disk raises :class:`StoreFullError`
+      at once (no retry).
+    * ``wal_size_limit`` bytes: SQLite checkpoints the write-ahead log once
+      it holds that much, and each sweep truncates it if it still grew past
+      (readers pinning old pages can delay a checkpoint, not stop it).
+    * ``sweep_interval``: expired leases are swept at most this often.
+    * ``clock`` (default ``time.time``, shared by processes) dates leases;
+      deadlines and delays are clamped to their length on every sweep, so a
+      clock that jumps back strands nothing.
+
+    Every write is one ``BEGIN IMMEDIATE`` transaction (never a read that
+    later upgrades, which SQLite fails at once when another writer is busy).
+    A claim is a single ``UPDATE ... RETURNING`` on SQLite 3.35+, else a
+    select and a conditional update in the same transaction.  A claim that
+    waits sees local jobs at once and other processes' commits by polling
+    ``PRAGMA data_version`` with backoff (no write while idle).  The
+    connection is reopened in a child after ``fork()``.  ``sqlite3`` is
+    imported only when a store is opened.
+    """
+
+    def __init__(self, path: Any, *, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 wal_size_limit: int = 64 * 1024 * 1024, sweep_interval: float = 1.0,
+                 clock: Callable[[], float] = time.time,
+                 use_returning: Optional[bool] = None) -> None:
+        import sqlite3
+
+        self._sqlite3 = sqlite3
+        self.path = os.fspath(path)
+        sync = str(synchronous).upper()
+        if sync not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
+                             f"not {synchronous!r}")
+        self.synchronous = sync
+        _check_seconds("busy_timeout", busy_timeout, positive=False)
+        _check_seconds("sweep_interval", sweep_interval, positive=False)
+        _check_count("wal_size_limit", wal_size_limit, 0)
+        self.busy_timeout = float(busy_timeout)
+        self.wal_size_limit = wal_size_limit
+        self.sweep_interval = float(sweep_interval)
+        self._clock = clock
+        has_returning = sqlite3.sqlite_version_info >= (3, 35, 0)
+        if use_returning and not has_returning:
+            raise ValueError(f"SQLite {sqlite3.sqlite_version} has no UPDATE ... RETURNING "
+                             "(3.35+)")
+        self.use_returning = has_returning if use_returning is None else bool(use_returning)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._conn: Any = None
+        self._pid = os.getpid()
+        self._generation = 0  # bumped by wake()
+        self._changes = 0  # bumped by local commits that make jobs ready
+        self._last_sweep = -float("inf")
+        self._closed = False
+        with self._lock:
+            self._connection()
+        _watch_for_fork(self)
+
+    # -- the connection -------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        # Called with the lock held.
+        if self._closed:
+            raise RuntimeError(f"the work store {self.path!r} is closed")
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:  # inherited through fork(): leave it alone
+                _INHERITED_CONNECTIONS.append(self._conn)
+            self._pid = os.getpid()
+            self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> Any:
+        conn = self._sqlite3.connect(self.path, timeout=self.busy_timeout,
+                                     isolation_level=None, check_same_thread=False)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path!r} cannot use a write-ahead log "
+                                 f"(journal_mode stays {mode!r})")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit={self.wal_size_limit}")
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_size_limit // page_size)}")
+            statements = [s for s in _SQLITE_SCHEMA.split(";") if s.strip()]
+            self._write_on(conn, "create the schema",
+                           lambda c: [c.execute(statement) for statement in statements])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+
+    # -- transactions ---------------------------------------------------------------
+
+    def _write(self, action: str, work: Callable[[Any], Any]) -> Any:
+        """Run ``work(connection)`` in one BEGIN IMMEDIATE transaction, retrying if busy."""
+        with self._lock:
+            return self._write_on(self._connection(), action, work)
+
+    def _write_on(self, conn: Any, action: str, work: Callable[[Any], Any]) -> Any:
+        import random
+
+        for attempt in range(_SQLITE_BUSY_RETRIES + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(conn)
+                    conn.execute("COMMIT")
+                    return result
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except self._sqlite3.OperationalError as exc:
+                problem = _sqlite_problem(exc)
+                if problem == "full":
+                    raise StoreFullError(f"cannot {action} in {self.path!r}: the database or "
+                                         f"disk is full ({exc})") from exc
+                if problem != "busy":
+                    raise StoreError(f"cannot {action} in {self.path!r}: {exc}") from exc
+                if attempt == _SQLITE_BUSY_RETRIES:
+                    raise StoreBusyError(
+                        f"cannot {action} in {self.path!r}: still locked by another "
+                        f"connection after {_SQLITE_BUSY_RETRIES + 1} tries of "
+                        f"busy_timeout={self.busy_timeout}s") from exc
+                time.sleep(random.uniform(0.0, 0.01 * 2 ** attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, sql: str, params: Any = ()) -> List[Any]:
+        with self._lock:
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except self._sqlite3.OperationalError as exc:
+                if _sqlite_problem(exc) == "busy":
+                    raise StoreBusyError(f"cannot read {self.path!r}: {exc}") from exc
+                raise StoreError(f"cannot read {self.path!r}: {exc}") from exc
+
+    def _changed(self) -> None:
+        # Called with the lock held after a commit that made jobs ready.
+        self._changes += 1
+        self._cond.notify_all()
+
+    # -- WorkStore --------------------------------------------------------------------
+
+    def ensure_group(self, topic: str, group: str) -> None:
+        self._write("create a consumer group", lambda c: c.execute(
+            "INSERT OR IGNORE INTO eventforge_groups (topic, grp) VALUES (?, ?)",
+            (topic, group)))
+
+    @staticmethod
+    def _insert(conn: Any, topic: str, message: Message, body: str, now: float) -> None:
+        groups = [row[0] for row in conn.execute(
+            "SELECT grp FROM eventforge_groups WHERE topic = ?", (topic,))]
+        if not groups:
+            conn.execute("INSERT INTO eventforge_groups (topic, grp) VALUES (?, ?)",
+                         (topic, DEFAULT_CONSUMER_GROUP))
+            groups = [DEFAULT_CONSUMER_GROUP]
+        own = message.headers.get(_WQ_VISIBILITY)
+        visibility = float(own) if own else None
+        conn.executemany(
+            "INSERT INTO eventforge_jobs (topic, grp, job_id, body, visibility, ready_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(topic, group, message.id, body, visibility, now) for group in groups])
+
+    def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
+        body = _dumps(message._wire_dict())  # SerializationError before any write
+
+        def work(conn: Any) -> None:
+            if max_pending:
+                for group, waiting in conn.execute(
+                        "SELECT grp, COUNT(*) FROM eventforge_jobs WHERE topic = ? AND leased = 0 "
+                        "GROUP BY grp", (topic,)):
+                    if waiting >= max_pending:
+                        raise QueueFullError(
+                            f"work queue {topic!r} (group {group!r}) holds "
+                            f"max_work_queue_size={max_pending} waiting jobs")
+            self._insert(conn, topic, message, body, self._clock())
+
+        with self._lock:
+            self._write("enqueue a job", work)
+            self._changed()
+        return message.id
+
+    def claim(self, topic: str, group: str, lease_seconds: float, *, max_count: int = 1,
+              wait: Optional[float] = 0.0) -> List[Lease]:
+        end = None if wait is None else time.monotonic() + wait
+        with self._lock:
+            generation = self._generation
+            while True:
+                leases = self._write("claim a job", lambda c: self._claim_on(
+                    c, topic, group, lease_seconds, max_count))
+                if leases or self._closed or generation != self._generation:
+                    return leases
+                if not self._wait_for_jobs(topic, group, end, generation):
+                    return []
+
+    def _claim_on(self, conn: Any, topic: str, group: str, lease_seconds: float,
+                  max_count: int) -> List[Lease]:
+        params = {"topic": topic, "grp": group, "now": self._clock(), "lease": lease_seconds,
+                  "n": max_count}
+        if self.use_returning:
+            rows = conn.execute(_CLAIM_RETURNING, params).fetchall()
+        else:
+            rows = []
+            for row_id, token in conn.execute(_CLAIM_SELECT, params).fetchall():
+                if conn.execute(_CLAIM_ONE, dict(params, id=row_id, token=token)).rowcount:
+                    rows.append(conn.execute(_LEASED_ROW, (row_id,)).fetchone())
+        rows.sort(key=lambda row: (row[6], row[0]))
+        return [Lease(topic, group, job_id, token, attempts,
+                      _message_from_dict(json.loads(body)), deadline, handle=row_id)
+                for row_id, job_id, body, token, attempts, deadline, _ in rows]
+
+    def _wait_for_jobs(self, topic: str, group: str, end: Optional[float],
+                       generation: int) -> bool:
+        """Wait (lock held) until jobs may be ready; False on timeout, wake or close."""
+        conn = self._connection()
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        changes = self._changes
+        due = self._read("SELECT MIN(ready_at) FROM eventforge_jobs WHERE topic = ? AND grp = ? "
+                         "AND leased = 0", (topic, group))[0][0]
+        due_in = None if due is None else max(0.0, due - self._clock())
+        backoff = _POLL_MIN
+        start = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                return False
+            if due_in is not None and now - start >= due_in:
+                return True
+            timeout = backoff if end is None else min(backoff, end - now)
+            if due_in is not None:
+                timeout = min(timeout, due_in - (now - start))
+            self._cond.wait(max(timeout, 0.0))
+            if self._closed or generation != self._generation:
+                return False
+            if self._changes != changes:
+                return True
+            if self._connection().execute("PRAGMA data_version").fetchone()[0] != version:
+                return True
+            backoff = min(backoff * 2, _POLL_MAX)
+
+    def ack(self, lease: Lease) -> bool:
+        return self.ack_all([lease])[0]
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        return self._write("acknowledge jobs", lambda c: [
+            c.execute(f"DELETE FROM eventforge_jobs WHERE {_HELD}",
+                      (lease.handle, lease.token)).rowcount == 1 for lease in leases])
+
+    def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
+        def work(conn: Any) -> bool:
+            return conn.execute(
+                "UPDATE eventforge_jobs SET leased = 0, deadline = NULL, ready_at = ?, "
+                f"wait_len = ?, attempts = attempts - ? WHERE {_HELD}",
+                (self._clock() + delay, delay, 0 if count_attempt else 1, lease.handle,
+                 lease.token)).rowcount == 1
+
+        with self._lock:
+            done = bool(self._write("release a job", work))
+            if done:
+                self._changed()
+            return done
+
+    def extend(self, lease: Lease, lease_seconds: float) -> bool:
+        deadline = self._clock() + lease_seconds
+        done = bool(self._write("extend a lease", lambda c: c.execute(
+            f"UPDATE eventforge_jobs SET deadline = ?, lease_len = ? WHERE {_HELD}",
+            (deadline, lease_seconds, lease.handle, lease.token)).rowcount == 1))
+        if done:
+            lease.deadline = deadline
+        return done
+
+    def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
+        body = _dumps(message._wire_dict())
+
+        def work(conn: Any) -> bool:
+            if conn.execute(f"DELETE FROM eventforge_jobs WHERE {_HELD}",
+                            (lease.handle, lease.token)).rowcount != 1:
+                return False
+            conn.execute("UPDATE eventforge_groups SET dead = dead + 1 WHERE topic = ? AND "
+                         "grp = ?", (lease.topic, lease.group))
+            self._insert(conn, topic, message, body, self._clock())
+            return True
+
+        with self._lock:
+            done = bool(self._write("dead-letter a job", work))
+            if done:
+                self._changed()
+            return done
+
+    def sweep(self, hold_seconds: float) -> List[Lease]:
+        with self._lock:
+            if time.monotonic() - self._last_sweep < self.sweep_interval:
+                return []
+            self._last_sweep = time.monotonic()
+
+            def work(conn: Any) -> List[Any]:
+                now = self._clock()
+                # Clamp first: after the clock jumped back, nothing waits longer than
+                # the lease or delay that set its time.
+                conn.execute("UPDATE eventforge_jobs SET deadline = ? + lease_len "
+                             "WHERE leased = 1 AND deadline > ? + lease_len", (now, now))
+                conn.execute("UPDATE eventforge_jobs SET ready_at = ? + wait_len "
+                             "WHERE leased = 0 AND ready_at > ? + wait_len", (now, now))
+                expired = conn.execute(
+                    "SELECT id, topic, grp, job_id, body, token, attempts FROM eventforge_jobs "
+                    "WHERE leased = 1 AND deadline <= ?", (now,)).fetchall()
+                conn.executemany(
+                    "UPDATE eventforge_jobs SET token = token + 1, deadline = ?, lease_len = ? "
+                    "WHERE id = ? AND token = ?",
+                    [(now + hold_seconds, hold_seconds, row[0], row[5]) for row in expired])
+                return [Lease(topic, group, job_id, token + 1, attempts,
+                              _message_from_dict(json.loads(body)), now + hold_seconds,
+                              handle=row_id)
+                        for row_id, topic, group, job_id, body, token, attempts in expired]
+
+            expired = self._write("sweep expired leases", work)
+            self._bound_wal()
+            return expired
+
+    def _bound_wal(self) -> None:
+        # Called with the lock held, at most once per sweep interval.
+        try:
+            size = os.path.getsize(self.path + "-wal")
+        except OSError:
+            return
+        if size > self.wal_size_limit:
+            try:
+                self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except self._sqlite3.OperationalError as exc:
+                logger.warning("checkpoint of %r failed (%s); the next sweep retries",
+                               self.path, exc)
+
+    def counts(self, topic: Optional[str] = None, group: Optional[str] = None) -> Dict[str, int]:
+        where = " AND ".join(clause for clause, value in (("topic = :topic", topic),
+                                                          ("grp = :grp", group)) if value)
+        where = f"WHERE {where}" if where else ""
+        params = {"topic": topic, "grp": group, "now": self._clock()}
+        totals = {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+        for leased, ready, number in self._read(
+                f"SELECT leased, ready_at <= :now, COUNT(*) FROM eventforge_jobs {where} "
+                "GROUP BY 1, 2", params):
+            key = "in_flight" if leased else ("ready" if ready else "delayed")
+            totals[key] += number
+        dead = self._read(f"SELECT SUM(dead) FROM eventforge_groups {where}", params)[0][0]
+        totals["dead"] = int(dead or 0)
+        return totals
+
+    def topics(self) -> List[str]:
+        rows = self._read("SELECT topic FROM eventforge_groups UNION "
+                          "SELECT DISTINCT topic FROM eventforge_jobs", {})
+        return sorted(row[0] for row in rows)
+
+    def wake(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._generation += 1
+            self._cond.notify_all()
+            conn, self._conn = self._conn, None
+            if conn is not None and self._pid == os.getpid():
+                conn.close()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteWorkStore {self.path!r}{' closed' if self._closed else ''}>"
+
+
+_FORK_WATCHED: Any = None  # weakref.WeakSet of SQLiteWorkStores, made on first use
+
+
+def _watch_for_fork(store: SQLiteWorkStore) -> None:
+    """Give ``store`` fresh locks in a forked child (its connection reopens lazily)."""
+    global _FORK_WATCHED
+    if _FORK_WATCHED is None:
+        import weakref
+
+        _FORK_WATCHED = weakref.WeakSet()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_stores_after_fork)
+    _FORK_WATCHED.add(store)
+
+
+def _stores_after_fork() -> None:
+    for store in list(_FORK_WATCHED or ()):
+        store._after_fork_in_child()
+
+
+_BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def _open_work_store(store: Any) -> WorkStore:
-    """The store a WorkQueue was given: None (in memory) or a WorkStore object."""
+    """The store a WorkQueue was given.
+
+    None keeps jobs in memory; a WorkStore object is used as is; a
+    ``redis://`` (``rediss://``, ``unix://``) URL opens the Redis Streams
+    store of ``eventforge_ext.redis``; any other str or path opens a
+    :class:`SQLiteWorkStore` on that file.
+    """
     if store is None:
         return MemoryWorkStore()
     if isinstance(store, WorkStore):
         return store
-    raise TypeError(f"store must be a WorkStore or None, not {type(store).__name__}")
+    if isinstance(store, str) and store.startswith(_BROKER_SCHEMES):
+        return _open_redis_work_store(store)
+    if isinstance(store, (str, os.PathLike)):
+        return SQLiteWorkStore(store)
+    raise TypeError(f"store must be None, a WorkStore, a file path or a redis:// URL, "
+                    f"not {type(store).__name__}")
+
+
+def _open_redis_work_store(url: str) -> WorkStore:
+    import importlib
+
+    try:
+        adapter = importlib.import_module("eventforge_ext.redis")
+        opener = adapter.RedisWorkStore
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(
+            f"store={url!r} needs the Redis Streams work store, RedisWorkStore from "
+            f"eventforge_ext.redis, which is not available here ({exc}); "
+            "install eventforge[redis] with a version that provides it") from exc
+    return opener.from_url(url)
 
 
 class _Consumer:
@@ -9976,6 +10513,7 @@ class WorkQueue(MessageQueue):
         self._counters = {name: itertools.count() for name in _WORK_COUNTERS}
         self._waits = _Histogram()  # enqueue -> first delivery, for a Monitor
         self._waits_lock = threading.Lock()
+        self._enqueued = self._counters["enqueued"]
 
     # -- producing --------------------------------------------------------------
 
@@ -9989,19 +10527,23 @@ class WorkQueue(MessageQueue):
         ``max_work_queue_size`` waiting jobs, RuntimeError after :meth:`close`,
         and ValueError for a header starting with ``_wq_`` (reserved).
         """
-        self._check_open()
-        validate_topic(topic)
-        for name in headers:
-            if name.startswith(_WQ_HEADER_PREFIX):
-                raise ValueError(f"header {name!r} is reserved: headers starting with "
-                                 f"{_WQ_HEADER_PREFIX!r} belong to the work queue")
+        if self._closed:
+            raise RuntimeError("WorkQueue is closed")
+        if type(topic) is not str or topic not in _VALID_TOPICS:
+            validate_topic(topic)
+        if headers:
+            for name in headers:
+                if name.startswith(_WQ_HEADER_PREFIX):
+                    raise ValueError(f"header {name!r} is reserved: headers starting with "
+                                     f"{_WQ_HEADER_PREFIX!r} belong to the work queue")
         if visibility_timeout is not None:
             _check_seconds("visibility_timeout", visibility_timeout, positive=True)
             headers[_WQ_VISIBILITY] = float(visibility_timeout)
         message = _make_message(topic, payload, headers)
-        self._start_reaper()
+        if self._reaper is None:
+            self._start_reaper()
         job_id = self.store.enqueue(topic, message, max_pending=self.max_work_queue_size)
-        next(self._counters["enqueued"])
+        next(self._enqueued)
         return job_id
 
     # -- pulling ----------------------------------------------------------------
@@ -10038,9 +10580,13 @@ class WorkQueue(MessageQueue):
         # Remember the lease (dict writes are atomic) and build the delivered copy.
         job = lease.message
         if lease.attempt == 1:
-            waited = max(0.0, time.time() - job._ts)
-            with self._waits_lock:
-                self._waits.observe(waited)
+            try:
+                waited = max(0.0, time.time() - _message_epoch(job))
+            except (ValueError, TypeError):  # a timestamp we cannot read: not timed
+                pass
+            else:
+                with self._waits_lock:
+                    self._waits.observe(waited)
         delivery_id = f"{lease.job_id}:{lease.token}"
         self._leases[delivery_id] = lease
         headers = job.headers.copy()
@@ -10249,36 +10795,58 @@ class WorkQueue(MessageQueue):
             if not leases:
                 return True
             started = time.monotonic()
-            for index, lease in enumerate(leases):
-                if consumer.removed or self.closed or (
-                        index and time.monotonic() - started > _BATCH_BUDGET):
-                    for unstarted in leases[index:]:
-                        store.nack(unstarted, count_attempt=False)
-                    break
-                self._run_job(consumer, self._hand_out(lease))
+            finished: List[Lease] = []
+            try:
+                for index, lease in enumerate(leases):
+                    if consumer.removed or self._closed or (
+                            index and time.monotonic() - started > _BATCH_BUDGET):
+                        for unstarted in leases[index:]:
+                            store.nack(unstarted, count_attempt=False)
+                        break
+                    done = self._run_job(consumer, self._hand_out(lease))
+                    if done is not None:
+                        finished.append(done)
+            finally:
+                if finished:
+                    self._ack_finished(finished)
             handled += len(leases)
             quick = time.monotonic() - started < _BATCH_BUDGET / 2
             batch = min(batch * 2, consumer.prefetch) if quick else 1
         return True
 
-    def _run_job(self, consumer: _Consumer, message: Message) -> None:
-        """Run one pushed job and settle it: ack on return, the failure policy on a raise."""
+    def _run_job(self, consumer: _Consumer, message: Message) -> Optional[Lease]:
+        """Run one pushed job; return its lease to ack, or None if it is settled already.
+
+        A raising handler's job goes through the failure policy here.
+        """
         try:
+            consumer.handler(message)
+        except BaseException as exc:  # the pool thread survives anything
             try:
-                consumer.handler(message)
-            except BaseException as exc:  # the pool thread survives anything
                 next(self._counters["handler_errors"])
                 self._handler_failed(consumer.handler, message, exc)
                 lease = self._leases.pop(message.headers["_wq_delivery_id"], None)
                 if lease is not None and not self._settle_failed(lease, True, exc):
                     self._refused(lease, "nack")
-            else:
-                # None when the handler settled the job itself.
-                lease = self._leases.pop(message.headers["_wq_delivery_id"], None)
-                if lease is not None and not self._settle_ack(lease):
-                    self._refused(lease, "ack")
+            except Exception:
+                logger.exception("settling job %s on %r failed", message.id, message.topic)
+            return None
+        # None when the handler settled the job itself.
+        return self._leases.pop(message.headers["_wq_delivery_id"], None)
+
+    def _ack_finished(self, leases: List[Lease]) -> None:
+        try:
+            results = self.store.ack_all(leases)
         except Exception:
-            logger.exception("settling job %s on %r failed", message.id, message.topic)
+            logger.exception("acknowledging %d job(s) of %r failed; they will be redelivered "
+                             "when their leases expire", len(leases), leases[0].topic)
+            return
+        acked = self._counters["acked"]
+        for lease, settled in zip(leases, results):
+            if settled:
+                next(acked)
+            else:
+                self._refused(lease, "ack")
 
     # -- expiry -----------------------------------------------------------------
 
@@ -10379,7 +10947,10 @@ class WorkQueue(MessageQueue):
                        delayed=counts["delayed"])
         oldest = min((t for t in stamps if t is not None), default=None) if names else (
             store.oldest_ready())
-        row["oldest_ready_age_seconds"] = max(0.0, time.time() - oldest) if oldest else 0.0
+        waiting = row["ready"] > 0
+        # None when the store cannot tell (a monitor shows it as unknown).
+        row["oldest_ready_age_seconds"] = (max(0.0, time.time() - oldest) if oldest else
+                                           (None if waiting else 0.0))
         work = {name: _count_value(c) for name, c in self._counters.items()}
         row.update(acked_total=work["acked"], nacked_total=work["retried"] + work["dead_lettered"],
                    redelivered_total=work["retried"], dead_lettered_total=work["dead_lettered"])
@@ -11981,18 +12552,7 @@ def load_worker_module(spec: str) -> Tuple[Any, Dict[str, Callable[..., Any]], O
         if not isinstance(handlers, dict):
             raise _CLIError(f"HANDLERS in {spec!r} must be a dict of name -> callable, "
                             f"not {type(handlers).__name__}")
-        if not handlers:
-            raise _CLIError(f"HANDLERS in {spec!r} is empty: nothing to serve")
-        for name, func in handlers.items():
-            if not isinstance(name, str) or not name:
-                raise _CLIError(f"HANDLERS in {spec!r} has a key that is not a non-empty "
-                                f"string: {name!r}")
-            if not callable(func):
-                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is not callable "
-                                f"({type(func).__name__})")
-            if _is_async_callable(func):
-                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is a coroutine function; "
-                                "workers serve plain functions")
+        _check_handler_table(spec, "HANDLERS", handlers)
         service = getattr(module, "SERVICE_NAME", None)
         if service is not None and (not isinstance(service, str) or not service):
             raise _CLIError(f"SERVICE_NAME in {spec!r} must be a non-empty string, "
@@ -12003,6 +12563,47 @@ def load_worker_module(spec: str) -> Tuple[Any, Dict[str, Callable[..., Any]], O
     except _CLIError as exc:
         raise ValueError(str(exc)) from None
     return module, dict(handlers), service
+
+
+def _check_handler_table(spec: str, name: str, table: Dict[Any, Any]) -> None:
+    """A worker module's table of handlers: non-empty, str keys, plain callables."""
+    if not table:
+        raise _CLIError(f"{name} in {spec!r} is empty: nothing to serve")
+    for key, func in table.items():
+        if not isinstance(key, str) or not key:
+            raise _CLIError(f"{name} in {spec!r} has a key that is not a non-empty "
+                            f"string: {key!r}")
+        if not callable(func):
+            raise _CLIError(f"{name}[{key!r}] in {spec!r} is not callable "
+                            f"({type(func).__name__})")
+        if _is_async_callable(func):
+            raise _CLIError(f"{name}[{key!r}] in {spec!r} is a coroutine function; "
+                            "workers serve plain functions")
+
+
+def load_job_module(spec: str) -> Tuple[Any, Dict[str, Callable[[Message], Any]]]:
+    """Import a queue worker's module; return (module, jobs).
+
+    The module must define a non-empty dict ``JOBS`` mapping topics to
+    handlers; each handler is called with a job (a :class:`Message`), acks it
+    by returning and has it retried by raising.  A broken module raises
+    ValueError with one line saying what is wrong.
+    """
+    try:
+        module = _load_handler_module(spec)
+        jobs = getattr(module, "JOBS", None)
+        if not isinstance(jobs, dict):
+            raise _CLIError(f"module {spec!r} defines no JOBS dict (expected "
+                            "JOBS = {'topic': handler, ...}, each handler taking a job)")
+        _check_handler_table(spec, "JOBS", jobs)
+        for topic in jobs:
+            try:
+                validate_topic(topic)
+            except TopicError as exc:
+                raise _CLIError(f"JOBS in {spec!r}: {exc}") from None
+    except _CLIError as exc:
+        raise ValueError(str(exc)) from None
+    return module, dict(jobs)
 
 
 def _format_address(address: Any) -> str:
@@ -12058,6 +12659,8 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     _configure_logging(args.log_level)
     if args.workers < 1:
         raise _CLIError(f"--workers must be >= 1, not {args.workers}")
+    if args.queue:
+        return _cmd_queue_worker(args, out)
     try:
         module, handlers, module_service = load_worker_module(args.import_)
     except ValueError as exc:
@@ -12136,6 +12739,48 @@ def _worker_monitor(args: Any, service: str) -> Optional[Monitor]:
                        allowed_hosts=args.monitor_allowed_host)
     except ValueError as exc:
         raise _CLIError(f"--monitor: {exc}") from None
+
+
+def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
+    """``worker --queue``: consume a durable work queue with the module's JOBS."""
+    try:
+        _, jobs = load_job_module(args.import_)
+    except ValueError as exc:
+        raise _CLIError(str(exc)) from None
+    monitor = _worker_monitor(args, "jobs")
+    stop = threading.Event()
+    restore = _install_stop_signals(stop)
+    try:
+        try:
+            queue = WorkQueue(store=args.queue, max_workers=args.workers * len(jobs),
+                              default_visibility_timeout=args.visibility_timeout,
+                              max_retries=args.max_retries)
+        except (ImportError, StoreError, OSError, ValueError, TypeError) as exc:
+            raise _CLIError(f"cannot open the work queue {args.queue!r}: {exc}") from None
+        try:
+            for topic, handler in jobs.items():
+                queue.consume(topic, handler, consumer_group=args.group,
+                              concurrency=args.workers)
+            if monitor is not None:
+                monitor.watch(queue, "jobs")
+                try:
+                    monitor.start()
+                except OSError as exc:
+                    raise _CLIError(str(exc), EXIT_FAILURE) from None
+                out(f"eventforge worker monitor: {monitor.url}")
+            out(f"eventforge worker ready: jobs of {', '.join(sorted(jobs))} from {args.queue} "
+                f"({args.workers} at a time per topic; pid {os.getpid()})")
+            _wait_until(stop)
+            logger.info("worker: stopping, finishing the jobs in hand")
+        finally:
+            # Running jobs finish and are acked; claimed ones not started go back.
+            queue.close(timeout=args.drain_timeout)
+        out(f"eventforge worker stopped: {queue.stats['work']['acked']} jobs done")
+        return EXIT_OK
+    finally:
+        restore()
+        if monitor is not None:
+            monitor.close()
 
 
 def _connect_queue(args: Any) -> MessageQueue:
@@ -12349,7 +12994,9 @@ def _percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _start_demo_worker(handlers_path: str, name: str, monitor: bool = False) -> Any:
+def _start_demo_worker(handlers_path: str, name: str,
+                       options: Tuple[str, ...] = ("--port", "0", "--workers", "2"),
+                       monitor: bool = False) -> Any:
     import subprocess
 
     env = dict(os.environ)
@@ -12358,7 +13005,7 @@ def _start_demo_worker(handlers_path: str, name: str, monitor: bool = False) -> 
     env["EVENTFORGE_DEMO_WORKER"] = name
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
-               "--port", "0", "--workers", "2", "--log-level", "WARNING"]
+               *options, "--log-level", "WARNING"]
     if monitor:
         command += ["--monitor", "127.0.0.1:0"]
     # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
@@ -12411,6 +13058,123 @@ def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
         process.kill()
         process.communicate(timeout=timeout)
     return process.returncode
+
+
+_DEMO_JOBS_SOURCE = '''\
+"""Jobs of the workers of ``eventforge demo-queue`` (written by the demo).
+
+Any module shaped like this one can be run with
+``python -m eventforge worker --import MODULE --queue jobs.db``.
+"""
+import os
+import time
+
+WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
+
+
+def render(job):
+    print("%s: rendering %s (attempt %d)" % (WORKER, job.payload["name"],
+                                              job.headers["_wq_attempt"]), flush=True)
+    time.sleep(job.payload["seconds"])
+    print("%s: finished %s" % (WORKER, job.payload["name"]), flush=True)
+
+
+JOBS = {"demo.render": render}
+'''
+
+
+class _LineReader:
+    """Collects a child process's stdout lines on a thread; waits for a pattern."""
+
+    def __init__(self, process: Any) -> None:
+        import queue as queue_module
+
+        self.lines: Any = queue_module.Queue()
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True,
+                                        name="eventforge-demo-reader")
+        self._thread.start()
+
+    def _read(self, process: Any) -> None:
+        for line in process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, pattern: str, timeout: float) -> str:
+        import queue as queue_module
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_module.Empty:
+                line = None
+            if line is None:
+                raise _CLIError(f"the demo worker did not print {pattern!r} in time",
+                                EXIT_FAILURE)
+            if re.search(pattern, line):
+                return line
+
+
+def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
+    """A durable work queue: a worker killed mid-job, the job finished by another."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="eventforge-demo-queue-")
+    path = os.path.join(directory, "jobs.db")
+    jobs_file = os.path.join(directory, "demo_jobs.py")
+    with open(jobs_file, "w", encoding="utf-8") as f:
+        f.write(_DEMO_JOBS_SOURCE)
+    options = ("--queue", path, "--workers", "1", "--visibility-timeout", str(lease))
+    workers = []
+    try:
+        out(f"durable work queue: jobs in {path}, workers in separate processes")
+        with WorkQueue(store=path) as queue:
+            first = _start_demo_worker(jobs_file, "worker-1", options)
+            workers.append(first)
+            reader = _LineReader(first)
+            reader.expect("ready", 30)
+            queue.enqueue("demo.render", {"name": "report.pdf", "seconds": 0.5})
+            out("  enqueued job 'report.pdf'")
+            out("  " + reader.expect("rendering report.pdf", 30))
+            first.kill()  # SIGKILL: no chance to ack or release the job
+            first.wait(10)
+            killed = time.monotonic()
+            out(f"  killed worker-1 (pid {first.pid}) mid-job, without warning")
+            second = _start_demo_worker(jobs_file, "worker-2", options)
+            workers.append(second)
+            reader = _LineReader(second)
+            reader.expect("ready", 30)
+            out(f"  started worker-2 (pid {second.pid})")
+            line = reader.expect("rendering report.pdf", 30)
+            out(f"  {line}, {time.monotonic() - killed:.1f} s after the kill: "
+                f"the {lease:g} s lease of worker-1 ran out")
+            out("  " + reader.expect("finished report.pdf", 30))
+            if not _wait_for_empty(queue, 10.0):
+                raise _CLIError("the job was not acknowledged in time", EXIT_FAILURE)
+            counts = queue.store.counts()
+            out(f"  queue: {counts['ready']} waiting, {counts['in_flight']} in flight, "
+                f"{counts['dead']} dead letters")
+        code = _stop_process(second)
+        out(f"  worker-2 stopped (exit code {code}); the job was started twice and completed once")
+        return EXIT_OK if code == 0 else EXIT_FAILURE
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=10)
+            else:
+                process.communicate(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_for_empty(queue: WorkQueue, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while queue.pending_count() or queue.in_flight_count():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
@@ -12537,19 +13301,33 @@ def _build_parser() -> Any:
     demo.add_argument("--calls", type=int, default=300, help="RPC calls to make (default 300)")
     demo.add_argument("--in-process-only", action="store_true",
                       help="skip the part with subprocesses")
+    commands.add_parser("demo-queue", help="demo a durable work queue surviving a killed worker",
+                        description="Two worker processes share an SQLite work queue: the "
+                        "first is killed mid-job, the second finishes the job after its lease.")
 
     worker = commands.add_parser(
-        "worker", help="serve a module's HANDLERS over TCP",
-        description="Serve the HANDLERS of a module by RPC over TCP until SIGTERM or Ctrl-C.")
+        "worker", help="serve a module's HANDLERS over TCP, or its JOBS from a work queue",
+        description="Serve the HANDLERS of a module by RPC over TCP, or with --queue consume "
+        "its JOBS from a durable work queue, until SIGTERM or Ctrl-C.")
     worker.add_argument("--import", dest="import_", required=True, metavar="MODULE",
-                        help="module name or .py path defining HANDLERS = {name: callable}")
+                        help="module name or .py path defining HANDLERS = {name: callable} "
+                        "(or, with --queue, JOBS = {topic: handler})")
+    worker.add_argument("--queue", metavar="STORE",
+                        help="consume jobs from this work queue: an SQLite file path "
+                        "(or a redis:// URL) instead of serving RPC")
+    worker.add_argument("--group", metavar="NAME",
+                        help="with --queue: the consumer group (default: the default group)")
+    worker.add_argument("--visibility-timeout", type=float, default=30.0, metavar="S",
+                        help="with --queue: seconds a job stays leased (default 30)")
+    worker.add_argument("--max-retries", type=int, default=3, metavar="N",
+                        help="with --queue: redeliveries before dead-lettering (default 3)")
     worker.add_argument("--service", help="service name (default: the module's SERVICE_NAME, "
                         "else 'rpc')")
     worker.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     worker.add_argument("--port", type=int, default=9090, help="port (default 9090; 0 = any free)")
     worker.add_argument("--workers", type=int, default=4,
-                        help="calls run concurrently (default 4)")
+                        help="calls (with --queue: jobs per topic) run concurrently (default 4)")
     worker.add_argument("--mode", choices=("thread", "process"), default="thread",
                         help="run calls on threads or processes (default thread)")
     worker.add_argument("--secret-file", metavar="F", help="require this shared secret")
@@ -12557,7 +13335,8 @@ def _build_parser() -> Any:
     worker.add_argument("--tls-key", metavar="F", help="private key of --tls-cert")
     worker.add_argument("--tls-ca", metavar="F", help="require client certificates from this CA")
     worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                        help="on stop, seconds to let calls in flight finish (default 30)")
+                        help="on stop, seconds to let calls (or jobs) in flight finish "
+                        "(default 30)")
     worker.add_argument("--log-level", default="INFO", metavar="L",
                         help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     worker.add_argument("--monitor", metavar="HOST:PORT",
@@ -12597,7 +13376,7 @@ def _build_parser() -> Any:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``eventforge`` command line; return the process exit status.
 
-    Commands: ``demo``, ``worker``, ``call``, ``pub``, ``sub`` (see
+    Commands: ``demo``, ``demo-queue``, ``worker``, ``call``, ``pub``, ``sub`` (see
     ``eventforge COMMAND --help``).  Exit status 0 on success, 1 when the
     work failed (remote error, connection refused, timeout), 2 for bad usage
     or a bad handler module; problems are reported as one line on stderr.
@@ -12615,6 +13394,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.in_process_only:
                 return EXIT_OK
             return _demo_cluster(out, servers=args.servers, calls=args.calls)
+        if command == "demo-queue":
+            return _demo_queue(out)
         if command == "worker":
             return _cmd_worker(args, out)
         if command == "call":

@@ -51,7 +51,7 @@ class _Counter:
                 self.done.set()
 
 
-def baseline_throughput(n: int) -> float:
+def baseline_throughput(n: int) -> Tuple[float, float]:
     """queue.Queue + 4 threads: get, handle, task_done."""
     jobs: queue.Queue = queue.Queue()
     counter = _Counter(n)
@@ -68,16 +68,18 @@ def baseline_throughput(n: int) -> float:
     threads = [threading.Thread(target=worker) for _ in range(CONSUMERS)]
     for thread in threads:
         thread.start()
+    cpu = time.process_time()
     start = time.perf_counter()
     for i in range(n):
         jobs.put(i)
     counter.done.wait(120)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     for _ in threads:
         jobs.put(None)
     for thread in threads:
         thread.join()
-    return n / elapsed
+    return n / elapsed, cpu / n * 1e6
 
 
 class _AckClock(ef.MemoryWorkStore):
@@ -91,30 +93,33 @@ class _AckClock(ef.MemoryWorkStore):
         self.last_ack = 0.0
         self._count_lock = threading.Lock()
 
-    def ack(self, lease: ef.Lease) -> bool:
-        settled = super().ack(lease)
+    def ack_all(self, leases: List[ef.Lease]) -> List[bool]:
+        settled = super().ack_all(leases)
         with self._count_lock:
-            self.acked += 1
+            self.acked += len(leases)
             if self.acked == self.total:
                 self.last_ack = time.perf_counter()
                 self.done.set()
         return settled
 
 
-def eventforge_throughput(n: int) -> float:
+def eventforge_throughput(n: int) -> Tuple[float, float]:
     """WorkQueue push delivery to 4 consumers, first enqueue to last ack."""
     store = _AckClock(n)
     counter = _Counter(n)
     with ef.WorkQueue(store=store, max_workers=CONSUMERS) as wq:
         for _ in range(CONSUMERS):
             wq.consume("jobs", counter.handle)
+        cpu = time.process_time()
         start = time.perf_counter()
         for i in range(n):
             wq.enqueue("jobs", i)
-        store.done.wait(120)
+        if not store.done.wait(120):
+            raise RuntimeError(f"only {store.acked} of {n} jobs acknowledged within 120 s")
         elapsed = store.last_ack - start
+        cpu = time.process_time() - cpu
         assert counter.count == n
-    return n / elapsed
+    return n / elapsed, cpu / n * 1e6
 
 
 def baseline_latency(n: int) -> List[float]:
@@ -149,8 +154,8 @@ class _AckSignal(ef.MemoryWorkStore):
         self.acked = threading.Event()
         self.at = 0.0
 
-    def ack(self, lease: ef.Lease) -> bool:
-        settled = super().ack(lease)
+    def ack_all(self, leases: List[ef.Lease]) -> List[bool]:
+        settled = super().ack_all(leases)
         self.at = time.perf_counter()
         self.acked.set()
         return settled
@@ -166,7 +171,8 @@ def eventforge_latency(n: int) -> List[float]:
             store.acked.clear()
             start = time.perf_counter()
             wq.enqueue("jobs", None)
-            store.acked.wait(10)
+            if not store.acked.wait(10):
+                raise RuntimeError("a job was not acknowledged within 10 s")
             samples.append(store.at - start)
     return samples
 
@@ -181,10 +187,11 @@ def spread(values: List[float], fmt: str = "{:,.0f}") -> str:
             f"(min {fmt.format(min(values))}, max {fmt.format(max(values))})")
 
 
-def alternate(rounds: int, base: Callable[[], float], ours: Callable[[], float]
-              ) -> Tuple[List[float], List[float]]:
-    base_values: List[float] = []
-    our_values: List[float] = []
+def alternate(rounds: int, base: Callable[[], Tuple[float, float]],
+              ours: Callable[[], Tuple[float, float]]
+              ) -> Tuple[List[Tuple[float, float]], List[Tuple[float, float]]]:
+    base_values: List[Tuple[float, float]] = []
+    our_values: List[Tuple[float, float]] = []
     for _ in range(rounds):
         base_values.append(base())
         our_values.append(ours())
@@ -196,14 +203,20 @@ def bench_throughput(n: int, rounds: int) -> bool:
     eventforge_throughput(n // 10)  # warm-up
     base, ours = alternate(rounds, lambda: baseline_throughput(n),
                            lambda: eventforge_throughput(n))
-    ratios = [o / b for o, b in zip(ours, base)]
+    ratios = [o[0] / b[0] for o, b in zip(ours, base)]
     ratio = statistics.median(ratios)
-    print(f"  queue.Queue + {CONSUMERS} threads   {spread(base)} jobs/s")
-    print(f"  WorkQueue.consume x{CONSUMERS}      {spread(ours)} jobs/s")
+    print(f"  queue.Queue + {CONSUMERS} threads   {spread([b[0] for b in base])} jobs/s, "
+          f"CPU {spread([b[1] for b in base], '{:.2f}')} us/job")
+    print(f"  WorkQueue.consume x{CONSUMERS}      {spread([o[0] for o in ours])} jobs/s, "
+          f"CPU {spread([o[1] for o in ours], '{:.2f}')} us/job")
     verdict = ratio >= 0.7
-    print(f"  ratio WorkQueue / baseline: median {ratio:.2f}x "
+    print(f"  throughput ratio WorkQueue / baseline: median {ratio:.2f}x "
           f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x); target >= 0.7x: "
           f"{'meets' if verdict else 'MISSES'}")
+    cpu_ratios = [b[1] / o[1] for o, b in zip(ours, base)]
+    print(f"  CPU-time ratio (baseline CPU per job / ours; less sensitive to other load): "
+          f"median {statistics.median(cpu_ratios):.2f}x "
+          f"(min {min(cpu_ratios):.2f}x, max {max(cpu_ratios):.2f}x)")
     return verdict
 
 
