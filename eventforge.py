@@ -12701,13 +12701,7 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
                             f"{cause.strerror or cause}", EXIT_FAILURE) from None
         executor.start()
         server.serve(blocking=False)
-        if monitor is not None:
-            monitor.watch(server)
-            try:
-                monitor.start()
-            except OSError as exc:
-                raise _CLIError(str(exc), EXIT_FAILURE) from None
-            out(f"eventforge worker monitor: {monitor.url}")
+        _start_worker_monitor(monitor, server, None, out)
         out(f"eventforge worker ready: service '{service}' on {_format_address(transport.address)} "
             f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
             f"{'s' if args.workers != 1 else ''}; pid {os.getpid()})")
@@ -12741,6 +12735,19 @@ def _worker_monitor(args: Any, service: str) -> Optional[Monitor]:
         raise _CLIError(f"--monitor: {exc}") from None
 
 
+def _start_worker_monitor(monitor: Optional[Monitor], component: Any, name: Optional[str],
+                          out: Callable[[str], Any]) -> None:
+    """Watch what the worker serves, start the monitor and print its URL (if asked for)."""
+    if monitor is None:
+        return
+    monitor.watch(component, name)
+    try:
+        monitor.start()
+    except OSError as exc:
+        raise _CLIError(str(exc), EXIT_FAILURE) from None
+    out(f"eventforge worker monitor: {monitor.url}")
+
+
 def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
     """``worker --queue``: consume a durable work queue with the module's JOBS."""
     try:
@@ -12761,13 +12768,7 @@ def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
             for topic, handler in jobs.items():
                 queue.consume(topic, handler, consumer_group=args.group,
                               concurrency=args.workers)
-            if monitor is not None:
-                monitor.watch(queue, "jobs")
-                try:
-                    monitor.start()
-                except OSError as exc:
-                    raise _CLIError(str(exc), EXIT_FAILURE) from None
-                out(f"eventforge worker monitor: {monitor.url}")
+            _start_worker_monitor(monitor, queue, "jobs", out)
             out(f"eventforge worker ready: jobs of {', '.join(sorted(jobs))} from {args.queue} "
                 f"({args.workers} at a time per topic; pid {os.getpid()})")
             _wait_until(stop)
