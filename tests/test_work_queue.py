@@ -821,7 +821,8 @@ def test_docs_examples_run_and_print_what_they_promise(index):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, env=env)
     assert result.returncode == 0, result.stderr
-    promised = [line.split("# ", 1)[1].split(":")[0].strip()
+    # "# TEXT: why" or "# TEXT (why)" (the docs harness's form) promise TEXT
+    promised = [re.sub(r"\s+\(.*\)$", "", line.split("# ", 1)[1].split(":")[0].strip())
                 for line in code.splitlines() if "print(" in line and "# " in line]
     for text in promised:
         assert text in result.stdout, (text, result.stdout)
