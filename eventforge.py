@@ -22,7 +22,8 @@ The file reads top to bottom; every section uses only the sections above it.
                                dispatchers, Node, Reporter, Meter and its kinds,
                                observe
    10. tasks ................. task, TaskRunner, TaskPool
-   11. work queues ........... (to come) WorkQueue
+   11. work queues ........... WorkQueue; WorkStore (the storage seam), Lease,
+                               MemoryWorkStore
    12. command line .......... worker, main(argv), demo
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
@@ -78,6 +79,7 @@ __all__ = [
     "RPCTimeoutError",
     "RemoteError",
     "MethodNotFoundError",
+    "QueueFullError",
     # topics
     "MAX_TOPIC_LENGTH",
     "validate_topic",
@@ -149,6 +151,13 @@ __all__ = [
     "TaskPool",
     "TaskRunner",
     "task",
+    # work queues
+    "DEFAULT_CONSUMER_GROUP",
+    "DEAD_LETTER_SUFFIX",
+    "Lease",
+    "WorkStore",
+    "MemoryWorkStore",
+    "WorkQueue",
     # command line
     "load_worker_module",
     "worker_main",
@@ -295,6 +304,10 @@ class RemoteError(EventforgeError):
 
 class MethodNotFoundError(RemoteError):
     """The RPC server has no method registered under the requested name."""
+
+
+class QueueFullError(EventforgeError):
+    """A bounded work queue already holds as many waiting jobs as it may."""
 
 
 # ---------------------------------------------------------------------------
@@ -8366,8 +8379,1046 @@ def task(
 
 
 # ---------------------------------------------------------------------------
-# 11. Work queues
+# 11. Work queues: WorkStore, MemoryWorkStore, WorkQueue
 # ---------------------------------------------------------------------------
+# A WorkQueue hands every job to one consumer of each consumer group and keeps
+# it leased until the consumer acknowledges it.  The work is split in two:
+#
+# * a WorkStore owns the job state and every transition that must be atomic:
+#   enqueue (with its bound), claim (a Lease with a fencing token and the
+#   delivery count), ack / nack / extend by token (a stale token is refused),
+#   dead-letter (move and ack in one step), the sweep of expired leases, and
+#   the counts.  MemoryWorkStore is the in-process store; a durable store
+#   implements the same small interface and plugs in unchanged.
+# * the WorkQueue owns the policy: how many retries, after what delay, which
+#   reason and dead-letter topic, push delivery on a bounded pool, the reaper
+#   thread and the wake-ups.
+
+DEFAULT_CONSUMER_GROUP = "default"
+DEAD_LETTER_SUFFIX = ".dead_letter"
+_WQ_HEADER_PREFIX = "_wq_"
+_WQ_VISIBILITY = "_wq_visibility_timeout"  # a job's own lease length, set by enqueue()
+_DEAD_LETTER_REASONS = ("nack_no_requeue", "max_retries_exceeded", "visibility_timeout_exceeded")
+_PUMP_WAIT = 1.0  # longest a push turn blocks in claim() before it re-checks its consumer
+_CONTENDED_WAIT = 0.05  # ... when other turns wait for a pool thread
+_TURN_JOBS = 256  # jobs a pool thread runs for one consumer before it lets others in
+_BATCH_BUDGET = 0.005  # prefetched jobs not started within this go back to the queue
+_WORK_COUNTERS = ("enqueued", "acked", "retried", "dead_lettered", "expired",
+                  "handler_errors", "stale")
+_SWEEP_HOLD = 30.0  # how long the reaper holds an expired job while it decides its fate
+
+
+class Lease:
+    """A claimed job: what a consumer holds until it acks, nacks, or the lease runs out.
+
+    ``token`` is the fencing token.  Ack, nack, extend and dead-letter name
+    it, and a store refuses a token that is no longer the job's current one
+    (the lease expired and the job was handed to someone else), so a late
+    worker can never settle another worker's delivery.  ``attempt`` counts the
+    deliveries of this job to this group, 1 for the first.  ``deadline`` is on
+    the store's clock.
+    """
+
+    __slots__ = ("topic", "group", "job_id", "token", "attempt", "message", "deadline")
+
+    def __init__(self, topic: str, group: str, job_id: str, token: int, attempt: int,
+                 message: Message, deadline: float) -> None:
+        self.topic = topic
+        self.group = group
+        self.job_id = job_id
+        self.token = token
+        self.attempt = attempt
+        self.message = message
+        self.deadline = deadline
+
+    def __repr__(self) -> str:
+        return (f"Lease(topic={self.topic!r}, group={self.group!r}, job_id={self.job_id!r}, "
+                f"token={self.token!r}, attempt={self.attempt})")
+
+
+def _job_lease_seconds(message: Message, default: float) -> float:
+    """The lease length of a job: its own ``visibility_timeout``, else the default."""
+    own = message.headers.get(_WQ_VISIBILITY)
+    return float(own) if own else default
+
+
+class WorkStore(abc.ABC):
+    """Where a :class:`WorkQueue` keeps its jobs: the atomic state transitions.
+
+    Jobs live per topic and consumer group; each group has its own copy of
+    every job enqueued while it exists.  A job enqueued on a topic that has
+    no group yet goes to :data:`DEFAULT_CONSUMER_GROUP`, so enqueue-then-
+    dequeue works without setup.  A job copy is *ready*, *delayed* (a retry
+    waiting for its time), or *in flight* (leased).  Every method is
+    thread-safe and each one is a single atomic step; deciding what to do
+    (retry or dead-letter, which delay, which topic) is the WorkQueue's job.
+
+    A store is owned by one WorkQueue, which closes it.
+    """
+
+    @abc.abstractmethod
+    def ensure_group(self, topic: str, group: str) -> None:
+        """Create ``group`` for ``topic`` if missing; it receives jobs enqueued from now on."""
+
+    @abc.abstractmethod
+    def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
+        """Add the job ``message`` to every group of ``topic``; return its job id.
+
+        With ``max_pending`` > 0, raise :class:`QueueFullError` (adding
+        nothing) when a group already holds that many ready or delayed jobs.
+        """
+
+    @abc.abstractmethod
+    def claim(self, topic: str, group: str, lease_seconds: float, *, max_count: int = 1,
+              wait: Optional[float] = 0.0) -> List[Lease]:
+        """Lease up to ``max_count`` ready jobs of ``group``; ``[]`` if none came.
+
+        Each lease lasts the job's own visibility timeout or ``lease_seconds``,
+        gets a fresh fencing token and counts one more delivery attempt.
+        Waits up to ``wait`` seconds for a job (None: until :meth:`wake` or
+        :meth:`close`); returns ``[]`` early when woken.
+        """
+
+    @abc.abstractmethod
+    def ack(self, lease: Lease) -> bool:
+        """Finish the job; False (changing nothing) if the token is stale."""
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        """:meth:`ack` each lease, in one step where the store can; one result each.
+
+        Push delivery acknowledges the jobs of a batch together through this.
+        """
+        return [self.ack(lease) for lease in leases]
+
+    @abc.abstractmethod
+    def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
+        """Put the job back, ready again after ``delay`` seconds; False if stale.
+
+        ``count_attempt=False`` undoes the attempt the claim counted (the job
+        was released unseen, e.g. while closing).
+        """
+
+    @abc.abstractmethod
+    def extend(self, lease: Lease, lease_seconds: float) -> bool:
+        """Move the lease's deadline to now + ``lease_seconds``; False if stale."""
+
+    @abc.abstractmethod
+    def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
+        """In one step, finish the leased job and enqueue ``message`` on ``topic``.
+
+        The dead-letter enqueue ignores any bound (a job is never lost this
+        way).  False, changing nothing, if the token is stale.
+        """
+
+    @abc.abstractmethod
+    def sweep(self, hold_seconds: float) -> List[Lease]:
+        """Take over every lease past its deadline and return the new leases.
+
+        Each expired job gets a new token (so its late holder's ack is
+        refused) and a deadline ``hold_seconds`` away, keeping its attempt
+        count; the caller then nacks or dead-letters it.  If the caller dies
+        in between, the job simply expires again.
+        """
+
+    @abc.abstractmethod
+    def counts(self, topic: Optional[str] = None, group: Optional[str] = None) -> Dict[str, int]:
+        """``ready``, ``delayed``, ``in_flight`` and ``dead`` (jobs dead-lettered away).
+
+        Summed over every topic and/or group left as None.
+        """
+
+    @abc.abstractmethod
+    def wake(self) -> None:
+        """Make every claim blocked right now return ``[]`` at once."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release resources and wake blocked claims; later calls may raise."""
+
+
+class _MemoryEntry:
+    """One group's copy of a job in a MemoryWorkStore."""
+
+    __slots__ = ("message", "attempts", "token", "deadline")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.attempts = 0
+        self.token = 0  # 0: not leased
+        self.deadline = 0.0
+
+
+class _MemoryGroup:
+    __slots__ = ("ready", "delayed", "leased", "dead", "cond", "waiting")
+
+    def __init__(self, lock: Any) -> None:
+        self.ready: Deque[_MemoryEntry] = collections.deque()
+        self.delayed: List[Tuple[float, int, _MemoryEntry]] = []  # heap by due time
+        self.leased: Dict[str, _MemoryEntry] = {}
+        self.dead = 0
+        self.cond = threading.Condition(lock)
+        self.waiting = 0  # claims blocked on cond
+
+
+class MemoryWorkStore(WorkStore):
+    """The in-process :class:`WorkStore`: jobs live as long as the process.
+
+    Lease deadlines sit in one heap, so a sweep costs only the expired
+    leases.  ``clock`` (default ``time.monotonic``) is injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._topics: Dict[str, Dict[str, _MemoryGroup]] = {}
+        # (deadline, token, topic, group, entry); tokens are unique, so entries never compare
+        self._deadlines: List[Tuple[float, int, str, str, _MemoryEntry]] = []
+        self._tokens = itertools.count(1)
+        self._seq = itertools.count()
+        self._generation = 0  # bumped by wake(): blocked claims return
+        self._closed = False
+        self._live = 0  # leases held now; the rest of the deadline heap is stale
+        import heapq
+
+        self._heappush = heapq.heappush
+        self._heappop = heapq.heappop
+        self._heapify = heapq.heapify
+
+    def _groups(self, topic: str) -> Dict[str, _MemoryGroup]:
+        groups = self._topics.get(topic)
+        if groups is None:
+            groups = self._topics[topic] = {}
+        return groups
+
+    def _group(self, topic: str, group: str) -> _MemoryGroup:
+        groups = self._groups(topic)
+        found = groups.get(group)
+        if found is None:
+            found = groups[group] = _MemoryGroup(self._lock)
+        return found
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the work store is closed")
+
+    def ensure_group(self, topic: str, group: str) -> None:
+        with self._lock:
+            self._check_open()
+            self._group(topic, group)
+
+    def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the work store is closed")
+            groups = self._topics.get(topic)
+            if groups is None:
+                groups = self._topics[topic] = {}
+            if max_pending:
+                for name, state in groups.items():
+                    if len(state.ready) + len(state.delayed) >= max_pending:
+                        raise QueueFullError(
+                            f"work queue {topic!r} (group {name!r}) holds "
+                            f"max_work_queue_size={max_pending} waiting jobs"
+                        )
+            self._add_locked(groups, message)
+        return message.id
+
+    def _add_locked(self, groups: Dict[str, _MemoryGroup], message: Message) -> None:
+        if not groups:
+            groups[DEFAULT_CONSUMER_GROUP] = _MemoryGroup(self._lock)
+        for state in groups.values():
+            state.ready.append(_MemoryEntry(message))
+            if state.waiting:
+                state.cond.notify()
+
+    def claim(self, topic: str, group: str, lease_seconds: float, *, max_count: int = 1,
+              wait: Optional[float] = 0.0) -> List[Lease]:
+        clock = self._clock
+        with self._lock:
+            self._check_open()
+            state = self._group(topic, group)
+            generation = self._generation
+            end = None if wait is None else clock() + wait
+            while True:
+                now = clock()
+                if state.delayed:
+                    self._promote(state, now)
+                if state.ready:
+                    return self._lease_locked(topic, group, state, lease_seconds, max_count, now)
+                if self._closed or generation != self._generation:
+                    return []
+                timeout = None if end is None else end - now
+                if timeout is not None and timeout <= 0:
+                    return []
+                if state.delayed:
+                    due = state.delayed[0][0] - now
+                    timeout = due if timeout is None else min(timeout, due)
+                state.waiting += 1
+                try:
+                    state.cond.wait(timeout)
+                finally:
+                    state.waiting -= 1
+
+    def _promote(self, state: _MemoryGroup, now: float) -> None:
+        while state.delayed and state.delayed[0][0] <= now:
+            state.ready.append(self._heappop(state.delayed)[2])
+
+    def _lease_locked(self, topic: str, group: str, state: _MemoryGroup, lease_seconds: float,
+                      max_count: int, now: float) -> List[Lease]:
+        leases = []
+        ready = state.ready
+        leased = state.leased
+        deadlines = self._deadlines
+        push = self._heappush
+        tokens = self._tokens
+        for _ in range(min(max_count, len(ready))):
+            entry = ready.popleft()
+            message = entry.message
+            entry.attempts += 1
+            entry.token = token = next(tokens)
+            own = message.headers.get(_WQ_VISIBILITY)
+            entry.deadline = deadline = now + (float(own) if own else lease_seconds)
+            leased[message.id] = entry
+            push(deadlines, (deadline, token, topic, group, entry))
+            leases.append(Lease(topic, group, message.id, token, entry.attempts, message,
+                                deadline))
+        self._live += len(leases)
+        if len(deadlines) > 2 * self._live + 1024:
+            self._compact()
+        return leases
+
+    def _compact(self) -> None:
+        # Drop heap items of settled or extended leases (amortised O(1) per lease).
+        self._deadlines = [item for item in self._deadlines
+                           if item[4].token == item[1] and item[4].deadline == item[0]]
+        self._heapify(self._deadlines)
+
+    def _held(self, lease: Lease) -> Optional[Tuple[_MemoryGroup, _MemoryEntry]]:
+        # Called with the lock held: the group and entry if the token is current.
+        state = self._topics.get(lease.topic, {}).get(lease.group)
+        if state is None:
+            return None
+        entry = state.leased.get(lease.job_id)
+        if entry is None or entry.token != lease.token:
+            return None
+        return state, entry
+
+    def ack(self, lease: Lease) -> bool:
+        with self._lock:
+            return self._ack_locked(lease)
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        with self._lock:
+            return [self._ack_locked(lease) for lease in leases]
+
+    def _ack_locked(self, lease: Lease) -> bool:
+        held = self._held(lease)
+        if held is None:
+            return False
+        del held[0].leased[lease.job_id]
+        held[1].token = 0
+        self._live -= 1
+        return True
+
+    def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
+        with self._lock:
+            held = self._held(lease)
+            if held is None:
+                return False
+            state, entry = held
+            del state.leased[lease.job_id]
+            entry.token = 0
+            self._live -= 1
+            if not count_attempt:
+                entry.attempts -= 1
+            if delay > 0:
+                self._heappush(state.delayed, (self._clock() + delay, next(self._seq), entry))
+            else:
+                state.ready.append(entry)
+            state.cond.notify()
+            return True
+
+    def extend(self, lease: Lease, lease_seconds: float) -> bool:
+        with self._lock:
+            held = self._held(lease)
+            if held is None:
+                return False
+            entry = held[1]
+            entry.deadline = lease.deadline = self._clock() + lease_seconds
+            self._heappush(self._deadlines,
+                           (entry.deadline, entry.token, lease.topic, lease.group, entry))
+            return True
+
+    def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
+        with self._lock:
+            held = self._held(lease)
+            if held is None:
+                return False
+            state, entry = held
+            del state.leased[lease.job_id]
+            entry.token = 0
+            self._live -= 1
+            state.dead += 1
+            self._add_locked(self._groups(topic), message)
+            return True
+
+    def sweep(self, hold_seconds: float) -> List[Lease]:
+        expired = []
+        with self._lock:
+            now = self._clock()
+            heap = self._deadlines
+            while heap and heap[0][0] <= now:
+                _, token, topic, group, entry = self._heappop(heap)
+                if entry.token != token or entry.deadline > now:
+                    continue  # settled, re-leased, or extended (a later heap item exists)
+                entry.token = next(self._tokens)
+                entry.deadline = now + hold_seconds
+                self._heappush(heap, (entry.deadline, entry.token, topic, group, entry))
+                expired.append(Lease(topic, group, entry.message.id, entry.token,
+                                     entry.attempts, entry.message, entry.deadline))
+        return expired
+
+    def counts(self, topic: Optional[str] = None, group: Optional[str] = None) -> Dict[str, int]:
+        totals = {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+        with self._lock:
+            topics = self._topics.items() if topic is None else [
+                (topic, self._topics.get(topic, {}))]
+            for _, groups in topics:
+                for name, state in groups.items():
+                    if group is None or name == group:
+                        totals["ready"] += len(state.ready)
+                        totals["delayed"] += len(state.delayed)
+                        totals["in_flight"] += len(state.leased)
+                        totals["dead"] += state.dead
+        return totals
+
+    def wake(self) -> None:
+        with self._lock:
+            self._generation += 1
+            for groups in self._topics.values():
+                for state in groups.values():
+                    state.cond.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.wake()
+        with self._lock:
+            self._topics.clear()
+            self._deadlines.clear()
+            self._live = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryWorkStore {len(self._topics)} topics{' closed' if self._closed else ''}>"
+
+
+def _open_work_store(store: Any) -> WorkStore:
+    """The store a WorkQueue was given: None (in memory) or a WorkStore object."""
+    if store is None:
+        return MemoryWorkStore()
+    if isinstance(store, WorkStore):
+        return store
+    raise TypeError(f"store must be a WorkStore or None, not {type(store).__name__}")
+
+
+class _Consumer:
+    """A push consumer: a handler in a group, allowed ``limit`` jobs at once.
+
+    Each of its ``limit`` slots claims up to ``prefetch`` jobs at a time."""
+
+    __slots__ = ("id", "topic", "group", "handler", "limit", "prefetch", "removed")
+
+    def __init__(self, consumer_id: str, topic: str, group: str,
+                 handler: Callable[[Message], Any], limit: int, prefetch: int) -> None:
+        self.id = consumer_id
+        self.topic = topic
+        self.group = group
+        self.handler = handler
+        self.limit = limit
+        self.prefetch = prefetch
+        self.removed = False
+
+
+class _WorkerPool:
+    """At most ``size`` named threads taking turns at the submitted items, FIFO.
+
+    ``run(item)`` returns True to queue the item again (behind the others),
+    False to drop it.  Threads start on demand and live until :meth:`close`.
+    """
+
+    def __init__(self, name: str, size: int, run: Callable[[Any], bool]) -> None:
+        self._name = name
+        self._size = size
+        self._run = run
+        self._cond = threading.Condition()
+        self._items: Deque[Any] = collections.deque()
+        self._threads: List[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
+
+    @property
+    def contended(self) -> bool:
+        """True while items wait for a thread (a turn should be short)."""
+        return bool(self._items)
+
+    def submit(self, item: Any) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._items.append(item)
+            if self._idle >= len(self._items) or len(self._threads) >= self._size:
+                self._cond.notify()
+                return
+            thread = threading.Thread(target=self._work, daemon=True,
+                                      name=f"{self._name}-{len(self._threads) + 1}")
+            self._threads.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        cond = self._cond
+        items = self._items
+        while True:
+            with cond:
+                while not items and not self._closed:
+                    self._idle += 1
+                    cond.wait()
+                    self._idle -= 1
+                if self._closed:
+                    return
+                item = items.popleft()
+            if self._run(item):
+                with cond:
+                    if not self._closed:
+                        items.append(item)
+
+    def close(self, timeout: Optional[float], nudge: Callable[[], None]) -> None:
+        """Drop the waiting items and wait up to ``timeout`` for the running ones.
+
+        ``nudge()`` is called every few milliseconds meanwhile, to wake a
+        thread that blocked after the first nudge.
+        """
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            while thread.is_alive():
+                nudge()
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    return
+                thread.join(left)
+
+
+class WorkQueue(MessageQueue):
+    """Competing consumers with acknowledgements, retries and dead letters.
+
+    A WorkQueue is still a :class:`MessageQueue` (``publish``/``subscribe``
+    work as ever); on top of that, :meth:`enqueue` adds a *job* that exactly
+    one consumer of each consumer group processes.  A consumer either pulls
+    (:meth:`dequeue`, then :meth:`ack` or :meth:`nack`) or is pushed jobs
+    (:meth:`consume`; returning acks, raising nacks).  A delivered job is
+    *leased* for its visibility timeout: not acknowledged in time, it is
+    delivered again (at-least-once).
+
+    ``max_retries`` is how many times a failed job is delivered *again*: a
+    job is delivered at most ``1 + max_retries`` times per group, then goes
+    to ``<topic>.dead_letter`` with the header ``_wq_reason``.  A failed
+    attempt is a nack, a raising handler or an expired lease.
+
+    ``store`` holds the jobs (default: in memory, see :class:`WorkStore`);
+    ``max_workers`` bounds the threads running push handlers; a retry waits
+    ``retry_delay * retry_backoff ** (attempt - 1)`` seconds, at most
+    ``max_retry_delay`` (no delay by default).  See docs/workqueue.md.
+    """
+
+    def __init__(
+        self,
+        transport: Optional[Transport] = None,
+        max_work_queue_size: int = 0,
+        default_visibility_timeout: float = 30.0,
+        max_retries: int = 3,
+        reaper_interval: float = 1.0,
+        *,
+        store: Any = None,
+        max_workers: int = 8,
+        retry_delay: float = 0.0,
+        retry_backoff: float = 2.0,
+        max_retry_delay: float = 300.0,
+        on_error: Optional[Callable[[BaseException, Message], Any]] = None,
+    ) -> None:
+        _check_count("max_work_queue_size", max_work_queue_size, 0)
+        _check_count("max_retries", max_retries, 0)
+        _check_count("max_workers", max_workers, 1)
+        _check_seconds("default_visibility_timeout", default_visibility_timeout, positive=True)
+        _check_seconds("reaper_interval", reaper_interval, positive=True)
+        _check_seconds("retry_delay", retry_delay, positive=False)
+        _check_seconds("max_retry_delay", max_retry_delay, positive=False)
+        _check_seconds("retry_backoff", retry_backoff, positive=True)
+        self.store: WorkStore = _open_work_store(store)
+        super().__init__(transport, on_error=on_error)
+        self.max_work_queue_size = max_work_queue_size
+        self.default_visibility_timeout = float(default_visibility_timeout)
+        self.max_retries = max_retries
+        self.reaper_interval = float(reaper_interval)
+        self.retry_delay = float(retry_delay)
+        self.retry_backoff = float(retry_backoff)
+        self.max_retry_delay = float(max_retry_delay)
+        self._wq_lock = threading.Lock()
+        self._closed = False
+        self._leases: Dict[str, Lease] = {}  # delivery id -> lease handed out here
+        self._consumers: Dict[str, _Consumer] = {}
+        self._consumer_ids = itertools.count(1)
+        self._pool = _WorkerPool("eventforge-workqueue-worker", max_workers, self._take_turn)
+        self._reaper: Optional[threading.Thread] = None
+        self._stop_reaper = threading.Event()
+        # itertools.count: next() is atomic, so the hot paths count without a lock
+        self._counters = {name: itertools.count() for name in _WORK_COUNTERS}
+        self._enqueued = self._counters["enqueued"]
+
+    # -- producing --------------------------------------------------------------
+
+    def enqueue(self, topic: str, payload: Any = None, visibility_timeout: Optional[float] = None,
+                **headers: Any) -> str:
+        """Add a job on ``topic``; keyword arguments become headers.  Returns the job id.
+
+        Every consumer group of the topic gets the job once.
+        ``visibility_timeout`` overrides the queue's lease length for this job.
+        Raises :class:`QueueFullError` when a group already holds
+        ``max_work_queue_size`` waiting jobs, RuntimeError after :meth:`close`,
+        and ValueError for a header starting with ``_wq_`` (reserved).
+        """
+        if self._closed:
+            raise RuntimeError("WorkQueue is closed")
+        if type(topic) is not str or topic not in _VALID_TOPICS:
+            validate_topic(topic)
+        if headers:
+            for name in headers:
+                if name.startswith(_WQ_HEADER_PREFIX):
+                    raise ValueError(f"header {name!r} is reserved: headers starting with "
+                                     f"{_WQ_HEADER_PREFIX!r} belong to the work queue")
+        if visibility_timeout is not None:
+            _check_seconds("visibility_timeout", visibility_timeout, positive=True)
+            headers[_WQ_VISIBILITY] = float(visibility_timeout)
+        message = _make_message(topic, payload, headers)
+        if self._reaper is None:
+            self._start_reaper()
+        job_id = self.store.enqueue(topic, message, max_pending=self.max_work_queue_size)
+        next(self._enqueued)
+        return job_id
+
+    # -- pulling ----------------------------------------------------------------
+
+    def dequeue(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
+        """Lease the next job of ``topic`` (default group), waiting up to ``timeout``.
+
+        Returns the job as a Message whose header ``_wq_delivery_id`` names
+        this delivery for :meth:`ack`, :meth:`nack` and :meth:`touch`, or
+        None on timeout or close.
+        """
+        _refuse_receive_pattern(topic)
+        validate_topic(topic)
+        self._check_open()
+        self._start_reaper()
+        group = DEFAULT_CONSUMER_GROUP
+        self.store.ensure_group(topic, group)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _PUMP_WAIT if end is None else max(0.0, end - time.monotonic())
+            try:
+                leases = self.store.claim(topic, group, self.default_visibility_timeout,
+                                          wait=wait)
+            except RuntimeError:
+                if self.closed:  # closed while we were on the way in
+                    return None
+                raise
+            if leases:
+                return self._hand_out(leases[0])
+            if self._closed or (end is not None and time.monotonic() >= end):
+                return None
+
+    def _hand_out(self, lease: Lease) -> Message:
+        # Remember the lease (dict writes are atomic) and build the delivered copy.
+        job = lease.message
+        delivery_id = f"{lease.job_id}:{lease.token}"
+        self._leases[delivery_id] = lease
+        headers = job.headers.copy()
+        headers["_wq_delivery_id"] = delivery_id
+        headers["_wq_attempt"] = lease.attempt
+        headers["_wq_group"] = lease.group
+        message = _new_object(Message)
+        message.id = job.id
+        message.topic = lease.topic
+        message.payload = job.payload
+        message.headers = headers
+        message._ts = job._ts
+        message.reply_to = job.reply_to
+        message.correlation_id = job.correlation_id
+        return message
+
+    # -- settling ---------------------------------------------------------------
+
+    def _take_lease(self, delivery: Any, action: str) -> Optional[Lease]:
+        delivery_id = delivery.headers.get("_wq_delivery_id") if isinstance(
+            delivery, Message) else delivery
+        lease = self._leases.pop(delivery_id, None) if isinstance(delivery_id, str) else None
+        if lease is None:
+            next(self._counters["stale"])
+            logger.warning("%s of delivery %r refused: unknown, already settled or expired",
+                           action, delivery_id)
+        return lease
+
+    def _refused(self, lease: Lease, action: str) -> bool:
+        next(self._counters["stale"])
+        logger.warning("%s of job %s on %r (group %r) refused: its lease expired and the job "
+                       "was taken over", action, lease.job_id, lease.topic, lease.group)
+        return False
+
+    def ack(self, delivery: Any) -> bool:
+        """Finish a delivered job (a Message from :meth:`dequeue` or its delivery id).
+
+        Returns False, and logs why, when the delivery is unknown, already
+        settled, or its lease expired and the job was handed on (the fencing
+        token no longer matches); the job is then left to its new holder.
+        """
+        lease = self._take_lease(delivery, "ack")
+        if lease is None:
+            return False
+        if not self._settle_ack(lease):
+            return self._refused(lease, "ack")
+        return True
+
+    def _settle_ack(self, lease: Lease) -> bool:
+        if self.store.ack(lease):
+            next(self._counters["acked"])
+            return True
+        return False
+
+    def nack(self, delivery: Any, requeue: bool = True) -> bool:
+        """Give a delivered job back: retried (after the retry delay) or dead-lettered.
+
+        With ``requeue=True`` the job is delivered again unless it already
+        used its ``max_retries`` retries (then reason ``max_retries_exceeded``);
+        ``requeue=False`` dead-letters it at once (``nack_no_requeue``).
+        Returns False like :meth:`ack` when the delivery is not held any more.
+        """
+        lease = self._take_lease(delivery, "nack")
+        if lease is None:
+            return False
+        if not self._settle_failed(lease, requeue, None):
+            return self._refused(lease, "nack")
+        return True
+
+    def touch(self, delivery: Any, visibility_timeout: Optional[float] = None) -> bool:
+        """Extend a delivered job's lease: it now ends ``visibility_timeout`` from now.
+
+        The default is the job's own visibility timeout.  A handler doing long
+        work calls this periodically.  Returns False if the lease is no
+        longer held.
+        """
+        delivery_id = delivery.headers.get("_wq_delivery_id") if isinstance(
+            delivery, Message) else delivery
+        lease = self._leases.get(delivery_id) if isinstance(delivery_id, str) else None
+        if lease is None:
+            return False
+        seconds = visibility_timeout
+        if seconds is None:
+            seconds = _job_lease_seconds(lease.message, self.default_visibility_timeout)
+        else:
+            _check_seconds("visibility_timeout", seconds, positive=True)
+        return self.store.extend(lease, float(seconds))
+
+    def _settle_failed(self, lease: Lease, requeue: bool, error: Optional[BaseException]) -> bool:
+        # The policy for a failed attempt: retry, or dead-letter with a reason.
+        if not requeue:
+            return self._dead_letter(lease, "nack_no_requeue", error)
+        if lease.attempt > self.max_retries:
+            return self._dead_letter(lease, "max_retries_exceeded", error)
+        if self.store.nack(lease, self._retry_delay(lease.attempt)):
+            next(self._counters["retried"])
+            return True
+        return False
+
+    def _retry_delay(self, attempt: int) -> float:
+        if not self.retry_delay:
+            return 0.0
+        return min(self.retry_delay * self.retry_backoff ** (attempt - 1), self.max_retry_delay)
+
+    def _dead_letter(self, lease: Lease, reason: str, error: Optional[BaseException]) -> bool:
+        job = lease.message
+        headers = {k: v for k, v in job.headers.items() if not k.startswith(_WQ_HEADER_PREFIX)}
+        headers.update(_wq_reason=reason, _wq_original_topic=lease.topic,
+                       _wq_group=lease.group, _wq_attempts=lease.attempt,
+                       _wq_job_id=lease.job_id)
+        if error is not None:
+            headers["_wq_error"] = f"{type(error).__name__}: {error}"[:1000]
+        topic = lease.topic + DEAD_LETTER_SUFFIX
+        letter = _make_message(topic, job.payload, headers)
+        if not self.store.dead_letter(lease, topic, letter):
+            return False
+        next(self._counters["dead_lettered"])
+        logger.warning("job %s on %r (group %r) dead-lettered to %r after %d attempt(s): %s",
+                       lease.job_id, lease.topic, lease.group, topic, lease.attempt, reason)
+        return True
+
+    # -- pushing ----------------------------------------------------------------
+
+    def consume(self, topic: str, handler: Callable[[Message], Any],
+                consumer_group: Optional[str] = None, *, concurrency: int = 1,
+                prefetch: int = 16) -> str:
+        """Push jobs of ``topic`` to ``handler``; returns a consumer id.
+
+        Consumers in one group share its jobs: an idle consumer waits in line
+        and the one waiting longest takes the next job (round-robin while they
+        keep up).  Every group gets its own copy of each job; None is the
+        default group, the one :meth:`dequeue` reads.  A handler that returns
+        acks its job; one that raises (anything, BaseException included) has
+        the job nacked and the error logged (or passed to ``on_error``).
+        ``concurrency`` is how many jobs this consumer may run at once, on the
+        queue's pool of at most ``max_workers`` threads.  While its handler
+        finishes within a couple of milliseconds, each slot claims up to
+        ``prefetch`` jobs at a time (fewer lock round trips); jobs it has not
+        started after 5 ms go back to the queue.  ``prefetch=1`` claims one
+        job at a time.
+        """
+        _refuse_receive_pattern(topic)
+        validate_topic(topic)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        if _is_async_callable(handler):
+            raise TypeError(f"handler {_callable_name(handler)} is a coroutine function; "
+                            "consume() takes a plain function")
+        _check_count("concurrency", concurrency, 1)
+        _check_count("prefetch", prefetch, 1)
+        group = DEFAULT_CONSUMER_GROUP if consumer_group is None else consumer_group
+        if not isinstance(group, str) or not group:
+            raise ValueError(f"consumer_group must be a non-empty str, not {consumer_group!r}")
+        self._check_open()
+        self.store.ensure_group(topic, group)
+        self._start_reaper()
+        consumer = _Consumer(f"consumer-{next(self._consumer_ids)}", topic, group, handler,
+                             concurrency, prefetch)
+        with self._wq_lock:
+            self._check_open()
+            self._consumers[consumer.id] = consumer
+        for _ in range(concurrency):  # one turn per job it may run at once
+            self._pool.submit(consumer)
+        return consumer.id
+
+    def remove_consumer(self, consumer_id: str) -> bool:
+        """Stop pushing jobs to a consumer; the jobs it is running finish normally.
+
+        Returns False for an unknown id.  The group's last consumer gone,
+        its jobs wait for the next consumer or :meth:`dequeue`.
+        """
+        with self._wq_lock:
+            consumer = self._consumers.pop(consumer_id, None)
+        if consumer is None:
+            return False
+        consumer.removed = True
+        self.store.wake()  # its turns blocked in claim() return and end
+        return True
+
+    def _take_turn(self, consumer: _Consumer) -> bool:
+        """A pool thread serves one consumer for a while; True to queue its turn again.
+
+        The thread claims jobs for the consumer, runs and settles them, and
+        goes on while jobs come; it gives the turn back (to the end of the
+        pool's line) after a quiet claim, or sooner when other turns wait.
+        While the handler keeps finishing fast, claims grow to ``prefetch``
+        jobs at a time; jobs not started within _BATCH_BUDGET go back.
+        """
+        store = self.store
+        batch = 1
+        handled = 0
+        while handled < _TURN_JOBS:
+            if consumer.removed or self._closed:
+                return False
+            wait = _CONTENDED_WAIT if self._pool.contended else _PUMP_WAIT
+            try:
+                leases = store.claim(consumer.topic, consumer.group,
+                                     self.default_visibility_timeout, max_count=batch, wait=wait)
+            except Exception:
+                if self.closed:
+                    return False
+                logger.exception("claiming jobs of %r (group %r) failed; retrying",
+                                 consumer.topic, consumer.group)
+                self._stop_reaper.wait(_PUMP_WAIT)
+                return True
+            if not leases:
+                return True
+            started = time.monotonic()
+            finished: List[Lease] = []
+            try:
+                for index, lease in enumerate(leases):
+                    if consumer.removed or self._closed or (
+                            index and time.monotonic() - started > _BATCH_BUDGET):
+                        for unstarted in leases[index:]:
+                            store.nack(unstarted, count_attempt=False)
+                        break
+                    done = self._run_job(consumer, self._hand_out(lease))
+                    if done is not None:
+                        finished.append(done)
+            finally:
+                if finished:
+                    self._ack_finished(finished)
+            handled += len(leases)
+            quick = time.monotonic() - started < _BATCH_BUDGET / 2
+            batch = min(batch * 2, consumer.prefetch) if quick else 1
+        return True
+
+    def _run_job(self, consumer: _Consumer, message: Message) -> Optional[Lease]:
+        """Run one pushed job; return its lease to ack, or None if it is settled already.
+
+        A raising handler's job goes through the failure policy here.
+        """
+        try:
+            consumer.handler(message)
+        except BaseException as exc:  # the pool thread survives anything
+            try:
+                next(self._counters["handler_errors"])
+                self._handler_failed(consumer.handler, message, exc)
+                lease = self._leases.pop(message.headers["_wq_delivery_id"], None)
+                if lease is not None and not self._settle_failed(lease, True, exc):
+                    self._refused(lease, "nack")
+            except Exception:
+                logger.exception("settling job %s on %r failed", message.id, message.topic)
+            return None
+        # None when the handler settled the job itself.
+        return self._leases.pop(message.headers["_wq_delivery_id"], None)
+
+    def _ack_finished(self, leases: List[Lease]) -> None:
+        try:
+            results = self.store.ack_all(leases)
+        except Exception:
+            logger.exception("acknowledging %d job(s) of %r failed; they will be redelivered "
+                             "when their leases expire", len(leases), leases[0].topic)
+            return
+        acked = self._counters["acked"]
+        for lease, settled in zip(leases, results):
+            if settled:
+                next(acked)
+            else:
+                self._refused(lease, "ack")
+
+    # -- expiry -----------------------------------------------------------------
+
+    def _start_reaper(self) -> None:
+        if self._reaper is not None:
+            return
+        with self._wq_lock:
+            if self._reaper is not None or self._closed:
+                return
+            self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
+                                            name="eventforge-workqueue-reaper")
+            self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        while not self._stop_reaper.wait(self.reaper_interval):
+            try:
+                self.reap()
+            except Exception:
+                if self._closed:
+                    return
+                logger.exception("work queue reaper failed; it keeps running")
+
+    def reap(self) -> int:
+        """Handle every expired lease now (the reaper thread calls this); returns the count.
+
+        An expired job is delivered again, or dead-lettered with reason
+        ``visibility_timeout_exceeded`` when it used its ``max_retries``.
+        """
+        expired = self.store.sweep(_SWEEP_HOLD)
+        if not expired:
+            return 0
+        taken_over = {(lease.topic, lease.group, lease.job_id) for lease in expired}
+        with self._wq_lock:
+            for key, held in list(self._leases.items()):
+                if (held.topic, held.group, held.job_id) in taken_over:
+                    del self._leases[key]
+        for lease in expired:
+            next(self._counters["expired"])
+            logger.info("lease of job %s on %r (group %r) expired after attempt %d",
+                        lease.job_id, lease.topic, lease.group, lease.attempt)
+            if lease.attempt > self.max_retries:
+                self._dead_letter(lease, "visibility_timeout_exceeded", None)
+            elif self.store.nack(lease, self._retry_delay(lease.attempt)):
+                next(self._counters["retried"])
+        return len(expired)
+
+    # -- counts and lifecycle -----------------------------------------------------
+
+    def pending_count(self, topic: Optional[str] = None,
+                      consumer_group: Optional[str] = None) -> int:
+        """Jobs waiting (ready or delayed) on ``topic``, for ``consumer_group``.
+
+        None for either means summed over all topics / groups.
+        """
+        counts = self.store.counts(topic, consumer_group)
+        return counts["ready"] + counts["delayed"]
+
+    def in_flight_count(self, topic: Optional[str] = None,
+                        consumer_group: Optional[str] = None) -> int:
+        """Jobs delivered and not yet settled (leased), like :meth:`pending_count`."""
+        return self.store.counts(topic, consumer_group)["in_flight"]
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """MessageQueue stats plus ``work``: counts of jobs enqueued, acked, retried,
+        dead-lettered, expired, handler errors, and refused (stale) settlements."""
+        stats = super().stats
+        stats["work"] = {name: _count_value(c) for name, c in self._counters.items()}
+        return stats
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("WorkQueue is closed")
+
+    def close(self, timeout: Optional[float] = 10.0) -> None:
+        """Stop: wake blocked :meth:`dequeue` calls, stop push delivery and the reaper.
+
+        Handlers already running get up to ``timeout`` seconds to finish and
+        settle their jobs.  Then the store and the transport are closed.
+        """
+        with self._wq_lock:
+            if self._closed:
+                return
+            self._closed = True
+            reaper = self._reaper
+            for consumer in self._consumers.values():
+                consumer.removed = True
+            self._consumers.clear()
+        self._stop_reaper.set()
+        self._pool.close(timeout, self.store.wake)
+        if reaper is not None:
+            reaper.join(timeout)
+        self.store.close()
+        super().close()
+
+    def __enter__(self) -> WorkQueue:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<WorkQueue on {self.store!r}{' closed' if self._closed else ''}>"
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
+
+
+def _check_seconds(name: str, value: Any, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (
+            value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a number of seconds {'> 0' if positive else '>= 0'}, "
+                         f"not {value!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -9145,6 +10196,7 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.rpc": ("eventforge", None),
     "eventforge.observers": ("eventforge", None),
     "eventforge.task": ("eventforge", None),
+    "eventforge.work_queue": ("eventforge", None),
     "eventforge.worker": ("eventforge", "worker_main"),
 }
 

@@ -52,7 +52,7 @@ def _sample(*needles: str) -> str:
 
 def test_every_sample_is_covered_by_a_test():
     # The samples below are picked by content; a new sample needs a new test.
-    assert len(_blocks()) == 11
+    assert len(_blocks()) == 12
 
 
 def test_in_process_pub_sub_and_request_reply():
@@ -66,6 +66,12 @@ def test_executor_sample():
     result = _run(_sample("Executor(mode=ExecutionMode.THREAD"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["499999500000", "[45, 190]"]
+
+
+def test_work_queue_sample():
+    result = _run(_sample("WorkQueue(max_retries=3)"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0 0"
 
 
 def test_rpc_sample():
