@@ -9667,10 +9667,15 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     secret = _read_secret(args.secret_file)
     context = _server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
 
+    broker = _broker_transport(args)
+    listener: Optional[TCPServerTransport] = None
     try:
-        transport = TCPServerTransport(args.host, args.port, secret=secret, ssl_context=context)
+        if broker is None:
+            listener = TCPServerTransport(args.host, args.port, secret=secret,
+                                          ssl_context=context)
     except (ValueError, TypeError) as exc:
         raise _CLIError(str(exc)) from None
+    transport: Transport = broker or listener  # type: ignore[assignment]
     stop = threading.Event()
     executor = Executor(ExecutionMode(args.mode), max_workers=args.workers)
     restore = _install_stop_signals(stop)
@@ -9687,14 +9692,16 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
                 raise _CLIError(f"setup(queue) of {args.import_!r} failed: "
                                 f"{type(exc).__name__}: {exc}") from None
         try:
-            transport.start()
+            if listener is not None:
+                listener.start()
         except OSError as exc:
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             raise _CLIError(f"cannot listen on {_format_address((args.host, args.port))}: "
                             f"{cause.strerror or cause}", EXIT_FAILURE) from None
         executor.start()
         server.serve(blocking=False)
-        out(f"eventforge worker ready: service '{service}' on {_format_address(transport.address)} "
+        where = args.nats or args.redis or _format_address(listener.address)  # type: ignore
+        out(f"eventforge worker ready: service '{service}' on {where} "
             f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
             f"{'s' if args.workers != 1 else ''}; pid {os.getpid()})")
         _wait_until(stop)
@@ -9708,6 +9715,26 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         restore()
         executor.stop(wait=False)
         transport.close()
+
+
+def _broker_transport(args: Any) -> Optional[Transport]:
+    """The NatsTransport/RedisTransport asked for by ``--nats``/``--redis``, else None."""
+    url = getattr(args, "nats", None) or getattr(args, "redis", None)
+    if not url:
+        return None
+    kind = "nats" if getattr(args, "nats", None) else "redis"
+    try:
+        if kind == "nats":
+            from eventforge_ext.nats import NatsTransport
+
+            return NatsTransport(url)
+        from eventforge_ext.redis import RedisTransport
+
+        return RedisTransport(url=url)
+    except ImportError as exc:
+        raise _CLIError(str(exc)) from None
+    except (OSError, EventforgeError) as exc:
+        raise _CLIError(f"cannot connect to {url}: {exc}", EXIT_FAILURE) from None
 
 
 def _connect_queue(args: Any) -> MessageQueue:
@@ -9906,7 +9933,7 @@ def _percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _start_demo_worker(handlers_path: str, name: str) -> Any:
+def _start_demo_worker(handlers_path: str, name: str, nats: Optional[str] = None) -> Any:
     import subprocess
 
     env = dict(os.environ)
@@ -9915,7 +9942,8 @@ def _start_demo_worker(handlers_path: str, name: str) -> Any:
     env["EVENTFORGE_DEMO_WORKER"] = name
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
-               "--port", "0", "--workers", "2", "--log-level", "WARNING"]
+               *(["--nats", nats] if nats else ["--port", "0"]),
+               "--workers", "2", "--log-level", "WARNING"]
     # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
     # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
     flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
@@ -9966,13 +9994,18 @@ def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
 
 
 def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
-                  stream: Any = None) -> int:
-    """Start ``servers`` workers as subprocesses and drive them over TCP loopback."""
+                  stream: Any = None, nats: Optional[str] = None) -> int:
+    """Start ``servers`` workers as subprocesses and drive them over TCP loopback.
+
+    With ``nats`` (a server URL) the workers and the demo meet on that NATS
+    server instead: one client, calls balanced by the NATS queue group.
+    """
     import shutil
     import tempfile
 
     stream = sys.stdout if stream is None else stream
-    out(f"== {servers} workers in subprocesses, RPC over TCP loopback ==")
+    out(f"== {servers} workers in subprocesses, RPC over "
+        f"{'NATS at ' + nats if nats else 'TCP loopback'} ==")
     directory = tempfile.mkdtemp(prefix="eventforge-demo-")
     processes: List[Any] = []
     queues: List[MessageQueue] = []
@@ -9983,19 +10016,27 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
             f.write(_DEMO_HANDLERS_SOURCE)
         started = time.perf_counter()
         names = [f"worker-{n + 1}" for n in range(servers)]
-        processes = [_start_demo_worker(handlers_path, name) for name in names]
+        processes = [_start_demo_worker(handlers_path, name, nats) for name in names]
         addresses = [_read_ready_line(p, 30.0) for p in processes]
         for name, address, process in zip(names, addresses, processes):
-            out(f"  {name}: pid {process.pid} serving 'demo' on {_format_address(address)}")
+            where = nats or _format_address(address)
+            out(f"  {name}: pid {process.pid} serving 'demo' on {where}")
         out(f"  started in {time.perf_counter() - started:.2f} s with "
-            f"`python -m eventforge worker --import demo_handlers.py --port 0`")
-        for host, port in addresses:
-            transport = TCPClientTransport(host, port)
-            transport.connect(timeout=10)
-            queues.append(MessageQueue(transport))
-        pool = RoundRobinRPCClient([RPCClient(q, service_name="demo", timeout=10) for q in queues])
+            f"`python -m eventforge worker --import demo_handlers.py "
+            f"{'--nats ' + nats if nats else '--port 0'}`")
+        if nats:  # one connection to the broker; it balances the calls
+            queues.append(MessageQueue(_broker_transport(_DemoBroker(nats))))
+            clients = [RPCClient(queues[0], service_name="demo", timeout=10)]
+        else:
+            for host, port in addresses:
+                transport = TCPClientTransport(host, port)
+                transport.connect(timeout=10)
+                queues.append(MessageQueue(transport))
+            clients = [RPCClient(q, service_name="demo", timeout=10) for q in queues]
+        pool = RoundRobinRPCClient(clients)
 
-        out(f"== {calls} calls spread round-robin over the {servers} workers ==")
+        how = "by the NATS queue group" if nats else "round-robin"
+        out(f"== {calls} calls spread {how} over the {servers} workers ==")
         progress = _Progress(calls, out, stream)
         per_worker: Dict[str, int] = {}
         latencies: List[float] = []
@@ -10033,7 +10074,7 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
             q.subscribe("demo.events.*", on_event)
         # Interest travels to the servers asynchronously: a call on each
         # connection makes sure it arrived before we publish.
-        for client in pool.clients:
+        for client in clients:
             client.whoami()
         for n, q in enumerate(queues):
             q.publish("demo.jobs", {"job": n + 1})
@@ -10055,6 +10096,14 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
         if not clean:
             status = EXIT_FAILURE
     return status
+
+
+class _DemoBroker:
+    """Arguments for _broker_transport when the demo runs through NATS."""
+
+    def __init__(self, nats: str) -> None:
+        self.nats = nats
+        self.redis = None
 
 
 def _add_connection_options(parser: Any) -> None:
@@ -10085,6 +10134,8 @@ def _build_parser() -> Any:
     demo.add_argument("--calls", type=int, default=300, help="RPC calls to make (default 300)")
     demo.add_argument("--in-process-only", action="store_true",
                       help="skip the part with subprocesses")
+    demo.add_argument("--nats", metavar="URL", help="connect the workers through this NATS "
+                      "server instead of TCP (needs eventforge[nats])")
 
     worker = commands.add_parser(
         "worker", help="serve a module's HANDLERS over TCP",
@@ -10104,6 +10155,11 @@ def _build_parser() -> Any:
     worker.add_argument("--tls-cert", metavar="F", help="serve TLS with this certificate")
     worker.add_argument("--tls-key", metavar="F", help="private key of --tls-cert")
     worker.add_argument("--tls-ca", metavar="F", help="require client certificates from this CA")
+    via = worker.add_mutually_exclusive_group()
+    via.add_argument("--nats", metavar="URL", help="serve through this NATS server instead of "
+                     "listening (workers share a service by queue group); needs eventforge[nats]")
+    via.add_argument("--redis", metavar="URL", help="serve through this Redis server instead of "
+                     "listening (one worker per service); needs eventforge[redis]")
     worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                         help="on stop, seconds to let calls in flight finish (default 30)")
     worker.add_argument("--log-level", default="INFO", metavar="L",
@@ -10154,7 +10210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _demo_in_process(out)
             if args.in_process_only:
                 return EXIT_OK
-            return _demo_cluster(out, servers=args.servers, calls=args.calls)
+            return _demo_cluster(out, servers=args.servers, calls=args.calls, nats=args.nats)
         if command == "worker":
             return _cmd_worker(args, out)
         if command == "call":
@@ -10191,6 +10247,10 @@ _ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
     "eventforge.transports.base": ("eventforge", None),
     "eventforge.transports.memory": ("eventforge", None),
     "eventforge.transports.tcp": ("eventforge", None),
+    "eventforge.transports.redis": ("eventforge_ext.redis", None),
+    "eventforge.transports.nats": ("eventforge_ext.nats", None),
+    "eventforge.integrations": ("eventforge_ext", None),
+    "eventforge.integrations.logfire": ("eventforge_ext.logfire", None),
     "eventforge.remote": ("eventforge", None),
     "eventforge.executor": ("eventforge", None),
     "eventforge.rpc": ("eventforge", None),

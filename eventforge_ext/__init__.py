@@ -7,14 +7,18 @@ is first constructed, not at import time of ``eventforge``) and raises a clear
 ``ImportError`` naming the extra to install when that dependency is missing:
 
 ``eventforge_ext.redis``
-    ``RedisTransport``: pub-sub over a Redis server
+    ``RedisTransport``: a Transport over Redis PUBLISH/SUBSCRIBE
     (``pip install 'eventforge[redis]'``).
 ``eventforge_ext.nats``
-    ``NatsTransport``: pub-sub over a NATS server
-    (``pip install 'eventforge[nats]'``).
+    ``NatsTransport``: a Transport over core NATS, RPC worker pools through
+    queue groups (``pip install 'eventforge[nats]'``).
 ``eventforge_ext.logfire``
-    Emission of task and meter events to Pydantic Logfire
+    ``LogfireMeter`` (a Logfire span per task call) and
+    ``LogfireMetricLogger`` (meter measurements as Logfire metrics)
     (``pip install 'eventforge[logfire]'``).
+
+``docs/adapters.md`` describes them: topic mapping, guarantees, and when to
+choose Memory, TCP, Redis or NATS.
 
 Adapters do not re-implement anything the core already has: they reuse its
 topic matcher (the subscription trie, so ``*`` and ``**`` mean the same thing on

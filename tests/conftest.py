@@ -2,6 +2,8 @@
 
 ``no_leaks`` fails a test that leaves threads or file descriptors behind;
 ``tcp`` builds servers and clients on free loopback ports and closes them.
+``redis_url``/``nats_url`` (session) and ``redis_server``/``nats_server``
+(per test, restartable) run real brokers; see ``tests/_servers.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, List
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+from _servers import nats_server, nats_url, redis_server, redis_url  # noqa: E402,F401
 
 import eventforge as ef  # noqa: E402
 
