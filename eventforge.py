@@ -23,7 +23,7 @@ The file reads top to bottom; every section uses only the sections above it.
                                observe
    10. tasks ................. task, TaskRunner, TaskPool
    11. work queues ........... WorkQueue; WorkStore (the storage seam), Lease,
-                               MemoryWorkStore
+                               MemoryWorkStore, SQLiteWorkStore
    12. command line .......... worker, main(argv), demo
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
@@ -80,6 +80,9 @@ __all__ = [
     "RemoteError",
     "MethodNotFoundError",
     "QueueFullError",
+    "StoreError",
+    "StoreBusyError",
+    "StoreFullError",
     # topics
     "MAX_TOPIC_LENGTH",
     "validate_topic",
@@ -157,6 +160,7 @@ __all__ = [
     "Lease",
     "WorkStore",
     "MemoryWorkStore",
+    "SQLiteWorkStore",
     "WorkQueue",
     # command line
     "load_worker_module",
@@ -308,6 +312,18 @@ class MethodNotFoundError(RemoteError):
 
 class QueueFullError(EventforgeError):
     """A bounded work queue already holds as many waiting jobs as it may."""
+
+
+class StoreError(EventforgeError):
+    """A durable work store failed (the message names the file and the operation)."""
+
+
+class StoreBusyError(StoreError, TimeoutError):
+    """A durable work store stayed locked by another writer past its busy timeout."""
+
+
+class StoreFullError(StoreError):
+    """A durable work store cannot grow: its disk, or its size limit, is full."""
 
 
 # ---------------------------------------------------------------------------
@@ -8416,13 +8432,15 @@ class Lease:
     (the lease expired and the job was handed to someone else), so a late
     worker can never settle another worker's delivery.  ``attempt`` counts the
     deliveries of this job to this group, 1 for the first.  ``deadline`` is on
-    the store's clock.
+    the store's clock.  ``handle`` is the store's private reference to the
+    job copy (a row id, a stream entry id).
     """
 
-    __slots__ = ("topic", "group", "job_id", "token", "attempt", "message", "deadline")
+    __slots__ = ("topic", "group", "job_id", "token", "attempt", "message", "deadline",
+                 "handle")
 
     def __init__(self, topic: str, group: str, job_id: str, token: int, attempt: int,
-                 message: Message, deadline: float) -> None:
+                 message: Message, deadline: float, handle: Any = None) -> None:
         self.topic = topic
         self.group = group
         self.job_id = job_id
@@ -8430,6 +8448,7 @@ class Lease:
         self.attempt = attempt
         self.message = message
         self.deadline = deadline
+        self.handle = handle  # the store's own reference (e.g. a row id)
 
     def __repr__(self) -> str:
         return (f"Lease(topic={self.topic!r}, group={self.group!r}, job_id={self.job_id!r}, "
@@ -8812,13 +8831,501 @@ class MemoryWorkStore(WorkStore):
         return f"<MemoryWorkStore {len(self._topics)} topics{' closed' if self._closed else ''}>"
 
 
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS eventforge_groups (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    dead INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (topic, grp)
+);
+CREATE TABLE IF NOT EXISTS eventforge_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: (id, token) names one lease
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    body TEXT NOT NULL,                    -- the job Message, wire JSON
+    visibility REAL,                       -- the job's own lease length, or NULL
+    leased INTEGER NOT NULL DEFAULT 0,
+    ready_at REAL NOT NULL,                -- ready (0) jobs: claimable from then on
+    wait_len REAL NOT NULL DEFAULT 0,      -- the delay that set ready_at (for clamping)
+    deadline REAL,                         -- leased (1) jobs: the lease ends then
+    lease_len REAL,                        -- the lease length that set deadline
+    token INTEGER NOT NULL DEFAULT 0,      -- fencing token, +1 at every lease
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS eventforge_jobs_ready
+    ON eventforge_jobs (topic, grp, leased, ready_at, id);
+CREATE INDEX IF NOT EXISTS eventforge_jobs_deadline ON eventforge_jobs (leased, deadline);
+"""
+
+_LEASE_SET = """leased = 1, token = token + 1, attempts = attempts + 1,
+    lease_len = COALESCE(visibility, :lease), deadline = :now + COALESCE(visibility, :lease)"""
+_READY_WHERE = "topic = :topic AND grp = :grp AND leased = 0 AND ready_at <= :now"
+_CLAIM_RETURNING = f"""UPDATE eventforge_jobs SET {_LEASE_SET}
+WHERE id IN (SELECT id FROM eventforge_jobs WHERE {_READY_WHERE}
+             ORDER BY ready_at, id LIMIT :n)
+RETURNING id, job_id, body, token, attempts, deadline, ready_at"""
+_CLAIM_SELECT = f"""SELECT id, token FROM eventforge_jobs WHERE {_READY_WHERE}
+ORDER BY ready_at, id LIMIT :n"""
+_CLAIM_ONE = f"""UPDATE eventforge_jobs SET {_LEASE_SET}
+WHERE id = :id AND token = :token AND leased = 0"""
+_LEASED_ROW = """SELECT id, job_id, body, token, attempts, deadline, ready_at
+FROM eventforge_jobs WHERE id = ?"""
+_HELD = "id = ? AND token = ? AND leased = 1"
+_POLL_MIN = 0.002  # an idle claim checks PRAGMA data_version after this, doubling ...
+_POLL_MAX = 0.05  # ... up to this: a job from another process is seen within ~50 ms
+_SQLITE_BUSY_RETRIES = 5
+_SYNCHRONOUS = ("FULL", "NORMAL")
+
+# Connections opened before a fork() are kept here in the child, never used and
+# never closed: closing one could checkpoint or unlock on the parent's behalf.
+_INHERITED_CONNECTIONS: List[Any] = []
+
+
+def _sqlite_problem(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return "busy"
+    if "full" in text:
+        return "full"
+    return "other"
+
+
+class SQLiteWorkStore(WorkStore):
+    """A durable :class:`WorkStore` in one SQLite file, shared by the processes of a machine.
+
+    ``WorkQueue(store="jobs.db")`` opens one; open it yourself for options:
+
+    * ``synchronous="FULL"`` (default) makes every commit durable across a
+      power cut; ``"NORMAL"`` is several times faster in WAL mode but may
+      lose the last commits (never corrupt the file) if power fails.
+    * ``busy_timeout`` seconds SQLite waits for another writer; a write still
+      locked out is retried a few times with jitter, then raises
+      :class:`StoreBusyError`.  A full disk raises :class:`StoreFullError`
+      at once (no retry).
+    * ``wal_size_limit`` bytes: SQLite checkpoints the write-ahead log once
+      it holds that much, and each sweep truncates it if it still grew past
+      (readers pinning old pages can delay a checkpoint, not stop it).
+    * ``sweep_interval``: expired leases are swept at most this often.
+    * ``clock`` (default ``time.time``, shared by processes) dates leases;
+      deadlines and delays are clamped to their length on every sweep, so a
+      clock that jumps back strands nothing.
+
+    Every write is one ``BEGIN IMMEDIATE`` transaction (never a read that
+    later upgrades, which SQLite fails at once when another writer is busy).
+    A claim is a single ``UPDATE ... RETURNING`` on SQLite 3.35+, else a
+    select and a conditional update in the same transaction.  A claim that
+    waits sees local jobs at once and other processes' commits by polling
+    ``PRAGMA data_version`` with backoff (no write while idle).  The
+    connection is reopened in a child after ``fork()``.  ``sqlite3`` is
+    imported only when a store is opened.
+    """
+
+    def __init__(self, path: Any, *, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 wal_size_limit: int = 64 * 1024 * 1024, sweep_interval: float = 1.0,
+                 clock: Callable[[], float] = time.time,
+                 use_returning: Optional[bool] = None) -> None:
+        import sqlite3
+
+        self._sqlite3 = sqlite3
+        self.path = os.fspath(path)
+        sync = str(synchronous).upper()
+        if sync not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
+                             f"not {synchronous!r}")
+        self.synchronous = sync
+        _check_seconds("busy_timeout", busy_timeout, positive=False)
+        _check_seconds("sweep_interval", sweep_interval, positive=False)
+        _check_count("wal_size_limit", wal_size_limit, 0)
+        self.busy_timeout = float(busy_timeout)
+        self.wal_size_limit = wal_size_limit
+        self.sweep_interval = float(sweep_interval)
+        self._clock = clock
+        has_returning = sqlite3.sqlite_version_info >= (3, 35, 0)
+        if use_returning and not has_returning:
+            raise ValueError(f"SQLite {sqlite3.sqlite_version} has no UPDATE ... RETURNING "
+                             "(3.35+)")
+        self.use_returning = has_returning if use_returning is None else bool(use_returning)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._conn: Any = None
+        self._pid = os.getpid()
+        self._generation = 0  # bumped by wake()
+        self._changes = 0  # bumped by local commits that make jobs ready
+        self._last_sweep = -float("inf")
+        self._closed = False
+        with self._lock:
+            self._connection()
+        _watch_for_fork(self)
+
+    # -- the connection -------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        # Called with the lock held.
+        if self._closed:
+            raise RuntimeError(f"the work store {self.path!r} is closed")
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:  # inherited through fork(): leave it alone
+                _INHERITED_CONNECTIONS.append(self._conn)
+            self._pid = os.getpid()
+            self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> Any:
+        conn = self._sqlite3.connect(self.path, timeout=self.busy_timeout,
+                                     isolation_level=None, check_same_thread=False)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path!r} cannot use a write-ahead log "
+                                 f"(journal_mode stays {mode!r})")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit={self.wal_size_limit}")
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_size_limit // page_size)}")
+            statements = [s for s in _SQLITE_SCHEMA.split(";") if s.strip()]
+            self._write_on(conn, "create the schema",
+                           lambda c: [c.execute(statement) for statement in statements])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+
+    # -- transactions ---------------------------------------------------------------
+
+    def _write(self, action: str, work: Callable[[Any], Any]) -> Any:
+        """Run ``work(connection)`` in one BEGIN IMMEDIATE transaction, retrying if busy."""
+        with self._lock:
+            return self._write_on(self._connection(), action, work)
+
+    def _write_on(self, conn: Any, action: str, work: Callable[[Any], Any]) -> Any:
+        import random
+
+        for attempt in range(_SQLITE_BUSY_RETRIES + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(conn)
+                    conn.execute("COMMIT")
+                    return result
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except self._sqlite3.OperationalError as exc:
+                problem = _sqlite_problem(exc)
+                if problem == "full":
+                    raise StoreFullError(f"cannot {action} in {self.path!r}: the database or "
+                                         f"disk is full ({exc})") from exc
+                if problem != "busy":
+                    raise StoreError(f"cannot {action} in {self.path!r}: {exc}") from exc
+                if attempt == _SQLITE_BUSY_RETRIES:
+                    raise StoreBusyError(
+                        f"cannot {action} in {self.path!r}: still locked by another "
+                        f"connection after {_SQLITE_BUSY_RETRIES + 1} tries of "
+                        f"busy_timeout={self.busy_timeout}s") from exc
+                time.sleep(random.uniform(0.0, 0.01 * 2 ** attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, sql: str, params: Any = ()) -> List[Any]:
+        with self._lock:
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except self._sqlite3.OperationalError as exc:
+                if _sqlite_problem(exc) == "busy":
+                    raise StoreBusyError(f"cannot read {self.path!r}: {exc}") from exc
+                raise StoreError(f"cannot read {self.path!r}: {exc}") from exc
+
+    def _changed(self) -> None:
+        # Called with the lock held after a commit that made jobs ready.
+        self._changes += 1
+        self._cond.notify_all()
+
+    # -- WorkStore --------------------------------------------------------------------
+
+    def ensure_group(self, topic: str, group: str) -> None:
+        self._write("create a consumer group", lambda c: c.execute(
+            "INSERT OR IGNORE INTO eventforge_groups (topic, grp) VALUES (?, ?)",
+            (topic, group)))
+
+    @staticmethod
+    def _insert(conn: Any, topic: str, message: Message, body: str, now: float) -> None:
+        groups = [row[0] for row in conn.execute(
+            "SELECT grp FROM eventforge_groups WHERE topic = ?", (topic,))]
+        if not groups:
+            conn.execute("INSERT INTO eventforge_groups (topic, grp) VALUES (?, ?)",
+                         (topic, DEFAULT_CONSUMER_GROUP))
+            groups = [DEFAULT_CONSUMER_GROUP]
+        own = message.headers.get(_WQ_VISIBILITY)
+        visibility = float(own) if own else None
+        conn.executemany(
+            "INSERT INTO eventforge_jobs (topic, grp, job_id, body, visibility, ready_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(topic, group, message.id, body, visibility, now) for group in groups])
+
+    def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
+        body = _dumps(message._wire_dict())  # SerializationError before any write
+
+        def work(conn: Any) -> None:
+            if max_pending:
+                for group, waiting in conn.execute(
+                        "SELECT grp, COUNT(*) FROM eventforge_jobs WHERE topic = ? AND leased = 0 "
+                        "GROUP BY grp", (topic,)):
+                    if waiting >= max_pending:
+                        raise QueueFullError(
+                            f"work queue {topic!r} (group {group!r}) holds "
+                            f"max_work_queue_size={max_pending} waiting jobs")
+            self._insert(conn, topic, message, body, self._clock())
+
+        with self._lock:
+            self._write("enqueue a job", work)
+            self._changed()
+        return message.id
+
+    def claim(self, topic: str, group: str, lease_seconds: float, *, max_count: int = 1,
+              wait: Optional[float] = 0.0) -> List[Lease]:
+        end = None if wait is None else time.monotonic() + wait
+        with self._lock:
+            generation = self._generation
+            while True:
+                leases = self._write("claim a job", lambda c: self._claim_on(
+                    c, topic, group, lease_seconds, max_count))
+                if leases or self._closed or generation != self._generation:
+                    return leases
+                if not self._wait_for_jobs(topic, group, end, generation):
+                    return []
+
+    def _claim_on(self, conn: Any, topic: str, group: str, lease_seconds: float,
+                  max_count: int) -> List[Lease]:
+        params = {"topic": topic, "grp": group, "now": self._clock(), "lease": lease_seconds,
+                  "n": max_count}
+        if self.use_returning:
+            rows = conn.execute(_CLAIM_RETURNING, params).fetchall()
+        else:
+            rows = []
+            for row_id, token in conn.execute(_CLAIM_SELECT, params).fetchall():
+                if conn.execute(_CLAIM_ONE, dict(params, id=row_id, token=token)).rowcount:
+                    rows.append(conn.execute(_LEASED_ROW, (row_id,)).fetchone())
+        rows.sort(key=lambda row: (row[6], row[0]))
+        return [Lease(topic, group, job_id, token, attempts,
+                      _message_from_dict(json.loads(body)), deadline, handle=row_id)
+                for row_id, job_id, body, token, attempts, deadline, _ in rows]
+
+    def _wait_for_jobs(self, topic: str, group: str, end: Optional[float],
+                       generation: int) -> bool:
+        """Wait (lock held) until jobs may be ready; False on timeout, wake or close."""
+        conn = self._connection()
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        changes = self._changes
+        due = self._read("SELECT MIN(ready_at) FROM eventforge_jobs WHERE topic = ? AND grp = ? "
+                         "AND leased = 0", (topic, group))[0][0]
+        due_in = None if due is None else max(0.0, due - self._clock())
+        backoff = _POLL_MIN
+        start = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                return False
+            if due_in is not None and now - start >= due_in:
+                return True
+            timeout = backoff if end is None else min(backoff, end - now)
+            if due_in is not None:
+                timeout = min(timeout, due_in - (now - start))
+            self._cond.wait(max(timeout, 0.0))
+            if self._closed or generation != self._generation:
+                return False
+            if self._changes != changes:
+                return True
+            if self._connection().execute("PRAGMA data_version").fetchone()[0] != version:
+                return True
+            backoff = min(backoff * 2, _POLL_MAX)
+
+    def ack(self, lease: Lease) -> bool:
+        return self.ack_all([lease])[0]
+
+    def ack_all(self, leases: List[Lease]) -> List[bool]:
+        return self._write("acknowledge jobs", lambda c: [
+            c.execute(f"DELETE FROM eventforge_jobs WHERE {_HELD}",
+                      (lease.handle, lease.token)).rowcount == 1 for lease in leases])
+
+    def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
+        def work(conn: Any) -> bool:
+            return conn.execute(
+                "UPDATE eventforge_jobs SET leased = 0, deadline = NULL, ready_at = ?, "
+                f"wait_len = ?, attempts = attempts - ? WHERE {_HELD}",
+                (self._clock() + delay, delay, 0 if count_attempt else 1, lease.handle,
+                 lease.token)).rowcount == 1
+
+        with self._lock:
+            done = bool(self._write("release a job", work))
+            if done:
+                self._changed()
+            return done
+
+    def extend(self, lease: Lease, lease_seconds: float) -> bool:
+        deadline = self._clock() + lease_seconds
+        done = bool(self._write("extend a lease", lambda c: c.execute(
+            f"UPDATE eventforge_jobs SET deadline = ?, lease_len = ? WHERE {_HELD}",
+            (deadline, lease_seconds, lease.handle, lease.token)).rowcount == 1))
+        if done:
+            lease.deadline = deadline
+        return done
+
+    def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
+        body = _dumps(message._wire_dict())
+
+        def work(conn: Any) -> bool:
+            if conn.execute(f"DELETE FROM eventforge_jobs WHERE {_HELD}",
+                            (lease.handle, lease.token)).rowcount != 1:
+                return False
+            conn.execute("UPDATE eventforge_groups SET dead = dead + 1 WHERE topic = ? AND "
+                         "grp = ?", (lease.topic, lease.group))
+            self._insert(conn, topic, message, body, self._clock())
+            return True
+
+        with self._lock:
+            done = bool(self._write("dead-letter a job", work))
+            if done:
+                self._changed()
+            return done
+
+    def sweep(self, hold_seconds: float) -> List[Lease]:
+        with self._lock:
+            if time.monotonic() - self._last_sweep < self.sweep_interval:
+                return []
+            self._last_sweep = time.monotonic()
+
+            def work(conn: Any) -> List[Any]:
+                now = self._clock()
+                # Clamp first: after the clock jumped back, nothing waits longer than
+                # the lease or delay that set its time.
+                conn.execute("UPDATE eventforge_jobs SET deadline = ? + lease_len "
+                             "WHERE leased = 1 AND deadline > ? + lease_len", (now, now))
+                conn.execute("UPDATE eventforge_jobs SET ready_at = ? + wait_len "
+                             "WHERE leased = 0 AND ready_at > ? + wait_len", (now, now))
+                expired = conn.execute(
+                    "SELECT id, topic, grp, job_id, body, token, attempts FROM eventforge_jobs "
+                    "WHERE leased = 1 AND deadline <= ?", (now,)).fetchall()
+                conn.executemany(
+                    "UPDATE eventforge_jobs SET token = token + 1, deadline = ?, lease_len = ? "
+                    "WHERE id = ? AND token = ?",
+                    [(now + hold_seconds, hold_seconds, row[0], row[5]) for row in expired])
+                return [Lease(topic, group, job_id, token + 1, attempts,
+                              _message_from_dict(json.loads(body)), now + hold_seconds,
+                              handle=row_id)
+                        for row_id, topic, group, job_id, body, token, attempts in expired]
+
+            expired = self._write("sweep expired leases", work)
+            self._bound_wal()
+            return expired
+
+    def _bound_wal(self) -> None:
+        # Called with the lock held, at most once per sweep interval.
+        try:
+            size = os.path.getsize(self.path + "-wal")
+        except OSError:
+            return
+        if size > self.wal_size_limit:
+            try:
+                self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except self._sqlite3.OperationalError as exc:
+                logger.warning("checkpoint of %r failed (%s); the next sweep retries",
+                               self.path, exc)
+
+    def counts(self, topic: Optional[str] = None, group: Optional[str] = None) -> Dict[str, int]:
+        where = " AND ".join(clause for clause, value in (("topic = :topic", topic),
+                                                          ("grp = :grp", group)) if value)
+        where = f"WHERE {where}" if where else ""
+        params = {"topic": topic, "grp": group, "now": self._clock()}
+        totals = {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+        for leased, ready, number in self._read(
+                f"SELECT leased, ready_at <= :now, COUNT(*) FROM eventforge_jobs {where} "
+                "GROUP BY 1, 2", params):
+            key = "in_flight" if leased else ("ready" if ready else "delayed")
+            totals[key] += number
+        dead = self._read(f"SELECT SUM(dead) FROM eventforge_groups {where}", params)[0][0]
+        totals["dead"] = int(dead or 0)
+        return totals
+
+    def wake(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._generation += 1
+            self._cond.notify_all()
+            conn, self._conn = self._conn, None
+            if conn is not None and self._pid == os.getpid():
+                conn.close()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteWorkStore {self.path!r}{' closed' if self._closed else ''}>"
+
+
+_FORK_WATCHED: Any = None  # weakref.WeakSet of SQLiteWorkStores, made on first use
+
+
+def _watch_for_fork(store: SQLiteWorkStore) -> None:
+    """Give ``store`` fresh locks in a forked child (its connection reopens lazily)."""
+    global _FORK_WATCHED
+    if _FORK_WATCHED is None:
+        import weakref
+
+        _FORK_WATCHED = weakref.WeakSet()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_stores_after_fork)
+    _FORK_WATCHED.add(store)
+
+
+def _stores_after_fork() -> None:
+    for store in list(_FORK_WATCHED or ()):
+        store._after_fork_in_child()
+
+
+_BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def _open_work_store(store: Any) -> WorkStore:
-    """The store a WorkQueue was given: None (in memory) or a WorkStore object."""
+    """The store a WorkQueue was given.
+
+    None keeps jobs in memory; a WorkStore object is used as is; a
+    ``redis://`` (``rediss://``, ``unix://``) URL opens the Redis Streams
+    store of ``eventforge_ext.redis``; any other str or path opens a
+    :class:`SQLiteWorkStore` on that file.
+    """
     if store is None:
         return MemoryWorkStore()
     if isinstance(store, WorkStore):
         return store
-    raise TypeError(f"store must be a WorkStore or None, not {type(store).__name__}")
+    if isinstance(store, str) and store.startswith(_BROKER_SCHEMES):
+        return _open_redis_work_store(store)
+    if isinstance(store, (str, os.PathLike)):
+        return SQLiteWorkStore(store)
+    raise TypeError(f"store must be None, a WorkStore, a file path or a redis:// URL, "
+                    f"not {type(store).__name__}")
+
+
+def _open_redis_work_store(url: str) -> WorkStore:
+    import importlib
+
+    try:
+        adapter = importlib.import_module("eventforge_ext.redis")
+        opener = adapter.RedisWorkStore
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(
+            f"store={url!r} needs the Redis Streams work store, RedisWorkStore from "
+            f"eventforge_ext.redis, which is not available here ({exc}); "
+            "install eventforge[redis] with a version that provides it") from exc
+    return opener.from_url(url)
 
 
 class _Consumer:

@@ -7,8 +7,10 @@ import logging
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Dict, List
@@ -42,11 +44,41 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
     return True
 
 
+STORE_KINDS = ["memory", "sqlite"]
+# Store-level tests also run SQLite's select-then-update claim (SQLite < 3.35).
+STORE_LEVEL_KINDS = ["memory", "sqlite", "sqlite-select"]
+
+
+def open_store(kind: str, directory: str, **options: Any) -> ef.WorkStore:
+    """A fresh store of ``kind``; the SQLite one in a new file under ``directory``."""
+    if kind == "memory":
+        return ef.MemoryWorkStore(**options)
+    path = tempfile.mktemp(suffix=".db", dir=directory)
+    if kind == "sqlite-select":  # the claim path of SQLite < 3.35
+        options["use_returning"] = False
+    return ef.SQLiteWorkStore(path, **options)
+
+
+@pytest.fixture(params=STORE_KINDS)
+def new_wq(request, tmp_path, no_leaks):
+    """Makes WorkQueues on the parametrized store kind; closes them after the test."""
+    made: List[ef.WorkQueue] = []
+
+    def make(**kwargs: Any) -> ef.WorkQueue:
+        kwargs.setdefault("store", open_store(request.param, str(tmp_path)))
+        queue = ef.WorkQueue(**kwargs)
+        made.append(queue)
+        return queue
+
+    make.kind = request.param  # type: ignore[attr-defined]
+    yield make
+    for queue in made:
+        queue.close()
+
+
 @pytest.fixture
-def wq(no_leaks):
-    queue = ef.WorkQueue(reaper_interval=0.05)
-    yield queue
-    queue.close()
+def wq(new_wq):
+    return new_wq(reaper_interval=0.05)
 
 
 # -- the API ------------------------------------------------------------------
@@ -92,8 +124,8 @@ def test_reserved_headers_cannot_be_overridden(wq):
     assert wq.pending_count("jobs") == 0
 
 
-def test_bound_raises_queue_full(no_leaks):
-    with ef.WorkQueue(max_work_queue_size=2) as wq:
+def test_bound_raises_queue_full(new_wq):
+    with new_wq(max_work_queue_size=2) as wq:
         wq.enqueue("jobs", 1)
         wq.enqueue("jobs", 2)
         with pytest.raises(ef.QueueFullError, match="max_work_queue_size=2"):
@@ -105,8 +137,8 @@ def test_bound_raises_queue_full(no_leaks):
         assert wq.pending_count("jobs") == 2
 
 
-def test_enqueue_after_close_raises(no_leaks):
-    wq = ef.WorkQueue()
+def test_enqueue_after_close_raises(new_wq):
+    wq = new_wq()
     wq.close()
     with pytest.raises(RuntimeError, match="closed"):
         wq.enqueue("jobs", 1)
@@ -118,7 +150,7 @@ def test_enqueue_after_close_raises(no_leaks):
 @pytest.mark.parametrize("kwargs", [
     {"max_work_queue_size": -1}, {"default_visibility_timeout": 0},
     {"max_retries": -1}, {"max_retries": 1.5}, {"reaper_interval": 0},
-    {"max_workers": 0}, {"retry_delay": -1}, {"store": "not a store"},
+    {"max_workers": 0}, {"retry_delay": -1}, {"store": 42},
 ])
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises((ValueError, TypeError)):
@@ -149,8 +181,8 @@ def test_dequeue_timeout_is_honoured(wq):
     assert wq.dequeue("jobs", timeout=0) is None
 
 
-def test_close_unblocks_dequeue(no_leaks):
-    wq = ef.WorkQueue()
+def test_close_unblocks_dequeue(new_wq):
+    wq = new_wq()
     result: List[Any] = []
     waiter = threading.Thread(target=lambda: result.append(wq.dequeue("jobs")))
     waiter.start()
@@ -217,14 +249,14 @@ def test_exactly_once_with_4_producers_and_3_consumers(wq):
     assert sum(by_consumer.values()) == total
 
 
-def test_half_failing_attempts_end_acked_or_dead_lettered(no_leaks):
+def test_half_failing_attempts_end_acked_or_dead_lettered(new_wq):
     total = 300
     rng = random.Random(12)
     lock = threading.Lock()
     acked: Dict[Any, int] = collections.Counter()
     dead: Dict[Any, int] = collections.Counter()
     reasons = collections.Counter()
-    with ef.WorkQueue(max_retries=2, reaper_interval=0.05) as wq:
+    with new_wq(max_retries=2, reaper_interval=0.05) as wq:
         def flaky(message):
             with lock:
                 fail = rng.random() < 0.5
@@ -390,7 +422,7 @@ def test_handler_may_settle_its_own_job(wq, caplog):
     assert wq.stats["work"]["acked"] == 1
 
 
-def test_per_consumer_concurrency_and_bounded_pool(no_leaks):
+def test_per_consumer_concurrency_and_bounded_pool(new_wq):
     lock = threading.Lock()
     running = collections.Counter()
     peak = collections.Counter()
@@ -409,7 +441,7 @@ def test_per_consumer_concurrency_and_bounded_pool(no_leaks):
                 running["all"] -= 1
         return handle
 
-    with ef.WorkQueue(max_workers=3) as wq:
+    with new_wq(max_workers=3) as wq:
         wq.consume("a", handler_for("a"), concurrency=2)
         wq.consume("b", handler_for("b"), concurrency=5)
         for i in range(10):
@@ -425,7 +457,7 @@ def test_per_consumer_concurrency_and_bounded_pool(no_leaks):
     assert peak["all"] == 3
 
 
-def test_a_consumer_runs_at_most_its_concurrency(no_leaks):
+def test_a_consumer_runs_at_most_its_concurrency(new_wq):
     lock = threading.Lock()
     running = [0, 0]  # now, peak
     release = threading.Event()
@@ -438,7 +470,7 @@ def test_a_consumer_runs_at_most_its_concurrency(no_leaks):
         with lock:
             running[0] -= 1
 
-    with ef.WorkQueue(max_workers=8) as wq:
+    with new_wq(max_workers=8) as wq:
         wq.consume("jobs", handle, concurrency=2)
         for i in range(6):
             wq.enqueue("jobs", i)
@@ -462,9 +494,9 @@ def test_remove_consumer(wq):
     assert wq.dequeue("jobs", timeout=1.0).payload == 2
 
 
-def test_close_while_consumers_run_leaves_no_thread(no_leaks):
+def test_close_while_consumers_run_leaves_no_thread(new_wq):
     started = threading.Event()
-    wq = ef.WorkQueue(max_workers=4)
+    wq = new_wq(max_workers=4)
 
     def slow(message):
         started.set()
@@ -519,10 +551,10 @@ def test_push_handler_touches_while_working(wq):
 
 
 @pytest.mark.parametrize("max_retries", [0, 2])
-def test_max_retries_means_deliveries_after_the_first(no_leaks, max_retries):
+def test_max_retries_means_deliveries_after_the_first(new_wq, max_retries):
     attempts = []
     letters: List[ef.Message] = []
-    with ef.WorkQueue(max_retries=max_retries) as wq:
+    with new_wq(max_retries=max_retries) as wq:
         def always_fails(message):
             attempts.append(message.headers["_wq_attempt"])
             raise RuntimeError("poison")
@@ -559,8 +591,8 @@ def test_nack_requeue_and_no_requeue(wq):
     assert wq.store.counts("jobs")["dead"] == 1
 
 
-def test_expired_lease_after_last_retry_is_dead_lettered(no_leaks):
-    with ef.WorkQueue(max_retries=0, reaper_interval=0.05) as wq:
+def test_expired_lease_after_last_retry_is_dead_lettered(new_wq):
+    with new_wq(max_retries=0, reaper_interval=0.05) as wq:
         wq.enqueue("jobs", "stuck", visibility_timeout=0.1)
         wq.dequeue("jobs", timeout=1.0)  # taken and never settled
         letter = wq.dequeue("jobs.dead_letter", timeout=5.0)
@@ -568,9 +600,9 @@ def test_expired_lease_after_last_retry_is_dead_lettered(no_leaks):
         assert wq.in_flight_count("jobs") == 0
 
 
-def test_retry_delay_with_backoff(no_leaks):
+def test_retry_delay_with_backoff(new_wq):
     times: List[float] = []
-    with ef.WorkQueue(retry_delay=0.1, retry_backoff=2.0, max_retries=3) as wq:
+    with new_wq(retry_delay=0.1, retry_backoff=2.0, max_retries=3) as wq:
         def fails_twice(message):
             times.append(time.monotonic())
             if len(times) < 3:
@@ -588,8 +620,8 @@ def test_retry_delay_with_backoff(no_leaks):
     assert times[2] - times[1] >= 0.195
 
 
-def test_delayed_retry_counts_as_pending(no_leaks):
-    with ef.WorkQueue(retry_delay=5.0) as wq:
+def test_delayed_retry_counts_as_pending(new_wq):
+    with new_wq(retry_delay=5.0) as wq:
         wq.enqueue("jobs", 1)
         wq.nack(wq.dequeue("jobs", timeout=1.0))
         assert wq.pending_count("jobs") == 1
@@ -604,9 +636,18 @@ def make_job(payload: Any = None) -> ef.Message:
     return ef.Message("jobs", payload)
 
 
-def test_store_fencing_refuses_stale_tokens():
+def clocked_store(kind: str, directory: Any, clock: Any = time.time) -> ef.WorkStore:
+    """A store of ``kind`` on ``clock`` that sweeps whenever asked (no rate limit)."""
+    if kind == "memory":
+        return ef.MemoryWorkStore(clock=clock)
+    return open_store(kind, str(directory), clock=clock, sweep_interval=0.0,
+                      synchronous="NORMAL")
+
+
+@pytest.mark.parametrize("kind", STORE_LEVEL_KINDS)
+def test_store_fencing_refuses_stale_tokens(kind, tmp_path):
     clock = FakeClock()
-    store = ef.MemoryWorkStore(clock=clock)
+    store = clocked_store(kind, tmp_path, clock)
     store.enqueue("jobs", make_job(1))
     [lease] = store.claim("jobs", "default", 10.0)
     assert lease.attempt == 1
@@ -623,9 +664,10 @@ def test_store_fencing_refuses_stale_tokens():
     store.close()
 
 
-def test_store_sweep_respects_extend_and_counts():
+@pytest.mark.parametrize("kind", STORE_LEVEL_KINDS)
+def test_store_sweep_respects_extend_and_counts(kind, tmp_path):
     clock = FakeClock()
-    store = ef.MemoryWorkStore(clock=clock)
+    store = clocked_store(kind, tmp_path, clock)
     for i in range(3):
         store.enqueue("jobs", make_job(i))
     leases = store.claim("jobs", "default", 10.0, max_count=5)
@@ -648,8 +690,9 @@ def test_store_sweep_respects_extend_and_counts():
     store.close()
 
 
-def test_store_groups_get_their_own_copy():
-    store = ef.MemoryWorkStore()
+@pytest.mark.parametrize("kind", STORE_LEVEL_KINDS)
+def test_store_groups_get_their_own_copy(kind, tmp_path):
+    store = clocked_store(kind, tmp_path)
     store.ensure_group("jobs", "a")
     store.ensure_group("jobs", "b")
     store.enqueue("jobs", make_job("x"))
@@ -662,8 +705,9 @@ def test_store_groups_get_their_own_copy():
     store.close()
 
 
-def test_store_blocking_claim_wakes_on_enqueue_and_on_wake():
-    store = ef.MemoryWorkStore()
+@pytest.mark.parametrize("kind", STORE_LEVEL_KINDS)
+def test_store_blocking_claim_wakes_on_enqueue_and_on_wake(kind, tmp_path):
+    store = clocked_store(kind, tmp_path)
     got: List[Any] = []
     claimer = threading.Thread(
         target=lambda: got.append(store.claim("jobs", "default", 5.0, wait=10.0)))
@@ -684,9 +728,10 @@ def test_store_blocking_claim_wakes_on_enqueue_and_on_wake():
         store.enqueue("jobs", make_job())
 
 
-def test_a_store_object_plugs_in(no_leaks):
+@pytest.mark.parametrize("kind", STORE_LEVEL_KINDS)
+def test_a_store_object_plugs_in(no_leaks, kind, tmp_path):
     clock = FakeClock()
-    store = ef.MemoryWorkStore(clock=clock)
+    store = clocked_store(kind, tmp_path, clock)
     with ef.WorkQueue(store=store, reaper_interval=60.0, default_visibility_timeout=10.0) as wq:
         assert wq.store is store
         wq.enqueue("jobs", 1)
@@ -699,13 +744,15 @@ def test_a_store_object_plugs_in(no_leaks):
         assert wq.ack(first) is False and wq.ack(second) is True
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("kind", STORE_LEVEL_KINDS)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(
     ["enqueue", "claim", "ack", "nack", "nack_delay", "dead", "extend", "tick", "sweep"]),
-    st.integers(0, 5)), max_size=60))
-def test_store_never_leases_a_job_twice_and_loses_nothing(ops):
+    st.integers(0, 5)), max_size=50))
+def test_store_never_leases_a_job_twice_and_loses_nothing(kind, ops):
     clock = FakeClock()
-    store = ef.MemoryWorkStore(clock=clock)
+    directory = tempfile.mkdtemp()
+    store = clocked_store(kind, directory, clock)
     held: List[ef.Lease] = []  # current and stale leases, as workers would keep them
     enqueued = finished = 0
     for op, n in ops:
@@ -740,14 +787,15 @@ def test_store_never_leases_a_job_twice_and_loses_nothing(ops):
         assert all(v == 1 for v in current.values())
         assert len(current) == counts["in_flight"]
     store.close()
+    shutil.rmtree(directory)
 
 
-def test_slow_handlers_claim_one_job_at_a_time(no_leaks):
+def test_slow_handlers_claim_one_job_at_a_time(new_wq):
     # Prefetch only grows while handlers are quick: a slow consumer never sits
     # on jobs another idle consumer could take.
     peak_in_flight = [0]
     lock = threading.Lock()
-    with ef.WorkQueue() as wq:
+    with new_wq() as wq:
         def slow(message):
             with lock:
                 peak_in_flight[0] = max(peak_in_flight[0], wq.in_flight_count("jobs"))
@@ -761,20 +809,20 @@ def test_slow_handlers_claim_one_job_at_a_time(no_leaks):
     assert peak_in_flight[0] <= 2
 
 
-def test_quick_handlers_prefetch_and_every_job_is_done_once(no_leaks):
+def test_quick_handlers_prefetch_and_every_job_is_done_once(new_wq):
     lock = threading.Lock()
     seen = collections.Counter()
-    with ef.WorkQueue() as wq:
+    with new_wq() as wq:
         def quick(message):
             with lock:
                 seen[message.payload] += 1
 
         wq.consume("jobs", quick, prefetch=64)
-        for i in range(2000):
+        for i in range(500):
             wq.enqueue("jobs", i)
-        assert wait_for(lambda: sum(seen.values()) == 2000)
+        assert wait_for(lambda: sum(seen.values()) == 500)
         assert wait_for(lambda: wq.in_flight_count() == 0)
-        assert wq.stats["work"]["acked"] == 2000
+        assert wq.stats["work"]["acked"] == 500
     assert set(seen.values()) == {1}
 
 

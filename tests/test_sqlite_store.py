@@ -1,0 +1,486 @@
+"""The SQLite work store under failure: real files, real processes (issue 12's failure tests).
+
+The in-process WorkQueue tests (tests/test_work_queue.py) also run on this
+store; here are the crashes, races, locks, full disks and clock jumps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any, List
+
+import pytest
+
+import eventforge as ef
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def spawn(code: str, *args: str) -> subprocess.Popen:
+    """Start ``python -c code args...`` with this checkout importable."""
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_line(process: subprocess.Popen, timeout: float = 30.0) -> str:
+    """The next stdout line of ``process`` (fails the test on timeout or exit)."""
+    result: List[str] = []
+    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()))
+    reader.start()
+    reader.join(timeout)
+    assert result and result[0], f"no line from the child; stderr: {stderr_of(process)}"
+    return result[0].strip()
+
+
+def stderr_of(process: subprocess.Popen) -> str:
+    if process.poll() is None:
+        return "(still running)"
+    return process.stderr.read()[-2000:]
+
+
+def finish(process: subprocess.Popen, timeout: float = 60.0) -> str:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-2000:]
+    return out
+
+
+def wait_for(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def db(tmp_path):
+    return str(tmp_path / "jobs.db")
+
+
+# -- opening -------------------------------------------------------------------------
+
+
+def test_import_does_not_import_sqlite3():
+    code = "import sys, eventforge; print('sqlite3' in sys.modules)"
+    assert finish(spawn(code)).strip() == "False"
+
+
+def test_a_path_opens_sqlite_and_a_redis_url_names_the_missing_adapter(db, no_leaks):
+    with ef.WorkQueue(store=db) as wq:
+        assert isinstance(wq.store, ef.SQLiteWorkStore)
+        wq.enqueue("jobs", {"n": 1})
+    with ef.WorkQueue(store=db) as wq:  # reopened: the job is still there
+        job = wq.dequeue("jobs", timeout=1.0)
+        assert job.payload == {"n": 1}
+        assert wq.ack(job)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    try:
+        import eventforge_ext.redis as adapter
+        has_adapter = hasattr(adapter, "RedisWorkStore")
+    except ImportError:
+        has_adapter = False
+    if not has_adapter:
+        with pytest.raises(ImportError, match="RedisWorkStore"):
+            ef.WorkQueue(store="redis://127.0.0.1:6379/0")
+
+
+def test_options_are_checked_and_synchronous_is_applied(db):
+    with pytest.raises(ValueError, match="synchronous"):
+        ef.SQLiteWorkStore(db, synchronous="OFF")
+    for mode, level in (("FULL", 2), ("normal", 1)):
+        store = ef.SQLiteWorkStore(db, synchronous=mode)
+        with store._lock:
+            assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == level
+        store.close()
+
+
+def test_unserializable_payload_is_refused_before_any_write(db):
+    store = ef.SQLiteWorkStore(db)
+    with pytest.raises(ef.SerializationError):
+        store.enqueue("jobs", ef.Message("jobs", object()))
+    assert store.counts("jobs")["ready"] == 0
+    store.close()
+
+
+# -- 1. kill -9 mid-job ------------------------------------------------------------------------
+
+WORKER = """
+import sys, time, eventforge as ef
+db, topic, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+wq = ef.WorkQueue(store=db, default_visibility_timeout=1.0, reaper_interval=0.2)
+def handler(job):
+    print("started", job.payload, job.headers["_wq_attempt"], flush=True)
+    if mode == "hang":
+        time.sleep(3600)
+    if mode == "exit":
+        import os
+        os._exit(3)
+wq.consume(topic, handler)
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(db, no_leaks):
+    with ef.WorkQueue(store=db, default_visibility_timeout=1.0, reaper_interval=0.2) as wq:
+        wq.enqueue("jobs", "resize cat.png")
+        victim = spawn(WORKER, db, "jobs", "hang")
+        try:
+            assert read_line(victim) == "ready"
+            assert read_line(victim) == "started resize cat.png 1"
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+            victim.communicate()
+        done: List[Any] = []
+        wq.consume("jobs", lambda job: done.append((job.payload, job.headers["_wq_attempt"])))
+        assert wait_for(lambda: done)  # after the lease (1 s) and a sweep (<= 1 s)
+        assert wait_for(lambda: wq.in_flight_count() == 0 and wq.pending_count() == 0)
+        time.sleep(0.3)
+        assert done == [("resize cat.png", 2)]
+        assert wq.store.counts()["dead"] == 0
+
+
+# -- 2. N processes racing on one file ---------------------------------------------------------
+
+RACER = """
+import json, random, sys, time, eventforge as ef
+db, use_returning = sys.argv[1], sys.argv[2] == "1"
+store = ef.SQLiteWorkStore(db, use_returning=use_returning, synchronous="NORMAL")
+claimed = []
+idle_since = time.monotonic()
+while time.monotonic() - idle_since < 1.0:
+    leases = store.claim("jobs", "default", 60.0, max_count=random.randint(1, 3))
+    if not leases:
+        time.sleep(0.005)
+        continue
+    idle_since = time.monotonic()
+    for lease in leases:
+        claimed.append([lease.job_id, lease.token, lease.attempt])
+    assert all(store.ack_all(leases))
+store.close()
+print(json.dumps(claimed))
+"""
+
+
+@pytest.mark.parametrize("use_returning", [True, False], ids=["returning", "select-update"])
+def test_processes_racing_never_lease_a_job_twice(db, use_returning):
+    if use_returning and sqlite3.sqlite_version_info < (3, 35, 0):
+        pytest.skip("this SQLite has no RETURNING")
+    store = ef.SQLiteWorkStore(db, synchronous="NORMAL", use_returning=use_returning)
+    ids = [store.enqueue("jobs", ef.Message("jobs", i)) for i in range(400)]
+    racers = [spawn(RACER, db, "1" if use_returning else "0") for _ in range(4)]
+    results = [json.loads(finish(racer)) for racer in racers]
+    claimed = [job_id for result in results for job_id, _, _ in result]
+    assert sorted(claimed) == sorted(ids)  # every job once: never two leases at a time
+    assert all(attempt == 1 for result in results for _, _, attempt in result)
+    assert sum(1 for result in results if result) >= 2  # they really raced
+    assert store.counts() == {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+    store.close()
+
+
+# -- 3. a restarting worker steals no live lease -----------------------------------------------
+
+HOLDER = """
+import sys, time, eventforge as ef
+db = sys.argv[1]
+wq = ef.WorkQueue(store=db, default_visibility_timeout=30.0)
+job = wq.dequeue("jobs", timeout=10)
+print("holding", job.payload, flush=True)
+sys.stdin.readline()
+print("acked", wq.ack(job), flush=True)
+wq.close()
+"""
+
+
+def test_restarted_worker_steals_no_live_lease(db, no_leaks):
+    store = ef.SQLiteWorkStore(db)
+    store.enqueue("jobs", ef.Message("jobs", "live"))
+    store.close()
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        assert read_line(holder) == "holding live"
+        # A worker (re)starting on the same file, sweeping eagerly, gets nothing.
+        with ef.WorkQueue(store=ef.SQLiteWorkStore(db, sweep_interval=0.0),
+                          reaper_interval=0.05) as restarted:
+            assert restarted.dequeue("jobs", timeout=1.5) is None
+            assert restarted.in_flight_count("jobs") == 1
+            assert restarted.stats["work"]["expired"] == 0
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert read_line(holder) == "acked True"
+    finally:
+        holder.communicate(timeout=30)
+
+
+# -- 4. a job outliving its lease --------------------------------------------------------------
+
+
+def test_stale_ack_is_refused_and_reported_and_touch_prevents_redelivery(db, no_leaks, caplog):
+    with ef.WorkQueue(store=ef.SQLiteWorkStore(db, sweep_interval=0.0),
+                      reaper_interval=0.05) as wq:
+        wq.enqueue("jobs", "slow", visibility_timeout=0.3)
+        first = wq.dequeue("jobs", timeout=1.0)
+        second = wq.dequeue("jobs", timeout=5.0)  # the lease ran out: someone else has it
+        assert second.id == first.id
+        with caplog.at_level(logging.WARNING, logger="eventforge"):
+            assert wq.ack(first) is False
+        assert any("refused" in r.getMessage() for r in caplog.records)
+        assert wq.stats["work"]["stale"] == 1
+        assert wq.in_flight_count("jobs") == 1  # the late ack did not delete the job
+        for _ in range(8):  # 0.8 s, more than twice the lease, kept alive
+            time.sleep(0.1)
+            assert wq.touch(second)
+        assert wq.stats["work"]["expired"] == 1
+        assert wq.ack(second) is True
+
+
+# -- 5. the clock jumps ------------------------------------------------------------------------
+
+
+def test_clock_jumping_back_strands_nothing(db):
+    clock = FakeClock()
+    store = ef.SQLiteWorkStore(db, clock=clock, sweep_interval=0.0)
+    for i in range(3):
+        store.enqueue("jobs", ef.Message("jobs", i))
+    leased = store.claim("jobs", "default", 10.0, max_count=2)
+    [delayed] = store.claim("jobs", "default", 10.0)
+    assert store.nack(delayed, delay=5.0)
+    clock.advance(-3600)  # leases now look an hour longer, the delay an hour later
+    assert store.sweep(30.0) == []  # clamps the deadlines back to their lengths
+    clock.advance(11)
+    expired = store.sweep(30.0)
+    assert sorted(lease.job_id for lease in expired) == sorted(held.job_id for held in leased)
+    assert [lease.message.payload for lease in store.claim("jobs", "default", 10.0)] == [2]
+    store.close()
+
+
+def test_clock_jumping_forward_makes_at_most_one_duplicate_per_lease(db):
+    clock = FakeClock()
+    store = ef.SQLiteWorkStore(db, clock=clock, sweep_interval=0.0)
+    for i in range(5):
+        store.enqueue("jobs", ef.Message("jobs", i))
+    leases = store.claim("jobs", "default", 30.0, max_count=5)
+    clock.advance(3600)
+    taken_over = store.sweep(30.0)
+    assert len(taken_over) == 5 and store.sweep(30.0) == []  # each lease once
+    assert not any(store.ack(lease) for lease in leases)  # the late worker is fenced off
+    for lease in taken_over:
+        assert store.nack(lease)
+    again = store.claim("jobs", "default", 30.0, max_count=10)
+    assert len(again) == 5 and {lease.attempt for lease in again} == {2}
+    assert all(store.ack_all(again))
+    store.close()
+
+
+# -- 6. locked past the busy timeout -----------------------------------------------------------
+
+
+def lock_database(db: str, seconds: float) -> threading.Thread:
+    """Hold the write lock from another connection for ``seconds``."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(seconds)
+        conn.execute("COMMIT")
+        conn.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert locked.wait(5)
+    return thread
+
+
+def test_locked_database_raises_a_typed_error_and_the_consumer_survives(db, no_leaks):
+    store = ef.SQLiteWorkStore(db, busy_timeout=0.05)
+    done = threading.Event()
+    with ef.WorkQueue(store=store) as wq:
+        wq.consume("jobs", lambda job: done.set())
+        time.sleep(0.1)
+        holder = lock_database(db, 1.5)
+        start = time.monotonic()
+        logging.getLogger("eventforge").disabled = True  # the consumer logs its retries
+        try:
+            with pytest.raises(ef.StoreBusyError, match="locked") as caught:
+                wq.enqueue("jobs", 1)
+            assert isinstance(caught.value, TimeoutError)
+            assert time.monotonic() - start < 1.4  # gave up: no endless retry
+            holder.join()
+            wq.enqueue("jobs", 2)  # the lock is gone: the consume loop picks it up
+            assert done.wait(10)
+        finally:
+            logging.getLogger("eventforge").disabled = False
+
+
+# -- 7. disk full ------------------------------------------------------------------------------
+
+
+def test_full_database_raises_a_clear_error_without_retries_or_open_transaction(db):
+    store = ef.SQLiteWorkStore(db)
+    store.enqueue("jobs", ef.Message("jobs", "before"))
+    with store._lock:
+        conn = store._connection()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    start = time.monotonic()
+    with pytest.raises(ef.StoreFullError, match="full"):
+        for _ in range(50):
+            store.enqueue("jobs", ef.Message("jobs", "x" * 20_000))
+    assert time.monotonic() - start < 5.0
+    assert not conn.in_transaction
+    # What was committed is intact and the store keeps working within its room.
+    [lease] = store.claim("jobs", "default", 30.0)
+    assert lease.message.payload == "before"
+    assert store.ack(lease)
+    store.close()
+
+
+# -- 8. poison messages ------------------------------------------------------------------------
+
+
+def test_handler_that_exits_the_process_ends_as_visibility_timeout_exceeded(db, no_leaks):
+    with ef.WorkQueue(store=db, max_retries=0, default_visibility_timeout=1.0,
+                      reaper_interval=0.2) as wq:
+        wq.enqueue("jobs", "poison")
+        worker = spawn(WORKER, db, "jobs", "exit")
+        try:
+            assert read_line(worker) == "ready"
+            assert read_line(worker) == "started poison 1"
+            worker.wait(10)
+            assert worker.returncode == 3
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            worker.communicate()
+        letter = wq.dequeue("jobs.dead_letter", timeout=10.0)
+        assert letter is not None and letter.payload == "poison"
+        assert letter.headers["_wq_reason"] == "visibility_timeout_exceeded"
+        assert wq.ack(letter)
+
+
+# -- 9. a committed enqueue survives SIGKILL ---------------------------------------------------
+
+ENQUEUER = """
+import sys, time, eventforge as ef
+wq = ef.WorkQueue(store=sys.argv[1])
+for i in range(20):
+    wq.enqueue("jobs", i)
+print("committed", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_committed_enqueue_survives_sigkill(db):
+    producer = spawn(ENQUEUER, db)
+    try:
+        assert read_line(producer) == "committed"
+        producer.send_signal(signal.SIGKILL)
+        producer.wait(10)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+        producer.communicate()
+    store = ef.SQLiteWorkStore(db)
+    assert store.counts("jobs")["ready"] == 20
+    leases = store.claim("jobs", "default", 30.0, max_count=50)
+    assert [lease.message.payload for lease in leases] == list(range(20))
+    store.close()
+
+
+# -- 10. fork after opening, constant readers, a bounded WAL -----------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_after_opening_with_constant_readers(db):
+    limit = 256 * 1024
+    store = ef.SQLiteWorkStore(db, synchronous="NORMAL", wal_size_limit=limit,
+                               sweep_interval=0.0)
+    store.enqueue("jobs", ef.Message("jobs", "from the parent"))
+    pid = os.fork()
+    if pid == 0:  # the child: same store object, so its connection must be reopened
+        code = 1
+        try:
+            for _ in range(300):
+                store.enqueue("jobs", ef.Message("jobs", "x" * 2000))
+                for lease in store.claim("jobs", "default", 30.0, max_count=2):
+                    store.ack(lease)
+            code = 0
+        finally:
+            os._exit(code)
+    stop = threading.Event()
+    problems: List[BaseException] = []
+    wal_sizes: List[int] = []
+
+    def read_constantly() -> None:
+        reader = ef.SQLiteWorkStore(db)
+        try:
+            while not stop.is_set():
+                reader.counts()
+                try:
+                    wal_sizes.append(os.path.getsize(db + "-wal"))
+                except OSError:
+                    pass
+        except BaseException as exc:  # pragma: no cover - reported below
+            problems.append(exc)
+        finally:
+            reader.close()
+
+    readers = [threading.Thread(target=read_constantly) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        while True:  # the parent keeps using its own connection meanwhile
+            store.counts()
+            store.sweep(30.0)  # truncates the WAL if it grew past the limit
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.01)
+        assert os.WEXITSTATUS(status) == 0
+        # With the readers still going, a sweep gets the WAL back under the limit.
+        assert wait_for(lambda: store.sweep(30.0) == [] and os.path.getsize(db + "-wal") <= limit)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert not problems
+    # Checkpoints run all along (SQLite's at the limit, ours at each sweep); readers
+    # can delay them, so the peak is some multiple of the limit, never the whole log.
+    assert max(wal_sizes) < 64 * limit
+    counts = store.counts("jobs")
+    assert counts["ready"] + counts["in_flight"] <= 301
+    with store._lock:
+        assert store._connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store.close()
