@@ -35,7 +35,7 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 import eventforge as ef
 
@@ -99,6 +99,77 @@ class _RateLimitedLog:
             logger.warning(text, *args)
 
 
+class Outbox:
+    """Messages waiting for the broker, in send order, drained by one party at a time.
+
+    :meth:`put` tells the caller when it must start the drainer (a thread or
+    an event-loop task); the drainer takes batches with :meth:`take` until it
+    gets None, which also marks the outbox idle for :meth:`wait_idle`.
+    """
+
+    def __init__(self, limit: int, where: str) -> None:
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"max_pending must be a positive int, not {limit!r}")
+        self.limit = limit
+        self.where = where
+        self.full = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._items: Deque[Tuple[str, bytes]] = collections.deque()
+        self._busy = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Tuple[str, bytes]) -> bool:
+        """Queue ``item``; True when no drainer runs and the caller must start one."""
+        with self._lock:
+            if len(self._items) >= self.limit:
+                self.full += 1
+                raise ef.TransportFullError(
+                    f"{self.limit} messages wait for {self.where}; it is unreachable "
+                    "or slower than the publisher"
+                )
+            self._items.append(item)
+            if self._busy:
+                return False
+            self._busy = True
+            return True
+
+    def take(self, most: int = 0) -> Optional[List[Tuple[str, bytes]]]:
+        """The next batch (all, or at most ``most``), or None once empty (now idle)."""
+        with self._lock:
+            items = self._items
+            if not items:
+                self._busy = False
+                self._idle.notify_all()
+                return None
+            self._busy = True
+            if not most or len(items) <= most:
+                batch = list(items)
+                items.clear()
+                return batch
+            return [items.popleft() for _ in range(most)]
+
+    def wait_idle(self, timeout: Optional[float]) -> bool:
+        """Wait until everything queued was handed over; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._busy or self._items:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def clear(self) -> int:
+        """Drop what waits; returns how many."""
+        with self._lock:
+            left = len(self._items)
+            self._items.clear()
+            return left
+
+
 class BrokerTransport(ef.Transport):
     """Base of :class:`RedisTransport` and :class:`NatsTransport` (see module doc).
 
@@ -115,10 +186,13 @@ class BrokerTransport(ef.Transport):
         self,
         *,
         max_queue_size: int = 1000,
+        max_pending: int = 100_000,
         subscribe_timeout: float = 5.0,
         max_frame_size: int = ef.DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
         self.subscribe_timeout = subscribe_timeout
+        self.max_pending = max_pending
+        self._outbox = Outbox(max_pending, f"the {self.kind} broker")
         self.max_frame_size = max_frame_size
         self._local = ef.MemoryTransport(max_queue_size)
         # _routes_lock orders reference counts *and* the broker commands they
@@ -318,6 +392,8 @@ class BrokerTransport(ef.Transport):
         stats.update(self._counts)
         stats["connected"] = self.connected
         stats["routes"] = len(self._refs)
+        stats["pending"] = len(self._outbox)
+        stats["full"] = self._outbox.full
         stats["dispatch_backlog"] = self._dispatcher.backlog
         return stats
 

@@ -26,14 +26,20 @@ service name share its calls, balanced by the server.
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import eventforge as ef
 
-from ._broker import BrokerTransport, Route, collapse_globstars, inbox_parts, join_thread, require
+from ._broker import (
+    BrokerTransport,
+    Route,
+    collapse_globstars,
+    inbox_parts,
+    join_thread,
+    require,
+)
 
 __all__ = ["NatsTransport", "nats_subject", "nats_subjects", "RPC_QUEUE_GROUP"]
 
@@ -117,19 +123,16 @@ class NatsTransport(BrokerTransport):
         nats = require("nats", "nats-py", "nats")
         super().__init__(
             max_queue_size=max_queue_size,
+            max_pending=max_pending,
             subscribe_timeout=subscribe_timeout,
             max_frame_size=max_frame_size,
         )
         self._nats = nats
         self.servers = servers
         self.address = servers if isinstance(servers, str) else ",".join(servers)
-        self.max_pending = max_pending
         self.rpc_queue_group = rpc_queue_group
         self._subs: Dict[Route, Any] = {}  # loop thread only
-        self._out_lock = threading.Lock()
-        self._out_idle = threading.Condition(self._out_lock)
-        self._outbox: Deque[Tuple[str, bytes]] = collections.deque()
-        self._draining = False
+        self._outbox.where = f"the NATS client of {self.address}"
         self._thread: Optional[threading.Thread] = None
         self._owns_client = client is None
         if client is not None:
@@ -280,18 +283,8 @@ class NatsTransport(BrokerTransport):
     # -- publishing ------------------------------------------------------------------------
 
     def _publish(self, topic: str, body: bytes) -> None:
-        item = (nats_subject(topic), body)
-        with self._out_lock:
-            if len(self._outbox) >= self.max_pending:
-                self._counts["full"] += 1
-                raise ef.TransportFullError(
-                    f"{self.max_pending} messages wait for the NATS client of {self.address}"
-                )
-            self._outbox.append(item)
-            if self._draining:
-                return
-            self._draining = True
-        self._aloop.call_soon_threadsafe(self._start_drain)
+        if self._outbox.put((nats_subject(topic), body)):
+            self._aloop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
         self._aloop.create_task(self._drain())
@@ -299,13 +292,9 @@ class NatsTransport(BrokerTransport):
     async def _drain(self) -> None:
         publish = self._nc.publish
         while True:
-            with self._out_lock:
-                if not self._outbox:
-                    self._draining = False
-                    self._out_idle.notify_all()
-                    return
-                batch: List[Tuple[str, bytes]] = list(self._outbox)
-                self._outbox.clear()
+            batch = self._outbox.take()
+            if batch is None:
+                return
             done = 0
             try:
                 for subject, body in batch:
@@ -322,12 +311,8 @@ class NatsTransport(BrokerTransport):
     def flush(self, timeout: Optional[float] = 10.0) -> bool:
         """Wait until the NATS server has every message sent so far; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._out_lock:
-            while self._draining:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._out_idle.wait(remaining)
+        if not self._outbox.wait_idle(timeout):
+            return False
         remaining = 10.0 if deadline is None else max(0.001, deadline - time.monotonic())
         try:
             self._call(self._nc.flush(remaining), remaining + 1.0)

@@ -24,14 +24,19 @@ exponential backoff) and subscribes everything again.
 
 from __future__ import annotations
 
-import collections
 import threading
-import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import eventforge as ef
 
-from ._broker import BrokerTransport, Route, collapse_globstars, inbox_parts, join_thread, require
+from ._broker import (
+    BrokerTransport,
+    Route,
+    collapse_globstars,
+    inbox_parts,
+    join_thread,
+    require,
+)
 
 __all__ = ["RedisTransport", "redis_channel", "redis_glob"]
 
@@ -117,6 +122,7 @@ class RedisTransport(BrokerTransport):
         redis = require("redis", "redis", "redis")
         super().__init__(
             max_queue_size=max_queue_size,
+            max_pending=max_pending,
             subscribe_timeout=subscribe_timeout,
             max_frame_size=max_frame_size,
         )
@@ -131,14 +137,10 @@ class RedisTransport(BrokerTransport):
         self._client = client
         kwargs = client.connection_pool.connection_kwargs
         self.address = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}"
-        self.max_pending = max_pending
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         # publishing: senders queue, one writer thread pipelines
-        self._out_lock = threading.Lock()
-        self._out_idle = threading.Condition(self._out_lock)
-        self._outbox: Deque[Tuple[str, bytes]] = collections.deque()
-        self._writer_busy = False
+        self._outbox.where = f"Redis at {self.address}"
         self._writer_wake = threading.Event()
         self._stopping = threading.Event()
         # subscribing: one selector thread owns the subscriber connection
@@ -191,49 +193,23 @@ class RedisTransport(BrokerTransport):
     # -- publishing ----------------------------------------------------------------------
 
     def _publish(self, topic: str, body: bytes) -> None:
-        item = (redis_channel(topic), body)
-        with self._out_lock:
-            if len(self._outbox) >= self.max_pending:
-                self._counts["full"] += 1
-                raise ef.TransportFullError(
-                    f"{self.max_pending} messages wait for Redis at {self.address}; "
-                    "it is unreachable or slower than the publisher"
-                )
-            self._outbox.append(item)
-            if self._writer_busy:
-                return
-            self._writer_busy = True
-        self._writer_wake.set()
+        if self._outbox.put((redis_channel(topic), body)):
+            self._writer_wake.set()
 
     def flush(self, timeout: Optional[float] = 10.0) -> bool:
         """Wait until Redis has taken every message sent so far; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._out_lock:
-            while self._writer_busy or self._outbox:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                if not self._writer.is_alive():
-                    return False
-                self._out_idle.wait(remaining)
-        return True
+        if not self._writer.is_alive():
+            return not self._outbox
+        return self._outbox.wait_idle(timeout)
 
     def _write_loop(self) -> None:
         backoff = self.backoff_initial
         while True:
-            with self._out_lock:
-                if not self._outbox:
-                    self._writer_busy = False
-                    self._out_idle.notify_all()
-                    if self._stopping.is_set():
-                        return
-                    self._writer_wake.clear()
-                    batch: Optional[List[Tuple[str, bytes]]] = None
-                else:
-                    self._writer_busy = True
-                    count = min(len(self._outbox), _WRITE_BATCH)
-                    batch = [self._outbox.popleft() for _ in range(count)]
+            self._writer_wake.clear()
+            batch = self._outbox.take(_WRITE_BATCH)
             if batch is None:
+                if self._stopping.is_set():
+                    return
                 self._writer_wake.wait()
                 continue
             if self._write(batch):
@@ -266,6 +242,7 @@ class RedisTransport(BrokerTransport):
         pool = self._client.connection_pool
         options: Dict[str, Any] = dict(pool.connection_kwargs)
         options["protocol"] = 2  # pub/sub pushes as plain arrays
+        options["decode_responses"] = False  # bodies are bytes, whatever the client decodes
         for key in [key for key in options if key.startswith("maint_notifications")]:
             del options[key]  # redis-py 7+: RESP3-only, meaningless here
         options["socket_timeout"] = None  # reads happen only when the selector says so
@@ -397,9 +374,7 @@ class RedisTransport(BrokerTransport):
         join_thread(self._writer, 5.0)
         join_thread(self._loop.thread, 5.0)
         self._loop.close()
-        with self._out_lock:
-            left = len(self._outbox)
-            self._outbox.clear()
+        left = self._outbox.clear()
         if left:
             ef.logger.warning("redis %s: closed with %d message(s) not published",
                               self.address, left)

@@ -363,7 +363,7 @@ def test_close_from_a_handler_does_not_hang(broker):
 def test_redis_close_leaves_a_callers_client_open(redis_url, no_leaks):
     import redis
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         transport = RedisTransport(client=client)
         got, handler = collector()
@@ -543,3 +543,42 @@ def test_importing_the_adapters_imports_no_client():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.timeout(90)
+def test_redis_send_raises_transport_full_past_max_pending(redis_server, no_leaks):
+    """Backpressure is bounded: past max_pending waiting messages send() raises."""
+    transport = RedisTransport(url=redis_server.url, max_pending=50, socket_timeout=30)
+    try:
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ef.TransportFullError):
+                for i in range(1000):
+                    transport.send(ef.Message(topic="full.x", payload=i))
+            assert transport.stats["full"] == 1
+            assert transport.stats["pending"] == 50
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        assert transport.flush(PATIENCE)
+        assert transport.stats["pending"] == 0
+    finally:
+        transport.close()
+
+
+def test_outbox_batches_in_order_and_reports_idle():
+    from eventforge_ext._broker import Outbox
+
+    outbox = Outbox(3, "the test broker")
+    assert outbox.put(("a", b"1")) is True  # the caller starts the drainer
+    assert outbox.put(("a", b"2")) is False  # it is running
+    assert outbox.put(("a", b"3")) is False
+    with pytest.raises(ef.TransportFullError, match="3 messages wait for the test broker"):
+        outbox.put(("a", b"4"))
+    assert outbox.wait_idle(0.01) is False
+    assert outbox.take(2) == [("a", b"1"), ("a", b"2")]
+    assert outbox.take() == [("a", b"3")]
+    assert outbox.take() is None
+    assert outbox.wait_idle(0.01) is True
+    assert outbox.put(("a", b"5")) is True  # idle again: start a new drainer
+    with pytest.raises(ValueError):
+        Outbox(0, "x")
