@@ -79,7 +79,6 @@ __all__ = [
     "RPCTimeoutError",
     "RemoteError",
     "MethodNotFoundError",
-    "QueueFullError",
     "StoreError",
     "StoreBusyError",
     "StoreFullError",
@@ -308,10 +307,6 @@ class RemoteError(EventforgeError):
 
 class MethodNotFoundError(RemoteError):
     """The RPC server has no method registered under the requested name."""
-
-
-class QueueFullError(EventforgeError):
-    """A bounded work queue already holds as many waiting jobs as it may."""
 
 
 class StoreError(EventforgeError):
