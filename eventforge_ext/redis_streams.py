@@ -455,6 +455,7 @@ class RedisWorkStore(ef.WorkStore):
         self._generation = 0  # bumped by wake()
         self._blocked: Dict[int, int] = {}  # Redis client id of a blocked claim -> its count
         self._idle_conns: List[Any] = []  # dedicated connections for blocking reads
+        self._conn_pid = os.getpid()
         self._keys: Dict[str, _Keys] = {}
         self._ensured: set = set()  # (topic, group) pairs known to exist
         self._registered: set = set()  # topics added to the <prefix>:topics set
@@ -659,6 +660,10 @@ class RedisWorkStore(ef.WorkStore):
 
     def _take_connection(self) -> Any:
         with self._lock:
+            if self._conn_pid != os.getpid():  # forked: the parent's sockets are not ours
+                self._conn_pid = os.getpid()
+                self._idle_conns = []
+                self._blocked.clear()
             if self._idle_conns:
                 return self._idle_conns.pop()
         pool = self._client.connection_pool
