@@ -24,7 +24,8 @@ The file reads top to bottom; every section uses only the sections above it.
    10. tasks ................. task, TaskRunner, TaskPool
    11. work queues ........... WorkQueue; WorkStore (the storage seam), Lease,
                                MemoryWorkStore, SQLiteWorkStore
-   12. command line .......... worker, main(argv), demo
+   12. command line .......... worker (RPC, or a work queue's JOBS), main(argv),
+                               demo, demo-queue
    13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
 The wire format is specified in ``docs/protocol.md``; what each transport
@@ -163,6 +164,7 @@ __all__ = [
     "WorkQueue",
     # command line
     "load_worker_module",
+    "load_job_module",
     "worker_main",
     "main",
 ]
@@ -8726,23 +8728,23 @@ class MemoryWorkStore(WorkStore):
             return [self._ack_locked(lease) for lease in leases]
 
     def _ack_locked(self, lease: Lease) -> bool:
+        return self._unlease(lease) is not None
+
+    def _unlease(self, lease: Lease) -> Optional[Tuple[_MemoryGroup, _MemoryEntry]]:
+        # Called with the lock held: end the lease if its token is current.
         held = self._held(lease)
-        if held is None:
-            return False
-        del held[0].leased[lease.job_id]
-        held[1].token = 0
-        self._live -= 1
-        return True
+        if held is not None:
+            del held[0].leased[lease.job_id]
+            held[1].token = 0
+            self._live -= 1
+        return held
 
     def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
         with self._lock:
-            held = self._held(lease)
+            held = self._unlease(lease)
             if held is None:
                 return False
             state, entry = held
-            del state.leased[lease.job_id]
-            entry.token = 0
-            self._live -= 1
             if not count_attempt:
                 entry.attempts -= 1
             if delay > 0:
@@ -8765,14 +8767,10 @@ class MemoryWorkStore(WorkStore):
 
     def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
         with self._lock:
-            held = self._held(lease)
+            held = self._unlease(lease)
             if held is None:
                 return False
-            state, entry = held
-            del state.leased[lease.job_id]
-            entry.token = 0
-            self._live -= 1
-            state.dead += 1
+            held[0].dead += 1
             self._add_locked(self._groups(topic), message)
             return True
 
@@ -10080,18 +10078,7 @@ def load_worker_module(spec: str) -> Tuple[Any, Dict[str, Callable[..., Any]], O
         if not isinstance(handlers, dict):
             raise _CLIError(f"HANDLERS in {spec!r} must be a dict of name -> callable, "
                             f"not {type(handlers).__name__}")
-        if not handlers:
-            raise _CLIError(f"HANDLERS in {spec!r} is empty: nothing to serve")
-        for name, func in handlers.items():
-            if not isinstance(name, str) or not name:
-                raise _CLIError(f"HANDLERS in {spec!r} has a key that is not a non-empty "
-                                f"string: {name!r}")
-            if not callable(func):
-                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is not callable "
-                                f"({type(func).__name__})")
-            if _is_async_callable(func):
-                raise _CLIError(f"HANDLERS[{name!r}] in {spec!r} is a coroutine function; "
-                                "workers serve plain functions")
+        _check_handler_table(spec, "HANDLERS", handlers)
         service = getattr(module, "SERVICE_NAME", None)
         if service is not None and (not isinstance(service, str) or not service):
             raise _CLIError(f"SERVICE_NAME in {spec!r} must be a non-empty string, "
@@ -10102,6 +10089,47 @@ def load_worker_module(spec: str) -> Tuple[Any, Dict[str, Callable[..., Any]], O
     except _CLIError as exc:
         raise ValueError(str(exc)) from None
     return module, dict(handlers), service
+
+
+def _check_handler_table(spec: str, name: str, table: Dict[Any, Any]) -> None:
+    """A worker module's table of handlers: non-empty, str keys, plain callables."""
+    if not table:
+        raise _CLIError(f"{name} in {spec!r} is empty: nothing to serve")
+    for key, func in table.items():
+        if not isinstance(key, str) or not key:
+            raise _CLIError(f"{name} in {spec!r} has a key that is not a non-empty "
+                            f"string: {key!r}")
+        if not callable(func):
+            raise _CLIError(f"{name}[{key!r}] in {spec!r} is not callable "
+                            f"({type(func).__name__})")
+        if _is_async_callable(func):
+            raise _CLIError(f"{name}[{key!r}] in {spec!r} is a coroutine function; "
+                            "workers serve plain functions")
+
+
+def load_job_module(spec: str) -> Tuple[Any, Dict[str, Callable[[Message], Any]]]:
+    """Import a queue worker's module; return (module, jobs).
+
+    The module must define a non-empty dict ``JOBS`` mapping topics to
+    handlers; each handler is called with a job (a :class:`Message`), acks it
+    by returning and has it retried by raising.  A broken module raises
+    ValueError with one line saying what is wrong.
+    """
+    try:
+        module = _load_handler_module(spec)
+        jobs = getattr(module, "JOBS", None)
+        if not isinstance(jobs, dict):
+            raise _CLIError(f"module {spec!r} defines no JOBS dict (expected "
+                            "JOBS = {'topic': handler, ...}, each handler taking a job)")
+        _check_handler_table(spec, "JOBS", jobs)
+        for topic in jobs:
+            try:
+                validate_topic(topic)
+            except TopicError as exc:
+                raise _CLIError(f"JOBS in {spec!r}: {exc}") from None
+    except _CLIError as exc:
+        raise ValueError(str(exc)) from None
+    return module, dict(jobs)
 
 
 def _format_address(address: Any) -> str:
@@ -10157,6 +10185,8 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
     _configure_logging(args.log_level)
     if args.workers < 1:
         raise _CLIError(f"--workers must be >= 1, not {args.workers}")
+    if args.queue:
+        return _cmd_queue_worker(args, out)
     try:
         module, handlers, module_service = load_worker_module(args.import_)
     except ValueError as exc:
@@ -10237,6 +10267,38 @@ def _broker_transport(args: Any) -> Optional[Transport]:
         raise _CLIError(str(exc)) from None
     except (OSError, EventforgeError) as exc:
         raise _CLIError(f"cannot connect to {url}: {exc}", EXIT_FAILURE) from None
+
+
+def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
+    """``worker --queue``: consume a durable work queue with the module's JOBS."""
+    try:
+        _, jobs = load_job_module(args.import_)
+    except ValueError as exc:
+        raise _CLIError(str(exc)) from None
+    stop = threading.Event()
+    restore = _install_stop_signals(stop)
+    try:
+        try:
+            queue = WorkQueue(store=args.queue, max_workers=args.workers * len(jobs),
+                              default_visibility_timeout=args.visibility_timeout,
+                              max_retries=args.max_retries)
+        except (ImportError, StoreError, OSError, ValueError, TypeError) as exc:
+            raise _CLIError(f"cannot open the work queue {args.queue!r}: {exc}") from None
+        try:
+            for topic, handler in jobs.items():
+                queue.consume(topic, handler, consumer_group=args.group,
+                              concurrency=args.workers)
+            out(f"eventforge worker ready: jobs of {', '.join(sorted(jobs))} from {args.queue} "
+                f"({args.workers} at a time per topic; pid {os.getpid()})")
+            _wait_until(stop)
+            logger.info("worker: stopping, finishing the jobs in hand")
+        finally:
+            # Running jobs finish and are acked; claimed ones not started go back.
+            queue.close(timeout=args.drain_timeout)
+        out(f"eventforge worker stopped: {queue.stats['work']['acked']} jobs done")
+        return EXIT_OK
+    finally:
+        restore()
 
 
 def _connect_queue(args: Any) -> MessageQueue:
@@ -10435,7 +10497,8 @@ def _percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _start_demo_worker(handlers_path: str, name: str, nats: Optional[str] = None) -> Any:
+def _start_demo_worker(handlers_path: str, name: str, nats: Optional[str] = None,
+                       options: Optional[Tuple[str, ...]] = None) -> Any:
     import subprocess
 
     env = dict(os.environ)
@@ -10444,8 +10507,8 @@ def _start_demo_worker(handlers_path: str, name: str, nats: Optional[str] = None
     env["EVENTFORGE_DEMO_WORKER"] = name
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
-               *(["--nats", nats] if nats else ["--port", "0"]),
-               "--workers", "2", "--log-level", "WARNING"]
+               *(options or (*(("--nats", nats) if nats else ("--port", "0")), "--workers", "2")),
+               "--log-level", "WARNING"]
     # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
     # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
     flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
@@ -10493,6 +10556,123 @@ def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
         process.kill()
         process.communicate(timeout=timeout)
     return process.returncode
+
+
+_DEMO_JOBS_SOURCE = '''\
+"""Jobs of the workers of ``eventforge demo-queue`` (written by the demo).
+
+Any module shaped like this one can be run with
+``python -m eventforge worker --import MODULE --queue jobs.db``.
+"""
+import os
+import time
+
+WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
+
+
+def render(job):
+    print("%s: rendering %s (attempt %d)" % (WORKER, job.payload["name"],
+                                              job.headers["_wq_attempt"]), flush=True)
+    time.sleep(job.payload["seconds"])
+    print("%s: finished %s" % (WORKER, job.payload["name"]), flush=True)
+
+
+JOBS = {"demo.render": render}
+'''
+
+
+class _LineReader:
+    """Collects a child process's stdout lines on a thread; waits for a pattern."""
+
+    def __init__(self, process: Any) -> None:
+        import queue as queue_module
+
+        self.lines: Any = queue_module.Queue()
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True,
+                                        name="eventforge-demo-reader")
+        self._thread.start()
+
+    def _read(self, process: Any) -> None:
+        for line in process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, pattern: str, timeout: float) -> str:
+        import queue as queue_module
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_module.Empty:
+                line = None
+            if line is None:
+                raise _CLIError(f"the demo worker did not print {pattern!r} in time",
+                                EXIT_FAILURE)
+            if re.search(pattern, line):
+                return line
+
+
+def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
+    """A durable work queue: a worker killed mid-job, the job finished by another."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="eventforge-demo-queue-")
+    path = os.path.join(directory, "jobs.db")
+    jobs_file = os.path.join(directory, "demo_jobs.py")
+    with open(jobs_file, "w", encoding="utf-8") as f:
+        f.write(_DEMO_JOBS_SOURCE)
+    options = ("--queue", path, "--workers", "1", "--visibility-timeout", str(lease))
+    workers = []
+    try:
+        out(f"durable work queue: jobs in {path}, workers in separate processes")
+        with WorkQueue(store=path) as queue:
+            first = _start_demo_worker(jobs_file, "worker-1", options=options)
+            workers.append(first)
+            reader = _LineReader(first)
+            reader.expect("ready", 30)
+            queue.enqueue("demo.render", {"name": "report.pdf", "seconds": 0.5})
+            out("  enqueued job 'report.pdf'")
+            out("  " + reader.expect("rendering report.pdf", 30))
+            first.kill()  # SIGKILL: no chance to ack or release the job
+            first.wait(10)
+            killed = time.monotonic()
+            out(f"  killed worker-1 (pid {first.pid}) mid-job, without warning")
+            second = _start_demo_worker(jobs_file, "worker-2", options=options)
+            workers.append(second)
+            reader = _LineReader(second)
+            reader.expect("ready", 30)
+            out(f"  started worker-2 (pid {second.pid})")
+            line = reader.expect("rendering report.pdf", 30)
+            out(f"  {line}, {time.monotonic() - killed:.1f} s after the kill: "
+                f"the {lease:g} s lease of worker-1 ran out")
+            out("  " + reader.expect("finished report.pdf", 30))
+            if not _wait_for_empty(queue, 10.0):
+                raise _CLIError("the job was not acknowledged in time", EXIT_FAILURE)
+            counts = queue.store.counts()
+            out(f"  queue: {counts['ready']} waiting, {counts['in_flight']} in flight, "
+                f"{counts['dead']} dead letters")
+        code = _stop_process(second)
+        out(f"  worker-2 stopped (exit code {code}); the job was started twice and completed once")
+        return EXIT_OK if code == 0 else EXIT_FAILURE
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=10)
+            else:
+                process.communicate(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_for_empty(queue: WorkQueue, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while queue.pending_count() or queue.in_flight_count():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
@@ -10638,19 +10818,33 @@ def _build_parser() -> Any:
                       help="skip the part with subprocesses")
     demo.add_argument("--nats", metavar="URL", help="connect the workers through this NATS "
                       "server instead of TCP (needs eventforge[nats])")
+    commands.add_parser("demo-queue", help="demo a durable work queue surviving a killed worker",
+                        description="Two worker processes share an SQLite work queue: the "
+                        "first is killed mid-job, the second finishes the job after its lease.")
 
     worker = commands.add_parser(
-        "worker", help="serve a module's HANDLERS over TCP",
-        description="Serve the HANDLERS of a module by RPC over TCP until SIGTERM or Ctrl-C.")
+        "worker", help="serve a module's HANDLERS over TCP, or its JOBS from a work queue",
+        description="Serve the HANDLERS of a module by RPC over TCP, or with --queue consume "
+        "its JOBS from a durable work queue, until SIGTERM or Ctrl-C.")
     worker.add_argument("--import", dest="import_", required=True, metavar="MODULE",
-                        help="module name or .py path defining HANDLERS = {name: callable}")
+                        help="module name or .py path defining HANDLERS = {name: callable} "
+                        "(or, with --queue, JOBS = {topic: handler})")
+    worker.add_argument("--queue", metavar="STORE",
+                        help="consume jobs from this work queue: an SQLite file path "
+                        "(or a redis:// URL) instead of serving RPC")
+    worker.add_argument("--group", metavar="NAME",
+                        help="with --queue: the consumer group (default: the default group)")
+    worker.add_argument("--visibility-timeout", type=float, default=30.0, metavar="S",
+                        help="with --queue: seconds a job stays leased (default 30)")
+    worker.add_argument("--max-retries", type=int, default=3, metavar="N",
+                        help="with --queue: redeliveries before dead-lettering (default 3)")
     worker.add_argument("--service", help="service name (default: the module's SERVICE_NAME, "
                         "else 'rpc')")
     worker.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     worker.add_argument("--port", type=int, default=9090, help="port (default 9090; 0 = any free)")
     worker.add_argument("--workers", type=int, default=4,
-                        help="calls run concurrently (default 4)")
+                        help="calls (with --queue: jobs per topic) run concurrently (default 4)")
     worker.add_argument("--mode", choices=("thread", "process"), default="thread",
                         help="run calls on threads or processes (default thread)")
     worker.add_argument("--secret-file", metavar="F", help="require this shared secret")
@@ -10663,7 +10857,8 @@ def _build_parser() -> Any:
     via.add_argument("--redis", metavar="URL", help="serve through this Redis server instead of "
                      "listening (one worker per service); needs eventforge[redis]")
     worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                        help="on stop, seconds to let calls in flight finish (default 30)")
+                        help="on stop, seconds to let calls (or jobs) in flight finish "
+                        "(default 30)")
     worker.add_argument("--log-level", default="INFO", metavar="L",
                         help="DEBUG, INFO, WARNING or ERROR (default INFO)")
 
@@ -10695,7 +10890,7 @@ def _build_parser() -> Any:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``eventforge`` command line; return the process exit status.
 
-    Commands: ``demo``, ``worker``, ``call``, ``pub``, ``sub`` (see
+    Commands: ``demo``, ``demo-queue``, ``worker``, ``call``, ``pub``, ``sub`` (see
     ``eventforge COMMAND --help``).  Exit status 0 on success, 1 when the
     work failed (remote error, connection refused, timeout), 2 for bad usage
     or a bad handler module; problems are reported as one line on stderr.
@@ -10713,6 +10908,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.in_process_only:
                 return EXIT_OK
             return _demo_cluster(out, servers=args.servers, calls=args.calls, nats=args.nats)
+        if command == "demo-queue":
+            return _demo_queue(out)
         if command == "worker":
             return _cmd_worker(args, out)
         if command == "call":

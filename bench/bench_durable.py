@@ -135,8 +135,9 @@ def bench_throughput(n: int, rounds: int) -> Dict[str, List[float]]:
             ("persist-queue SQLiteAckQueue", lambda s=synchronous: persist_queue_drain(n, s)),
         ]
         figures: Dict[str, List[float]] = {name: [] for name, _ in contenders}
-        for _ in range(rounds):
-            for name, run in contenders:
+        for round_index in range(rounds):
+            shift = round_index % len(contenders)  # nobody always runs first
+            for name, run in contenders[shift:] + contenders[:shift]:
                 value = run()
                 if value is not None:
                     figures[name].append(value)

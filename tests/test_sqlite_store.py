@@ -6,6 +6,7 @@ store; here are the crashes, races, locks, full disks and clock jumps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,24 +17,17 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Any, List
+from typing import Any, Iterator, List
 
 import pytest
+from _core_helpers import wait_until as wait_for
+from _wq_helpers import FakeClock
 
 import eventforge as ef
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def spawn(code: str, *args: str) -> subprocess.Popen:
@@ -59,19 +53,26 @@ def stderr_of(process: subprocess.Popen) -> str:
     return process.stderr.read()[-2000:]
 
 
+@contextlib.contextmanager
+def child(code: str, *args: str, expect: Any = ()) -> Iterator[subprocess.Popen]:
+    """Run a child process, read the ``expect`` lines, and always reap it."""
+    process = spawn(code, *args)
+    try:
+        for line in expect:
+            assert read_line(process) == line
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
 def finish(process: subprocess.Popen, timeout: float = 60.0) -> str:
     out, err = process.communicate(timeout=timeout)
     assert process.returncode == 0, err[-2000:]
     return out
 
 
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture
@@ -148,16 +149,10 @@ time.sleep(3600)
 def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(db, no_leaks):
     with ef.WorkQueue(store=db, default_visibility_timeout=1.0, reaper_interval=0.2) as wq:
         wq.enqueue("jobs", "resize cat.png")
-        victim = spawn(WORKER, db, "jobs", "hang")
-        try:
-            assert read_line(victim) == "ready"
-            assert read_line(victim) == "started resize cat.png 1"
+        with child(WORKER, db, "jobs", "hang",
+                   expect=["ready", "started resize cat.png 1"]) as victim:
             victim.send_signal(signal.SIGKILL)
             victim.wait(10)
-        finally:
-            if victim.poll() is None:
-                victim.kill()
-            victim.communicate()
         done: List[Any] = []
         wq.consume("jobs", lambda job: done.append((job.payload, job.headers["_wq_attempt"])))
         assert wait_for(lambda: done)  # after the lease (1 s) and a sweep (<= 1 s)
@@ -170,9 +165,12 @@ def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(db, no_leaks
 # -- 2. N processes racing on one file ---------------------------------------------------------
 
 RACER = """
-import json, random, sys, time, eventforge as ef
+import json, os, random, sys, time, eventforge as ef
 db, use_returning = sys.argv[1], sys.argv[2] == "1"
 store = ef.SQLiteWorkStore(db, use_returning=use_returning, synchronous="NORMAL")
+print("ready", flush=True)
+while not os.path.exists(db + ".go"):  # all racers start together
+    time.sleep(0.001)
 claimed = []
 idle_since = time.monotonic()
 while time.monotonic() - idle_since < 1.0:
@@ -184,6 +182,7 @@ while time.monotonic() - idle_since < 1.0:
     for lease in leases:
         claimed.append([lease.job_id, lease.token, lease.attempt])
     assert all(store.ack_all(leases))
+    time.sleep(0.002)  # the work: without it one racer can hold the lock throughout
 store.close()
 print(json.dumps(claimed))
 """
@@ -196,6 +195,9 @@ def test_processes_racing_never_lease_a_job_twice(db, use_returning):
     store = ef.SQLiteWorkStore(db, synchronous="NORMAL", use_returning=use_returning)
     ids = [store.enqueue("jobs", ef.Message("jobs", i)) for i in range(400)]
     racers = [spawn(RACER, db, "1" if use_returning else "0") for _ in range(4)]
+    for racer in racers:
+        assert read_line(racer) == "ready"
+    open(db + ".go", "w").close()
     results = [json.loads(finish(racer)) for racer in racers]
     claimed = [job_id for result in results for job_id, _, _ in result]
     assert sorted(claimed) == sorted(ids)  # every job once: never two leases at a time
@@ -374,16 +376,8 @@ def test_handler_that_exits_the_process_ends_as_visibility_timeout_exceeded(db, 
     with ef.WorkQueue(store=db, max_retries=0, default_visibility_timeout=1.0,
                       reaper_interval=0.2) as wq:
         wq.enqueue("jobs", "poison")
-        worker = spawn(WORKER, db, "jobs", "exit")
-        try:
-            assert read_line(worker) == "ready"
-            assert read_line(worker) == "started poison 1"
-            worker.wait(10)
-            assert worker.returncode == 3
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-            worker.communicate()
+        with child(WORKER, db, "jobs", "exit", expect=["ready", "started poison 1"]) as worker:
+            assert worker.wait(10) == 3
         letter = wq.dequeue("jobs.dead_letter", timeout=10.0)
         assert letter is not None and letter.payload == "poison"
         assert letter.headers["_wq_reason"] == "visibility_timeout_exceeded"
@@ -403,15 +397,9 @@ time.sleep(3600)
 
 
 def test_committed_enqueue_survives_sigkill(db):
-    producer = spawn(ENQUEUER, db)
-    try:
-        assert read_line(producer) == "committed"
+    with child(ENQUEUER, db, expect=["committed"]) as producer:
         producer.send_signal(signal.SIGKILL)
         producer.wait(10)
-    finally:
-        if producer.poll() is None:
-            producer.kill()
-        producer.communicate()
     store = ef.SQLiteWorkStore(db)
     assert store.counts("jobs")["ready"] == 20
     leases = store.claim("jobs", "default", 30.0, max_count=50)

@@ -16,33 +16,12 @@ import time
 from typing import Any, Dict, List
 
 import pytest
+from _core_helpers import wait_until as wait_for
+from _wq_helpers import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eventforge as ef
-
-
-class FakeClock:
-    """A clock the test moves by hand (for lease deadlines)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
 
 STORE_KINDS = ["memory", "sqlite", "redis"]
 # Store-level tests also run SQLite's select-then-update claim (SQLite < 3.35).
