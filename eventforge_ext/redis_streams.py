@@ -71,7 +71,7 @@ _SWEEPER_SUFFIX = "~sweep"  # consumer name holding expired jobs while the queue
 _ESCAPES = {"%": "%25", "{": "%7B", "}": "%7D", ":": "%3A"}
 
 
-class RedisVersionError(ef.EventforgeError, RuntimeError):
+class RedisVersionError(ef.StoreError, RuntimeError):
     """The Redis server is older than the work store needs (6.2, for XAUTOCLAIM)."""
 
 

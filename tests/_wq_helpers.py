@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from typing import Any, Iterator, List
+
 
 class FakeClock:
     """A clock the test moves by hand (lease deadlines without sleeping)."""
@@ -14,3 +22,85 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# -- child processes (the durable store failure tests, SQLite and Redis) -----------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn(code: str, *args: str, stdin: Any = None) -> subprocess.Popen:
+    """Start ``python -c code args...`` with this checkout importable."""
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
+                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def read_line(process: subprocess.Popen, timeout: float = 30.0) -> str:
+    """The next stdout line of ``process`` (fails the test on timeout or exit)."""
+    result: List[str] = []
+    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()))
+    reader.start()
+    reader.join(timeout)
+    assert result and result[0], f"no line from the child; stderr: {stderr_of(process)}"
+    return result[0].strip()
+
+
+def stderr_of(process: subprocess.Popen) -> str:
+    if process.poll() is None:
+        return "(still running)"
+    return process.stderr.read()[-2000:]
+
+
+@contextlib.contextmanager
+def child(code: str, *args: str, expect: Any = ()) -> Iterator[subprocess.Popen]:
+    """Run a child process, read the ``expect`` lines, and always reap it."""
+    process = spawn(code, *args)
+    try:
+        for line in expect:
+            assert read_line(process) == line
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def finish(process: subprocess.Popen, timeout: float = 60.0) -> str:
+    """Wait for ``process``; its stdout (fails the test on a non-zero exit)."""
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-2000:]
+    return out
+
+
+# Both scripts take as argv[1] whatever ``WorkQueue(store=...)`` takes: a file
+# path or a redis:// URL.  WORKER's argv: store, topic, mode ("hang": the
+# handler never returns; "exit": it calls os._exit(3)).
+WORKER = """
+import sys, time, eventforge as ef
+db, topic, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+wq = ef.WorkQueue(store=db, default_visibility_timeout=1.0, reaper_interval=0.2)
+def handler(job):
+    print("started", job.payload, job.headers["_wq_attempt"], flush=True)
+    if mode == "hang":
+        time.sleep(3600)
+    if mode == "exit":
+        import os
+        os._exit(3)
+wq.consume(topic, handler)
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+# Holds one job of "jobs" until a line arrives on stdin, then acks it.
+HOLDER = """
+import sys, time, eventforge as ef
+db = sys.argv[1]
+wq = ef.WorkQueue(store=db, default_visibility_timeout=30.0)
+job = wq.dequeue("jobs", timeout=10)
+print("holding", job.payload, flush=True)
+sys.stdin.readline()
+print("acked", wq.ack(job), flush=True)
+wq.close()
+"""

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-import textwrap
-import threading
 import time
 from typing import Any, List
 
@@ -26,6 +23,9 @@ import eventforge as ef
 
 redis = pytest.importorskip("redis")
 
+from _core_helpers import wait_until as wait_for  # noqa: E402
+from _wq_helpers import HOLDER, WORKER, FakeClock, finish, read_line, spawn  # noqa: E402
+
 from eventforge_ext.redis import RedisVersionError, RedisWorkQueue, RedisWorkStore  # noqa: E402
 from eventforge_ext.redis_streams import (  # noqa: E402
     _Keys,
@@ -33,58 +33,11 @@ from eventforge_ext.redis_streams import (  # noqa: E402
     parse_redis_version,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def spawn(code: str, *args: str, stdin: Any = None) -> subprocess.Popen:
-    """Start ``python -c code args...`` with this checkout importable."""
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def read_line(process: subprocess.Popen, timeout: float = 30.0) -> str:
-    """The next stdout line of ``process`` (fails the test on timeout or exit)."""
-    result: List[str] = []
-    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()))
-    reader.start()
-    reader.join(timeout)
-    assert result and result[0], "no line from the child; stderr: " + (
-        process.stderr.read()[-2000:] if process.poll() is not None else "(still running)")
-    return result[0].strip()
-
-
-def finish(process: subprocess.Popen, timeout: float = 60.0) -> str:
-    out, err = process.communicate(timeout=timeout)
-    assert process.returncode == 0, err[-2000:]
-    return out
-
 
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.communicate(timeout=30)
-
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture
@@ -121,7 +74,8 @@ def test_the_version_check_on_real_info_and_on_an_older_server():
         check_redis_version({"redis_version": "6.0.16"}, "old:6379")
     with pytest.raises(RedisVersionError, match="6.2"):
         check_redis_version({"redis_version": "5.0.7"})
-    assert isinstance(RedisVersionError("x"), (ef.EventforgeError, RuntimeError))
+    assert isinstance(RedisVersionError("x"), ef.StoreError)
+    assert isinstance(RedisVersionError("x"), RuntimeError)
 
 
 def test_the_version_check_passes_on_the_real_server(redis_url):
@@ -244,21 +198,6 @@ def test_extend_is_fenced_and_keeps_the_attempt(url):
 
 # -- 1. kill -9 mid-job --------------------------------------------------------------------
 
-WORKER = """
-import sys, time, eventforge as ef
-url, topic, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-wq = ef.WorkQueue(store=url, default_visibility_timeout=1.0, reaper_interval=0.2)
-def handler(job):
-    print("started", job.payload, job.headers["_wq_attempt"], flush=True)
-    if mode == "hang":
-        time.sleep(3600)
-    if mode == "exit":
-        import os
-        os._exit(3)
-wq.consume(topic, handler)
-print("ready", flush=True)
-time.sleep(3600)
-"""
 
 
 def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(url, no_leaks):
@@ -284,9 +223,12 @@ def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(url, no_leak
 # -- 2. N processes racing on one stream ---------------------------------------------------
 
 RACER = """
-import json, random, sys, time
+import json, os, random, sys, time
 from eventforge_ext.redis import RedisWorkStore
 store = RedisWorkStore(sys.argv[1])
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):  # all racers start together
+    time.sleep(0.001)
 claimed = []
 idle_since = time.monotonic()
 while time.monotonic() - idle_since < 1.0:
@@ -298,35 +240,32 @@ while time.monotonic() - idle_since < 1.0:
     for lease in leases:
         claimed.append([lease.job_id, lease.token, lease.attempt])
     assert all(store.ack_all(leases))
+    time.sleep(0.002)  # the work
 store.close()
 print(json.dumps(claimed))
 """
 
 
-def test_processes_racing_on_one_stream_never_lease_a_job_twice(url):
+def test_processes_racing_on_one_stream_never_lease_a_job_twice(url, tmp_path):
     store = RedisWorkStore(url)
     store.ensure_group("jobs", "default")
     ids = [store.enqueue("jobs", ef.Message("jobs", i)) for i in range(400)]
-    racers = [spawn(RACER, url) for _ in range(4)]
+    go = str(tmp_path / "go")
+    racers = [spawn(RACER, url, go) for _ in range(4)]
+    for racer in racers:
+        assert read_line(racer) == "ready"
+    open(go, "w").close()
     results = [json.loads(finish(racer)) for racer in racers]
     claimed = [job_id for result in results for job_id, _, _ in result]
     assert sorted(claimed) == sorted(ids)  # every job once: never two leases at a time
     assert all(attempt == 1 for result in results for _, _, attempt in result)
+    assert sum(1 for result in results if result) >= 2  # they really raced
     assert store.counts() == {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
     store.close()
 
 
 # -- 3. a restarting worker steals no live lease -------------------------------------------
 
-HOLDER = """
-import sys, eventforge as ef
-wq = ef.WorkQueue(store=sys.argv[1], default_visibility_timeout=30.0)
-job = wq.dequeue("jobs", timeout=10)
-print("holding", job.payload, flush=True)
-sys.stdin.readline()
-print("acked", wq.ack(job), flush=True)
-wq.close()
-"""
 
 RESTARTER = """
 import sys, time, eventforge as ef
@@ -469,3 +408,36 @@ def _enqueue_when_up(wq: ef.WorkQueue, payload: Any) -> bool:
         time.sleep(0.1)
         return False
     return True
+
+
+# -- the worker command on Redis ---------------------------------------------------------------
+
+JOBS_MODULE = """
+def resize(job):
+    print("resized", job.payload["name"], job.headers["_wq_attempt"], flush=True)
+
+JOBS = {"images.resize": resize}
+"""
+
+
+def test_worker_command_consumes_a_redis_queue(url, tmp_path):
+    import re
+
+    from _worker_helpers import Proc
+
+    module = tmp_path / "image_jobs.py"
+    module.write_text(JOBS_MODULE)
+    worker = Proc([sys.executable, "-m", "eventforge", "worker", "--import", str(module),
+                   "--queue", url, "--log-level", "WARNING"])
+    try:
+        worker.wait_for(re.compile(r"ready: jobs of images\.resize from redis://"), timeout=60)
+        with ef.WorkQueue(store=url) as wq:
+            for name in ("a.png", "b.png"):
+                wq.enqueue("images.resize", {"name": name})
+            assert wait_for(lambda: wq.pending_count() == 0 and wq.in_flight_count() == 0, 60)
+        worker.wait_for(re.compile(r"^resized b.png 1"), timeout=60)
+        worker.signal()
+        assert worker.wait(60) == 0
+        assert "eventforge worker stopped: 2 jobs done" in worker.stdout
+    finally:
+        worker.close()

@@ -6,7 +6,6 @@ store; here are the crashes, races, locks, full disks and clock jumps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -14,65 +13,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 from _core_helpers import wait_until as wait_for
-from _wq_helpers import FakeClock
+from _wq_helpers import HOLDER, ROOT, WORKER, FakeClock, child, finish, read_line, spawn
 
 import eventforge as ef
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-
-def spawn(code: str, *args: str) -> subprocess.Popen:
-    """Start ``python -c code args...`` with this checkout importable."""
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def read_line(process: subprocess.Popen, timeout: float = 30.0) -> str:
-    """The next stdout line of ``process`` (fails the test on timeout or exit)."""
-    result: List[str] = []
-    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()))
-    reader.start()
-    reader.join(timeout)
-    assert result and result[0], f"no line from the child; stderr: {stderr_of(process)}"
-    return result[0].strip()
-
-
-def stderr_of(process: subprocess.Popen) -> str:
-    if process.poll() is None:
-        return "(still running)"
-    return process.stderr.read()[-2000:]
-
-
-@contextlib.contextmanager
-def child(code: str, *args: str, expect: Any = ()) -> Iterator[subprocess.Popen]:
-    """Run a child process, read the ``expect`` lines, and always reap it."""
-    process = spawn(code, *args)
-    try:
-        for line in expect:
-            assert read_line(process) == line
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
-
-
-def finish(process: subprocess.Popen, timeout: float = 60.0) -> str:
-    out, err = process.communicate(timeout=timeout)
-    assert process.returncode == 0, err[-2000:]
-    return out
-
-
 
 
 @pytest.fixture
@@ -129,21 +78,6 @@ def test_unserializable_payload_is_refused_before_any_write(db):
 
 # -- 1. kill -9 mid-job ------------------------------------------------------------------------
 
-WORKER = """
-import sys, time, eventforge as ef
-db, topic, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-wq = ef.WorkQueue(store=db, default_visibility_timeout=1.0, reaper_interval=0.2)
-def handler(job):
-    print("started", job.payload, job.headers["_wq_attempt"], flush=True)
-    if mode == "hang":
-        time.sleep(3600)
-    if mode == "exit":
-        import os
-        os._exit(3)
-wq.consume(topic, handler)
-print("ready", flush=True)
-time.sleep(3600)
-"""
 
 
 def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(db, no_leaks):
@@ -209,16 +143,6 @@ def test_processes_racing_never_lease_a_job_twice(db, use_returning):
 
 # -- 3. a restarting worker steals no live lease -----------------------------------------------
 
-HOLDER = """
-import sys, time, eventforge as ef
-db = sys.argv[1]
-wq = ef.WorkQueue(store=db, default_visibility_timeout=30.0)
-job = wq.dequeue("jobs", timeout=10)
-print("holding", job.payload, flush=True)
-sys.stdin.readline()
-print("acked", wq.ack(job), flush=True)
-wq.close()
-"""
 
 
 def test_restarted_worker_steals_no_live_lease(db, no_leaks):
