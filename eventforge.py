@@ -8945,6 +8945,7 @@ class SQLiteWorkStore(WorkStore):
         self._pid = os.getpid()
         self._generation = 0  # bumped by wake()
         self._changes = 0  # bumped by local commits that make jobs ready
+        self._poller = False  # a waiting claim is polling PRAGMA data_version
         self._last_sweep = -float("inf")
         self._closed = False
         with self._lock:
@@ -8987,6 +8988,7 @@ class SQLiteWorkStore(WorkStore):
     def _after_fork_in_child(self) -> None:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
+        self._poller = False
 
     # -- transactions ---------------------------------------------------------------
 
@@ -9110,32 +9112,46 @@ class SQLiteWorkStore(WorkStore):
 
     def _wait_for_jobs(self, topic: str, group: str, end: Optional[float],
                        generation: int) -> bool:
-        """Wait (lock held) until jobs may be ready; False on timeout, wake or close."""
+        """Wait (lock held) until jobs may be ready; False on timeout, wake or close.
+
+        Local commits notify at once.  For other processes' commits one waiter
+        of this store polls ``PRAGMA data_version`` (with backoff) and wakes
+        the others; the rest just wait.
+        """
         conn = self._connection()
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         changes = self._changes
         due = self._read("SELECT MIN(ready_at) FROM eventforge_jobs WHERE topic = ? AND grp = ? "
                          "AND leased = 0", (topic, group))[0][0]
-        due_in = None if due is None else max(0.0, due - self._clock())
+        due_at = None if due is None else time.monotonic() + max(0.0, due - self._clock())
         backoff = _POLL_MIN
-        start = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if end is not None and now >= end:
-                return False
-            if due_in is not None and now - start >= due_in:
-                return True
-            timeout = backoff if end is None else min(backoff, end - now)
-            if due_in is not None:
-                timeout = min(timeout, due_in - (now - start))
-            self._cond.wait(max(timeout, 0.0))
-            if self._closed or generation != self._generation:
-                return False
-            if self._changes != changes:
-                return True
-            if self._connection().execute("PRAGMA data_version").fetchone()[0] != version:
-                return True
-            backoff = min(backoff * 2, _POLL_MAX)
+        try:
+            while True:
+                now = time.monotonic()
+                if (end is not None and now >= end) or (due_at is not None and now >= due_at):
+                    return end is None or now < end
+                polling = not self._poller
+                if polling:
+                    self._poller = True
+                limits = [t - now for t in (end, due_at) if t is not None]
+                if polling:
+                    limits.append(backoff)
+                try:
+                    self._cond.wait(min(limits) if limits else None)
+                finally:
+                    if polling:
+                        self._poller = False
+                if self._closed or generation != self._generation:
+                    return False
+                if self._changes != changes:
+                    return True
+                if polling:
+                    if self._connection().execute("PRAGMA data_version").fetchone()[0] != version:
+                        self._changed()  # wake the other waiters too
+                        return True
+                    backoff = min(backoff * 2, _POLL_MAX)
+        finally:
+            self._cond.notify_all()  # if this waiter was polling, another one takes over
 
     def ack(self, lease: Lease) -> bool:
         return self.ack_all([lease])[0]

@@ -13,12 +13,19 @@ from _worker_helpers import Proc, run_cli
 import eventforge as ef
 
 JOBS_MODULE = """
-import time
+import sys, threading, time
+
+_lock = threading.Lock()  # two jobs may run at once: keep their lines whole
+
+def say(*words):
+    with _lock:
+        sys.stdout.write(" ".join(str(w) for w in words) + "\\n")
+        sys.stdout.flush()
 
 def resize(job):
-    print("resizing", job.payload, job.headers["_wq_attempt"], flush=True)
+    say("resizing", job.payload, job.headers["_wq_attempt"])
     time.sleep(job.payload.get("seconds", 0))
-    print("resized", job.payload["name"], flush=True)
+    say("resized", job.payload["name"])
 
 JOBS = {"images.resize": resize}
 """

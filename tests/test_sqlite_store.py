@@ -396,3 +396,38 @@ def test_fork_after_opening_with_constant_readers(db):
     with store._lock:
         assert store._connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store.close()
+
+
+# -- pickup across connections ------------------------------------------------------------------
+
+
+def test_idle_claims_see_another_connection_s_job_promptly(db, no_leaks):
+    # Several idle claimers in this process (one of them polls PRAGMA
+    # data_version for all); another connection, as another process would,
+    # enqueues two jobs.  Design: within ~50 ms; asserted with generous slack.
+    waiting = ef.SQLiteWorkStore(db)
+    other = ef.SQLiteWorkStore(db)
+    got: List[Any] = []
+    lock = threading.Lock()
+
+    def claim() -> None:
+        leases = waiting.claim("jobs", "default", 30.0, wait=10.0)
+        with lock:
+            got.append((time.monotonic(), leases))
+
+    claimers = [threading.Thread(target=claim) for _ in range(3)]
+    for claimer in claimers:
+        claimer.start()
+    time.sleep(0.5)  # long enough for the polling to back off fully
+    sent = time.monotonic()
+    other.enqueue("jobs", ef.Message("jobs", 1))
+    other.enqueue("jobs", ef.Message("jobs", 2))
+    assert wait_for(lambda: sum(len(leases) for _, leases in got) == 2, 5.0)
+    first = min(at for at, leases in got if leases)
+    assert first - sent < 1.0
+    waiting.wake()  # the claimer left without a job returns at once
+    for claimer in claimers:
+        claimer.join(5.0)
+    assert not any(claimer.is_alive() for claimer in claimers)
+    waiting.close()
+    other.close()
