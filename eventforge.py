@@ -10270,6 +10270,9 @@ def _broker_transport(args: Any) -> Optional[Transport]:
     url = getattr(args, "nats", None) or getattr(args, "redis", None)
     if not url:
         return None
+    if any(getattr(args, name, None) for name in ("secret_file", "tls_cert", "tls_key", "tls_ca")):
+        raise _CLIError("--secret-file and --tls-* secure the TCP listener; with --nats or "
+                        "--redis put credentials and TLS in the broker URL instead")
     kind = "nats" if getattr(args, "nats", None) else "redis"
     try:
         if kind == "nats":
@@ -10281,7 +10284,9 @@ def _broker_transport(args: Any) -> Optional[Transport]:
         return RedisTransport(url=url)
     except ImportError as exc:
         raise _CLIError(str(exc)) from None
-    except (OSError, EventforgeError) as exc:
+    except EventforgeError as exc:  # the message names the broker and the reason
+        raise _CLIError(str(exc), EXIT_FAILURE) from None
+    except OSError as exc:
         raise _CLIError(f"cannot connect to {url}: {exc}", EXIT_FAILURE) from None
 
 

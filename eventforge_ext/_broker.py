@@ -46,7 +46,14 @@ Message = ef.Message
 
 # eventforge ids: 8-4-4-4 hex (fixed per process), then a hex counter.
 _ID_RE = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4})-([0-9a-f]{12,})\Z")
+_INBOXES = ef.INBOX_PREFIXES
 _LOG_EVERY = 10.0  # at most one log line per kind of problem per this many seconds
+# Counters always present in a broker transport's stats.
+_COUNTERS = (
+    "messages_in", "messages_out", "dropped_out", "frame_errors", "mailbox_full",
+    "disconnects", "reconnects", "reconnect_attempts", "unconfirmed_subscriptions",
+    "subscribe_errors", "errors",
+)
 
 
 def require(module: str, package: str, extra: str) -> Any:
@@ -204,7 +211,6 @@ class BrokerTransport(ef.Transport):
         self._sub_routes: Dict[str, Tuple[Route, ...]] = {}
         self._exact: Dict[str, Route] = {}  # receive topics and open inboxes -> their route
         self._receive_topics: Dict[str, None] = {}
-        self._inbox_refs: Dict[str, int] = {}
         self._kept_routes: Dict[Route, None] = {}  # shared reply routes: kept until close
         self._dispatcher = ef._Dispatcher(
             f"eventforge-{self.kind}-dispatch", self._local, self._dispatch_low
@@ -212,6 +218,7 @@ class BrokerTransport(ef.Transport):
         self._low = threading.Event()
         self._low.set()
         self._counts: Dict[str, int] = collections.defaultdict(int)
+        self._counts.update(dict.fromkeys(_COUNTERS, 0))
         self._log = _RateLimitedLog()
         self._closed = False
         self._connected = False
@@ -234,8 +241,11 @@ class BrokerTransport(ef.Transport):
         """Withdraw ``route`` from the broker (must not block)."""
         raise NotImplementedError
 
-    def _publish(self, topic: str, body: bytes) -> None:
-        """Queue ``body`` for the broker under ``topic``'s broker name."""
+    def _publish(self, topic: str, body: bytes, urgent: bool) -> None:
+        """Queue ``body`` for the broker under ``topic``'s broker name.
+
+        ``urgent``: someone will wait for this message (a request or a reply).
+        """
         raise NotImplementedError
 
     def _stop(self) -> None:
@@ -270,7 +280,7 @@ class BrokerTransport(ef.Transport):
             ef.validate_topic(topic)
         self._check_open()
         body = ef.encode(message, max_frame_size=self.max_frame_size)[4:]
-        self._publish(topic, body)
+        self._publish(topic, body, message.reply_to is not None or topic.startswith(_INBOXES))
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic``.
@@ -355,7 +365,12 @@ class BrokerTransport(ef.Transport):
                     self._acquire((route,))
         else:
             self._acquire((route,))
-        inbox = self._local.open_inbox(topic)
+        try:
+            inbox = self._local.open_inbox(topic)
+        except BaseException:
+            if not shared:
+                self._release((route,))
+            raise
         inner = inbox._on_close
         self._exact[topic] = route
 

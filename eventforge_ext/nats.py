@@ -76,6 +76,15 @@ def nats_subjects(pattern: str) -> Tuple[str, ...]:
     return (wide,)
 
 
+async def _cancel_tasks() -> None:
+    import asyncio
+
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _loop_of(client: Any) -> Any:
     for name in ("_flusher_task", "_reading_task", "_ping_interval_task"):
         task = getattr(client, name, None)
@@ -132,8 +141,11 @@ class NatsTransport(BrokerTransport):
         self.address = servers if isinstance(servers, str) else ",".join(servers)
         self.rpc_queue_group = rpc_queue_group
         self._subs: Dict[Route, Any] = {}  # loop thread only
+        self._routes_alock: Any = None  # an asyncio.Lock, made in the loop
         self._outbox.where = f"the NATS client of {self.address}"
         self._thread: Optional[threading.Thread] = None
+        self._last_error: Optional[BaseException] = None
+        self._up = False  # connected once
         self._owns_client = client is None
         if client is not None:
             self._nc = client
@@ -162,10 +174,13 @@ class NatsTransport(BrokerTransport):
         except BaseException as exc:
             self._stop_loop()
             if isinstance(exc, Exception):
+                reason = self._last_error or exc
                 raise ef.ConnectionLostError(
-                    f"cannot connect to NATS at {self.address}: {exc or type(exc).__name__}"
+                    f"cannot connect to NATS at {self.address}: "
+                    f"{str(reason) or type(reason).__name__}"
                 ) from exc
             raise
+        self._up = True
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("connected" if self.connected else "reconnecting")
@@ -196,6 +211,10 @@ class NatsTransport(BrokerTransport):
     def _stop_loop(self) -> None:
         if self._thread is None:
             return
+        try:  # leave no task pending (asyncio would complain at exit)
+            self._call(_cancel_tasks(), 5.0)
+        except Exception as exc:  # pragma: no cover - best effort
+            ef.logger.debug("nats %s: cancelling tasks: %s", self.address, exc)
         self._aloop.call_soon_threadsafe(self._aloop.stop)
         join_thread(self._thread, 5.0)
 
@@ -210,7 +229,10 @@ class NatsTransport(BrokerTransport):
 
     async def _on_error(self, exc: Exception) -> None:
         self._counts["errors"] += 1
-        self._log.warning("error", "nats %s: %s", self.address, exc or type(exc).__name__)
+        self._last_error = exc
+        if self._up:  # before the first connection, the constructor reports it
+            self._log.warning("error", "nats %s: %s", self.address,
+                              str(exc) or type(exc).__name__)
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -246,6 +268,17 @@ class NatsTransport(BrokerTransport):
 
         asyncio.run_coroutine_threadsafe(self._unsub(route), self._aloop)
 
+    def _route_lock(self) -> Any:
+        # Subscribe and unsubscribe coroutines start in the order they were
+        # scheduled; the (FIFO) lock keeps them in that order across their
+        # awaits, so a quick subscribe-unsubscribe-subscribe of one route can
+        # never leave two NATS subscriptions (two copies of each message).
+        import asyncio
+
+        if self._routes_alock is None:
+            self._routes_alock = asyncio.Lock()
+        return self._routes_alock
+
     async def _sub(self, route: Route) -> None:
         subject, queue = route
 
@@ -254,23 +287,28 @@ class NatsTransport(BrokerTransport):
             if not self._low.is_set():
                 await self._backpressure()
 
-        try:
-            self._subs[route] = await self._nc.subscribe(subject, queue=queue, cb=on_message)
-            await self._nc.flush(self.subscribe_timeout)
-        except Exception as exc:
-            self._counts["subscribe_errors"] += 1
-            self._log.warning("subscribe", "nats %s: subscribing %r failed: %s",
-                              self.address, subject, exc or type(exc).__name__)
-            return
+        async with self._route_lock():
+            try:
+                if route not in self._subs:
+                    self._subs[route] = await self._nc.subscribe(
+                        subject, queue=queue, cb=on_message
+                    )
+                await self._nc.flush(self.subscribe_timeout)
+            except Exception as exc:
+                self._counts["subscribe_errors"] += 1
+                self._log.warning("subscribe", "nats %s: subscribing %r failed: %s",
+                                  self.address, subject, str(exc) or type(exc).__name__)
+                return
         self._confirmed(route)
 
     async def _unsub(self, route: Route) -> None:
-        sub = self._subs.pop(route, None)
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # closed or reconnecting: nothing left to withdraw
-                ef.logger.debug("nats %s: unsubscribe: %s", self.address, exc)
+        async with self._route_lock():
+            sub = self._subs.pop(route, None)
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:  # closed or reconnecting: nothing to withdraw
+                    ef.logger.debug("nats %s: unsubscribe: %s", self.address, exc)
 
     async def _backpressure(self) -> None:
         import asyncio
@@ -282,7 +320,7 @@ class NatsTransport(BrokerTransport):
 
     # -- publishing ------------------------------------------------------------------------
 
-    def _publish(self, topic: str, body: bytes) -> None:
+    def _publish(self, topic: str, body: bytes, urgent: bool) -> None:
         if self._outbox.put((nats_subject(topic), body)):
             self._aloop.call_soon_threadsafe(self._start_drain)
 
@@ -304,7 +342,7 @@ class NatsTransport(BrokerTransport):
                 self._counts["dropped_out"] += len(batch) - done
                 self._log.warning(
                     "publish", "nats %s: dropped %d message(s): %s",
-                    self.address, len(batch) - done, exc or type(exc).__name__,
+                    self.address, len(batch) - done, str(exc) or type(exc).__name__,
                 )
             self._counts["messages_out"] += done
 

@@ -89,10 +89,10 @@ class RedisTransport(BrokerTransport):
     Publishing never waits for Redis: ``send`` encodes and queues, and a
     writer thread sends whatever has queued up as one pipeline (one round
     trip per batch).  :meth:`flush` waits until Redis has taken everything
-    sent so far.  Up to ``max_pending`` messages wait while Redis is
-    unreachable; beyond that ``send`` raises TransportFullError.  A batch
-    that fails on the wire is dropped, logged and counted (``dropped_out``):
-    Redis pub/sub is at-most-once.
+    sent so far.  The batch in flight when the connection fails is dropped,
+    logged and counted (``dropped_out``; Redis pub/sub is at-most-once);
+    later messages wait, up to ``max_pending`` (then ``send`` raises
+    TransportFullError), until Redis answers again.
 
     One I/O thread reads the subscriber connection; subscriber callbacks
     run on one dispatcher thread, in arrival order.  Redis has no queue
@@ -192,9 +192,24 @@ class RedisTransport(BrokerTransport):
 
     # -- publishing ----------------------------------------------------------------------
 
-    def _publish(self, topic: str, body: bytes) -> None:
-        if self._outbox.put((redis_channel(topic), body)):
+    def _publish(self, topic: str, body: bytes, urgent: bool) -> None:
+        if not self._outbox.put((redis_channel(topic), body)):
+            return  # the writer is draining: this goes out in its next pipeline
+        if urgent:
+            # Nothing was waiting and someone will wait for this one (a request
+            # or a reply): send it from this thread, saving the writer hop.
+            self._write_inline()
+        else:
             self._writer_wake.set()
+
+    def _write_inline(self) -> None:
+        for _ in range(3):
+            batch = self._outbox.take(_WRITE_BATCH)
+            if batch is None:
+                return  # all sent; the outbox is idle again
+            if not self._write(batch):
+                break  # the writer takes over and waits for Redis
+        self._writer_wake.set()  # still more: the writer thread's job
 
     def flush(self, timeout: Optional[float] = 10.0) -> bool:
         """Wait until Redis has taken every message sent so far; False on timeout."""
@@ -203,7 +218,6 @@ class RedisTransport(BrokerTransport):
         return self._outbox.wait_idle(timeout)
 
     def _write_loop(self) -> None:
-        backoff = self.backoff_initial
         while True:
             self._writer_wake.clear()
             batch = self._outbox.take(_WRITE_BATCH)
@@ -212,10 +226,23 @@ class RedisTransport(BrokerTransport):
                     return
                 self._writer_wake.wait()
                 continue
-            if self._write(batch):
-                backoff = self.backoff_initial
-            elif not self._stopping.wait(backoff):
+            if not self._write(batch):
+                self._await_broker()
+
+    def _await_broker(self) -> None:
+        """After a failed write, wait (backing off) until Redis answers a PING.
+
+        Meanwhile messages sent wait in the outbox (up to ``max_pending``) and
+        go out, in order, once Redis is back.
+        """
+        backoff = self.backoff_initial
+        while not self._stopping.wait(backoff):
+            try:
+                self._client.ping()
+            except Exception:
                 backoff = min(backoff * 2, self.backoff_max)
+            else:
+                return
 
     def _write(self, batch: List[Tuple[str, bytes]]) -> bool:
         pipe = self._client.pipeline(transaction=False)

@@ -40,6 +40,7 @@ __all__ = [
     "find_binary",
     "free_port",
     "unique_name",
+    "require_module",
     "redis_url",
     "nats_url",
     "redis_server",
@@ -80,6 +81,19 @@ def _missing(binary: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI must provide it (see the SERVICES block of .ci/run)")
     pytest.skip(message)
+
+
+def require_module(name: str) -> object:
+    """Import a client package the broker tests need: skip without it, fail in CI."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed ({exc}); CI installs it with '.[test]'")
+        pytest.skip(f"{name} is not installed", allow_module_level=True)
+        raise  # pragma: no cover - skip() raises
 
 
 class BrokerServer:

@@ -9,12 +9,12 @@ import sys
 import textwrap
 
 import pytest
-from _servers import unique_name
+from _servers import require_module, unique_name
 
 import eventforge as ef
 
-pytest.importorskip("redis")
-pytest.importorskip("nats")
+require_module("redis")
+require_module("nats")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,13 +70,26 @@ def test_worker_serves_through_a_broker(kind, request, tmp_path):
     assert "1 requests served" in out
 
 
-def test_worker_reports_an_unreachable_broker_in_one_line(tmp_path):
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+def test_worker_reports_an_unreachable_broker_in_one_line(tmp_path, kind):
     from _servers import free_port
 
     module = tmp_path / "handlers_unreachable.py"
     module.write_text("HANDLERS = {'f': len}\n")
-    result = _run("worker", "--import", str(module), "--redis",
-                  f"redis://127.0.0.1:{free_port()}/0", timeout=60)
+    result = _run("worker", "--import", str(module), f"--{kind}",
+                  f"{kind}://127.0.0.1:{free_port()}", timeout=60)
     assert result.returncode == 1
-    assert "cannot connect to redis://" in result.stderr
+    assert f"cannot connect to {'Redis' if kind == 'redis' else 'NATS'} at" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_worker_refuses_tcp_security_options_with_a_broker(tmp_path):
+    module = tmp_path / "handlers_secret.py"
+    module.write_text("HANDLERS = {'f': len}\n")
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    result = _run("worker", "--import", str(module), "--nats", "nats://127.0.0.1:1",
+                  "--secret-file", str(secret), timeout=60)
+    assert result.returncode == 2
+    assert "--secret-file and --tls-* secure the TCP listener" in result.stderr

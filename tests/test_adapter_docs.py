@@ -13,10 +13,11 @@ import subprocess
 import sys
 
 import pytest
+from _servers import require_module
 
-pytest.importorskip("redis")
-pytest.importorskip("nats")
-pytest.importorskip("logfire")
+require_module("redis")
+require_module("nats")
+require_module("logfire")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "adapters.md")

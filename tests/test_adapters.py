@@ -19,12 +19,12 @@ import time
 from typing import Any, Callable, Dict, List
 
 import pytest
-from _servers import unique_name
+from _servers import require_module, unique_name
 
 import eventforge as ef
 
-pytest.importorskip("redis")
-pytest.importorskip("nats")
+require_module("redis")
+require_module("nats")
 
 from eventforge_ext.nats import RPC_QUEUE_GROUP, NatsTransport  # noqa: E402
 from eventforge_ext.redis import RedisTransport  # noqa: E402
@@ -143,6 +143,23 @@ def test_per_subscription_order(broker, pattern_kind):
     assert [m.payload for m in got] == list(range(300))
 
 
+def test_subscription_churn_leaves_one_broker_subscription(broker):
+    base = unique_name()
+    transport, publisher = broker.transport(), broker.transport()
+    for pattern in (f"{base}.*", f"{base}.**", f"{base}.x"):
+        for _ in range(20):
+            transport.unsubscribe(transport.subscribe(pattern, print))
+    got, handler = collector()
+    for pattern in (f"{base}.*", f"{base}.**", f"{base}.x"):
+        transport.subscribe(pattern, handler)
+    publisher.send(ef.Message(topic=f"{base}.x", payload=1))
+    wait_for(lambda: len(got) >= 3, what="three deliveries")
+    time.sleep(0.3)  # a second broker subscription would deliver copies now
+    assert len(got) == 3
+    assert transport.stats["routes"] == len({r for routes in transport._sub_routes.values()
+                                             for r in routes})
+
+
 def test_message_fields_survive_the_broker(broker):
     base = unique_name()
     transport = broker.transport()
@@ -225,6 +242,18 @@ def test_request_times_out_and_a_late_reply_is_dropped(broker):
     time.sleep(0.3)
     stats = client.transport.stats
     assert stats["inboxes"] == 0 and stats["buffered"] == 0
+
+
+def test_a_second_inbox_on_one_topic_is_refused_without_leaking_a_route(broker):
+    transport = broker.transport()
+    topic = f"_reply.{unique_name()}"  # not an eventforge id: a route of its own
+    inbox = transport.open_inbox(topic)
+    routes = transport.stats["routes"]
+    with pytest.raises(ValueError):
+        transport.open_inbox(topic)
+    assert transport.stats["routes"] == routes
+    inbox.close()
+    assert transport.stats["routes"] == routes - 1
 
 
 def test_rpc_server_and_client(broker):
@@ -484,6 +513,32 @@ def test_reconnect_and_resubscribe_after_a_broker_restart(private_broker):
     responder.subscribe(f"{base}.svc", lambda m: responder.reply(m, "ok"))
     reply = ef.MessageQueue(pub_side).request(f"{base}.svc", None, timeout=PATIENCE)
     assert reply is not None and reply.payload == "ok"
+
+
+@pytest.mark.timeout(90)
+def test_a_backlog_sent_while_the_broker_is_down_goes_out_after_it_is_back(private_broker):
+    factory, server = private_broker
+    base = unique_name()
+    # A slow first retry, so the subscriber below is in place before the
+    # publisher's backlog goes out (pub-sub keeps nothing for latecomers).
+    if factory.kind == "redis":
+        publisher = factory.transport(backoff_initial=1.0)
+    else:
+        publisher = factory.transport(reconnect_time_wait=1.5)
+    server.stop()
+    wait_for(lambda: not publisher.connected or factory.kind == "redis", what="disconnect")
+    if factory.kind == "redis":
+        publisher.send(ef.Message(topic=f"{base}.x", payload="lost"))
+        wait_for(lambda: publisher.stats["dropped_out"] == 1, what="the failed write")
+    for i in range(20):
+        publisher.send(ef.Message(topic=f"{base}.x", payload=i))  # queued, no error
+    server.start()
+    subscriber = factory.transport()
+    got, handler = collector()
+    subscriber.subscribe(f"{base}.*", handler)  # confirmed by the broker on return
+    assert publisher.flush(PATIENCE)
+    wait_for(lambda: len(got) >= 20, what="the backlog")
+    assert [m.payload for m in got] == list(range(20))
 
 
 @pytest.mark.timeout(90)

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from _servers import require_module
 
 import eventforge as ef
 
-pytest.importorskip("logfire")
+require_module("logfire")
 
 from logfire.testing import CaptureLogfire, capfire  # noqa: E402,F401
 

@@ -59,3 +59,27 @@ def test_context_manager_stops_the_process():
     server.start()
     server.stop(kill=True)
     assert not server.running
+
+
+def test_a_missing_client_skips_outside_ci_and_fails_in_ci(monkeypatch):
+    from _servers import require_module
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require_module("eventforge_no_such_client")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception):
+        require_module("eventforge_no_such_client")
+    assert require_module("json").dumps(1) == "1"
+
+
+def test_a_missing_server_binary_skips_outside_ci_and_fails_in_ci(monkeypatch):
+    import _servers
+
+    monkeypatch.setattr(_servers, "find_binary", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        RedisServer()
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="SERVICES block of .ci/run"):
+        NatsServer()
