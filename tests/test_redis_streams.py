@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,16 @@ import eventforge as ef
 redis = pytest.importorskip("redis")
 
 from _core_helpers import wait_until as wait_for  # noqa: E402
-from _wq_helpers import HOLDER, WORKER, FakeClock, finish, read_line, spawn  # noqa: E402
+from _wq_helpers import (  # noqa: E402
+    HOLDER,
+    FakeClock,
+    exiting_handler_ends_as_visibility_timeout_exceeded,
+    finish,
+    killed_worker_s_job_is_redelivered_and_done_once,
+    read_line,
+    spawn,
+    stale_ack_is_refused_and_touch_prevents_redelivery,
+)
 
 from eventforge_ext.redis import RedisVersionError, RedisWorkQueue, RedisWorkStore  # noqa: E402
 from eventforge_ext.redis_streams import (  # noqa: E402
@@ -201,23 +209,8 @@ def test_extend_is_fenced_and_keeps_the_attempt(url):
 
 
 def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(url, no_leaks):
-    with ef.WorkQueue(store=url, default_visibility_timeout=1.0, reaper_interval=0.2) as wq:
-        wq.enqueue("jobs", "resize cat.png")
-        victim = spawn(WORKER, url, "jobs", "hang")
-        try:
-            assert read_line(victim) == "ready"
-            assert read_line(victim) == "started resize cat.png 1"
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(10)
-        finally:
-            stop(victim)
-        done: List[Any] = []
-        wq.consume("jobs", lambda job: done.append((job.payload, job.headers["_wq_attempt"])))
-        assert wait_for(lambda: done)  # after the lease (1 s) and a sweep
-        assert wait_for(lambda: wq.in_flight_count() == 0 and wq.pending_count() == 0)
-        time.sleep(0.3)
-        assert done == [("resize cat.png", 2)]
-        assert wq.store.counts()["dead"] == 0
+    killed_worker_s_job_is_redelivered_and_done_once(url)
+
 
 
 # -- 2. N processes racing on one stream ---------------------------------------------------
@@ -301,21 +294,8 @@ def test_restarting_worker_steals_no_live_lease(url, no_leaks):
 
 
 def test_stale_ack_is_refused_and_reported_and_touch_prevents_redelivery(url, no_leaks, caplog):
-    with ef.WorkQueue(store=url, reaper_interval=0.05) as wq:
-        wq.enqueue("jobs", "slow", visibility_timeout=0.3)
-        first = wq.dequeue("jobs", timeout=1.0)
-        second = wq.dequeue("jobs", timeout=5.0)  # the lease ran out: someone else has it
-        assert second.id == first.id and second.headers["_wq_attempt"] == 2
-        with caplog.at_level(logging.WARNING, logger="eventforge"):
-            assert wq.ack(first) is False
-        assert any("refused" in r.getMessage() for r in caplog.records)
-        assert wq.stats["work"]["stale"] == 1
-        assert wq.in_flight_count("jobs") == 1  # the late ack did not delete the job
-        for _ in range(8):  # 0.8 s, more than twice the lease, kept alive
-            time.sleep(0.1)
-            assert wq.touch(second)
-        assert wq.stats["work"]["expired"] == 1
-        assert wq.ack(second) is True
+    stale_ack_is_refused_and_touch_prevents_redelivery(url, caplog)
+
 
 
 def test_a_stale_ack_from_another_process_is_refused(url):
@@ -355,21 +335,8 @@ def test_poison_that_always_raises_ends_as_max_retries_exceeded(url, no_leaks):
 
 
 def test_poison_that_exits_the_process_ends_as_visibility_timeout_exceeded(url, no_leaks):
-    with ef.WorkQueue(store=url, max_retries=0, default_visibility_timeout=1.0,
-                      reaper_interval=0.2) as wq:
-        wq.enqueue("jobs", "poison")
-        worker = spawn(WORKER, url, "jobs", "exit")
-        try:
-            assert read_line(worker) == "ready"
-            assert read_line(worker) == "started poison 1"
-            worker.wait(10)
-            assert worker.returncode == 3
-        finally:
-            stop(worker)
-        letter = wq.dequeue("jobs.dead_letter", timeout=10.0)
-        assert letter is not None and letter.payload == "poison"
-        assert letter.headers["_wq_reason"] == "visibility_timeout_exceeded"
-        assert wq.ack(letter)
+    exiting_handler_ends_as_visibility_timeout_exceeded(url)
+
 
 
 def test_poison_nacked_without_requeue_ends_as_nack_no_requeue(url, no_leaks):

@@ -19,7 +19,18 @@ from typing import Any, List
 
 import pytest
 from _core_helpers import wait_until as wait_for
-from _wq_helpers import HOLDER, ROOT, WORKER, FakeClock, child, finish, read_line, spawn
+from _wq_helpers import (
+    HOLDER,
+    ROOT,
+    FakeClock,
+    child,
+    exiting_handler_ends_as_visibility_timeout_exceeded,
+    finish,
+    killed_worker_s_job_is_redelivered_and_done_once,
+    read_line,
+    spawn,
+    stale_ack_is_refused_and_touch_prevents_redelivery,
+)
 
 import eventforge as ef
 
@@ -81,19 +92,8 @@ def test_unserializable_payload_is_refused_before_any_write(db):
 
 
 def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(db, no_leaks):
-    with ef.WorkQueue(store=db, default_visibility_timeout=1.0, reaper_interval=0.2) as wq:
-        wq.enqueue("jobs", "resize cat.png")
-        with child(WORKER, db, "jobs", "hang",
-                   expect=["ready", "started resize cat.png 1"]) as victim:
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(10)
-        done: List[Any] = []
-        wq.consume("jobs", lambda job: done.append((job.payload, job.headers["_wq_attempt"])))
-        assert wait_for(lambda: done)  # after the lease (1 s) and a sweep (<= 1 s)
-        assert wait_for(lambda: wq.in_flight_count() == 0 and wq.pending_count() == 0)
-        time.sleep(0.3)
-        assert done == [("resize cat.png", 2)]
-        assert wq.store.counts()["dead"] == 0
+    killed_worker_s_job_is_redelivered_and_done_once(db)
+
 
 
 # -- 2. N processes racing on one file ---------------------------------------------------------
@@ -172,22 +172,9 @@ def test_restarted_worker_steals_no_live_lease(db, no_leaks):
 
 
 def test_stale_ack_is_refused_and_reported_and_touch_prevents_redelivery(db, no_leaks, caplog):
-    with ef.WorkQueue(store=ef.SQLiteWorkStore(db, sweep_interval=0.0),
-                      reaper_interval=0.05) as wq:
-        wq.enqueue("jobs", "slow", visibility_timeout=0.3)
-        first = wq.dequeue("jobs", timeout=1.0)
-        second = wq.dequeue("jobs", timeout=5.0)  # the lease ran out: someone else has it
-        assert second.id == first.id
-        with caplog.at_level(logging.WARNING, logger="eventforge"):
-            assert wq.ack(first) is False
-        assert any("refused" in r.getMessage() for r in caplog.records)
-        assert wq.stats["work"]["stale"] == 1
-        assert wq.in_flight_count("jobs") == 1  # the late ack did not delete the job
-        for _ in range(8):  # 0.8 s, more than twice the lease, kept alive
-            time.sleep(0.1)
-            assert wq.touch(second)
-        assert wq.stats["work"]["expired"] == 1
-        assert wq.ack(second) is True
+    stale_ack_is_refused_and_touch_prevents_redelivery(
+        ef.SQLiteWorkStore(db, sweep_interval=0.0), caplog)
+
 
 
 # -- 5. the clock jumps ------------------------------------------------------------------------
@@ -297,15 +284,8 @@ def test_full_database_raises_a_clear_error_without_retries_or_open_transaction(
 
 
 def test_handler_that_exits_the_process_ends_as_visibility_timeout_exceeded(db, no_leaks):
-    with ef.WorkQueue(store=db, max_retries=0, default_visibility_timeout=1.0,
-                      reaper_interval=0.2) as wq:
-        wq.enqueue("jobs", "poison")
-        with child(WORKER, db, "jobs", "exit", expect=["ready", "started poison 1"]) as worker:
-            assert worker.wait(10) == 3
-        letter = wq.dequeue("jobs.dead_letter", timeout=10.0)
-        assert letter is not None and letter.payload == "poison"
-        assert letter.headers["_wq_reason"] == "visibility_timeout_exceeded"
-        assert wq.ack(letter)
+    exiting_handler_ends_as_visibility_timeout_exceeded(db)
+
 
 
 # -- 9. a committed enqueue survives SIGKILL ---------------------------------------------------
