@@ -531,8 +531,8 @@ class RedisWorkStore(ef.WorkStore):
     @staticmethod
     def _lease_ms(seconds: float) -> int:
         ms = int(round(seconds * 1000))
-        if not 0 < ms < _HORIZON_MS // 2:
-            raise ValueError(f"a lease must last between 1 ms and {_HORIZON_MS // 2000} s, "
+        if not 0 <= ms < _HORIZON_MS // 2:
+            raise ValueError(f"a lease must last between 0 and {_HORIZON_MS // 2000} s, "
                              f"not {seconds!r} s")
         return ms
 
@@ -686,9 +686,10 @@ class RedisWorkStore(ef.WorkStore):
         except Exception:  # the claim times out by itself
             pass
 
-    def _settle_args(self, lease: ef.Lease) -> Tuple[str, str]:
-        entry_id, consumer = lease.handle
-        return entry_id, consumer
+    # A lease this store settled (ack, nack, dead-letter) has its handle
+    # cleared: the same consumer may get the entry again with the same
+    # delivery count (a job released unseen), and the old Lease object must
+    # not pass for the new one.
 
     def _fenced(self, name: str, keys: List[str], args: List[Any]) -> bool:
         try:
@@ -707,9 +708,12 @@ class RedisWorkStore(ef.WorkStore):
         for index, lease in enumerate(leases):
             batches.setdefault((lease.topic, lease.group), []).append(index)
         for (topic, group), indexes in batches.items():
+            indexes = [index for index in indexes if leases[index].handle is not None]
+            if not indexes:
+                continue
             args: List[Any] = [group]
             for index in indexes:
-                entry_id, consumer = self._settle_args(leases[index])
+                entry_id, consumer = leases[index].handle
                 args += [entry_id, consumer, leases[index].token]
             try:
                 acked = self._run("ack", [self._topic_keys(topic).stream], args)
@@ -718,20 +722,29 @@ class RedisWorkStore(ef.WorkStore):
                     raise
                 continue
             for index, done in zip(indexes, acked):
-                results[index] = bool(done)
+                if done:
+                    results[index] = True
+                    leases[index].handle = None
         return results
 
     def nack(self, lease: ef.Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
+        if lease.handle is None:
+            return False
         keys = self._topic_keys(lease.topic)
-        entry_id, consumer = self._settle_args(lease)
+        entry_id, consumer = lease.handle
         attempts = lease.attempt if count_attempt else lease.attempt - 1
-        return self._fenced("nack", [keys.stream, keys.meta, keys.retry(lease.group), keys.signal],
-                            [lease.group, entry_id, consumer, lease.token, max(attempts, 0),
-                             int(delay * 1000), self._skew_ms()])
+        if self._fenced("nack", [keys.stream, keys.meta, keys.retry(lease.group), keys.signal],
+                        [lease.group, entry_id, consumer, lease.token, max(attempts, 0),
+                         int(delay * 1000), self._skew_ms()]):
+            lease.handle = None
+            return True
+        return False
 
     def extend(self, lease: ef.Lease, lease_seconds: float) -> bool:
+        if lease.handle is None:
+            return False
         keys = self._topic_keys(lease.topic)
-        entry_id, consumer = self._settle_args(lease)
+        entry_id, consumer = lease.handle
         idle = _HORIZON_MS - self._lease_ms(lease_seconds) - self._skew_ms()
         if self._fenced("extend", [keys.stream],
                         [lease.group, entry_id, consumer, lease.token, idle]):
@@ -740,14 +753,19 @@ class RedisWorkStore(ef.WorkStore):
         return False
 
     def dead_letter(self, lease: ef.Lease, topic: str, message: ef.Message) -> bool:
+        if lease.handle is None:
+            return False
         keys = self._topic_keys(lease.topic)
         letter = self._topic_keys(topic)
         self._register(topic)
-        entry_id, consumer = self._settle_args(lease)
-        return self._fenced(
-            "dead", [keys.stream, keys.meta, letter.stream, letter.meta, letter.groups],
-            [lease.group, entry_id, consumer, lease.token, ef.DEFAULT_CONSUMER_GROUP,
-             ef.encode(message)[4:], self._own_lease(message)])
+        entry_id, consumer = lease.handle
+        if self._fenced(
+                "dead", [keys.stream, keys.meta, letter.stream, letter.meta, letter.groups],
+                [lease.group, entry_id, consumer, lease.token, ef.DEFAULT_CONSUMER_GROUP,
+                 ef.encode(message)[4:], self._own_lease(message)]):
+            lease.handle = None
+            return True
+        return False
 
     def sweep(self, hold_seconds: float) -> List[ef.Lease]:
         self._check_open()

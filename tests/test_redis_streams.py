@@ -180,6 +180,35 @@ def test_trimming_never_drops_an_entry_still_needed(url):
         store.close()
 
 
+def test_the_attempt_is_the_delivery_count_and_extend_is_not_a_delivery(url):
+    store = RedisWorkStore(url)
+    client = redis.Redis.from_url(url)
+    try:
+        stream = _Keys(store.prefix, "jobs").stream
+        store.enqueue("jobs", ef.Message("jobs", "x"))
+
+        def pending():
+            [entry] = client.xpending_range(stream, "default", "-", "+", 10)
+            return entry["consumer"].decode(), entry["times_delivered"]
+
+        [first] = store.claim("jobs", "default", 30.0)
+        assert pending() == (store.consumer, 1) and first.attempt == 1
+        assert store.extend(first, 30.0) and pending() == (store.consumer, 1)  # JUSTID
+        assert store.nack(first)
+        assert client.xpending(stream, "default")["pending"] == 0  # waits in the retry set
+        [second] = store.claim("jobs", "default", 30.0)
+        assert pending() == (store.consumer, 2) and second.attempt == 2
+        assert store.nack(second, count_attempt=False)  # released unseen: not an attempt
+        [third] = store.claim("jobs", "default", 30.0)
+        assert pending() == (store.consumer, 2) and third.attempt == 2
+        for settle in (store.ack, store.nack, lambda held: store.extend(held, 5.0)):
+            assert settle(second) is False  # a settled lease stays settled
+        assert store.ack(third) and client.xpending(stream, "default")["pending"] == 0
+    finally:
+        client.close()
+        store.close()
+
+
 def test_extend_is_fenced_and_keeps_the_attempt(url):
     store = RedisWorkStore(url)
     other = RedisWorkStore(url)  # another process
