@@ -433,7 +433,7 @@ def test_worker_command_consumes_a_redis_queue(url, tmp_path):
             assert wait_for(lambda: wq.pending_count() == 0 and wq.in_flight_count() == 0, 60)
         worker.wait_for(re.compile(r"^resized b.png 1"), timeout=60)
         worker.signal()
-        assert worker.wait(60) == 0
-        assert "eventforge worker stopped: 2 jobs done" in worker.stdout
+        assert worker.wait(60) == 0, (worker.stdout, worker.stderr)
+        assert "eventforge worker stopped: 2 jobs done" in worker.stdout, worker.stdout
     finally:
         worker.close()
