@@ -409,7 +409,9 @@ class RedisWorkStore(ef.WorkStore):
       applications, or tests, can share one server;
     * ``consumer`` names this store's Redis consumer (default: host, pid and
       a random part, new after ``fork()``), so leases of a process that
-      restarts are never confused with the new process's;
+      restarts are never confused with the new process's.  A name given
+      here must be unique among the live processes (fencing relies on it);
+      a forked child appends its pid;
     * ``trim_interval`` seconds between two trims of a topic's stream (done
       by :meth:`sweep`); ``consumer_ttl`` seconds after which a consumer
       that holds nothing is removed from its group;
@@ -445,6 +447,7 @@ class RedisWorkStore(ef.WorkStore):
         self.trim_interval = float(trim_interval)
         self.consumer_ttl = float(consumer_ttl)
         self._fixed_consumer = consumer
+        self._opened_in = os.getpid()
         self._pid = -1
         self._consumer = ""
         self._clock = clock
@@ -485,8 +488,11 @@ class RedisWorkStore(ef.WorkStore):
         pid = os.getpid()
         if pid != self._pid:
             self._pid = pid
-            self._consumer = self._fixed_consumer or (
-                f"{socket.gethostname()}-{pid}-{secrets.token_hex(4)}")
+            if self._fixed_consumer is None:
+                self._consumer = f"{socket.gethostname()}-{pid}-{secrets.token_hex(4)}"
+            else:  # a forked child must not pass for its parent
+                self._consumer = self._fixed_consumer if pid == self._opened_in else (
+                    f"{self._fixed_consumer}-{pid}")
         return self._consumer
 
     def _skew_ms(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -437,3 +438,23 @@ def test_worker_command_consumes_a_redis_queue(url, tmp_path):
         assert "eventforge worker stopped: 2 jobs done" in worker.stdout, worker.stdout
     finally:
         worker.close()
+
+
+def test_a_forked_child_is_another_consumer(url):
+    named = RedisWorkStore(url, consumer="w1")
+    default = RedisWorkStore(url)
+    try:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report its consumer names and leave at once
+            os.write(write_end, f"{named.consumer} {default.consumer}".encode())
+            os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_end) as reader:
+            child_named, child_default = reader.read().split()
+        assert named.consumer == "w1" and child_named == f"w1-{pid}"
+        assert child_default != default.consumer and str(pid) in child_default
+    finally:
+        named.close()
+        default.close()
