@@ -13401,7 +13401,7 @@ def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
     try:
         out(f"durable work queue: jobs in {path}, workers in separate processes")
         with WorkQueue(store=path) as queue:
-            first = _start_demo_worker(jobs_file, "worker-1", options)
+            first = _start_demo_worker(jobs_file, "worker-1", options=options)
             workers.append(first)
             reader = _LineReader(first)
             reader.expect("ready", 30)
@@ -13412,7 +13412,7 @@ def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
             first.wait(10)
             killed = time.monotonic()
             out(f"  killed worker-1 (pid {first.pid}) mid-job, without warning")
-            second = _start_demo_worker(jobs_file, "worker-2", options)
+            second = _start_demo_worker(jobs_file, "worker-2", options=options)
             workers.append(second)
             reader = _LineReader(second)
             reader.expect("ready", 30)
