@@ -24,9 +24,10 @@ The file reads top to bottom; every section uses only the sections above it.
    10. tasks ................. task, TaskRunner, TaskPool
    11. work queues ........... WorkQueue; WorkStore (the storage seam), Lease,
                                MemoryWorkStore, SQLiteWorkStore
-   12. command line .......... worker (RPC, or a work queue's JOBS), main(argv),
+   12. monitor ............... Monitor (health, JSON, Prometheus metrics, a page)
+   13. command line .......... worker (RPC, or a work queue's JOBS), main(argv),
                                demo, demo-queue
-   13. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
+   14. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
 The wire format is specified in ``docs/protocol.md``; what each transport
 promises (ordering, delivery, what is kept or dropped) in
@@ -128,6 +129,7 @@ __all__ = [
     "RoundRobinRPCClient",
     "RetryingRPCClient",
     "with_retry",
+    "DURATION_BUCKETS",
     "TaskRequest",
     "RPCRequest",
     "RPCResponse",
@@ -163,6 +165,10 @@ __all__ = [
     "MemoryWorkStore",
     "SQLiteWorkStore",
     "WorkQueue",
+    # monitor
+    "DEFAULT_MONITOR_PORT",
+    "MONITOR_TOKEN_ENV",
+    "Monitor",
     # command line
     "load_worker_module",
     "load_job_module",
@@ -943,6 +949,16 @@ class Message:
 
 _new_object = object.__new__
 _now = time.time
+
+
+def _message_epoch(message: Message) -> float:
+    """When ``message`` was created, in epoch seconds (without building a datetime)."""
+    ts = message._ts
+    if type(ts) is float or type(ts) is int:
+        return float(ts)
+    if hasattr(ts, "tzinfo"):
+        return _datetime_to_epoch(ts)
+    return _parse_timestamp(ts)
 
 
 def _make_message(
@@ -1993,6 +2009,8 @@ _MAX_DISPATCH_THREADS = 32  # client callbacks waiting for a reply, plus the one
 _TAKEOVER_AFTER = 0.002
 _STANDBY_IDLE = 1.0
 _DISPATCH_MODES = ("leader", "thread", "inline")
+_MAX_PEER_NAME = 128
+_CLOSED_KEPT = 256  # closed connections a server remembers for a monitor (a ring)
 _conn_ids = itertools.count(1)
 
 # Counters always present in TCPServerTransport.stats (each refusal has its own).
@@ -2217,6 +2235,7 @@ class _Connection:
         "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
         "pending", "running", "queued", "caller_reading", "poller",
         "finished", "waiting", "counted", "peer_max_frame", "flushes",
+        "frames_out", "bytes_out", "name", "started_at",
     )
 
     def __init__(
@@ -2274,6 +2293,12 @@ class _Connection:
         self.finished = 0
         self.peer_max_frame = _NO_PEER_LIMIT  # the largest frame the peer accepts
         self.flushes: Optional[Deque[Tuple[int, Any]]] = None  # ($flush seq, id) waiting
+        # Read by the monitor: frames queued (control frames included) and
+        # bytes the kernel took; the peer's name from its $hello.
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.name: Optional[str] = None
+        self.started_at = time.time()
 
     def set_events(self, selector: Any, paused: bool = False) -> bool:
         """Register the events this connection now waits for; False if unchanged.
@@ -2316,6 +2341,7 @@ class _Connection:
                 return _OVERFLOW
             self.out.append(data)
             self.out_bytes += size
+            self.frames_out += 1
             return _OK
 
     def write(self) -> Optional[bool]:
@@ -2347,6 +2373,7 @@ class _Connection:
                     sent = 0
                 with lock:
                     self.out_bytes -= sent
+                    self.bytes_out += sent
                     if sent == len(data):
                         out = self.out
                         if not out:
@@ -2391,6 +2418,18 @@ class _Connection:
     def buffered(self) -> int:
         """Bytes waiting to be sent plus bytes of an incomplete incoming frame."""
         return self.out_bytes + self.decoder.buffered
+
+    def snapshot(self) -> Dict[str, Any]:
+        """What a monitor shows of this connection: counters and times, never payloads."""
+        with self.lock:
+            pending, frames_out, bytes_out = self.out_bytes, self.frames_out, self.bytes_out
+        return {
+            "cid": self.id, "peer": self.peer, "name": self.name, "start": self.started_at,
+            "last_activity": self.started_at + (self.last_recv - self.opened),
+            "pending_bytes": pending, "in_msgs": self.received, "in_bytes": self.bytes_in,
+            "out_frames": frames_out, "out_bytes": bytes_out,
+            "subscriptions": len(self.interest), "handshake": self.handshake, "tls": self.tls,
+        }
 
 
 class _Loop:
@@ -2825,6 +2864,8 @@ class TCPServerTransport(Transport):
         self._reads_stopped = threading.Event()
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_SERVER_COUNTERS, 0))
+        self._closed_conns: Deque[Dict[str, Any]] = collections.deque(maxlen=_CLOSED_KEPT)
+        self._gone_bytes_out = 0  # bytes sent by connections that closed since
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -3003,9 +3044,28 @@ class TCPServerTransport(Transport):
         stats["handshake_peers"] = sum(1 for c in conns if c.handshake)
         stats["frame_peers"] = len(self._broadcast)
         stats["outbound_bytes"] = sum(c.out_bytes for c in conns)
+        stats["bytes_out"] = self._gone_bytes_out + sum(c.bytes_out for c in conns)
         stats["inbound_buffered"] = sum(c.decoder.buffered for c in conns)
         stats["dispatch_backlog"] = self._backlog if self._leader else self._dispatcher.backlog
         return stats
+
+    def connections(self, closed: bool = False) -> List[Dict[str, Any]]:
+        """Snapshots of the open connections, or of the last 256 closed ones (oldest first).
+
+        Each is a dict (see :meth:`_Connection.snapshot`); a closed one also
+        has ``stop`` (epoch seconds), ``reason`` and ``counter`` (the
+        :attr:`stats` key its closing was counted under).
+        """
+        if closed:
+            return [dict(info) for info in list(self._closed_conns)]
+        return [conn.snapshot() for conn in list(self._conns.values())]
+
+    def interest_counts(self) -> Dict[str, int]:
+        """How many connections hold each interest pattern (or exact topic)."""
+        counts: collections.Counter[str] = collections.Counter()
+        for conn in list(self._conns.values()):
+            counts.update(list(conn.interest))
+        return dict(counts)
 
     def __repr__(self) -> str:
         if self._listener is not None:
@@ -3821,6 +3881,9 @@ class TCPServerTransport(Transport):
         limit = payload.get("max_frame_size")
         if type(limit) is int and limit > 0:
             conn.peer_max_frame = limit
+        name = payload.get("name")
+        if isinstance(name, str):  # optional: shown by a monitor
+            conn.name = name[:_MAX_PEER_NAME]
         conn.handshake = True
         if conn.features & _PROGRESS_FEATURES:
             conn.waiting = collections.deque()
@@ -4041,6 +4104,10 @@ class TCPServerTransport(Transport):
         if conn.id not in self._conns:
             return
         self._counts[counter] += 1
+        info = conn.snapshot()
+        info.update(stop=time.time(), reason=reason, counter=counter)
+        self._closed_conns.append(info)
+        self._gone_bytes_out += info["out_bytes"]
         # Routes next: once the connection no longer counts, nothing may
         # still be routed to it (a late reply is then dropped and counted).
         if conn in self._broadcast:
@@ -4459,6 +4526,8 @@ class _Dialer:
                 "ping_interval": c.ping_interval,
                 "max_frame_size": c.max_frame_size,
             })
+            if c.name:
+                hello.payload["name"] = c.name
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.sendall(encode(hello))
             required = c.handshake is True or c._key is not None
@@ -4599,7 +4668,8 @@ class TCPClientTransport(Transport):
     eventforge 0.1 server) until its ``$welcome`` arrives, if ever: a late
     welcome switches the connection to handshake mode and the client sends
     its interest then.  ``handshake=False`` skips the hello and
-    ``handshake=True`` requires it.
+    ``handshake=True`` requires it.  ``name`` (optional) is sent in the hello
+    so the server's :class:`Monitor` can show who this connection is.
 
     Limits: ``send`` raises FrameTooLargeError for a message over the
     server's ``max_frame_size`` (learned at handshake).  A buffered message
@@ -4639,6 +4709,7 @@ class TCPClientTransport(Transport):
         max_queue_size: int = 1000,
         send_timeout: float = 10.0,
         on_connection_change: Optional[Callable[[bool, str], Any]] = None,
+        name: Optional[str] = None,
     ) -> None:
         if not isinstance(port, int) or not 0 < port <= 65535:
             raise ValueError(f"port must be an int in 1..65535, not {port!r}")
@@ -4662,6 +4733,7 @@ class TCPClientTransport(Transport):
         self.handshake = handshake
         self.max_frame_size = max_frame_size
         self.send_timeout = send_timeout
+        self.name = name  # sent in $hello; the server's monitor shows it
         self.on_connection_change = on_connection_change
         self._send_limit = max_frame_size  # the server's max_frame_size, once known
         self._local = MemoryTransport(max_queue_size)
@@ -6885,6 +6957,65 @@ _NOT_REMOTE_NAMES = frozenset({"getdoc", "trait_names", "mro"})
 _MAX_REMOTE_TRACEBACK = 16_384
 
 
+#: Upper bounds (seconds) of the duration histograms kept by RPCServer (and
+#: exported by Monitor): Prometheus-style cumulative buckets plus +Inf.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_MAX_ERROR_KINDS = 16  # distinct error types counted per method; the rest are "__other__"
+
+
+class _Histogram:
+    """Counts of durations in the fixed :data:`DURATION_BUCKETS`; its owner's lock guards it."""
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        import bisect
+
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def snapshot(self) -> Dict[str, Any]:
+        """``{"buckets": [[le, cumulative count], ..., ["+Inf", count]], "sum", "count"}``."""
+        buckets: List[List[Any]] = []
+        running = 0
+        for bound, n in zip(DURATION_BUCKETS + ("+Inf",), self.counts):
+            running += n
+            buckets.append([bound, running])
+        return {"buckets": buckets, "sum": self.sum, "count": self.count}
+
+
+class _MethodCounts:
+    """Per-method counters of an RPCServer (guarded by the server's lock)."""
+
+    __slots__ = ("calls", "errors", "in_flight", "duration")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.errors: Dict[str, int] = {}
+        self.in_flight = 0
+        self.duration = _Histogram()
+
+    def finish(self, seconds: float, error_type: Optional[str]) -> None:
+        self.in_flight -= 1
+        self.duration.observe(seconds)
+        if error_type is not None:
+            if error_type not in self.errors and len(self.errors) >= _MAX_ERROR_KINDS:
+                error_type = "__other__"
+            self.errors[error_type] = self.errors.get(error_type, 0) + 1
+
+    def snapshot(self) -> Dict[str, Any]:
+        return {"calls": self.calls, "errors": dict(self.errors),
+                "error_total": sum(self.errors.values()), "in_flight": self.in_flight,
+                "duration_seconds": self.duration.snapshot()}
+
+
 def _request_topic(service_name: str) -> str:
     if not isinstance(service_name, str) or not service_name:
         raise ValueError(f"service_name must be a non-empty string, not {service_name!r}")
@@ -7014,6 +7145,7 @@ class RPCServer:
         self._local = threading.local()
         self._counts = {"requests": 0, "succeeded": 0, "failed": 0, "not_found": 0,
                         "invalid": 0, "reply_errors": 0}
+        self._per_method: Dict[str, _MethodCounts] = {}  # registered names only
 
     # -- registration ---------------------------------------------------------
 
@@ -7127,14 +7259,40 @@ class RPCServer:
             out["in_flight"] = self._inflight
             return out
 
-    def _count(self, key: str) -> None:
+    def method_stats(self) -> Dict[str, Dict[str, Any]]:
+        """Per registered method: calls, errors by type, in_flight, duration histogram.
+
+        Every registered method is listed, with zeros until it is called.
+        Durations run from the request's arrival to its outcome (queueing
+        in the executor included); see :data:`DURATION_BUCKETS`.
+        """
+        with self._lock:
+            names = set(self._methods) | set(self._per_method)
+            return {name: (self._per_method.get(name) or _MethodCounts()).snapshot()
+                    for name in sorted(names)}
+
+    def _count(self, key: str, call: Optional[Tuple[str, float]] = None,
+               error_type: Optional[str] = None) -> None:
         with self._lock:
             self._counts[key] += 1
+            if call is not None:
+                self._per_method[call[0]].finish(_perf_counter() - call[1], error_type)
+
+    def _begin(self, name: str) -> Tuple[str, float]:
+        with self._lock:
+            counts = self._per_method.get(name)
+            if counts is None:
+                counts = self._per_method[name] = _MethodCounts()
+            counts.calls += 1
+            counts.in_flight += 1
+        return name, _perf_counter()
 
     # -- handling one request -------------------------------------------------
 
     def _on_request(self, message: Message) -> None:
         payload = message.payload
+        call: Optional[Tuple[str, float]] = None
+        settled = False  # the call was answered and counted (in flight no more)
         with self._lock:
             self._counts["requests"] += 1
             self._inflight += 1
@@ -7161,15 +7319,18 @@ class RPCServer:
                 self._respond(message, request_id, None,
                               ("MethodNotFoundError", f"Method not found: {name}", None))
                 return
+            call = self._begin(name)
             if self.executor is None:
                 self._local.depth = getattr(self._local, "depth", 0) + 1
                 try:
                     value = func(*args, **kwargs)
                 except BaseException as exc:  # any failure is that call's only
-                    self._respond_task(message, request_id, _failure(request_id, exc))
+                    self._respond_task(message, request_id, _failure(request_id, exc), call=call)
+                    settled = True
                     _reraise_interrupt(exc)  # Ctrl-C on the main thread: after the reply
                 else:
-                    self._respond(message, request_id, value, None, outcome="succeeded")
+                    self._respond(message, request_id, value, None, outcome="succeeded",
+                                  call=call)
                 finally:
                     self._local.depth -= 1
                 return
@@ -7177,15 +7338,21 @@ class RPCServer:
                 _, handle = self.executor._future_for(func, tuple(args), kwargs)
             else:
                 _, handle = self.executor._future_for(self._call_marked, (func, args, kwargs), {})
-        except BaseException:
-            self._finish()
+        except BaseException as exc:
+            if not settled:
+                if call is not None:  # e.g. the executor refused the call
+                    with self._lock:
+                        self._per_method[call[0]].finish(_perf_counter() - call[1],
+                                                         type(exc).__name__)
+                self._finish()
             raise
         if isinstance(handle, _Done):
-            self._respond_task(message, request_id, handle.result, finish=True)
+            self._respond_task(message, request_id, handle.result, finish=True, call=call)
         else:
             handle.add_done_callback(
                 lambda fut: self._respond_task(message, request_id,
-                                               _result_of_future(request_id, fut), finish=True))
+                                               _result_of_future(request_id, fut), finish=True,
+                                               call=call))
             return
 
     # Requests matched before stop() unsubscribed are still answered.
@@ -7215,23 +7382,24 @@ class RPCServer:
                       (error_type, f"invalid request: {text}", None), finish=True)
 
     def _respond_task(self, message: Message, request_id: str, result: TaskResult,
-                      finish: bool = True) -> None:
+                      finish: bool = True, call: Optional[Tuple[str, float]] = None) -> None:
         if result.status is TaskStatus.COMPLETED:
-            self._respond(message, request_id, result.value, None, finish, "succeeded")
+            self._respond(message, request_id, result.value, None, finish, "succeeded", call)
         else:
             tb = result.traceback if self.include_traceback else None
             if tb and len(tb) > _MAX_REMOTE_TRACEBACK:
                 tb = "...\n" + tb[-_MAX_REMOTE_TRACEBACK:]
             self._respond(message, request_id, None,
-                          (result.error_type or "Error", result.error or "", tb), finish, "failed")
+                          (result.error_type or "Error", result.error or "", tb), finish, "failed",
+                          call)
 
     def _respond(self, message: Message, request_id: str, value: Any,
                  error: Optional[Tuple[str, str, Optional[str]]], finish: bool = True,
-                 outcome: Optional[str] = None) -> None:
+                 outcome: Optional[str] = None, call: Optional[Tuple[str, float]] = None) -> None:
         if outcome is not None:
             # Counted before the reply leaves: a caller that has its result
             # must find the call counted in stats.
-            self._count(outcome)
+            self._count(outcome, call, error[0] if error is not None else None)
         try:
             if not message.reply_to:
                 if error is not None:
@@ -9456,6 +9624,14 @@ class WorkStore(abc.ABC):
         Summed over every topic and/or group left as None.
         """
 
+    def topics(self) -> List[str]:
+        """Topics holding jobs or consumer groups (for a :class:`Monitor`; [] if unknown)."""
+        return []
+
+    def oldest_ready(self, topic: Optional[str] = None) -> Optional[float]:
+        """Enqueue time (epoch seconds) of the oldest ready job, or None (for a monitor)."""
+        return None
+
     @abc.abstractmethod
     def wake(self) -> None:
         """Make every claim blocked right now return ``[]`` at once."""
@@ -9716,6 +9892,17 @@ class MemoryWorkStore(WorkStore):
                         totals["in_flight"] += len(state.leased)
                         totals["dead"] += state.dead
         return totals
+
+    def topics(self) -> List[str]:
+        with self._lock:
+            return sorted(self._topics)
+
+    def oldest_ready(self, topic: Optional[str] = None) -> Optional[float]:
+        with self._lock:
+            groups = [g for name, gs in self._topics.items() if topic in (None, name)
+                      for g in gs.values()]
+            firsts = [g.ready[0].message for g in groups if g.ready]
+        return min((_message_epoch(m) for m in firsts), default=None)
 
     def wake(self) -> None:
         with self._lock:
@@ -10173,6 +10360,11 @@ class SQLiteWorkStore(WorkStore):
         totals["dead"] = int(dead or 0)
         return totals
 
+    def topics(self) -> List[str]:
+        rows = self._read("SELECT topic FROM eventforge_groups UNION "
+                          "SELECT DISTINCT topic FROM eventforge_jobs", {})
+        return sorted(row[0] for row in rows)
+
     def wake(self) -> None:
         with self._lock:
             self._generation += 1
@@ -10405,6 +10597,8 @@ class WorkQueue(MessageQueue):
         self._stop_reaper = threading.Event()
         # itertools.count: next() is atomic, so the hot paths count without a lock
         self._counters = {name: itertools.count() for name in _WORK_COUNTERS}
+        self._waits = _Histogram()  # enqueue -> first delivery, for a Monitor
+        self._waits_lock = threading.Lock()
         self._enqueued = self._counters["enqueued"]
 
     # -- producing --------------------------------------------------------------
@@ -10471,6 +10665,14 @@ class WorkQueue(MessageQueue):
     def _hand_out(self, lease: Lease) -> Message:
         # Remember the lease (dict writes are atomic) and build the delivered copy.
         job = lease.message
+        if lease.attempt == 1:
+            try:
+                waited = max(0.0, time.time() - _message_epoch(job))
+            except (ValueError, TypeError):  # a timestamp we cannot read: not timed
+                pass
+            else:
+                with self._waits_lock:
+                    self._waits.observe(waited)
         delivery_id = f"{lease.job_id}:{lease.token}"
         self._leases[delivery_id] = lease
         headers = job.headers.copy()
@@ -10801,6 +11003,48 @@ class WorkQueue(MessageQueue):
         stats["work"] = {name: _count_value(c) for name, c in self._counters.items()}
         return stats
 
+    def monitor_snapshot(self) -> Dict[str, Any]:
+        """This queue as a :class:`Monitor` shows it (one row, all topics summed).
+
+        ``ready``/``in_flight``/``delayed`` exclude dead-letter topics, whose
+        waiting jobs are ``dead_letters``; ``nacked_total`` counts failed
+        attempts (each one retried or dead-lettered); ``wait_seconds`` is the
+        histogram of enqueue-to-first-delivery times; ``topics`` breaks the
+        counts down per topic (at most 100).
+        """
+        store = self.store
+        row: Dict[str, Any] = {"ready": 0, "in_flight": 0, "delayed": 0, "dead_letters": 0}
+        topics: Dict[str, Dict[str, int]] = {}
+        names = store.topics()
+        stamps = []
+        for topic in names:
+            counts = store.counts(topic)
+            if topic.endswith(DEAD_LETTER_SUFFIX):
+                row["dead_letters"] += counts["ready"] + counts["delayed"] + counts["in_flight"]
+            else:
+                for key in ("ready", "in_flight", "delayed"):
+                    row[key] += counts[key]
+                stamps.append(store.oldest_ready(topic))
+            if len(topics) < 100:
+                topics[topic] = counts
+        if not names:  # a store that cannot list its topics: totals only
+            counts = store.counts()
+            row.update(ready=counts["ready"], in_flight=counts["in_flight"],
+                       delayed=counts["delayed"])
+        oldest = min((t for t in stamps if t is not None), default=None) if names else (
+            store.oldest_ready())
+        waiting = row["ready"] > 0
+        # None when the store cannot tell (a monitor shows it as unknown).
+        row["oldest_ready_age_seconds"] = (max(0.0, time.time() - oldest) if oldest else
+                                           (None if waiting else 0.0))
+        work = {name: _count_value(c) for name, c in self._counters.items()}
+        row.update(acked_total=work["acked"], nacked_total=work["retried"] + work["dead_lettered"],
+                   redelivered_total=work["retried"], dead_lettered_total=work["dead_lettered"])
+        with self._waits_lock:
+            row["wait_seconds"] = self._waits.snapshot()
+        row["topics"] = topics
+        return row
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
@@ -10851,7 +11095,1394 @@ def _check_seconds(name: str, value: Any, *, positive: bool) -> None:
 
 
 # ---------------------------------------------------------------------------
-# 12. Command line: worker, main(), demo
+# 12. Monitor: health, JSON, Prometheus metrics and a small page over HTTP
+# ---------------------------------------------------------------------------
+
+# Modelled on NATS's monitoring port.  The monitor owns no counter: every
+# request asks the watched components for snapshots (their ``stats``,
+# ``connections()``, ``method_stats()``, a queue's ``monitor_snapshot()``),
+# each copied under the component's own lock, so publishing, dispatch and
+# framing do no extra work for it.  Bounded everywhere: lists are paged
+# (``limit`` at most 1000), metric label values are capped (the rest fold
+# into ``__other__``) and are subscription patterns or registered names,
+# never raw topics.  ``http.server`` is imported when a monitor starts.
+
+#: Default port of :class:`Monitor` (the one NATS uses for monitoring).
+DEFAULT_MONITOR_PORT = 8222
+#: Environment variable a :class:`Monitor` reads its token from.
+MONITOR_TOKEN_ENV = "EVENTFORGE_MONITOR_TOKEN"
+
+_PAGE_DEFAULT, _PAGE_MAX = 100, 1000
+_MAX_OFFSET = 10 ** 9
+_MAX_URL = 2048
+_MAX_QUERY_FIELDS = 16
+_MONITOR_TIMEOUT = 5.0  # per-socket read/write timeout of a monitor request
+_MONITOR_THREADS = 4  # requests served at once; more get a 503
+_CT_JSON = "application/json"
+_CT_HTML = "text/html; charset=utf-8"
+_CT_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+_CT_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+_MONITOR_HEADERS: Tuple[Tuple[str, str], ...] = (
+    ("Content-Security-Policy", "default-src 'self'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+_LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
+_OTHER = "__other__"
+_CONNZ_SORTS = {  # sort= value -> (snapshot key, descending)
+    "cid": ("cid", False), "start": ("start", False), "last": ("last_activity", True),
+    "idle": ("last_activity", False), "pending": ("pending_bytes", True),
+    "msgs_from": ("in_msgs", True), "msgs_to": ("out_frames", True),
+    "bytes_from": ("in_bytes", True), "bytes_to": ("out_bytes", True),
+    "subs": ("subscriptions", True), "stop": ("stop", True),
+}
+# TCP server counters that close a connection or lose a message, by where
+# the monitor shows them.  Normal closes are "disconnects"/"closed_by_server".
+_CONNECTION_FAILURES = (
+    "refused_connections", "accept_errors", "resets", "truncated_frames", "frame_timeouts",
+    "handshake_timeouts", "auth_failures", "tls_failures", "protocol_errors",
+    "slow_consumers", "dead_peers", "oversize_frames", "internal_errors", "frame_only_refused",
+)
+_IN_FAILURES = ("frame_errors", "mailbox_full", "expired", "unhandled_at_close")
+_OUT_FAILURES = ("dropped_topic_full", "dropped_buffer_full", "dropped_no_inbox",
+                 "handler_errors", "full", "oversize_for_peer", "too_large", "refused")
+_QUEUE_GAUGES = ("ready", "in_flight", "delayed", "dead_letters", "oldest_ready_age_seconds")
+_QUEUE_TOTALS = ("acked_total", "nacked_total", "redelivered_total", "dead_lettered_total")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_token(token: Optional[str], token_file: Optional[str]) -> Optional[bytes]:
+    """The monitor's token: given, else from ``token_file``, else from the environment."""
+    if token is None and token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the monitor token file {token_file!r}: "
+                             f"{exc.strerror or exc}") from None
+        if token == "":
+            raise ValueError(f"the monitor token file {token_file!r} is empty")
+    if token is None:
+        token = os.environ.get(MONITOR_TOKEN_ENV) or None
+    if token is None:
+        return None
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError("the monitor token must be a non-empty string")
+    return token.strip().encode("utf-8")
+
+
+def _process_stats() -> Dict[str, float]:
+    """CPU seconds, resident and virtual memory, start time and file descriptors."""
+    times = os.times()
+    out: Dict[str, float] = {"cpu_seconds": times[0] + times[1]}
+    try:  # Linux: /proc tells the current RSS; elsewhere only the peak is known
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        page, ticks = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
+        out["virtual_memory_bytes"] = float(fields[20])
+        out["resident_memory_bytes"] = float(fields[21]) * page
+        with open("/proc/stat", "rb") as fh:
+            boot = next(float(line.split()[1]) for line in fh if line.startswith(b"btime"))
+        out["start_time_seconds"] = boot + float(fields[19]) / ticks
+        out["open_fds"] = float(len(os.listdir("/proc/self/fd")))
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        pass
+    try:
+        import resource
+
+        out["max_fds"] = float(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ImportError, OSError, ValueError):  # pragma: no cover - Windows
+        pass
+    return out
+
+
+def _fold(values: Dict[str, Any], cap: int,
+          merge: Callable[[Any, Any], Any]) -> Tuple[Dict[str, Any], int]:
+    """Keep the first ``cap`` keys (by sorted order); merge the rest into ``__other__``.
+
+    Returns the folded dict and how many keys were folded.
+    """
+    if len(values) <= cap:
+        return values, 0
+    kept: Dict[str, Any] = {}
+    other: Any = None
+    folded = 0
+    for key in sorted(values):
+        if len(kept) < cap - 1 and key != _OTHER:
+            kept[key] = values[key]
+        else:
+            other = values[key] if other is None else merge(other, values[key])
+            folded += 1
+    kept[_OTHER] = other
+    return kept, folded
+
+
+def _merge_numbers(a: Any, b: Any) -> Any:
+    """Add two counters, dicts of counters or histogram bucket lists (ages: the larger)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        a, b = (a if isinstance(a, dict) else {}), (b if isinstance(b, dict) else {})
+        return {k: (max(a.get(k) or 0, b.get(k) or 0) if k.endswith("_age_seconds")
+                    else _merge_numbers(a.get(k), b.get(k))) for k in {**a, **b}}
+    if isinstance(a, list) and isinstance(b, list):  # [[le, cumulative], ...]
+        return [[x[0], x[1] + y[1]] for x, y in zip(a, b)]
+    if a is None or b is None:
+        return a if b is None else b
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool):
+        return a + b
+    return None
+
+
+def _pattern_label(pattern: str) -> str:
+    """A subscription pattern as a label value: request inboxes fold into one per prefix."""
+    for prefix in INBOX_PREFIXES:
+        if pattern.startswith(prefix):
+            return prefix + "*"
+    return pattern
+
+
+def _iso(epoch: Optional[float]) -> Optional[str]:
+    return None if epoch is None else _format_timestamp(epoch)
+
+
+class _Watched:
+    """The components a Monitor reports on, grouped by what they offer."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.transports: Dict[str, Any] = {}
+        self.rpc: Dict[str, Any] = {}
+        self.executors: Dict[str, Any] = {}
+        self.queues: Dict[str, Any] = {}  # objects with monitor_snapshot()
+        self.meters: Dict[str, Any] = {}
+        self.checks: Dict[str, Callable[[], Any]] = {}
+        self._seen: Dict[int, str] = {}
+
+    def add(self, component: Any, name: Optional[str]) -> None:
+        with self.lock:
+            self._add(component, name)
+
+    def _add(self, component: Any, name: Optional[str]) -> None:
+        if id(component) in self._seen:
+            return
+        if isinstance(component, Transport):
+            group, default = self.transports, _transport_name(component)
+        elif isinstance(component, RPCServer):
+            group, default = self.rpc, component.service_name
+        elif isinstance(component, Executor):
+            group, default = self.executors, f"executor-{len(self.executors) + 1}"
+        elif callable(getattr(component, "monitor_snapshot", None)):
+            group = self.queues
+            default = f"{type(component).__name__.lower()}-{len(self.queues) + 1}"
+        elif isinstance(component, (MessageQueue, RemoteQueue)):
+            group, default = {}, ""  # only what it owns is shown
+        elif hasattr(component, "stats"):
+            group = self.meters
+            default = getattr(component, "name", None) or type(component).__name__
+        else:
+            raise TypeError(f"Monitor cannot watch a {type(component).__name__}: it is not a "
+                            "transport, queue, RPC server, executor, meter (stats) or an "
+                            "object with monitor_snapshot()")
+        key = str(name or default)
+        base, n = key, 2
+        while key in group:  # two components of one kind with the same name
+            key, n = f"{base}-{n}", n + 1
+        group[key] = component
+        self._seen[id(component)] = key
+        # What a component owns is watched too.
+        for owned in (getattr(component, "transport", None), getattr(component, "queue", None),
+                      getattr(component, "executor", None), getattr(component, "local", None)):
+            if owned is not None and owned is not component and (
+                    isinstance(owned, (Transport, MessageQueue, Executor))):
+                self._add(owned, None)
+
+
+def _transport_name(transport: Any) -> str:
+    if isinstance(transport, TCPServerTransport):
+        return f"tcp-server {transport.host}:{transport.port}"
+    if isinstance(transport, TCPClientTransport):
+        return f"tcp-client {transport.host}:{transport.port}"
+    return type(transport).__name__
+
+
+class _Snapshot:
+    """One consistent-enough view of every watched component, taken per request."""
+
+    def __init__(self, watched: _Watched, monitor: Monitor) -> None:
+        with watched.lock:
+            transports = dict(watched.transports)
+            rpc = dict(watched.rpc)
+            executors = dict(watched.executors)
+            queues = dict(watched.queues)
+            meters = dict(watched.meters)
+            checks = dict(watched.checks)
+        self.monitor = monitor
+        self.now = time.time()
+        self.transport_stats = {name: dict(t.stats) for name, t in transports.items()}
+        self.servers = {n: t for n, t in transports.items() if isinstance(t, TCPServerTransport)}
+        self.transports = transports
+        self.rpc = rpc
+        self.executors = executors
+        self.queue_sources = queues
+        self.meter_sources = meters
+        self.checks = checks
+        self.process = _process_stats()
+
+    # -- totals ------------------------------------------------------------------
+
+    def _sum(self, key: str, kinds: Tuple[type, ...] = (Transport,)) -> int:
+        return sum(int(stats.get(key, 0) or 0) for name, stats in self.transport_stats.items()
+                   if isinstance(self.transports[name], kinds))
+
+    def totals(self) -> Dict[str, int]:
+        memory = (MemoryTransport,)
+        return {
+            "connections": self._sum("connections"),
+            "total_connections": self._sum("accepted"),
+            "in_msgs": self._sum("messages_in"),
+            "out_msgs": self._sum("messages_out") + self._sum("sent", memory),
+            "in_bytes": self._sum("bytes_in"),
+            "out_bytes": self._sum("bytes_out"),
+            "slow_consumers": self._sum("slow_consumers"),
+        }
+
+    def failures(self, keys: Tuple[str, ...]) -> Dict[str, int]:
+        return {key: self._sum(key) for key in keys}
+
+    def dropped(self) -> Dict[str, int]:
+        """Every loss or refusal counter, by reason (zeros included)."""
+        out = self.failures(_CONNECTION_FAILURES + _IN_FAILURES + _OUT_FAILURES)
+        out["rpc_reply_errors"] = sum(s.stats["reply_errors"] for s in self.rpc.values())
+        return out
+
+    def subscriptions(self) -> Dict[str, Dict[str, int]]:
+        """Pattern -> {"local": n, "remote": m} over every watched transport."""
+        counts: Dict[str, Dict[str, int]] = {}
+
+        def bump(pattern: str, side: str, n: int = 1) -> None:
+            entry = counts.setdefault(_pattern_label(pattern), {"local": 0, "remote": 0})
+            entry[side] += n
+
+        for transport in self.transports.values():
+            local = getattr(transport, "_local", transport)
+            trie = getattr(local, "_subscriptions", None)
+            if isinstance(trie, SubscriptionTrie):
+                for pattern in trie.patterns():
+                    bump(pattern, "local")
+            if isinstance(transport, TCPServerTransport):
+                for pattern, n in transport.interest_counts().items():
+                    bump(pattern, "remote", n)
+        return counts
+
+    # -- health ------------------------------------------------------------------
+
+    def health(self) -> List[str]:
+        """Reasons this process is unhealthy (empty when it is healthy)."""
+        problems = []
+        for name, transport in self.transports.items():
+            if getattr(transport, "closed", False):
+                problems.append(f"transport {name} is closed")
+            elif isinstance(transport, TCPServerTransport) and transport.address is None:
+                problems.append(f"transport {name} is not listening")
+        for name, server in self.rpc.items():
+            if not server.serving:
+                problems.append(f"RPC server {name} is not serving")
+        for name, check in self.checks.items():
+            try:
+                verdict = check()
+            except Exception as exc:
+                verdict = f"{type(exc).__name__}: {exc}"
+            if verdict is not None and verdict is not True:
+                problems.append(f"check {name} failed" + (
+                    f": {verdict}" if isinstance(verdict, str) and verdict else ""))
+        return problems
+
+    # -- sections ------------------------------------------------------------------
+
+    def varz(self) -> Dict[str, Any]:
+        monitor = self.monitor
+        out: Dict[str, Any] = {
+            "server_id": monitor.server_id, "name": monitor.name, "version": __version__,
+            "python": sys.version.split()[0], "pid": os.getpid(),
+            "start": _iso(monitor.started_at), "now": _iso(self.now),
+            "uptime_seconds": round(self.now - (monitor.started_at or self.now), 3),
+        }
+        out.update(self.totals())
+        subs = self.subscriptions()
+        out["subscriptions"] = sum(e["local"] + e["remote"] for e in subs.values())
+        out["dropped"] = self.dropped()
+        out["rss_bytes"] = self.process.get("resident_memory_bytes")
+        out["cpu_seconds"] = round(self.process["cpu_seconds"], 3)
+        out["components"] = {
+            "transports": sorted(self.transports), "rpc": sorted(self.rpc),
+            "executors": sorted(self.executors), "queues": sorted(self.queue_sources),
+            "meters": sorted(self.meter_sources),
+        }
+        return out
+
+    def connections(self, state: str) -> List[Dict[str, Any]]:
+        conns: List[Dict[str, Any]] = []
+        for name, server in self.servers.items():
+            wanted = ((False,) if state == "open" else (True,) if state == "closed"
+                      else (False, True))
+            for closed in wanted:
+                for info in server.connections(closed=closed):
+                    info["server"] = name
+                    info["state"] = "closed" if closed else "open"
+                    conns.append(info)
+        return conns
+
+    def rpcz(self) -> Dict[str, Dict[str, Any]]:
+        services: Dict[str, Dict[str, Any]] = {}
+        for name, server in self.rpc.items():
+            stats = server.stats
+            executor = server.executor
+            total = executor.max_workers if executor is not None else None
+            in_flight = stats["in_flight"]
+            methods = server.method_stats()
+            for entry in methods.values():
+                hist = entry["duration_seconds"]
+                entry["p50_seconds"] = _histogram_quantile(0.5, hist)
+                entry["p99_seconds"] = _histogram_quantile(0.99, hist)
+            services[name] = {
+                "serving": server.serving, "requests": stats["requests"],
+                "outcomes": {k: stats[k] for k in ("succeeded", "failed", "not_found",
+                                                   "invalid", "reply_errors")},
+                "in_flight": in_flight,
+                # A pool takes calls in arrival order: min() is how many run.
+                "workers": {"total": total,
+                            "busy": min(in_flight, total) if total else in_flight,
+                            "mode": executor.mode.value if executor is not None else "inline"},
+                "methods": methods,
+            }
+        return services
+
+    def queues(self) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Dict[str, Any]] = {}
+        for source_name, source in self.queue_sources.items():
+            try:
+                snapshot = source.monitor_snapshot()
+            except Exception as exc:
+                logger.warning("monitor: %s.monitor_snapshot() failed: %s", source_name, exc)
+                continue
+            if "ready" in snapshot:  # one queue: shown under its watched name
+                snapshot = {source_name: snapshot}
+                prefix = ""
+            else:
+                prefix = "" if len(self.queue_sources) == 1 else f"{source_name}/"
+            for queue_name, counters in sorted(snapshot.items()):
+                row: Dict[str, Any] = {key: counters.get(key, 0) for key in
+                                       _QUEUE_GAUGES + _QUEUE_TOTALS}
+                for extra in ("wait_seconds", "topics"):
+                    if counters.get(extra):
+                        row[extra] = counters[extra]
+                out[prefix + queue_name] = row
+        return out
+
+    def meters(self) -> Dict[str, Dict[str, Any]]:
+        out = {}
+        for name, meter in self.meter_sources.items():
+            try:
+                stats = meter.stats
+            except Exception as exc:
+                stats = {"error": f"{type(exc).__name__}: {exc}"}
+            out[name] = dict(stats) if isinstance(stats, dict) else {"value": stats}
+        return out
+
+
+def _histogram_quantile(q: float, histogram: Dict[str, Any]) -> Optional[float]:
+    """Estimate quantile ``q`` (0..1) of a histogram snapshot, like PromQL's function.
+
+    Interpolates linearly inside the bucket holding the rank; None when empty.
+    A rank in the +Inf bucket gives the largest finite bound.
+    """
+    count = histogram["count"]
+    if not count:
+        return None
+    rank = q * count
+    lower, below = 0.0, 0
+    for bound, cumulative in histogram["buckets"]:
+        if cumulative >= rank:
+            if bound == "+Inf":
+                return lower
+            inside = cumulative - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, cumulative
+    return lower
+
+
+def _metric_number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _label_text(labels: Dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    parts = []
+    for key, value in labels.items():
+        text = str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+        parts.append(f'{key}="{text}"')
+    return "{" + ",".join(parts) + "}"
+
+
+class _MetricsWriter:
+    """Writes metric families as Prometheus text 0.0.4 or OpenMetrics 1.0.0.
+
+    The two differ only in framing: OpenMetrics names a counter's family
+    without ``_total``, has ``info`` and ``# UNIT`` lines, and ends with
+    ``# EOF``; the samples are the same.
+    """
+
+    def __init__(self, openmetrics: bool) -> None:
+        self.openmetrics = openmetrics
+        self.lines: List[str] = []
+
+    def _head(self, family: str, kind: str, help_text: str, unit: Optional[str]) -> None:
+        self.lines.append(f"# HELP {family} {help_text}")
+        self.lines.append(f"# TYPE {family} {kind}")
+        if unit and self.openmetrics:
+            self.lines.append(f"# UNIT {family} {unit}")
+
+    def counter(self, name: str, help_text: str, samples: List[Tuple[Dict[str, Any], Any]],
+                unit: Optional[str] = None) -> None:
+        """``name`` without ``_total``; every sample gets the suffix."""
+        if not samples:
+            return
+        self._head(name if self.openmetrics else name + "_total", "counter", help_text, unit)
+        for labels, value in samples:
+            self.lines.append(f"{name}_total{_label_text(labels)} {_metric_number(value)}")
+
+    def gauge(self, name: str, help_text: str, samples: List[Tuple[Dict[str, Any], Any]],
+              unit: Optional[str] = None) -> None:
+        samples = [(labels, value) for labels, value in samples if value is not None]
+        if not samples:
+            return
+        self._head(name, "gauge", help_text, unit)
+        for labels, value in samples:
+            self.lines.append(f"{name}{_label_text(labels)} {_metric_number(value)}")
+
+    def info(self, name: str, help_text: str, labels: Dict[str, Any]) -> None:
+        """An info metric (a gauge named ``<name>_info`` in the 0.0.4 text)."""
+        if self.openmetrics:
+            self._head(name, "info", help_text, None)
+        else:
+            self._head(name + "_info", "gauge", help_text, None)
+        self.lines.append(f"{name}_info{_label_text(labels)} 1")
+
+    def histogram(self, name: str, help_text: str,
+                  samples: List[Tuple[Dict[str, Any], Dict[str, Any]]], unit: str) -> None:
+        """Each sample is a :meth:`_Histogram.snapshot` (cumulative buckets, +Inf last)."""
+        if not samples:
+            return
+        self._head(name, "histogram", help_text, unit)
+        for labels, hist in samples:
+            for bound, cumulative in hist["buckets"]:
+                le = bound if bound == "+Inf" else _metric_number(float(bound))
+                self.lines.append(
+                    f"{name}_bucket{_label_text(dict(labels, le=le))} {cumulative}")
+            self.lines.append(f"{name}_count{_label_text(labels)} {hist['count']}")
+            self.lines.append(f"{name}_sum{_label_text(labels)} {_metric_number(hist['sum'])}")
+
+    def text(self) -> str:
+        if self.openmetrics:
+            self.lines.append("# EOF")
+        return "\n".join(self.lines) + "\n"
+
+
+def _render_metrics(snap: _Snapshot, openmetrics: bool, cap: int) -> str:
+    """Every watched component as metric families (see docs/monitor.md for the list)."""
+    import platform
+
+    w = _MetricsWriter(openmetrics)
+    folded: Dict[str, int] = {}
+
+    def capped(family: str, values: Dict[str, Any]) -> Dict[str, Any]:
+        kept, n = _fold(values, cap, _merge_numbers)
+        folded[family] = n
+        return kept
+
+    w.info("eventforge_build", "Version of eventforge and of Python in this process.",
+           {"version": __version__, "python": platform.python_version()})
+    w.gauge("eventforge_healthy", "1 while /healthz answers 200, else 0.",
+            [({}, 0 if snap.health() else 1)])
+    proc = snap.process
+    w.counter("process_cpu_seconds", "Total user and system CPU time spent in seconds.",
+              [({}, proc["cpu_seconds"])], "seconds")
+    for key, help_text, unit in (
+        ("resident_memory_bytes", "Resident memory size in bytes.", "bytes"),
+        ("virtual_memory_bytes", "Virtual memory size in bytes.", "bytes"),
+        ("start_time_seconds", "Start time of the process since unix epoch in seconds.",
+         "seconds"),
+        ("open_fds", "Number of open file descriptors.", None),
+        ("max_fds", "Maximum number of open file descriptors.", None),
+    ):
+        if key in proc:
+            w.gauge("process_" + key, help_text, [({}, proc[key])], unit)
+    totals = snap.totals()
+    w.gauge("eventforge_connections_open", "Open TCP connections of watched servers.",
+            [({}, totals["connections"])])
+    w.counter("eventforge_connections", "TCP connections accepted.",
+              [({}, totals["total_connections"])])
+    w.counter("eventforge_connection_failures",
+              "Connections refused or closed abnormally, by reason.",
+              [({"reason": k}, v) for k, v in snap.failures(_CONNECTION_FAILURES).items()])
+    w.counter("eventforge_messages_in", "Messages read from the network.",
+              [({}, totals["in_msgs"])])
+    w.counter("eventforge_messages_in_failures", "Incoming messages lost, by reason.",
+              [({"reason": k}, v) for k, v in snap.failures(_IN_FAILURES).items()])
+    w.counter("eventforge_messages_out",
+              "Messages published locally plus messages routed to connections.",
+              [({}, totals["out_msgs"])])
+    w.counter("eventforge_messages_out_failures",
+              "Outgoing messages lost or handlers that failed, by reason.",
+              [({"reason": k}, v) for k, v in snap.failures(_OUT_FAILURES).items()])
+    w.counter("eventforge_in_bytes", "Bytes read from the network.",
+              [({}, totals["in_bytes"])], "bytes")
+    w.counter("eventforge_out_bytes", "Bytes written to the network by watched servers.",
+              [({}, totals["out_bytes"])], "bytes")
+    subs = capped("eventforge_subscriptions", snap.subscriptions())
+    w.gauge("eventforge_subscriptions",
+            "Subscriptions by pattern; side is local (handlers) or remote (connections).",
+            [({"pattern": p, "side": side}, counts[side])
+             for p, counts in sorted(subs.items()) for side in ("local", "remote")])
+    _render_rpc_metrics(w, snap.rpcz(), capped)
+    _render_queue_metrics(w, snap.queues(), capped)
+    meters = capped("eventforge_meter", snap.meters())
+    w.gauge("eventforge_meter", "Numeric stats of watched meters.",
+            [({"meter": name, "stat": stat}, value) for name, stats in sorted(meters.items())
+             for stat, value in sorted(stats.items())
+             if isinstance(value, (int, float)) and not isinstance(value, bool)][:cap * 8])
+    w.gauge("eventforge_monitor_folded_label_values",
+            f"Label values folded into {_OTHER} by the cap of {cap} per family.",
+            [({"family": family}, n) for family, n in sorted(folded.items())])
+    return w.text()
+
+
+def _render_rpc_metrics(w: _MetricsWriter, services: Dict[str, Dict[str, Any]],
+                        capped: Callable[[str, Dict[str, Any]], Dict[str, Any]]) -> None:
+    w.counter("eventforge_rpc_requests", "RPC requests received, by service.",
+              [({"service": s}, info["requests"]) for s, info in sorted(services.items())])
+    w.counter("eventforge_rpc_request_failures",
+              "RPC requests that did not succeed, by service and reason.",
+              [({"service": s, "reason": reason}, info["outcomes"][reason])
+               for s, info in sorted(services.items())
+               for reason in ("failed", "not_found", "invalid", "reply_errors")])
+    w.gauge("eventforge_rpc_workers", "Executor workers of an RPC service (inline: absent).",
+            [({"service": s}, info["workers"]["total"]) for s, info in sorted(services.items())])
+    w.gauge("eventforge_rpc_workers_busy", "Workers running a call (at most the total).",
+            [({"service": s}, info["workers"]["busy"]) for s, info in sorted(services.items())])
+    methods = capped("eventforge_rpc_calls", {
+        f"{s}\x00{m}": entry for s, info in services.items()
+        for m, entry in info["methods"].items()})
+    rows = []
+    for key, entry in sorted(methods.items()):
+        service, _, method = key.partition("\x00")
+        rows.append(({"service": service, "method": method or _OTHER}, entry))
+    w.counter("eventforge_rpc_calls", "Calls of a registered method.",
+              [(labels, e["calls"]) for labels, e in rows])
+    w.counter("eventforge_rpc_call_failures", "Calls of a method that raised.",
+              [(labels, e["error_total"]) for labels, e in rows])
+    w.counter("eventforge_rpc_call_errors", "Calls of a method that raised, by error type.",
+              [(dict(labels, kind=kind), n) for labels, e in rows
+               for kind, n in sorted(e["errors"].items())])
+    w.gauge("eventforge_rpc_in_flight", "Calls of a method started and not finished.",
+            [(labels, e["in_flight"]) for labels, e in rows])
+    w.histogram("eventforge_rpc_call_duration_seconds",
+                "Time from a request's arrival to its outcome.",
+                [(labels, e["duration_seconds"]) for labels, e in rows], "seconds")
+
+
+def _render_queue_metrics(w: _MetricsWriter, queues: Dict[str, Dict[str, Any]],
+                          capped: Callable[[str, Dict[str, Any]], Dict[str, Any]]) -> None:
+    rows = sorted(capped("eventforge_queue", queues).items())
+    helps = {
+        "ready": "Jobs waiting for a consumer.", "in_flight": "Jobs handed out, not acked yet.",
+        "delayed": "Jobs waiting for a retry delay.", "dead_letters": "Jobs in dead letters.",
+        "oldest_ready_age_seconds": "Age of the oldest ready job.",
+    }
+    for key in _QUEUE_GAUGES:
+        w.gauge(f"eventforge_queue_{key}", helps[key],
+                [({"queue": q}, row[key]) for q, row in rows],
+                "seconds" if key.endswith("_seconds") else None)
+    for key, help_text in zip(_QUEUE_TOTALS, (
+            "Jobs acknowledged.", "Jobs negatively acknowledged (failures).",
+            "Jobs delivered again.", "Jobs moved to dead letters (failures).")):
+        w.counter(f"eventforge_queue_{key[:-len('_total')]}", help_text,
+                  [({"queue": q}, row[key]) for q, row in rows])
+    w.histogram("eventforge_queue_wait_seconds", "Time jobs waited before a consumer took them.",
+                [({"queue": q}, row["wait_seconds"]) for q, row in rows if "wait_seconds" in row],
+                "seconds")
+
+
+_PAGE_CSS = """\
+body{font:14px/1.4 system-ui,sans-serif;margin:1em 2em;color:#222;background:#fafafa}
+h1{font-size:1.3em;margin:.2em 0}h2{font-size:1.05em;margin:1.2em 0 .3em}
+table{border-collapse:collapse;margin:.3em 0;background:#fff}
+th,td{border:1px solid #ddd;padding:.2em .6em;text-align:right}th{text-align:left}
+th:first-child,td:first-child{text-align:left}td.text{text-align:left}
+.ok{color:#176f2c}.bad{color:#b00020;font-weight:bold}
+td.alert{background:#fde2e1;color:#b00020;font-weight:bold}
+.muted{color:#777}nav a{margin-right:1em}#controls[hidden]{display:none}
+"""
+
+# Optional polling: one request in flight at a time, the next one scheduled
+# only after it finished; the pause button stops it.  Served as a file (the
+# page's Content-Security-Policy forbids inline scripts).
+_PAGE_JS = """\
+(function () {
+  "use strict";
+  var controls = document.getElementById("controls");
+  var button = document.getElementById("pause");
+  var state = document.getElementById("poll-state");
+  if (!controls || !button || !window.fetch || !window.DOMParser) { return; }
+  var period = parseInt(controls.getAttribute("data-period"), 10) || 2000;
+  var paused = false, inFlight = false, timer = null;
+  controls.hidden = false;
+  function schedule() {
+    clearTimeout(timer);
+    if (!paused) { timer = setTimeout(poll, period); }
+  }
+  function poll() {
+    if (paused || inFlight) { return; }
+    inFlight = true;
+    fetch(location.pathname + location.search,
+          {cache: "no-store", credentials: "same-origin", headers: {"Accept": "text/html"}})
+      .then(function (response) {
+        if (!response.ok) { throw new Error("HTTP " + response.status); }
+        return response.text();
+      })
+      .then(function (text) {
+        var fresh = new DOMParser().parseFromString(text, "text/html").getElementById("live");
+        var live = document.getElementById("live");
+        if (fresh && live) { live.replaceWith(document.importNode(fresh, true)); }
+        state.textContent = "live";
+      })
+      .catch(function (error) { state.textContent = "update failed (" + error.message + ")"; })
+      .then(function () { inFlight = false; schedule(); });
+  }
+  button.addEventListener("click", function () {
+    paused = !paused;
+    button.textContent = paused ? "Resume" : "Pause";
+    state.textContent = paused ? "paused" : "live";
+    if (paused) { clearTimeout(timer); } else { poll(); }
+  });
+  state.textContent = "live";
+  schedule();
+}());
+"""
+
+_PAGE_ROWS = 10  # connections on the page (the top ones by pending bytes)
+_PAGE_TABLE_ROWS = 100  # RPC methods, queues and meters on the page
+
+
+def _h(value: Any) -> str:
+    import html
+
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _seconds_text(value: Optional[float]) -> str:
+    if value is None:
+        return "\u2013"
+    if value < 1:
+        return f"{value * 1000:.2f} ms"
+    return f"{value:.2f} s"
+
+
+def _uptime_text(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def _table(headers: List[str], rows: List[List[str]], empty: str) -> str:
+    """Rows are lists of ready HTML cells (``<td ...>...</td>``)."""
+    if not rows:
+        return f'<p class="muted">{_h(empty)}</p>'
+    head = "".join(f"<th>{_h(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _td(value: Any, cls: str = "") -> str:
+    return f'<td class="{cls}">{_h(value)}</td>' if cls else f"<td>{_h(value)}</td>"
+
+
+def _render_page(monitor: Monitor, snap: _Snapshot, rates: Optional[Dict[str, float]]) -> str:
+    """The page: server-rendered HTML, every name escaped, no external asset."""
+    varz = snap.varz()
+    problems = snap.health()
+    health = ('<strong class="ok">ok</strong>' if not problems else
+              '<strong class="bad">unhealthy</strong>: ' + _h("; ".join(problems)))
+    if rates is None:
+        rate_text = "rates appear from the second view on"
+    else:
+        rate_text = (f"in {rates['in_msgs']:.1f} msg/s ({rates['in_bytes']:.0f} B/s), "
+                     f"out {rates['out_msgs']:.1f} msg/s ({rates['out_bytes']:.0f} B/s) "
+                     f"over the last {rates['seconds']:.1f} s")
+    parts = [
+        f'<section id="summary"><p>health: {health}</p>',
+        f"<p>id <code>{_h(varz['server_id'])}</code>, version {_h(varz['version'])}, "
+        f"python {_h(varz['python'])}, pid {_h(varz['pid'])}, "
+        f"up {_h(_uptime_text(varz['uptime_seconds']))} (since {_h(varz['start'])})</p>",
+        f'<p>updated <time id="updated">{_h(varz["now"])}</time></p>',
+        f'<p id="rates">{_h(rate_text)}</p>',
+        f"<p>{_h(varz['connections'])} connections open ({_h(varz['total_connections'])} "
+        f"accepted), {_h(varz['subscriptions'])} subscriptions, "
+        f"{_h(varz['in_msgs'])} messages in, {_h(varz['out_msgs'])} out</p></section>",
+    ]
+    conns = sorted(snap.connections("open"), key=lambda c: -c["pending_bytes"])
+    parts.append(f"<h2>Top connections by pending bytes ({len(conns)} open)</h2>")
+    parts.append(_table(
+        ["cid", "peer", "name", "pending bytes", "msgs in", "frames out", "bytes in",
+         "bytes out", "subs", "idle"],
+        [[_td(c["cid"]), _td(c["peer"], "text"), _td(c["name"] or "", "text"),
+          _td(c["pending_bytes"]), _td(c["in_msgs"]), _td(c["out_frames"]), _td(c["in_bytes"]),
+          _td(c["out_bytes"]), _td(c["subscriptions"]),
+          _td(_seconds_text(max(0.0, snap.now - c["last_activity"])))]
+         for c in conns[:_PAGE_ROWS]], "no open connections"))
+    if len(conns) > _PAGE_ROWS:
+        parts.append('<p><a href="/connz?sort=pending">all connections</a></p>')
+    dropped = {k: v for k, v in varz["dropped"].items() if v}
+    parts.append("<h2>Drops by reason</h2>")
+    parts.append(_table(["reason", "count"],
+                        [[_td(k), _td(v, "alert")] for k, v in sorted(dropped.items())],
+                        "nothing dropped"))
+    parts.append(_rpc_table(snap.rpcz()))
+    parts.append(_queue_table(snap.queues()))
+    meters = sorted(snap.meters().items())[:_PAGE_TABLE_ROWS]
+    parts.append("<h2>Meters</h2>")
+    parts.append(_table(["meter", "stats"], [
+        [_td(name), _td(", ".join(f"{k}={v}" for k, v in sorted(stats.items())), "text")]
+        for name, stats in meters], "no meters watched"))
+    links = "".join(f'<a href="{path}">{path}</a>' for path in (
+        "/healthz", "/varz", "/connz", "/subsz", "/rpcz", "/queuez", "/meterz", "/metrics"))
+    title = _h(monitor.name)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>eventforge monitor: {title}</title>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="icon" href="/favicon.ico">'
+        '<link rel="stylesheet" href="/monitor.css">'
+        '<script src="/monitor.js" defer></script></head><body>'
+        f"<header><h1>eventforge monitor: {title}</h1>"
+        f'<p id="controls" hidden data-period="{int(monitor.poll_interval * 1000)}">'
+        '<button id="pause" type="button">Pause</button> '
+        'auto-refresh: <span id="poll-state">off</span></p></header>'
+        f'<main id="live">{"".join(parts)}</main>'
+        f"<footer><h2>JSON and metrics</h2><nav>{links}</nav></footer></body></html>\n"
+    )
+
+
+def _rpc_table(services: Dict[str, Dict[str, Any]]) -> str:
+    rows = []
+    for service, info in sorted(services.items()):
+        for method, entry in sorted(info["methods"].items()):
+            errors = entry["error_total"]
+            rows.append([_td(service), _td(method, "text"), _td(entry["calls"]),
+                         _td(errors, "alert" if errors else ""), _td(entry["in_flight"]),
+                         _td(_seconds_text(entry["p50_seconds"])),
+                         _td(_seconds_text(entry["p99_seconds"]))])
+    workers = "; ".join(
+        f"{service}: {info['workers']['busy']} busy of "
+        f"{info['workers']['total'] if info['workers']['total'] else 'inline'}"
+        for service, info in sorted(services.items()))
+    return ("<h2>RPC</h2>" + (f"<p>workers: {_h(workers)}</p>" if workers else "")
+            + _table(["service", "method", "calls", "errors", "in flight", "p50", "p99"],
+                     rows[:_PAGE_TABLE_ROWS], "no RPC server watched"))
+
+
+def _queue_table(queues: Dict[str, Dict[str, Any]]) -> str:
+    rows = []
+    for name, q in sorted(queues.items())[:_PAGE_TABLE_ROWS]:
+        dead = q["dead_letters"]
+        rows.append([_td(name), _td(q["ready"]), _td(q["in_flight"]), _td(q["delayed"]),
+                     _td(dead, "alert" if dead else ""),
+                     _td(_seconds_text(q["oldest_ready_age_seconds"] or None)),
+                     _td(q["acked_total"]), _td(q["nacked_total"]), _td(q["redelivered_total"]),
+                     _td(q["dead_lettered_total"], "alert" if q["dead_lettered_total"] else "")])
+    return "<h2>Queues</h2>" + _table(
+        ["queue", "ready", "in flight", "delayed", "dead letters", "oldest ready",
+         "acked", "nacked", "redelivered", "dead-lettered"], rows, "no work queue watched")
+
+
+class _BadQuery(ValueError):
+    """A query the endpoint cannot take (answered with 400)."""
+
+
+def _parse_query(query: str, allowed: Tuple[str, ...]) -> Dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query),
+                          max_num_fields=_MAX_QUERY_FIELDS, errors="strict")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _BadQuery(f"malformed query: {exc}") from None
+    params: Dict[str, str] = {}
+    for key, value in pairs:
+        if key not in allowed:
+            takes = ", ".join(allowed) if allowed else "no parameters"
+            raise _BadQuery(f"unknown parameter {key[:40]!r}; this endpoint takes {takes}")
+        if key in params:
+            raise _BadQuery(f"parameter {key!r} is given twice")
+        params[key] = value
+    return params
+
+
+def _int_param(params: Dict[str, str], key: str, default: int, highest: int) -> int:
+    """A non-negative integer parameter, capped at ``highest`` (``limit`` at least 1)."""
+    text = params.get(key)
+    if text is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        raise _BadQuery(f"{key} must be a non-negative integer, not {text[:40]!r}")
+    value = min(int(text), highest)
+    if key == "limit" and value < 1:
+        raise _BadQuery("limit must be at least 1")
+    return value
+
+
+def _page_of(items: List[Any], params: Dict[str, str]) -> Dict[str, Any]:
+    offset = _int_param(params, "offset", 0, _MAX_OFFSET)
+    limit = _int_param(params, "limit", _PAGE_DEFAULT, _PAGE_MAX)
+    return {"total": len(items), "offset": offset, "limit": limit,
+            "items": items[offset:offset + limit]}
+
+
+_HTTP_CLASSES: Optional[Tuple[Any, Any]] = None
+
+
+def _http_classes() -> Tuple[Any, Any]:
+    """The ``http.server`` subclasses behind :class:`Monitor`, built on first use."""
+    global _HTTP_CLASSES
+    if _HTTP_CLASSES is not None:
+        return _HTTP_CLASSES
+    import http.server
+    import socket
+    import socketserver
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "eventforge-monitor"
+        sys_version = ""
+        protocol_version = "HTTP/1.0"  # one request per connection
+        server: Any
+
+        def setup(self) -> None:
+            super().setup()
+            self.connection.settimeout(self.server.monitor.request_timeout)
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+            self.server.monitor._serve(self, head=False)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.server.monitor._serve(self, head=True)
+
+        def refuse_method(self) -> None:
+            self.server.monitor._write(self, 405, {"error": f"method {self.command} not allowed; "
+                                                   "the monitor is read-only (GET, HEAD)"},
+                                       extra=(("Allow", "GET, HEAD"),))
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = refuse_method
+
+        def send_error(self, code: int, message: Optional[str] = None,
+                       explain: Optional[str] = None) -> None:
+            # Malformed request lines and headers: JSON with our headers, and
+            # without echoing the request (http.server's messages quote it).
+            import http
+
+            self.close_connection = True
+            self.request_version = "HTTP/1.0"  # always send the status line and headers
+            try:
+                phrase = http.HTTPStatus(code).phrase
+            except ValueError:
+                phrase = "error"
+            self.server.monitor._write(self, code, {"error": phrase})
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("monitor: %s %s", self.address_string(), format % args)
+
+    class Server(http.server.HTTPServer):
+        daemon_threads = True
+
+        def __init__(self, address: Tuple[str, int], monitor: Monitor) -> None:
+            self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            self.monitor = monitor
+            self.slots = threading.BoundedSemaphore(_MONITOR_THREADS)
+            self.workers: Dict[Any, Tuple[threading.Thread, float]] = {}
+            self.workers_lock = threading.Lock()
+            self.names = itertools.count(1)
+            super().__init__(address, Handler)
+
+        def server_bind(self) -> None:  # HTTPServer's would do a reverse DNS lookup
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                try:
+                    request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                                    b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            worker = threading.Thread(target=self.work, args=(request, client_address),
+                                      name=f"eventforge-monitor-request-{next(self.names)}",
+                                      daemon=True)  # read-only: losing one at exit is safe
+            with self.workers_lock:
+                self.workers[request] = (worker, time.monotonic())
+            worker.start()
+
+        def work(self, request: Any, client_address: Any) -> None:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                logger.debug("monitor: request from %s failed", client_address, exc_info=True)
+            finally:
+                self.shutdown_request(request)
+                with self.workers_lock:
+                    self.workers.pop(request, None)
+                self.slots.release()
+
+        def service_actions(self) -> None:
+            # A client trickling bytes can renew each socket timeout; cut it
+            # off after twice the timeout in total.
+            self.cut_off(time.monotonic() - 2 * self.monitor.request_timeout)
+
+        def cut_off(self, began_before: float) -> None:
+            with self.workers_lock:
+                late = [sock for sock, (_, began) in self.workers.items()
+                        if began < began_before]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        def stop_workers(self, timeout: float) -> None:
+            self.cut_off(float("inf"))  # requests still reading or writing end now
+            deadline = time.monotonic() + timeout
+            with self.workers_lock:
+                workers = [w for w, _ in self.workers.values()]
+            for worker in workers:
+                if worker is not threading.current_thread():
+                    worker.join(max(0.0, deadline - time.monotonic()))
+
+    _HTTP_CLASSES = (Handler, Server)
+    return _HTTP_CLASSES
+
+
+class Monitor:
+    """An opt-in HTTP monitoring endpoint: health, JSON, Prometheus metrics and a page.
+
+    ``Monitor(host="127.0.0.1", port=8222)`` serves, once :meth:`start` ed,
+    on its own thread (``port=0`` picks a free port; see :attr:`url`)::
+
+        /healthz  /varz  /connz  /subsz  /rpcz  /queuez  /meterz  /metrics  /
+
+    :meth:`watch` a transport, :class:`MessageQueue`, :class:`RPCServer`,
+    :class:`Executor`, a meter (anything with ``stats``) or a work queue
+    (anything with ``monitor_snapshot()``); what a component owns (a
+    queue's transport, a server's queue and executor) is watched too.
+    Each request reads snapshots that the components copy under their own
+    locks: nothing is added to publishing, dispatch or framing.
+
+    Security: bound to loopback by default.  Any other address needs a
+    token (``token``, ``token_file`` or the ``EVENTFORGE_MONITOR_TOKEN``
+    environment variable; a token given any of these ways is required on
+    loopback too) unless ``allow_unauthenticated=True``.  Clients send it as
+    ``Authorization: Bearer <token>`` (or as the password of HTTP Basic
+    auth, for a browser); it is compared in constant time.  Requests whose
+    ``Host`` is not loopback, the bound address or one of ``allowed_hosts``
+    are refused (DNS rebinding).  Read-only: GET and HEAD only.  Payloads,
+    RPC arguments and secrets are never shown.  Each socket read or write
+    times out after ``request_timeout`` seconds (at most 60), at most four
+    requests are served at once, lists are paged (``limit`` at most 1000)
+    and metric label values are capped at ``max_label_values`` per family.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_MONITOR_PORT,
+        *,
+        components: Iterable[Any] = (),
+        name: Optional[str] = None,
+        token: Optional[str] = None,
+        token_file: Optional[str] = None,
+        allow_unauthenticated: bool = False,
+        allowed_hosts: Iterable[str] = (),
+        max_label_values: int = 100,
+        request_timeout: float = _MONITOR_TIMEOUT,
+        poll_interval: float = 2.0,
+    ) -> None:
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host must be a non-empty string, not {host!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int in 0..65535, not {port!r}")
+        if (isinstance(max_label_values, bool) or not isinstance(max_label_values, int)
+                or max_label_values < 2):
+            raise ValueError(f"max_label_values must be an int >= 2, not {max_label_values!r}")
+        self._token = _read_token(token, token_file)
+        if self._token is None and not _is_loopback(host) and not allow_unauthenticated:
+            raise ValueError(
+                f"a monitor bound to {host!r} (not loopback) needs a token: pass token_file=, "
+                f"set {MONITOR_TOKEN_ENV}, or pass allow_unauthenticated=True")
+        self.host = host
+        self._port = port
+        self.name = name or f"eventforge-{os.getpid()}"
+        self.server_id = os.urandom(8).hex()
+        self.max_label_values = max_label_values
+        self.request_timeout = min(max(float(request_timeout), 0.1), 60.0)
+        self.poll_interval = max(float(poll_interval), 0.5)
+        if isinstance(allowed_hosts, str):
+            allowed_hosts = [allowed_hosts]
+        wildcard = host in ("0.0.0.0", "::", "")
+        self._allowed_hosts = _LOOPBACK_NAMES | {h.lower().strip("[]") for h in allowed_hosts} | (
+            set() if wildcard else {host.lower().strip("[]")})
+        self._watched = _Watched()
+        self._lock = threading.Lock()
+        self._httpd: Any = None
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self.started_at: Optional[float] = None
+        self._samples: Deque[Tuple[float, Dict[str, int]]] = collections.deque(maxlen=64)
+        for component in components:
+            self.watch(component)
+
+    # -- what it reports on -----------------------------------------------------
+
+    def watch(self, component: Any, name: Optional[str] = None) -> Any:
+        """Report on ``component`` (and what it owns) under ``name``; returns it."""
+        self._watched.add(component, name)
+        return component
+
+    def add_check(self, name: str, check: Callable[[], Any]) -> None:
+        """Make /healthz call ``check()``: None or True is healthy, else the reason."""
+        if not callable(check):
+            raise TypeError("check must be callable")
+        with self._watched.lock:
+            self._watched.checks[str(name)] = check
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @property
+    def address(self) -> Optional[Tuple[str, int]]:
+        """The bound ``(host, port)`` once started, else None."""
+        httpd = self._httpd
+        return None if httpd is None else (self.host, httpd.server_address[1])
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (the configured one before)."""
+        return self._httpd.server_address[1] if self._httpd is not None else self._port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/`` of the page."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> Monitor:
+        """Bind and serve on a background thread; returns self (idempotent)."""
+        _, server_class = _http_classes()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("Monitor is closed")
+            if self._httpd is not None:
+                return self
+            try:
+                httpd = server_class((self.host, self._port), self)
+            except OSError as exc:
+                raise OSError(exc.errno, f"monitor cannot listen on {self.host}:{self._port}: "
+                                         f"{exc.strerror or exc}") from None
+            self._httpd = httpd
+            self.started_at = time.time()
+            self._samples.append((time.monotonic(), _Snapshot(self._watched, self).totals()))
+            self._thread = threading.Thread(
+                target=httpd.serve_forever, kwargs={"poll_interval": 0.25},
+                name=f"eventforge-monitor-{httpd.server_address[1]}", daemon=True)
+            self._thread.start()
+        logger.info("monitor serving on %s", self.url)
+        return self
+
+    def close(self) -> None:
+        """Stop serving; requests still in progress are cut off (safe to call twice)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return
+        if thread is not None and thread is not threading.current_thread():
+            httpd.shutdown()
+            thread.join(5.0)
+        httpd.server_close()
+        httpd.stop_workers(5.0)
+
+    stop = close
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("serving " + self.url if self._httpd else "idle")
+        return f"<Monitor {self.name!r} {state}>"
+
+    # -- the data behind each endpoint ---------------------------------------------
+
+    def snapshot(self) -> _Snapshot:
+        """Read every watched component once (what one request renders)."""
+        return _Snapshot(self._watched, self)
+
+    def healthz(self) -> Tuple[int, Dict[str, Any]]:
+        """``(200, {"status": "ok"})`` or ``(503, {"status": "unavailable", "reason": ...})``."""
+        problems = self.snapshot().health()
+        if not problems:
+            return 200, {"status": "ok"}
+        return 503, {"status": "unavailable", "reason": "; ".join(problems)}
+
+    def varz(self) -> Dict[str, Any]:
+        """Identity, uptime, totals, drops by reason, memory and CPU (the /varz body)."""
+        return self.snapshot().varz()
+
+    def get(self, target: str, accept: str = "") -> Tuple[int, Any]:
+        """Answer ``target`` (e.g. ``"/connz?sort=pending"``) as over HTTP: ``(status, body)``.
+
+        The body is a dict for the JSON endpoints and a str for /metrics and
+        the page; ``accept`` picks the metrics format.
+        """
+        status, body, _, _ = self._route(target, accept)
+        return status, body
+
+    def metrics(self, openmetrics: bool = False) -> str:
+        """The /metrics text: Prometheus 0.0.4, or OpenMetrics 1.0.0."""
+        return _render_metrics(self.snapshot(), openmetrics, self.max_label_values)
+
+    def _connz(self, snap: _Snapshot, params: Dict[str, str]) -> Dict[str, Any]:
+        state = params.get("state", "open")
+        if state not in ("open", "closed", "any"):
+            raise _BadQuery(f"state must be open, closed or any, not {state[:40]!r}")
+        sort = params.get("sort", "cid")
+        if sort not in _CONNZ_SORTS:
+            raise _BadQuery(f"sort must be one of {', '.join(_CONNZ_SORTS)}, not {sort[:40]!r}")
+        key, descending = _CONNZ_SORTS[sort]
+        conns = snap.connections(state)
+        conns.sort(key=lambda c: (c.get(key) or 0, c["cid"]), reverse=descending)
+        page = _page_of(conns, params)
+        for conn in page["items"]:
+            conn["idle_seconds"] = round(
+                (conn.get("stop") or snap.now) - conn["last_activity"], 3)
+            for field in ("start", "last_activity", "stop"):
+                if field in conn:
+                    conn[field] = _iso(conn[field])
+        return {"server_id": self.server_id, "now": _iso(snap.now), "state": state,
+                "sort": sort, "total": page["total"], "offset": page["offset"],
+                "limit": page["limit"], "connections": page["items"]}
+
+    def _subsz(self, snap: _Snapshot, params: Dict[str, str]) -> Dict[str, Any]:
+        counts = snap.subscriptions()
+        test = params.get("test")
+        if test is not None:
+            try:
+                validate_topic(test, allow_reserved=True)
+            except TopicError as exc:
+                raise _BadQuery(f"test must be a topic: {exc}") from None
+            counts = {p: c for p, c in counts.items() if topic_matches(p, test)}
+        rows: List[Dict[str, Any]] = [{"pattern": p, "local": c["local"], "remote": c["remote"]}
+                for p, c in sorted(counts.items(), key=lambda pc: (
+                    -(pc[1]["local"] + pc[1]["remote"]), pc[0]))]
+        page = _page_of(rows, params)
+        out: Dict[str, Any] = {"server_id": self.server_id, "now": _iso(snap.now),
+                               "num_subscriptions": sum(r["local"] + r["remote"] for r in rows),
+                               "num_patterns": page["total"], "offset": page["offset"],
+                               "limit": page["limit"], "patterns": page["items"]}
+        if test is not None:
+            out["test"] = test
+        return out
+
+    def _paged_dict(self, snap: _Snapshot, items: Dict[str, Any], key: str,
+                    params: Dict[str, str]) -> Dict[str, Any]:
+        page = _page_of(sorted(items.items()), params)
+        return {"server_id": self.server_id, "now": _iso(snap.now), "total": page["total"],
+                "offset": page["offset"], "limit": page["limit"], key: dict(page["items"])}
+
+    def _rates(self, totals: Dict[str, int]) -> Optional[Dict[str, float]]:
+        """Per-second rates against the newest earlier sample at least 1 s old."""
+        now = time.monotonic()
+        with self._lock:
+            older = [(t, s) for t, s in self._samples if now - t >= 1.0]
+            self._samples.append((now, totals))
+        if not older:
+            return None
+        then, before = older[-1]
+        span = now - then
+        rates = {k: max(0, totals[k] - before.get(k, 0)) / span
+                 for k in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
+        rates["seconds"] = span
+        return rates
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    _ROUTES = {  # path -> query parameters it takes
+        "/": (), "/healthz": (), "/varz": (), "/metrics": (),
+        "/connz": ("sort", "offset", "limit", "state"),
+        "/subsz": ("test", "offset", "limit"),
+        "/rpcz": ("offset", "limit"), "/queuez": ("offset", "limit"),
+        "/meterz": ("offset", "limit"),
+        "/monitor.css": (), "/monitor.js": (), "/favicon.ico": (),
+    }
+
+    def _host_allowed(self, host_header: Optional[str]) -> bool:
+        if not host_header:
+            return False
+        host = host_header.strip().lower()
+        if host.startswith("["):  # [v6]:port
+            host = host[1:].partition("]")[0]
+        elif host.count(":") == 1:
+            host = host.partition(":")[0]
+        return host in self._allowed_hosts
+
+    def _authorized(self, header: Optional[str]) -> bool:
+        import hmac
+
+        token = self._token
+        if token is None:
+            return True
+        scheme, _, value = (header or "").strip().partition(" ")
+        given = b""
+        if scheme.lower() == "bearer":
+            given = value.strip().encode("utf-8", "replace")
+        elif scheme.lower() == "basic":
+            import base64
+            import binascii
+
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                decoded = b""
+            given = decoded.partition(b":")[2]
+        return hmac.compare_digest(given, token)
+
+    def _serve(self, handler: Any, head: bool) -> None:
+        try:
+            status, body, ctype, extra = self._respond(handler)
+        except Exception:
+            logger.exception("monitor: %s failed", handler.path[:200])
+            status, body, ctype, extra = 500, {"error": "internal error (logged)"}, None, ()
+        self._write(handler, status, body, ctype, extra, head)
+
+    def _respond(self, handler: Any) -> Tuple[int, Any, Optional[str], Tuple[Tuple[str, str], ...]]:
+        if not self._host_allowed(handler.headers.get("Host")):
+            return 403, {"error": "Host header not allowed (use the bound name or loopback)"}, \
+                None, ()
+        if not self._authorized(handler.headers.get("Authorization")):
+            return 401, {"error": "a valid token is required"}, None, (
+                ("WWW-Authenticate", 'Basic realm="eventforge monitor"'),
+                ("WWW-Authenticate", 'Bearer realm="eventforge monitor"'))
+        return self._route(handler.path, handler.headers.get("Accept") or "")
+
+    def _route(self, target: str, accept: str
+               ) -> Tuple[int, Any, Optional[str], Tuple[Tuple[str, str], ...]]:
+        from urllib.parse import urlsplit
+
+        if len(target) > _MAX_URL:
+            return 414, {"error": f"URL longer than {_MAX_URL} characters"}, None, ()
+        parts = urlsplit(target)
+        allowed = self._ROUTES.get(parts.path)
+        if allowed is None:
+            return 404, {"error": "not found", "endpoints": sorted(
+                p for p in self._ROUTES if not p.startswith(("/monitor.", "/fav")))}, None, ()
+        try:
+            params = _parse_query(parts.query, allowed)
+            return self._endpoint(parts.path, params, accept)
+        except _BadQuery as exc:
+            return 400, {"error": str(exc)}, None, ()
+
+    def _endpoint(self, path: str, params: Dict[str, str], accept: str
+                  ) -> Tuple[int, Any, Optional[str], Tuple[Tuple[str, str], ...]]:
+        if path == "/monitor.css":
+            return 200, _PAGE_CSS, "text/css; charset=utf-8", ()
+        if path == "/monitor.js":
+            return 200, _PAGE_JS, "text/javascript; charset=utf-8", ()
+        if path == "/favicon.ico":
+            return 204, b"", None, ()
+        snap = self.snapshot()
+        if path == "/healthz":
+            problems = snap.health()
+            if problems:
+                return 503, {"status": "unavailable", "reason": "; ".join(problems)}, None, ()
+            return 200, {"status": "ok"}, None, ()
+        if path == "/metrics":
+            openmetrics = "application/openmetrics-text" in accept.lower()
+            return 200, _render_metrics(snap, openmetrics, self.max_label_values), (
+                _CT_OPENMETRICS if openmetrics else _CT_PROMETHEUS), ()
+        if path == "/":
+            return 200, _render_page(self, snap, self._rates(snap.totals())), _CT_HTML, ()
+        if path == "/varz":
+            return 200, snap.varz(), None, ()
+        if path == "/connz":
+            return 200, self._connz(snap, params), None, ()
+        if path == "/subsz":
+            return 200, self._subsz(snap, params), None, ()
+        if path == "/rpcz":
+            return 200, self._paged_dict(snap, snap.rpcz(), "services", params), None, ()
+        if path == "/queuez":
+            return 200, self._paged_dict(snap, snap.queues(), "queues", params), None, ()
+        return 200, self._paged_dict(snap, snap.meters(), "meters", params), None, ()
+
+    def _write(self, handler: Any, status: int, body: Any, ctype: Optional[str] = None,
+               extra: Tuple[Tuple[str, str], ...] = (), head: bool = False) -> None:
+        if isinstance(body, str):
+            data = body.encode("utf-8")
+        elif isinstance(body, bytes):
+            data = body
+        else:
+            data = (json.dumps(body, indent=2, default=str) + "\n").encode("utf-8")
+            ctype = ctype or _CT_JSON
+        try:
+            handler.send_response(status)
+            if status != 204:
+                handler.send_header("Content-Type", ctype or _CT_JSON)
+                handler.send_header("Content-Length", str(len(data)))
+            for key, value in _MONITOR_HEADERS + tuple(extra):
+                handler.send_header(key, value)
+            handler.end_headers()
+            if not head and status != 204:
+                handler.wfile.write(data)
+        except OSError as exc:  # the client went away or timed out
+            logger.debug("monitor: could not answer %s: %s", handler.client_address, exc)
+
+
+# ---------------------------------------------------------------------------
+# 13. Command line: worker, main(), demo
 # ---------------------------------------------------------------------------
 
 
@@ -11177,6 +12808,7 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         raise _CLIError(str(exc)) from None
     secret = _read_secret(args.secret_file)
     context = _server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
+    monitor = _worker_monitor(args, service)
 
     broker = _broker_transport(args)
     listener: Optional[TCPServerTransport] = None
@@ -11212,6 +12844,7 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
                             f"{cause.strerror or cause}", EXIT_FAILURE) from None
         executor.start()
         server.serve(blocking=False)
+        _start_worker_monitor(monitor, server, None, out)
         where = args.nats or args.redis or _format_address(listener.address)  # type: ignore
         out(f"eventforge worker ready: service '{service}' on {where} "
             f"(methods: {', '.join(sorted(handlers))}; {args.workers} {args.mode} worker"
@@ -11229,6 +12862,8 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
         return EXIT_OK
     finally:
         restore()
+        if monitor is not None:
+            monitor.close()
         executor.stop(wait=False)
         transport.close()
 
@@ -11264,12 +12899,41 @@ def _broker_transport(args: Any) -> Optional[Transport]:
         raise _CLIError(f"cannot connect to {url}: {exc}", EXIT_FAILURE) from None
 
 
+def _worker_monitor(args: Any, service: str) -> Optional[Monitor]:
+    """The Monitor asked for by ``--monitor HOST:PORT`` (not started yet), or None."""
+    if not args.monitor:
+        return None
+    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:([0-9]{1,5})", args.monitor.strip())
+    if match is None or not match.group(1):
+        raise _CLIError(f"--monitor takes HOST:PORT (e.g. 127.0.0.1:8222), not {args.monitor!r}")
+    try:
+        return Monitor(match.group(1), int(match.group(2)), name=f"worker {service}",
+                       token_file=args.monitor_token_file,
+                       allowed_hosts=args.monitor_allowed_host)
+    except ValueError as exc:
+        raise _CLIError(f"--monitor: {exc}") from None
+
+
+def _start_worker_monitor(monitor: Optional[Monitor], component: Any, name: Optional[str],
+                          out: Callable[[str], Any]) -> None:
+    """Watch what the worker serves, start the monitor and print its URL (if asked for)."""
+    if monitor is None:
+        return
+    monitor.watch(component, name)
+    try:
+        monitor.start()
+    except OSError as exc:
+        raise _CLIError(str(exc), EXIT_FAILURE) from None
+    out(f"eventforge worker monitor: {monitor.url}")
+
+
 def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
     """``worker --queue``: consume a durable work queue with the module's JOBS."""
     try:
         _, jobs = load_job_module(args.import_)
     except ValueError as exc:
         raise _CLIError(str(exc)) from None
+    monitor = _worker_monitor(args, "jobs")
     stop = threading.Event()
     restore = _install_stop_signals(stop)
     try:
@@ -11283,6 +12947,7 @@ def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
             for topic, handler in jobs.items():
                 queue.consume(topic, handler, consumer_group=args.group,
                               concurrency=args.workers)
+            _start_worker_monitor(monitor, queue, "jobs", out)
             out(f"eventforge worker ready: jobs of {', '.join(sorted(jobs))} from {args.queue} "
                 f"({args.workers} at a time per topic; pid {os.getpid()})")
             _wait_until(stop)
@@ -11294,6 +12959,8 @@ def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
         return EXIT_OK
     finally:
         restore()
+        if monitor is not None:
+            monitor.close()
 
 
 def _connect_queue(args: Any) -> MessageQueue:
@@ -11606,7 +13273,8 @@ def _percentile(sorted_values: List[float], q: float) -> float:
 
 
 def _start_demo_worker(handlers_path: str, name: str,
-                       options: Tuple[str, ...] = ("--port", "0", "--workers", "2")) -> Any:
+                       options: Tuple[str, ...] = ("--port", "0", "--workers", "2"),
+                       monitor: bool = False) -> Any:
     import subprocess
 
     env = dict(os.environ)
@@ -11616,6 +13284,8 @@ def _start_demo_worker(handlers_path: str, name: str,
     env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
                *options, "--log-level", "WARNING"]
+    if monitor:
+        command += ["--monitor", "127.0.0.1:0"]
     # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
     # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
     flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
@@ -11629,6 +13299,9 @@ def _read_ready_line(process: Any, timeout: float) -> Tuple[str, int]:
 
     def read() -> None:
         for line in process.stdout:
+            monitor = re.search(r"monitor: (http://\S+)", line)
+            if monitor:
+                process.monitor_url = monitor.group(1)
             match = re.search(r"ready: service '[^']*' on \[?([^\]\s]+?)\]?:(\d+) ", line)
             if match:
                 found["address"] = (match.group(1), int(match.group(2)))
@@ -11735,7 +13408,7 @@ def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
     try:
         out(f"durable work queue: jobs in {path}, workers in separate processes")
         with WorkQueue(store=path) as queue:
-            first = _start_demo_worker(jobs_file, "worker-1", options)
+            first = _start_demo_worker(jobs_file, "worker-1", options=options)
             workers.append(first)
             reader = _LineReader(first)
             reader.expect("ready", 30)
@@ -11746,7 +13419,7 @@ def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
             first.wait(10)
             killed = time.monotonic()
             out(f"  killed worker-1 (pid {first.pid}) mid-job, without warning")
-            second = _start_demo_worker(jobs_file, "worker-2", options)
+            second = _start_demo_worker(jobs_file, "worker-2", options=options)
             workers.append(second)
             reader = _LineReader(second)
             reader.expect("ready", 30)
@@ -11806,12 +13479,16 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
         started = time.perf_counter()
         names = [f"worker-{n + 1}" for n in range(servers)]
         listen = ("--nats", nats) if nats else ("--port", "0")
-        processes = [_start_demo_worker(handlers_path, name, (*listen, "--workers", "2"))
-                     for name in names]
+        processes = [_start_demo_worker(handlers_path, name, (*listen, "--workers", "2"),
+                                        monitor=n == 0)
+                     for n, name in enumerate(names)]
         addresses = [_read_ready_line(p, 30.0) for p in processes]
         for name, address, process in zip(names, addresses, processes):
             where = nats or _format_address(address)
             out(f"  {name}: pid {process.pid} serving 'demo' on {where}")
+        monitor_url = getattr(processes[0], "monitor_url", None) if processes else None
+        if monitor_url:
+            out(f"  {names[0]} monitor (while the demo runs): {monitor_url}")
         out(f"  each started as `{_demo_launcher()} worker --import demo_handlers.py "
             f"{'--nats ' + nats if nats else '--port 0'}`, "
             f"all ready in {time.perf_counter() - started:.2f} s")
@@ -12022,6 +13699,14 @@ def _build_parser() -> Any:
                         "(default 30)")
     worker.add_argument("--log-level", default="INFO", metavar="L",
                         help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    worker.add_argument("--monitor", metavar="HOST:PORT",
+                        help="serve the monitor (health, JSON, /metrics, a page) there")
+    worker.add_argument("--monitor-token-file", metavar="F",
+                        help=f"require this token from monitor clients (or set "
+                        f"{MONITOR_TOKEN_ENV}); needed unless HOST is loopback")
+    worker.add_argument("--monitor-allowed-host", action="append", default=[], metavar="NAME",
+                        help="also accept this Host name (e.g. the one Prometheus scrapes; "
+                        "repeatable)")
 
     call = commands.add_parser("call", help="call a method on a running worker",
                                description="Call METHOD with ARGs (each parsed as JSON, else "
@@ -12091,7 +13776,7 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 13. Import aliases
+# 14. Import aliases
 # ---------------------------------------------------------------------------
 
 # eventforge 0.1 shipped a package; these names keep its import paths working.

@@ -8,7 +8,10 @@ is first constructed, not at import time of ``eventforge``) and raises a clear
 
 ``eventforge_ext.redis``
     ``RedisTransport``: a Transport over Redis PUBLISH/SUBSCRIBE
-    (``pip install 'eventforge[redis]'``).
+    (``pip install 'eventforge[redis]'``); also re-exports the work store below.
+``eventforge_ext.redis_streams``
+    ``RedisWorkStore`` and ``RedisWorkQueue``: WorkQueue jobs in Redis Streams
+    consumer groups (Redis >= 6.2); ``WorkQueue(store="redis://...")`` opens it.
 ``eventforge_ext.nats``
     ``NatsTransport``: a Transport over core NATS, RPC worker pools through
     queue groups (``pip install 'eventforge[nats]'``).

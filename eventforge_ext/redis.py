@@ -407,3 +407,16 @@ class RedisTransport(BrokerTransport):
                               self.address, left)
         if self._owns_client:
             self._client.close()
+
+
+# The Redis Streams work store lives in its own module; importing it here on
+# first use keeps ``from eventforge_ext.redis import RedisWorkQueue`` working.
+_WORK_QUEUE_NAMES = frozenset({"RedisWorkStore", "RedisWorkQueue", "RedisVersionError"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WORK_QUEUE_NAMES:
+        from . import redis_streams
+
+        return getattr(redis_streams, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

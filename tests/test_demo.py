@@ -103,6 +103,8 @@ def test_demo_runs_and_cleans_up():
                      r"99% within [\d.]+ ms, slowest [\d.]+ ms$", out, re.M)
     assert ("  an error in a worker comes back to the caller: compute('ten') raised "
             "RemoteError(TypeError: ") in out
+    assert re.search(r"^  worker-1 monitor \(while the demo runs\): http://127\.0\.0\.1:\d+/$",
+                     out, re.M)
     assert "\r" not in out  # not a TTY: progress as plain lines
     assert lines[-len(NEXT_STEPS):] == NEXT_STEPS
     # The workers it started (by the pids it printed) are gone: none left behind.

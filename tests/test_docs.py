@@ -18,7 +18,8 @@ Printed output promised in comments is checked:
 
 - ``print(...)  # TEXT`` promises the line TEXT (an explanation may follow
   in parentheses: ``# 5 (None on timeout)``).  These lines must appear in
-  stdout in the order of the code.
+  stdout in the order of the code.  ``...`` in TEXT stands for any text
+  (``# {'count': 2, 'avg': ..., ...}``, as the reference samples write it).
 - ``# -> TEXT`` on any other line promises that TEXT is printed somewhere
   (by a handler, typically).
 

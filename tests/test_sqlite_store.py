@@ -6,7 +6,6 @@ store; here are the crashes, races, locks, full disks and clock jumps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -14,65 +13,26 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 from _core_helpers import wait_until as wait_for
-from _wq_helpers import FakeClock
+from _wq_helpers import (
+    HOLDER,
+    ROOT,
+    FakeClock,
+    child,
+    exiting_handler_ends_as_visibility_timeout_exceeded,
+    finish,
+    killed_worker_s_job_is_redelivered_and_done_once,
+    read_line,
+    spawn,
+    stale_ack_is_refused_and_touch_prevents_redelivery,
+)
 
 import eventforge as ef
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-
-def spawn(code: str, *args: str) -> subprocess.Popen:
-    """Start ``python -c code args...`` with this checkout importable."""
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def read_line(process: subprocess.Popen, timeout: float = 30.0) -> str:
-    """The next stdout line of ``process`` (fails the test on timeout or exit)."""
-    result: List[str] = []
-    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()))
-    reader.start()
-    reader.join(timeout)
-    assert result and result[0], f"no line from the child; stderr: {stderr_of(process)}"
-    return result[0].strip()
-
-
-def stderr_of(process: subprocess.Popen) -> str:
-    if process.poll() is None:
-        return "(still running)"
-    return process.stderr.read()[-2000:]
-
-
-@contextlib.contextmanager
-def child(code: str, *args: str, expect: Any = ()) -> Iterator[subprocess.Popen]:
-    """Run a child process, read the ``expect`` lines, and always reap it."""
-    process = spawn(code, *args)
-    try:
-        for line in expect:
-            assert read_line(process) == line
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
-
-
-def finish(process: subprocess.Popen, timeout: float = 60.0) -> str:
-    out, err = process.communicate(timeout=timeout)
-    assert process.returncode == 0, err[-2000:]
-    return out
-
-
 
 
 @pytest.fixture
@@ -129,37 +89,11 @@ def test_unserializable_payload_is_refused_before_any_write(db):
 
 # -- 1. kill -9 mid-job ------------------------------------------------------------------------
 
-WORKER = """
-import sys, time, eventforge as ef
-db, topic, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-wq = ef.WorkQueue(store=db, default_visibility_timeout=1.0, reaper_interval=0.2)
-def handler(job):
-    print("started", job.payload, job.headers["_wq_attempt"], flush=True)
-    if mode == "hang":
-        time.sleep(3600)
-    if mode == "exit":
-        import os
-        os._exit(3)
-wq.consume(topic, handler)
-print("ready", flush=True)
-time.sleep(3600)
-"""
 
 
 def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(db, no_leaks):
-    with ef.WorkQueue(store=db, default_visibility_timeout=1.0, reaper_interval=0.2) as wq:
-        wq.enqueue("jobs", "resize cat.png")
-        with child(WORKER, db, "jobs", "hang",
-                   expect=["ready", "started resize cat.png 1"]) as victim:
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(10)
-        done: List[Any] = []
-        wq.consume("jobs", lambda job: done.append((job.payload, job.headers["_wq_attempt"])))
-        assert wait_for(lambda: done)  # after the lease (1 s) and a sweep (<= 1 s)
-        assert wait_for(lambda: wq.in_flight_count() == 0 and wq.pending_count() == 0)
-        time.sleep(0.3)
-        assert done == [("resize cat.png", 2)]
-        assert wq.store.counts()["dead"] == 0
+    killed_worker_s_job_is_redelivered_and_done_once(db)
+
 
 
 # -- 2. N processes racing on one file ---------------------------------------------------------
@@ -209,16 +143,6 @@ def test_processes_racing_never_lease_a_job_twice(db, use_returning):
 
 # -- 3. a restarting worker steals no live lease -----------------------------------------------
 
-HOLDER = """
-import sys, time, eventforge as ef
-db = sys.argv[1]
-wq = ef.WorkQueue(store=db, default_visibility_timeout=30.0)
-job = wq.dequeue("jobs", timeout=10)
-print("holding", job.payload, flush=True)
-sys.stdin.readline()
-print("acked", wq.ack(job), flush=True)
-wq.close()
-"""
 
 
 def test_restarted_worker_steals_no_live_lease(db, no_leaks):
@@ -248,22 +172,9 @@ def test_restarted_worker_steals_no_live_lease(db, no_leaks):
 
 
 def test_stale_ack_is_refused_and_reported_and_touch_prevents_redelivery(db, no_leaks, caplog):
-    with ef.WorkQueue(store=ef.SQLiteWorkStore(db, sweep_interval=0.0),
-                      reaper_interval=0.05) as wq:
-        wq.enqueue("jobs", "slow", visibility_timeout=0.3)
-        first = wq.dequeue("jobs", timeout=1.0)
-        second = wq.dequeue("jobs", timeout=5.0)  # the lease ran out: someone else has it
-        assert second.id == first.id
-        with caplog.at_level(logging.WARNING, logger="eventforge"):
-            assert wq.ack(first) is False
-        assert any("refused" in r.getMessage() for r in caplog.records)
-        assert wq.stats["work"]["stale"] == 1
-        assert wq.in_flight_count("jobs") == 1  # the late ack did not delete the job
-        for _ in range(8):  # 0.8 s, more than twice the lease, kept alive
-            time.sleep(0.1)
-            assert wq.touch(second)
-        assert wq.stats["work"]["expired"] == 1
-        assert wq.ack(second) is True
+    stale_ack_is_refused_and_touch_prevents_redelivery(
+        ef.SQLiteWorkStore(db, sweep_interval=0.0), caplog)
+
 
 
 # -- 5. the clock jumps ------------------------------------------------------------------------
@@ -373,15 +284,8 @@ def test_full_database_raises_a_clear_error_without_retries_or_open_transaction(
 
 
 def test_handler_that_exits_the_process_ends_as_visibility_timeout_exceeded(db, no_leaks):
-    with ef.WorkQueue(store=db, max_retries=0, default_visibility_timeout=1.0,
-                      reaper_interval=0.2) as wq:
-        wq.enqueue("jobs", "poison")
-        with child(WORKER, db, "jobs", "exit", expect=["ready", "started poison 1"]) as worker:
-            assert worker.wait(10) == 3
-        letter = wq.dequeue("jobs.dead_letter", timeout=10.0)
-        assert letter is not None and letter.payload == "poison"
-        assert letter.headers["_wq_reason"] == "visibility_timeout_exceeded"
-        assert wq.ack(letter)
+    exiting_handler_ends_as_visibility_timeout_exceeded(db)
+
 
 
 # -- 9. a committed enqueue survives SIGKILL ---------------------------------------------------

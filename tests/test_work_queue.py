@@ -23,15 +23,36 @@ from hypothesis import strategies as st
 
 import eventforge as ef
 
-STORE_KINDS = ["memory", "sqlite"]
+STORE_KINDS = ["memory", "sqlite", "redis"]
 # Store-level tests also run SQLite's select-then-update claim (SQLite < 3.35).
-STORE_LEVEL_KINDS = ["memory", "sqlite", "sqlite-select"]
+STORE_LEVEL_KINDS = ["memory", "sqlite", "sqlite-select", "redis"]
+_REDIS_URL: List[str] = []  # the real redis-server of a test on the "redis" kind
+
+
+@pytest.fixture(autouse=True)
+def _redis_server_for_redis_kind(request):
+    """Tests parametrized on the "redis" store kind get the session's redis-server."""
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if "redis" in (params.get("kind"), params.get("new_wq")):
+        pytest.importorskip("redis")
+        _REDIS_URL[:] = [request.getfixturevalue("redis_url")]
+    yield
 
 
 def open_store(kind: str, directory: str, **options: Any) -> ef.WorkStore:
-    """A fresh store of ``kind``; the SQLite one in a new file under ``directory``."""
+    """A fresh store of ``kind``; the SQLite one in a new file under ``directory``,
+    the Redis one under its own key prefix on the test redis-server."""
     if kind == "memory":
         return ef.MemoryWorkStore(**options)
+    if kind == "redis":
+        from _servers import unique_name
+
+        from eventforge_ext.redis import RedisWorkStore
+
+        for sqlite_only in ("sweep_interval", "synchronous"):
+            options.pop(sqlite_only, None)
+        return RedisWorkStore(_REDIS_URL[0], prefix=unique_name("wq"), **options)
     path = tempfile.mktemp(suffix=".db", dir=directory)
     if kind == "sqlite-select":  # the claim path of SQLite < 3.35
         options["use_returning"] = False
@@ -815,13 +836,17 @@ def _doc_examples() -> List[str]:
 
 
 @pytest.mark.parametrize("index", range(len(_doc_examples())))
-def test_docs_examples_run_and_print_what_they_promise(index):
+def test_docs_examples_run_and_print_what_they_promise(index, request):
     code = _doc_examples()[index]
+    if "redis://localhost:6379/0" in code:  # the Redis examples run on the test server
+        pytest.importorskip("redis")
+        code = code.replace("redis://localhost:6379/0", request.getfixturevalue("redis_url"))
     env = dict(os.environ, PYTHONPATH=os.path.dirname(DOC) + "/..")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, env=env)
     assert result.returncode == 0, result.stderr
-    promised = [line.split("# ", 1)[1].split(":")[0].strip()
+    # "# TEXT: why" or "# TEXT (why)" (the docs harness's form) promise TEXT
+    promised = [re.sub(r"\s+\(.*\)$", "", line.split("# ", 1)[1].split(":")[0].strip())
                 for line in code.splitlines() if "print(" in line and "# " in line]
     for text in promised:
         assert text in result.stdout, (text, result.stdout)
