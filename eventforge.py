@@ -3001,7 +3001,13 @@ class TCPServerTransport(Transport):
                 self._push(targets[0], frame)
             else:
                 self._push_many(targets, frame)
-        self._local._run_subscriptions(_deliver_local(self._local, message, taken), message)
+        try:
+            subscriptions = _deliver_local(self._local, message, taken)
+        except TransportClosedError:
+            # Closed while this send was under way (by a handler its routing
+            # woke, say): the send was accepted above; nothing local is left.
+            return
+        self._local._run_subscriptions(subscriptions, message)
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic`` (published here or by a client)."""
