@@ -292,6 +292,9 @@ class BrokerTransport(ef.Transport):
         call are not seen.
         """
         self._want_receive(topic)
+        if timeout is None or timeout > 0:
+            # A callback waiting here must not hold up the callbacks behind it.
+            self._dispatcher.hand_off_if_current()
         return self._local.receive(topic, timeout)
 
     async def receive_async(
@@ -371,6 +374,10 @@ class BrokerTransport(ef.Transport):
             if not shared:
                 self._release((route,))
             raise
+        # A callback making a request will wait for the reply, which may have
+        # to pass through another callback of this transport: the queue moves
+        # on to a new dispatcher thread meanwhile (as on TCPClientTransport).
+        self._dispatcher.hand_off_if_current()
         inner = inbox._on_close
         self._exact[topic] = route
 

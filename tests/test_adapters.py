@@ -226,6 +226,28 @@ def test_request_reply_across_transports(broker):
         assert [r.payload for r in replies] == [0, 2, 4, 6, 8]
 
 
+def test_a_callback_request_answered_by_another_subscriber_of_the_same_transport(broker):
+    # A request made from inside a subscriber callback, answered by another
+    # subscriber of the very same transport (whose callbacks share a dispatcher).
+    service = f"{unique_name()}.inner"
+    trigger = f"{unique_name()}.outer"
+    queue = ef.MessageQueue(broker.transport())
+    queue.subscribe(service, lambda m: queue.reply(m, m.payload + 1))
+    answers: List[Any] = []
+
+    def outer(message: ef.Message) -> None:
+        reply = queue.request(service, message.payload, timeout=PATIENCE)
+        answers.append(None if reply is None else reply.payload)
+
+    queue.subscribe(trigger, outer)
+    queue.transport.flush(PATIENCE)
+    started = time.monotonic()
+    queue.publish(trigger, 41)
+    wait_for(lambda: answers, what="the nested request's answer")
+    assert answers == [42]
+    assert time.monotonic() - started < PATIENCE / 2  # answered, not timed out
+
+
 def test_request_times_out_and_a_late_reply_is_dropped(broker):
     service = f"{unique_name()}.slow"
     server_side = ef.MessageQueue(broker.transport())
