@@ -171,3 +171,51 @@ def exiting_handler_ends_as_visibility_timeout_exceeded(store: Any) -> None:
         assert letter is not None and letter.payload == "poison"
         assert letter.headers["_wq_reason"] == "visibility_timeout_exceeded"
         assert wq.ack(letter)
+
+
+# -- 2. processes racing on one store --------------------------------------------------------
+
+_RACER = """
+import json, os, random, sys, time
+import eventforge as ef
+{open_store}
+print("ready", flush=True)
+while not os.path.exists(sys.argv[-1]):  # all racers start together
+    time.sleep(0.001)
+claimed = []
+idle_since = time.monotonic()
+while time.monotonic() - idle_since < 1.0:
+    leases = store.claim("jobs", "default", 60.0, max_count=random.randint(1, 3))
+    if not leases:
+        time.sleep(0.005)
+        continue
+    idle_since = time.monotonic()
+    for lease in leases:
+        claimed.append([lease.job_id, lease.token, lease.attempt])
+    assert all(store.ack_all(leases))
+    time.sleep(0.002)  # the work: without it one racer can hold the lock throughout
+store.close()
+print(json.dumps(claimed))
+"""
+
+
+def racers_lease_each_job_once(store: Any, ids: List[str], open_store: str, args: List[str],
+                               go: str, racers: int = 4) -> None:
+    """``racers`` processes claim and ack the jobs ``ids`` of ``store`` at the same time.
+
+    ``open_store`` is the line of code with which each child sets ``store``
+    (it may read ``sys.argv``); ``go`` is a path created to start them together.
+    Every job must be leased exactly once, at its first attempt.
+    """
+    import json
+
+    processes = [spawn(_RACER.format(open_store=open_store), *args, go) for _ in range(racers)]
+    for process in processes:
+        assert read_line(process) == "ready"
+    open(go, "w").close()
+    results = [json.loads(finish(process)) for process in processes]
+    claimed = [job_id for result in results for job_id, _, _ in result]
+    assert sorted(claimed) == sorted(ids)  # every job once: never two leases at a time
+    assert all(attempt == 1 for result in results for _, _, attempt in result)
+    assert sum(1 for result in results if result) >= 2  # they really raced
+    assert store.counts() == {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}

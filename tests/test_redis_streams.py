@@ -9,7 +9,6 @@ stale ack, poison messages, and the broker restarting under a consumer.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -30,6 +29,7 @@ from _wq_helpers import (  # noqa: E402
     exiting_handler_ends_as_visibility_timeout_exceeded,
     finish,
     killed_worker_s_job_is_redelivered_and_done_once,
+    racers_lease_each_job_once,
     read_line,
     spawn,
     stale_ack_is_refused_and_touch_prevents_redelivery,
@@ -245,28 +245,6 @@ def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(url, no_leak
 
 # -- 2. N processes racing on one stream ---------------------------------------------------
 
-RACER = """
-import json, os, random, sys, time
-from eventforge_ext.redis import RedisWorkStore
-store = RedisWorkStore(sys.argv[1])
-print("ready", flush=True)
-while not os.path.exists(sys.argv[2]):  # all racers start together
-    time.sleep(0.001)
-claimed = []
-idle_since = time.monotonic()
-while time.monotonic() - idle_since < 1.0:
-    leases = store.claim("jobs", "default", 60.0, max_count=random.randint(1, 3))
-    if not leases:
-        time.sleep(0.005)
-        continue
-    idle_since = time.monotonic()
-    for lease in leases:
-        claimed.append([lease.job_id, lease.token, lease.attempt])
-    assert all(store.ack_all(leases))
-    time.sleep(0.002)  # the work
-store.close()
-print(json.dumps(claimed))
-"""
 
 
 def test_processes_racing_on_one_stream_never_lease_a_job_twice(url, tmp_path):
@@ -274,16 +252,10 @@ def test_processes_racing_on_one_stream_never_lease_a_job_twice(url, tmp_path):
     store.ensure_group("jobs", "default")
     ids = [store.enqueue("jobs", ef.Message("jobs", i)) for i in range(400)]
     go = str(tmp_path / "go")
-    racers = [spawn(RACER, url, go) for _ in range(4)]
-    for racer in racers:
-        assert read_line(racer) == "ready"
-    open(go, "w").close()
-    results = [json.loads(finish(racer)) for racer in racers]
-    claimed = [job_id for result in results for job_id, _, _ in result]
-    assert sorted(claimed) == sorted(ids)  # every job once: never two leases at a time
-    assert all(attempt == 1 for result in results for _, _, attempt in result)
-    assert sum(1 for result in results if result) >= 2  # they really raced
-    assert store.counts() == {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+    racers_lease_each_job_once(
+        store, ids,
+        "from eventforge_ext.redis import RedisWorkStore; store = RedisWorkStore(sys.argv[1])",
+        [url], go)
     store.close()
 
 

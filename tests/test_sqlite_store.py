@@ -6,7 +6,6 @@ store; here are the crashes, races, locks, full disks and clock jumps.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from _wq_helpers import (
     exiting_handler_ends_as_visibility_timeout_exceeded,
     finish,
     killed_worker_s_job_is_redelivered_and_done_once,
+    racers_lease_each_job_once,
     read_line,
     spawn,
     stale_ack_is_refused_and_touch_prevents_redelivery,
@@ -98,28 +98,6 @@ def test_worker_killed_mid_job_the_job_is_redelivered_and_done_once(db, no_leaks
 
 # -- 2. N processes racing on one file ---------------------------------------------------------
 
-RACER = """
-import json, os, random, sys, time, eventforge as ef
-db, use_returning = sys.argv[1], sys.argv[2] == "1"
-store = ef.SQLiteWorkStore(db, use_returning=use_returning, synchronous="NORMAL")
-print("ready", flush=True)
-while not os.path.exists(db + ".go"):  # all racers start together
-    time.sleep(0.001)
-claimed = []
-idle_since = time.monotonic()
-while time.monotonic() - idle_since < 1.0:
-    leases = store.claim("jobs", "default", 60.0, max_count=random.randint(1, 3))
-    if not leases:
-        time.sleep(0.005)
-        continue
-    idle_since = time.monotonic()
-    for lease in leases:
-        claimed.append([lease.job_id, lease.token, lease.attempt])
-    assert all(store.ack_all(leases))
-    time.sleep(0.002)  # the work: without it one racer can hold the lock throughout
-store.close()
-print(json.dumps(claimed))
-"""
 
 
 @pytest.mark.parametrize("use_returning", [True, False], ids=["returning", "select-update"])
@@ -128,16 +106,11 @@ def test_processes_racing_never_lease_a_job_twice(db, use_returning):
         pytest.skip("this SQLite has no RETURNING")
     store = ef.SQLiteWorkStore(db, synchronous="NORMAL", use_returning=use_returning)
     ids = [store.enqueue("jobs", ef.Message("jobs", i)) for i in range(400)]
-    racers = [spawn(RACER, db, "1" if use_returning else "0") for _ in range(4)]
-    for racer in racers:
-        assert read_line(racer) == "ready"
-    open(db + ".go", "w").close()
-    results = [json.loads(finish(racer)) for racer in racers]
-    claimed = [job_id for result in results for job_id, _, _ in result]
-    assert sorted(claimed) == sorted(ids)  # every job once: never two leases at a time
-    assert all(attempt == 1 for result in results for _, _, attempt in result)
-    assert sum(1 for result in results if result) >= 2  # they really raced
-    assert store.counts() == {"ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+    racers_lease_each_job_once(
+        store, ids,
+        'store = ef.SQLiteWorkStore(sys.argv[1], use_returning=sys.argv[2] == "1", '
+        'synchronous="NORMAL")',
+        [db, "1" if use_returning else "0"], db + ".go")
     store.close()
 
 
