@@ -9660,7 +9660,7 @@ class _MemoryEntry:
 
 
 class _MemoryGroup:
-    __slots__ = ("ready", "delayed", "leased", "dead", "cond", "waiting")
+    __slots__ = ("ready", "delayed", "leased", "dead", "cond", "waiting", "signalled")
 
     def __init__(self, lock: Any) -> None:
         self.ready: Deque[_MemoryEntry] = collections.deque()
@@ -9668,7 +9668,11 @@ class _MemoryGroup:
         self.leased: Dict[str, _MemoryEntry] = {}
         self.dead = 0
         self.cond = threading.Condition(lock)
-        self.waiting = 0  # claims blocked on cond
+        self.waiting = 0  # claims blocked on cond (or woken and not yet running)
+        # Wake-ups sent by enqueue and not yet taken: never more than the
+        # claims woken (notified or timed out) that have not returned, so with
+        # waiting <= signalled nobody is left to notify and enqueue skips it.
+        self.signalled = 0
 
 
 class MemoryWorkStore(WorkStore):
@@ -9739,7 +9743,8 @@ class MemoryWorkStore(WorkStore):
             groups[DEFAULT_CONSUMER_GROUP] = _MemoryGroup(self._lock)
         for state in groups.values():
             state.ready.append(_MemoryEntry(message))
-            if state.waiting:
+            if state.waiting > state.signalled:
+                state.signalled += 1
                 state.cond.notify()
 
     def claim(self, topic: str, group: str, lease_seconds: float, *, max_count: int = 1,
@@ -9769,6 +9774,8 @@ class MemoryWorkStore(WorkStore):
                     state.cond.wait(timeout)
                 finally:
                     state.waiting -= 1
+                    if state.signalled:
+                        state.signalled -= 1
 
     def _promote(self, state: _MemoryGroup, now: float) -> None:
         while state.delayed and state.delayed[0][0] <= now:
@@ -9819,8 +9826,21 @@ class MemoryWorkStore(WorkStore):
             return self._ack_locked(lease)
 
     def ack_all(self, leases: List[Lease]) -> List[bool]:
+        # ack() per lease, inlined: push delivery settles every batch through here.
+        results = []
+        topics = self._topics
         with self._lock:
-            return [self._ack_locked(lease) for lease in leases]
+            for lease in leases:
+                state = topics.get(lease.topic, {}).get(lease.group)
+                entry = None if state is None else state.leased.get(lease.job_id)
+                if entry is None or entry.token != lease.token:
+                    results.append(False)
+                    continue
+                del state.leased[lease.job_id]
+                entry.token = 0
+                self._live -= 1
+                results.append(True)
+        return results
 
     def _ack_locked(self, lease: Lease) -> bool:
         return self._unlease(lease) is not None
@@ -10664,27 +10684,35 @@ class WorkQueue(MessageQueue):
                     return None
                 raise
             if leases:
+                self._note_waits(leases, time.time())
                 return self._hand_out(leases[0])
             if self._closed or (end is not None and time.monotonic() >= end):
                 return None
 
+    def _note_waits(self, leases: List[Lease], now: float) -> None:
+        # Time enqueue -> first delivery (``now``, epoch seconds) for a Monitor,
+        # under one lock round trip for a whole batch.
+        waits = []
+        for lease in leases:
+            if lease.attempt == 1:
+                try:
+                    waits.append(max(0.0, now - _message_epoch(lease.message)))
+                except (ValueError, TypeError):  # a timestamp we cannot read: not timed
+                    pass
+        if waits:
+            observe = self._waits.observe
+            with self._waits_lock:
+                for waited in waits:
+                    observe(waited)
+
     def _hand_out(self, lease: Lease) -> Message:
         # Remember the lease (dict writes are atomic) and build the delivered copy.
+        # The caller times the first deliveries (_note_waits).
         job = lease.message
-        if lease.attempt == 1:
-            try:
-                waited = max(0.0, time.time() - _message_epoch(job))
-            except (ValueError, TypeError):  # a timestamp we cannot read: not timed
-                pass
-            else:
-                with self._waits_lock:
-                    self._waits.observe(waited)
         delivery_id = f"{lease.job_id}:{lease.token}"
         self._leases[delivery_id] = lease
-        headers = job.headers.copy()
-        headers["_wq_delivery_id"] = delivery_id
-        headers["_wq_attempt"] = lease.attempt
-        headers["_wq_group"] = lease.group
+        headers = {**job.headers, "_wq_delivery_id": delivery_id, "_wq_attempt": lease.attempt,
+                   "_wq_group": lease.group}
         message = _new_object(Message)
         message.id = job.id
         message.topic = lease.topic
@@ -10886,12 +10914,17 @@ class WorkQueue(MessageQueue):
                 return True
             if not leases:
                 return True
+            delivered = time.time()
             started = time.monotonic()
             finished: List[Lease] = []
+            count = len(leases)
+            if count == 1:  # a lone (maybe slow) job is timed before it runs
+                self._note_waits(leases, delivered)
             try:
                 for index, lease in enumerate(leases):
                     if consumer.removed or self._closed or (
                             index and time.monotonic() - started > _BATCH_BUDGET):
+                        count = index
                         for unstarted in leases[index:]:
                             store.nack(unstarted, count_attempt=False)
                         break
@@ -10899,6 +10932,10 @@ class WorkQueue(MessageQueue):
                     if done is not None:
                         finished.append(done)
             finally:
+                # A batch of quick jobs is timed at its end, in one step; only
+                # its started jobs were delivered (the rest will be, later).
+                if len(leases) > 1:
+                    self._note_waits(leases[:count], delivered)
                 if finished:
                     self._ack_finished(finished)
             handled += len(leases)
