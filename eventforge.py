@@ -10059,8 +10059,11 @@ class SQLiteWorkStore(WorkStore):
         return self._conn
 
     def _open(self) -> Any:
-        conn = self._sqlite3.connect(self.path, timeout=self.busy_timeout,
-                                     isolation_level=None, check_same_thread=False)
+        try:
+            conn = self._sqlite3.connect(self.path, timeout=self.busy_timeout,
+                                         isolation_level=None, check_same_thread=False)
+        except self._sqlite3.Error as exc:  # a directory, a missing parent, no permission
+            raise StoreError(f"cannot open {self.path!r}: {exc}") from exc
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -10073,6 +10076,11 @@ class SQLiteWorkStore(WorkStore):
             statements = [s for s in _SQLITE_SCHEMA.split(";") if s.strip()]
             self._write_on(conn, "create the schema",
                            lambda c: [c.execute(statement) for statement in statements])
+        except self._sqlite3.DatabaseError as exc:  # not an SQLite file, or locked at once
+            conn.close()
+            if _sqlite_problem(exc) == "busy":
+                raise StoreBusyError(f"cannot open {self.path!r}: {exc}") from exc
+            raise StoreError(f"cannot open {self.path!r}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
