@@ -12907,8 +12907,13 @@ def _worker_monitor(args: Any, service: str) -> Optional[Monitor]:
     match = re.fullmatch(r"\[?([^\[\]]*?)\]?:([0-9]{1,5})", args.monitor.strip())
     if match is None or not match.group(1):
         raise _CLIError(f"--monitor takes HOST:PORT (e.g. 127.0.0.1:8222), not {args.monitor!r}")
+    host = match.group(1)
+    if (args.monitor_token_file is None and not os.environ.get(MONITOR_TOKEN_ENV)
+            and not _is_loopback(host)):
+        raise _CLIError(f"--monitor {args.monitor}: a monitor bound to {host!r} (not loopback) "
+                        f"needs a token: pass --monitor-token-file F or set {MONITOR_TOKEN_ENV}")
     try:
-        return Monitor(match.group(1), int(match.group(2)), name=f"worker {service}",
+        return Monitor(host, int(match.group(2)), name=f"worker {service}",
                        token_file=args.monitor_token_file,
                        allowed_hosts=args.monitor_allowed_host)
     except ValueError as exc:
@@ -12923,8 +12928,8 @@ def _start_worker_monitor(monitor: Optional[Monitor], component: Any, name: Opti
     monitor.watch(component, name)
     try:
         monitor.start()
-    except OSError as exc:
-        raise _CLIError(str(exc), EXIT_FAILURE) from None
+    except OSError as exc:  # strerror says where it cannot listen, without "[Errno 98]"
+        raise _CLIError(exc.strerror or str(exc), EXIT_FAILURE) from None
     out(f"eventforge worker monitor: {monitor.url}")
 
 
