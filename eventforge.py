@@ -12777,19 +12777,20 @@ def _count_of(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any]) -> None:
-    """A second Ctrl-C while draining: say so and end the process now.
+def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any],
+                  why: str = "second Ctrl-C", status: int = 130) -> None:
+    """A second Ctrl-C while draining (or a drain that timed out): say so and end now.
 
     The calls still running cannot be interrupted (threads cannot be killed,
     and the interpreter would wait for them at exit), so the process ends
     with ``os._exit``; their callers see the connection drop.
     """
-    out(f"eventforge worker stopped at once (second Ctrl-C): service '{service}', "
+    out(f"eventforge worker stopped at once ({why}): service '{service}', "
         f"{_count_of(stats['requests'], 'request')} served, "
         f"{stats['in_flight']} abandoned in flight")
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(status)
 
 
 def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
@@ -12855,6 +12856,10 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
             logger.info("worker %s: stopping, finishing calls in flight "
                         "(Ctrl-C again stops at once)", service)
             server.stop(timeout=args.drain_timeout)
+            if server.stats["in_flight"]:  # waiting on for them would hang the worker
+                _stop_at_once(out, service, server.stats, status=EXIT_FAILURE,
+                              why=f"calls still running after --drain-timeout "
+                                  f"{args.drain_timeout:g} s")
             executor.stop(wait=True)
         except KeyboardInterrupt:
             _stop_at_once(out, service, server.stats)
