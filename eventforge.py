@@ -9078,6 +9078,17 @@ def _task_by_name(module: str, qualname: str) -> Any:
     return _resolve_name(module, qualname)
 
 
+_OBSERVER_HOOKS = ("on_start", "on_success", "on_failure", "on_complete")
+
+
+def _check_observer(observer: Any) -> Any:
+    """Refuse an observer with no hook at all: it would watch nothing, silently."""
+    if not any(hasattr(observer, phase) for phase in _OBSERVER_HOOKS):
+        raise TypeError(f"{observer!r} is not an observer: it has none of "
+                        f"{', '.join(_OBSERVER_HOOKS)}")
+    return observer
+
+
 def _hooks(phase: str, observers: List[Any], callback: Any) -> Tuple[Callable[..., Any], ...]:
     found = []
     for observer in observers:
@@ -9168,6 +9179,8 @@ class TaskRunner:
             observers = list(on_execute)
         else:
             observers = [on_execute]
+        for observer in observers:
+            _check_observer(observer)
         self._observer_lock = threading.Lock()
         self._observers = observers
         self._lock = threading.Lock()
@@ -9201,7 +9214,7 @@ class TaskRunner:
     def add_observer(self, observer: Any) -> Any:
         """Add an observer (``meter.attach(task)`` calls this); returns it."""
         with self._observer_lock:
-            self._observers = self._observers + [observer]
+            self._observers = self._observers + [_check_observer(observer)]
             self._rebuild_hooks()
         return observer
 
