@@ -9091,6 +9091,17 @@ def _task_by_name(module: str, qualname: str) -> Any:
     return _resolve_name(module, qualname)
 
 
+_OBSERVER_HOOKS = ("on_start", "on_success", "on_failure", "on_complete")
+
+
+def _check_observer(observer: Any) -> Any:
+    """Refuse an observer with no hook at all: it would watch nothing, silently."""
+    if not any(hasattr(observer, phase) for phase in _OBSERVER_HOOKS):
+        raise TypeError(f"{observer!r} is not an observer: it has none of "
+                        f"{', '.join(_OBSERVER_HOOKS)}")
+    return observer
+
+
 def _hooks(phase: str, observers: List[Any], callback: Any) -> Tuple[Callable[..., Any], ...]:
     found = []
     for observer in observers:
@@ -9181,6 +9192,8 @@ class TaskRunner:
             observers = list(on_execute)
         else:
             observers = [on_execute]
+        for observer in observers:
+            _check_observer(observer)
         self._observer_lock = threading.Lock()
         self._observers = observers
         self._lock = threading.Lock()
@@ -9214,7 +9227,7 @@ class TaskRunner:
     def add_observer(self, observer: Any) -> Any:
         """Add an observer (``meter.attach(task)`` calls this); returns it."""
         with self._observer_lock:
-            self._observers = self._observers + [observer]
+            self._observers = self._observers + [_check_observer(observer)]
             self._rebuild_hooks()
         return observer
 
@@ -10092,8 +10105,11 @@ class SQLiteWorkStore(WorkStore):
         return self._conn
 
     def _open(self) -> Any:
-        conn = self._sqlite3.connect(self.path, timeout=self.busy_timeout,
-                                     isolation_level=None, check_same_thread=False)
+        try:
+            conn = self._sqlite3.connect(self.path, timeout=self.busy_timeout,
+                                         isolation_level=None, check_same_thread=False)
+        except self._sqlite3.Error as exc:  # a directory, a missing parent, no permission
+            raise StoreError(f"cannot open {self.path!r}: {exc}") from exc
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -10106,6 +10122,11 @@ class SQLiteWorkStore(WorkStore):
             statements = [s for s in _SQLITE_SCHEMA.split(";") if s.strip()]
             self._write_on(conn, "create the schema",
                            lambda c: [c.execute(statement) for statement in statements])
+        except self._sqlite3.DatabaseError as exc:  # not an SQLite file, or locked at once
+            conn.close()
+            if _sqlite_problem(exc) == "busy":
+                raise StoreBusyError(f"cannot open {self.path!r}: {exc}") from exc
+            raise StoreError(f"cannot open {self.path!r}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
@@ -12819,19 +12840,20 @@ def _count_of(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any]) -> None:
-    """A second Ctrl-C while draining: say so and end the process now.
+def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any],
+                  why: str = "second Ctrl-C", status: int = 130) -> None:
+    """A second Ctrl-C while draining (or a drain that timed out): say so and end now.
 
     The calls still running cannot be interrupted (threads cannot be killed,
     and the interpreter would wait for them at exit), so the process ends
     with ``os._exit``; their callers see the connection drop.
     """
-    out(f"eventforge worker stopped at once (second Ctrl-C): service '{service}', "
+    out(f"eventforge worker stopped at once ({why}): service '{service}', "
         f"{_count_of(stats['requests'], 'request')} served, "
         f"{stats['in_flight']} abandoned in flight")
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(status)
 
 
 def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
@@ -12897,6 +12919,10 @@ def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
             logger.info("worker %s: stopping, finishing calls in flight "
                         "(Ctrl-C again stops at once)", service)
             server.stop(timeout=args.drain_timeout)
+            if server.stats["in_flight"]:  # waiting on for them would hang the worker
+                _stop_at_once(out, service, server.stats, status=EXIT_FAILURE,
+                              why=f"calls still running after --drain-timeout "
+                                  f"{args.drain_timeout:g} s")
             executor.stop(wait=True)
         except KeyboardInterrupt:
             _stop_at_once(out, service, server.stats)
@@ -12949,8 +12975,13 @@ def _worker_monitor(args: Any, service: str) -> Optional[Monitor]:
     match = re.fullmatch(r"\[?([^\[\]]*?)\]?:([0-9]{1,5})", args.monitor.strip())
     if match is None or not match.group(1):
         raise _CLIError(f"--monitor takes HOST:PORT (e.g. 127.0.0.1:8222), not {args.monitor!r}")
+    host = match.group(1)
+    if (args.monitor_token_file is None and not os.environ.get(MONITOR_TOKEN_ENV)
+            and not _is_loopback(host)):
+        raise _CLIError(f"--monitor {args.monitor}: a monitor bound to {host!r} (not loopback) "
+                        f"needs a token: pass --monitor-token-file F or set {MONITOR_TOKEN_ENV}")
     try:
-        return Monitor(match.group(1), int(match.group(2)), name=f"worker {service}",
+        return Monitor(host, int(match.group(2)), name=f"worker {service}",
                        token_file=args.monitor_token_file,
                        allowed_hosts=args.monitor_allowed_host)
     except ValueError as exc:
@@ -12965,8 +12996,8 @@ def _start_worker_monitor(monitor: Optional[Monitor], component: Any, name: Opti
     monitor.watch(component, name)
     try:
         monitor.start()
-    except OSError as exc:
-        raise _CLIError(str(exc), EXIT_FAILURE) from None
+    except OSError as exc:  # strerror says where it cannot listen, without "[Errno 98]"
+        raise _CLIError(exc.strerror or str(exc), EXIT_FAILURE) from None
     out(f"eventforge worker monitor: {monitor.url}")
 
 

@@ -470,6 +470,10 @@ class RedisWorkStore(ef.WorkStore):
         try:
             info = self._call(lambda: client.info("server"))
             self.server_version = check_redis_version(info, self.address)
+        except self._redis.exceptions.RedisError as exc:  # e.g. no such database number
+            if self._owns_client:
+                client.close()
+            raise ef.StoreError(f"Redis at {self.address} refused the store: {exc}") from exc
         except BaseException:
             if self._owns_client:
                 client.close()

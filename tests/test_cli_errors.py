@@ -314,6 +314,20 @@ def test_second_ctrl_c_stops_at_once(math_worker, tmp_path):
     assert "result" not in outcome
 
 
+def test_a_drain_timeout_that_runs_out_ends_the_worker(math_worker, tmp_path):
+    worker = math_worker("--drain-timeout", "1")
+    with call_in_flight(worker, tmp_path, 60.0) as (outcome, _):
+        started = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 1   # not after the 60 s the call would take
+        assert time.monotonic() - started < 30
+        assert worker.stdout[-1] == (
+            "eventforge worker stopped at once (calls still running after --drain-timeout "
+            "1 s): service 'math', 1 request served, 1 abandoned in flight")
+        assert not any("Traceback" in line for line in worker.stderr), worker.stderr
+    assert "result" not in outcome
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["demo", "--in-process-only"], "math.add(10, 20) -> 30"),
     (["demo", "--servers", "1", "--calls", "5"], "exit codes [0] (clean)"),

@@ -894,3 +894,31 @@ def test_a_queue_worker_with_monitor_shows_its_work_queue(tmp_path):
         worker.signal()
         assert worker.wait(30) == 0
         worker.close()
+
+
+def test_worker_monitor_errors_speak_in_cli_options(tmp_path, monkeypatch):
+    """The CLI names its own flags, not Monitor's keyword arguments, and hides errno."""
+    import socket
+
+    from _worker_helpers import one_error_line, run_cli
+
+    monkeypatch.delenv(ef.MONITOR_TOKEN_ENV, raising=False)
+    module = tmp_path / "calc_handlers.py"
+    module.write_text(HANDLERS + "\nJOBS = {'calc.jobs': print}\n")  # serves both ways
+    result = run_cli("worker", "--import", str(module), "--port", "0",
+                     "--monitor", "0.0.0.0:0")
+    line = one_error_line(result)
+    assert result.returncode == 2
+    assert "needs a token" in line and "--monitor-token-file" in line
+    assert "allow_unauthenticated" not in line and "token_file=" not in line
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for mode in (["--port", "0"], ["--queue", str(tmp_path / "jobs.db")]):
+            result = run_cli("worker", "--import", str(module), *mode,
+                             "--log-level", "WARNING", "--monitor", f"127.0.0.1:{port}")
+            assert result.returncode == 1, result.stderr
+            line = one_error_line(result)
+            assert line == (f"eventforge worker: error: monitor cannot listen on "
+                            f"127.0.0.1:{port}: Address already in use"), line

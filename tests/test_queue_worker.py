@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 from _core_helpers import wait_until
-from _worker_helpers import Proc, run_cli
+from _worker_helpers import Proc, one_error_line, run_cli
 
 import eventforge as ef
 
@@ -98,3 +98,14 @@ def test_demo_queue_shows_a_killed_worker_s_job_finished_by_another():
     assert "worker-2: finished report.pdf" in out
     assert "queue: 0 waiting, 0 in flight, 0 dead letters" in out
     assert "worker-2 stopped (exit code 0)" in out
+
+
+def test_a_queue_file_that_cannot_be_opened_is_refused_in_one_line(tmp_path, jobs_module):
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("not an SQLite database\n" * 20)
+    for db in (str(tmp_path), str(tmp_path / "missing" / "jobs.db"), str(not_a_db)):
+        result = run_cli("worker", "--import", jobs_module, "--queue", db)
+        assert result.returncode == 2, result.stderr
+        line = one_error_line(result)
+        assert line.startswith("eventforge worker: error: cannot open the work queue "), line
+        assert repr(db) in line

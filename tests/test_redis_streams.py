@@ -106,6 +106,20 @@ def test_an_unreachable_server_is_a_connection_error():
         RedisWorkStore(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1.0)
 
 
+def test_a_server_refusing_the_store_is_a_store_error_and_one_cli_line(url, tmp_path, no_leaks):
+    from _worker_helpers import one_error_line, run_cli
+
+    no_such_db = url.rsplit("/", 1)[0] + "/99"   # redis-server has 16 databases
+    with pytest.raises(ef.StoreError, match="Redis at .* refused the store: DB index"):
+        ef.WorkQueue(store=no_such_db)
+    module = tmp_path / "jobs_module.py"
+    module.write_text("JOBS = {'images.resize': print}\n")
+    result = run_cli("worker", "--import", str(module), "--queue", no_such_db)
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result)
+    assert line.startswith(f"eventforge worker: error: cannot open the work queue {no_such_db!r}")
+
+
 def test_without_the_client_the_error_names_the_extra():
     code = """
     import sys

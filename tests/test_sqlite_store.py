@@ -384,3 +384,16 @@ def test_idle_claims_see_another_connection_s_job_promptly(db, no_leaks):
     assert not any(claimer.is_alive() for claimer in claimers)
     waiting.close()
     other.close()
+
+
+def test_a_path_sqlite_cannot_open_raises_store_error_naming_it(tmp_path, no_leaks):
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("these are notes, not an SQLite database\n" * 20)
+    for path in (str(tmp_path),                          # a directory
+                 str(tmp_path / "no" / "such" / "jobs.db"),  # a missing parent directory
+                 str(not_a_db)):                         # a file of another kind
+        with pytest.raises(ef.StoreError) as caught:
+            ef.WorkQueue(store=path)
+        assert repr(path) in str(caught.value)
+        assert not isinstance(caught.value, sqlite3.Error)
+    assert not_a_db.read_text().startswith("these are notes")   # left as it was

@@ -748,3 +748,28 @@ def test_a_result_the_wire_cannot_carry_is_reported_over_tcp(tcp, caplog):
     assert any("could not publish its result to 'made.success'" in r.getMessage()
                for r in caplog.records)
     make.close()
+
+
+def test_an_object_with_no_hook_is_refused_as_an_observer():
+    def double(x):
+        return x * 2
+
+    for not_an_observer in (3, "timing", object()):
+        with pytest.raises(TypeError, match="is not an observer: it has none of on_start"):
+            ef.task(on_execute=[not_an_observer])(double)
+        with pytest.raises(TypeError, match="is not an observer"):
+            ef.observe(not_an_observer)(double)
+    runner = ef.task(on_execute=[ef.TimingMeter()])(double)
+    with pytest.raises(TypeError, match="is not an observer"):
+        runner.add_observer(42)
+    assert runner(21) == 42 and len(runner.observers) == 1   # left as it was
+
+    class OnlyComplete:   # one hook is enough
+        def __init__(self):
+            self.seen = []
+
+        def on_complete(self, ctx):
+            self.seen.append(ctx.result)
+
+    watcher = OnlyComplete()
+    assert ef.task(on_execute=watcher)(double)(4) == 8 and watcher.seen == [8]
