@@ -9846,7 +9846,7 @@ class MemoryWorkStore(WorkStore):
             for lease in leases:
                 state = topics.get(lease.topic, {}).get(lease.group)
                 entry = None if state is None else state.leased.get(lease.job_id)
-                if entry is None or entry.token != lease.token:
+                if state is None or entry is None or entry.token != lease.token:
                     results.append(False)
                     continue
                 del state.leased[lease.job_id]
