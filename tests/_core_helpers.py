@@ -25,6 +25,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = PATIENCE) -> bool:
         time.sleep(0.001)
 
 
+def wait_for(predicate: Callable[[], Any], timeout: float = PATIENCE,
+             what: str = "condition") -> Any:
+    """Poll ``predicate`` until it is true and return its value; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 def run_threads(targets: Sequence[Callable[[], Any]], timeout: float = 30.0) -> None:
     """Run each target in its own thread; re-raise the first exception, fail on a hang."""
     errors: List[BaseException] = []

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Dict, List
 
 import pytest
+from _core_helpers import wait_for as _wait_for
 from _servers import require_module, unique_name
 
 import eventforge as ef
@@ -32,15 +33,9 @@ from eventforge_ext.redis import RedisTransport  # noqa: E402
 PATIENCE = 15.0  # generous: the machine is shared
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = PATIENCE, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+def wait_for(condition: Callable[[], Any], timeout: float = PATIENCE,
+             what: str = "condition") -> Any:
+    return _wait_for(condition, timeout, what)  # brokers get this file's PATIENCE
 
 
 class Brokers:

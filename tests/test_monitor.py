@@ -24,6 +24,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
+from _core_helpers import wait_for as _wait_for
 from _worker_helpers import Worker
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,15 +65,8 @@ def get_json(port: int, path: str, **kw: Any) -> Tuple[int, Any]:
     return status, json.loads(body)
 
 
-def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    return _wait_for(predicate, timeout, what)  # a monitor scrape can be slow: 30 s
 
 
 class FakeWorkQueue:
@@ -209,7 +203,7 @@ def test_varz_has_identity_totals_drops_and_process_figures(stack):
 
 def test_connz_pages_sorts_and_remembers_closed_connections(stack, tcp):
     extra = [tcp.client(stack.server.port, name=f"extra-{n}") for n in range(3)]
-    wait_until(lambda: len(stack.server.connections()) == 4, what="4 connections")
+    wait_for(lambda: len(stack.server.connections()) == 4, what="4 connections")
     status, body = get_json(stack.port, "/connz?limit=2&sort=cid")
     assert status == 200 and body["total"] == 4 and len(body["connections"]) == 2
     cids = [c["cid"] for c in body["connections"]]
@@ -227,7 +221,7 @@ def test_connz_pages_sorts_and_remembers_closed_connections(stack, tcp):
         assert get_json(stack.port, f"/connz?sort={sort}")[1]["total"] == 4
 
     extra[0].close()
-    closed = wait_until(lambda: get_json(stack.port, "/connz?state=closed")[1]["connections"],
+    closed = wait_for(lambda: get_json(stack.port, "/connz?state=closed")[1]["connections"],
                         what="the closed connection")
     assert closed[0]["name"] == "extra-0" and closed[0]["state"] == "closed"
     assert closed[0]["reason"] and closed[0]["stop"]
@@ -266,7 +260,7 @@ def test_subsz_counts_patterns_and_tests_a_topic(stack):
             rows = get_json(stack.port, "/subsz")[1]["patterns"]
             return {r["pattern"]: r for r in rows}
 
-        rows = wait_until(lambda: (lambda p: p if "orders.*" in p and "_reply.*" in p else None)(
+        rows = wait_for(lambda: (lambda p: p if "orders.*" in p and "_reply.*" in p else None)(
             patterns()), what="remote interest")
         assert rows["orders.*"]["remote"] == 1  # one interest per connection and pattern
         assert rows["billing.**"]["local"] == 1 and rows["math.request"]["local"] == 1
@@ -290,7 +284,7 @@ def test_rpcz_per_method_calls_errors_in_flight_and_latency(stack):
                                name="test-blocked-call")
     blocked.start()
     try:
-        service = wait_until(
+        service = wait_for(
             lambda: (lambda s: s if s["methods"]["block"]["in_flight"] == 1 else None)(
                 get_json(stack.port, "/rpcz")[1]["services"]["math"]), what="a call in flight")
         add = service["methods"]["add"]
@@ -543,7 +537,7 @@ def test_hostile_names_come_out_escaped(stack):
                                  name='"><img src=x onerror=alert(1)>')
     try:
         evil.connect(5)
-        wait_until(lambda: len(stack.server.connections()) == 2, what="second connection")
+        wait_for(lambda: len(stack.server.connections()) == 2, what="second connection")
         page = fetch(stack.port, "/")[2].decode()
         assert "<script>alert" not in page and "<img src=x" not in page
         assert "&lt;img src=x onerror=alert(1)&gt;" in page
@@ -577,11 +571,11 @@ def test_too_many_concurrent_requests_get_a_503(tcp):
     monitor = tcp.own(ef.Monitor(port=0, request_timeout=30)).start()
     idle = [socket.create_connection(("127.0.0.1", monitor.port), timeout=10) for _ in range(4)]
     try:
-        wait_until(lambda: fetch(monitor.port, "/healthz")[0] == 503, what="a 503")
+        wait_for(lambda: fetch(monitor.port, "/healthz")[0] == 503, what="a 503")
     finally:
         for sock in idle:
             sock.close()
-    wait_until(lambda: fetch(monitor.port, "/healthz")[0] == 200, what="slots freed")
+    wait_for(lambda: fetch(monitor.port, "/healthz")[0] == 200, what="slots freed")
 
 
 def test_lifecycle(no_leaks):
@@ -802,7 +796,7 @@ def test_close_does_not_wait_for_idle_clients(no_leaks):
     monitor = ef.Monitor(port=0, request_timeout=60).start()
     idle = socket.create_connection(("127.0.0.1", monitor.port), timeout=10)
     try:
-        wait_until(lambda: monitor._httpd.workers, what="the idle request being served")
+        wait_for(lambda: monitor._httpd.workers, what="the idle request being served")
         started = time.monotonic()
         monitor.close()
         assert time.monotonic() - started < 30  # not the 60 s request timeout
@@ -887,7 +881,7 @@ def test_a_queue_worker_with_monitor_shows_its_work_queue(tmp_path):
             row = body["queues"].get("jobs")
             return row if status == 200 and row and row["acked_total"] == 3 else None
 
-        row = wait_until(acked, what="the worker to do the three jobs")
+        row = wait_for(acked, what="the worker to do the three jobs")
         assert row["ready"] == 0 and row["dead_letters"] == 0
         assert fetch(port, "/metrics")[0] == 200 and fetch(port, "/")[0] == 200
     finally:
