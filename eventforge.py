@@ -52,6 +52,7 @@ import threading
 import time
 import weakref
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Deque,
@@ -62,6 +63,12 @@ from typing import (
     Tuple,
     Type,
 )
+
+if TYPE_CHECKING:  # real types for annotations, at no import cost
+    import selectors  # noqa: F401  (used as the sections adopt them)
+    import socket  # noqa: F401  (used as the sections adopt them)
+    import ssl  # noqa: F401  (used as the sections adopt them)
+    from concurrent.futures import Future  # noqa: F401  (used as the sections adopt them)
 
 __version__ = "0.1.0"
 
@@ -226,6 +233,37 @@ def _report_unhandled(summary: str, exc: BaseException) -> None:
         stream.flush()
     except Exception:  # a broken stderr must not break delivery
         pass
+
+
+class _Counter:
+    """A counter any thread may add to; read with :attr:`value`.
+
+    The one way this module counts events (messages sent, frames dropped,
+    tasks run ...).  Ids use ``itertools.count`` and ``next()`` instead: they
+    are taken, never read back.  When a counter is bumped inside a section
+    already holding a lock, a plain ``int`` under that lock is fine too; what
+    is never fine is an unlocked ``+=`` shared by threads, which loses updates.
+    """
+
+    __slots__ = ("_lock", "_value")
+
+    def __init__(self, start: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._value = start
+
+    def add(self, amount: int = 1) -> int:
+        """Add ``amount`` (default 1) and return the new total."""
+        with self._lock:
+            self._value += amount
+            return self._value
+
+    @property
+    def value(self) -> int:
+        """The current total."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"_Counter({self._value})"
 
 
 # ---------------------------------------------------------------------------
