@@ -65,6 +65,7 @@ from typing import (
 )
 
 if TYPE_CHECKING:  # real types for annotations, at no import cost
+    import asyncio
     import selectors  # noqa: F401  (used as the sections adopt them)
     import socket  # noqa: F401  (used as the sections adopt them)
     import ssl  # noqa: F401  (used as the sections adopt them)
@@ -243,6 +244,7 @@ class _Counter:
     are taken, never read back.  When a counter is bumped inside a section
     already holding a lock, a plain ``int`` under that lock is fine too; what
     is never fine is an unlocked ``+=`` shared by threads, which loses updates.
+    A path too hot for a lock uses :class:`_TickCounter`.
     """
 
     __slots__ = ("_lock", "_value")
@@ -263,7 +265,43 @@ class _Counter:
         return self._value
 
     def __repr__(self) -> str:
-        return f"_Counter({self._value})"
+        return f"{type(self).__name__}({self.value})"
+
+
+class _TickCounter(_Counter):
+    """A :class:`_Counter` that a hot path bumps by one without a lock.
+
+    ``next(counter.ticks)`` adds one: ``next()`` on an ``itertools.count`` is
+    atomic under the GIL, and costs less than any call (``add`` takes the
+    lock).  A read takes one tick itself and subtracts those of earlier
+    reads (reads are serialized by the lock), so :attr:`value` stays exact.
+    """
+
+    __slots__ = ("ticks", "_reads")
+
+    def __init__(self, start: int = 0) -> None:
+        super().__init__(start)
+        #: ``next(counter.ticks)`` adds one, lock-free (ignore what it returns).
+        self.ticks = itertools.count()
+        self._reads = 0
+
+    def _ticked(self) -> int:
+        # Called with self._lock held: the ticks so far, less those of reads.
+        ticked = next(self.ticks) - self._reads
+        self._reads += 1
+        return ticked
+
+    def add(self, amount: int = 1) -> int:
+        """Add ``amount`` (default 1) and return the new total."""
+        with self._lock:
+            self._value += amount
+            return self._value + self._ticked()
+
+    @property
+    def value(self) -> int:
+        """The current total."""
+        with self._lock:
+            return self._value + self._ticked()
 
 
 # ---------------------------------------------------------------------------
@@ -542,6 +580,12 @@ class SubscriptionTrie:
     Values are returned in the order they were added.  Every transport,
     including the adapters in ``eventforge_ext``, uses this one matcher.
     Inbox topics (:data:`INBOX_PREFIXES`) match exact patterns only.
+
+    The cache, ``_cache`` (topic -> matches), changes only under the lock
+    and is replaced whenever an entry is added or removed, so a publish fast
+    path (MemoryTransport.send) may look a topic up in it without the lock
+    and fall back on :meth:`match`; nothing else outside this class reads
+    it.  :meth:`debug_stats` shows the trie's shape for tests.
     """
 
     def __init__(self, cache_size: int = 2048) -> None:
@@ -632,6 +676,38 @@ class SubscriptionTrie:
         """Return the patterns currently held (one per key, in insertion order)."""
         with self._lock:
             return [pattern for pattern, _ in self._keys.values()]
+
+    def debug_stats(self) -> Dict[str, Any]:
+        """The trie's shape and cache, for tests and debugging (not for control flow).
+
+        ``nodes``: one pattern prefix per node besides the root, sorted (a
+        trie holding just ``a.*`` gives ``["a", "a.*"]``; pruning leaves no
+        empty branch behind); ``entries``: the values held over all nodes;
+        ``cached``: the topics in the match cache, least recently added first;
+        ``cache_size``: its bound.
+        """
+        with self._lock:
+            nodes: List[str] = []
+            entries = len(self._root.entries)
+            stack: List[Tuple[str, _TrieNode]] = [("", self._root)]
+            while stack:
+                prefix, node = stack.pop()
+                edges = list(node.children.items())
+                if node.star is not None:
+                    edges.append(("*", node.star))
+                if node.globstar is not None:
+                    edges.append(("**", node.globstar))
+                for segment, child in edges:
+                    path = f"{prefix}.{segment}" if prefix else segment
+                    nodes.append(path)
+                    entries += len(child.entries)
+                    stack.append((path, child))
+            return {
+                "nodes": sorted(nodes),
+                "entries": entries,
+                "cached": list(self._cache),
+                "cache_size": self._cache_size,
+            }
 
     def match(self, topic: str) -> Tuple[Any, ...]:
         """Return the values whose pattern matches ``topic``, oldest first."""
@@ -1256,7 +1332,7 @@ class FrameDecoder:
 DEFAULT_MAX_BUFFERED = 10_000
 
 
-def _resolve_future(future: Any) -> None:
+def _resolve_future(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
@@ -1275,15 +1351,15 @@ class _Waiter:
         self.message: Optional[Message] = None
         self.done = False
         self._lock: Optional[threading.Lock] = None
-        self._future: Any = None
-        self._loop: Any = None
+        self._future: Optional[asyncio.Future[None]] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def arm_sync(self) -> _Waiter:
         lock = self._lock = threading.Lock()
         lock.acquire()
         return self
 
-    def arm_async(self, loop: Any) -> _Waiter:
+    def arm_async(self, loop: asyncio.AbstractEventLoop) -> _Waiter:
         self._loop = loop
         self._future = loop.create_future()
         return self
@@ -1293,14 +1369,16 @@ class _Waiter:
         self.done = True
         if self._lock is not None:
             self._lock.release()
-        elif self._future is not None:
+        elif self._future is not None and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(_resolve_future, self._future)
             except RuntimeError:  # its event loop is closed; nobody is waiting
                 pass
 
 
-def _settle(waiter: _Waiter, owner_lock: Any, abandon: Callable[[], None]) -> bool:
+def _settle(
+    waiter: _Waiter, owner_lock: threading.Lock, abandon: Callable[[], None]
+) -> bool:
     """After a wait ended early: True if the waiter was fulfilled after all,
     else withdraw it (under the owner's lock, so no delivery races us)."""
     with owner_lock:
@@ -1311,7 +1389,10 @@ def _settle(waiter: _Waiter, owner_lock: Any, abandon: Callable[[], None]) -> bo
 
 
 def _wait_sync(
-    waiter: _Waiter, owner_lock: Any, timeout: Optional[float], abandon: Callable[[], None]
+    waiter: _Waiter,
+    owner_lock: threading.Lock,
+    timeout: Optional[float],
+    abandon: Callable[[], None],
 ) -> Optional[Message]:
     """Block until ``waiter`` is fulfilled or ``timeout`` passes."""
     if waiter.done:
@@ -1328,7 +1409,7 @@ def _wait_sync(
 
 async def _wait_async(
     waiter: _Waiter,
-    owner_lock: Any,
+    owner_lock: threading.Lock,
     timeout: Optional[float],
     abandon: Callable[[], None],
     requeue: Callable[[Message], None],
@@ -1338,13 +1419,15 @@ async def _wait_async(
 
     if waiter.done:
         return waiter.message
+    loop, future = waiter._loop, waiter._future
+    assert loop is not None and future is not None  # armed by arm_async
     # A timer resolves the future at the deadline.  Not asyncio.wait_for:
     # before Python 3.12 it swallows a cancellation that races a hand-over.
     timer = None
     if timeout is not None:
-        timer = waiter._loop.call_later(max(timeout, 0), _resolve_future, waiter._future)
+        timer = loop.call_later(max(timeout, 0), _resolve_future, future)
     try:
-        await waiter._future
+        await future
     except asyncio.CancelledError:
         if _settle(waiter, owner_lock, abandon) and waiter.message is not None:
             requeue(waiter.message)
@@ -1619,6 +1702,31 @@ class MemoryTransport(Transport):
     ``drop_log_interval`` seconds), so ``send`` never fails for lack of a
     subscriber.  Emptied mailboxes are removed, and messages to inbox topics
     nobody awaits are dropped at once, so one-off topics leave nothing behind.
+
+    Locks, outermost first: ``_lock`` (mailboxes, receivers, inboxes, drop
+    counts), then an :class:`Inbox`'s lock (a message is put into it under
+    ``_lock``) or the ``sent`` counter's.  The subscription trie's lock is
+    never taken with ``_lock`` held; no lock is held while a callback runs.
+
+    **For transports built on MemoryTransport** (the TCP server and client,
+    the ``eventforge_ext`` brokers: each keeps one as ``_local`` for the
+    delivery in its own process).  They use these and the public API, never
+    its attributes:
+
+    - :meth:`_match` ``(topic)``: the subscriptions matching ``topic`` (the
+      trie and its cache);
+    - :meth:`_deliver` ``(message, taken)``: the delivery model minus the
+      callbacks (inbox, blocked receiver or mailbox); returns the matching
+      subscriptions;
+    - :meth:`_run_subscriptions` ``(subscriptions, message)``: run them,
+      failures handled as in :meth:`send`;
+    - :meth:`_drain_mailbox` ``(topic)``: pop every message kept for a topic;
+    - :meth:`_open_inbox` ``(topic, kind, on_close)``: an inbox made by
+      ``kind`` (an :class:`Inbox` subclass), ``on_close`` called once it is
+      withdrawn here;
+    - :meth:`_subscription_patterns`: the patterns subscribed (for Monitor);
+    - :attr:`closed`, and :func:`_refuse_receive_pattern` for the error
+      ``receive`` raises for a pattern.
     """
 
     #: Seconds between two log lines about drops on the same topic.
@@ -1644,7 +1752,7 @@ class MemoryTransport(Transport):
         self._inboxes: Dict[str, Inbox] = {}
         self._sub_ids = itertools.count(1)
         self._closed = False
-        self._sent = itertools.count()  # next() is atomic: no lock on the fast path
+        self._sent = _TickCounter()  # ticked without a lock on the fast path
         self._handler_errors = 0
         self._drops = {"topic_full": 0, "buffer_full": 0, "no_inbox": 0}
         self._drop_log_since = -1e9  # monotonic start of the current log interval
@@ -1663,7 +1771,7 @@ class MemoryTransport(Transport):
         if self._closed:
             raise TransportClosedError("MemoryTransport is closed")
         trie = self._subscriptions
-        subscriptions = trie._cache.get(topic)
+        subscriptions = trie._cache.get(topic)  # see SubscriptionTrie
         if subscriptions is None:
             subscriptions = trie.match(topic)
         # Fast path: subscribers only.  Receivers and inboxes need the lock.
@@ -1673,7 +1781,7 @@ class MemoryTransport(Transport):
                     raise TransportClosedError("MemoryTransport is closed")
                 if not self._hand_over(topic, message) and not subscriptions:
                     self._keep(topic, message)
-        next(self._sent)
+        next(self._sent.ticks)
         # The loop of _run_subscriptions, inlined: this is the publish path.
         for subscription in subscriptions:
             if subscription.active:
@@ -1682,7 +1790,50 @@ class MemoryTransport(Transport):
                 except BaseException as exc:  # any failure is that call's only
                     self._handler_failed(subscription, message, exc)
 
-    def _run_subscriptions(self, subscriptions: Tuple[Any, ...], message: Message) -> None:
+    # -- for transports built on MemoryTransport (see the class docstring) ----------
+
+    def _match(self, topic: str) -> Tuple[_Subscription, ...]:
+        """The subscriptions whose pattern matches ``topic``, oldest first."""
+        return self._subscriptions.match(topic)
+
+    def _deliver(self, message: Message, taken: bool) -> Tuple[_Subscription, ...]:
+        """Hand ``message`` to an inbox, a blocked receiver or the mailbox; return
+        the matching subscriptions, which the caller runs (inline or on a dispatcher).
+
+        ``taken`` says a remote peer already took the message, so it is not
+        kept in a mailbox.  A mailbox past its bounds drops its oldest
+        message; never raises TransportFullError.  Raises
+        TransportClosedError after close.
+        """
+        topic = message.topic
+        # match() skips the walk and the cache for a topic no pattern can
+        # match (typical for reply topics): one-off topics stay out of it.
+        subscriptions: Tuple[_Subscription, ...] = self._subscriptions.match(topic)
+        if not subscriptions:
+            inbox = self._inboxes.get(topic)
+            if inbox is not None:  # a reply for a waiting requester: its inbox locks itself
+                if self._closed:
+                    raise TransportClosedError("transport is closed")
+                next(self._sent.ticks)
+                inbox.put(message)
+                return subscriptions
+        if taken and not subscriptions and topic not in self._waiters:
+            # Nothing here can take it (a reply going to its requester, say): no lock.
+            if self._closed:
+                raise TransportClosedError("transport is closed")
+            next(self._sent.ticks)
+            return subscriptions
+        with self._lock:
+            if self._closed:
+                raise TransportClosedError("transport is closed")
+            next(self._sent.ticks)
+            if not self._hand_over(topic, message) and not subscriptions and not taken:
+                self._keep(topic, message)
+        return subscriptions
+
+    def _run_subscriptions(
+        self, subscriptions: Tuple[_Subscription, ...], message: Message
+    ) -> None:
         """Call each still-active subscription; failures go to _handler_failed.
 
         The TCP transports deliver network messages through this, on their
@@ -1786,6 +1937,39 @@ class MemoryTransport(Transport):
         """Remove and return every message kept for ``topic``, oldest first."""
         with self._lock:
             return self._unkeep(topic)
+
+    def _open_inbox(
+        self,
+        topic: str,
+        kind: Callable[..., Inbox] = Inbox,
+        on_close: Optional[Callable[[Inbox], None]] = None,
+    ) -> Inbox:
+        """:meth:`open_inbox` with an inbox made by ``kind(topic, on_close=, maxsize=)``
+        (an :class:`Inbox` subclass); ``on_close(inbox)`` runs after the inbox
+        is withdrawn here."""
+        _refuse_receive_pattern(topic)
+        validate_topic(topic)
+        if on_close is None:
+            withdraw = self._close_inbox
+        else:
+            def withdraw(inbox: Inbox) -> None:
+                self._close_inbox(inbox)
+                on_close(inbox)
+
+        inbox = kind(topic, on_close=withdraw, maxsize=self.max_queue_size)
+        with self._lock:
+            if self._closed:
+                raise TransportClosedError("MemoryTransport is closed")
+            if topic in self._inboxes:
+                raise ValueError(f"an inbox for {topic!r} is already open")
+            self._inboxes[topic] = inbox
+            for message in self._unkeep(topic):
+                inbox.put(message)
+        return inbox
+
+    def _subscription_patterns(self) -> List[str]:
+        """The pattern of every subscription, oldest first (one per subscription)."""
+        return self._subscriptions.patterns()
 
     def _handler_failed(
         self, subscription: _Subscription, message: Message, exc: BaseException
@@ -1920,18 +2104,7 @@ class MemoryTransport(Transport):
 
     def open_inbox(self, topic: str) -> Inbox:
         """Register an inbox for the exact ``topic`` (see :meth:`Transport.open_inbox`)."""
-        _refuse_receive_pattern(topic)
-        validate_topic(topic)
-        inbox = Inbox(topic, on_close=self._close_inbox, maxsize=self.max_queue_size)
-        with self._lock:
-            if self._closed:
-                raise TransportClosedError("MemoryTransport is closed")
-            if topic in self._inboxes:
-                raise ValueError(f"an inbox for {topic!r} is already open")
-            self._inboxes[topic] = inbox
-            for message in self._unkeep(topic):
-                inbox.put(message)
-        return inbox
+        return self._open_inbox(topic)
 
     def _close_inbox(self, inbox: Inbox) -> None:
         with self._lock:
@@ -1968,7 +2141,7 @@ class MemoryTransport(Transport):
         with self._lock:
             drops = self._drops
             return {
-                "sent": _count_value(self._sent),
+                "sent": self._sent.value,
                 "handler_errors": self._handler_errors,
                 "dropped": sum(drops.values()),
                 "dropped_topic_full": drops["topic_full"],
@@ -1980,6 +2153,13 @@ class MemoryTransport(Transport):
                 "receivers": sum(len(w) for w in self._waiters.values()),
                 "inboxes": len(self._inboxes),
             }
+
+    def debug_mailboxes(self) -> Dict[str, List[Message]]:
+        """The unclaimed messages kept now, by topic, oldest first: a copy for
+        tests and debugging (:meth:`receive` takes them; this only looks)."""
+        with self._lock:
+            return {topic: [message for _, message in mailbox]
+                    for topic, mailbox in self._mailboxes.items()}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._subscriptions)} subscriptions"
@@ -2717,49 +2897,6 @@ class _Dispatcher:
         return dropped
 
 
-def _deliver_local(
-    local: MemoryTransport, message: Message, taken: bool
-) -> Tuple[Any, ...]:
-    """Hand ``message`` to the local inbox/receiver/mailbox; return matching subscriptions.
-
-    The MemoryTransport delivery model minus running the callbacks, which the
-    caller does inline or on a dispatcher.  ``taken`` says a remote peer
-    already took the message, so it is not kept in a mailbox.  A mailbox
-    past its bounds drops its oldest message; never raises TransportFullError.
-    Raises TransportClosedError after close.
-    """
-    topic = message.topic
-    trie = local._subscriptions
-    root = trie._root
-    if root.star is None and root.globstar is None and topic.partition(".")[0] not in root.children:
-        # No pattern can match (typical for reply topics): skip the match and
-        # keep one-off topics out of the trie's match cache.
-        subscriptions: Tuple[Any, ...] = ()
-    else:
-        subscriptions = trie.match(topic)
-    if not subscriptions:
-        inbox = local._inboxes.get(topic)
-        if inbox is not None:  # a reply for a waiting requester: its inbox locks itself
-            if local._closed:
-                raise TransportClosedError("transport is closed")
-            next(local._sent)
-            inbox.put(message)
-            return subscriptions
-    if taken and not subscriptions and topic not in local._waiters:
-        # Nothing here can take it (a reply going to its requester, say): no lock.
-        if local._closed:
-            raise TransportClosedError("transport is closed")
-        next(local._sent)
-        return subscriptions
-    with local._lock:
-        if local._closed:
-            raise TransportClosedError("transport is closed")
-        next(local._sent)
-        if not local._hand_over(topic, message) and not subscriptions and not taken:
-            local._keep(topic, message)
-    return subscriptions
-
-
 class TCPServerTransport(Transport):
     """A TCP listener that is also a full Transport for its own process.
 
@@ -3029,7 +3166,7 @@ class TCPServerTransport(Transport):
         topic = message.topic
         if type(topic) is not str or topic not in self._exact:  # keys there are valid
             validate_topic(topic)
-        if self._local._closed:
+        if self._local.closed:
             raise TransportClosedError("TCPServerTransport is closed")
         targets, taken = self._targets(topic, None)
         if targets:
@@ -3040,7 +3177,7 @@ class TCPServerTransport(Transport):
             else:
                 self._push_many(targets, frame)
         try:
-            subscriptions = _deliver_local(self._local, message, taken)
+            subscriptions = self._local._deliver(message, taken)
         except TransportClosedError:
             # Closed while this send was under way (by a handler its routing
             # woke, say): the send was accepted above; nothing local is left.
@@ -3861,7 +3998,7 @@ class TCPServerTransport(Transport):
             for conn in targets:
                 self._push(conn, frame)
         try:
-            subscriptions = _deliver_local(self._local, message, taken)
+            subscriptions = self._local._deliver(message, taken)
         except TransportClosedError:
             return
         if subscriptions:
@@ -5237,17 +5374,8 @@ class TCPClientTransport(Transport):
         """
         if self._closed:
             raise TransportClosedError(f"{self._name()} is closed")
-        inbox = self._local.open_inbox(topic)
-        inner = inbox._on_close
-
-        def on_close(closing: Inbox) -> None:
-            if inner is not None:
-                inner(closing)
-            self._inbox_closed(closing)
-
-        inbox._on_close = on_close
-        # Same object, a subclass that fails on a lost connection and may read the socket.
-        inbox.__class__ = _ClientInbox
+        # A subclass that fails on a lost connection and may read the socket.
+        inbox = self._local._open_inbox(topic, _ClientInbox, self._inbox_closed)
         inbox._transport = self  # type: ignore[attr-defined]
         if self._epoll is not None:
             inbox._read_ahead = True  # type: ignore[attr-defined]
@@ -5632,9 +5760,7 @@ class TCPClientTransport(Transport):
     def _deliver(self, message: Message, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
         topic = message.topic
         try:
-            subscriptions = _deliver_local(
-                self._local, message, taken=topic not in self._receive_topics
-            )
+            subscriptions = self._local._deliver(message, taken=topic not in self._receive_topics)
         except TransportFullError as exc:
             self._counts["mailbox_full"] += 1
             logger.warning("tcp client: dropped %s: %s", message.id, exc)
@@ -11478,10 +11604,9 @@ class _Snapshot:
             entry[side] += n
 
         for transport in self.transports.values():
-            local = getattr(transport, "_local", transport)
-            trie = getattr(local, "_subscriptions", None)
-            if isinstance(trie, SubscriptionTrie):
-                for pattern in trie.patterns():
+            local = getattr(transport, "_local", transport)  # built on a MemoryTransport?
+            if isinstance(local, MemoryTransport):
+                for pattern in local._subscription_patterns():
                     bump(pattern, "local")
             if isinstance(transport, TCPServerTransport):
                 for pattern, n in transport.interest_counts().items():

@@ -275,9 +275,7 @@ class BrokerTransport(ef.Transport):
         caller's thread, so an unserializable payload raises here, before
         anything is queued.
         """
-        topic = message.topic
-        if type(topic) is not str or topic not in ef._VALID_TOPICS:
-            ef.validate_topic(topic)
+        topic = ef.validate_topic(message.topic)
         self._check_open()
         body = ef.encode(message, max_frame_size=self.max_frame_size)[4:]
         self._publish(topic, body, message.reply_to is not None or topic.startswith(_INBOXES))
@@ -368,8 +366,15 @@ class BrokerTransport(ef.Transport):
                     self._acquire((route,))
         else:
             self._acquire((route,))
+
+        def on_close(closing: ef.Inbox) -> None:
+            if topic not in self._receive_topics:
+                self._exact.pop(topic, None)
+            if not shared:
+                self._release((route,))
+
         try:
-            inbox = self._local.open_inbox(topic)
+            inbox = self._local._open_inbox(topic, ef.Inbox, on_close)
         except BaseException:
             if not shared:
                 self._release((route,))
@@ -378,18 +383,7 @@ class BrokerTransport(ef.Transport):
         # to pass through another callback of this transport: the queue moves
         # on to a new dispatcher thread meanwhile (as on TCPClientTransport).
         self._dispatcher.hand_off_if_current()
-        inner = inbox._on_close
         self._exact[topic] = route
-
-        def on_close(closing: ef.Inbox) -> None:
-            if inner is not None:
-                inner(closing)
-            if topic not in self._receive_topics:
-                self._exact.pop(topic, None)
-            if not shared:
-                self._release((route,))
-
-        inbox._on_close = on_close
         return inbox
 
     def close(self) -> None:
@@ -499,9 +493,9 @@ class BrokerTransport(ef.Transport):
         local = self._local
         try:
             if self._exact.get(topic) == route:
-                subscriptions = ef._deliver_local(local, message, taken=False)
+                subscriptions = local._deliver(message, taken=False)
             else:
-                subscriptions = local._subscriptions.match(topic)
+                subscriptions = local._match(topic)
         except ef.TransportFullError as exc:
             self._counts["mailbox_full"] += 1
             self._log.warning("full", "%s: dropped %s: %s", self.kind, message.id, exc)

@@ -93,8 +93,9 @@ class MailboxModel(RuleBasedStateMachine):
         assert stats["dropped_buffer_full"] == self.drops["buffer_full"]
         assert stats["dropped_no_inbox"] == self.drops["no_inbox"]
         assert stats["dropped"] == sum(self.drops.values())
+        mailboxes = self.transport.debug_mailboxes()
         for topic in TOPICS:
-            kept = [m.payload for _, m in self.transport._mailboxes.get(topic, ())]
+            kept = [m.payload for m in mailboxes.get(topic, ())]
             assert kept == [seq for seq, t in self.kept if t == topic]
             assert len(kept) <= self.per_topic
         taken = sorted({m.payload for m in getattr(self, "delivered_by_transport", [])})

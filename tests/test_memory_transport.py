@@ -181,12 +181,14 @@ def test_fifty_thousand_one_off_topics_stay_bounded():
     assert stats["buffered"] == transport.max_buffered == 10_000
     assert stats["mailboxes"] == 10_000
     assert stats["dropped_buffer_full"] == 40_000
-    assert len(transport._order) == 10_000  # the index follows the messages
+    # The index (counted in "buffered") follows the messages.
+    assert sum(len(kept) for kept in transport.debug_mailboxes().values()) == 10_000
     assert transport.receive("job.49999.done", 0).payload == 49_999
     assert transport.receive("job.0.done", 0) is None  # the oldest went first
     for i in range(40_000, 49_999):
         assert transport.receive(f"job.{i}.done", 0).payload == i
-    assert transport.stats["mailboxes"] == 0 and len(transport._order) == 0
+    assert transport.stats["mailboxes"] == 0 and transport.stats["buffered"] == 0
+    assert transport.debug_mailboxes() == {}
     transport.close()
 
 
@@ -198,6 +200,29 @@ def test_send_then_receive_and_subscriber_messages_are_not_also_kept(transport):
     transport.send(ef.Message("only", 2))
     assert transport.receive("only", 0).payload == 2
     assert [m.payload for m in got] == [1]
+
+
+def test_sent_is_exact_while_publishers_and_readers_race():
+    # Publishers count without a lock; every stats read must still be exact
+    # (never ahead of the sends, never going back) and the total must match.
+    transport = ef.MemoryTransport()
+    transport.subscribe("count.*", lambda message: None)
+    publishers, per_thread = 4, 5_000
+    seen = []
+
+    def publisher():
+        for i in range(per_thread):
+            transport.send(ef.Message("count.it", i))
+
+    def reader():
+        for _ in range(2_000):
+            seen.append(transport.stats["sent"])
+
+    run_threads([publisher] * publishers + [reader])
+    assert seen == sorted(seen) and seen[-1] <= publishers * per_thread
+    assert transport.stats["sent"] == publishers * per_thread
+    assert transport.stats["sent"] == publishers * per_thread  # reading counts nothing
+    transport.close()
 
 
 def test_server_local_publish_past_the_old_limit_does_not_raise(tcp):

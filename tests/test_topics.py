@@ -304,20 +304,20 @@ def test_trie_prunes_when_everything_is_removed(patterns, rnd):
         assert trie.remove(index) is False
     assert len(trie) == 0
     assert trie.patterns() == []
-    assert trie._root.is_empty()
-    assert not trie._root.children and trie._root.star is None and trie._root.globstar is None
+    shape = trie.debug_stats()
+    assert shape["nodes"] == [] and shape["entries"] == 0
 
 
 def test_trie_prunes_only_the_removed_branch():
     trie = ef.SubscriptionTrie()
     trie.add(1, "a.b.c", 1)
     trie.add(2, "a.*.**", 2)
+    assert trie.debug_stats()["nodes"] == ["a", "a.*", "a.*.**", "a.b", "a.b.c"]
     trie.remove(1)
-    assert list(trie._root.children) == ["a"]
-    assert trie._root.children["a"].children == {}
-    assert trie._root.children["a"].star is not None
+    assert trie.debug_stats()["nodes"] == ["a", "a.*", "a.*.**"]
+    assert trie.debug_stats()["entries"] == 1
     trie.remove(2)
-    assert trie._root.is_empty()
+    assert trie.debug_stats()["nodes"] == [] and trie.debug_stats()["entries"] == 0
 
 
 def test_trie_duplicate_key_and_pop():
@@ -375,9 +375,11 @@ class TrieModel(RuleBasedStateMachine):
     def same_size_and_patterns(self):
         assert len(self.trie) == len(self.model)
         assert self.trie.patterns() == list(self.model.values())
-        assert len(self.trie._cache) <= 4
+        shape = self.trie.debug_stats()
+        assert len(shape["cached"]) <= 4
+        assert shape["entries"] == len(self.model)
         if not self.model:
-            assert self.trie._root.is_empty()
+            assert shape["nodes"] == []
 
 
 TrieModel.TestCase.settings = settings(
@@ -397,10 +399,11 @@ def test_cache_is_bounded():
     trie.add(1, "t.*", 1)
     for i in range(200):
         assert trie.match(f"t.{i}") == (1,)
-        assert len(trie._cache) <= 16
-    assert len(trie._cache) == 16
+        assert len(trie.debug_stats()["cached"]) <= 16
+    cached = trie.debug_stats()["cached"]
+    assert len(cached) == 16
     # The most recent topics are the ones kept.
-    assert "t.199" in trie._cache and "t.0" not in trie._cache
+    assert "t.199" in cached and "t.0" not in cached
 
 
 def test_cache_is_invalidated_by_add_and_remove():
@@ -414,7 +417,7 @@ def test_cache_is_invalidated_by_add_and_remove():
     assert trie.match("a.b") == (2,)
     trie.clear()
     assert trie.match("a.b") == ()
-    assert len(trie) == 0 and trie._root.is_empty()
+    assert len(trie) == 0 and trie.debug_stats()["nodes"] == []
 
 
 def test_trie_without_cache():
@@ -423,7 +426,7 @@ def test_trie_without_cache():
     trie.add("k", "a.*", "v")
     assert trie.match("a.b") == ("v",)
     assert trie.match("a.b") == ("v",)
-    assert trie._cache == {}
+    assert trie.debug_stats()["cached"] == []
 
 
 def test_many_globstars_do_not_blow_up():
@@ -495,7 +498,7 @@ def test_concurrent_match_add_remove():
         assert trie.match(topic) == expected[topic]
     for key in stable:
         trie.remove(key)
-    assert trie._root.is_empty()
+    assert trie.debug_stats()["nodes"] == [] and trie.debug_stats()["entries"] == 0
 
 
 def test_the_matching_table_in_docs_protocol_md():
