@@ -1448,6 +1448,11 @@ class Inbox:
     starts is kept.  Close it (or use ``with``) to withdraw the interest.
     At most ``maxsize`` messages are held; extra ones are dropped, counted
     in :attr:`dropped` and logged once.
+
+    A transport built on MemoryTransport may open a subclass of it (see
+    ``MemoryTransport._open_inbox``); such a subclass may override
+    ``_register`` and use ``_lock``, ``_messages``, ``_waiters`` and
+    ``_closed``, which nothing else outside this class touches.
     """
 
     def __init__(

@@ -225,6 +225,28 @@ def test_sent_is_exact_while_publishers_and_readers_race():
     transport.close()
 
 
+def test_the_inbox_seam_opens_a_subclass_and_calls_back_after_withdrawal(transport):
+    # MemoryTransport._open_inbox, for transports built on it (documented in
+    # its docstring): the inbox is of the given kind from the start, takes
+    # what the mailbox kept, and on_close runs once the interest is gone.
+    class Kind(ef.Inbox):
+        pass
+
+    transport.send(ef.Message("seam.topic", "kept"))
+    closed = []
+    inbox = transport._open_inbox(
+        "seam.topic", Kind, lambda i: closed.append((i, transport.stats["inboxes"]))
+    )
+    assert type(inbox) is Kind and inbox.maxsize == transport.max_queue_size
+    assert inbox.get(0).payload == "kept"
+    transport.send(ef.Message("seam.topic", "direct"))
+    assert inbox.get(0).payload == "direct" and transport.receive("seam.topic", 0) is None
+    inbox.close()
+    assert closed == [(inbox, 0)]
+    transport.send(ef.Message("seam.topic", "later"))  # kept again: nobody has an inbox
+    assert transport.receive("seam.topic", 0).payload == "later"
+
+
 def test_server_local_publish_past_the_old_limit_does_not_raise(tcp):
     server = tcp.server()
     for i in range(1001):  # the 1,001st used to raise TransportFullError
