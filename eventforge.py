@@ -585,7 +585,7 @@ class SubscriptionTrie:
     and is replaced whenever an entry is added or removed, so a publish fast
     path (MemoryTransport.send) may look a topic up in it without the lock
     and fall back on :meth:`match`; nothing else outside this class reads
-    it.  :meth:`debug_stats` shows the trie's shape for tests.
+    it.  :meth:`debug_state` shows the trie's shape for tests.
     """
 
     def __init__(self, cache_size: int = 2048) -> None:
@@ -677,8 +677,8 @@ class SubscriptionTrie:
         with self._lock:
             return [pattern for pattern, _ in self._keys.values()]
 
-    def debug_stats(self) -> Dict[str, Any]:
-        """The trie's shape and cache, for tests and debugging (not for control flow).
+    def debug_state(self) -> Dict[str, Any]:
+        """The trie's shape and cache, for tests and diagnostics only (not a stable API).
 
         ``nodes``: one pattern prefix per node besides the root, sorted (a
         trie holding just ``a.*`` gives ``["a", "a.*"]``; pruning leaves no
@@ -2159,12 +2159,15 @@ class MemoryTransport(Transport):
                 "inboxes": len(self._inboxes),
             }
 
-    def debug_mailboxes(self) -> Dict[str, List[Message]]:
-        """The unclaimed messages kept now, by topic, oldest first: a copy for
-        tests and debugging (:meth:`receive` takes them; this only looks)."""
+    def debug_state(self) -> Dict[str, Any]:
+        """Internal state, for tests and diagnostics only (not a stable API).
+
+        ``mailboxes``: topic -> the unclaimed messages kept for it, oldest
+        first (a copy: :meth:`receive` takes them, this only looks).
+        """
         with self._lock:
-            return {topic: [message for _, message in mailbox]
-                    for topic, mailbox in self._mailboxes.items()}
+            return {"mailboxes": {topic: [message for _, message in mailbox]
+                                  for topic, mailbox in self._mailboxes.items()}}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._subscriptions)} subscriptions"

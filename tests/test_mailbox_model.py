@@ -93,7 +93,7 @@ class MailboxModel(RuleBasedStateMachine):
         assert stats["dropped_buffer_full"] == self.drops["buffer_full"]
         assert stats["dropped_no_inbox"] == self.drops["no_inbox"]
         assert stats["dropped"] == sum(self.drops.values())
-        mailboxes = self.transport.debug_mailboxes()
+        mailboxes = self.transport.debug_state()["mailboxes"]
         for topic in TOPICS:
             kept = [m.payload for m in mailboxes.get(topic, ())]
             assert kept == [seq for seq, t in self.kept if t == topic]

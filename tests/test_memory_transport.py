@@ -182,13 +182,13 @@ def test_fifty_thousand_one_off_topics_stay_bounded():
     assert stats["mailboxes"] == 10_000
     assert stats["dropped_buffer_full"] == 40_000
     # The index (counted in "buffered") follows the messages.
-    assert sum(len(kept) for kept in transport.debug_mailboxes().values()) == 10_000
+    assert sum(len(kept) for kept in transport.debug_state()["mailboxes"].values()) == 10_000
     assert transport.receive("job.49999.done", 0).payload == 49_999
     assert transport.receive("job.0.done", 0) is None  # the oldest went first
     for i in range(40_000, 49_999):
         assert transport.receive(f"job.{i}.done", 0).payload == i
     assert transport.stats["mailboxes"] == 0 and transport.stats["buffered"] == 0
-    assert transport.debug_mailboxes() == {}
+    assert transport.debug_state()["mailboxes"] == {}
     transport.close()
 
 

@@ -304,7 +304,7 @@ def test_trie_prunes_when_everything_is_removed(patterns, rnd):
         assert trie.remove(index) is False
     assert len(trie) == 0
     assert trie.patterns() == []
-    shape = trie.debug_stats()
+    shape = trie.debug_state()
     assert shape["nodes"] == [] and shape["entries"] == 0
 
 
@@ -312,12 +312,12 @@ def test_trie_prunes_only_the_removed_branch():
     trie = ef.SubscriptionTrie()
     trie.add(1, "a.b.c", 1)
     trie.add(2, "a.*.**", 2)
-    assert trie.debug_stats()["nodes"] == ["a", "a.*", "a.*.**", "a.b", "a.b.c"]
+    assert trie.debug_state()["nodes"] == ["a", "a.*", "a.*.**", "a.b", "a.b.c"]
     trie.remove(1)
-    assert trie.debug_stats()["nodes"] == ["a", "a.*", "a.*.**"]
-    assert trie.debug_stats()["entries"] == 1
+    assert trie.debug_state()["nodes"] == ["a", "a.*", "a.*.**"]
+    assert trie.debug_state()["entries"] == 1
     trie.remove(2)
-    assert trie.debug_stats()["nodes"] == [] and trie.debug_stats()["entries"] == 0
+    assert trie.debug_state()["nodes"] == [] and trie.debug_state()["entries"] == 0
 
 
 def test_trie_duplicate_key_and_pop():
@@ -375,7 +375,7 @@ class TrieModel(RuleBasedStateMachine):
     def same_size_and_patterns(self):
         assert len(self.trie) == len(self.model)
         assert self.trie.patterns() == list(self.model.values())
-        shape = self.trie.debug_stats()
+        shape = self.trie.debug_state()
         assert len(shape["cached"]) <= 4
         assert shape["entries"] == len(self.model)
         if not self.model:
@@ -399,8 +399,8 @@ def test_cache_is_bounded():
     trie.add(1, "t.*", 1)
     for i in range(200):
         assert trie.match(f"t.{i}") == (1,)
-        assert len(trie.debug_stats()["cached"]) <= 16
-    cached = trie.debug_stats()["cached"]
+        assert len(trie.debug_state()["cached"]) <= 16
+    cached = trie.debug_state()["cached"]
     assert len(cached) == 16
     # The most recent topics are the ones kept.
     assert "t.199" in cached and "t.0" not in cached
@@ -417,7 +417,7 @@ def test_cache_is_invalidated_by_add_and_remove():
     assert trie.match("a.b") == (2,)
     trie.clear()
     assert trie.match("a.b") == ()
-    assert len(trie) == 0 and trie.debug_stats()["nodes"] == []
+    assert len(trie) == 0 and trie.debug_state()["nodes"] == []
 
 
 def test_trie_without_cache():
@@ -426,7 +426,7 @@ def test_trie_without_cache():
     trie.add("k", "a.*", "v")
     assert trie.match("a.b") == ("v",)
     assert trie.match("a.b") == ("v",)
-    assert trie.debug_stats()["cached"] == []
+    assert trie.debug_state()["cached"] == []
 
 
 def test_many_globstars_do_not_blow_up():
@@ -498,7 +498,7 @@ def test_concurrent_match_add_remove():
         assert trie.match(topic) == expected[topic]
     for key in stable:
         trie.remove(key)
-    assert trie.debug_stats()["nodes"] == [] and trie.debug_stats()["entries"] == 0
+    assert trie.debug_state()["nodes"] == [] and trie.debug_state()["entries"] == 0
 
 
 def test_the_matching_table_in_docs_protocol_md():
