@@ -217,6 +217,8 @@ class BrokerTransport(ef.Transport):
         )
         self._low = threading.Event()
         self._low.set()
+        # One writer at a time per counter (the I/O thread, or whoever drains
+        # the outbox), but for unconfirmed_subscriptions: under _routes_lock.
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_COUNTERS, 0))
         self._log = _RateLimitedLog()
@@ -445,7 +447,8 @@ class BrokerTransport(ef.Transport):
         deadline = time.monotonic() + self.subscribe_timeout
         for event in waits:
             if not event.wait(max(0.0, deadline - time.monotonic())) and self.connected:
-                self._counts["unconfirmed_subscriptions"] += 1
+                with self._routes_lock:  # subscribers on any thread count here
+                    self._counts["unconfirmed_subscriptions"] += 1
                 self._log.warning(
                     "unconfirmed", "%s: the broker did not confirm a subscription within %s s",
                     self.kind, self.subscribe_timeout,
