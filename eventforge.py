@@ -2019,7 +2019,7 @@ class MemoryTransport(Transport):
 # network reach inboxes and blocked receivers straight from the reading
 # thread.  The server runs subscriber callbacks on the thread that read the
 # frame and hands the loop to a standby thread when one blocks (leader/
-# follower, see _lf_main); the client runs them on a dispatcher thread (a
+# follower, see _LeaderFollower); the client runs them on a dispatcher thread (a
 # callback that waits for a reply hands that role to a new thread first), and a
 # caller waiting for a reply reads the socket itself (_read_until).  Either
 # way a handler may block (even on a request over the same connection)
@@ -2046,7 +2046,6 @@ _MAX_DISPATCH_THREADS = 32  # client callbacks waiting for a reply, plus the one
 # while handlers run, and sleeps until woken after a second without any.
 _TAKEOVER_AFTER = 0.002
 _STANDBY_IDLE = 1.0
-_DISPATCH_MODES = ("leader", "thread", "inline")
 _MAX_PEER_NAME = 128
 _CLOSED_KEPT = 256  # closed connections a server remembers for a monitor (a ring)
 _conn_ids = itertools.count(1)
@@ -2760,6 +2759,456 @@ def _deliver_local(
     return subscriptions
 
 
+class _Routes:
+    """A server's routing table: the connections a message on a topic goes to.
+
+    ``exact`` maps exact topics to connections, ``patterns`` holds the
+    wildcard interest (keyed by ``(connection id, pattern)``) and
+    ``broadcast`` the frame-only peers, which get every routed message but
+    inbox ones.  Written by the loop thread only, read by any thread without
+    a lock: values are replaced, never mutated (copy on write).
+    """
+
+    __slots__ = ("exact", "patterns", "broadcast")
+
+    def __init__(self) -> None:
+        self.exact: Dict[str, Tuple[_Connection, ...]] = {}
+        self.patterns = SubscriptionTrie()
+        self.broadcast: Tuple[_Connection, ...] = ()
+
+    def targets(self, topic: str, origin: Optional[_Connection]) -> Tuple[List[_Connection], bool]:
+        """Connections a message on ``topic`` goes to, and whether there are any.
+
+        A message that went to any connection is not kept in a local mailbox.
+        """
+        targets = list(self.exact.get(topic, ()))
+        if topic.startswith(INBOX_PREFIXES):
+            # An inbox is private: it goes only to the connection whose request
+            # opened it, or that named this exact topic; no pattern matches it
+            # and frame-only peers do not get it.
+            if targets:
+                targets = [conn for conn in targets if not conn.closed]
+            return targets, bool(targets)
+        if len(self.patterns):
+            matched = self.patterns.match(topic)
+            if matched:
+                if targets:
+                    seen = {c.id for c in targets}
+                    for conn in matched:
+                        if conn.id not in seen:
+                            seen.add(conn.id)
+                            targets.append(conn)
+                else:
+                    targets = list({c.id: c for c in matched}.values())
+        for conn in self.broadcast:
+            if conn is not origin:
+                targets.append(conn)
+        if targets:
+            # A connection being dropped on the I/O thread is marked closed
+            # before its routes go; handler threads may route meanwhile.
+            targets = [conn for conn in targets if not conn.closed]
+        return targets, bool(targets)
+
+    def add(self, conn: _Connection, pattern: str) -> None:
+        """Route ``pattern`` (an exact topic or a wildcard pattern, valid) to ``conn``."""
+        if "*" in pattern:
+            self.patterns.add((conn.id, pattern), pattern, conn)
+        else:
+            self.exact[pattern] = self.exact.get(pattern, ()) + (conn,)
+
+    def remove(self, conn: _Connection, pattern: str) -> None:
+        """Stop routing ``pattern`` to ``conn``."""
+        if "*" in pattern:
+            self.patterns.remove((conn.id, pattern))
+        else:
+            left = tuple(c for c in self.exact.get(pattern, ()) if c is not conn)
+            if left:
+                self.exact[pattern] = left
+            else:
+                self.exact.pop(pattern, None)
+
+    def add_broadcast(self, conn: _Connection) -> None:
+        self.broadcast = self.broadcast + (conn,)
+
+    def remove_broadcast(self, conn: _Connection) -> None:
+        if conn in self.broadcast:
+            self.broadcast = tuple(c for c in self.broadcast if c is not conn)
+
+    def forget(self, conn: _Connection) -> None:
+        """Remove every route to ``conn`` (it closes) and clear its interest."""
+        self.remove_broadcast(conn)
+        for pattern in conn.interest:
+            self.remove(conn, pattern)
+        conn.interest.clear()
+
+    def debug_state(self) -> Dict[str, Any]:
+        return {
+            "exact": {topic: len(conns) for topic, conns in list(self.exact.items())},
+            "patterns": len(self.patterns),
+            "frame_peers": len(self.broadcast),
+        }
+
+
+class _DispatchMode:
+    """How a :class:`TCPServerTransport` runs the subscriber callbacks of network messages.
+
+    One object per server, chosen by its ``dispatch`` argument.  The loop
+    thread hands over the handler calls (:data:`_Call`) read from one
+    connection with :meth:`submit`; :meth:`drain` waits until every call
+    handed over has run, :meth:`stop` ends the mode's threads and
+    ``backlog`` counts the calls not started.  The defaults here suit a
+    mode that has no threads of its own (inline).
+    """
+
+    runs_on_loop = False  # True: callbacks run on the I/O thread itself
+    ready: Any = ()  # connections with calls for the loop thread to run (leader only)
+    backlog = 0
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        self._server = server
+
+    def serve(self) -> None:
+        """The I/O thread's body (the loop thread calls it once)."""
+        self._server._lead()
+
+    def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
+        """Hand over ``batch`` (read from ``conn``, loop thread).
+
+        True only if the caller is to run it itself with :meth:`run_here`
+        once its bookkeeping is done (``may_run_here`` allows it).
+        """
+        raise NotImplementedError
+
+    def run_here(self, conn: _Connection, batch: List[_Call]) -> None:  # pragma: no cover
+        """Run ``batch`` on the loop thread (after :meth:`submit` said True)."""
+        raise NotImplementedError
+
+    def run_ready(self) -> bool:
+        """Loop thread: run what :attr:`ready` holds; False if it lost the loop meanwhile."""
+        return True
+
+    def drain(self, deadline: float) -> bool:
+        """Wait until every call handed over has run; False if ``deadline`` passed first."""
+        return True
+
+    def stop(self, deadline: float) -> List[threading.Thread]:
+        """End the mode's threads (by ``deadline``); return the threads to join."""
+        loop = self._server._loop
+        return [loop.thread] if loop is not None and loop.thread is not None else []
+
+
+class _InlineDispatch(_DispatchMode):
+    """dispatch="inline": callbacks run on the I/O thread, as each batch is read."""
+
+    runs_on_loop = True
+
+    def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
+        run = self._server._dispatch_call
+        for call in batch:
+            run(*call)
+        return False
+
+
+class _ThreadDispatch(_DispatchMode):
+    """dispatch="thread": callbacks run on a :class:`_Dispatcher` thread, in order."""
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        super().__init__(server)
+        self.threads = _Dispatcher(
+            "eventforge-tcp-server-dispatch", server._local, server._dispatch_low,
+            run=server._dispatch_call,
+        )
+
+    @property
+    def backlog(self) -> int:  # type: ignore[override]
+        return self.threads.backlog
+
+    def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
+        threads = self.threads
+        threads.put_many(batch)
+        server = self._server
+        if threads.high and not server._paused:
+            server._set_paused(True)
+        return False
+
+    def drain(self, deadline: float) -> bool:
+        return self.threads.drain(max(0.0, deadline - _monotonic()))
+
+    def stop(self, deadline: float) -> List[threading.Thread]:
+        self.threads.stop(max(0.0, deadline - _monotonic()))
+        return super().stop(deadline)
+
+
+class _LeaderFollower(_DispatchMode):
+    """dispatch="leader": handler calls run on the thread that read their frames.
+
+    The thread running the I/O loop (the leader) runs the handler calls of
+    the frames it read itself, after the reads of one loop iteration, one
+    connection at a time and in arrival order: no thread hand-off on the
+    common path.  A standby thread watches: when a handler call has run for
+    _TAKEOVER_AFTER on the leader (it blocks, or computes), the standby
+    becomes the leader and runs the loop; the former leader finishes that
+    connection's calls and then becomes the standby or ends.  A connection
+    is run by one thread at a time, so its calls keep their order, and a
+    handler may block (even on a request over this server) without
+    stalling any socket.  At most ``max_threads`` threads; when no standby
+    can be had the leader leaves calls to the handler threads.
+
+    Locks: ``lock`` guards every field here and the ``pending``/``running``/
+    ``queued`` fields of the connections; no other lock is taken under it
+    (the server's pause and wake-ups happen outside or on the loop thread).
+    """
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        super().__init__(server)
+        self.max_threads = server.max_handler_threads
+        self.lock = threading.Lock()
+        self.ready: Deque[_Connection] = collections.deque()
+        self.backlog = 0  # handler calls read but not started
+        self.high = False
+        self._busy_since = 0.0  # when the leader started its current handler call
+        self._handled = 0  # handler calls started (the standby watches it change)
+        self._in_handlers: Dict[int, _Connection] = {}  # thread ident -> connection it runs
+        self._standby: Optional[threading.Thread] = None
+        self._standby_asleep = False
+        self._standby_signal = threading.Lock()
+        self._standby_signal.acquire()
+        self._threads: List[threading.Thread] = []
+        self._count = 0  # live threads (leader, standby, handler threads)
+        self._names = itertools.count(2)
+        self._stop = False
+
+    def serve(self) -> None:
+        with self.lock:
+            self._count += 1
+            self._threads.append(threading.current_thread())
+        self._main("lead")
+
+    def _main(self, role: str) -> None:
+        server = self._server
+        me = threading.current_thread()
+        try:
+            while True:
+                if role == "lead":
+                    if not server._lead():
+                        return
+                    role = "work"
+                if role == "work":
+                    self._work()
+                    with self.lock:
+                        if self._stop or server._loop_done.is_set() or self._standby is not None:
+                            return
+                        self._standby = me
+                if not self._stand_by():
+                    return
+                role = "lead"
+        finally:
+            with self.lock:
+                self._count -= 1
+                if self._standby is me:
+                    self._standby = None
+
+    def _spawn_standby(self) -> bool:
+        """Start a standby thread if none exists and the bound allows; True if one exists."""
+        with self.lock:
+            if self._standby is not None:
+                return True
+            if self._count >= self.max_threads or self._stop:
+                return False
+            self._count += 1
+            thread = threading.Thread(
+                target=self._main, args=("standby",), daemon=True,
+                name=f"eventforge-tcp-server-io-{self._server.port}-{next(self._names)}",
+            )
+            self._standby = thread
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+        return True
+
+    def _stand_by(self) -> bool:
+        """Wait to take the loop over from a leader stuck in a handler; False to end."""
+        server = self._server
+        loop = server._loop
+        assert loop is not None
+        me = threading.get_ident()
+        last = -1
+        active = _perf_counter()
+        while True:
+            deep = False
+            with self.lock:
+                if self._stop or server._loop_done.is_set():
+                    return False
+                since = self._busy_since
+                now = _perf_counter()
+                if since and now - since >= _TAKEOVER_AFTER:
+                    self._standby = None
+                    self._busy_since = 0.0
+                    loop.ident = me
+                    break
+                if self._handled != last:
+                    last = self._handled
+                    active = now
+                elif not since and now - active > _STANDBY_IDLE:
+                    self._standby_asleep = deep = True
+            if deep:
+                self._standby_signal.acquire()
+                active = _perf_counter()
+                continue
+            time.sleep(_TAKEOVER_AFTER - (now - since) if since else _TAKEOVER_AFTER)
+        self._spawn_standby()
+        return True
+
+    def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
+        if may_run_here and not (conn.running or conn.pending or self._standby is None):
+            return True  # nothing of this connection waits: the caller runs it
+        # Calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
+        with self.lock:
+            pending = conn.pending
+            if pending is None:
+                pending = conn.pending = collections.deque()
+            pending.extend(batch)
+            self.backlog += len(batch)
+            if not conn.running and not conn.queued:
+                conn.queued = True
+                self.ready.append(conn)
+            high = self.backlog > _DISPATCH_HIGH_WATER and not self.high
+            if high:
+                self.high = True
+        server = self._server
+        if high and not server._paused:
+            server._set_paused(True)
+        return False
+
+    def run_here(self, conn: _Connection, batch: List[_Call]) -> None:
+        # The server's _lead checks afterwards whether this thread still leads.
+        me = threading.get_ident()
+        with self.lock:
+            conn.running = True
+            self._in_handlers[me] = conn
+            if conn.pending is None:
+                conn.pending = collections.deque()
+            conn.pending.extend(batch)
+            self.backlog += len(batch)
+            call = self._next_call(conn, me)
+        self._run_connection(conn, call)
+
+    def run_ready(self) -> bool:
+        server = self._server
+        loop = server._loop
+        assert loop is not None
+        me = threading.get_ident()
+        ready = self.ready
+        while True:
+            with self.lock:
+                if not ready:
+                    return True
+                if self._standby is None:
+                    conn = None
+                else:
+                    conn = ready.popleft()
+                    conn.queued = False
+                    if conn.running:
+                        continue
+                    conn.running = True
+                    self._in_handlers[me] = conn
+                    call = self._next_call(conn, me)
+            if conn is None:
+                if not self._spawn_standby():
+                    return True  # nobody could take over: leave the calls to handler threads
+                continue
+            self._run_connection(conn, call)
+            if loop.ident != me:
+                return False
+            if server._dirty:
+                server._flush_dirty()
+
+    def _work(self) -> None:
+        """A thread that is not the leader: run ready connections until none is left."""
+        me = threading.get_ident()
+        while True:
+            with self.lock:
+                if not self.ready or self._stop:
+                    return
+                conn = self.ready.popleft()
+                conn.queued = False
+                if conn.running:
+                    continue
+                conn.running = True
+                self._in_handlers[me] = conn
+                call = self._next_call(conn, me)
+            self._run_connection(conn, call)
+
+    def _next_call(self, conn: _Connection, me: int) -> Optional[_Call]:
+        """Take ``conn``'s next handler call, or release ``conn`` if none is left.
+
+        Called with ``lock`` held by the thread running ``conn`` (``me``,
+        registered in _in_handlers).  Keeps the leader's busy mark, which the
+        standby watches, for the call taken.
+        """
+        leader = self._server._loop.ident == me  # type: ignore[union-attr]
+        pending = conn.pending
+        if not pending:
+            conn.running = False
+            del self._in_handlers[me]
+            if leader:
+                self._busy_since = 0.0
+            if self.high and self.backlog < _DISPATCH_LOW_WATER:
+                self.high = False
+                self._server._dispatch_low()
+            return None
+        self.backlog -= 1
+        self._handled += 1
+        if leader:
+            self._busy_since = _perf_counter()
+            if self._standby_asleep:
+                self._standby_asleep = False
+                self._standby_signal.release()
+        return pending.popleft()
+
+    def _run_connection(self, conn: _Connection, call: Optional[_Call]) -> None:
+        """Run ``call`` and then ``conn``'s other pending handler calls, in order.
+
+        The caller set ``conn.running``, registered itself in _in_handlers and
+        took ``call`` with _next_call, under ``lock``, in the same step that
+        took ``conn`` off the ready queue.
+        """
+        me = threading.get_ident()
+        lock = self.lock
+        run = self._server._dispatch_call
+        while call is not None:
+            run(*call)
+            with lock:
+                call = self._next_call(conn, me)
+
+    def drain(self, deadline: float) -> bool:
+        """Wait until every handler call read so far has run (not counting our own)."""
+        me = threading.get_ident()
+        while True:
+            with self.lock:
+                others = sum(1 for ident in self._in_handlers if ident != me)
+                if not others and not self.ready:
+                    return True
+            if _monotonic() >= deadline:
+                return False
+            time.sleep(0.002)  # only used while closing: polling is fine
+
+    def stop(self, deadline: float) -> List[threading.Thread]:
+        self._server._loop_done.wait(max(0.0, deadline - _monotonic()))
+        with self.lock:
+            self._stop = True
+            threads = list(self._threads)
+            if self._standby_asleep:
+                self._standby_asleep = False
+                self._standby_signal.release()
+        return threads
+
+
+_DISPATCH_MODES: Dict[str, Callable[[TCPServerTransport], _DispatchMode]] = {
+    "leader": _LeaderFollower, "thread": _ThreadDispatch, "inline": _InlineDispatch,
+}
+
+
 class TCPServerTransport(Transport):
     """A TCP listener that is also a full Transport for its own process.
 
@@ -2824,32 +3273,14 @@ class TCPServerTransport(Transport):
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
-        if dispatch not in _DISPATCH_MODES:
+        if dispatch not in tuple(_DISPATCH_MODES):
             raise ValueError(
                 f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
         if not isinstance(max_handler_threads, int) or max_handler_threads < 2:
             raise ValueError(
                 f"max_handler_threads must be an int >= 2, not {max_handler_threads!r}")
         self.dispatch = dispatch
-        self._inline = dispatch == "inline"
-        self._leader = dispatch == "leader"
         self.max_handler_threads = max_handler_threads
-        # dispatch="leader" state, guarded by _lf_lock (see _lf_main).
-        self._lf_lock = threading.Lock()
-        self._ready: Deque[_Connection] = collections.deque()
-        self._backlog = 0  # handler calls read but not started
-        self._high = False
-        self._busy_since = 0.0  # when the leader started its current handler call
-        self._handled = 0  # handler calls started (the standby watches it change)
-        self._in_handlers: Dict[int, _Connection] = {}  # thread ident -> connection it runs
-        self._standby: Optional[threading.Thread] = None
-        self._standby_asleep = False
-        self._standby_signal = threading.Lock()
-        self._standby_signal.acquire()
-        self._lf_threads: List[threading.Thread] = []
-        self._lf_count = 0  # live threads (leader, standby, handler threads)
-        self._lf_names = itertools.count(2)
-        self._lf_stop = False
         self._loop_done = threading.Event()
         for name, value in (
             ("max_frame_size", max_frame_size),
@@ -2876,10 +3307,6 @@ class TCPServerTransport(Transport):
         self._lock = threading.Lock()
         self._listener: Any = None
         self._loop: Optional[_Loop] = None
-        self._dispatcher = _Dispatcher(
-            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low,
-            run=self._dispatch_call,
-        )
         self._discard = False  # closing: handler calls not started are skipped
         self._reading = True  # False once close() stopped reading
         self._expired_log = _LogLimiter()
@@ -2887,9 +3314,7 @@ class TCPServerTransport(Transport):
         self._conns: Dict[int, _Connection] = {}
         # Routing tables, written by the loop thread only, read by any thread
         # (values are replaced, never mutated: copy on write).
-        self._exact: Dict[str, Tuple[_Connection, ...]] = {}
-        self._patterns = SubscriptionTrie()
-        self._broadcast: Tuple[_Connection, ...] = ()
+        self._routes = _Routes()
         self._dirty: Dict[int, _Connection] = {}
         self._fanout: Dict[int, _Connection] = {}  # queued by other threads, to flush
         self._fanout_lock = threading.Lock()
@@ -2900,10 +3325,10 @@ class TCPServerTransport(Transport):
         self._started = False
         self._closed = False
         self._reads_stopped = threading.Event()
-        self._counts: Dict[str, int] = collections.defaultdict(int)
-        self._counts.update(dict.fromkeys(_SERVER_COUNTERS, 0))
+        self._counts: Dict[str, _Counter] = {name: _Counter() for name in _SERVER_COUNTERS}
         self._closed_conns: Deque[Dict[str, Any]] = collections.deque(maxlen=_CLOSED_KEPT)
         self._gone_bytes_out = 0  # bytes sent by connections that closed since
+        self._mode = _DISPATCH_MODES[dispatch](self)  # runs the handler calls
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -2973,12 +3398,12 @@ class TCPServerTransport(Transport):
             self._closed = True
             loop = self._loop
         if loop is None:
-            self._dispatcher.stop(0)
+            self._mode.stop(_monotonic())
             self._local.close()
             return
         deadline = _monotonic() + timeout
         handle_until = deadline - min(1.0, timeout / 4)
-        if self._inline and loop.in_loop():
+        if self._mode.runs_on_loop and loop.in_loop():
             # close() from a handler on the I/O thread: the rest of the batch it
             # runs in cannot be waited for, so it is left unacknowledged.
             self._stop_reading()
@@ -2996,24 +3421,14 @@ class TCPServerTransport(Transport):
 
     def _skip_unstarted(self) -> None:
         self._discard = True
-        left = self._backlog if self._leader else self._dispatcher.backlog
-        self._counts["unhandled_at_close"] += left
+        left = self._mode.backlog
+        self._count("unhandled_at_close", left)
         logger.warning("tcp server: closing; %d handler call(s) not started are skipped and "
                        "their frames left unacknowledged (clients send them again)", left)
 
     def _join_threads(self, loop: _Loop, deadline: float) -> None:
         me = threading.current_thread()
-        if self._leader:
-            self._loop_done.wait(max(0.0, deadline - _monotonic()))
-            with self._lf_lock:
-                self._lf_stop = True
-                threads = list(self._lf_threads)
-                if self._standby_asleep:
-                    self._standby_asleep = False
-                    self._standby_signal.release()
-        else:
-            self._dispatcher.stop(max(0.0, deadline - _monotonic()))
-            threads = [loop.thread] if loop.thread is not None else []
+        threads = self._mode.stop(deadline)
         for thread in threads:
             if thread is not me:
                 thread.join(max(0.0, deadline - _monotonic()))
@@ -3022,19 +3437,25 @@ class TCPServerTransport(Transport):
             logger.error("tcp server: thread(s) %s still running after close(); a handler "
                          "blocks", ", ".join(alive))
 
+    def _count(self, name: str, amount: int = 1) -> None:
+        counter = self._counts.get(name)
+        if counter is None:  # a reason counted for the first time ("closed_by_server" ...)
+            counter = self._counts.setdefault(name, _Counter())
+        counter.add(amount)
+
     # -- Transport API ------------------------------------------------------------
 
     def send(self, message: Message) -> None:
         """Route ``message`` to matching clients and deliver it locally."""
         topic = message.topic
-        if type(topic) is not str or topic not in self._exact:  # keys there are valid
+        if type(topic) is not str or topic not in self._routes.exact:  # keys there are valid
             validate_topic(topic)
         if self._local._closed:
             raise TransportClosedError("TCPServerTransport is closed")
-        targets, taken = self._targets(topic, None)
+        targets, taken = self._routes.targets(topic, None)
         if targets:
             frame = encode(message, max_frame_size=self.max_frame_size)
-            self._counts["messages_out"] += len(targets)
+            self._counts["messages_out"].add(len(targets))
             if len(targets) == 1:
                 self._push(targets[0], frame)
             else:
@@ -3082,15 +3503,15 @@ class TCPServerTransport(Transport):
     def stats(self) -> Dict[str, int]:
         """Local delivery counters plus connection, frame and refusal counters."""
         stats = dict(self._local.stats)
-        stats.update(self._counts)
+        stats.update((name, counter.value) for name, counter in list(self._counts.items()))
         conns = list(self._conns.values())
         stats["connections"] = len(conns)
         stats["handshake_peers"] = sum(1 for c in conns if c.handshake)
-        stats["frame_peers"] = len(self._broadcast)
+        stats["frame_peers"] = len(self._routes.broadcast)
         stats["outbound_bytes"] = sum(c.out_bytes for c in conns)
         stats["bytes_out"] = self._gone_bytes_out + sum(c.bytes_out for c in conns)
         stats["inbound_buffered"] = sum(c.decoder.buffered for c in conns)
-        stats["dispatch_backlog"] = self._backlog if self._leader else self._dispatcher.backlog
+        stats["dispatch_backlog"] = self._mode.backlog
         return stats
 
     def connections(self, closed: bool = False) -> List[Dict[str, Any]]:
@@ -3111,6 +3532,31 @@ class TCPServerTransport(Transport):
             counts.update(list(conn.interest))
         return dict(counts)
 
+    def debug_state(self) -> Dict[str, Any]:
+        """Internal state, for tests and diagnostics only (not a stable API).
+
+        ``exact``: exact topic -> how many connections it is routed to
+        (inboxes included); ``patterns``: how many wildcard routes;
+        ``frame_peers``: peers that get every routed message; ``connections``:
+        connection id -> its ``peer``, agreed ``features``, ``peer_max_frame``
+        and ``interest`` (patterns and topics routed to it).
+        """
+        state = self._routes.debug_state()
+        state["connections"] = {
+            conn.id: {"peer": conn.peer, "features": conn.features,
+                      "peer_max_frame": conn.peer_max_frame, "interest": list(conn.interest)}
+            for conn in list(self._conns.values())
+        }
+        return state
+
+    def debug_cut_connections(self, reason: str = "cut for a test") -> None:
+        """Close every open connection abruptly, as a network failure would (tests only).
+
+        Counted under ``disconnects``; the clients see their connection break.
+        """
+        for conn in list(self._conns.values()):
+            self._close_later(conn, "disconnects", reason)
+
     def __repr__(self) -> str:
         if self._listener is not None:
             where = _peer_name(self._address)
@@ -3118,41 +3564,6 @@ class TCPServerTransport(Transport):
             where = f"{self.host}:{self._port}"
         state = "closed" if self._closed else f"{len(self._conns)} connections"
         return f"<TCPServerTransport {where} {state}>"
-
-    # -- routing ------------------------------------------------------------------
-
-    def _targets(self, topic: str, origin: Optional[_Connection]) -> Tuple[List[_Connection], bool]:
-        """Connections a message on ``topic`` goes to, and whether there are any.
-
-        A message that went to any connection is not kept in a local mailbox.
-        """
-        targets = list(self._exact.get(topic, ()))
-        if topic.startswith(INBOX_PREFIXES):
-            # An inbox is private: it goes only to the connection whose request
-            # opened it, or that named this exact topic; no pattern matches it
-            # and frame-only peers do not get it.
-            if targets:
-                targets = [conn for conn in targets if not conn.closed]
-            return targets, bool(targets)
-        if len(self._patterns):
-            matched = self._patterns.match(topic)
-            if matched:
-                if targets:
-                    seen = {c.id for c in targets}
-                    for conn in matched:
-                        if conn.id not in seen:
-                            seen.add(conn.id)
-                            targets.append(conn)
-                else:
-                    targets = list({c.id: c for c in matched}.values())
-        for conn in self._broadcast:
-            if conn is not origin:
-                targets.append(conn)
-        if targets:
-            # A connection being dropped on the I/O thread is marked closed
-            # before its routes go; handler threads may route meanwhile.
-            targets = [conn for conn in targets if not conn.closed]
-        return targets, bool(targets)
 
     def _push(self, conn: _Connection, frame: bytes) -> None:
         if len(frame) - 4 > conn.peer_max_frame:
@@ -3186,7 +3597,7 @@ class TCPServerTransport(Transport):
         # Never send a peer more than the max_frame_size it announced in
         # $hello: it would have to close the connection.  The frame is dropped
         # for this peer only; the connection stays.
-        self._counts["oversize_for_peer"] += 1
+        self._count("oversize_for_peer")
         self._oversize_log.log(
             "tcp server: dropped a %d-byte frame for %s: over the max_frame_size=%d it accepts",
             len(frame) - 4, conn.peer, conn.peer_max_frame)
@@ -3267,13 +3678,7 @@ class TCPServerTransport(Transport):
         loop = self._loop
         assert loop is not None
         loop.ident = threading.get_ident()
-        if self._leader:
-            with self._lf_lock:
-                self._lf_count += 1
-                self._lf_threads.append(threading.current_thread())
-            self._lf_main("lead")
-        else:
-            self._lead()
+        self._mode.serve()
 
     def _lead(self) -> bool:
         """Run the I/O loop on this thread; True if another thread took it over."""
@@ -3290,7 +3695,7 @@ class TCPServerTransport(Transport):
                 timeout = max(0.0, next_tick - time.monotonic())
                 if self._ack_due:
                     timeout = min(timeout, max(0.0, self._ack_at - time.monotonic()))
-                if self._dirty or self._ready:
+                if self._dirty or self._mode.ready:
                     timeout = 0.0
                 for key, mask in loop.selector.select(timeout):
                     obj = key.data
@@ -3309,7 +3714,7 @@ class TCPServerTransport(Transport):
                             self._drop(obj, "internal_errors", "internal error (see traceback)")
                         if loop.ident != me:
                             return True  # demoted in a handler: the loop goes on elsewhere
-                if self._ready and not self._run_ready():
+                if self._mode.ready and not self._mode.run_ready():
                     return True  # demoted while running a handler: the loop goes on elsewhere
                 loop.run_calls()
                 if self._ack_due and time.monotonic() >= self._ack_at:
@@ -3330,210 +3735,6 @@ class TCPServerTransport(Transport):
 
     _closing_done = False
 
-    # -- dispatch="leader": handlers on the thread that read their frames ----------
-    #
-    # The thread running the I/O loop (the leader) runs the handler calls of
-    # the frames it read itself, after the reads of one loop iteration, one
-    # connection at a time and in arrival order: no thread hand-off on the
-    # common path.  A standby thread watches: when a handler call has run for
-    # _TAKEOVER_AFTER on the leader (it blocks, or computes), the standby
-    # becomes the leader and runs the loop; the former leader finishes that
-    # connection's calls and then becomes the standby or ends.  A connection
-    # is run by one thread at a time, so its calls keep their order, and a
-    # handler may block (even on a request over this server) without
-    # stalling any socket.  At most max_handler_threads threads; when no
-    # standby can be had the leader leaves calls to the handler threads.
-
-    def _lf_main(self, role: str) -> None:
-        me = threading.current_thread()
-        try:
-            while True:
-                if role == "lead":
-                    if not self._lead():
-                        return
-                    role = "work"
-                if role == "work":
-                    self._lf_work()
-                    with self._lf_lock:
-                        if self._lf_stop or self._loop_done.is_set() or self._standby is not None:
-                            return
-                        self._standby = me
-                if not self._stand_by():
-                    return
-                role = "lead"
-        finally:
-            with self._lf_lock:
-                self._lf_count -= 1
-                if self._standby is me:
-                    self._standby = None
-
-    def _spawn_standby(self) -> bool:
-        """Start a standby thread if none exists and the bound allows; True if one exists."""
-        with self._lf_lock:
-            if self._standby is not None:
-                return True
-            if self._lf_count >= self.max_handler_threads or self._lf_stop:
-                return False
-            self._lf_count += 1
-            thread = threading.Thread(
-                target=self._lf_main, args=("standby",), daemon=True,
-                name=f"eventforge-tcp-server-io-{self._address[1]}-{next(self._lf_names)}",
-            )
-            self._standby = thread
-            self._lf_threads = [t for t in self._lf_threads if t.is_alive()]
-            self._lf_threads.append(thread)
-        thread.start()
-        return True
-
-    def _stand_by(self) -> bool:
-        """Wait to take the loop over from a leader stuck in a handler; False to end."""
-        loop = self._loop
-        assert loop is not None
-        me = threading.get_ident()
-        last = -1
-        active = _perf_counter()
-        while True:
-            deep = False
-            with self._lf_lock:
-                if self._lf_stop or self._loop_done.is_set():
-                    return False
-                since = self._busy_since
-                now = _perf_counter()
-                if since and now - since >= _TAKEOVER_AFTER:
-                    self._standby = None
-                    self._busy_since = 0.0
-                    loop.ident = me
-                    break
-                if self._handled != last:
-                    last = self._handled
-                    active = now
-                elif not since and now - active > _STANDBY_IDLE:
-                    self._standby_asleep = deep = True
-            if deep:
-                self._standby_signal.acquire()
-                active = _perf_counter()
-                continue
-            time.sleep(_TAKEOVER_AFTER - (now - since) if since else _TAKEOVER_AFTER)
-        self._spawn_standby()
-        return True
-
-    def _queue_handlers(self, conn: _Connection, batch: List[_Call]) -> None:
-        # Loop thread: calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
-        with self._lf_lock:
-            pending = conn.pending
-            if pending is None:
-                pending = conn.pending = collections.deque()
-            pending.extend(batch)
-            self._backlog += len(batch)
-            if not conn.running and not conn.queued:
-                conn.queued = True
-                self._ready.append(conn)
-            high = self._backlog > _DISPATCH_HIGH_WATER and not self._high
-            if high:
-                self._high = True
-        if high and not self._paused:
-            self._set_paused(True)
-
-    def _run_ready(self) -> bool:
-        """Leader: run ready connections' handler calls; False if demoted meanwhile."""
-        loop = self._loop
-        assert loop is not None
-        me = threading.get_ident()
-        ready = self._ready
-        while True:
-            with self._lf_lock:
-                if not ready:
-                    return True
-                if self._standby is None:
-                    conn = None
-                else:
-                    conn = ready.popleft()
-                    conn.queued = False
-                    if conn.running:
-                        continue
-                    conn.running = True
-                    self._in_handlers[me] = conn
-                    call = self._next_call(conn, me)
-            if conn is None:
-                if not self._spawn_standby():
-                    return True  # nobody could take over: leave the calls to handler threads
-                continue
-            self._run_connection(conn, call)
-            if loop.ident != me:
-                return False
-            if self._dirty:
-                self._flush_dirty()
-
-    def _lf_work(self) -> None:
-        """A thread that is not the leader: run ready connections until none is left."""
-        me = threading.get_ident()
-        while True:
-            with self._lf_lock:
-                if not self._ready or self._lf_stop:
-                    return
-                conn = self._ready.popleft()
-                conn.queued = False
-                if conn.running:
-                    continue
-                conn.running = True
-                self._in_handlers[me] = conn
-                call = self._next_call(conn, me)
-            self._run_connection(conn, call)
-
-    def _next_call(self, conn: _Connection, me: int) -> Any:
-        """Take ``conn``'s next handler call, or release ``conn`` if none is left.
-
-        Called with _lf_lock held by the thread running ``conn`` (``me``,
-        registered in _in_handlers).  Keeps the leader's busy mark, which the
-        standby watches, for the call taken.
-        """
-        leader = self._loop.ident == me  # type: ignore[union-attr]
-        pending = conn.pending
-        if not pending:
-            conn.running = False
-            del self._in_handlers[me]
-            if leader:
-                self._busy_since = 0.0
-            if self._high and self._backlog < _DISPATCH_LOW_WATER:
-                self._high = False
-                self._dispatch_low()
-            return None
-        self._backlog -= 1
-        self._handled += 1
-        if leader:
-            self._busy_since = _perf_counter()
-            if self._standby_asleep:
-                self._standby_asleep = False
-                self._standby_signal.release()
-        return pending.popleft()
-
-    def _run_connection(self, conn: _Connection, call: Any) -> None:
-        """Run ``call`` and then ``conn``'s other pending handler calls, in order.
-
-        The caller set ``conn.running``, registered itself in _in_handlers and
-        took ``call`` with _next_call, under _lf_lock, in the same step that
-        took ``conn`` off the ready queue.
-        """
-        me = threading.get_ident()
-        lock = self._lf_lock
-        run = self._dispatch_call
-        while call is not None:
-            run(*call)
-            with lock:
-                call = self._next_call(conn, me)
-
-    def _lf_drain(self, deadline: float) -> bool:
-        """Wait until every handler call read so far has run (not counting our own)."""
-        me = threading.get_ident()
-        while True:
-            with self._lf_lock:
-                others = sum(1 for ident in self._in_handlers if ident != me)
-                if not others and not self._ready:
-                    return True
-            if _monotonic() >= deadline:
-                return False
-            time.sleep(0.002)  # only used while closing: polling is fine
-
     # -- every dispatch mode --------------------------------------------------------
 
     def _dispatch_call(self, subscriptions: Tuple[Any, ...], message: Message,
@@ -3550,7 +3751,7 @@ class TCPServerTransport(Transport):
         if self._discard:
             return
         if expires and _monotonic() > expires:
-            self._counts["expired"] += 1
+            self._count("expired")
             self._expired_log.log(
                 "tcp server: skipped request %s on %r from %s: its _ttl_ms ran out "
                 "before a handler was free", message.id, message.topic, conn.peer)
@@ -3558,7 +3759,7 @@ class TCPServerTransport(Transport):
             try:
                 self._local._run_subscriptions(subscriptions, message)
             except BaseException:  # an on_error hook failed: still this call's failure only
-                self._counts["internal_errors"] += 1
+                self._count("internal_errors")
                 logger.exception("tcp server: error handler failed for %s", message.id)
         conn.finished += 1
 
@@ -3566,11 +3767,7 @@ class TCPServerTransport(Transport):
         """Wait until reads stopped and every handler call read so far has run."""
         if not self._reads_stopped.wait(max(0.0, deadline - _monotonic())):
             return False
-        if self._leader:
-            return self._lf_drain(deadline)
-        if not self._inline:
-            return self._dispatcher.drain(max(0.0, deadline - _monotonic()))
-        return True  # inline: the loop ran them before it stopped reading
+        return self._mode.drain(deadline)
 
     def _handled_upto(self, conn: _Connection) -> int:
         """How many of ``conn``'s data frames, from the first, were handled (loop thread).
@@ -3612,7 +3809,7 @@ class TCPServerTransport(Transport):
         try:
             func(*args)
         except Exception:
-            self._counts["internal_errors"] += 1
+            self._count("internal_errors")
             logger.exception("tcp server: internal error in %s", func.__name__)
 
     def _flush_dirty(self) -> None:
@@ -3632,7 +3829,7 @@ class TCPServerTransport(Transport):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. EMFILE: log, keep serving the others
-                self._counts["accept_errors"] += 1
+                self._count("accept_errors")
                 logger.error("tcp server: accept failed: %s; pausing accepts for 0.25 s", exc)
                 # The listener stays readable: stop watching it until the next
                 # tick instead of spinning.
@@ -3647,7 +3844,7 @@ class TCPServerTransport(Transport):
                 sock.close()
                 continue
             if len(self._conns) >= self.max_connections:
-                self._counts["refused_connections"] += 1
+                self._count("refused_connections")
                 logger.warning(
                     "tcp server: refused %s: max_connections=%d reached",
                     peer, self.max_connections,
@@ -3672,13 +3869,13 @@ class TCPServerTransport(Transport):
                     )
             except OSError as exc:
                 sock.close()
-                self._counts["accept_errors"] += 1
+                self._count("accept_errors")
                 logger.warning("tcp server: could not set up %s: %s", peer, exc)
                 continue
             limit = _HANDSHAKE_MAX_FRAME if self._key is not None else self.max_frame_size
             conn = _Connection(sock, peer, limit, self.max_outbound_bytes, tls)
             self._conns[conn.id] = conn
-            self._counts["accepted"] += 1
+            self._count("accepted")
             if not tls and self.allow_frame_only:
                 self._add_broadcast(conn)
             self._update_events(conn)
@@ -3689,7 +3886,7 @@ class TCPServerTransport(Transport):
         # Until it sends $hello a peer may be an eventforge 0.1 (frame-only) client:
         # it gets every routed message but inbox ones, and its requests'
         # reply_to inboxes are routed to it (see _implicit_interest).
-        self._broadcast = self._broadcast + (conn,)
+        self._routes.add_broadcast(conn)
         conn.implicit = True
 
     def _update_events(self, conn: _Connection) -> None:
@@ -3752,7 +3949,7 @@ class TCPServerTransport(Transport):
         conn.last_recv = now
         conn.ping_sent = False
         conn.bytes_in += len(data)
-        self._counts["bytes_in"] += len(data)
+        self._counts["bytes_in"].add(len(data))
         try:
             bodies = conn.decoder.feed(data)
         except FrameTooLargeError as exc:
@@ -3770,36 +3967,14 @@ class TCPServerTransport(Transport):
             if conn.closed:
                 break
             self._on_frame(conn, body, batch)
-        run_now = None
-        if batch:
-            if self._leader:
-                if conn.running or conn.pending or self._standby is None:
-                    self._queue_handlers(conn, batch)
-                else:
-                    run_now = batch  # after the acknowledgement below
-            elif self._inline:
-                self._run_inline(batch)
-            else:
-                self._dispatcher.put_many(batch)
-                if self._dispatcher.high and not self._paused:
-                    self._set_paused(True)
+        # The leader may run the batch here, after the acknowledgement below.
+        run_here = bool(batch) and self._mode.submit(conn, batch, may_run_here=True)
         if conn.received != conn.acked and conn.handshake and "ack" in conn.features:
             # Acknowledged once handled: now if enough are, else within _ACK_DELAY.
             if conn.received - conn.acked < _ACK_EVERY or not self._report_progress(conn):
                 self._progress_due(conn)
-        if run_now is not None:
-            # dispatch="leader", nothing of this connection waits: run its
-            # handlers here.  _lead checks afterwards whether we still lead.
-            me = threading.get_ident()
-            with self._lf_lock:
-                conn.running = True
-                self._in_handlers[me] = conn
-                if conn.pending is None:
-                    conn.pending = collections.deque()
-                conn.pending.extend(run_now)
-                self._backlog += len(run_now)
-                call = self._next_call(conn, me)
-            self._run_connection(conn, call)
+        if run_here:
+            self._mode.run_here(conn, batch)
 
     @staticmethod
     def _eof_reason(conn: _Connection, what: str) -> str:
@@ -3823,7 +3998,7 @@ class TCPServerTransport(Transport):
                            f"authentication required; first frame was invalid: {exc}")
                 return
             conn.received += 1
-            self._counts["frame_errors"] += 1
+            self._count("frame_errors")
             logger.warning("tcp server: rejected a frame from %s: %s", conn.peer, exc)
             return
         topic = message.topic
@@ -3843,7 +4018,7 @@ class TCPServerTransport(Transport):
                            "authentication required: a message arrived before the handshake")
                 return
         conn.received += 1
-        self._counts["messages_in"] += 1
+        self._counts["messages_in"].add()
         self._route_incoming(conn, message, body, batch)
 
     def _route_incoming(
@@ -3854,10 +4029,10 @@ class TCPServerTransport(Transport):
         if (reply_to is not None and origin.implicit and reply_to not in origin.interest
                 and reply_to.startswith(INBOX_PREFIXES)):
             self._implicit_interest(origin, reply_to)
-        targets, taken = self._targets(topic, origin)
+        targets, taken = self._routes.targets(topic, origin)
         if targets:
             frame = len(body).to_bytes(4, "big") + body
-            self._counts["messages_out"] += len(targets)
+            self._counts["messages_out"].add(len(targets))
             for conn in targets:
                 self._push(conn, frame)
         try:
@@ -3872,18 +4047,8 @@ class TCPServerTransport(Transport):
             call = (subscriptions, message, expires, origin)
             if batch is not None:
                 batch.append(call)
-            elif self._leader:
-                self._queue_handlers(origin, [call])
-            elif self._inline:
-                self._run_inline([call])
             else:
-                self._dispatcher.put_many([call])
-
-    def _run_inline(self, batch: List[_Call]) -> None:
-        # dispatch="inline": callbacks run here, on the I/O thread.
-        run = self._dispatch_call
-        for call in batch:
-            run(*call)
+                self._mode.submit(origin, [call])
 
     # -- control frames ---------------------------------------------------------------
 
@@ -3907,7 +4072,7 @@ class TCPServerTransport(Transport):
         elif topic == "$flush" and "flush" in conn.features:
             self._on_flush(conn, payload)
         else:
-            self._counts["protocol_errors"] += 1
+            self._count("protocol_errors")
             logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
 
     def _on_hello(self, conn: _Connection, payload: Dict[str, Any]) -> None:
@@ -3932,7 +4097,7 @@ class TCPServerTransport(Transport):
         if conn.features & _PROGRESS_FEATURES:
             conn.waiting = collections.deque()
         if "interest" in conn.features:  # else it keeps receiving everything
-            self._broadcast = tuple(c for c in self._broadcast if c is not conn)
+            self._routes.remove_broadcast(conn)
             conn.implicit = "reply" in conn.features
         else:  # like a frame-only peer: its requests' inboxes are routed to it
             conn.implicit = True
@@ -3983,13 +4148,13 @@ class TCPServerTransport(Transport):
         added = payload.get("add") or []
         removed = payload.get("remove") or []
         if not isinstance(added, list) or not isinstance(removed, list):
-            self._counts["protocol_errors"] += 1
+            self._count("protocol_errors")
             logger.warning("tcp server: malformed $interest from %s", conn.peer)
             return
         for pattern in removed:
             if isinstance(pattern, str) and pattern in conn.interest:
                 del conn.interest[pattern]
-                self._remove_route(conn, pattern)
+                self._routes.remove(conn, pattern)
         for pattern in added:
             if not isinstance(pattern, str) or pattern in conn.interest:
                 continue
@@ -3999,20 +4164,17 @@ class TCPServerTransport(Transport):
                 else:
                     validate_topic(pattern)
             except TopicError as exc:
-                self._counts["protocol_errors"] += 1
+                self._count("protocol_errors")
                 logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
                 continue
             if len(conn.interest) >= self.max_interest:
-                self._counts["protocol_errors"] += 1
+                self._count("protocol_errors")
                 logger.warning("tcp server: %s exceeds max_interest=%d; ignored %r",
                                conn.peer, self.max_interest, pattern)
                 continue
             conn.interest[pattern] = None
-            if "*" in pattern:
-                self._patterns.add((conn.id, pattern), pattern, conn)
-            else:
-                self._exact[pattern] = self._exact.get(pattern, ()) + (conn,)
-                if not pattern.startswith(INBOX_PREFIXES):  # never kept in a mailbox
+            self._routes.add(conn, pattern)
+            if "*" not in pattern and not pattern.startswith(INBOX_PREFIXES):
                     self._hand_mailbox(conn, pattern)
 
     def _on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
@@ -4020,7 +4182,7 @@ class TCPServerTransport(Transport):
         # one was handled; $interest frames were applied when read.
         flush_id = payload.get("id")
         if type(flush_id) is not int:
-            self._counts["protocol_errors"] += 1
+            self._count("protocol_errors")
             logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
                            conn.peer, flush_id)
             return
@@ -4028,7 +4190,7 @@ class TCPServerTransport(Transport):
         if flushes is None:
             flushes = conn.flushes = collections.deque()
         if len(flushes) >= _MAX_FLUSHES:
-            self._counts["protocol_errors"] += 1
+            self._count("protocol_errors")
             logger.warning("tcp server: ignored $flush from %s: %d already wait",
                            conn.peer, len(flushes))
             return
@@ -4041,7 +4203,7 @@ class TCPServerTransport(Transport):
         # adds that topic to its connection's interest, as if an $interest
         # add had come just before it (the client withdraws it as usual).
         if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
-            self._counts["protocol_errors"] += 1
+            self._count("protocol_errors")
             logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
                            topic[:80], conn.peer)
             return
@@ -4051,14 +4213,14 @@ class TCPServerTransport(Transport):
                 # oldest inbox, long answered or given up by now.
                 oldest = next(iter(conn.interest))
                 del conn.interest[oldest]
-                self._remove_route(conn, oldest)
+                self._routes.remove(conn, oldest)
             else:
-                self._counts["protocol_errors"] += 1
+                self._count("protocol_errors")
                 logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
                                conn.peer, self.max_interest, topic)
                 return
         conn.interest[topic] = None
-        self._exact[topic] = self._exact.get(topic, ()) + (conn,)
+        self._routes.add(conn, topic)
 
     def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
         # Messages nobody had taken wait in the server's mailbox; the first
@@ -4068,16 +4230,6 @@ class TCPServerTransport(Transport):
                 self._push(conn, encode(message, max_frame_size=self.max_frame_size))
             except (FrameError, SerializationError):  # pragma: no cover - checked at send
                 pass
-
-    def _remove_route(self, conn: _Connection, pattern: str) -> None:
-        if "*" in pattern:
-            self._patterns.remove((conn.id, pattern))
-        else:
-            left = tuple(c for c in self._exact.get(pattern, ()) if c is not conn)
-            if left:
-                self._exact[pattern] = left
-            else:
-                self._exact.pop(pattern, None)
 
     def _send_acks(self) -> None:
         due, self._ack_due = self._ack_due, {}
@@ -4125,7 +4277,7 @@ class TCPServerTransport(Transport):
         self._paused = paused
         if paused:
             logger.info("tcp server: %d messages wait for handlers; pausing reads",
-                        self._backlog if self._leader else self._dispatcher.backlog)
+                        self._mode.backlog)
         for conn in list(self._conns.values()):
             self._update_events(conn)
 
@@ -4147,18 +4299,14 @@ class TCPServerTransport(Transport):
             conn.closed = True
         if conn.id not in self._conns:
             return
-        self._counts[counter] += 1
+        self._count(counter)
         info = conn.snapshot()
         info.update(stop=time.time(), reason=reason, counter=counter)
         self._closed_conns.append(info)
         self._gone_bytes_out += info["out_bytes"]
         # Routes next: once the connection no longer counts, nothing may
         # still be routed to it (a late reply is then dropped and counted).
-        if conn in self._broadcast:
-            self._broadcast = tuple(c for c in self._broadcast if c is not conn)
-        for pattern in conn.interest:
-            self._remove_route(conn, pattern)
-        conn.interest.clear()
+        self._routes.forget(conn)
         del self._conns[conn.id]
         logger.log(level, "tcp server: closed %s: %s", conn.peer, reason)
         if conn.events:
