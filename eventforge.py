@@ -2759,6 +2759,274 @@ def _deliver_local(
     return subscriptions
 
 
+class _TCPEndpoint(Transport):
+    """What both ends of an eventforge TCP connection do; subclassed by the server and client.
+
+    A local :class:`MemoryTransport` (``_local``) delivers in this process;
+    the plain transport methods pass through to it (the client overrides
+    them to keep the server told of its interest).  On top: getting queued
+    frames written (:meth:`_kick`, :meth:`_flush`), reading and decoding
+    frames (:meth:`_read_frames`, :meth:`_on_frame`), pings and the
+    dead-peer check (:meth:`_check_alive`) and one selector event
+    (:meth:`_serve_event`).  Subclasses provide ``_local``, ``_loop`` and
+    ``ping_interval`` and the hooks below, which say what their side does
+    when a write fails, a peer closes, a frame is bad ... (socketserver
+    style: the base calls, the subclass decides).
+    """
+
+    _local: MemoryTransport
+    _loop: Optional[_Loop]
+    ping_interval: Optional[float]
+    _log_name = "tcp"  # "tcp server" / "tcp client" in log lines
+
+    # -- Transport API: the local transport ---------------------------------------
+
+    def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
+        """Take the next message on the exact ``topic`` (published here or by a peer)."""
+        return self._local.receive(topic, timeout)
+
+    async def receive_async(
+        self, topic: str, timeout: Optional[float] = None
+    ) -> Optional[Message]:
+        """Asyncio-native :meth:`receive`."""
+        return await self._local.receive_async(topic, timeout)
+
+    def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
+        """Call ``callback`` for messages matching ``topic``, local or from peers."""
+        return self._local.subscribe(topic, callback)
+
+    def subscribe_handler(
+        self,
+        topic: str,
+        handler: Callable[[Message], Any],
+        on_error: Callable[[Any, Message, BaseException], Any],
+    ) -> str:
+        """Subscribe ``handler``, routing its exceptions to ``on_error``."""
+        return self._local.subscribe_handler(topic, handler, on_error)
+
+    def unsubscribe(self, subscription_id: str) -> bool:
+        """Remove a subscription; return False if the id is unknown."""
+        return self._local.unsubscribe(subscription_id)
+
+    def open_inbox(self, topic: str) -> Inbox:
+        """Open an inbox on the exact ``topic`` (replies from peers land here)."""
+        return self._local.open_inbox(topic)
+
+    # -- writing ------------------------------------------------------------------
+
+    def _kick(self, conn: _Connection) -> None:
+        """Get ``conn``'s queued frames written (any thread).
+
+        On the I/O thread :meth:`_write_on_loop` decides.  Elsewhere an idle
+        connection is written at once by the caller (no thread hop); frames
+        following each other closely are left to the I/O thread, which
+        writes them in batches; a TLS socket is only ever written by the
+        I/O thread.
+        """
+        loop = self._loop
+        if loop is None:
+            return
+        if loop.in_loop():
+            self._write_on_loop(conn)
+        elif conn.tls:
+            if not conn.scheduled:
+                conn.scheduled = True
+                loop.call_soon(lambda: self._scheduled_flush(conn))
+        elif not conn.blocked:
+            decision = conn.defer()
+            if decision == _WRITE_NOW:
+                self._flush(conn)
+            elif decision == _WRITE_SCHEDULE:
+                loop.call_soon(lambda: self._scheduled_flush(conn))
+
+    def _scheduled_flush(self, conn: _Connection) -> None:
+        conn.scheduled = False
+        if self._live(conn):
+            self._flush(conn)
+
+    def _flush(self, conn: _Connection) -> None:
+        """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            done = conn.write()
+        except OSError as exc:
+            self._write_failed(conn, exc)
+            return
+        if done is False:
+            if loop.in_loop():
+                self._update_events(conn)
+            else:
+                loop.call_soon(lambda: self._update_events(conn))
+
+    def _on_writable(self, conn: _Connection) -> None:
+        conn.blocked = False
+        self._flush(conn)
+        if not conn.blocked:
+            self._update_events(conn)
+
+    # -- reading ------------------------------------------------------------------
+
+    def _serve_event(self, conn: _Connection, mask: int) -> None:
+        """Handle one selector event of ``conn`` (loop thread); a bug closes only ``conn``."""
+        try:
+            if mask & 2:  # selectors.EVENT_WRITE
+                self._on_writable(conn)
+            if mask & 1 and self._may_read(conn):  # selectors.EVENT_READ
+                self._on_readable(conn)
+        except Exception:
+            logger.exception("%s: internal error on %s", self._log_name, conn.peer)
+            self._internal_error(conn)
+
+    def _read_frames(self, conn: _Connection) -> Optional[List[bytes]]:
+        """Read what arrived on ``conn`` and cut it into frame bodies.
+
+        ``[]`` if no whole frame is there yet; None once the connection ended
+        (the hooks were told why).
+        """
+        try:
+            data = conn.recv()
+        except _would_block_errors(conn.tls):
+            return []
+        except OSError as exc:
+            self._read_failed(conn, exc)
+            return None
+        if not data:
+            self._peer_closed(conn)
+            return None
+        now = time.monotonic()
+        conn.last_recv = now
+        conn.ping_sent = False
+        conn.bytes_in += len(data)
+        self._bytes_read(len(data))
+        try:
+            bodies = conn.decoder.feed(data)
+        except FrameTooLargeError as exc:
+            self._oversize(conn, exc, data)
+            return None
+        if conn.decoder.buffered == 0:
+            conn.frame_started = None
+        elif bodies or conn.frame_started is None:
+            conn.frame_started = now
+        return bodies
+
+    def _on_frame(
+        self, conn: _Connection, body: bytes, batch: Optional[List[Any]] = None
+    ) -> None:
+        """Decode one frame body: a control frame, a message or garbage."""
+        control = _fast_control(body)
+        if control is not None:
+            self._on_control(conn, control[0], control[1])
+            return
+        try:
+            message = decode(body)
+        except FrameError as exc:
+            self._bad_frame(conn, exc)
+            return
+        topic = message.topic
+        if topic[0] == "$":
+            self._on_control(conn, topic, message.payload)
+        else:
+            self._on_message(conn, message, body, batch)
+
+    # -- pings --------------------------------------------------------------------
+
+    def _check_alive(self, conn: _Connection, now: float) -> bool:
+        """Ping a quiet peer, give up on a silent one; False if ``conn`` was given up."""
+        interval = self.ping_interval
+        if interval and conn.handshake and "ping" in conn.features:
+            silent = now - conn.last_recv
+            if silent > 2 * interval:
+                self._dead(conn, f"dead peer: nothing received for {silent:.1f} s")
+                return False
+            if silent > interval and not conn.ping_sent:
+                conn.ping_sent = True
+                self._send_ping(conn)
+        return True
+
+    # -- closing ------------------------------------------------------------------
+
+    def _close_socket(self, conn: _Connection) -> None:
+        """Take ``conn``'s socket out of the selector and close it (loop thread)."""
+        if conn.events:
+            try:
+                self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
+            except (KeyError, ValueError, OSError):
+                pass
+            conn.events = 0
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _dispatch_low(self) -> None:
+        # The handler backlog went down: read again (on the loop thread).
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon(self._resume_reading)
+
+    # -- hooks ---------------------------------------------------------------------
+
+    def _live(self, conn: _Connection) -> bool:
+        """Whether a flush scheduled for ``conn`` is still wanted."""
+        raise NotImplementedError
+
+    def _write_on_loop(self, conn: _Connection) -> None:
+        """A frame was queued on the I/O thread: write it now or with the loop's batch."""
+        raise NotImplementedError
+
+    def _write_failed(self, conn: _Connection, exc: OSError) -> None:
+        raise NotImplementedError
+
+    def _update_events(self, conn: _Connection) -> None:
+        """Register the selector events ``conn`` now waits for."""
+        raise NotImplementedError
+
+    def _may_read(self, conn: _Connection) -> bool:
+        raise NotImplementedError
+
+    def _on_readable(self, conn: _Connection) -> None:
+        raise NotImplementedError
+
+    def _internal_error(self, conn: _Connection) -> None:
+        """A bug surfaced while serving ``conn`` (logged already): close it."""
+        raise NotImplementedError
+
+    def _read_failed(self, conn: _Connection, exc: OSError) -> None:
+        raise NotImplementedError
+
+    def _peer_closed(self, conn: _Connection) -> None:
+        raise NotImplementedError
+
+    def _bytes_read(self, size: int) -> None:
+        pass
+
+    def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
+        """The peer announced a frame over our ``max_frame_size`` (``exc.frames``: those before)."""
+        raise NotImplementedError
+
+    def _bad_frame(self, conn: _Connection, exc: FrameError) -> None:
+        raise NotImplementedError
+
+    def _on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
+        raise NotImplementedError
+
+    def _on_message(
+        self, conn: _Connection, message: Message, body: bytes, batch: Optional[List[Any]]
+    ) -> None:
+        raise NotImplementedError
+
+    def _dead(self, conn: _Connection, reason: str) -> None:
+        """``conn`` stayed silent for two ping intervals: give it up."""
+        raise NotImplementedError
+
+    def _send_ping(self, conn: _Connection) -> None:
+        raise NotImplementedError
+
+    def _resume_reading(self) -> None:
+        raise NotImplementedError
+
+
 class _Routes:
     """A server's routing table: the connections a message on a topic goes to.
 
@@ -2827,8 +3095,15 @@ class _Routes:
             else:
                 self.exact.pop(pattern, None)
 
-    def add_broadcast(self, conn: _Connection) -> None:
+    def add_frame_peer(self, conn: _Connection) -> None:
+        """Route everything to ``conn`` until its ``$hello`` says otherwise.
+
+        Until then a peer may be an eventforge 0.1 (frame-only) client: it
+        gets every routed message but inbox ones, and its requests' reply_to
+        inboxes are routed to it (see _ServerProtocol.implicit_interest).
+        """
         self.broadcast = self.broadcast + (conn,)
+        conn.implicit = True
 
     def remove_broadcast(self, conn: _Connection) -> None:
         if conn in self.broadcast:
@@ -2849,6 +3124,510 @@ class _Routes:
         }
 
 
+class _ServerWriter:
+    """Queues frames for a server's connections and gets them written.
+
+    One frame to one connection (:meth:`push`: written by the caller when
+    the connection is idle, see :meth:`_TCPEndpoint._kick`), one frame to
+    many from any thread (:meth:`push_many`: the I/O thread writes them all
+    after one wake-up), frames queued on the I/O thread itself (``dirty``:
+    written once per loop iteration, :meth:`flush_dirty`).  A connection
+    with more than ``max_outbound_bytes`` queued is closed as a slow
+    consumer; a frame over the ``max_frame_size`` its peer announced is
+    dropped for that peer only.
+
+    Locks: ``_fanout_lock`` guards ``_fanout``; a connection's own lock is
+    taken under it (to queue a frame), never the other way round.
+    """
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        self._server = server
+        self.dirty: Dict[int, _Connection] = {}  # queued on the loop thread, to flush
+        self._fanout: Dict[int, _Connection] = {}  # queued by other threads, to flush
+        self._fanout_lock = threading.Lock()
+        self._oversize_log = _LogLimiter()
+
+    def push(self, conn: _Connection, frame: bytes) -> None:
+        """Queue ``frame`` for ``conn`` and get it written (any thread)."""
+        if len(frame) - 4 > conn.peer_max_frame:
+            self._too_large_for(conn, frame)
+            return
+        result = conn.enqueue(frame)
+        if result == _OK:
+            self._server._kick(conn)
+        elif result == _OVERFLOW:
+            self._overflowed(conn)
+
+    def _overflowed(self, conn: _Connection) -> None:
+        self._server._close_later(
+            conn, "slow_consumers",
+            f"slow consumer: {conn.out_bytes} bytes already queued, "
+            f"max_outbound_bytes={self._server.max_outbound_bytes}",
+        )
+
+    def _too_large_for(self, conn: _Connection, frame: bytes) -> None:
+        # Never send a peer more than the max_frame_size it announced in
+        # $hello: it would have to close the connection.  The frame is dropped
+        # for this peer only; the connection stays.
+        self._server._count("oversize_for_peer")
+        self._oversize_log.log(
+            "tcp server: dropped a %d-byte frame for %s: over the max_frame_size=%d it accepts",
+            len(frame) - 4, conn.peer, conn.peer_max_frame)
+
+    def push_many(self, targets: List[_Connection], frame: bytes) -> None:
+        """Fan-out from any thread: queue everywhere, let the I/O thread write.
+
+        One wake-up per batch instead of a system call per connection.
+        """
+        loop = self._server._loop
+        assert loop is not None
+        if loop.in_loop():
+            for conn in targets:
+                self.push(conn, frame)
+            return
+        with self._fanout_lock:
+            pending = self._fanout
+            schedule = not pending
+            for conn in targets:
+                if len(frame) - 4 > conn.peer_max_frame:
+                    self._too_large_for(conn, frame)
+                    continue
+                result = conn.enqueue(frame)
+                if result == _OK:
+                    pending[conn.id] = conn
+                elif result == _OVERFLOW:
+                    self._overflowed(conn)
+        if schedule:
+            loop.call_soon(self._flush_fanout)
+
+    def _flush_fanout(self) -> None:
+        with self._fanout_lock:
+            pending, self._fanout = self._fanout, {}
+        for conn in pending.values():
+            if not conn.closed and not conn.blocked:
+                self._server._flush(conn)
+
+    def flush_dirty(self) -> None:
+        dirty = self.dirty
+        while dirty:
+            conn = dirty.popitem()[1]
+            if not conn.closed:
+                self._server._flush(conn)
+
+
+class _Listener:
+    """A server's listening socket: binding it and accepting new connections.
+
+    Refuses connections beyond ``max_connections`` (telling a plain-TCP
+    peer why) and, when accept() fails (out of file descriptors, say),
+    stops watching the socket until the next tick instead of spinning.
+    Loop thread only, but for :meth:`bind` (in ``start``, before the loop).
+    """
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        self._server = server
+        self.sock: Optional[socket.socket] = None
+        self.address: Tuple[str, int] = (server.host, server._port)
+        self.paused = False  # accepts paused after a failure, until the next tick
+
+    def bind(self, selector: selectors.BaseSelector) -> None:
+        """Listen on the server's host and port, watched by ``selector``."""
+        import selectors
+        import socket
+
+        server = self._server
+        try:
+            family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+            sock = socket.create_server(
+                (server.host, server._port), family=family, backlog=server.backlog
+            )
+        except OSError as exc:
+            raise ConnectionLostError(
+                f"cannot listen on {server.host}:{server._port}: {exc}"
+            ) from exc
+        sock.setblocking(False)
+        self.sock = sock
+        self.address = tuple(sock.getsockname()[:2])
+        selector.register(sock, selectors.EVENT_READ, self)
+
+    def resume(self, selector: selectors.BaseSelector) -> None:
+        """Watch the socket again after a failed accept paused it."""
+        import selectors
+
+        self.paused = False
+        selector.register(self.sock, selectors.EVENT_READ, self)  # type: ignore[arg-type]
+
+    def close(self, selector: Optional[selectors.BaseSelector] = None) -> None:
+        """Stop listening (and watching, with ``selector``); safe to call twice."""
+        sock = self.sock
+        if sock is None:
+            return
+        if selector is not None:
+            try:
+                selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def accept(self) -> None:
+        """Accept the connections waiting (at most 256 at a time)."""
+        import socket
+
+        server = self._server
+        listener = self.sock
+        assert listener is not None
+        for _ in range(256):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: log, keep serving the others
+                server._count("accept_errors")
+                logger.error("tcp server: accept failed: %s; pausing accepts for 0.25 s", exc)
+                # The listener stays readable: stop watching it until the next
+                # tick instead of spinning.
+                try:
+                    server._loop.selector.unregister(listener)  # type: ignore[union-attr]
+                    self.paused = True
+                except (KeyError, ValueError):
+                    pass
+                return
+            peer = _peer_name(address)
+            if server._reads_stopped.is_set():
+                sock.close()
+                continue
+            if len(server._conns) >= server.max_connections:
+                server._count("refused_connections")
+                logger.warning(
+                    "tcp server: refused %s: max_connections=%d reached",
+                    peer, server.max_connections,
+                )
+                if server.ssl_context is None:
+                    try:
+                        sock.setblocking(False)
+                        sock.send(_control_frame("$error", {
+                            "code": "full", "reason": "server is at max_connections"}))
+                    except OSError:
+                        pass
+                sock.close()
+                continue
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                tls = server.ssl_context is not None
+                if tls:
+                    sock = server.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+            except OSError as exc:
+                sock.close()
+                server._count("accept_errors")
+                logger.warning("tcp server: could not set up %s: %s", peer, exc)
+                continue
+            limit = _HANDSHAKE_MAX_FRAME if server._key is not None else server.max_frame_size
+            conn = _Connection(sock, peer, limit, server.max_outbound_bytes, tls)
+            server._conns[conn.id] = conn
+            server._count("accepted")
+            if not tls and server.allow_frame_only:
+                server._routes.add_frame_peer(conn)
+            server._update_events(conn)
+            if tls:
+                server._protocol.tls_handshake(conn)
+
+
+class _ServerProtocol:
+    """The server's side of the wire protocol, for one :class:`TCPServerTransport`.
+
+    The TLS and ``$hello``/``$auth`` handshakes, the control frames a peer
+    sends (``$ping``, ``$interest``, ``$flush``) and the progress reported
+    back (``$ack``, ``$flushed``) once the peer's frames were handled.
+    Loop thread only, like the connections' protocol state it keeps.
+    """
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        self._server = server
+        # Connections whose handled frames are to be reported by ``ack_at``.
+        self.ack_due: Dict[int, _Connection] = {}
+        self.ack_at = 0.0
+
+    def tls_handshake(self, conn: _Connection) -> None:
+        server = self._server
+        ssl = _ssl_module()
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            if conn.blocked:
+                conn.blocked = False
+                server._update_events(conn)
+            return
+        except ssl.SSLWantWriteError:
+            conn.blocked = True
+            server._update_events(conn)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            server._drop(conn, "tls_failures", f"TLS handshake failed: {exc}")
+            return
+        conn.state = _NEW
+        conn.blocked = False
+        server._update_events(conn)
+        if server.allow_frame_only:
+            server._routes.add_frame_peer(conn)
+
+    def in_time(self, conn: _Connection, now: float) -> bool:
+        """Drop ``conn`` if its handshake or its current frame takes too long.
+
+        True if it may go on (and, past its handshake, be pinged).
+        """
+        server = self._server
+        if conn.state != _READY and (conn.state == _TLS or server._key is not None
+                                     or conn.handshake or not server.allow_frame_only):
+            if now - conn.opened > server.handshake_timeout:
+                server._drop(conn, "handshake_timeouts",
+                             f"handshake not completed within {server.handshake_timeout} s")
+            return False
+        timeout = server.frame_timeout
+        if (timeout is not None and conn.frame_started is not None
+                and now - conn.frame_started > timeout):
+            server._drop(conn, "frame_timeouts",
+                         f"incomplete frame for more than {timeout} s "
+                         f"(slow sender; {conn.decoder.buffered} bytes received)")
+            return False
+        return True
+
+    def on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
+        server = self._server
+        if not isinstance(payload, dict):
+            payload = {}
+        state = conn.state
+        if topic == "$hello" and state == _NEW and not conn.handshake:
+            self.on_hello(conn, payload)
+        elif topic == "$auth" and state == _AUTH:
+            self.on_auth(conn, payload)
+        elif state != _READY:
+            server._drop(conn, "protocol_errors" if server._key is None else "auth_failures",
+                         f"unexpected {topic!r} frame during the handshake")
+        elif topic == "$ping":
+            server._push(conn, _control_frame("$pong", {}))
+        elif topic == "$pong":
+            pass
+        elif topic == "$interest" and conn.handshake:
+            self.on_interest(conn, payload)
+        elif topic == "$flush" and "flush" in conn.features:
+            self.on_flush(conn, payload)
+        else:
+            server._count("protocol_errors")
+            logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
+
+    def on_hello(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        server = self._server
+        version = payload.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            self.refuse(conn, "protocol_errors", "protocol",
+                        f"unsupported handshake version {version!r:.40}")
+            return
+        features = payload.get("features")
+        if isinstance(features, list):
+            conn.features = frozenset(f for f in features if isinstance(f, str)) & _FEATURES
+        ping = payload.get("ping_interval")
+        if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
+            conn.peer_ping = float(ping)
+        limit = payload.get("max_frame_size")
+        if type(limit) is int and limit > 0:
+            conn.peer_max_frame = limit
+        name = payload.get("name")
+        if isinstance(name, str):  # optional: shown by a monitor
+            conn.name = name[:_MAX_PEER_NAME]
+        conn.handshake = True
+        if conn.features & _PROGRESS_FEATURES:
+            conn.waiting = collections.deque()
+        if "interest" in conn.features:  # else it keeps receiving everything
+            server._routes.remove_broadcast(conn)
+            conn.implicit = "reply" in conn.features
+        else:  # like a frame-only peer: its requests' inboxes are routed to it
+            conn.implicit = True
+        welcome: Dict[str, Any] = {
+            "version": PROTOCOL_VERSION,
+            "features": sorted(conn.features),
+            "auth": None,
+            "max_frame_size": server.max_frame_size,
+            "ping_interval": server.ping_interval,
+        }
+        if server._key is not None:
+            nonce = _nonce_from(payload.get("nonce"))
+            if nonce is None:
+                self.refuse(conn, "auth_failures", "auth",
+                            "authentication required: $hello carried no valid nonce")
+                return
+            conn.peer_nonce = nonce
+            conn.nonce = os.urandom(32)
+            welcome["auth"] = "hmac-sha256"
+            welcome["nonce"] = conn.nonce.hex()
+            conn.state = _AUTH
+        else:
+            conn.state = _READY
+        server._push(conn, _control_frame("$welcome", welcome))
+
+    def on_auth(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        server = self._server
+        key = server._key
+        assert key is not None
+        expected = _proof(key, _AUTH_LABEL_CLIENT, conn.peer_nonce, conn.nonce)
+        if not _proof_matches(expected, payload.get("proof")):
+            self.refuse(conn, "auth_failures", "auth", "authentication failed: wrong secret")
+            return
+        conn.state = _READY
+        conn.decoder.max_frame_size = server.max_frame_size
+        proof = _proof(key, _AUTH_LABEL_SERVER, conn.nonce, conn.peer_nonce)
+        server._push(conn, _control_frame("$ready", {"proof": proof.hex()}))
+
+    def refuse(self, conn: _Connection, counter: str, code: str, reason: str) -> None:
+        """Tell a handshaking peer why it is refused, then close it."""
+        server = self._server
+        if conn.enqueue(_control_frame("$error", {"code": code, "reason": reason})) == _OK:
+            try:
+                conn.write()
+            except OSError:
+                pass
+        server._drop(conn, counter, reason)
+
+    def on_interest(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        server = self._server
+        added = payload.get("add") or []
+        removed = payload.get("remove") or []
+        if not isinstance(added, list) or not isinstance(removed, list):
+            server._count("protocol_errors")
+            logger.warning("tcp server: malformed $interest from %s", conn.peer)
+            return
+        for pattern in removed:
+            if isinstance(pattern, str) and pattern in conn.interest:
+                del conn.interest[pattern]
+                server._routes.remove(conn, pattern)
+        for pattern in added:
+            if not isinstance(pattern, str) or pattern in conn.interest:
+                continue
+            try:
+                if "*" in pattern:
+                    validate_pattern(pattern)
+                else:
+                    validate_topic(pattern)
+            except TopicError as exc:
+                server._count("protocol_errors")
+                logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
+                continue
+            if len(conn.interest) >= server.max_interest:
+                server._count("protocol_errors")
+                logger.warning("tcp server: %s exceeds max_interest=%d; ignored %r",
+                               conn.peer, server.max_interest, pattern)
+                continue
+            conn.interest[pattern] = None
+            server._routes.add(conn, pattern)
+            if "*" not in pattern and not pattern.startswith(INBOX_PREFIXES):
+                    self.hand_mailbox(conn, pattern)
+
+    def on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        # Feature "flush": answer $flushed once every frame read before this
+        # one was handled; $interest frames were applied when read.
+        server = self._server
+        flush_id = payload.get("id")
+        if type(flush_id) is not int:
+            server._count("protocol_errors")
+            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
+                           conn.peer, flush_id)
+            return
+        flushes = conn.flushes
+        if flushes is None:
+            flushes = conn.flushes = collections.deque()
+        if len(flushes) >= _MAX_FLUSHES:
+            server._count("protocol_errors")
+            logger.warning("tcp server: ignored $flush from %s: %d already wait",
+                           conn.peer, len(flushes))
+            return
+        flushes.append((conn.received, flush_id))
+        if not self.report_progress(conn):
+            self.progress_due(conn)
+
+    def implicit_interest(self, conn: _Connection, topic: str) -> None:
+        # Feature "reply": a request naming an inbox topic as its reply_to
+        # adds that topic to its connection's interest, as if an $interest
+        # add had come just before it (the client withdraws it as usual).
+        server = self._server
+        if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
+            server._count("protocol_errors")
+            logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
+                           topic[:80], conn.peer)
+            return
+        if len(conn.interest) >= server.max_interest:
+            if "interest" not in conn.features:
+                # A peer that cannot withdraw routes (frame-only): forget the
+                # oldest inbox, long answered or given up by now.
+                oldest = next(iter(conn.interest))
+                del conn.interest[oldest]
+                server._routes.remove(conn, oldest)
+            else:
+                server._count("protocol_errors")
+                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
+                               conn.peer, server.max_interest, topic)
+                return
+        conn.interest[topic] = None
+        server._routes.add(conn, topic)
+
+    def hand_mailbox(self, conn: _Connection, topic: str) -> None:
+        # Messages nobody had taken wait in the server's mailbox; the first
+        # client to show interest in that topic takes them (send-then-receive).
+        server = self._server
+        for message in server._local._drain_mailbox(topic):
+            try:
+                server._push(conn, encode(message, max_frame_size=server.max_frame_size))
+            except (FrameError, SerializationError):  # pragma: no cover - checked at send
+                pass
+
+    def handled_upto(self, conn: _Connection) -> int:
+        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
+
+        A frame is handled once it was routed on and its local callbacks ran
+        (or it had none); frames are handled in order.
+        """
+        waiting = conn.waiting
+        done = conn.finished - conn.counted
+        while done > 0 and waiting:
+            waiting.popleft()
+            conn.counted += 1
+            done -= 1
+        return waiting[0] - 1 if waiting else conn.received
+
+    def report_progress(self, conn: _Connection) -> bool:
+        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
+
+        Loop thread.  True when nothing is left to report until it sends more.
+        """
+        server = self._server
+        handled = self.handled_upto(conn)
+        acks = "ack" in conn.features
+        if acks and handled != conn.acked:
+            conn.acked = handled
+            server._push(conn, _control_frame("$ack", {"n": handled}))
+        flushes = conn.flushes
+        while flushes and flushes[0][0] <= handled:
+            server._push(conn, _control_frame("$flushed", {"id": flushes.popleft()[1]}))
+        return not flushes and (handled == conn.received or not acks)
+
+    def progress_due(self, conn: _Connection) -> None:
+        # Look at ``conn`` again within _ACK_DELAY (its handlers are still running).
+        if not self.ack_due:
+            self.ack_at = _monotonic() + _ACK_DELAY
+        self.ack_due[conn.id] = conn
+
+    def send_acks(self) -> None:
+        due, self.ack_due = self.ack_due, {}
+        for conn in due.values():
+            if not conn.closed and not self.report_progress(conn):
+                self.progress_due(conn)
+
+
 class _DispatchMode:
     """How a :class:`TCPServerTransport` runs the subscriber callbacks of network messages.
 
@@ -2866,6 +3645,34 @@ class _DispatchMode:
 
     def __init__(self, server: TCPServerTransport) -> None:
         self._server = server
+        self.discard = False  # closing: handler calls not started are skipped
+        self._expired_log = _LogLimiter()
+
+    def call(self, subscriptions: Tuple[Any, ...], message: Message,
+                       expires: float, conn: _Connection) -> None:
+        """Run the local callbacks of one message read from ``conn``.
+
+        Whatever they raise is a failure of that call only (logged and
+        counted by the local delivery), never of the thread running it.  A
+        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
+        call that completes counts towards ``conn``'s acknowledgements; while
+        closing, calls not started are skipped *without* counting, so their
+        frames stay unacknowledged and the client sends them again.
+        """
+        if self.discard:
+            return
+        if expires and _monotonic() > expires:
+            self._server._count("expired")
+            self._expired_log.log(
+                "tcp server: skipped request %s on %r from %s: its _ttl_ms ran out "
+                "before a handler was free", message.id, message.topic, conn.peer)
+        else:
+            try:
+                self._server._local._run_subscriptions(subscriptions, message)
+            except BaseException:  # an on_error hook failed: still this call's failure only
+                self._server._count("internal_errors")
+                logger.exception("tcp server: error handler failed for %s", message.id)
+        conn.finished += 1
 
     def serve(self) -> None:
         """The I/O thread's body (the loop thread calls it once)."""
@@ -2903,7 +3710,7 @@ class _InlineDispatch(_DispatchMode):
     runs_on_loop = True
 
     def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
-        run = self._server._dispatch_call
+        run = self.call
         for call in batch:
             run(*call)
         return False
@@ -2916,7 +3723,7 @@ class _ThreadDispatch(_DispatchMode):
         super().__init__(server)
         self.threads = _Dispatcher(
             "eventforge-tcp-server-dispatch", server._local, server._dispatch_low,
-            run=server._dispatch_call,
+            run=self.call,
         )
 
     @property
@@ -3121,7 +3928,7 @@ class _LeaderFollower(_DispatchMode):
             if loop.ident != me:
                 return False
             if server._dirty:
-                server._flush_dirty()
+                server._writer.flush_dirty()
 
     def _work(self) -> None:
         """A thread that is not the leader: run ready connections until none is left."""
@@ -3175,7 +3982,7 @@ class _LeaderFollower(_DispatchMode):
         """
         me = threading.get_ident()
         lock = self.lock
-        run = self._server._dispatch_call
+        run = self.call
         while call is not None:
             run(*call)
             with lock:
@@ -3209,7 +4016,7 @@ _DISPATCH_MODES: Dict[str, Callable[[TCPServerTransport], _DispatchMode]] = {
 }
 
 
-class TCPServerTransport(Transport):
+class TCPServerTransport(_TCPEndpoint):
     """A TCP listener that is also a full Transport for its own process.
 
     Messages published on the server (``send``) reach its local subscribers
@@ -3250,6 +4057,8 @@ class TCPServerTransport(Transport):
     ``allow_frame_only=False`` refuses peers that do not start with
     ``$hello`` (a server with a ``secret`` always does).
     """
+
+    _log_name = "tcp server"
 
     def __init__(
         self,
@@ -3305,23 +4114,17 @@ class TCPServerTransport(Transport):
         self.ssl_context = ssl_context
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
-        self._listener: Any = None
+        self._listener: Optional[_Listener] = None  # once started
         self._loop: Optional[_Loop] = None
-        self._discard = False  # closing: handler calls not started are skipped
         self._reading = True  # False once close() stopped reading
-        self._expired_log = _LogLimiter()
-        self._oversize_log = _LogLimiter()
         self._conns: Dict[int, _Connection] = {}
         # Routing tables, written by the loop thread only, read by any thread
         # (values are replaced, never mutated: copy on write).
         self._routes = _Routes()
-        self._dirty: Dict[int, _Connection] = {}
-        self._fanout: Dict[int, _Connection] = {}  # queued by other threads, to flush
-        self._fanout_lock = threading.Lock()
-        self._ack_due: Dict[int, _Connection] = {}
-        self._ack_at = 0.0
+        self._writer = _ServerWriter(self)
+        self._dirty = self._writer.dirty
+        self._push = self._writer.push  # bound once: the hottest call of the server
         self._paused = False
-        self._accept_paused = False
         self._started = False
         self._closed = False
         self._reads_stopped = threading.Event()
@@ -3329,6 +4132,7 @@ class TCPServerTransport(Transport):
         self._closed_conns: Deque[Dict[str, Any]] = collections.deque(maxlen=_CLOSED_KEPT)
         self._gone_bytes_out = 0  # bytes sent by connections that closed since
         self._mode = _DISPATCH_MODES[dispatch](self)  # runs the handler calls
+        self._protocol = _ServerProtocol(self)  # handshakes, control frames, $ack
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -3337,12 +4141,12 @@ class TCPServerTransport(Transport):
         """The bound ``(host, port)`` after :meth:`start`, else None."""
         if self._listener is None:
             return None
-        return self._address
+        return self._listener.address
 
     @property
     def port(self) -> int:
         """The bound port after :meth:`start` (the configured one before)."""
-        return self._address[1] if self._listener is not None else self._port
+        return self._listener.address[1] if self._listener is not None else self._port
 
     @property
     def closed(self) -> bool:
@@ -3351,32 +4155,23 @@ class TCPServerTransport(Transport):
 
     def start(self) -> TCPServerTransport:
         """Bind and listen, then serve on a background thread; returns self."""
-        import socket
-
         with self._lock:
             if self._closed:
                 raise TransportClosedError("TCPServerTransport is closed")
             if self._started:
                 return self
+            listener = _Listener(self)
+            loop = _Loop("eventforge-tcp-server-io")
             try:
-                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-                listener = socket.create_server(
-                    (self.host, self._port), family=family, backlog=self.backlog
-                )
-            except OSError as exc:
-                raise ConnectionLostError(
-                    f"cannot listen on {self.host}:{self._port}: {exc}"
-                ) from exc
-            listener.setblocking(False)
-            self._listener = listener
-            self._address = tuple(listener.getsockname()[:2])
-            loop = self._loop = _Loop(f"eventforge-tcp-server-io-{self._address[1]}")
-            import selectors
-
-            loop.selector.register(listener, selectors.EVENT_READ, listener)
+                listener.bind(loop.selector)
+            except BaseException:
+                loop.close()
+                raise
+            loop.name = f"eventforge-tcp-server-io-{listener.address[1]}"
+            self._listener, self._loop = listener, loop
             self._started = True
             loop.start(self._run)
-        logger.info("tcp server listening on %s", _peer_name(self._address))
+        logger.info("tcp server listening on %s", _peer_name(listener.address))
         return self
 
     def close(self, timeout: float = 5.0) -> None:
@@ -3420,7 +4215,7 @@ class TCPServerTransport(Transport):
         self._local.close()
 
     def _skip_unstarted(self) -> None:
-        self._discard = True
+        self._mode.discard = True
         left = self._mode.backlog
         self._count("unhandled_at_close", left)
         logger.warning("tcp server: closing; %d handler call(s) not started are skipped and "
@@ -3459,7 +4254,7 @@ class TCPServerTransport(Transport):
             if len(targets) == 1:
                 self._push(targets[0], frame)
             else:
-                self._push_many(targets, frame)
+                self._writer.push_many(targets, frame)
         try:
             subscriptions = _deliver_local(self._local, message, taken)
         except TransportClosedError:
@@ -3467,37 +4262,6 @@ class TCPServerTransport(Transport):
             # woke, say): the send was accepted above; nothing local is left.
             return
         self._local._run_subscriptions(subscriptions, message)
-
-    def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
-        """Take the next message on the exact ``topic`` (published here or by a client)."""
-        return self._local.receive(topic, timeout)
-
-    async def receive_async(
-        self, topic: str, timeout: Optional[float] = None
-    ) -> Optional[Message]:
-        """Asyncio-native :meth:`receive`."""
-        return await self._local.receive_async(topic, timeout)
-
-    def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
-        """Call ``callback`` for messages matching ``topic``, local or from clients."""
-        return self._local.subscribe(topic, callback)
-
-    def subscribe_handler(
-        self,
-        topic: str,
-        handler: Callable[[Message], Any],
-        on_error: Callable[[Any, Message, BaseException], Any],
-    ) -> str:
-        """Subscribe ``handler``, routing its exceptions to ``on_error``."""
-        return self._local.subscribe_handler(topic, handler, on_error)
-
-    def unsubscribe(self, subscription_id: str) -> bool:
-        """Remove a subscription; return False if the id is unknown."""
-        return self._local.unsubscribe(subscription_id)
-
-    def open_inbox(self, topic: str) -> Inbox:
-        """Open an inbox on the exact ``topic`` (replies from clients land here)."""
-        return self._local.open_inbox(topic)
 
     @property
     def stats(self) -> Dict[str, int]:
@@ -3559,106 +4323,59 @@ class TCPServerTransport(Transport):
 
     def __repr__(self) -> str:
         if self._listener is not None:
-            where = _peer_name(self._address)
+            where = _peer_name(self._listener.address)
         else:
             where = f"{self.host}:{self._port}"
         state = "closed" if self._closed else f"{len(self._conns)} connections"
         return f"<TCPServerTransport {where} {state}>"
 
-    def _push(self, conn: _Connection, frame: bytes) -> None:
-        if len(frame) - 4 > conn.peer_max_frame:
-            self._too_large_for(conn, frame)
-            return
-        result = conn.enqueue(frame)
-        if result == _OK:
-            loop = self._loop
-            assert loop is not None
-            if loop.in_loop():
-                self._dirty[conn.id] = conn
-            elif conn.tls or conn.blocked:
-                if conn.tls and not conn.scheduled:  # TLS: only its I/O thread writes
-                    conn.scheduled = True
-                    loop.call_soon(lambda: self._scheduled_flush(conn))
-            else:
-                decision = conn.defer()
-                if decision == _WRITE_NOW:
-                    self._flush(conn)
-                elif decision == _WRITE_SCHEDULE:
-                    loop.call_soon(lambda: self._scheduled_flush(conn))
-        elif result == _OVERFLOW:
-            self._close_later(
-                conn,
-                "slow_consumers",
-                f"slow consumer: {conn.out_bytes} bytes already queued, "
-                f"max_outbound_bytes={self.max_outbound_bytes}",
-            )
+    # -- hooks of _TCPEndpoint -----------------------------------------------------
 
-    def _too_large_for(self, conn: _Connection, frame: bytes) -> None:
-        # Never send a peer more than the max_frame_size it announced in
-        # $hello: it would have to close the connection.  The frame is dropped
-        # for this peer only; the connection stays.
-        self._count("oversize_for_peer")
-        self._oversize_log.log(
-            "tcp server: dropped a %d-byte frame for %s: over the max_frame_size=%d it accepts",
-            len(frame) - 4, conn.peer, conn.peer_max_frame)
+    def _live(self, conn: _Connection) -> bool:
+        return not conn.closed
 
-    def _scheduled_flush(self, conn: _Connection) -> None:
-        conn.scheduled = False
-        if not conn.closed:
-            self._flush(conn)
+    def _write_on_loop(self, conn: _Connection) -> None:
+        self._dirty[conn.id] = conn  # written after this loop iteration, with the rest
 
-    def _push_many(self, targets: List[_Connection], frame: bytes) -> None:
-        """Fan-out from any thread: queue everywhere, let the I/O thread write.
+    def _write_failed(self, conn: _Connection, exc: OSError) -> None:
+        counter = "truncated_frames" if conn.decoder.buffered else "resets"
+        self._close_later(conn, counter, self._eof_reason(conn, f"write failed: {exc}"))
 
-        One wake-up per batch instead of a system call per connection.
-        """
-        loop = self._loop
-        assert loop is not None
-        if loop.in_loop():
-            for conn in targets:
-                self._push(conn, frame)
-            return
-        with self._fanout_lock:
-            pending = self._fanout
-            schedule = not pending
-            for conn in targets:
-                if len(frame) - 4 > conn.peer_max_frame:
-                    self._too_large_for(conn, frame)
-                    continue
-                result = conn.enqueue(frame)
-                if result == _OK:
-                    pending[conn.id] = conn
-                elif result == _OVERFLOW:
-                    self._close_later(
-                        conn, "slow_consumers",
-                        f"slow consumer: {conn.out_bytes} bytes already queued, "
-                        f"max_outbound_bytes={self.max_outbound_bytes}",
-                    )
-        if schedule:
-            loop.call_soon(self._flush_fanout)
+    def _may_read(self, conn: _Connection) -> bool:
+        return not conn.closed and self._reading
 
-    def _flush_fanout(self) -> None:
-        with self._fanout_lock:
-            pending, self._fanout = self._fanout, {}
-        for conn in pending.values():
-            if not conn.closed and not conn.blocked:
-                self._flush(conn)
+    def _internal_error(self, conn: _Connection) -> None:
+        self._drop(conn, "internal_errors", "internal error (see traceback)")
 
-    def _flush(self, conn: _Connection) -> None:
-        """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full."""
-        loop = self._loop
-        assert loop is not None
-        try:
-            done = conn.write()
-        except OSError as exc:
-            counter = "truncated_frames" if conn.decoder.buffered else "resets"
-            self._close_later(conn, counter, self._eof_reason(conn, f"write failed: {exc}"))
-            return
-        if done is False:
-            if loop.in_loop():
-                self._update_events(conn)
-            else:
-                loop.call_soon(lambda: self._update_events(conn))
+    def _read_failed(self, conn: _Connection, exc: OSError) -> None:
+        if isinstance(exc, ConnectionResetError):
+            self._drop(conn, "resets", self._eof_reason(conn, "connection reset by peer"))
+        else:
+            self._drop(conn, "resets", self._eof_reason(conn, f"read failed: {exc}"))
+
+    def _peer_closed(self, conn: _Connection) -> None:
+        if conn.decoder.buffered:
+            self._drop(conn, "truncated_frames", self._eof_reason(conn, "peer closed"))
+        else:
+            self._drop(conn, "disconnects", "peer closed the connection", logging.DEBUG)
+
+    def _bytes_read(self, size: int) -> None:
+        self._counts["bytes_in"].add(size)
+
+    def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
+        for body in getattr(exc, "frames", ()):
+            self._on_frame(conn, body)
+        self._drop(conn, "oversize_frames",
+                   f"{exc}; closed before buffering the body{_describe_garbage(data[:4])}")
+
+    def _dead(self, conn: _Connection, reason: str) -> None:
+        self._drop(conn, "dead_peers", reason)
+
+    def _on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
+        self._protocol.on_control(conn, topic, payload)
+
+    def _send_ping(self, conn: _Connection) -> None:
+        self._push(conn, _control_frame("$ping", {}))
 
     def _close_later(self, conn: _Connection, counter: str, reason: str) -> None:
         loop = self._loop
@@ -3682,19 +4399,18 @@ class TCPServerTransport(Transport):
 
     def _lead(self) -> bool:
         """Run the I/O loop on this thread; True if another thread took it over."""
-        import selectors
-
         loop = self._loop
         assert loop is not None
         me = threading.get_ident()
         listener = self._listener
+        protocol = self._protocol
         tick_every = 0.25
         next_tick = time.monotonic() + tick_every
         try:
             while True:
                 timeout = max(0.0, next_tick - time.monotonic())
-                if self._ack_due:
-                    timeout = min(timeout, max(0.0, self._ack_at - time.monotonic()))
+                if protocol.ack_due:
+                    timeout = min(timeout, max(0.0, protocol.ack_at - time.monotonic()))
                 if self._dirty or self._mode.ready:
                     timeout = 0.0
                 for key, mask in loop.selector.select(timeout):
@@ -3702,25 +4418,18 @@ class TCPServerTransport(Transport):
                     if obj is None:
                         loop.run_calls(drain=True)
                     elif obj is listener:
-                        self._guarded(self._accept)
+                        self._guarded(listener.accept)
                     else:
-                        try:
-                            if mask & selectors.EVENT_WRITE:
-                                self._on_writable(obj)
-                            if mask & selectors.EVENT_READ and not obj.closed and self._reading:
-                                self._on_readable(obj)
-                        except Exception:
-                            logger.exception("tcp server: internal error on %s", obj.peer)
-                            self._drop(obj, "internal_errors", "internal error (see traceback)")
+                        self._serve_event(obj, mask)
                         if loop.ident != me:
                             return True  # demoted in a handler: the loop goes on elsewhere
                 if self._mode.ready and not self._mode.run_ready():
                     return True  # demoted while running a handler: the loop goes on elsewhere
                 loop.run_calls()
-                if self._ack_due and time.monotonic() >= self._ack_at:
-                    self._guarded(self._send_acks)
+                if protocol.ack_due and time.monotonic() >= protocol.ack_at:
+                    self._guarded(protocol.send_acks)
                 if self._dirty:
-                    self._guarded(self._flush_dirty)
+                    self._guarded(self._writer.flush_dirty)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_every
@@ -3737,72 +4446,11 @@ class TCPServerTransport(Transport):
 
     # -- every dispatch mode --------------------------------------------------------
 
-    def _dispatch_call(self, subscriptions: Tuple[Any, ...], message: Message,
-                       expires: float, conn: _Connection) -> None:
-        """Run the local callbacks of one message read from ``conn``.
-
-        Whatever they raise is a failure of that call only (logged and
-        counted by the local delivery), never of the thread running it.  A
-        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
-        call that completes counts towards ``conn``'s acknowledgements; while
-        closing, calls not started are skipped *without* counting, so their
-        frames stay unacknowledged and the client sends them again.
-        """
-        if self._discard:
-            return
-        if expires and _monotonic() > expires:
-            self._count("expired")
-            self._expired_log.log(
-                "tcp server: skipped request %s on %r from %s: its _ttl_ms ran out "
-                "before a handler was free", message.id, message.topic, conn.peer)
-        else:
-            try:
-                self._local._run_subscriptions(subscriptions, message)
-            except BaseException:  # an on_error hook failed: still this call's failure only
-                self._count("internal_errors")
-                logger.exception("tcp server: error handler failed for %s", message.id)
-        conn.finished += 1
-
     def _drain(self, deadline: float) -> bool:
         """Wait until reads stopped and every handler call read so far has run."""
         if not self._reads_stopped.wait(max(0.0, deadline - _monotonic())):
             return False
         return self._mode.drain(deadline)
-
-    def _handled_upto(self, conn: _Connection) -> int:
-        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
-
-        A frame is handled once it was routed on and its local callbacks ran
-        (or it had none); frames are handled in order.
-        """
-        waiting = conn.waiting
-        done = conn.finished - conn.counted
-        while done > 0 and waiting:
-            waiting.popleft()
-            conn.counted += 1
-            done -= 1
-        return waiting[0] - 1 if waiting else conn.received
-
-    def _report_progress(self, conn: _Connection) -> bool:
-        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
-
-        Loop thread.  True when nothing is left to report until it sends more.
-        """
-        handled = self._handled_upto(conn)
-        acks = "ack" in conn.features
-        if acks and handled != conn.acked:
-            conn.acked = handled
-            self._push(conn, _control_frame("$ack", {"n": handled}))
-        flushes = conn.flushes
-        while flushes and flushes[0][0] <= handled:
-            self._push(conn, _control_frame("$flushed", {"id": flushes.popleft()[1]}))
-        return not flushes and (handled == conn.received or not acks)
-
-    def _progress_due(self, conn: _Connection) -> None:
-        # Look at ``conn`` again within _ACK_DELAY (its handlers are still running).
-        if not self._ack_due:
-            self._ack_at = _monotonic() + _ACK_DELAY
-        self._ack_due[conn.id] = conn
 
     def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
         """Run a housekeeping step; a bug in it is logged, never kills the loop."""
@@ -3812,156 +4460,24 @@ class TCPServerTransport(Transport):
             self._count("internal_errors")
             logger.exception("tcp server: internal error in %s", func.__name__)
 
-    def _flush_dirty(self) -> None:
-        dirty = self._dirty
-        while dirty:
-            conn = dirty.popitem()[1]
-            if not conn.closed:
-                self._flush(conn)
-
-    def _accept(self) -> None:
-        import socket
-
-        listener = self._listener
-        for _ in range(256):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. EMFILE: log, keep serving the others
-                self._count("accept_errors")
-                logger.error("tcp server: accept failed: %s; pausing accepts for 0.25 s", exc)
-                # The listener stays readable: stop watching it until the next
-                # tick instead of spinning.
-                try:
-                    self._loop.selector.unregister(listener)  # type: ignore[union-attr]
-                    self._accept_paused = True
-                except (KeyError, ValueError):
-                    pass
-                return
-            peer = _peer_name(address)
-            if self._reads_stopped.is_set():
-                sock.close()
-                continue
-            if len(self._conns) >= self.max_connections:
-                self._count("refused_connections")
-                logger.warning(
-                    "tcp server: refused %s: max_connections=%d reached",
-                    peer, self.max_connections,
-                )
-                if self.ssl_context is None:
-                    try:
-                        sock.setblocking(False)
-                        sock.send(_control_frame("$error", {
-                            "code": "full", "reason": "server is at max_connections"}))
-                    except OSError:
-                        pass
-                sock.close()
-                continue
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                tls = self.ssl_context is not None
-                if tls:
-                    sock = self.ssl_context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False
-                    )
-            except OSError as exc:
-                sock.close()
-                self._count("accept_errors")
-                logger.warning("tcp server: could not set up %s: %s", peer, exc)
-                continue
-            limit = _HANDSHAKE_MAX_FRAME if self._key is not None else self.max_frame_size
-            conn = _Connection(sock, peer, limit, self.max_outbound_bytes, tls)
-            self._conns[conn.id] = conn
-            self._count("accepted")
-            if not tls and self.allow_frame_only:
-                self._add_broadcast(conn)
-            self._update_events(conn)
-            if tls:
-                self._tls_handshake(conn)
-
-    def _add_broadcast(self, conn: _Connection) -> None:
-        # Until it sends $hello a peer may be an eventforge 0.1 (frame-only) client:
-        # it gets every routed message but inbox ones, and its requests'
-        # reply_to inboxes are routed to it (see _implicit_interest).
-        self._routes.add_broadcast(conn)
-        conn.implicit = True
-
     def _update_events(self, conn: _Connection) -> None:
         if conn.closed:
             return
         conn.set_events(self._loop.selector, self._paused)  # type: ignore[union-attr]
 
-    def _tls_handshake(self, conn: _Connection) -> None:
-        ssl = _ssl_module()
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            if conn.blocked:
-                conn.blocked = False
-                self._update_events(conn)
-            return
-        except ssl.SSLWantWriteError:
-            conn.blocked = True
-            self._update_events(conn)
-            return
-        except (ssl.SSLError, OSError) as exc:
-            self._drop(conn, "tls_failures", f"TLS handshake failed: {exc}")
-            return
-        conn.state = _NEW
-        conn.blocked = False
-        self._update_events(conn)
-        if self.allow_frame_only:
-            self._add_broadcast(conn)
-
     def _on_writable(self, conn: _Connection) -> None:
         if conn.state == _TLS:
-            self._tls_handshake(conn)
-            return
-        conn.blocked = False
-        self._flush(conn)
-        if not conn.blocked:
-            self._update_events(conn)
+            self._protocol.tls_handshake(conn)
+        else:
+            super()._on_writable(conn)
 
     def _on_readable(self, conn: _Connection) -> None:
         if conn.state == _TLS:
-            self._tls_handshake(conn)
+            self._protocol.tls_handshake(conn)
             return
-        try:
-            data = conn.recv()
-        except _would_block_errors(conn.tls):
+        bodies = self._read_frames(conn)
+        if bodies is None:
             return
-        except ConnectionResetError:
-            self._drop(conn, "resets", self._eof_reason(conn, "connection reset by peer"))
-            return
-        except OSError as exc:
-            self._drop(conn, "resets", self._eof_reason(conn, f"read failed: {exc}"))
-            return
-        if not data:
-            if conn.decoder.buffered:
-                self._drop(conn, "truncated_frames", self._eof_reason(conn, "peer closed"))
-            else:
-                self._drop(conn, "disconnects", "peer closed the connection", logging.DEBUG)
-            return
-        now = time.monotonic()
-        conn.last_recv = now
-        conn.ping_sent = False
-        conn.bytes_in += len(data)
-        self._counts["bytes_in"].add(len(data))
-        try:
-            bodies = conn.decoder.feed(data)
-        except FrameTooLargeError as exc:
-            for body in getattr(exc, "frames", ()):
-                self._on_frame(conn, body)
-            self._drop(conn, "oversize_frames",
-                       f"{exc}; closed before buffering the body{_describe_garbage(data[:4])}")
-            return
-        if conn.decoder.buffered == 0:
-            conn.frame_started = None
-        elif bodies or conn.frame_started is None:
-            conn.frame_started = now
         batch: List[_Call] = []
         for body in bodies:
             if conn.closed:
@@ -3971,8 +4487,9 @@ class TCPServerTransport(Transport):
         run_here = bool(batch) and self._mode.submit(conn, batch, may_run_here=True)
         if conn.received != conn.acked and conn.handshake and "ack" in conn.features:
             # Acknowledged once handled: now if enough are, else within _ACK_DELAY.
-            if conn.received - conn.acked < _ACK_EVERY or not self._report_progress(conn):
-                self._progress_due(conn)
+            protocol = self._protocol
+            if conn.received - conn.acked < _ACK_EVERY or not protocol.report_progress(conn):
+                protocol.progress_due(conn)
         if run_here:
             self._mode.run_here(conn, batch)
 
@@ -3983,33 +4500,23 @@ class TCPServerTransport(Transport):
             return f"{what} in the middle of a frame ({buffered} bytes of it received)"
         return what
 
-    def _on_frame(
-        self, conn: _Connection, body: bytes, batch: Optional[List[_Call]] = None
+    def _bad_frame(self, conn: _Connection, exc: FrameError) -> None:
+        if conn.state != _READY and self._key is not None:
+            self._drop(conn, "auth_failures",
+                       f"authentication required; first frame was invalid: {exc}")
+            return
+        conn.received += 1
+        self._count("frame_errors")
+        logger.warning("tcp server: rejected a frame from %s: %s", conn.peer, exc)
+
+    def _on_message(
+        self, conn: _Connection, message: Message, body: bytes, batch: Optional[List[_Call]]
     ) -> None:
-        control = _fast_control(body)
-        if control is not None:
-            self._on_control(conn, control[0], control[1])
-            return
-        try:
-            message = decode(body)
-        except FrameError as exc:
-            if conn.state != _READY and self._key is not None:
-                self._drop(conn, "auth_failures",
-                           f"authentication required; first frame was invalid: {exc}")
-                return
-            conn.received += 1
-            self._count("frame_errors")
-            logger.warning("tcp server: rejected a frame from %s: %s", conn.peer, exc)
-            return
-        topic = message.topic
-        if topic[0] == "$":
-            self._on_control(conn, topic, message.payload)
-            return
         if conn.state != _READY:
             if conn.state == _NEW and self.allow_frame_only:
                 conn.state = _READY  # a frame-only peer (an eventforge 0.1 client)
             elif conn.state == _NEW and self._key is None:
-                self._refuse(conn, "frame_only_refused", "protocol",
+                self._protocol.refuse(conn, "frame_only_refused", "protocol",
                              "frame-only peers are refused here: send $hello first "
                              "(allow_frame_only=False)")
                 return
@@ -4028,7 +4535,7 @@ class TCPServerTransport(Transport):
         reply_to = message.reply_to
         if (reply_to is not None and origin.implicit and reply_to not in origin.interest
                 and reply_to.startswith(INBOX_PREFIXES)):
-            self._implicit_interest(origin, reply_to)
+            self._protocol.implicit_interest(origin, reply_to)
         targets, taken = self._routes.targets(topic, origin)
         if targets:
             frame = len(body).to_bytes(4, "big") + body
@@ -4050,228 +4557,15 @@ class TCPServerTransport(Transport):
             else:
                 self._mode.submit(origin, [call])
 
-    # -- control frames ---------------------------------------------------------------
-
-    def _on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
-        if not isinstance(payload, dict):
-            payload = {}
-        state = conn.state
-        if topic == "$hello" and state == _NEW and not conn.handshake:
-            self._on_hello(conn, payload)
-        elif topic == "$auth" and state == _AUTH:
-            self._on_auth(conn, payload)
-        elif state != _READY:
-            self._drop(conn, "protocol_errors" if self._key is None else "auth_failures",
-                       f"unexpected {topic!r} frame during the handshake")
-        elif topic == "$ping":
-            self._push(conn, _control_frame("$pong", {}))
-        elif topic == "$pong":
-            pass
-        elif topic == "$interest" and conn.handshake:
-            self._on_interest(conn, payload)
-        elif topic == "$flush" and "flush" in conn.features:
-            self._on_flush(conn, payload)
-        else:
-            self._count("protocol_errors")
-            logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
-
-    def _on_hello(self, conn: _Connection, payload: Dict[str, Any]) -> None:
-        version = payload.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            self._refuse(conn, "protocol_errors", "protocol",
-                         f"unsupported handshake version {version!r:.40}")
-            return
-        features = payload.get("features")
-        if isinstance(features, list):
-            conn.features = frozenset(f for f in features if isinstance(f, str)) & _FEATURES
-        ping = payload.get("ping_interval")
-        if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
-            conn.peer_ping = float(ping)
-        limit = payload.get("max_frame_size")
-        if type(limit) is int and limit > 0:
-            conn.peer_max_frame = limit
-        name = payload.get("name")
-        if isinstance(name, str):  # optional: shown by a monitor
-            conn.name = name[:_MAX_PEER_NAME]
-        conn.handshake = True
-        if conn.features & _PROGRESS_FEATURES:
-            conn.waiting = collections.deque()
-        if "interest" in conn.features:  # else it keeps receiving everything
-            self._routes.remove_broadcast(conn)
-            conn.implicit = "reply" in conn.features
-        else:  # like a frame-only peer: its requests' inboxes are routed to it
-            conn.implicit = True
-        welcome: Dict[str, Any] = {
-            "version": PROTOCOL_VERSION,
-            "features": sorted(conn.features),
-            "auth": None,
-            "max_frame_size": self.max_frame_size,
-            "ping_interval": self.ping_interval,
-        }
-        if self._key is not None:
-            nonce = _nonce_from(payload.get("nonce"))
-            if nonce is None:
-                self._refuse(conn, "auth_failures", "auth",
-                             "authentication required: $hello carried no valid nonce")
-                return
-            conn.peer_nonce = nonce
-            conn.nonce = os.urandom(32)
-            welcome["auth"] = "hmac-sha256"
-            welcome["nonce"] = conn.nonce.hex()
-            conn.state = _AUTH
-        else:
-            conn.state = _READY
-        self._push(conn, _control_frame("$welcome", welcome))
-
-    def _on_auth(self, conn: _Connection, payload: Dict[str, Any]) -> None:
-        key = self._key
-        assert key is not None
-        expected = _proof(key, _AUTH_LABEL_CLIENT, conn.peer_nonce, conn.nonce)
-        if not _proof_matches(expected, payload.get("proof")):
-            self._refuse(conn, "auth_failures", "auth", "authentication failed: wrong secret")
-            return
-        conn.state = _READY
-        conn.decoder.max_frame_size = self.max_frame_size
-        proof = _proof(key, _AUTH_LABEL_SERVER, conn.nonce, conn.peer_nonce)
-        self._push(conn, _control_frame("$ready", {"proof": proof.hex()}))
-
-    def _refuse(self, conn: _Connection, counter: str, code: str, reason: str) -> None:
-        """Tell a handshaking peer why it is refused, then close it."""
-        if conn.enqueue(_control_frame("$error", {"code": code, "reason": reason})) == _OK:
-            try:
-                conn.write()
-            except OSError:
-                pass
-        self._drop(conn, counter, reason)
-
-    def _on_interest(self, conn: _Connection, payload: Dict[str, Any]) -> None:
-        added = payload.get("add") or []
-        removed = payload.get("remove") or []
-        if not isinstance(added, list) or not isinstance(removed, list):
-            self._count("protocol_errors")
-            logger.warning("tcp server: malformed $interest from %s", conn.peer)
-            return
-        for pattern in removed:
-            if isinstance(pattern, str) and pattern in conn.interest:
-                del conn.interest[pattern]
-                self._routes.remove(conn, pattern)
-        for pattern in added:
-            if not isinstance(pattern, str) or pattern in conn.interest:
-                continue
-            try:
-                if "*" in pattern:
-                    validate_pattern(pattern)
-                else:
-                    validate_topic(pattern)
-            except TopicError as exc:
-                self._count("protocol_errors")
-                logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
-                continue
-            if len(conn.interest) >= self.max_interest:
-                self._count("protocol_errors")
-                logger.warning("tcp server: %s exceeds max_interest=%d; ignored %r",
-                               conn.peer, self.max_interest, pattern)
-                continue
-            conn.interest[pattern] = None
-            self._routes.add(conn, pattern)
-            if "*" not in pattern and not pattern.startswith(INBOX_PREFIXES):
-                    self._hand_mailbox(conn, pattern)
-
-    def _on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
-        # Feature "flush": answer $flushed once every frame read before this
-        # one was handled; $interest frames were applied when read.
-        flush_id = payload.get("id")
-        if type(flush_id) is not int:
-            self._count("protocol_errors")
-            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
-                           conn.peer, flush_id)
-            return
-        flushes = conn.flushes
-        if flushes is None:
-            flushes = conn.flushes = collections.deque()
-        if len(flushes) >= _MAX_FLUSHES:
-            self._count("protocol_errors")
-            logger.warning("tcp server: ignored $flush from %s: %d already wait",
-                           conn.peer, len(flushes))
-            return
-        flushes.append((conn.received, flush_id))
-        if not self._report_progress(conn):
-            self._progress_due(conn)
-
-    def _implicit_interest(self, conn: _Connection, topic: str) -> None:
-        # Feature "reply": a request naming an inbox topic as its reply_to
-        # adds that topic to its connection's interest, as if an $interest
-        # add had come just before it (the client withdraws it as usual).
-        if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
-            self._count("protocol_errors")
-            logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
-                           topic[:80], conn.peer)
-            return
-        if len(conn.interest) >= self.max_interest:
-            if "interest" not in conn.features:
-                # A peer that cannot withdraw routes (frame-only): forget the
-                # oldest inbox, long answered or given up by now.
-                oldest = next(iter(conn.interest))
-                del conn.interest[oldest]
-                self._routes.remove(conn, oldest)
-            else:
-                self._count("protocol_errors")
-                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
-                               conn.peer, self.max_interest, topic)
-                return
-        conn.interest[topic] = None
-        self._routes.add(conn, topic)
-
-    def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
-        # Messages nobody had taken wait in the server's mailbox; the first
-        # client to show interest in that topic takes them (send-then-receive).
-        for message in self._local._drain_mailbox(topic):
-            try:
-                self._push(conn, encode(message, max_frame_size=self.max_frame_size))
-            except (FrameError, SerializationError):  # pragma: no cover - checked at send
-                pass
-
-    def _send_acks(self) -> None:
-        due, self._ack_due = self._ack_due, {}
-        for conn in due.values():
-            if not conn.closed and not self._report_progress(conn):
-                self._progress_due(conn)
-
     # -- housekeeping -------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
-        if self._accept_paused and not self._reads_stopped.is_set():
-            import selectors
-
-            self._accept_paused = False
-            self._loop.selector.register(  # type: ignore[union-attr]
-                self._listener, selectors.EVENT_READ, self._listener
-            )
-        key = self._key
+        listener = self._listener
+        if listener is not None and listener.paused and not self._reads_stopped.is_set():
+            listener.resume(self._loop.selector)  # type: ignore[union-attr]
         for conn in list(self._conns.values()):
-            if conn.closed:
-                continue
-            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake
-                                         or not self.allow_frame_only):
-                if now - conn.opened > self.handshake_timeout:
-                    self._drop(conn, "handshake_timeouts",
-                               f"handshake not completed within {self.handshake_timeout} s")
-                continue
-            if (self.frame_timeout is not None and conn.frame_started is not None
-                    and now - conn.frame_started > self.frame_timeout):
-                self._drop(conn, "frame_timeouts",
-                           f"incomplete frame for more than {self.frame_timeout} s "
-                           f"(slow sender; {conn.decoder.buffered} bytes received)")
-                continue
-            interval = self.ping_interval
-            if interval and conn.handshake and "ping" in conn.features:
-                silent = now - conn.last_recv
-                if silent > 2 * interval:
-                    self._drop(conn, "dead_peers",
-                               f"dead peer: nothing received for {silent:.1f} s")
-                elif silent > interval and not conn.ping_sent:
-                    conn.ping_sent = True
-                    self._push(conn, _control_frame("$ping", {}))
+            if not conn.closed and self._protocol.in_time(conn, now):
+                self._check_alive(conn, now)
 
     def _set_paused(self, paused: bool) -> None:
         self._paused = paused
@@ -4280,11 +4574,6 @@ class TCPServerTransport(Transport):
                         self._mode.backlog)
         for conn in list(self._conns.values()):
             self._update_events(conn)
-
-    def _dispatch_low(self) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
         if self._paused and not self._closed:
@@ -4309,18 +4598,9 @@ class TCPServerTransport(Transport):
         self._routes.forget(conn)
         del self._conns[conn.id]
         logger.log(level, "tcp server: closed %s: %s", conn.peer, reason)
-        if conn.events:
-            try:
-                self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
-            except (KeyError, ValueError, OSError):
-                pass
-            conn.events = 0
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
+        self._close_socket(conn)
         self._dirty.pop(conn.id, None)
-        self._ack_due.pop(conn.id, None)
+        self._protocol.ack_due.pop(conn.id, None)
         with conn.lock:
             conn.out.clear()
             conn.out_bytes = 0
@@ -4330,11 +4610,7 @@ class TCPServerTransport(Transport):
         loop = self._loop
         assert loop is not None
         if self._listener is not None:
-            try:
-                loop.selector.unregister(self._listener)
-            except (KeyError, ValueError):
-                pass
-            self._listener.close()
+            self._listener.close(loop.selector)
         self._paused = True
         self._reading = False
         for conn in list(self._conns.values()):
@@ -4349,7 +4625,7 @@ class TCPServerTransport(Transport):
         assert loop is not None
         for conn in list(self._conns.values()):
             if conn.waiting is not None and not conn.closed:
-                self._report_progress(conn)
+                self._protocol.report_progress(conn)
         pending = [c for c in self._conns.values() if c.out_bytes and not c.closed]
         while pending and time.monotonic() < deadline:
             for conn in pending:
@@ -4370,10 +4646,7 @@ class TCPServerTransport(Transport):
         for conn in list(self._conns.values()):
             self._drop(conn, "closed_by_server", "server closing", logging.DEBUG)
         if self._listener is not None:
-            try:
-                self._listener.close()
-            except OSError:
-                pass
+            self._listener.close()
         self._reads_stopped.set()
         loop = self._loop
         if loop is not None:
@@ -4828,7 +5101,7 @@ class _Dialer:
                 return found
 
 
-class TCPClientTransport(Transport):
+class TCPClientTransport(_TCPEndpoint):
     """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
     Call :meth:`connect` before use.  ``send`` writes straight from the
@@ -4879,6 +5152,8 @@ class TCPClientTransport(Transport):
     called (on the I/O thread) when the connection is lost and when it is
     back.
     """
+
+    _log_name = "tcp client"
 
     def __init__(
         self,
@@ -5565,48 +5840,21 @@ class TCPClientTransport(Transport):
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _kick(self, conn: _Connection) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        if conn.tls:  # only the I/O thread touches a TLS socket
-            if loop.in_loop():
-                self._flush(conn)
-            elif not conn.scheduled:
-                conn.scheduled = True
-                loop.call_soon(lambda: self._scheduled_flush(conn))
-        elif not conn.blocked:
-            if loop.in_loop():
-                self._flush(conn)
-                return
-            decision = conn.defer()
-            if decision == _WRITE_NOW:
-                self._flush(conn)
-            elif decision == _WRITE_SCHEDULE:
-                loop.call_soon(lambda: self._scheduled_flush(conn))
+    def _live(self, conn: _Connection) -> bool:
+        return self._conn is conn
 
-    def _scheduled_flush(self, conn: _Connection) -> None:
-        conn.scheduled = False
-        if self._conn is conn:
+    def _write_on_loop(self, conn: _Connection) -> None:
+        if conn.tls or not conn.blocked:
             self._flush(conn)
 
-    def _flush(self, conn: _Connection) -> None:
+    def _write_failed(self, conn: _Connection, exc: OSError) -> None:
+        reason = f"write failed: {exc}"
         loop = self._loop
         assert loop is not None
-        try:
-            done = conn.write()
-        except OSError as exc:
-            reason = f"write failed: {exc}"
-            if loop.in_loop():
-                self._lost_after_write(conn, reason)
-            else:
-                loop.call_soon(lambda: self._lost_after_write(conn, reason))
-            return
-        if done is False:
-            if loop.in_loop():
-                self._update_events(conn)
-            else:
-                loop.call_soon(lambda: self._update_events(conn))
+        if loop.in_loop():
+            self._lost_after_write(conn, reason)
+        else:
+            loop.call_soon(lambda: self._lost_after_write(conn, reason))
 
     def _update_events(self, conn: _Connection) -> None:
         with self._sel_lock:
@@ -5663,8 +5911,6 @@ class TCPClientTransport(Transport):
     # -- loop thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        import selectors
-
         loop = self._loop
         assert loop is not None
         loop.ident = threading.get_ident()
@@ -5687,19 +5933,8 @@ class TCPClientTransport(Transport):
                     if key.data is None:
                         loop.run_calls(drain=True)
                         continue
-                    if key.data is not self._conn:
-                        continue
-                    try:
-                        if mask & selectors.EVENT_WRITE:
-                            conn.blocked = False
-                            self._flush(conn)
-                            if not conn.blocked:
-                                self._update_events(conn)
-                        if mask & selectors.EVENT_READ and self._conn is conn:
-                            self._on_readable(conn)
-                    except Exception:
-                        logger.exception("tcp client: internal error on %s", conn.peer)
-                        self._lost(conn, "internal error (see traceback)")
+                    if key.data is self._conn:
+                        self._serve_event(conn, mask)
                 loop.run_calls()
                 now = time.monotonic()
                 if now >= next_tick:
@@ -5724,42 +5959,12 @@ class TCPClientTransport(Transport):
         """Read and handle what arrived (holding _read_lock); False if the connection broke."""
         loop = self._loop
         assert loop is not None
-        try:
-            data = conn.recv()
-        except _would_block_errors(conn.tls):
-            return True
-        except OSError as exc:
-            self._lost_soon(conn, f"read failed: {exc}")
-            return False
-        if not data:
-            self._lost_soon(conn, "server closed the connection")
-            return False
-        conn.last_recv = time.monotonic()
-        conn.ping_sent = False
-        try:
-            bodies = conn.decoder.feed(data)
-        except FrameTooLargeError as exc:
-            self._counts["oversize_frames"] += 1
-            self._lost_soon(conn, f"server sent an oversize frame: {exc}")
+        bodies = self._read_frames(conn)
+        if bodies is None:
             return False
         batch: List[Tuple[Tuple[Any, ...], Message]] = []
         for body in bodies:
-            control = _fast_control(body)
-            if control is not None:
-                self._on_control(conn, control[0], control[1])
-                continue
-            try:
-                message = decode(body)
-            except FrameError as exc:
-                self._counts["frame_errors"] += 1
-                logger.warning("tcp client: rejected a frame from %s: %s", conn.peer, exc)
-                continue
-            topic = message.topic
-            if topic[0] == "$":
-                self._on_control(conn, topic, message.payload)
-            else:
-                self._counts["messages_in"] += 1
-                self._deliver(message, batch)
+            self._on_frame(conn, body, batch)
         if batch:
             self._dispatcher.put_many(batch)
             if self._dispatcher.high and not conn.paused:
@@ -5769,6 +5974,42 @@ class TCPClientTransport(Transport):
                 else:
                     loop.call_soon(lambda: self._update_events(conn))
         return True
+
+    def _may_read(self, conn: _Connection) -> bool:
+        return self._conn is conn
+
+    def _internal_error(self, conn: _Connection) -> None:
+        self._lost(conn, "internal error (see traceback)")
+
+    def _read_failed(self, conn: _Connection, exc: OSError) -> None:
+        self._lost_soon(conn, f"read failed: {exc}")
+
+    def _peer_closed(self, conn: _Connection) -> None:
+        self._lost_soon(conn, "server closed the connection")
+
+    def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
+        self._counts["oversize_frames"] += 1
+        self._lost_soon(conn, f"server sent an oversize frame: {exc}")
+
+    def _bad_frame(self, conn: _Connection, exc: FrameError) -> None:
+        self._counts["frame_errors"] += 1
+        logger.warning("tcp client: rejected a frame from %s: %s", conn.peer, exc)
+
+    def _on_message(
+        self, conn: _Connection, message: Message, body: bytes, batch: Optional[List[Any]]
+    ) -> None:
+        self._counts["messages_in"] += 1
+        assert batch is not None
+        self._deliver(message, batch)
+
+    def _dead(self, conn: _Connection, reason: str) -> None:
+        self._counts["dead_peers"] += 1
+        self._lost(conn, reason)
+
+    def _send_ping(self, conn: _Connection) -> None:
+        with self._lock:
+            self._pings_sent += 1
+            conn.enqueue(_control_frame("$ping", {}))
 
     def _lost_soon(self, conn: _Connection, reason: str) -> None:
         loop = self._loop
@@ -5830,20 +6071,8 @@ class TCPClientTransport(Transport):
 
     def _tick(self, now: float) -> None:
         conn = self._conn
-        if conn is None:
+        if conn is None or not self._check_alive(conn, now):
             return
-        interval = self.ping_interval
-        if interval and conn.handshake and "ping" in conn.features:
-            silent = now - conn.last_recv
-            if silent > 2 * interval:
-                self._counts["dead_peers"] += 1
-                self._lost(conn, f"dead peer: nothing received for {silent:.1f} s")
-                return
-            if silent > interval and not conn.ping_sent:
-                conn.ping_sent = True
-                with self._lock:
-                    self._pings_sent += 1
-                    conn.enqueue(_control_frame("$ping", {}))
         if self._removals or self._deferred:
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
@@ -5928,15 +6157,7 @@ class TCPClientTransport(Transport):
                 with conn.lock:
                     conn.closed = True
                     conn.out.clear()
-                if conn.events:
-                    try:
-                        self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
-                    except (KeyError, ValueError, OSError):
-                        pass
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
+                self._close_socket(conn)
         for inbox in failed:
             inbox._fail(f"connection to {conn.peer} lost before the reply came: {reason}")
         if self._closing.is_set():
@@ -5987,11 +6208,6 @@ class TCPClientTransport(Transport):
             # While close() waits to deliver the backlog, retry briskly.
             delay = min(delay * 2, 0.1 if self._closed else self.backoff_max)
         return False
-
-    def _dispatch_low(self) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
         conn = self._conn

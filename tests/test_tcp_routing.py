@@ -182,8 +182,8 @@ def test_requests_send_no_interest_frame_for_their_inbox(tcp, monkeypatch):
     queue = ef.MessageQueue(transport=server)
     queue.on("svc", lambda m: queue.reply(m, m.payload))
     interest_frames = []
-    original = server._on_interest
-    monkeypatch.setattr(server, "_on_interest",
+    original = server._protocol.on_interest
+    monkeypatch.setattr(server._protocol, "on_interest",
                         lambda conn, payload: (interest_frames.append(payload),
                                                original(conn, payload)))
     client = tcp.client(server.port)
@@ -236,13 +236,13 @@ def test_implicit_routes_are_bounded_and_cleared_with_the_connection(tcp):
 
 def test_peers_without_the_reply_feature_use_explicit_interest(tcp):
     server = tcp.server()
-    hello = server._on_hello
+    hello = server._protocol.on_hello
 
     def old_hello(conn, payload):  # a server from before the feature
         payload = dict(payload, features=[f for f in payload["features"] if f != "reply"])
         hello(conn, payload)
 
-    server._on_hello = old_hello
+    server._protocol.on_hello = old_hello
     queue = ef.MessageQueue(transport=server)
     queue.on("svc", lambda m: queue.reply(m, m.payload + 1))
     client = tcp.client(server.port)
