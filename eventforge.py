@@ -60,14 +60,17 @@ from typing import (
     Iterable,
     List,
     Optional,
+    Sequence,
     Tuple,
     Type,
+    Union,
 )
 
 if TYPE_CHECKING:  # real types for annotations, at no import cost
-    import selectors  # noqa: F401  (used as the sections adopt them)
-    import socket  # noqa: F401  (used as the sections adopt them)
-    import ssl  # noqa: F401  (used as the sections adopt them)
+    import select
+    import selectors
+    import socket
+    import ssl
     from concurrent.futures import Future  # noqa: F401  (used as the sections adopt them)
 
 __version__ = "0.1.0"
@@ -2102,27 +2105,29 @@ class _LogLimiter:
 
     For events a peer can repeat at will (a dropped frame, an expired
     request): one line per interval says how many there were, so the log
-    stays readable and cheap.  Races between threads cost at most a line.
+    stays readable and cheap.  Any thread may call :meth:`log`.
     """
 
-    __slots__ = ("interval", "level", "_next", "_skipped")
+    __slots__ = ("interval", "level", "_lock", "_next", "_skipped")
 
     def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
         self.interval = interval
         self.level = level
+        self._lock = threading.Lock()
         self._next = 0.0
         self._skipped = 0
 
     def log(self, msg: str, *args: Any) -> None:
         now = _monotonic()
-        if now < self._next:
-            self._skipped += 1
-            return
-        if self._skipped:
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return
+            skipped, self._skipped = self._skipped, 0
+            self._next = now + self.interval
+        if skipped:
             msg += " (%d more since the last such line)"
-            args += (self._skipped,)
-        self._skipped = 0
-        self._next = now + self.interval
+            args += (skipped,)
         logger.log(self.level, msg, *args)
 
 
@@ -2276,7 +2281,7 @@ class _Connection:
     )
 
     def __init__(
-        self, sock: Any, peer: str, max_frame_size: int, max_outbound: int, tls: bool
+        self, sock: socket.socket, peer: str, max_frame_size: int, max_outbound: int, tls: bool
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -2289,7 +2294,7 @@ class _Connection:
         self.out: Deque[bytes] = collections.deque()
         self.out_bytes = 0
         self.max_outbound = max_outbound
-        self.cur: Any = None  # the chunk being written (TLS retries it unchanged)
+        self.cur: Union[bytes, memoryview, None] = None  # being written (TLS retries it as is)
         self.writing = False
         self.blocked = False  # the kernel refused bytes: wait for EVENT_WRITE
         self.closed = False
@@ -2320,7 +2325,7 @@ class _Connection:
         self.running = False
         self.queued = False
         self.caller_reading = False  # client: a waiting caller reads the socket itself
-        self.poller: Any = None
+        self.poller: Optional[select.poll] = None
         # Server, "acknowledge after handling": the numbers of the frames read
         # whose handler calls had not finished when last looked (loop thread
         # only), how many of those were since seen finished, and the finished
@@ -2337,7 +2342,7 @@ class _Connection:
         self.name: Optional[str] = None
         self.started_at = time.time()
 
-    def set_events(self, selector: Any, paused: bool = False) -> bool:
+    def set_events(self, selector: selectors.BaseSelector, paused: bool = False) -> bool:
         """Register the events this connection now waits for; False if unchanged.
 
         Reading stops while it (or its whole transport) is ``paused``;
@@ -2364,7 +2369,7 @@ class _Connection:
         sock = self.sock
         data = sock.recv(_RECV_SIZE)
         if self.tls and data:
-            while sock.pending():
+            while sock.pending():  # type: ignore[attr-defined]  # an ssl.SSLSocket
                 data += sock.recv(_RECV_SIZE)
         return data
 
@@ -2547,7 +2552,7 @@ def _epoll_mask(events: int, read: bool) -> int:
     return mask
 
 
-def _socketpair() -> Tuple[Any, Any]:
+def _socketpair() -> Tuple[socket.socket, socket.socket]:
     import socket
 
     try:
@@ -2578,6 +2583,10 @@ class _Dispatcher:
     waiting one; the old thread ends when its callback returns.  At most
     ``_MAX_DISPATCH_THREADS`` threads exist; beyond that the callback waits
     in place (until its timeout, if its reply needs the queue).
+
+    Locks: ``_mutex`` guards the queue and the thread bookkeeping;
+    ``_signal`` is only ever released and acquired as a wake-up, never
+    held together with ``_mutex``.
     """
 
     def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None],
@@ -2965,66 +2974,41 @@ class _TCPEndpoint(Transport):
         if loop is not None:
             loop.call_soon(self._resume_reading)
 
-    # -- hooks ---------------------------------------------------------------------
+    # -- hooks: what each side does (the subclass defines them) ---------------------
+    #
+    # _live(conn): a flush scheduled for ``conn`` is still wanted.
+    # _write_on_loop(conn): a frame was queued on the I/O thread: write it now
+    #     or with the loop's batch.  _write_failed(conn, exc): writing broke.
+    # _update_events(conn): register the selector events ``conn`` waits for.
+    # _may_read(conn), _on_readable(conn): whether and how to read on EVENT_READ.
+    # _internal_error(conn): a bug surfaced while serving ``conn`` (logged): close it.
+    # _read_failed(conn, exc), _peer_closed(conn): the connection ended.
+    # _bytes_read(n): count input.  _oversize(conn, exc, data): the peer
+    #     announced a frame over our max_frame_size (``exc.frames``: the ones before).
+    # _bad_frame(conn, exc), _on_control(conn, topic, payload),
+    #     _on_message(conn, message, body, batch): what a frame turned out to be.
+    # _dead(conn, reason): silent for two ping intervals.  _send_ping(conn).
+    # _resume_reading(): the handler backlog went down.
 
-    def _live(self, conn: _Connection) -> bool:
-        """Whether a flush scheduled for ``conn`` is still wanted."""
-        raise NotImplementedError
-
-    def _write_on_loop(self, conn: _Connection) -> None:
-        """A frame was queued on the I/O thread: write it now or with the loop's batch."""
-        raise NotImplementedError
-
-    def _write_failed(self, conn: _Connection, exc: OSError) -> None:
-        raise NotImplementedError
-
-    def _update_events(self, conn: _Connection) -> None:
-        """Register the selector events ``conn`` now waits for."""
-        raise NotImplementedError
-
-    def _may_read(self, conn: _Connection) -> bool:
-        raise NotImplementedError
-
-    def _on_readable(self, conn: _Connection) -> None:
-        raise NotImplementedError
-
-    def _internal_error(self, conn: _Connection) -> None:
-        """A bug surfaced while serving ``conn`` (logged already): close it."""
-        raise NotImplementedError
-
-    def _read_failed(self, conn: _Connection, exc: OSError) -> None:
-        raise NotImplementedError
-
-    def _peer_closed(self, conn: _Connection) -> None:
-        raise NotImplementedError
+    _live: Callable[[_Connection], bool]
+    _write_on_loop: Callable[[_Connection], None]
+    _write_failed: Callable[[_Connection, OSError], None]
+    _update_events: Callable[[_Connection], None]
+    _may_read: Callable[[_Connection], bool]
+    _on_readable: Callable[[_Connection], Any]
+    _internal_error: Callable[[_Connection], None]
+    _read_failed: Callable[[_Connection, OSError], None]
+    _peer_closed: Callable[[_Connection], None]
+    _oversize: Callable[[_Connection, FrameTooLargeError, bytes], None]
+    _bad_frame: Callable[[_Connection, FrameError], None]
+    _on_control: Callable[[_Connection, str, Any], None]
+    _on_message: Callable[[_Connection, Message, bytes, Optional[List[Any]]], None]
+    _dead: Callable[[_Connection, str], None]
+    _send_ping: Callable[[_Connection], None]
+    _resume_reading: Callable[[], None]
 
     def _bytes_read(self, size: int) -> None:
         pass
-
-    def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
-        """The peer announced a frame over our ``max_frame_size`` (``exc.frames``: those before)."""
-        raise NotImplementedError
-
-    def _bad_frame(self, conn: _Connection, exc: FrameError) -> None:
-        raise NotImplementedError
-
-    def _on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
-        raise NotImplementedError
-
-    def _on_message(
-        self, conn: _Connection, message: Message, body: bytes, batch: Optional[List[Any]]
-    ) -> None:
-        raise NotImplementedError
-
-    def _dead(self, conn: _Connection, reason: str) -> None:
-        """``conn`` stayed silent for two ping intervals: give it up."""
-        raise NotImplementedError
-
-    def _send_ping(self, conn: _Connection) -> None:
-        raise NotImplementedError
-
-    def _resume_reading(self) -> None:
-        raise NotImplementedError
 
 
 class _Routes:
@@ -3049,6 +3033,8 @@ class _Routes:
 
         A message that went to any connection is not kept in a local mailbox.
         """
+        if not self.broadcast and topic not in self.exact and not len(self.patterns):
+            return [], False  # nothing to route to (a reply to a local requester, say)
         targets = list(self.exact.get(topic, ()))
         if topic.startswith(INBOX_PREFIXES):
             # An inbox is private: it goes only to the connection whose request
@@ -3214,6 +3200,25 @@ class _ServerWriter:
             if not conn.closed:
                 self._server._flush(conn)
 
+    def write_out(self, conns: List[_Connection], deadline: float) -> None:
+        """Write what ``conns`` have queued, waiting until ``deadline`` at most (closing)."""
+        import selectors
+
+        pending = [c for c in conns if c.out_bytes and not c.closed]
+        while pending and time.monotonic() < deadline:
+            for conn in pending:
+                self._server._flush(conn)
+            pending = [c for c in pending if c.out_bytes and not c.closed]
+            if pending:
+                try:
+                    waiting = selectors.DefaultSelector()
+                    for conn in pending:
+                        waiting.register(conn.sock, selectors.EVENT_WRITE)
+                    waiting.select(max(0.0, deadline - time.monotonic()))
+                    waiting.close()
+                except (OSError, ValueError):
+                    break
+
 
 class _Listener:
     """A server's listening socket: binding it and accepting new connections.
@@ -3318,9 +3323,10 @@ class _Listener:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                tls = server.ssl_context is not None
-                if tls:
-                    sock = server.ssl_context.wrap_socket(
+                context = server.ssl_context
+                tls = context is not None
+                if context is not None:
+                    sock = context.wrap_socket(
                         sock, server_side=True, do_handshake_on_connect=False
                     )
             except OSError as exc:
@@ -3358,7 +3364,7 @@ class _ServerProtocol:
         server = self._server
         ssl = _ssl_module()
         try:
-            conn.sock.do_handshake()
+            conn.sock.do_handshake()  # type: ignore[attr-defined]  # an ssl.SSLSocket
         except ssl.SSLWantReadError:
             if conn.blocked:
                 conn.blocked = False
@@ -3640,7 +3646,7 @@ class _DispatchMode:
     """
 
     runs_on_loop = False  # True: callbacks run on the I/O thread itself
-    ready: Any = ()  # connections with calls for the loop thread to run (leader only)
+    ready: Sequence[_Connection] = ()  # connections with calls for the loop thread (leader)
     backlog = 0
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -3713,6 +3719,9 @@ class _InlineDispatch(_DispatchMode):
         run = self.call
         for call in batch:
             run(*call)
+        server = self._server
+        if server._dirty:  # the replies go out now, not after the loop's other work
+            server._writer.flush_dirty()
         return False
 
 
@@ -3899,6 +3908,9 @@ class _LeaderFollower(_DispatchMode):
             self.backlog += len(batch)
             call = self._next_call(conn, me)
         self._run_connection(conn, call)
+        server = self._server
+        if server._dirty and server._loop.ident == me:  # type: ignore[union-attr]
+            server._writer.flush_dirty()  # the replies go out now
 
     def run_ready(self) -> bool:
         server = self._server
@@ -4056,6 +4068,14 @@ class TCPServerTransport(_TCPEndpoint):
     only to the connection whose request opened the inbox.
     ``allow_frame_only=False`` refuses peers that do not start with
     ``$hello`` (a server with a ``secret`` always does).
+
+    Inside, collaborators do the separate jobs: :class:`_Listener` accepts,
+    :class:`_ServerProtocol` speaks the handshake and control frames,
+    :class:`_Routes` says where a message goes, :class:`_ServerWriter` gets
+    frames written and a :class:`_DispatchMode` runs the handlers.  Locks,
+    outermost first: ``_lock`` (start and close only), a dispatch mode's
+    lock, ``_ServerWriter._fanout_lock``, a connection's ``lock``; the
+    routing table is copy-on-write and needs none.
     """
 
     _log_name = "tcp server"
@@ -4068,7 +4088,7 @@ class TCPServerTransport(_TCPEndpoint):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_connections: int = 1024,
         secret: Any = None,
-        ssl_context: Any = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
         ping_interval: Optional[float] = 15.0,
         max_outbound_bytes: int = 16 * 1024 * 1024,
         handshake_timeout: float = 5.0,
@@ -4129,6 +4149,10 @@ class TCPServerTransport(_TCPEndpoint):
         self._closed = False
         self._reads_stopped = threading.Event()
         self._counts: Dict[str, _Counter] = {name: _Counter() for name in _SERVER_COUNTERS}
+        # Bumped by the loop thread only (one writer, no lost update), read by
+        # any: plain ints on the hottest path.
+        self._messages_in = 0
+        self._bytes_in = 0
         self._closed_conns: Deque[Dict[str, Any]] = collections.deque(maxlen=_CLOSED_KEPT)
         self._gone_bytes_out = 0  # bytes sent by connections that closed since
         self._mode = _DISPATCH_MODES[dispatch](self)  # runs the handler calls
@@ -4261,13 +4285,15 @@ class TCPServerTransport(_TCPEndpoint):
             # Closed while this send was under way (by a handler its routing
             # woke, say): the send was accepted above; nothing local is left.
             return
-        self._local._run_subscriptions(subscriptions, message)
+        if subscriptions:
+            self._local._run_subscriptions(subscriptions, message)
 
     @property
     def stats(self) -> Dict[str, int]:
         """Local delivery counters plus connection, frame and refusal counters."""
         stats = dict(self._local.stats)
         stats.update((name, counter.value) for name, counter in list(self._counts.items()))
+        stats["messages_in"], stats["bytes_in"] = self._messages_in, self._bytes_in
         conns = list(self._conns.values())
         stats["connections"] = len(conns)
         stats["handshake_peers"] = sum(1 for c in conns if c.handshake)
@@ -4360,7 +4386,7 @@ class TCPServerTransport(_TCPEndpoint):
             self._drop(conn, "disconnects", "peer closed the connection", logging.DEBUG)
 
     def _bytes_read(self, size: int) -> None:
-        self._counts["bytes_in"].add(size)
+        self._bytes_in += size
 
     def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
         for body in getattr(exc, "frames", ()):
@@ -4525,7 +4551,7 @@ class TCPServerTransport(_TCPEndpoint):
                            "authentication required: a message arrived before the handshake")
                 return
         conn.received += 1
-        self._counts["messages_in"].add()
+        self._messages_in += 1
         self._route_incoming(conn, message, body, batch)
 
     def _route_incoming(
@@ -4619,27 +4645,11 @@ class TCPServerTransport(_TCPEndpoint):
 
     def _shutdown(self, deadline: float) -> None:
         # Acknowledge what was handled, flush replies (until ``deadline``), then close.
-        import selectors
-
-        loop = self._loop
-        assert loop is not None
-        for conn in list(self._conns.values()):
+        conns = list(self._conns.values())
+        for conn in conns:
             if conn.waiting is not None and not conn.closed:
                 self._protocol.report_progress(conn)
-        pending = [c for c in self._conns.values() if c.out_bytes and not c.closed]
-        while pending and time.monotonic() < deadline:
-            for conn in pending:
-                self._flush(conn)
-            pending = [c for c in pending if c.out_bytes and not c.closed]
-            if pending:
-                try:
-                    waiting = selectors.DefaultSelector()
-                    for conn in pending:
-                        waiting.register(conn.sock, selectors.EVENT_WRITE)
-                    waiting.select(max(0.0, deadline - time.monotonic()))
-                    waiting.close()
-                except (OSError, ValueError):
-                    break
+        self._writer.write_out(conns, deadline)
         self._closing_done = True
 
     def _teardown(self) -> None:
