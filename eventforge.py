@@ -4404,6 +4404,7 @@ class TCPServerTransport(_TCPEndpoint):
         self._push(conn, _control_frame("$ping", {}))
 
     def _close_later(self, conn: _Connection, counter: str, reason: str) -> None:
+        """Close ``conn`` from any thread: at once on the loop thread, else soon there."""
         loop = self._loop
         if loop is not None and loop.in_loop():
             self._drop(conn, counter, reason)
@@ -4470,7 +4471,7 @@ class TCPServerTransport(_TCPEndpoint):
 
     _closing_done = False
 
-    # -- every dispatch mode --------------------------------------------------------
+    # -- reading and routing --------------------------------------------------------
 
     def _drain(self, deadline: float) -> bool:
         """Wait until reads stopped and every handler call read so far has run."""
