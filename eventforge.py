@@ -60,15 +60,18 @@ from typing import (
     Iterable,
     List,
     Optional,
+    Sequence,
     Tuple,
     Type,
+    Union,
 )
 
 if TYPE_CHECKING:  # real types for annotations, at no import cost
     import asyncio
-    import selectors  # noqa: F401  (used as the sections adopt them)
-    import socket  # noqa: F401  (used as the sections adopt them)
-    import ssl  # noqa: F401  (used as the sections adopt them)
+    import select
+    import selectors
+    import socket
+    import ssl
     from concurrent.futures import Future  # noqa: F401  (used as the sections adopt them)
 
 __version__ = "0.1.0"
@@ -2207,7 +2210,7 @@ class MemoryTransport(Transport):
 # network reach inboxes and blocked receivers straight from the reading
 # thread.  The server runs subscriber callbacks on the thread that read the
 # frame and hands the loop to a standby thread when one blocks (leader/
-# follower, see _lf_main); the client runs them on a dispatcher thread (a
+# follower, see _LeaderFollower); the client runs them on a dispatcher thread (a
 # callback that waits for a reply hands that role to a new thread first), and a
 # caller waiting for a reply reads the socket itself (_read_until).  Either
 # way a handler may block (even on a request over the same connection)
@@ -2234,7 +2237,6 @@ _MAX_DISPATCH_THREADS = 32  # client callbacks waiting for a reply, plus the one
 # while handlers run, and sleeps until woken after a second without any.
 _TAKEOVER_AFTER = 0.002
 _STANDBY_IDLE = 1.0
-_DISPATCH_MODES = ("leader", "thread", "inline")
 _MAX_PEER_NAME = 128
 _CLOSED_KEPT = 256  # closed connections a server remembers for a monitor (a ring)
 _conn_ids = itertools.count(1)
@@ -2291,27 +2293,29 @@ class _LogLimiter:
 
     For events a peer can repeat at will (a dropped frame, an expired
     request): one line per interval says how many there were, so the log
-    stays readable and cheap.  Races between threads cost at most a line.
+    stays readable and cheap.  Any thread may call :meth:`log`.
     """
 
-    __slots__ = ("interval", "level", "_next", "_skipped")
+    __slots__ = ("interval", "level", "_lock", "_next", "_skipped")
 
     def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
         self.interval = interval
         self.level = level
+        self._lock = threading.Lock()
         self._next = 0.0
         self._skipped = 0
 
     def log(self, msg: str, *args: Any) -> None:
         now = _monotonic()
-        if now < self._next:
-            self._skipped += 1
-            return
-        if self._skipped:
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return
+            skipped, self._skipped = self._skipped, 0
+            self._next = now + self.interval
+        if skipped:
             msg += " (%d more since the last such line)"
-            args += (self._skipped,)
-        self._skipped = 0
-        self._next = now + self.interval
+            args += (skipped,)
         logger.log(self.level, msg, *args)
 
 
@@ -2465,7 +2469,7 @@ class _Connection:
     )
 
     def __init__(
-        self, sock: Any, peer: str, max_frame_size: int, max_outbound: int, tls: bool
+        self, sock: socket.socket, peer: str, max_frame_size: int, max_outbound: int, tls: bool
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -2478,7 +2482,7 @@ class _Connection:
         self.out: Deque[bytes] = collections.deque()
         self.out_bytes = 0
         self.max_outbound = max_outbound
-        self.cur: Any = None  # the chunk being written (TLS retries it unchanged)
+        self.cur: Union[bytes, memoryview, None] = None  # being written (TLS retries it as is)
         self.writing = False
         self.blocked = False  # the kernel refused bytes: wait for EVENT_WRITE
         self.closed = False
@@ -2509,7 +2513,7 @@ class _Connection:
         self.running = False
         self.queued = False
         self.caller_reading = False  # client: a waiting caller reads the socket itself
-        self.poller: Any = None
+        self.poller: Optional[select.poll] = None
         # Server, "acknowledge after handling": the numbers of the frames read
         # whose handler calls had not finished when last looked (loop thread
         # only), how many of those were since seen finished, and the finished
@@ -2526,7 +2530,7 @@ class _Connection:
         self.name: Optional[str] = None
         self.started_at = time.time()
 
-    def set_events(self, selector: Any, paused: bool = False) -> bool:
+    def set_events(self, selector: selectors.BaseSelector, paused: bool = False) -> bool:
         """Register the events this connection now waits for; False if unchanged.
 
         Reading stops while it (or its whole transport) is ``paused``;
@@ -2553,7 +2557,7 @@ class _Connection:
         sock = self.sock
         data = sock.recv(_RECV_SIZE)
         if self.tls and data:
-            while sock.pending():
+            while sock.pending():  # type: ignore[attr-defined]  # an ssl.SSLSocket
                 data += sock.recv(_RECV_SIZE)
         return data
 
@@ -2736,7 +2740,7 @@ def _epoll_mask(events: int, read: bool) -> int:
     return mask
 
 
-def _socketpair() -> Tuple[Any, Any]:
+def _socketpair() -> Tuple[socket.socket, socket.socket]:
     import socket
 
     try:
@@ -2767,6 +2771,10 @@ class _Dispatcher:
     waiting one; the old thread ends when its callback returns.  At most
     ``_MAX_DISPATCH_THREADS`` threads exist; beyond that the callback waits
     in place (until its timeout, if its reply needs the queue).
+
+    Locks: ``_mutex`` guards the queue and the thread bookkeeping;
+    ``_signal`` is only ever released and acquired as a wake-up, never
+    held together with ``_mutex``.
     """
 
     def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None],
@@ -2905,7 +2913,1267 @@ class _Dispatcher:
         return dropped
 
 
-class TCPServerTransport(Transport):
+class _TCPEndpoint(Transport):
+    """What both ends of an eventforge TCP connection do; subclassed by the server and client.
+
+    A local :class:`MemoryTransport` (``_local``) delivers in this process;
+    the plain transport methods pass through to it (the client overrides
+    them to keep the server told of its interest).  On top: getting queued
+    frames written (:meth:`_kick`, :meth:`_flush`), reading and decoding
+    frames (:meth:`_read_frames`, :meth:`_on_frame`), pings and the
+    dead-peer check (:meth:`_check_alive`) and one selector event
+    (:meth:`_serve_event`).  Subclasses provide ``_local``, ``_loop`` and
+    ``ping_interval`` and the hooks below, which say what their side does
+    when a write fails, a peer closes, a frame is bad ... (socketserver
+    style: the base calls, the subclass decides).
+    """
+
+    _local: MemoryTransport
+    _loop: Optional[_Loop]
+    ping_interval: Optional[float]
+    _log_name = "tcp"  # "tcp server" / "tcp client" in log lines
+
+    # -- Transport API: the local transport ---------------------------------------
+
+    def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
+        """Take the next message on the exact ``topic`` (published here or by a peer)."""
+        return self._local.receive(topic, timeout)
+
+    async def receive_async(
+        self, topic: str, timeout: Optional[float] = None
+    ) -> Optional[Message]:
+        """Asyncio-native :meth:`receive`."""
+        return await self._local.receive_async(topic, timeout)
+
+    def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
+        """Call ``callback`` for messages matching ``topic``, local or from peers."""
+        return self._local.subscribe(topic, callback)
+
+    def subscribe_handler(
+        self,
+        topic: str,
+        handler: Callable[[Message], Any],
+        on_error: Callable[[Any, Message, BaseException], Any],
+    ) -> str:
+        """Subscribe ``handler``, routing its exceptions to ``on_error``."""
+        return self._local.subscribe_handler(topic, handler, on_error)
+
+    def unsubscribe(self, subscription_id: str) -> bool:
+        """Remove a subscription; return False if the id is unknown."""
+        return self._local.unsubscribe(subscription_id)
+
+    def open_inbox(self, topic: str) -> Inbox:
+        """Open an inbox on the exact ``topic`` (replies from peers land here)."""
+        return self._local.open_inbox(topic)
+
+    # -- writing ------------------------------------------------------------------
+
+    def _kick(self, conn: _Connection) -> None:
+        """Get ``conn``'s queued frames written (any thread).
+
+        On the I/O thread :meth:`_write_on_loop` decides.  Elsewhere an idle
+        connection is written at once by the caller (no thread hop); frames
+        following each other closely are left to the I/O thread, which
+        writes them in batches; a TLS socket is only ever written by the
+        I/O thread.
+        """
+        loop = self._loop
+        if loop is None:
+            return
+        if loop.in_loop():
+            self._write_on_loop(conn)
+        elif conn.tls:
+            if not conn.scheduled:
+                conn.scheduled = True
+                loop.call_soon(lambda: self._scheduled_flush(conn))
+        elif not conn.blocked:
+            decision = conn.defer()
+            if decision == _WRITE_NOW:
+                self._flush(conn)
+            elif decision == _WRITE_SCHEDULE:
+                loop.call_soon(lambda: self._scheduled_flush(conn))
+
+    def _scheduled_flush(self, conn: _Connection) -> None:
+        conn.scheduled = False
+        if self._live(conn):
+            self._flush(conn)
+
+    def _flush(self, conn: _Connection) -> None:
+        """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            done = conn.write()
+        except OSError as exc:
+            self._write_failed(conn, exc)
+            return
+        if done is False:
+            if loop.in_loop():
+                self._update_events(conn)
+            else:
+                loop.call_soon(lambda: self._update_events(conn))
+
+    def _on_writable(self, conn: _Connection) -> None:
+        conn.blocked = False
+        self._flush(conn)
+        if not conn.blocked:
+            self._update_events(conn)
+
+    # -- reading ------------------------------------------------------------------
+
+    def _serve_event(self, conn: _Connection, mask: int) -> None:
+        """Handle one selector event of ``conn`` (loop thread); a bug closes only ``conn``."""
+        try:
+            if mask & 2:  # selectors.EVENT_WRITE
+                self._on_writable(conn)
+            if mask & 1 and self._may_read(conn):  # selectors.EVENT_READ
+                self._on_readable(conn)
+        except Exception:
+            logger.exception("%s: internal error on %s", self._log_name, conn.peer)
+            self._internal_error(conn)
+
+    def _read_frames(self, conn: _Connection) -> Optional[List[bytes]]:
+        """Read what arrived on ``conn`` and cut it into frame bodies.
+
+        ``[]`` if no whole frame is there yet; None once the connection ended
+        (the hooks were told why).
+        """
+        try:
+            data = conn.recv()
+        except _would_block_errors(conn.tls):
+            return []
+        except OSError as exc:
+            self._read_failed(conn, exc)
+            return None
+        if not data:
+            self._peer_closed(conn)
+            return None
+        now = time.monotonic()
+        conn.last_recv = now
+        conn.ping_sent = False
+        conn.bytes_in += len(data)
+        self._bytes_read(len(data))
+        try:
+            bodies = conn.decoder.feed(data)
+        except FrameTooLargeError as exc:
+            self._oversize(conn, exc, data)
+            return None
+        if conn.decoder.buffered == 0:
+            conn.frame_started = None
+        elif bodies or conn.frame_started is None:
+            conn.frame_started = now
+        return bodies
+
+    def _on_frame(
+        self, conn: _Connection, body: bytes, batch: Optional[List[Any]] = None
+    ) -> None:
+        """Decode one frame body: a control frame, a message or garbage."""
+        control = _fast_control(body)
+        if control is not None:
+            self._on_control(conn, control[0], control[1])
+            return
+        try:
+            message = decode(body)
+        except FrameError as exc:
+            self._bad_frame(conn, exc)
+            return
+        topic = message.topic
+        if topic[0] == "$":
+            self._on_control(conn, topic, message.payload)
+        else:
+            self._on_message(conn, message, body, batch)
+
+    # -- pings --------------------------------------------------------------------
+
+    def _check_alive(self, conn: _Connection, now: float) -> bool:
+        """Ping a quiet peer, give up on a silent one; False if ``conn`` was given up."""
+        interval = self.ping_interval
+        if interval and conn.handshake and "ping" in conn.features:
+            silent = now - conn.last_recv
+            if silent > 2 * interval:
+                self._dead(conn, f"dead peer: nothing received for {silent:.1f} s")
+                return False
+            if silent > interval and not conn.ping_sent:
+                conn.ping_sent = True
+                self._send_ping(conn)
+        return True
+
+    # -- closing ------------------------------------------------------------------
+
+    def _close_socket(self, conn: _Connection) -> None:
+        """Take ``conn``'s socket out of the selector and close it (loop thread)."""
+        if conn.events:
+            try:
+                self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
+            except (KeyError, ValueError, OSError):
+                pass
+            conn.events = 0
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _dispatch_low(self) -> None:
+        # The handler backlog went down: read again (on the loop thread).
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon(self._resume_reading)
+
+    # -- hooks: what each side does (the subclass defines them) ---------------------
+    #
+    # _live(conn): a flush scheduled for ``conn`` is still wanted.
+    # _write_on_loop(conn): a frame was queued on the I/O thread: write it now
+    #     or with the loop's batch.  _write_failed(conn, exc): writing broke.
+    # _update_events(conn): register the selector events ``conn`` waits for.
+    # _may_read(conn), _on_readable(conn): whether and how to read on EVENT_READ.
+    # _internal_error(conn): a bug surfaced while serving ``conn`` (logged): close it.
+    # _read_failed(conn, exc), _peer_closed(conn): the connection ended.
+    # _bytes_read(n): count input.  _oversize(conn, exc, data): the peer
+    #     announced a frame over our max_frame_size (``exc.frames``: the ones before).
+    # _bad_frame(conn, exc), _on_control(conn, topic, payload),
+    #     _on_message(conn, message, body, batch): what a frame turned out to be.
+    # _dead(conn, reason): silent for two ping intervals.  _send_ping(conn).
+    # _resume_reading(): the handler backlog went down.
+
+    _live: Callable[[_Connection], bool]
+    _write_on_loop: Callable[[_Connection], None]
+    _write_failed: Callable[[_Connection, OSError], None]
+    _update_events: Callable[[_Connection], None]
+    _may_read: Callable[[_Connection], bool]
+    _on_readable: Callable[[_Connection], Any]
+    _internal_error: Callable[[_Connection], None]
+    _read_failed: Callable[[_Connection, OSError], None]
+    _peer_closed: Callable[[_Connection], None]
+    _oversize: Callable[[_Connection, FrameTooLargeError, bytes], None]
+    _bad_frame: Callable[[_Connection, FrameError], None]
+    _on_control: Callable[[_Connection, str, Any], None]
+    _on_message: Callable[[_Connection, Message, bytes, Optional[List[Any]]], None]
+    _dead: Callable[[_Connection, str], None]
+    _send_ping: Callable[[_Connection], None]
+    _resume_reading: Callable[[], None]
+
+    def _bytes_read(self, size: int) -> None:
+        pass
+
+
+class _Routes:
+    """A server's routing table: the connections a message on a topic goes to.
+
+    ``exact`` maps exact topics to connections, ``patterns`` holds the
+    wildcard interest (keyed by ``(connection id, pattern)``) and
+    ``broadcast`` the frame-only peers, which get every routed message but
+    inbox ones.  Written by the loop thread only, read by any thread without
+    a lock: values are replaced, never mutated (copy on write).
+    """
+
+    __slots__ = ("exact", "patterns", "broadcast")
+
+    def __init__(self) -> None:
+        self.exact: Dict[str, Tuple[_Connection, ...]] = {}
+        self.patterns = SubscriptionTrie()
+        self.broadcast: Tuple[_Connection, ...] = ()
+
+    def targets(self, topic: str, origin: Optional[_Connection]) -> Tuple[List[_Connection], bool]:
+        """Connections a message on ``topic`` goes to, and whether there are any.
+
+        A message that went to any connection is not kept in a local mailbox.
+        """
+        if not self.broadcast and topic not in self.exact and not len(self.patterns):
+            return [], False  # nothing to route to (a reply to a local requester, say)
+        targets = list(self.exact.get(topic, ()))
+        if topic.startswith(INBOX_PREFIXES):
+            # An inbox is private: it goes only to the connection whose request
+            # opened it, or that named this exact topic; no pattern matches it
+            # and frame-only peers do not get it.
+            if targets:
+                targets = [conn for conn in targets if not conn.closed]
+            return targets, bool(targets)
+        if len(self.patterns):
+            matched = self.patterns.match(topic)
+            if matched:
+                if targets:
+                    seen = {c.id for c in targets}
+                    for conn in matched:
+                        if conn.id not in seen:
+                            seen.add(conn.id)
+                            targets.append(conn)
+                else:
+                    targets = list({c.id: c for c in matched}.values())
+        for conn in self.broadcast:
+            if conn is not origin:
+                targets.append(conn)
+        if targets:
+            # A connection being dropped on the I/O thread is marked closed
+            # before its routes go; handler threads may route meanwhile.
+            targets = [conn for conn in targets if not conn.closed]
+        return targets, bool(targets)
+
+    def add(self, conn: _Connection, pattern: str) -> None:
+        """Route ``pattern`` (an exact topic or a wildcard pattern, valid) to ``conn``."""
+        if "*" in pattern:
+            self.patterns.add((conn.id, pattern), pattern, conn)
+        else:
+            self.exact[pattern] = self.exact.get(pattern, ()) + (conn,)
+
+    def remove(self, conn: _Connection, pattern: str) -> None:
+        """Stop routing ``pattern`` to ``conn``."""
+        if "*" in pattern:
+            self.patterns.remove((conn.id, pattern))
+        else:
+            left = tuple(c for c in self.exact.get(pattern, ()) if c is not conn)
+            if left:
+                self.exact[pattern] = left
+            else:
+                self.exact.pop(pattern, None)
+
+    def add_frame_peer(self, conn: _Connection) -> None:
+        """Route everything to ``conn`` until its ``$hello`` says otherwise.
+
+        Until then a peer may be an eventforge 0.1 (frame-only) client: it
+        gets every routed message but inbox ones, and its requests' reply_to
+        inboxes are routed to it (see _ServerProtocol.implicit_interest).
+        """
+        self.broadcast = self.broadcast + (conn,)
+        conn.implicit = True
+
+    def remove_broadcast(self, conn: _Connection) -> None:
+        if conn in self.broadcast:
+            self.broadcast = tuple(c for c in self.broadcast if c is not conn)
+
+    def forget(self, conn: _Connection) -> None:
+        """Remove every route to ``conn`` (it closes) and clear its interest."""
+        self.remove_broadcast(conn)
+        for pattern in conn.interest:
+            self.remove(conn, pattern)
+        conn.interest.clear()
+
+    def debug_state(self) -> Dict[str, Any]:
+        return {
+            "exact": {topic: len(conns) for topic, conns in list(self.exact.items())},
+            "patterns": len(self.patterns),
+            "frame_peers": len(self.broadcast),
+        }
+
+
+class _ServerWriter:
+    """Queues frames for a server's connections and gets them written.
+
+    One frame to one connection (:meth:`push`: written by the caller when
+    the connection is idle, see :meth:`_TCPEndpoint._kick`), one frame to
+    many from any thread (:meth:`push_many`: the I/O thread writes them all
+    after one wake-up), frames queued on the I/O thread itself (``dirty``:
+    written once per loop iteration, :meth:`flush_dirty`).  A connection
+    with more than ``max_outbound_bytes`` queued is closed as a slow
+    consumer; a frame over the ``max_frame_size`` its peer announced is
+    dropped for that peer only.
+
+    Locks: ``_fanout_lock`` guards ``_fanout``; a connection's own lock is
+    taken under it (to queue a frame), never the other way round.
+    """
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        self._server = server
+        self.dirty: Dict[int, _Connection] = {}  # queued on the loop thread, to flush
+        self._fanout: Dict[int, _Connection] = {}  # queued by other threads, to flush
+        self._fanout_lock = threading.Lock()
+        self._oversize_log = _LogLimiter()
+
+    def push(self, conn: _Connection, frame: bytes) -> None:
+        """Queue ``frame`` for ``conn`` and get it written (any thread)."""
+        if len(frame) - 4 > conn.peer_max_frame:
+            self._too_large_for(conn, frame)
+            return
+        result = conn.enqueue(frame)
+        if result == _OK:
+            self._server._kick(conn)
+        elif result == _OVERFLOW:
+            self._overflowed(conn)
+
+    def _overflowed(self, conn: _Connection) -> None:
+        self._server._close_later(
+            conn, "slow_consumers",
+            f"slow consumer: {conn.out_bytes} bytes already queued, "
+            f"max_outbound_bytes={self._server.max_outbound_bytes}",
+        )
+
+    def _too_large_for(self, conn: _Connection, frame: bytes) -> None:
+        # Never send a peer more than the max_frame_size it announced in
+        # $hello: it would have to close the connection.  The frame is dropped
+        # for this peer only; the connection stays.
+        self._server._count("oversize_for_peer")
+        self._oversize_log.log(
+            "tcp server: dropped a %d-byte frame for %s: over the max_frame_size=%d it accepts",
+            len(frame) - 4, conn.peer, conn.peer_max_frame)
+
+    def push_many(self, targets: List[_Connection], frame: bytes) -> None:
+        """Fan-out from any thread: queue everywhere, let the I/O thread write.
+
+        One wake-up per batch instead of a system call per connection.
+        """
+        loop = self._server._loop
+        assert loop is not None
+        if loop.in_loop():
+            for conn in targets:
+                self.push(conn, frame)
+            return
+        with self._fanout_lock:
+            pending = self._fanout
+            schedule = not pending
+            for conn in targets:
+                if len(frame) - 4 > conn.peer_max_frame:
+                    self._too_large_for(conn, frame)
+                    continue
+                result = conn.enqueue(frame)
+                if result == _OK:
+                    pending[conn.id] = conn
+                elif result == _OVERFLOW:
+                    self._overflowed(conn)
+        if schedule:
+            loop.call_soon(self._flush_fanout)
+
+    def _flush_fanout(self) -> None:
+        with self._fanout_lock:
+            pending, self._fanout = self._fanout, {}
+        for conn in pending.values():
+            if not conn.closed and not conn.blocked:
+                self._server._flush(conn)
+
+    def flush_dirty(self) -> None:
+        dirty = self.dirty
+        while dirty:
+            conn = dirty.popitem()[1]
+            if not conn.closed:
+                self._server._flush(conn)
+
+    def write_out(self, conns: List[_Connection], deadline: float) -> None:
+        """Write what ``conns`` have queued, waiting until ``deadline`` at most (closing)."""
+        import selectors
+
+        pending = [c for c in conns if c.out_bytes and not c.closed]
+        while pending and time.monotonic() < deadline:
+            for conn in pending:
+                self._server._flush(conn)
+            pending = [c for c in pending if c.out_bytes and not c.closed]
+            if pending:
+                try:
+                    waiting = selectors.DefaultSelector()
+                    for conn in pending:
+                        waiting.register(conn.sock, selectors.EVENT_WRITE)
+                    waiting.select(max(0.0, deadline - time.monotonic()))
+                    waiting.close()
+                except (OSError, ValueError):
+                    break
+
+
+class _Listener:
+    """A server's listening socket: binding it and accepting new connections.
+
+    Refuses connections beyond ``max_connections`` (telling a plain-TCP
+    peer why) and, when accept() fails (out of file descriptors, say),
+    stops watching the socket until the next tick instead of spinning.
+    Loop thread only, but for :meth:`bind` (in ``start``, before the loop).
+    """
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        self._server = server
+        self.sock: Optional[socket.socket] = None
+        self.address: Tuple[str, int] = (server.host, server._port)
+        self.paused = False  # accepts paused after a failure, until the next tick
+
+    def bind(self, selector: selectors.BaseSelector) -> None:
+        """Listen on the server's host and port, watched by ``selector``."""
+        import selectors
+        import socket
+
+        server = self._server
+        try:
+            family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+            sock = socket.create_server(
+                (server.host, server._port), family=family, backlog=server.backlog
+            )
+        except OSError as exc:
+            raise ConnectionLostError(
+                f"cannot listen on {server.host}:{server._port}: {exc}"
+            ) from exc
+        sock.setblocking(False)
+        self.sock = sock
+        self.address = tuple(sock.getsockname()[:2])
+        selector.register(sock, selectors.EVENT_READ, self)
+
+    def resume(self, selector: selectors.BaseSelector) -> None:
+        """Watch the socket again after a failed accept paused it."""
+        import selectors
+
+        self.paused = False
+        selector.register(self.sock, selectors.EVENT_READ, self)  # type: ignore[arg-type]
+
+    def close(self, selector: Optional[selectors.BaseSelector] = None) -> None:
+        """Stop listening (and watching, with ``selector``); safe to call twice."""
+        sock = self.sock
+        if sock is None:
+            return
+        if selector is not None:
+            try:
+                selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def accept(self) -> None:
+        """Accept the connections waiting (at most 256 at a time)."""
+        import socket
+
+        server = self._server
+        listener = self.sock
+        assert listener is not None
+        for _ in range(256):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: log, keep serving the others
+                server._count("accept_errors")
+                logger.error("tcp server: accept failed: %s; pausing accepts for 0.25 s", exc)
+                # The listener stays readable: stop watching it until the next
+                # tick instead of spinning.
+                try:
+                    server._loop.selector.unregister(listener)  # type: ignore[union-attr]
+                    self.paused = True
+                except (KeyError, ValueError):
+                    pass
+                return
+            peer = _peer_name(address)
+            if server._reads_stopped.is_set():
+                sock.close()
+                continue
+            if len(server._conns) >= server.max_connections:
+                server._count("refused_connections")
+                logger.warning(
+                    "tcp server: refused %s: max_connections=%d reached",
+                    peer, server.max_connections,
+                )
+                if server.ssl_context is None:
+                    try:
+                        sock.setblocking(False)
+                        sock.send(_control_frame("$error", {
+                            "code": "full", "reason": "server is at max_connections"}))
+                    except OSError:
+                        pass
+                sock.close()
+                continue
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                context = server.ssl_context
+                tls = context is not None
+                if context is not None:
+                    sock = context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+            except OSError as exc:
+                sock.close()
+                server._count("accept_errors")
+                logger.warning("tcp server: could not set up %s: %s", peer, exc)
+                continue
+            limit = _HANDSHAKE_MAX_FRAME if server._key is not None else server.max_frame_size
+            conn = _Connection(sock, peer, limit, server.max_outbound_bytes, tls)
+            server._conns[conn.id] = conn
+            server._count("accepted")
+            if not tls and server.allow_frame_only:
+                server._routes.add_frame_peer(conn)
+            server._update_events(conn)
+            if tls:
+                server._protocol.tls_handshake(conn)
+
+
+class _ServerProtocol:
+    """The server's side of the wire protocol, for one :class:`TCPServerTransport`.
+
+    The TLS and ``$hello``/``$auth`` handshakes, the control frames a peer
+    sends (``$ping``, ``$interest``, ``$flush``) and the progress reported
+    back (``$ack``, ``$flushed``) once the peer's frames were handled.
+    Loop thread only, like the connections' protocol state it keeps.
+    """
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        self._server = server
+        # Connections whose handled frames are to be reported by ``ack_at``.
+        self.ack_due: Dict[int, _Connection] = {}
+        self.ack_at = 0.0
+
+    def tls_handshake(self, conn: _Connection) -> None:
+        server = self._server
+        ssl = _ssl_module()
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]  # an ssl.SSLSocket
+        except ssl.SSLWantReadError:
+            if conn.blocked:
+                conn.blocked = False
+                server._update_events(conn)
+            return
+        except ssl.SSLWantWriteError:
+            conn.blocked = True
+            server._update_events(conn)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            server._drop(conn, "tls_failures", f"TLS handshake failed: {exc}")
+            return
+        conn.state = _NEW
+        conn.blocked = False
+        server._update_events(conn)
+        if server.allow_frame_only:
+            server._routes.add_frame_peer(conn)
+
+    def in_time(self, conn: _Connection, now: float) -> bool:
+        """Drop ``conn`` if its handshake or its current frame takes too long.
+
+        True if it may go on (and, past its handshake, be pinged).
+        """
+        server = self._server
+        if conn.state != _READY and (conn.state == _TLS or server._key is not None
+                                     or conn.handshake or not server.allow_frame_only):
+            if now - conn.opened > server.handshake_timeout:
+                server._drop(conn, "handshake_timeouts",
+                             f"handshake not completed within {server.handshake_timeout} s")
+            return False
+        timeout = server.frame_timeout
+        if (timeout is not None and conn.frame_started is not None
+                and now - conn.frame_started > timeout):
+            server._drop(conn, "frame_timeouts",
+                         f"incomplete frame for more than {timeout} s "
+                         f"(slow sender; {conn.decoder.buffered} bytes received)")
+            return False
+        return True
+
+    def on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
+        server = self._server
+        if not isinstance(payload, dict):
+            payload = {}
+        state = conn.state
+        if topic == "$hello" and state == _NEW and not conn.handshake:
+            self.on_hello(conn, payload)
+        elif topic == "$auth" and state == _AUTH:
+            self.on_auth(conn, payload)
+        elif state != _READY:
+            server._drop(conn, "protocol_errors" if server._key is None else "auth_failures",
+                         f"unexpected {topic!r} frame during the handshake")
+        elif topic == "$ping":
+            server._push(conn, _control_frame("$pong", {}))
+        elif topic == "$pong":
+            pass
+        elif topic == "$interest" and conn.handshake:
+            self.on_interest(conn, payload)
+        elif topic == "$flush" and "flush" in conn.features:
+            self.on_flush(conn, payload)
+        else:
+            server._count("protocol_errors")
+            logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
+
+    def on_hello(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        server = self._server
+        version = payload.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            self.refuse(conn, "protocol_errors", "protocol",
+                        f"unsupported handshake version {version!r:.40}")
+            return
+        features = payload.get("features")
+        if isinstance(features, list):
+            conn.features = frozenset(f for f in features if isinstance(f, str)) & _FEATURES
+        ping = payload.get("ping_interval")
+        if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
+            conn.peer_ping = float(ping)
+        limit = payload.get("max_frame_size")
+        if type(limit) is int and limit > 0:
+            conn.peer_max_frame = limit
+        name = payload.get("name")
+        if isinstance(name, str):  # optional: shown by a monitor
+            conn.name = name[:_MAX_PEER_NAME]
+        conn.handshake = True
+        if conn.features & _PROGRESS_FEATURES:
+            conn.waiting = collections.deque()
+        if "interest" in conn.features:  # else it keeps receiving everything
+            server._routes.remove_broadcast(conn)
+            conn.implicit = "reply" in conn.features
+        else:  # like a frame-only peer: its requests' inboxes are routed to it
+            conn.implicit = True
+        welcome: Dict[str, Any] = {
+            "version": PROTOCOL_VERSION,
+            "features": sorted(conn.features),
+            "auth": None,
+            "max_frame_size": server.max_frame_size,
+            "ping_interval": server.ping_interval,
+        }
+        if server._key is not None:
+            nonce = _nonce_from(payload.get("nonce"))
+            if nonce is None:
+                self.refuse(conn, "auth_failures", "auth",
+                            "authentication required: $hello carried no valid nonce")
+                return
+            conn.peer_nonce = nonce
+            conn.nonce = os.urandom(32)
+            welcome["auth"] = "hmac-sha256"
+            welcome["nonce"] = conn.nonce.hex()
+            conn.state = _AUTH
+        else:
+            conn.state = _READY
+        server._push(conn, _control_frame("$welcome", welcome))
+
+    def on_auth(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        server = self._server
+        key = server._key
+        assert key is not None
+        expected = _proof(key, _AUTH_LABEL_CLIENT, conn.peer_nonce, conn.nonce)
+        if not _proof_matches(expected, payload.get("proof")):
+            self.refuse(conn, "auth_failures", "auth", "authentication failed: wrong secret")
+            return
+        conn.state = _READY
+        conn.decoder.max_frame_size = server.max_frame_size
+        proof = _proof(key, _AUTH_LABEL_SERVER, conn.nonce, conn.peer_nonce)
+        server._push(conn, _control_frame("$ready", {"proof": proof.hex()}))
+
+    def refuse(self, conn: _Connection, counter: str, code: str, reason: str) -> None:
+        """Tell a handshaking peer why it is refused, then close it."""
+        server = self._server
+        if conn.enqueue(_control_frame("$error", {"code": code, "reason": reason})) == _OK:
+            try:
+                conn.write()
+            except OSError:
+                pass
+        server._drop(conn, counter, reason)
+
+    def on_interest(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        server = self._server
+        added = payload.get("add") or []
+        removed = payload.get("remove") or []
+        if not isinstance(added, list) or not isinstance(removed, list):
+            server._count("protocol_errors")
+            logger.warning("tcp server: malformed $interest from %s", conn.peer)
+            return
+        for pattern in removed:
+            if isinstance(pattern, str) and pattern in conn.interest:
+                del conn.interest[pattern]
+                server._routes.remove(conn, pattern)
+        for pattern in added:
+            if not isinstance(pattern, str) or pattern in conn.interest:
+                continue
+            try:
+                if "*" in pattern:
+                    validate_pattern(pattern)
+                else:
+                    validate_topic(pattern)
+            except TopicError as exc:
+                server._count("protocol_errors")
+                logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
+                continue
+            if len(conn.interest) >= server.max_interest:
+                server._count("protocol_errors")
+                logger.warning("tcp server: %s exceeds max_interest=%d; ignored %r",
+                               conn.peer, server.max_interest, pattern)
+                continue
+            conn.interest[pattern] = None
+            server._routes.add(conn, pattern)
+            if "*" not in pattern and not pattern.startswith(INBOX_PREFIXES):
+                    self.hand_mailbox(conn, pattern)
+
+    def on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
+        # Feature "flush": answer $flushed once every frame read before this
+        # one was handled; $interest frames were applied when read.
+        server = self._server
+        flush_id = payload.get("id")
+        if type(flush_id) is not int:
+            server._count("protocol_errors")
+            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
+                           conn.peer, flush_id)
+            return
+        flushes = conn.flushes
+        if flushes is None:
+            flushes = conn.flushes = collections.deque()
+        if len(flushes) >= _MAX_FLUSHES:
+            server._count("protocol_errors")
+            logger.warning("tcp server: ignored $flush from %s: %d already wait",
+                           conn.peer, len(flushes))
+            return
+        flushes.append((conn.received, flush_id))
+        if not self.report_progress(conn):
+            self.progress_due(conn)
+
+    def implicit_interest(self, conn: _Connection, topic: str) -> None:
+        # Feature "reply": a request naming an inbox topic as its reply_to
+        # adds that topic to its connection's interest, as if an $interest
+        # add had come just before it (the client withdraws it as usual).
+        server = self._server
+        if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
+            server._count("protocol_errors")
+            logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
+                           topic[:80], conn.peer)
+            return
+        if len(conn.interest) >= server.max_interest:
+            if "interest" not in conn.features:
+                # A peer that cannot withdraw routes (frame-only): forget the
+                # oldest inbox, long answered or given up by now.
+                oldest = next(iter(conn.interest))
+                del conn.interest[oldest]
+                server._routes.remove(conn, oldest)
+            else:
+                server._count("protocol_errors")
+                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
+                               conn.peer, server.max_interest, topic)
+                return
+        conn.interest[topic] = None
+        server._routes.add(conn, topic)
+
+    def hand_mailbox(self, conn: _Connection, topic: str) -> None:
+        # Messages nobody had taken wait in the server's mailbox; the first
+        # client to show interest in that topic takes them (send-then-receive).
+        server = self._server
+        for message in server._local._drain_mailbox(topic):
+            try:
+                server._push(conn, encode(message, max_frame_size=server.max_frame_size))
+            except (FrameError, SerializationError):  # pragma: no cover - checked at send
+                pass
+
+    def handled_upto(self, conn: _Connection) -> int:
+        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
+
+        A frame is handled once it was routed on and its local callbacks ran
+        (or it had none); frames are handled in order.
+        """
+        waiting = conn.waiting
+        done = conn.finished - conn.counted
+        while done > 0 and waiting:
+            waiting.popleft()
+            conn.counted += 1
+            done -= 1
+        return waiting[0] - 1 if waiting else conn.received
+
+    def report_progress(self, conn: _Connection) -> bool:
+        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
+
+        Loop thread.  True when nothing is left to report until it sends more.
+        """
+        server = self._server
+        handled = self.handled_upto(conn)
+        acks = "ack" in conn.features
+        if acks and handled != conn.acked:
+            conn.acked = handled
+            server._push(conn, _control_frame("$ack", {"n": handled}))
+        flushes = conn.flushes
+        while flushes and flushes[0][0] <= handled:
+            server._push(conn, _control_frame("$flushed", {"id": flushes.popleft()[1]}))
+        return not flushes and (handled == conn.received or not acks)
+
+    def progress_due(self, conn: _Connection) -> None:
+        # Look at ``conn`` again within _ACK_DELAY (its handlers are still running).
+        if not self.ack_due:
+            self.ack_at = _monotonic() + _ACK_DELAY
+        self.ack_due[conn.id] = conn
+
+    def send_acks(self) -> None:
+        due, self.ack_due = self.ack_due, {}
+        for conn in due.values():
+            if not conn.closed and not self.report_progress(conn):
+                self.progress_due(conn)
+
+
+class _DispatchMode:
+    """How a :class:`TCPServerTransport` runs the subscriber callbacks of network messages.
+
+    One object per server, chosen by its ``dispatch`` argument.  The loop
+    thread hands over the handler calls (:data:`_Call`) read from one
+    connection with :meth:`submit`; :meth:`drain` waits until every call
+    handed over has run, :meth:`stop` ends the mode's threads and
+    ``backlog`` counts the calls not started.  The defaults here suit a
+    mode that has no threads of its own (inline).
+    """
+
+    runs_on_loop = False  # True: callbacks run on the I/O thread itself
+    ready: Sequence[_Connection] = ()  # connections with calls for the loop thread (leader)
+    backlog = 0
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        self._server = server
+        self.discard = False  # closing: handler calls not started are skipped
+        self._expired_log = _LogLimiter()
+
+    def call(self, subscriptions: Tuple[Any, ...], message: Message,
+                       expires: float, conn: _Connection) -> None:
+        """Run the local callbacks of one message read from ``conn``.
+
+        Whatever they raise is a failure of that call only (logged and
+        counted by the local delivery), never of the thread running it.  A
+        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
+        call that completes counts towards ``conn``'s acknowledgements; while
+        closing, calls not started are skipped *without* counting, so their
+        frames stay unacknowledged and the client sends them again.
+        """
+        if self.discard:
+            return
+        if expires and _monotonic() > expires:
+            self._server._count("expired")
+            self._expired_log.log(
+                "tcp server: skipped request %s on %r from %s: its _ttl_ms ran out "
+                "before a handler was free", message.id, message.topic, conn.peer)
+        else:
+            try:
+                self._server._local._run_subscriptions(subscriptions, message)
+            except BaseException:  # an on_error hook failed: still this call's failure only
+                self._server._count("internal_errors")
+                logger.exception("tcp server: error handler failed for %s", message.id)
+        conn.finished += 1
+
+    def serve(self) -> None:
+        """The I/O thread's body (the loop thread calls it once)."""
+        self._server._lead()
+
+    def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
+        """Hand over ``batch`` (read from ``conn``, loop thread).
+
+        True only if the caller is to run it itself with :meth:`run_here`
+        once its bookkeeping is done (``may_run_here`` allows it).
+        """
+        raise NotImplementedError
+
+    def run_here(self, conn: _Connection, batch: List[_Call]) -> None:  # pragma: no cover
+        """Run ``batch`` on the loop thread (after :meth:`submit` said True)."""
+        raise NotImplementedError
+
+    def run_ready(self) -> bool:
+        """Loop thread: run what :attr:`ready` holds; False if it lost the loop meanwhile."""
+        return True
+
+    def drain(self, deadline: float) -> bool:
+        """Wait until every call handed over has run; False if ``deadline`` passed first."""
+        return True
+
+    def stop(self, deadline: float) -> List[threading.Thread]:
+        """End the mode's threads (by ``deadline``); return the threads to join."""
+        loop = self._server._loop
+        return [loop.thread] if loop is not None and loop.thread is not None else []
+
+
+class _InlineDispatch(_DispatchMode):
+    """dispatch="inline": callbacks run on the I/O thread, as each batch is read."""
+
+    runs_on_loop = True
+
+    def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
+        run = self.call
+        for call in batch:
+            run(*call)
+        server = self._server
+        if server._dirty:  # the replies go out now, not after the loop's other work
+            server._writer.flush_dirty()
+        return False
+
+
+class _ThreadDispatch(_DispatchMode):
+    """dispatch="thread": callbacks run on a :class:`_Dispatcher` thread, in order."""
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        super().__init__(server)
+        self.threads = _Dispatcher(
+            "eventforge-tcp-server-dispatch", server._local, server._dispatch_low,
+            run=self.call,
+        )
+
+    @property
+    def backlog(self) -> int:  # type: ignore[override]
+        return self.threads.backlog
+
+    def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
+        threads = self.threads
+        threads.put_many(batch)
+        server = self._server
+        if threads.high and not server._paused:
+            server._set_paused(True)
+        return False
+
+    def drain(self, deadline: float) -> bool:
+        return self.threads.drain(max(0.0, deadline - _monotonic()))
+
+    def stop(self, deadline: float) -> List[threading.Thread]:
+        self.threads.stop(max(0.0, deadline - _monotonic()))
+        return super().stop(deadline)
+
+
+class _LeaderFollower(_DispatchMode):
+    """dispatch="leader": handler calls run on the thread that read their frames.
+
+    The thread running the I/O loop (the leader) runs the handler calls of
+    the frames it read itself, after the reads of one loop iteration, one
+    connection at a time and in arrival order: no thread hand-off on the
+    common path.  A standby thread watches: when a handler call has run for
+    _TAKEOVER_AFTER on the leader (it blocks, or computes), the standby
+    becomes the leader and runs the loop; the former leader finishes that
+    connection's calls and then becomes the standby or ends.  A connection
+    is run by one thread at a time, so its calls keep their order, and a
+    handler may block (even on a request over this server) without
+    stalling any socket.  At most ``max_threads`` threads; when no standby
+    can be had the leader leaves calls to the handler threads.
+
+    Locks: ``lock`` guards every field here and the ``pending``/``running``/
+    ``queued`` fields of the connections; no other lock is taken under it
+    (the server's pause and wake-ups happen outside or on the loop thread).
+    """
+
+    def __init__(self, server: TCPServerTransport) -> None:
+        super().__init__(server)
+        self.max_threads = server.max_handler_threads
+        self.lock = threading.Lock()
+        self.ready: Deque[_Connection] = collections.deque()
+        self.backlog = 0  # handler calls read but not started
+        self.high = False
+        self._busy_since = 0.0  # when the leader started its current handler call
+        self._handled = 0  # handler calls started (the standby watches it change)
+        self._in_handlers: Dict[int, _Connection] = {}  # thread ident -> connection it runs
+        self._standby: Optional[threading.Thread] = None
+        self._standby_asleep = False
+        self._standby_signal = threading.Lock()
+        self._standby_signal.acquire()
+        self._threads: List[threading.Thread] = []
+        self._count = 0  # live threads (leader, standby, handler threads)
+        self._names = itertools.count(2)
+        self._stop = False
+
+    def serve(self) -> None:
+        with self.lock:
+            self._count += 1
+            self._threads.append(threading.current_thread())
+        self._main("lead")
+
+    def _main(self, role: str) -> None:
+        server = self._server
+        me = threading.current_thread()
+        try:
+            while True:
+                if role == "lead":
+                    if not server._lead():
+                        return
+                    role = "work"
+                if role == "work":
+                    self._work()
+                    with self.lock:
+                        if self._stop or server._loop_done.is_set() or self._standby is not None:
+                            return
+                        self._standby = me
+                if not self._stand_by():
+                    return
+                role = "lead"
+        finally:
+            with self.lock:
+                self._count -= 1
+                if self._standby is me:
+                    self._standby = None
+
+    def _spawn_standby(self) -> bool:
+        """Start a standby thread if none exists and the bound allows; True if one exists."""
+        with self.lock:
+            if self._standby is not None:
+                return True
+            if self._count >= self.max_threads or self._stop:
+                return False
+            self._count += 1
+            thread = threading.Thread(
+                target=self._main, args=("standby",), daemon=True,
+                name=f"eventforge-tcp-server-io-{self._server.port}-{next(self._names)}",
+            )
+            self._standby = thread
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+        return True
+
+    def _stand_by(self) -> bool:
+        """Wait to take the loop over from a leader stuck in a handler; False to end."""
+        server = self._server
+        loop = server._loop
+        assert loop is not None
+        me = threading.get_ident()
+        last = -1
+        active = _perf_counter()
+        while True:
+            deep = False
+            with self.lock:
+                if self._stop or server._loop_done.is_set():
+                    return False
+                since = self._busy_since
+                now = _perf_counter()
+                if since and now - since >= _TAKEOVER_AFTER:
+                    self._standby = None
+                    self._busy_since = 0.0
+                    loop.ident = me
+                    break
+                if self._handled != last:
+                    last = self._handled
+                    active = now
+                elif not since and now - active > _STANDBY_IDLE:
+                    self._standby_asleep = deep = True
+            if deep:
+                self._standby_signal.acquire()
+                active = _perf_counter()
+                continue
+            time.sleep(_TAKEOVER_AFTER - (now - since) if since else _TAKEOVER_AFTER)
+        self._spawn_standby()
+        return True
+
+    def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
+        if may_run_here and not (conn.running or conn.pending or self._standby is None):
+            return True  # nothing of this connection waits: the caller runs it
+        # Calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
+        with self.lock:
+            pending = conn.pending
+            if pending is None:
+                pending = conn.pending = collections.deque()
+            pending.extend(batch)
+            self.backlog += len(batch)
+            if not conn.running and not conn.queued:
+                conn.queued = True
+                self.ready.append(conn)
+            high = self.backlog > _DISPATCH_HIGH_WATER and not self.high
+            if high:
+                self.high = True
+        server = self._server
+        if high and not server._paused:
+            server._set_paused(True)
+        return False
+
+    def run_here(self, conn: _Connection, batch: List[_Call]) -> None:
+        # The server's _lead checks afterwards whether this thread still leads.
+        me = threading.get_ident()
+        with self.lock:
+            conn.running = True
+            self._in_handlers[me] = conn
+            if conn.pending is None:
+                conn.pending = collections.deque()
+            conn.pending.extend(batch)
+            self.backlog += len(batch)
+            call = self._next_call(conn, me)
+        self._run_connection(conn, call)
+        server = self._server
+        if server._dirty and server._loop.ident == me:  # type: ignore[union-attr]
+            server._writer.flush_dirty()  # the replies go out now
+
+    def run_ready(self) -> bool:
+        server = self._server
+        loop = server._loop
+        assert loop is not None
+        me = threading.get_ident()
+        ready = self.ready
+        while True:
+            with self.lock:
+                if not ready:
+                    return True
+                if self._standby is None:
+                    conn = None
+                else:
+                    conn = ready.popleft()
+                    conn.queued = False
+                    if conn.running:
+                        continue
+                    conn.running = True
+                    self._in_handlers[me] = conn
+                    call = self._next_call(conn, me)
+            if conn is None:
+                if not self._spawn_standby():
+                    return True  # nobody could take over: leave the calls to handler threads
+                continue
+            self._run_connection(conn, call)
+            if loop.ident != me:
+                return False
+            if server._dirty:
+                server._writer.flush_dirty()
+
+    def _work(self) -> None:
+        """A thread that is not the leader: run ready connections until none is left."""
+        me = threading.get_ident()
+        while True:
+            with self.lock:
+                if not self.ready or self._stop:
+                    return
+                conn = self.ready.popleft()
+                conn.queued = False
+                if conn.running:
+                    continue
+                conn.running = True
+                self._in_handlers[me] = conn
+                call = self._next_call(conn, me)
+            self._run_connection(conn, call)
+
+    def _next_call(self, conn: _Connection, me: int) -> Optional[_Call]:
+        """Take ``conn``'s next handler call, or release ``conn`` if none is left.
+
+        Called with ``lock`` held by the thread running ``conn`` (``me``,
+        registered in _in_handlers).  Keeps the leader's busy mark, which the
+        standby watches, for the call taken.
+        """
+        leader = self._server._loop.ident == me  # type: ignore[union-attr]
+        pending = conn.pending
+        if not pending:
+            conn.running = False
+            del self._in_handlers[me]
+            if leader:
+                self._busy_since = 0.0
+            if self.high and self.backlog < _DISPATCH_LOW_WATER:
+                self.high = False
+                self._server._dispatch_low()
+            return None
+        self.backlog -= 1
+        self._handled += 1
+        if leader:
+            self._busy_since = _perf_counter()
+            if self._standby_asleep:
+                self._standby_asleep = False
+                self._standby_signal.release()
+        return pending.popleft()
+
+    def _run_connection(self, conn: _Connection, call: Optional[_Call]) -> None:
+        """Run ``call`` and then ``conn``'s other pending handler calls, in order.
+
+        The caller set ``conn.running``, registered itself in _in_handlers and
+        took ``call`` with _next_call, under ``lock``, in the same step that
+        took ``conn`` off the ready queue.
+        """
+        me = threading.get_ident()
+        lock = self.lock
+        run = self.call
+        while call is not None:
+            run(*call)
+            with lock:
+                call = self._next_call(conn, me)
+
+    def drain(self, deadline: float) -> bool:
+        """Wait until every handler call read so far has run (not counting our own)."""
+        me = threading.get_ident()
+        while True:
+            with self.lock:
+                others = sum(1 for ident in self._in_handlers if ident != me)
+                if not others and not self.ready:
+                    return True
+            if _monotonic() >= deadline:
+                return False
+            time.sleep(0.002)  # only used while closing: polling is fine
+
+    def stop(self, deadline: float) -> List[threading.Thread]:
+        self._server._loop_done.wait(max(0.0, deadline - _monotonic()))
+        with self.lock:
+            self._stop = True
+            threads = list(self._threads)
+            if self._standby_asleep:
+                self._standby_asleep = False
+                self._standby_signal.release()
+        return threads
+
+
+_DISPATCH_MODES: Dict[str, Callable[[TCPServerTransport], _DispatchMode]] = {
+    "leader": _LeaderFollower, "thread": _ThreadDispatch, "inline": _InlineDispatch,
+}
+
+
+class TCPServerTransport(_TCPEndpoint):
     """A TCP listener that is also a full Transport for its own process.
 
     Messages published on the server (``send``) reach its local subscribers
@@ -2945,7 +4213,17 @@ class TCPServerTransport(Transport):
     only to the connection whose request opened the inbox.
     ``allow_frame_only=False`` refuses peers that do not start with
     ``$hello`` (a server with a ``secret`` always does).
+
+    Inside, collaborators do the separate jobs: :class:`_Listener` accepts,
+    :class:`_ServerProtocol` speaks the handshake and control frames,
+    :class:`_Routes` says where a message goes, :class:`_ServerWriter` gets
+    frames written and a :class:`_DispatchMode` runs the handlers.  Locks,
+    outermost first: ``_lock`` (start and close only), a dispatch mode's
+    lock, ``_ServerWriter._fanout_lock``, a connection's ``lock``; the
+    routing table is copy-on-write and needs none.
     """
+
+    _log_name = "tcp server"
 
     def __init__(
         self,
@@ -2955,7 +4233,7 @@ class TCPServerTransport(Transport):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_connections: int = 1024,
         secret: Any = None,
-        ssl_context: Any = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
         ping_interval: Optional[float] = 15.0,
         max_outbound_bytes: int = 16 * 1024 * 1024,
         handshake_timeout: float = 5.0,
@@ -2969,32 +4247,14 @@ class TCPServerTransport(Transport):
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
-        if dispatch not in _DISPATCH_MODES:
+        if dispatch not in tuple(_DISPATCH_MODES):
             raise ValueError(
                 f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
         if not isinstance(max_handler_threads, int) or max_handler_threads < 2:
             raise ValueError(
                 f"max_handler_threads must be an int >= 2, not {max_handler_threads!r}")
         self.dispatch = dispatch
-        self._inline = dispatch == "inline"
-        self._leader = dispatch == "leader"
         self.max_handler_threads = max_handler_threads
-        # dispatch="leader" state, guarded by _lf_lock (see _lf_main).
-        self._lf_lock = threading.Lock()
-        self._ready: Deque[_Connection] = collections.deque()
-        self._backlog = 0  # handler calls read but not started
-        self._high = False
-        self._busy_since = 0.0  # when the leader started its current handler call
-        self._handled = 0  # handler calls started (the standby watches it change)
-        self._in_handlers: Dict[int, _Connection] = {}  # thread ident -> connection it runs
-        self._standby: Optional[threading.Thread] = None
-        self._standby_asleep = False
-        self._standby_signal = threading.Lock()
-        self._standby_signal.acquire()
-        self._lf_threads: List[threading.Thread] = []
-        self._lf_count = 0  # live threads (leader, standby, handler threads)
-        self._lf_names = itertools.count(2)
-        self._lf_stop = False
         self._loop_done = threading.Event()
         for name, value in (
             ("max_frame_size", max_frame_size),
@@ -3019,36 +4279,29 @@ class TCPServerTransport(Transport):
         self.ssl_context = ssl_context
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
-        self._listener: Any = None
+        self._listener: Optional[_Listener] = None  # once started
         self._loop: Optional[_Loop] = None
-        self._dispatcher = _Dispatcher(
-            "eventforge-tcp-server-dispatch", self._local, self._dispatch_low,
-            run=self._dispatch_call,
-        )
-        self._discard = False  # closing: handler calls not started are skipped
         self._reading = True  # False once close() stopped reading
-        self._expired_log = _LogLimiter()
-        self._oversize_log = _LogLimiter()
         self._conns: Dict[int, _Connection] = {}
         # Routing tables, written by the loop thread only, read by any thread
         # (values are replaced, never mutated: copy on write).
-        self._exact: Dict[str, Tuple[_Connection, ...]] = {}
-        self._patterns = SubscriptionTrie()
-        self._broadcast: Tuple[_Connection, ...] = ()
-        self._dirty: Dict[int, _Connection] = {}
-        self._fanout: Dict[int, _Connection] = {}  # queued by other threads, to flush
-        self._fanout_lock = threading.Lock()
-        self._ack_due: Dict[int, _Connection] = {}
-        self._ack_at = 0.0
+        self._routes = _Routes()
+        self._writer = _ServerWriter(self)
+        self._dirty = self._writer.dirty
+        self._push = self._writer.push  # bound once: the hottest call of the server
         self._paused = False
-        self._accept_paused = False
         self._started = False
         self._closed = False
         self._reads_stopped = threading.Event()
-        self._counts: Dict[str, int] = collections.defaultdict(int)
-        self._counts.update(dict.fromkeys(_SERVER_COUNTERS, 0))
+        self._counts: Dict[str, _Counter] = {name: _Counter() for name in _SERVER_COUNTERS}
+        # Bumped by the loop thread only (one writer, no lost update), read by
+        # any: plain ints on the hottest path.
+        self._messages_in = 0
+        self._bytes_in = 0
         self._closed_conns: Deque[Dict[str, Any]] = collections.deque(maxlen=_CLOSED_KEPT)
         self._gone_bytes_out = 0  # bytes sent by connections that closed since
+        self._mode = _DISPATCH_MODES[dispatch](self)  # runs the handler calls
+        self._protocol = _ServerProtocol(self)  # handshakes, control frames, $ack
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -3057,12 +4310,12 @@ class TCPServerTransport(Transport):
         """The bound ``(host, port)`` after :meth:`start`, else None."""
         if self._listener is None:
             return None
-        return self._address
+        return self._listener.address
 
     @property
     def port(self) -> int:
         """The bound port after :meth:`start` (the configured one before)."""
-        return self._address[1] if self._listener is not None else self._port
+        return self._listener.address[1] if self._listener is not None else self._port
 
     @property
     def closed(self) -> bool:
@@ -3071,32 +4324,23 @@ class TCPServerTransport(Transport):
 
     def start(self) -> TCPServerTransport:
         """Bind and listen, then serve on a background thread; returns self."""
-        import socket
-
         with self._lock:
             if self._closed:
                 raise TransportClosedError("TCPServerTransport is closed")
             if self._started:
                 return self
+            listener = _Listener(self)
+            loop = _Loop("eventforge-tcp-server-io")
             try:
-                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-                listener = socket.create_server(
-                    (self.host, self._port), family=family, backlog=self.backlog
-                )
-            except OSError as exc:
-                raise ConnectionLostError(
-                    f"cannot listen on {self.host}:{self._port}: {exc}"
-                ) from exc
-            listener.setblocking(False)
-            self._listener = listener
-            self._address = tuple(listener.getsockname()[:2])
-            loop = self._loop = _Loop(f"eventforge-tcp-server-io-{self._address[1]}")
-            import selectors
-
-            loop.selector.register(listener, selectors.EVENT_READ, listener)
+                listener.bind(loop.selector)
+            except BaseException:
+                loop.close()
+                raise
+            loop.name = f"eventforge-tcp-server-io-{listener.address[1]}"
+            self._listener, self._loop = listener, loop
             self._started = True
             loop.start(self._run)
-        logger.info("tcp server listening on %s", _peer_name(self._address))
+        logger.info("tcp server listening on %s", _peer_name(listener.address))
         return self
 
     def close(self, timeout: float = 5.0) -> None:
@@ -3118,12 +4362,12 @@ class TCPServerTransport(Transport):
             self._closed = True
             loop = self._loop
         if loop is None:
-            self._dispatcher.stop(0)
+            self._mode.stop(_monotonic())
             self._local.close()
             return
         deadline = _monotonic() + timeout
         handle_until = deadline - min(1.0, timeout / 4)
-        if self._inline and loop.in_loop():
+        if self._mode.runs_on_loop and loop.in_loop():
             # close() from a handler on the I/O thread: the rest of the batch it
             # runs in cannot be waited for, so it is left unacknowledged.
             self._stop_reading()
@@ -3140,25 +4384,15 @@ class TCPServerTransport(Transport):
         self._local.close()
 
     def _skip_unstarted(self) -> None:
-        self._discard = True
-        left = self._backlog if self._leader else self._dispatcher.backlog
-        self._counts["unhandled_at_close"] += left
+        self._mode.discard = True
+        left = self._mode.backlog
+        self._count("unhandled_at_close", left)
         logger.warning("tcp server: closing; %d handler call(s) not started are skipped and "
                        "their frames left unacknowledged (clients send them again)", left)
 
     def _join_threads(self, loop: _Loop, deadline: float) -> None:
         me = threading.current_thread()
-        if self._leader:
-            self._loop_done.wait(max(0.0, deadline - _monotonic()))
-            with self._lf_lock:
-                self._lf_stop = True
-                threads = list(self._lf_threads)
-                if self._standby_asleep:
-                    self._standby_asleep = False
-                    self._standby_signal.release()
-        else:
-            self._dispatcher.stop(max(0.0, deadline - _monotonic()))
-            threads = [loop.thread] if loop.thread is not None else []
+        threads = self._mode.stop(deadline)
         for thread in threads:
             if thread is not me:
                 thread.join(max(0.0, deadline - _monotonic()))
@@ -3167,75 +4401,52 @@ class TCPServerTransport(Transport):
             logger.error("tcp server: thread(s) %s still running after close(); a handler "
                          "blocks", ", ".join(alive))
 
+    def _count(self, name: str, amount: int = 1) -> None:
+        counter = self._counts.get(name)
+        if counter is None:  # a reason counted for the first time ("closed_by_server" ...)
+            counter = self._counts.setdefault(name, _Counter())
+        counter.add(amount)
+
     # -- Transport API ------------------------------------------------------------
 
     def send(self, message: Message) -> None:
         """Route ``message`` to matching clients and deliver it locally."""
         topic = message.topic
-        if type(topic) is not str or topic not in self._exact:  # keys there are valid
+        if type(topic) is not str or topic not in self._routes.exact:  # keys there are valid
             validate_topic(topic)
         if self._local.closed:
             raise TransportClosedError("TCPServerTransport is closed")
-        targets, taken = self._targets(topic, None)
+        targets, taken = self._routes.targets(topic, None)
         if targets:
             frame = encode(message, max_frame_size=self.max_frame_size)
-            self._counts["messages_out"] += len(targets)
+            self._counts["messages_out"].add(len(targets))
             if len(targets) == 1:
                 self._push(targets[0], frame)
             else:
-                self._push_many(targets, frame)
+                self._writer.push_many(targets, frame)
         try:
             subscriptions = self._local._deliver(message, taken)
         except TransportClosedError:
             # Closed while this send was under way (by a handler its routing
             # woke, say): the send was accepted above; nothing local is left.
             return
-        self._local._run_subscriptions(subscriptions, message)
-
-    def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
-        """Take the next message on the exact ``topic`` (published here or by a client)."""
-        return self._local.receive(topic, timeout)
-
-    async def receive_async(
-        self, topic: str, timeout: Optional[float] = None
-    ) -> Optional[Message]:
-        """Asyncio-native :meth:`receive`."""
-        return await self._local.receive_async(topic, timeout)
-
-    def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
-        """Call ``callback`` for messages matching ``topic``, local or from clients."""
-        return self._local.subscribe(topic, callback)
-
-    def subscribe_handler(
-        self,
-        topic: str,
-        handler: Callable[[Message], Any],
-        on_error: Callable[[Any, Message, BaseException], Any],
-    ) -> str:
-        """Subscribe ``handler``, routing its exceptions to ``on_error``."""
-        return self._local.subscribe_handler(topic, handler, on_error)
-
-    def unsubscribe(self, subscription_id: str) -> bool:
-        """Remove a subscription; return False if the id is unknown."""
-        return self._local.unsubscribe(subscription_id)
-
-    def open_inbox(self, topic: str) -> Inbox:
-        """Open an inbox on the exact ``topic`` (replies from clients land here)."""
-        return self._local.open_inbox(topic)
+        if subscriptions:
+            self._local._run_subscriptions(subscriptions, message)
 
     @property
     def stats(self) -> Dict[str, int]:
         """Local delivery counters plus connection, frame and refusal counters."""
         stats = dict(self._local.stats)
-        stats.update(self._counts)
+        stats.update((name, counter.value) for name, counter in list(self._counts.items()))
+        stats["messages_in"], stats["bytes_in"] = self._messages_in, self._bytes_in
         conns = list(self._conns.values())
         stats["connections"] = len(conns)
         stats["handshake_peers"] = sum(1 for c in conns if c.handshake)
-        stats["frame_peers"] = len(self._broadcast)
+        stats["frame_peers"] = len(self._routes.broadcast)
         stats["outbound_bytes"] = sum(c.out_bytes for c in conns)
         stats["bytes_out"] = self._gone_bytes_out + sum(c.bytes_out for c in conns)
         stats["inbound_buffered"] = sum(c.decoder.buffered for c in conns)
-        stats["dispatch_backlog"] = self._backlog if self._leader else self._dispatcher.backlog
+        stats["dispatch_backlog"] = self._mode.backlog
         return stats
 
     def connections(self, closed: bool = False) -> List[Dict[str, Any]]:
@@ -3256,145 +4467,89 @@ class TCPServerTransport(Transport):
             counts.update(list(conn.interest))
         return dict(counts)
 
+    def debug_state(self) -> Dict[str, Any]:
+        """Internal state, for tests and diagnostics only (not a stable API).
+
+        ``exact``: exact topic -> how many connections it is routed to
+        (inboxes included); ``patterns``: how many wildcard routes;
+        ``frame_peers``: peers that get every routed message; ``connections``:
+        connection id -> its ``peer``, agreed ``features``, ``peer_max_frame``
+        and ``interest`` (patterns and topics routed to it).
+        """
+        state = self._routes.debug_state()
+        state["connections"] = {
+            conn.id: {"peer": conn.peer, "features": conn.features,
+                      "peer_max_frame": conn.peer_max_frame, "interest": list(conn.interest)}
+            for conn in list(self._conns.values())
+        }
+        return state
+
+    def debug_cut_connections(self, reason: str = "cut for a test") -> None:
+        """Close every open connection abruptly, as a network failure would (tests only).
+
+        Counted under ``disconnects``; the clients see their connection break.
+        """
+        for conn in list(self._conns.values()):
+            self._close_later(conn, "disconnects", reason)
+
     def __repr__(self) -> str:
         if self._listener is not None:
-            where = _peer_name(self._address)
+            where = _peer_name(self._listener.address)
         else:
             where = f"{self.host}:{self._port}"
         state = "closed" if self._closed else f"{len(self._conns)} connections"
         return f"<TCPServerTransport {where} {state}>"
 
-    # -- routing ------------------------------------------------------------------
+    # -- hooks of _TCPEndpoint -----------------------------------------------------
 
-    def _targets(self, topic: str, origin: Optional[_Connection]) -> Tuple[List[_Connection], bool]:
-        """Connections a message on ``topic`` goes to, and whether there are any.
+    def _live(self, conn: _Connection) -> bool:
+        return not conn.closed
 
-        A message that went to any connection is not kept in a local mailbox.
-        """
-        targets = list(self._exact.get(topic, ()))
-        if topic.startswith(INBOX_PREFIXES):
-            # An inbox is private: it goes only to the connection whose request
-            # opened it, or that named this exact topic; no pattern matches it
-            # and frame-only peers do not get it.
-            if targets:
-                targets = [conn for conn in targets if not conn.closed]
-            return targets, bool(targets)
-        if len(self._patterns):
-            matched = self._patterns.match(topic)
-            if matched:
-                if targets:
-                    seen = {c.id for c in targets}
-                    for conn in matched:
-                        if conn.id not in seen:
-                            seen.add(conn.id)
-                            targets.append(conn)
-                else:
-                    targets = list({c.id: c for c in matched}.values())
-        for conn in self._broadcast:
-            if conn is not origin:
-                targets.append(conn)
-        if targets:
-            # A connection being dropped on the I/O thread is marked closed
-            # before its routes go; handler threads may route meanwhile.
-            targets = [conn for conn in targets if not conn.closed]
-        return targets, bool(targets)
+    def _write_on_loop(self, conn: _Connection) -> None:
+        self._dirty[conn.id] = conn  # written after this loop iteration, with the rest
 
-    def _push(self, conn: _Connection, frame: bytes) -> None:
-        if len(frame) - 4 > conn.peer_max_frame:
-            self._too_large_for(conn, frame)
-            return
-        result = conn.enqueue(frame)
-        if result == _OK:
-            loop = self._loop
-            assert loop is not None
-            if loop.in_loop():
-                self._dirty[conn.id] = conn
-            elif conn.tls or conn.blocked:
-                if conn.tls and not conn.scheduled:  # TLS: only its I/O thread writes
-                    conn.scheduled = True
-                    loop.call_soon(lambda: self._scheduled_flush(conn))
-            else:
-                decision = conn.defer()
-                if decision == _WRITE_NOW:
-                    self._flush(conn)
-                elif decision == _WRITE_SCHEDULE:
-                    loop.call_soon(lambda: self._scheduled_flush(conn))
-        elif result == _OVERFLOW:
-            self._close_later(
-                conn,
-                "slow_consumers",
-                f"slow consumer: {conn.out_bytes} bytes already queued, "
-                f"max_outbound_bytes={self.max_outbound_bytes}",
-            )
+    def _write_failed(self, conn: _Connection, exc: OSError) -> None:
+        counter = "truncated_frames" if conn.decoder.buffered else "resets"
+        self._close_later(conn, counter, self._eof_reason(conn, f"write failed: {exc}"))
 
-    def _too_large_for(self, conn: _Connection, frame: bytes) -> None:
-        # Never send a peer more than the max_frame_size it announced in
-        # $hello: it would have to close the connection.  The frame is dropped
-        # for this peer only; the connection stays.
-        self._counts["oversize_for_peer"] += 1
-        self._oversize_log.log(
-            "tcp server: dropped a %d-byte frame for %s: over the max_frame_size=%d it accepts",
-            len(frame) - 4, conn.peer, conn.peer_max_frame)
+    def _may_read(self, conn: _Connection) -> bool:
+        return not conn.closed and self._reading
 
-    def _scheduled_flush(self, conn: _Connection) -> None:
-        conn.scheduled = False
-        if not conn.closed:
-            self._flush(conn)
+    def _internal_error(self, conn: _Connection) -> None:
+        self._drop(conn, "internal_errors", "internal error (see traceback)")
 
-    def _push_many(self, targets: List[_Connection], frame: bytes) -> None:
-        """Fan-out from any thread: queue everywhere, let the I/O thread write.
+    def _read_failed(self, conn: _Connection, exc: OSError) -> None:
+        if isinstance(exc, ConnectionResetError):
+            self._drop(conn, "resets", self._eof_reason(conn, "connection reset by peer"))
+        else:
+            self._drop(conn, "resets", self._eof_reason(conn, f"read failed: {exc}"))
 
-        One wake-up per batch instead of a system call per connection.
-        """
-        loop = self._loop
-        assert loop is not None
-        if loop.in_loop():
-            for conn in targets:
-                self._push(conn, frame)
-            return
-        with self._fanout_lock:
-            pending = self._fanout
-            schedule = not pending
-            for conn in targets:
-                if len(frame) - 4 > conn.peer_max_frame:
-                    self._too_large_for(conn, frame)
-                    continue
-                result = conn.enqueue(frame)
-                if result == _OK:
-                    pending[conn.id] = conn
-                elif result == _OVERFLOW:
-                    self._close_later(
-                        conn, "slow_consumers",
-                        f"slow consumer: {conn.out_bytes} bytes already queued, "
-                        f"max_outbound_bytes={self.max_outbound_bytes}",
-                    )
-        if schedule:
-            loop.call_soon(self._flush_fanout)
+    def _peer_closed(self, conn: _Connection) -> None:
+        if conn.decoder.buffered:
+            self._drop(conn, "truncated_frames", self._eof_reason(conn, "peer closed"))
+        else:
+            self._drop(conn, "disconnects", "peer closed the connection", logging.DEBUG)
 
-    def _flush_fanout(self) -> None:
-        with self._fanout_lock:
-            pending, self._fanout = self._fanout, {}
-        for conn in pending.values():
-            if not conn.closed and not conn.blocked:
-                self._flush(conn)
+    def _bytes_read(self, size: int) -> None:
+        self._bytes_in += size
 
-    def _flush(self, conn: _Connection) -> None:
-        """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full."""
-        loop = self._loop
-        assert loop is not None
-        try:
-            done = conn.write()
-        except OSError as exc:
-            counter = "truncated_frames" if conn.decoder.buffered else "resets"
-            self._close_later(conn, counter, self._eof_reason(conn, f"write failed: {exc}"))
-            return
-        if done is False:
-            if loop.in_loop():
-                self._update_events(conn)
-            else:
-                loop.call_soon(lambda: self._update_events(conn))
+    def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
+        for body in getattr(exc, "frames", ()):
+            self._on_frame(conn, body)
+        self._drop(conn, "oversize_frames",
+                   f"{exc}; closed before buffering the body{_describe_garbage(data[:4])}")
+
+    def _dead(self, conn: _Connection, reason: str) -> None:
+        self._drop(conn, "dead_peers", reason)
+
+    def _on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
+        self._protocol.on_control(conn, topic, payload)
+
+    def _send_ping(self, conn: _Connection) -> None:
+        self._push(conn, _control_frame("$ping", {}))
 
     def _close_later(self, conn: _Connection, counter: str, reason: str) -> None:
+        """Close ``conn`` from any thread: at once on the loop thread, else soon there."""
         loop = self._loop
         if loop is not None and loop.in_loop():
             self._drop(conn, counter, reason)
@@ -3412,55 +4567,41 @@ class TCPServerTransport(Transport):
         loop = self._loop
         assert loop is not None
         loop.ident = threading.get_ident()
-        if self._leader:
-            with self._lf_lock:
-                self._lf_count += 1
-                self._lf_threads.append(threading.current_thread())
-            self._lf_main("lead")
-        else:
-            self._lead()
+        self._mode.serve()
 
     def _lead(self) -> bool:
         """Run the I/O loop on this thread; True if another thread took it over."""
-        import selectors
-
         loop = self._loop
         assert loop is not None
         me = threading.get_ident()
         listener = self._listener
+        protocol = self._protocol
         tick_every = 0.25
         next_tick = time.monotonic() + tick_every
         try:
             while True:
                 timeout = max(0.0, next_tick - time.monotonic())
-                if self._ack_due:
-                    timeout = min(timeout, max(0.0, self._ack_at - time.monotonic()))
-                if self._dirty or self._ready:
+                if protocol.ack_due:
+                    timeout = min(timeout, max(0.0, protocol.ack_at - time.monotonic()))
+                if self._dirty or self._mode.ready:
                     timeout = 0.0
                 for key, mask in loop.selector.select(timeout):
                     obj = key.data
                     if obj is None:
                         loop.run_calls(drain=True)
                     elif obj is listener:
-                        self._guarded(self._accept)
+                        self._guarded(listener.accept)
                     else:
-                        try:
-                            if mask & selectors.EVENT_WRITE:
-                                self._on_writable(obj)
-                            if mask & selectors.EVENT_READ and not obj.closed and self._reading:
-                                self._on_readable(obj)
-                        except Exception:
-                            logger.exception("tcp server: internal error on %s", obj.peer)
-                            self._drop(obj, "internal_errors", "internal error (see traceback)")
+                        self._serve_event(obj, mask)
                         if loop.ident != me:
                             return True  # demoted in a handler: the loop goes on elsewhere
-                if self._ready and not self._run_ready():
+                if self._mode.ready and not self._mode.run_ready():
                     return True  # demoted while running a handler: the loop goes on elsewhere
                 loop.run_calls()
-                if self._ack_due and time.monotonic() >= self._ack_at:
-                    self._guarded(self._send_acks)
+                if protocol.ack_due and time.monotonic() >= protocol.ack_at:
+                    self._guarded(protocol.send_acks)
                 if self._dirty:
-                    self._guarded(self._flush_dirty)
+                    self._guarded(self._writer.flush_dirty)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_every
@@ -3475,476 +4616,54 @@ class TCPServerTransport(Transport):
 
     _closing_done = False
 
-    # -- dispatch="leader": handlers on the thread that read their frames ----------
-    #
-    # The thread running the I/O loop (the leader) runs the handler calls of
-    # the frames it read itself, after the reads of one loop iteration, one
-    # connection at a time and in arrival order: no thread hand-off on the
-    # common path.  A standby thread watches: when a handler call has run for
-    # _TAKEOVER_AFTER on the leader (it blocks, or computes), the standby
-    # becomes the leader and runs the loop; the former leader finishes that
-    # connection's calls and then becomes the standby or ends.  A connection
-    # is run by one thread at a time, so its calls keep their order, and a
-    # handler may block (even on a request over this server) without
-    # stalling any socket.  At most max_handler_threads threads; when no
-    # standby can be had the leader leaves calls to the handler threads.
-
-    def _lf_main(self, role: str) -> None:
-        me = threading.current_thread()
-        try:
-            while True:
-                if role == "lead":
-                    if not self._lead():
-                        return
-                    role = "work"
-                if role == "work":
-                    self._lf_work()
-                    with self._lf_lock:
-                        if self._lf_stop or self._loop_done.is_set() or self._standby is not None:
-                            return
-                        self._standby = me
-                if not self._stand_by():
-                    return
-                role = "lead"
-        finally:
-            with self._lf_lock:
-                self._lf_count -= 1
-                if self._standby is me:
-                    self._standby = None
-
-    def _spawn_standby(self) -> bool:
-        """Start a standby thread if none exists and the bound allows; True if one exists."""
-        with self._lf_lock:
-            if self._standby is not None:
-                return True
-            if self._lf_count >= self.max_handler_threads or self._lf_stop:
-                return False
-            self._lf_count += 1
-            thread = threading.Thread(
-                target=self._lf_main, args=("standby",), daemon=True,
-                name=f"eventforge-tcp-server-io-{self._address[1]}-{next(self._lf_names)}",
-            )
-            self._standby = thread
-            self._lf_threads = [t for t in self._lf_threads if t.is_alive()]
-            self._lf_threads.append(thread)
-        thread.start()
-        return True
-
-    def _stand_by(self) -> bool:
-        """Wait to take the loop over from a leader stuck in a handler; False to end."""
-        loop = self._loop
-        assert loop is not None
-        me = threading.get_ident()
-        last = -1
-        active = _perf_counter()
-        while True:
-            deep = False
-            with self._lf_lock:
-                if self._lf_stop or self._loop_done.is_set():
-                    return False
-                since = self._busy_since
-                now = _perf_counter()
-                if since and now - since >= _TAKEOVER_AFTER:
-                    self._standby = None
-                    self._busy_since = 0.0
-                    loop.ident = me
-                    break
-                if self._handled != last:
-                    last = self._handled
-                    active = now
-                elif not since and now - active > _STANDBY_IDLE:
-                    self._standby_asleep = deep = True
-            if deep:
-                self._standby_signal.acquire()
-                active = _perf_counter()
-                continue
-            time.sleep(_TAKEOVER_AFTER - (now - since) if since else _TAKEOVER_AFTER)
-        self._spawn_standby()
-        return True
-
-    def _queue_handlers(self, conn: _Connection, batch: List[_Call]) -> None:
-        # Loop thread: calls for ``conn`` wait in its queue, ``conn`` in the ready queue.
-        with self._lf_lock:
-            pending = conn.pending
-            if pending is None:
-                pending = conn.pending = collections.deque()
-            pending.extend(batch)
-            self._backlog += len(batch)
-            if not conn.running and not conn.queued:
-                conn.queued = True
-                self._ready.append(conn)
-            high = self._backlog > _DISPATCH_HIGH_WATER and not self._high
-            if high:
-                self._high = True
-        if high and not self._paused:
-            self._set_paused(True)
-
-    def _run_ready(self) -> bool:
-        """Leader: run ready connections' handler calls; False if demoted meanwhile."""
-        loop = self._loop
-        assert loop is not None
-        me = threading.get_ident()
-        ready = self._ready
-        while True:
-            with self._lf_lock:
-                if not ready:
-                    return True
-                if self._standby is None:
-                    conn = None
-                else:
-                    conn = ready.popleft()
-                    conn.queued = False
-                    if conn.running:
-                        continue
-                    conn.running = True
-                    self._in_handlers[me] = conn
-                    call = self._next_call(conn, me)
-            if conn is None:
-                if not self._spawn_standby():
-                    return True  # nobody could take over: leave the calls to handler threads
-                continue
-            self._run_connection(conn, call)
-            if loop.ident != me:
-                return False
-            if self._dirty:
-                self._flush_dirty()
-
-    def _lf_work(self) -> None:
-        """A thread that is not the leader: run ready connections until none is left."""
-        me = threading.get_ident()
-        while True:
-            with self._lf_lock:
-                if not self._ready or self._lf_stop:
-                    return
-                conn = self._ready.popleft()
-                conn.queued = False
-                if conn.running:
-                    continue
-                conn.running = True
-                self._in_handlers[me] = conn
-                call = self._next_call(conn, me)
-            self._run_connection(conn, call)
-
-    def _next_call(self, conn: _Connection, me: int) -> Any:
-        """Take ``conn``'s next handler call, or release ``conn`` if none is left.
-
-        Called with _lf_lock held by the thread running ``conn`` (``me``,
-        registered in _in_handlers).  Keeps the leader's busy mark, which the
-        standby watches, for the call taken.
-        """
-        leader = self._loop.ident == me  # type: ignore[union-attr]
-        pending = conn.pending
-        if not pending:
-            conn.running = False
-            del self._in_handlers[me]
-            if leader:
-                self._busy_since = 0.0
-            if self._high and self._backlog < _DISPATCH_LOW_WATER:
-                self._high = False
-                self._dispatch_low()
-            return None
-        self._backlog -= 1
-        self._handled += 1
-        if leader:
-            self._busy_since = _perf_counter()
-            if self._standby_asleep:
-                self._standby_asleep = False
-                self._standby_signal.release()
-        return pending.popleft()
-
-    def _run_connection(self, conn: _Connection, call: Any) -> None:
-        """Run ``call`` and then ``conn``'s other pending handler calls, in order.
-
-        The caller set ``conn.running``, registered itself in _in_handlers and
-        took ``call`` with _next_call, under _lf_lock, in the same step that
-        took ``conn`` off the ready queue.
-        """
-        me = threading.get_ident()
-        lock = self._lf_lock
-        run = self._dispatch_call
-        while call is not None:
-            run(*call)
-            with lock:
-                call = self._next_call(conn, me)
-
-    def _lf_drain(self, deadline: float) -> bool:
-        """Wait until every handler call read so far has run (not counting our own)."""
-        me = threading.get_ident()
-        while True:
-            with self._lf_lock:
-                others = sum(1 for ident in self._in_handlers if ident != me)
-                if not others and not self._ready:
-                    return True
-            if _monotonic() >= deadline:
-                return False
-            time.sleep(0.002)  # only used while closing: polling is fine
-
-    # -- every dispatch mode --------------------------------------------------------
-
-    def _dispatch_call(self, subscriptions: Tuple[Any, ...], message: Message,
-                       expires: float, conn: _Connection) -> None:
-        """Run the local callbacks of one message read from ``conn``.
-
-        Whatever they raise is a failure of that call only (logged and
-        counted by the local delivery), never of the thread running it.  A
-        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
-        call that completes counts towards ``conn``'s acknowledgements; while
-        closing, calls not started are skipped *without* counting, so their
-        frames stay unacknowledged and the client sends them again.
-        """
-        if self._discard:
-            return
-        if expires and _monotonic() > expires:
-            self._counts["expired"] += 1
-            self._expired_log.log(
-                "tcp server: skipped request %s on %r from %s: its _ttl_ms ran out "
-                "before a handler was free", message.id, message.topic, conn.peer)
-        else:
-            try:
-                self._local._run_subscriptions(subscriptions, message)
-            except BaseException:  # an on_error hook failed: still this call's failure only
-                self._counts["internal_errors"] += 1
-                logger.exception("tcp server: error handler failed for %s", message.id)
-        conn.finished += 1
+    # -- reading and routing --------------------------------------------------------
 
     def _drain(self, deadline: float) -> bool:
         """Wait until reads stopped and every handler call read so far has run."""
         if not self._reads_stopped.wait(max(0.0, deadline - _monotonic())):
             return False
-        if self._leader:
-            return self._lf_drain(deadline)
-        if not self._inline:
-            return self._dispatcher.drain(max(0.0, deadline - _monotonic()))
-        return True  # inline: the loop ran them before it stopped reading
-
-    def _handled_upto(self, conn: _Connection) -> int:
-        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
-
-        A frame is handled once it was routed on and its local callbacks ran
-        (or it had none); frames are handled in order.
-        """
-        waiting = conn.waiting
-        done = conn.finished - conn.counted
-        while done > 0 and waiting:
-            waiting.popleft()
-            conn.counted += 1
-            done -= 1
-        return waiting[0] - 1 if waiting else conn.received
-
-    def _report_progress(self, conn: _Connection) -> bool:
-        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
-
-        Loop thread.  True when nothing is left to report until it sends more.
-        """
-        handled = self._handled_upto(conn)
-        acks = "ack" in conn.features
-        if acks and handled != conn.acked:
-            conn.acked = handled
-            self._push(conn, _control_frame("$ack", {"n": handled}))
-        flushes = conn.flushes
-        while flushes and flushes[0][0] <= handled:
-            self._push(conn, _control_frame("$flushed", {"id": flushes.popleft()[1]}))
-        return not flushes and (handled == conn.received or not acks)
-
-    def _progress_due(self, conn: _Connection) -> None:
-        # Look at ``conn`` again within _ACK_DELAY (its handlers are still running).
-        if not self._ack_due:
-            self._ack_at = _monotonic() + _ACK_DELAY
-        self._ack_due[conn.id] = conn
+        return self._mode.drain(deadline)
 
     def _guarded(self, func: Callable[..., Any], *args: Any) -> None:
         """Run a housekeeping step; a bug in it is logged, never kills the loop."""
         try:
             func(*args)
         except Exception:
-            self._counts["internal_errors"] += 1
+            self._count("internal_errors")
             logger.exception("tcp server: internal error in %s", func.__name__)
-
-    def _flush_dirty(self) -> None:
-        dirty = self._dirty
-        while dirty:
-            conn = dirty.popitem()[1]
-            if not conn.closed:
-                self._flush(conn)
-
-    def _accept(self) -> None:
-        import socket
-
-        listener = self._listener
-        for _ in range(256):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. EMFILE: log, keep serving the others
-                self._counts["accept_errors"] += 1
-                logger.error("tcp server: accept failed: %s; pausing accepts for 0.25 s", exc)
-                # The listener stays readable: stop watching it until the next
-                # tick instead of spinning.
-                try:
-                    self._loop.selector.unregister(listener)  # type: ignore[union-attr]
-                    self._accept_paused = True
-                except (KeyError, ValueError):
-                    pass
-                return
-            peer = _peer_name(address)
-            if self._reads_stopped.is_set():
-                sock.close()
-                continue
-            if len(self._conns) >= self.max_connections:
-                self._counts["refused_connections"] += 1
-                logger.warning(
-                    "tcp server: refused %s: max_connections=%d reached",
-                    peer, self.max_connections,
-                )
-                if self.ssl_context is None:
-                    try:
-                        sock.setblocking(False)
-                        sock.send(_control_frame("$error", {
-                            "code": "full", "reason": "server is at max_connections"}))
-                    except OSError:
-                        pass
-                sock.close()
-                continue
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                tls = self.ssl_context is not None
-                if tls:
-                    sock = self.ssl_context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False
-                    )
-            except OSError as exc:
-                sock.close()
-                self._counts["accept_errors"] += 1
-                logger.warning("tcp server: could not set up %s: %s", peer, exc)
-                continue
-            limit = _HANDSHAKE_MAX_FRAME if self._key is not None else self.max_frame_size
-            conn = _Connection(sock, peer, limit, self.max_outbound_bytes, tls)
-            self._conns[conn.id] = conn
-            self._counts["accepted"] += 1
-            if not tls and self.allow_frame_only:
-                self._add_broadcast(conn)
-            self._update_events(conn)
-            if tls:
-                self._tls_handshake(conn)
-
-    def _add_broadcast(self, conn: _Connection) -> None:
-        # Until it sends $hello a peer may be an eventforge 0.1 (frame-only) client:
-        # it gets every routed message but inbox ones, and its requests'
-        # reply_to inboxes are routed to it (see _implicit_interest).
-        self._broadcast = self._broadcast + (conn,)
-        conn.implicit = True
 
     def _update_events(self, conn: _Connection) -> None:
         if conn.closed:
             return
         conn.set_events(self._loop.selector, self._paused)  # type: ignore[union-attr]
 
-    def _tls_handshake(self, conn: _Connection) -> None:
-        ssl = _ssl_module()
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            if conn.blocked:
-                conn.blocked = False
-                self._update_events(conn)
-            return
-        except ssl.SSLWantWriteError:
-            conn.blocked = True
-            self._update_events(conn)
-            return
-        except (ssl.SSLError, OSError) as exc:
-            self._drop(conn, "tls_failures", f"TLS handshake failed: {exc}")
-            return
-        conn.state = _NEW
-        conn.blocked = False
-        self._update_events(conn)
-        if self.allow_frame_only:
-            self._add_broadcast(conn)
-
     def _on_writable(self, conn: _Connection) -> None:
         if conn.state == _TLS:
-            self._tls_handshake(conn)
-            return
-        conn.blocked = False
-        self._flush(conn)
-        if not conn.blocked:
-            self._update_events(conn)
+            self._protocol.tls_handshake(conn)
+        else:
+            super()._on_writable(conn)
 
     def _on_readable(self, conn: _Connection) -> None:
         if conn.state == _TLS:
-            self._tls_handshake(conn)
+            self._protocol.tls_handshake(conn)
             return
-        try:
-            data = conn.recv()
-        except _would_block_errors(conn.tls):
+        bodies = self._read_frames(conn)
+        if bodies is None:
             return
-        except ConnectionResetError:
-            self._drop(conn, "resets", self._eof_reason(conn, "connection reset by peer"))
-            return
-        except OSError as exc:
-            self._drop(conn, "resets", self._eof_reason(conn, f"read failed: {exc}"))
-            return
-        if not data:
-            if conn.decoder.buffered:
-                self._drop(conn, "truncated_frames", self._eof_reason(conn, "peer closed"))
-            else:
-                self._drop(conn, "disconnects", "peer closed the connection", logging.DEBUG)
-            return
-        now = time.monotonic()
-        conn.last_recv = now
-        conn.ping_sent = False
-        conn.bytes_in += len(data)
-        self._counts["bytes_in"] += len(data)
-        try:
-            bodies = conn.decoder.feed(data)
-        except FrameTooLargeError as exc:
-            for body in getattr(exc, "frames", ()):
-                self._on_frame(conn, body)
-            self._drop(conn, "oversize_frames",
-                       f"{exc}; closed before buffering the body{_describe_garbage(data[:4])}")
-            return
-        if conn.decoder.buffered == 0:
-            conn.frame_started = None
-        elif bodies or conn.frame_started is None:
-            conn.frame_started = now
         batch: List[_Call] = []
         for body in bodies:
             if conn.closed:
                 break
             self._on_frame(conn, body, batch)
-        run_now = None
-        if batch:
-            if self._leader:
-                if conn.running or conn.pending or self._standby is None:
-                    self._queue_handlers(conn, batch)
-                else:
-                    run_now = batch  # after the acknowledgement below
-            elif self._inline:
-                self._run_inline(batch)
-            else:
-                self._dispatcher.put_many(batch)
-                if self._dispatcher.high and not self._paused:
-                    self._set_paused(True)
+        # The leader may run the batch here, after the acknowledgement below.
+        run_here = bool(batch) and self._mode.submit(conn, batch, may_run_here=True)
         if conn.received != conn.acked and conn.handshake and "ack" in conn.features:
             # Acknowledged once handled: now if enough are, else within _ACK_DELAY.
-            if conn.received - conn.acked < _ACK_EVERY or not self._report_progress(conn):
-                self._progress_due(conn)
-        if run_now is not None:
-            # dispatch="leader", nothing of this connection waits: run its
-            # handlers here.  _lead checks afterwards whether we still lead.
-            me = threading.get_ident()
-            with self._lf_lock:
-                conn.running = True
-                self._in_handlers[me] = conn
-                if conn.pending is None:
-                    conn.pending = collections.deque()
-                conn.pending.extend(run_now)
-                self._backlog += len(run_now)
-                call = self._next_call(conn, me)
-            self._run_connection(conn, call)
+            protocol = self._protocol
+            if conn.received - conn.acked < _ACK_EVERY or not protocol.report_progress(conn):
+                protocol.progress_due(conn)
+        if run_here:
+            self._mode.run_here(conn, batch)
 
     @staticmethod
     def _eof_reason(conn: _Connection, what: str) -> str:
@@ -3953,33 +4672,23 @@ class TCPServerTransport(Transport):
             return f"{what} in the middle of a frame ({buffered} bytes of it received)"
         return what
 
-    def _on_frame(
-        self, conn: _Connection, body: bytes, batch: Optional[List[_Call]] = None
+    def _bad_frame(self, conn: _Connection, exc: FrameError) -> None:
+        if conn.state != _READY and self._key is not None:
+            self._drop(conn, "auth_failures",
+                       f"authentication required; first frame was invalid: {exc}")
+            return
+        conn.received += 1
+        self._count("frame_errors")
+        logger.warning("tcp server: rejected a frame from %s: %s", conn.peer, exc)
+
+    def _on_message(
+        self, conn: _Connection, message: Message, body: bytes, batch: Optional[List[_Call]]
     ) -> None:
-        control = _fast_control(body)
-        if control is not None:
-            self._on_control(conn, control[0], control[1])
-            return
-        try:
-            message = decode(body)
-        except FrameError as exc:
-            if conn.state != _READY and self._key is not None:
-                self._drop(conn, "auth_failures",
-                           f"authentication required; first frame was invalid: {exc}")
-                return
-            conn.received += 1
-            self._counts["frame_errors"] += 1
-            logger.warning("tcp server: rejected a frame from %s: %s", conn.peer, exc)
-            return
-        topic = message.topic
-        if topic[0] == "$":
-            self._on_control(conn, topic, message.payload)
-            return
         if conn.state != _READY:
             if conn.state == _NEW and self.allow_frame_only:
                 conn.state = _READY  # a frame-only peer (an eventforge 0.1 client)
             elif conn.state == _NEW and self._key is None:
-                self._refuse(conn, "frame_only_refused", "protocol",
+                self._protocol.refuse(conn, "frame_only_refused", "protocol",
                              "frame-only peers are refused here: send $hello first "
                              "(allow_frame_only=False)")
                 return
@@ -3988,7 +4697,7 @@ class TCPServerTransport(Transport):
                            "authentication required: a message arrived before the handshake")
                 return
         conn.received += 1
-        self._counts["messages_in"] += 1
+        self._messages_in += 1
         self._route_incoming(conn, message, body, batch)
 
     def _route_incoming(
@@ -3998,11 +4707,11 @@ class TCPServerTransport(Transport):
         reply_to = message.reply_to
         if (reply_to is not None and origin.implicit and reply_to not in origin.interest
                 and reply_to.startswith(INBOX_PREFIXES)):
-            self._implicit_interest(origin, reply_to)
-        targets, taken = self._targets(topic, origin)
+            self._protocol.implicit_interest(origin, reply_to)
+        targets, taken = self._routes.targets(topic, origin)
         if targets:
             frame = len(body).to_bytes(4, "big") + body
-            self._counts["messages_out"] += len(targets)
+            self._counts["messages_out"].add(len(targets))
             for conn in targets:
                 self._push(conn, frame)
         try:
@@ -4017,267 +4726,26 @@ class TCPServerTransport(Transport):
             call = (subscriptions, message, expires, origin)
             if batch is not None:
                 batch.append(call)
-            elif self._leader:
-                self._queue_handlers(origin, [call])
-            elif self._inline:
-                self._run_inline([call])
             else:
-                self._dispatcher.put_many([call])
-
-    def _run_inline(self, batch: List[_Call]) -> None:
-        # dispatch="inline": callbacks run here, on the I/O thread.
-        run = self._dispatch_call
-        for call in batch:
-            run(*call)
-
-    # -- control frames ---------------------------------------------------------------
-
-    def _on_control(self, conn: _Connection, topic: str, payload: Any) -> None:
-        if not isinstance(payload, dict):
-            payload = {}
-        state = conn.state
-        if topic == "$hello" and state == _NEW and not conn.handshake:
-            self._on_hello(conn, payload)
-        elif topic == "$auth" and state == _AUTH:
-            self._on_auth(conn, payload)
-        elif state != _READY:
-            self._drop(conn, "protocol_errors" if self._key is None else "auth_failures",
-                       f"unexpected {topic!r} frame during the handshake")
-        elif topic == "$ping":
-            self._push(conn, _control_frame("$pong", {}))
-        elif topic == "$pong":
-            pass
-        elif topic == "$interest" and conn.handshake:
-            self._on_interest(conn, payload)
-        elif topic == "$flush" and "flush" in conn.features:
-            self._on_flush(conn, payload)
-        else:
-            self._counts["protocol_errors"] += 1
-            logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
-
-    def _on_hello(self, conn: _Connection, payload: Dict[str, Any]) -> None:
-        version = payload.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            self._refuse(conn, "protocol_errors", "protocol",
-                         f"unsupported handshake version {version!r:.40}")
-            return
-        features = payload.get("features")
-        if isinstance(features, list):
-            conn.features = frozenset(f for f in features if isinstance(f, str)) & _FEATURES
-        ping = payload.get("ping_interval")
-        if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
-            conn.peer_ping = float(ping)
-        limit = payload.get("max_frame_size")
-        if type(limit) is int and limit > 0:
-            conn.peer_max_frame = limit
-        name = payload.get("name")
-        if isinstance(name, str):  # optional: shown by a monitor
-            conn.name = name[:_MAX_PEER_NAME]
-        conn.handshake = True
-        if conn.features & _PROGRESS_FEATURES:
-            conn.waiting = collections.deque()
-        if "interest" in conn.features:  # else it keeps receiving everything
-            self._broadcast = tuple(c for c in self._broadcast if c is not conn)
-            conn.implicit = "reply" in conn.features
-        else:  # like a frame-only peer: its requests' inboxes are routed to it
-            conn.implicit = True
-        welcome: Dict[str, Any] = {
-            "version": PROTOCOL_VERSION,
-            "features": sorted(conn.features),
-            "auth": None,
-            "max_frame_size": self.max_frame_size,
-            "ping_interval": self.ping_interval,
-        }
-        if self._key is not None:
-            nonce = _nonce_from(payload.get("nonce"))
-            if nonce is None:
-                self._refuse(conn, "auth_failures", "auth",
-                             "authentication required: $hello carried no valid nonce")
-                return
-            conn.peer_nonce = nonce
-            conn.nonce = os.urandom(32)
-            welcome["auth"] = "hmac-sha256"
-            welcome["nonce"] = conn.nonce.hex()
-            conn.state = _AUTH
-        else:
-            conn.state = _READY
-        self._push(conn, _control_frame("$welcome", welcome))
-
-    def _on_auth(self, conn: _Connection, payload: Dict[str, Any]) -> None:
-        key = self._key
-        assert key is not None
-        expected = _proof(key, _AUTH_LABEL_CLIENT, conn.peer_nonce, conn.nonce)
-        if not _proof_matches(expected, payload.get("proof")):
-            self._refuse(conn, "auth_failures", "auth", "authentication failed: wrong secret")
-            return
-        conn.state = _READY
-        conn.decoder.max_frame_size = self.max_frame_size
-        proof = _proof(key, _AUTH_LABEL_SERVER, conn.nonce, conn.peer_nonce)
-        self._push(conn, _control_frame("$ready", {"proof": proof.hex()}))
-
-    def _refuse(self, conn: _Connection, counter: str, code: str, reason: str) -> None:
-        """Tell a handshaking peer why it is refused, then close it."""
-        if conn.enqueue(_control_frame("$error", {"code": code, "reason": reason})) == _OK:
-            try:
-                conn.write()
-            except OSError:
-                pass
-        self._drop(conn, counter, reason)
-
-    def _on_interest(self, conn: _Connection, payload: Dict[str, Any]) -> None:
-        added = payload.get("add") or []
-        removed = payload.get("remove") or []
-        if not isinstance(added, list) or not isinstance(removed, list):
-            self._counts["protocol_errors"] += 1
-            logger.warning("tcp server: malformed $interest from %s", conn.peer)
-            return
-        for pattern in removed:
-            if isinstance(pattern, str) and pattern in conn.interest:
-                del conn.interest[pattern]
-                self._remove_route(conn, pattern)
-        for pattern in added:
-            if not isinstance(pattern, str) or pattern in conn.interest:
-                continue
-            try:
-                if "*" in pattern:
-                    validate_pattern(pattern)
-                else:
-                    validate_topic(pattern)
-            except TopicError as exc:
-                self._counts["protocol_errors"] += 1
-                logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
-                continue
-            if len(conn.interest) >= self.max_interest:
-                self._counts["protocol_errors"] += 1
-                logger.warning("tcp server: %s exceeds max_interest=%d; ignored %r",
-                               conn.peer, self.max_interest, pattern)
-                continue
-            conn.interest[pattern] = None
-            if "*" in pattern:
-                self._patterns.add((conn.id, pattern), pattern, conn)
-            else:
-                self._exact[pattern] = self._exact.get(pattern, ()) + (conn,)
-                if not pattern.startswith(INBOX_PREFIXES):  # never kept in a mailbox
-                    self._hand_mailbox(conn, pattern)
-
-    def _on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
-        # Feature "flush": answer $flushed once every frame read before this
-        # one was handled; $interest frames were applied when read.
-        flush_id = payload.get("id")
-        if type(flush_id) is not int:
-            self._counts["protocol_errors"] += 1
-            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
-                           conn.peer, flush_id)
-            return
-        flushes = conn.flushes
-        if flushes is None:
-            flushes = conn.flushes = collections.deque()
-        if len(flushes) >= _MAX_FLUSHES:
-            self._counts["protocol_errors"] += 1
-            logger.warning("tcp server: ignored $flush from %s: %d already wait",
-                           conn.peer, len(flushes))
-            return
-        flushes.append((conn.received, flush_id))
-        if not self._report_progress(conn):
-            self._progress_due(conn)
-
-    def _implicit_interest(self, conn: _Connection, topic: str) -> None:
-        # Feature "reply": a request naming an inbox topic as its reply_to
-        # adds that topic to its connection's interest, as if an $interest
-        # add had come just before it (the client withdraws it as usual).
-        if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
-            self._counts["protocol_errors"] += 1
-            logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
-                           topic[:80], conn.peer)
-            return
-        if len(conn.interest) >= self.max_interest:
-            if "interest" not in conn.features:
-                # A peer that cannot withdraw routes (frame-only): forget the
-                # oldest inbox, long answered or given up by now.
-                oldest = next(iter(conn.interest))
-                del conn.interest[oldest]
-                self._remove_route(conn, oldest)
-            else:
-                self._counts["protocol_errors"] += 1
-                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
-                               conn.peer, self.max_interest, topic)
-                return
-        conn.interest[topic] = None
-        self._exact[topic] = self._exact.get(topic, ()) + (conn,)
-
-    def _hand_mailbox(self, conn: _Connection, topic: str) -> None:
-        # Messages nobody had taken wait in the server's mailbox; the first
-        # client to show interest in that topic takes them (send-then-receive).
-        for message in self._local._drain_mailbox(topic):
-            try:
-                self._push(conn, encode(message, max_frame_size=self.max_frame_size))
-            except (FrameError, SerializationError):  # pragma: no cover - checked at send
-                pass
-
-    def _remove_route(self, conn: _Connection, pattern: str) -> None:
-        if "*" in pattern:
-            self._patterns.remove((conn.id, pattern))
-        else:
-            left = tuple(c for c in self._exact.get(pattern, ()) if c is not conn)
-            if left:
-                self._exact[pattern] = left
-            else:
-                self._exact.pop(pattern, None)
-
-    def _send_acks(self) -> None:
-        due, self._ack_due = self._ack_due, {}
-        for conn in due.values():
-            if not conn.closed and not self._report_progress(conn):
-                self._progress_due(conn)
+                self._mode.submit(origin, [call])
 
     # -- housekeeping -------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
-        if self._accept_paused and not self._reads_stopped.is_set():
-            import selectors
-
-            self._accept_paused = False
-            self._loop.selector.register(  # type: ignore[union-attr]
-                self._listener, selectors.EVENT_READ, self._listener
-            )
-        key = self._key
+        listener = self._listener
+        if listener is not None and listener.paused and not self._reads_stopped.is_set():
+            listener.resume(self._loop.selector)  # type: ignore[union-attr]
         for conn in list(self._conns.values()):
-            if conn.closed:
-                continue
-            if conn.state != _READY and (conn.state == _TLS or key is not None or conn.handshake
-                                         or not self.allow_frame_only):
-                if now - conn.opened > self.handshake_timeout:
-                    self._drop(conn, "handshake_timeouts",
-                               f"handshake not completed within {self.handshake_timeout} s")
-                continue
-            if (self.frame_timeout is not None and conn.frame_started is not None
-                    and now - conn.frame_started > self.frame_timeout):
-                self._drop(conn, "frame_timeouts",
-                           f"incomplete frame for more than {self.frame_timeout} s "
-                           f"(slow sender; {conn.decoder.buffered} bytes received)")
-                continue
-            interval = self.ping_interval
-            if interval and conn.handshake and "ping" in conn.features:
-                silent = now - conn.last_recv
-                if silent > 2 * interval:
-                    self._drop(conn, "dead_peers",
-                               f"dead peer: nothing received for {silent:.1f} s")
-                elif silent > interval and not conn.ping_sent:
-                    conn.ping_sent = True
-                    self._push(conn, _control_frame("$ping", {}))
+            if not conn.closed and self._protocol.in_time(conn, now):
+                self._check_alive(conn, now)
 
     def _set_paused(self, paused: bool) -> None:
         self._paused = paused
         if paused:
             logger.info("tcp server: %d messages wait for handlers; pausing reads",
-                        self._backlog if self._leader else self._dispatcher.backlog)
+                        self._mode.backlog)
         for conn in list(self._conns.values()):
             self._update_events(conn)
-
-    def _dispatch_low(self) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
         if self._paused and not self._closed:
@@ -4292,32 +4760,19 @@ class TCPServerTransport(Transport):
             conn.closed = True
         if conn.id not in self._conns:
             return
-        self._counts[counter] += 1
+        self._count(counter)
         info = conn.snapshot()
         info.update(stop=time.time(), reason=reason, counter=counter)
         self._closed_conns.append(info)
         self._gone_bytes_out += info["out_bytes"]
         # Routes next: once the connection no longer counts, nothing may
         # still be routed to it (a late reply is then dropped and counted).
-        if conn in self._broadcast:
-            self._broadcast = tuple(c for c in self._broadcast if c is not conn)
-        for pattern in conn.interest:
-            self._remove_route(conn, pattern)
-        conn.interest.clear()
+        self._routes.forget(conn)
         del self._conns[conn.id]
         logger.log(level, "tcp server: closed %s: %s", conn.peer, reason)
-        if conn.events:
-            try:
-                self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
-            except (KeyError, ValueError, OSError):
-                pass
-            conn.events = 0
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
+        self._close_socket(conn)
         self._dirty.pop(conn.id, None)
-        self._ack_due.pop(conn.id, None)
+        self._protocol.ack_due.pop(conn.id, None)
         with conn.lock:
             conn.out.clear()
             conn.out_bytes = 0
@@ -4327,11 +4782,7 @@ class TCPServerTransport(Transport):
         loop = self._loop
         assert loop is not None
         if self._listener is not None:
-            try:
-                loop.selector.unregister(self._listener)
-            except (KeyError, ValueError):
-                pass
-            self._listener.close()
+            self._listener.close(loop.selector)
         self._paused = True
         self._reading = False
         for conn in list(self._conns.values()):
@@ -4340,37 +4791,18 @@ class TCPServerTransport(Transport):
 
     def _shutdown(self, deadline: float) -> None:
         # Acknowledge what was handled, flush replies (until ``deadline``), then close.
-        import selectors
-
-        loop = self._loop
-        assert loop is not None
-        for conn in list(self._conns.values()):
+        conns = list(self._conns.values())
+        for conn in conns:
             if conn.waiting is not None and not conn.closed:
-                self._report_progress(conn)
-        pending = [c for c in self._conns.values() if c.out_bytes and not c.closed]
-        while pending and time.monotonic() < deadline:
-            for conn in pending:
-                self._flush(conn)
-            pending = [c for c in pending if c.out_bytes and not c.closed]
-            if pending:
-                try:
-                    waiting = selectors.DefaultSelector()
-                    for conn in pending:
-                        waiting.register(conn.sock, selectors.EVENT_WRITE)
-                    waiting.select(max(0.0, deadline - time.monotonic()))
-                    waiting.close()
-                except (OSError, ValueError):
-                    break
+                self._protocol.report_progress(conn)
+        self._writer.write_out(conns, deadline)
         self._closing_done = True
 
     def _teardown(self) -> None:
         for conn in list(self._conns.values()):
             self._drop(conn, "closed_by_server", "server closing", logging.DEBUG)
         if self._listener is not None:
-            try:
-                self._listener.close()
-            except OSError:
-                pass
+            self._listener.close()
         self._reads_stopped.set()
         loop = self._loop
         if loop is not None:
@@ -4825,7 +5257,7 @@ class _Dialer:
                 return found
 
 
-class TCPClientTransport(Transport):
+class TCPClientTransport(_TCPEndpoint):
     """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
     Call :meth:`connect` before use.  ``send`` writes straight from the
@@ -4876,6 +5308,8 @@ class TCPClientTransport(Transport):
     called (on the I/O thread) when the connection is lost and when it is
     back.
     """
+
+    _log_name = "tcp client"
 
     def __init__(
         self,
@@ -5553,48 +5987,21 @@ class TCPClientTransport(Transport):
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _kick(self, conn: _Connection) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        if conn.tls:  # only the I/O thread touches a TLS socket
-            if loop.in_loop():
-                self._flush(conn)
-            elif not conn.scheduled:
-                conn.scheduled = True
-                loop.call_soon(lambda: self._scheduled_flush(conn))
-        elif not conn.blocked:
-            if loop.in_loop():
-                self._flush(conn)
-                return
-            decision = conn.defer()
-            if decision == _WRITE_NOW:
-                self._flush(conn)
-            elif decision == _WRITE_SCHEDULE:
-                loop.call_soon(lambda: self._scheduled_flush(conn))
+    def _live(self, conn: _Connection) -> bool:
+        return self._conn is conn
 
-    def _scheduled_flush(self, conn: _Connection) -> None:
-        conn.scheduled = False
-        if self._conn is conn:
+    def _write_on_loop(self, conn: _Connection) -> None:
+        if conn.tls or not conn.blocked:
             self._flush(conn)
 
-    def _flush(self, conn: _Connection) -> None:
+    def _write_failed(self, conn: _Connection, exc: OSError) -> None:
+        reason = f"write failed: {exc}"
         loop = self._loop
         assert loop is not None
-        try:
-            done = conn.write()
-        except OSError as exc:
-            reason = f"write failed: {exc}"
-            if loop.in_loop():
-                self._lost_after_write(conn, reason)
-            else:
-                loop.call_soon(lambda: self._lost_after_write(conn, reason))
-            return
-        if done is False:
-            if loop.in_loop():
-                self._update_events(conn)
-            else:
-                loop.call_soon(lambda: self._update_events(conn))
+        if loop.in_loop():
+            self._lost_after_write(conn, reason)
+        else:
+            loop.call_soon(lambda: self._lost_after_write(conn, reason))
 
     def _update_events(self, conn: _Connection) -> None:
         with self._sel_lock:
@@ -5651,8 +6058,6 @@ class TCPClientTransport(Transport):
     # -- loop thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        import selectors
-
         loop = self._loop
         assert loop is not None
         loop.ident = threading.get_ident()
@@ -5675,19 +6080,8 @@ class TCPClientTransport(Transport):
                     if key.data is None:
                         loop.run_calls(drain=True)
                         continue
-                    if key.data is not self._conn:
-                        continue
-                    try:
-                        if mask & selectors.EVENT_WRITE:
-                            conn.blocked = False
-                            self._flush(conn)
-                            if not conn.blocked:
-                                self._update_events(conn)
-                        if mask & selectors.EVENT_READ and self._conn is conn:
-                            self._on_readable(conn)
-                    except Exception:
-                        logger.exception("tcp client: internal error on %s", conn.peer)
-                        self._lost(conn, "internal error (see traceback)")
+                    if key.data is self._conn:
+                        self._serve_event(conn, mask)
                 loop.run_calls()
                 now = time.monotonic()
                 if now >= next_tick:
@@ -5712,42 +6106,12 @@ class TCPClientTransport(Transport):
         """Read and handle what arrived (holding _read_lock); False if the connection broke."""
         loop = self._loop
         assert loop is not None
-        try:
-            data = conn.recv()
-        except _would_block_errors(conn.tls):
-            return True
-        except OSError as exc:
-            self._lost_soon(conn, f"read failed: {exc}")
-            return False
-        if not data:
-            self._lost_soon(conn, "server closed the connection")
-            return False
-        conn.last_recv = time.monotonic()
-        conn.ping_sent = False
-        try:
-            bodies = conn.decoder.feed(data)
-        except FrameTooLargeError as exc:
-            self._counts["oversize_frames"] += 1
-            self._lost_soon(conn, f"server sent an oversize frame: {exc}")
+        bodies = self._read_frames(conn)
+        if bodies is None:
             return False
         batch: List[Tuple[Tuple[Any, ...], Message]] = []
         for body in bodies:
-            control = _fast_control(body)
-            if control is not None:
-                self._on_control(conn, control[0], control[1])
-                continue
-            try:
-                message = decode(body)
-            except FrameError as exc:
-                self._counts["frame_errors"] += 1
-                logger.warning("tcp client: rejected a frame from %s: %s", conn.peer, exc)
-                continue
-            topic = message.topic
-            if topic[0] == "$":
-                self._on_control(conn, topic, message.payload)
-            else:
-                self._counts["messages_in"] += 1
-                self._deliver(message, batch)
+            self._on_frame(conn, body, batch)
         if batch:
             self._dispatcher.put_many(batch)
             if self._dispatcher.high and not conn.paused:
@@ -5757,6 +6121,42 @@ class TCPClientTransport(Transport):
                 else:
                     loop.call_soon(lambda: self._update_events(conn))
         return True
+
+    def _may_read(self, conn: _Connection) -> bool:
+        return self._conn is conn
+
+    def _internal_error(self, conn: _Connection) -> None:
+        self._lost(conn, "internal error (see traceback)")
+
+    def _read_failed(self, conn: _Connection, exc: OSError) -> None:
+        self._lost_soon(conn, f"read failed: {exc}")
+
+    def _peer_closed(self, conn: _Connection) -> None:
+        self._lost_soon(conn, "server closed the connection")
+
+    def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
+        self._counts["oversize_frames"] += 1
+        self._lost_soon(conn, f"server sent an oversize frame: {exc}")
+
+    def _bad_frame(self, conn: _Connection, exc: FrameError) -> None:
+        self._counts["frame_errors"] += 1
+        logger.warning("tcp client: rejected a frame from %s: %s", conn.peer, exc)
+
+    def _on_message(
+        self, conn: _Connection, message: Message, body: bytes, batch: Optional[List[Any]]
+    ) -> None:
+        self._counts["messages_in"] += 1
+        assert batch is not None
+        self._deliver(message, batch)
+
+    def _dead(self, conn: _Connection, reason: str) -> None:
+        self._counts["dead_peers"] += 1
+        self._lost(conn, reason)
+
+    def _send_ping(self, conn: _Connection) -> None:
+        with self._lock:
+            self._pings_sent += 1
+            conn.enqueue(_control_frame("$ping", {}))
 
     def _lost_soon(self, conn: _Connection, reason: str) -> None:
         loop = self._loop
@@ -5816,20 +6216,8 @@ class TCPClientTransport(Transport):
 
     def _tick(self, now: float) -> None:
         conn = self._conn
-        if conn is None:
+        if conn is None or not self._check_alive(conn, now):
             return
-        interval = self.ping_interval
-        if interval and conn.handshake and "ping" in conn.features:
-            silent = now - conn.last_recv
-            if silent > 2 * interval:
-                self._counts["dead_peers"] += 1
-                self._lost(conn, f"dead peer: nothing received for {silent:.1f} s")
-                return
-            if silent > interval and not conn.ping_sent:
-                conn.ping_sent = True
-                with self._lock:
-                    self._pings_sent += 1
-                    conn.enqueue(_control_frame("$ping", {}))
         if self._removals or self._deferred:
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
@@ -5914,15 +6302,7 @@ class TCPClientTransport(Transport):
                 with conn.lock:
                     conn.closed = True
                     conn.out.clear()
-                if conn.events:
-                    try:
-                        self._loop.selector.unregister(conn.sock)  # type: ignore[union-attr]
-                    except (KeyError, ValueError, OSError):
-                        pass
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
+                self._close_socket(conn)
         for inbox in failed:
             inbox._fail(f"connection to {conn.peer} lost before the reply came: {reason}")
         if self._closing.is_set():
@@ -5973,11 +6353,6 @@ class TCPClientTransport(Transport):
             # While close() waits to deliver the backlog, retry briskly.
             delay = min(delay * 2, 0.1 if self._closed else self.backoff_max)
         return False
-
-    def _dispatch_low(self) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
         conn = self._conn

@@ -195,7 +195,7 @@ def test_unsubscribe_withdraws_interest(tcp):
     assert client.unsubscribe(sub) is True
     assert client.unsubscribe(sub) is False
     # the removal is not urgent: it leaves with the next $interest or on a tick
-    assert wait_until(lambda: len(server._patterns) == 0, timeout=2)
+    assert wait_until(lambda: server.debug_state()["patterns"] == 0, timeout=2)
     before = server.stats["messages_out"]
     server.send(ef.Message("news.b", 2))
     assert server.stats["messages_out"] == before  # not routed any more

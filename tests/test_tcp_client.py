@@ -591,8 +591,7 @@ def test_a_call_in_flight_gets_connection_lost_at_once(tcp):
     thread.start()
     assert entered.wait(10)
     started = time.monotonic()
-    for conn in list(server._conns.values()):
-        server._close_later(conn, "disconnects", "cut by the test")
+    server.debug_cut_connections("cut by the test")
     thread.join(30)
     assert not thread.is_alive()
     assert time.monotonic() - started < 20.0
@@ -617,8 +616,7 @@ def test_a_request_resent_after_a_reconnect_fails_at_once_if_that_connection_bre
     server = tcp.own(ef.TCPServerTransport("127.0.0.1", port))
 
     def cut(message):  # the resent request arrives: drop the connection instead of replying
-        for conn in list(server._conns.values()):
-            server._close_later(conn, "disconnects", "cut by the test")
+        server.debug_cut_connections("cut by the test")
 
     server.subscribe("stall", cut)
     server.start()
@@ -639,8 +637,7 @@ def test_an_async_call_in_flight_gets_connection_lost_at_once(tcp):
 
     def cut() -> None:
         entered.wait(10)
-        for conn in list(server._conns.values()):
-            server._close_later(conn, "disconnects", "cut by the test")
+        server.debug_cut_connections("cut by the test")
 
     async def main() -> None:
         cutter = threading.Thread(target=cut)

@@ -247,9 +247,9 @@ def test_server_speaks_the_flush_and_limit_vectors_byte_for_byte(tcp):
         assert _read_exactly(sock, len(welcome)) == welcome
         sock.sendall(_vector_bytes("flush"))
         assert _read_exactly(sock, len(flushed)) == flushed
-        conn = next(iter(server._conns.values()))
-        assert conn.peer_max_frame == 65536  # from the $hello vector
-        assert conn.features >= {"ack", "flush", "interest", "ping", "reply"}
+        conn = next(iter(server.debug_state()["connections"].values()))
+        assert conn["peer_max_frame"] == 65536  # from the $hello vector
+        assert conn["features"] >= {"ack", "flush", "interest", "ping", "reply"}
     refusing = tcp.server(allow_frame_only=False)
     error = _vector_bytes("error-frame-only")
     with raw_connect(refusing.port) as sock:

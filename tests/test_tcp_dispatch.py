@@ -215,8 +215,7 @@ def test_connection_lost_while_a_caller_reads(tcp):
     def cut(message):  # drop every connection instead of replying (once: it is resent)
         if not cuts:
             cuts.append(message.id)
-            for conn in list(server._conns.values()):
-                server._close_later(conn, "disconnects", "cut by the test")
+            server.debug_cut_connections("cut by the test")
 
     client = tcp.client(server.port, backoff_initial=0.01)
     mq = ef.MessageQueue(transport=client)

@@ -194,7 +194,7 @@ def test_client_killed_mid_request(tcp):
         assert wait_until(lambda: server.stats["connections"] == 0)
         release.set()
         assert wait_until(lambda: server.stats["dropped"] >= 1)  # the orphan reply
-        assert server._exact == {} and server.stats["inboxes"] == 0
+        assert server.debug_state()["exact"] == {} and server.stats["inboxes"] == 0
         queue.on("ping.op", lambda m: queue.reply(m, "pong"))
         fresh = ef.MessageQueue(transport=tcp.client(server.port))
         assert fresh.request("ping.op", None, timeout=5).payload == "pong"
@@ -212,7 +212,7 @@ def test_server_request_to_a_client_killed_mid_request(tcp):
     process = _spawn(server.port, "handler")
     try:
         assert process.stdout.readline().strip() == "ready"
-        assert wait_until(lambda: server._exact or len(server._patterns))
+        assert wait_until(lambda: server.debug_state()["exact"] or server.debug_state()["patterns"])
         queue = ef.MessageQueue(transport=server)
         result = []
         thread = threading.Thread(target=lambda: result.append(
@@ -223,7 +223,7 @@ def test_server_request_to_a_client_killed_mid_request(tcp):
         thread.join(5)
         assert result == [None]
         assert wait_until(lambda: server.stats["connections"] == 0)
-        assert server._exact == {} and server.stats["inboxes"] == 0
+        assert server.debug_state()["exact"] == {} and server.stats["inboxes"] == 0
     finally:
         process.kill()
         process.wait(10)

@@ -34,9 +34,9 @@ TOPICS = ["a.b", "c.d", "_reply.one", "_rpc_reply.two"]
 
 def _server_interest(server: ef.TCPServerTransport, client: ef.TCPClientTransport) -> set:
     port = client._conn.sock.getsockname()[1]
-    for conn in list(server._conns.values()):
-        if conn.peer.endswith(f":{port}"):
-            return set(conn.interest)
+    for conn in server.debug_state()["connections"].values():
+        if conn["peer"].endswith(f":{port}"):
+            return set(conn["interest"])
     raise AssertionError(f"the server has no connection from port {port}")
 
 

@@ -101,7 +101,8 @@ def test_inbox_interest_is_registered_before_the_request(tcp):
     client = ef.MessageQueue(transport=tcp.client(server.port))
     for _ in range(300):
         assert client.request("fast", None, timeout=5.0).payload == "now"
-    assert wait_until(lambda: server.stats["dropped"] == 0 and server._exact == {}, timeout=2)
+    assert wait_until(lambda: server.stats["dropped"] == 0
+                      and server.debug_state()["exact"] == {}, timeout=2)
 
 
 def test_raw_handshake_peer_receives_only_its_interest(tcp):
@@ -181,8 +182,8 @@ def test_requests_send_no_interest_frame_for_their_inbox(tcp, monkeypatch):
     queue = ef.MessageQueue(transport=server)
     queue.on("svc", lambda m: queue.reply(m, m.payload))
     interest_frames = []
-    original = server._on_interest
-    monkeypatch.setattr(server, "_on_interest",
+    original = server._protocol.on_interest
+    monkeypatch.setattr(server._protocol, "on_interest",
                         lambda conn, payload: (interest_frames.append(payload),
                                                original(conn, payload)))
     client = tcp.client(server.port)
@@ -193,7 +194,8 @@ def test_requests_send_no_interest_frame_for_their_inbox(tcp, monkeypatch):
     # Only withdrawals, batched (at most one frame per tick), no adds.
     assert all("add" not in p for p in interest_frames)
     assert len(interest_frames) <= 5
-    assert wait_until(lambda: server._exact == {}, timeout=2)  # withdrawn within a tick
+    # withdrawn within a tick
+    assert wait_until(lambda: server.debug_state()["exact"] == {}, timeout=2)
     assert client.stats["interest"] == 0
 
 
@@ -216,7 +218,7 @@ def test_implicit_reply_route_reaches_only_the_requester(tcp):
         other.sendall(frame({"topic": "$ping", "payload": {}}))
         assert other_reader.read()["topic"] == "$pong"  # the next frame: no reply before it
         asker.sendall(frame({"topic": "$interest", "payload": {"remove": ["_reply.raw-7"]}}))
-        assert wait_until(lambda: "_reply.raw-7" not in server._exact)
+        assert wait_until(lambda: "_reply.raw-7" not in server.debug_state()["exact"])
 
 
 def test_implicit_routes_are_bounded_and_cleared_with_the_connection(tcp):
@@ -227,20 +229,20 @@ def test_implicit_routes_are_bounded_and_cleared_with_the_connection(tcp):
             sock.sendall(message_frame("nobody.listens", i, reply_to=f"_reply.r{i}"))
         sock.sendall(message_frame("nobody.listens", 0, reply_to="_reply.bad topic"))
         assert wait_until(lambda: server.stats["messages_in"] == 16)
-        assert len([t for t in server._exact if t.startswith("_reply.")]) == 10
+        assert len([t for t in server.debug_state()["exact"] if t.startswith("_reply.")]) == 10
         assert server.stats["protocol_errors"] == 6  # 5 over max_interest, 1 invalid
-    assert wait_until(lambda: server._exact == {})
+    assert wait_until(lambda: server.debug_state()["exact"] == {})
 
 
 def test_peers_without_the_reply_feature_use_explicit_interest(tcp):
     server = tcp.server()
-    hello = server._on_hello
+    hello = server._protocol.on_hello
 
     def old_hello(conn, payload):  # a server from before the feature
         payload = dict(payload, features=[f for f in payload["features"] if f != "reply"])
         hello(conn, payload)
 
-    server._on_hello = old_hello
+    server._protocol.on_hello = old_hello
     queue = ef.MessageQueue(transport=server)
     queue.on("svc", lambda m: queue.reply(m, m.payload + 1))
     client = tcp.client(server.port)
@@ -253,8 +255,8 @@ def test_peers_without_the_reply_feature_use_explicit_interest(tcp):
     with raw_connect(server.port) as sock:
         sock.sendall(message_frame("svc", 1, reply_to="_reply.frame-only"))
         assert FrameReader(sock).read_message()["payload"] == 2
-        assert "_reply.frame-only" in server._exact
-    assert wait_until(lambda: "_reply.frame-only" not in server._exact)
+        assert "_reply.frame-only" in server.debug_state()["exact"]
+    assert wait_until(lambda: "_reply.frame-only" not in server.debug_state()["exact"])
 
 
 def test_an_inbox_not_named_by_a_request_is_told_to_the_server(tcp):
@@ -265,13 +267,13 @@ def test_an_inbox_not_named_by_a_request_is_told_to_the_server(tcp):
         # Not used as a reply_to: the interest goes out with the next frame
         # (or the next tick), so a message sent to it by anyone arrives.
         client.send(ef.Message("unrelated.topic", None))
-        assert wait_until(lambda: "_reply.handed-out" in server._exact)
+        assert wait_until(lambda: "_reply.handed-out" in server.debug_state()["exact"])
         sender.send(ef.Message("_reply.handed-out", "hi"))
         got = inbox.get(5.0)
         assert got is not None and got.payload == "hi"
     finally:
         inbox.close()
-    assert wait_until(lambda: "_reply.handed-out" not in server._exact)
+    assert wait_until(lambda: "_reply.handed-out" not in server.debug_state()["exact"])
     lone = client.open_inbox("_reply.lonely")  # no frame sent after it: a tick tells
-    assert wait_until(lambda: "_reply.lonely" in server._exact)
+    assert wait_until(lambda: "_reply.lonely" in server.debug_state()["exact"])
     lone.close()

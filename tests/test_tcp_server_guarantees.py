@@ -341,13 +341,13 @@ def test_frame_only_routes_forget_the_oldest_inbox_beyond_max_interest(tcp):
         for i in range(15):
             sock.sendall(message_frame("nobody.listens", i, reply_to=f"_reply.r{i}"))
         assert wait_until(lambda: server.stats["messages_in"] == 15)
-        inboxes = sorted(t for t in server._exact if t.startswith("_reply."))
+        inboxes = sorted(t for t in server.debug_state()["exact"] if t.startswith("_reply."))
         assert inboxes == sorted(f"_reply.r{i}" for i in range(5, 15))
         assert server.stats["protocol_errors"] == 0
         server.send(ef.Message("_reply.r14", "latest"))
         got = FrameReader(sock).read_message(5.0)
         assert (got["topic"], got["payload"]) == ("_reply.r14", "latest")
-    assert wait_until(lambda: server._exact == {})
+    assert wait_until(lambda: server.debug_state()["exact"] == {})
 
 
 def test_allow_frame_only_false_refuses_peers_without_hello(tcp, caplog):
