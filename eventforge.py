@@ -4294,28 +4294,85 @@ def _with_ttl(frame: bytes, remaining: float) -> bytes:
 
 
 class _Backlog:
-    """A client's message frames that the server has not acknowledged, in order.
+    """A client's unacknowledged message frames, the room left for more, its requests.
 
     Each item is ``[seq, frame, charges, deadline]``: the frame's number on
     the current connection (0: not sent on it), the frame (b"" once
     acknowledged or withdrawn), how many connections broke while it was the
     oldest unacknowledged frame, and the monotonic deadline of a request's
     ``_ttl_ms`` (None without one).  :meth:`resend` decides what goes out
-    again on a new connection.  Not thread-safe: the client holds its lock.
+    again on a new connection.  With a server that acknowledges (``acked``:
+    the feature "ack") a frame stays until acknowledged; otherwise it waits
+    here only while there is no connection.  ``seq`` counts the data frames
+    queued on the current connection, as the server counts them.
+
+    ``requests`` maps each open request inbox's topic to ``[inbox,
+    connection its last request went out on, that request's item]``: a
+    request is withdrawn when its caller stops waiting (:meth:`untrack`) and
+    fails at once when its connection breaks (:meth:`connection_lost`).
+
+    ``changed`` is a condition on the client's lock: a sender waiting for
+    room waits on it, and so do ``flush()`` and ``close()``; :meth:`wake`
+    them after anything they wait for changed (an acknowledgement, the
+    connection ...).  Not thread-safe on its own: every method runs with the
+    client's lock held, so its counters are plain ints under that lock.
     """
 
-    __slots__ = ("items", "bytes", "counts")
+    __slots__ = ("items", "bytes", "counts", "changed", "waiters", "max_items", "max_bytes",
+                 "acked", "seq", "requests")
 
-    def __init__(self, counts: Dict[str, int]) -> None:
+    def __init__(self, lock: threading.Lock, counts: Dict[str, int], max_items: int,
+                 max_bytes: int) -> None:
         self.items: Deque[List[Any]] = collections.deque()
         self.bytes = 0  # of the frames still to deliver (acknowledged or withdrawn: 0)
         self.counts = counts
+        self.changed = threading.Condition(lock)
+        self.waiters = 0
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.acked = False
+        self.seq = 0
+        self.requests: Dict[str, List[Any]] = {}
+
+    # -- room -------------------------------------------------------------------------
+
+    def has_room(self, size: int) -> bool:
+        """True if one more frame of ``size`` bytes fits."""
+        return len(self.items) < self.max_items and self.bytes + size <= self.max_bytes
+
+    def full(self, state: str) -> TransportFullError:
+        """Count a refused frame; the error to raise (``state``: why the frames wait)."""
+        self.counts["full"] += 1
+        return TransportFullError(f"{len(self.items)} messages ({self.bytes} bytes) {state}; "
+                                  f"max_pending={self.max_items}")
+
+    def wait(self, timeout: float) -> None:
+        """Wait on :attr:`changed` for at most ``timeout`` seconds."""
+        self.waiters += 1
+        try:
+            self.changed.wait(timeout)
+        finally:
+            self.waiters -= 1
+
+    def wake(self) -> None:
+        """Wake whoever waits on :attr:`changed`."""
+        if self.waiters:
+            self.changed.notify_all()
+
+    # -- frames -------------------------------------------------------------------------
 
     def add(self, seq: int, frame: bytes, deadline: Optional[float]) -> List[Any]:
         item = [seq, frame, 0, deadline]
         self.items.append(item)
         self.bytes += len(frame)
         return item
+
+    def buffer(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
+        """Keep ``frame`` for the next connection (raise TransportFullError if no room)."""
+        if not self.has_room(len(frame)):
+            raise self.full("wait for a connection")
+        self.counts["buffered"] += 1
+        return self.add(0, frame, deadline)
 
     def take_back_last(self) -> None:
         """Undo the last :meth:`add` (the frame could not be queued after all)."""
@@ -4328,6 +4385,7 @@ class _Backlog:
             item = items.popleft()
             self.bytes -= len(item[1])
             item[1] = b""
+        self.wake()
 
     def withdraw(self, item: List[Any]) -> None:
         """Never send ``item`` again; it keeps its place (the server may still ack it).
@@ -4339,12 +4397,23 @@ class _Backlog:
         if not item[0]:
             self.counts["withdrawn"] += 1
 
-    def connection_lost(self) -> None:
-        """Charge the oldest frame sent on the lost connection; forget the numbering.
+    def connection_lost(self, conn: _Connection) -> List[_ClientInbox]:
+        """Charge the oldest frame sent on ``conn``; forget the numbering.
 
         Acknowledgements are cumulative and in order, so a server that keeps
-        closing the connection over one frame stops at that frame.
+        closing the connection over one frame stops at that frame.  Returns
+        the inboxes whose request went out on ``conn`` (withdrawn: the reply
+        cannot come).
         """
+        failed: List[_ClientInbox] = []
+        for record in self.requests.values():
+            if record[1] is conn:
+                record[1] = None
+                item = record[2]
+                if item is not None and item[1]:
+                    self.withdraw(item)
+                failed.append(record[0])
+        self.counts["failed_requests"] += len(failed)
         for item in self.items:
             if item[1]:
                 if item[0]:
@@ -4352,9 +4421,11 @@ class _Backlog:
                 break
         for item in self.items:
             item[0] = 0
+        self.wake()
+        return failed
 
-    def resend(self, limit: int, where: str) -> List[bytes]:
-        """Number the frames for a new connection (1, 2 ...) and return them.
+    def resend(self, conn: _Connection, limit: int) -> List[bytes]:
+        """Number the frames for the new connection ``conn`` (1, 2 ...) and return them.
 
         Dropped, each logged and counted: a frame over the server's ``limit``
         (``too_large``), a frame that broke ``_MAX_SEND_ATTEMPTS`` connections
@@ -4371,11 +4442,11 @@ class _Backlog:
             if not frame:  # acknowledged or withdrawn
                 continue
             if item[2] >= _MAX_SEND_ATTEMPTS:
-                self._drop(item, "refused", where, f"the connection broke {item[2]} times "
+                self._drop(item, "refused", conn.peer, f"the connection broke {item[2]} times "
                            "with it unacknowledged (the server refuses it?)")
                 continue
             if len(frame) - 4 > limit:
-                self._drop(item, "too_large", where,
+                self._drop(item, "too_large", conn.peer,
                            f"the server now takes at most {limit} bytes per frame")
                 continue
             if item[3] is not None:
@@ -4390,12 +4461,17 @@ class _Backlog:
             frames.append(frame)
         self.items = kept
         self.bytes = sum(len(item[1]) for item in kept)
+        self.seq = len(frames)
         if expired:
             self.counts["expired"] += expired
             logger.info("tcp client: %d request(s) expired while disconnected; not resent",
                         expired)
         if frames:
             self.counts["resent"] += len(frames)
+            for record in self.requests.values():  # requests now in flight on conn
+                item = record[2]
+                if item is not None and item[1] and item[0]:
+                    record[1] = conn
         return frames
 
     def _drop(self, item: List[Any], counter: str, where: str, reason: str) -> None:
@@ -4415,6 +4491,21 @@ class _Backlog:
     def undelivered(self) -> int:
         """Frames still to deliver (neither acknowledged nor withdrawn)."""
         return sum(1 for item in self.items if item[1])
+
+    # -- requests --------------------------------------------------------------------------
+
+    def track(self, topic: str, inbox: _ClientInbox) -> None:
+        """``inbox`` (on ``topic``) waits for replies to requests naming it."""
+        self.requests[topic] = [inbox, None, None]
+
+    def untrack(self, topic: str, inbox: Inbox) -> None:
+        """``inbox`` closed: withdraw its request still waiting to go out or for an ack."""
+        record = self.requests.get(topic)
+        if record is not None and record[0] is inbox:
+            del self.requests[topic]
+            item = record[2]
+            if item is not None and item[1]:
+                self.withdraw(item)
 
 
 class _ClientInbox(Inbox):
@@ -4769,8 +4860,6 @@ class TCPClientTransport(Transport):
         self.reconnect = reconnect
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.max_pending = max_pending
-        self.max_pending_bytes = max_pending_bytes
         self.ping_interval = ping_interval
         self.connect_timeout = connect_timeout
         self.hello_timeout = hello_timeout
@@ -4783,8 +4872,6 @@ class TCPClientTransport(Transport):
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
-        self._space = threading.Condition(self._lock)
-        self._space_waiters = 0
         self._interest: Dict[str, int] = {}
         self._removals: Dict[str, None] = {}  # interest withdrawn, not yet told to the server
         # Inboxes opened but not told to the server yet: with the feature
@@ -4793,15 +4880,10 @@ class TCPClientTransport(Transport):
         self._implicit = False  # the server speaks the feature "reply"
         self._receive_topics: Dict[str, None] = {}
         self._sub_patterns: Dict[str, str] = {}
-        # Open inboxes: topic -> [inbox, connection its last request went out
-        # on, that request's backlog item]; see send, _interest_remove, _lost.
-        self._requests: Dict[str, List[Any]] = {}
         self._flush_ids = itertools.count(1)
         self._flushed_upto = 0  # highest $flushed id seen
         self._pings_sent = 0  # $ping frames we sent on this connection ...
         self._pongs = 0  # ... and $pong answers to them (they come in order)
-        self._seq = 0  # data frames queued on this connection (the server counts them too)
-        self._ack_mode = False
         self._conn: Optional[_Connection] = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
@@ -4822,9 +4904,14 @@ class TCPClientTransport(Transport):
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
         # Message frames not acknowledged yet (or waiting for a connection).
-        self._backlog = _Backlog(self._counts)
+        self._backlog = _Backlog(self._lock, self._counts, max_pending, max_pending_bytes)
         self._messages_out = 0
         self._pid = 0
+
+    max_pending = property(lambda self: self._backlog.max_items,
+                           lambda self, n: setattr(self._backlog, "max_items", n))
+    max_pending_bytes = property(lambda self: self._backlog.max_bytes,
+                                 lambda self, n: setattr(self._backlog, "max_bytes", n))
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -4897,7 +4984,7 @@ class TCPClientTransport(Transport):
             if self._closed:
                 return
             self._closed = True
-            self._space.notify_all()
+            self._backlog.changed.notify_all()
         _open_clients.discard(self)
         loop = self._loop
         if self._started and loop is not None and not loop.in_loop():
@@ -4921,26 +5008,22 @@ class TCPClientTransport(Transport):
     def _deliver_before_close(self, deadline: float) -> None:
         """Wait (up to ``deadline``) until every accepted message reached the server."""
         self._nudge.set()  # a reconnect waiting out its backoff tries again now
+        backlog = self._backlog
         with self._lock:
             while True:
                 conn = self._conn
                 if conn is None:
-                    waiting = (self._backlog.bytes > 0 and self.reconnect
-                               and self._failed is None)
-                elif self._ack_mode:
-                    waiting = self._backlog.bytes > 0
+                    waiting = backlog.bytes > 0 and self.reconnect and self._failed is None
+                elif backlog.acked:
+                    waiting = backlog.bytes > 0
                 else:
                     waiting = conn.out_bytes > 0 or conn.cur is not None
                 remaining = deadline - time.monotonic()
                 if not waiting or remaining <= 0:
                     break
-                self._space_waiters += 1
-                try:
-                    self._space.wait(min(remaining, 0.005 if conn is not None and not
-                                         self._ack_mode else remaining))
-                finally:
-                    self._space_waiters -= 1
-            left = self._backlog.undelivered()
+                backlog.wait(remaining if conn is None or backlog.acked
+                             else min(remaining, 0.005))  # nothing signals a write: poll
+            left = backlog.undelivered()
         if left:
             logger.warning(
                 "tcp client: closed with %d message(s) %s", left,
@@ -4991,17 +5074,13 @@ class TCPClientTransport(Transport):
                 self._wait_locked(deadline, 1.0)
 
     def _wait_locked(self, deadline: float, poll: float) -> None:
-        # Called with self._lock held: one wait on _space, at most ``poll`` s.
+        # Called with self._lock held: one wait for a change, at most ``poll`` s.
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise EventforgeTimeoutError(
                 f"{self._name()}: the server did not confirm the flush in time"
             )
-        self._space_waiters += 1
-        try:
-            self._space.wait(min(remaining, poll))
-        finally:
-            self._space_waiters -= 1
+        self._backlog.wait(min(remaining, poll))
 
     def _flush_on(self, conn: _Connection, deadline: float) -> Optional[bool]:
         """Flush over ``conn``; None if it broke meanwhile (the caller retries)."""
@@ -5021,13 +5100,13 @@ class TCPClientTransport(Transport):
                     return self._flushed_upto >= ident
             elif "ping" in features:
                 self._pings_sent += 1
-                target, last_seq = self._pings_sent, self._seq
+                backlog = self._backlog
+                target, last_seq, pending = self._pings_sent, backlog.seq, backlog.items
                 frame += _control_frame("$ping", {})
-                pending = self._backlog.items
 
                 def done() -> bool:
                     return self._pongs >= target and (
-                        not pending or pending[0][0] > last_seq or not self._ack_mode)
+                        not pending or pending[0][0] > last_seq or not backlog.acked)
             else:
                 done = None
             if frame:
@@ -5065,74 +5144,65 @@ class TCPClientTransport(Transport):
             raise FrameTooLargeError(
                 f"{exc} (the largest frame {self.host}:{self.port} takes)"
             ) from None
-        size = len(frame)
         headers = message.headers
-        deadline = None
-        if headers:
-            ttl = headers.get("_ttl_ms")
-            if type(ttl) is int and ttl >= 0:  # a request: its caller's deadline
-                deadline = _monotonic() + ttl / 1000.0
+        ttl = headers.get("_ttl_ms") if headers else None
+        # A request: its caller's deadline, for a resend after a reconnect.
+        deadline = _monotonic() + ttl / 1000.0 if type(ttl) is int and ttl >= 0 else None
         reply_to = message.reply_to
+        backlog = self._backlog
         with self._lock:
             conn = self._conn
+            if conn is not None and backlog.acked and not backlog.has_room(len(frame)):
+                conn = self._wait_for_space(len(frame))
+            item: Optional[List[Any]]
             if conn is None or self._closed:
-                offline = self._send_offline(frame, deadline)
-                if reply_to is not None and reply_to in self._requests:
-                    self._requests[reply_to][2] = offline
-                return
-            item: Optional[List[Any]] = None
-            if self._ack_mode:
-                backlog = self._backlog
-                pending = backlog.items
-                if (len(pending) >= self.max_pending
-                        or backlog.bytes + size > self.max_pending_bytes):
-                    conn = self._wait_for_space(size)
-                    if conn is None:
-                        item = self._send_offline(frame, deadline)
-                        if reply_to is not None and reply_to in self._requests:
-                            self._requests[reply_to][2] = item
-                        return
-                    pending = backlog.items
-                    if (len(pending) >= self.max_pending
-                            or backlog.bytes + size > self.max_pending_bytes):
-                        self._counts["full"] += 1
-                        raise TransportFullError(
-                            f"{len(pending)} messages ({backlog.bytes} bytes) are "
-                            f"unacknowledged after {self.send_timeout} s; "
-                            f"max_pending={self.max_pending}"
-                        )
-                item = [self._seq + 1, frame, 0, deadline]  # _Backlog.add, inlined
-                pending.append(item)
-                backlog.bytes += size
-            # Inline _Connection.enqueue (its lock nests inside ours).
-            with conn.lock:
-                if conn.out_bytes + size > conn.max_outbound:
-                    if item is not None:
-                        self._backlog.take_back_last()
-                    self._counts["full"] += 1
-                    raise TransportFullError(
-                        f"{conn.out_bytes} bytes wait for the server; "
-                        f"max_pending_bytes={self.max_pending_bytes}"
-                    )
-                if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
-                    # The request's own inbox needs no frame (the server takes
-                    # its reply_to as interest); any other goes ahead of it.
-                    if self._deferred and reply_to is not None:
-                        self._deferred.pop(reply_to, None)
-                    if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
-                        extra = self._interest_changes()
-                        conn.out.append(extra)
-                        conn.out_bytes += len(extra)
-                conn.out.append(frame)
-                conn.out_bytes += size
-            self._seq += 1  # counts every data frame of the connection, as the server does
+                item = self._send_offline(frame, deadline)
+            else:
+                item = self._queue(conn, frame, deadline, reply_to)
             if reply_to is not None:
-                record = self._requests.get(reply_to)
-                if record is not None:
+                record = backlog.requests.get(reply_to)
+                if record is not None:  # the inbox's request, now on conn (or waiting)
                     record[1] = conn
                     record[2] = item
-            self._messages_out += 1
-        self._kick(conn)
+        if conn is not None:
+            self._kick(conn)
+
+    def _queue(self, conn: _Connection, frame: bytes, deadline: Optional[float],
+               reply_to: Optional[str]) -> Optional[List[Any]]:
+        """Queue ``frame`` on ``conn``; return its backlog item (None: no acks).
+
+        Called with self._lock held; the connection's lock nests inside it.
+        """
+        backlog = self._backlog
+        size = len(frame)
+        item: Optional[List[Any]] = None
+        if backlog.acked:
+            if not backlog.has_room(size):  # still full after send_timeout
+                raise backlog.full(f"are unacknowledged after {self.send_timeout} s")
+            item = backlog.add(backlog.seq + 1, frame, deadline)
+        with conn.lock:  # _Connection.enqueue, inlined
+            if conn.out_bytes + size > conn.max_outbound:
+                if item is not None:
+                    backlog.take_back_last()
+                self._counts["full"] += 1
+                raise TransportFullError(
+                    f"{conn.out_bytes} bytes wait for the server; "
+                    f"max_pending_bytes={backlog.max_bytes}"
+                )
+            if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
+                # The request's own inbox needs no frame (the server takes
+                # its reply_to as interest); any other goes ahead of it.
+                if self._deferred and reply_to is not None:
+                    self._deferred.pop(reply_to, None)
+                if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
+                    extra = self._interest_changes()
+                    conn.out.append(extra)
+                    conn.out_bytes += len(extra)
+            conn.out.append(frame)
+            conn.out_bytes += size
+        backlog.seq += 1  # counts every data frame of the connection, as the server does
+        self._messages_out += 1
+        return item
 
     def _send_offline(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
         # Called with self._lock held while there is no connection.
@@ -5144,34 +5214,21 @@ class TCPClientTransport(Transport):
             raise ConnectionLostError(
                 f"not connected to {self.host}:{self.port}: call connect() first"
             )
-        backlog = self._backlog
-        if (len(backlog.items) >= self.max_pending
-                or backlog.bytes + len(frame) > self.max_pending_bytes):
-            self._counts["full"] += 1
-            raise TransportFullError(
-                f"{len(backlog.items)} messages ({backlog.bytes} bytes) wait for "
-                f"a connection; max_pending={self.max_pending}"
-            )
-        self._counts["buffered"] += 1
-        return backlog.add(0, frame, deadline)
+        return self._backlog.buffer(frame, deadline)
 
     def _wait_for_space(self, size: int) -> Optional[_Connection]:
         # Called with self._lock held and the buffer full.  While connected,
         # wait (up to send_timeout) for the server to acknowledge: a publisher
         # faster than the server is slowed down, like a blocking socket
         # write.  While disconnected, fail at once.
+        backlog = self._backlog
         deadline = time.monotonic() + self.send_timeout
-        while (self._conn is not None and self._ack_mode and not self._closed
-               and (len(self._backlog.items) >= self.max_pending
-                    or self._backlog.bytes + size > self.max_pending_bytes)):
+        while (self._conn is not None and backlog.acked and not self._closed
+               and not backlog.has_room(size)):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._space_waiters += 1
-            try:
-                self._space.wait(remaining)
-            finally:
-                self._space_waiters -= 1
+            backlog.wait(remaining)
         if self._closed:
             raise TransportClosedError(f"{self._name()} is closed")
         return self._conn
@@ -5293,7 +5350,7 @@ class TCPClientTransport(Transport):
     ) -> None:
         with self._lock:
             if inbox is not None:
-                self._requests[pattern] = [inbox, None, None]
+                self._backlog.track(pattern, inbox)
             count = self._interest.get(pattern, 0)
             self._interest[pattern] = count + 1
             conn = self._conn
@@ -5314,12 +5371,7 @@ class TCPClientTransport(Transport):
         # Not urgent: rides along with the next $interest, or leaves on a tick.
         with self._lock:
             if inbox is not None:
-                record = self._requests.get(pattern)
-                if record is not None and record[0] is inbox:
-                    del self._requests[pattern]
-                    item = record[2]
-                    if item is not None and item[1]:
-                        self._backlog.withdraw(item)
+                self._backlog.untrack(pattern, inbox)
             count = self._interest.get(pattern, 0)
             if count > 1:
                 self._interest[pattern] = count - 1
@@ -5354,7 +5406,7 @@ class TCPClientTransport(Transport):
         """Adopt a fresh connection: interest first, then every unacknowledged message."""
         tls = self.ssl_context is not None
         conn = _Connection(sock, f"{self.host}:{self.port}", self.max_frame_size,
-                           self.max_pending_bytes + 1024 * 1024, tls)
+                           self._backlog.max_bytes + 1024 * 1024, tls)
         conn.decoder = decoder
         conn.state = _READY
         conn.handshake = handshake
@@ -5367,15 +5419,8 @@ class TCPClientTransport(Transport):
             interest = self._adopt_features(conn)
             if interest:
                 frames.append(interest)
-            resent = self._backlog.resend(self._send_limit, conn.peer)
-            self._seq = len(resent)
-            frames.extend(resent)
-            if resent:
-                for record in self._requests.values():  # requests now in flight on conn
-                    item = record[2]
-                    if item is not None and item[1] and item[0]:
-                        record[1] = conn
-            if not self._ack_mode:
+            frames.extend(self._backlog.resend(conn, self._send_limit))
+            if not self._backlog.acked:
                 self._backlog.written()
             if frames:
                 with conn.lock:
@@ -5383,8 +5428,7 @@ class TCPClientTransport(Transport):
                     conn.out.append(data)
                     conn.out_bytes += len(data)
             self._conn = conn
-            if self._space_waiters:
-                self._space.notify_all()
+            self._backlog.wake()
         loop = self._loop
         assert loop is not None
         import selectors
@@ -5410,7 +5454,7 @@ class TCPClientTransport(Transport):
         self._removals = {}  # the server learns the whole interest anyway
         self._deferred = {}
         self._implicit = "interest" in features and "reply" in features
-        self._ack_mode = "ack" in features
+        self._backlog.acked = "ack" in features
         if conn.handshake and self._interest:
             return _control_frame("$interest", {"add": list(self._interest)})
         return b""
@@ -5652,8 +5696,6 @@ class TCPClientTransport(Transport):
             if isinstance(acked, int):
                 with self._lock:
                     self._backlog.acknowledge(acked)
-                    if self._space_waiters:
-                        self._space.notify_all()
         elif topic == "$ping":
             if conn.enqueue(_control_frame("$pong", {})) == _OK:
                 self._flush(conn)
@@ -5661,16 +5703,14 @@ class TCPClientTransport(Transport):
             with self._lock:
                 if self._conn is conn:
                     self._pongs += 1
-                    if self._space_waiters:
-                        self._space.notify_all()
+                    self._backlog.wake()
         elif topic == "$flushed":
             ident = payload.get("id")
             if type(ident) is int:
                 with self._lock:
                     if ident > self._flushed_upto:
                         self._flushed_upto = ident
-                    if self._space_waiters:
-                        self._space.notify_all()
+                    self._backlog.wake()
         elif topic == "$welcome" and not conn.handshake and conn.nonce:
             self._late_welcome(conn, payload)
         elif topic == "$error":
@@ -5763,18 +5803,7 @@ class TCPClientTransport(Transport):
                 # In the same step as _conn: a send() in between must fail,
                 # not buffer a frame that no reconnect will ever carry.
                 self._failed = f"connection to {conn.peer} lost: {reason}"
-            if self._space_waiters:
-                self._space.notify_all()
-            failed = []
-            for record in self._requests.values():
-                if record[1] is conn:
-                    record[1] = None
-                    item = record[2]
-                    if item is not None and item[1]:
-                        self._backlog.withdraw(item)
-                    failed.append(record[0])
-            self._counts["failed_requests"] += len(failed)
-            self._backlog.connection_lost()
+            failed = self._backlog.connection_lost(conn)
         with self._read_lock:  # a caller may be reading it: wait for it to stop
             with self._sel_lock:
                 with conn.lock:
