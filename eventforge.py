@@ -4494,7 +4494,7 @@ class _Backlog:
 
     # -- requests --------------------------------------------------------------------------
 
-    def track(self, topic: str, inbox: _ClientInbox) -> None:
+    def track(self, topic: str, inbox: Inbox) -> None:
         """``inbox`` (on ``topic``) waits for replies to requests naming it."""
         self.requests[topic] = [inbox, None, None]
 
@@ -4506,6 +4506,97 @@ class _Backlog:
             item = record[2]
             if item is not None and item[1]:
                 self.withdraw(item)
+
+
+class _Interest:
+    """What a :class:`TCPClientTransport` wants from its server, and what it has not told it.
+
+    ``counts`` maps each pattern (a subscription's pattern, a ``receive``
+    topic, an inbox topic) to its number of users: the server hears of a
+    pattern when its first user comes and of its withdrawal when the last
+    one goes.  A withdrawal is not urgent: it waits in ``removals`` for the
+    next ``$interest`` frame, a tick or ``_REMOVALS_BATCH`` others.  When the
+    server speaks the features "interest" and "reply" (``implicit``), an
+    inbox just opened waits in ``deferred``: a request naming it as
+    ``reply_to`` tells the server, and any other frame sent first carries it.
+    ``receiving`` holds the topics taken by ``receive``, ``patterns`` the
+    pattern of each subscription id.  Not thread-safe: the client holds its
+    lock around every call.
+    """
+
+    __slots__ = ("counts", "removals", "deferred", "implicit", "receiving", "patterns")
+
+    def __init__(self) -> None:
+        self.counts: Dict[str, int] = {}
+        self.removals: Dict[str, None] = {}
+        self.deferred: Dict[str, None] = {}
+        self.implicit = False
+        self.receiving: Dict[str, None] = {}
+        self.patterns: Dict[str, str] = {}
+
+    def add(self, pattern: str, told: bool, defer: bool = False) -> bytes:
+        """One more user of ``pattern``; return the ``$interest`` frame to send now, or b"".
+
+        ``told``: a handshake connection is up (the server keeps interest);
+        ``defer``: ``pattern`` is an inbox the next request may name.
+        """
+        count = self.counts.get(pattern, 0)
+        self.counts[pattern] = count + 1
+        if count or not told:
+            return b""
+        if self.removals and pattern in self.removals:
+            del self.removals[pattern]  # withdrawn but not told yet: still known
+            return b""
+        if defer and self.implicit:
+            self.deferred[pattern] = None  # sent with the next frame, or implied by it
+            return b""
+        removed, self.removals = list(self.removals), {}
+        return _interest_frame([pattern], removed)
+
+    def remove(self, pattern: str, told: bool) -> None:
+        """One user fewer of ``pattern``; the last one's withdrawal waits in ``removals``."""
+        count = self.counts.get(pattern, 0)
+        if count > 1:
+            self.counts[pattern] = count - 1
+            return
+        self.counts.pop(pattern, None)
+        if pattern in self.deferred:  # the server never heard of it
+            del self.deferred[pattern]
+            return
+        if count and told:
+            self.removals[pattern] = None
+
+    def pending(self) -> bool:
+        """True if some change waits to be told to the server."""
+        return bool(self.removals or self.deferred)
+
+    def changes(self) -> bytes:
+        """The ``$interest`` frame telling the deferred inboxes and the withdrawals."""
+        added = list(self.deferred)
+        self.deferred.clear()
+        removed, self.removals = list(self.removals), {}
+        return _interest_frame(added, removed)
+
+    def before(self, reply_to: Optional[str]) -> bytes:
+        """What must go ahead of a frame naming ``reply_to`` (b"": nothing yet).
+
+        The request's own inbox needs no frame (the server takes its
+        ``reply_to`` as interest); any other deferred inbox goes ahead of it.
+        """
+        if self.deferred and reply_to is not None:
+            self.deferred.pop(reply_to, None)
+        if self.deferred or len(self.removals) >= _REMOVALS_BATCH:
+            return self.changes()
+        return b""
+
+    def adopt(self, features: frozenset, handshake: bool) -> bytes:
+        """A new connection's terms; return the ``$interest`` frame telling all the interest."""
+        self.removals = {}  # the server learns the whole interest anyway
+        self.deferred = {}
+        self.implicit = "interest" in features and "reply" in features
+        if handshake and self.counts:
+            return _control_frame("$interest", {"add": list(self.counts)})
+        return b""
 
 
 class _ClientInbox(Inbox):
@@ -4872,14 +4963,7 @@ class TCPClientTransport(Transport):
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
-        self._interest: Dict[str, int] = {}
-        self._removals: Dict[str, None] = {}  # interest withdrawn, not yet told to the server
-        # Inboxes opened but not told to the server yet: with the feature
-        # "reply" a request naming one as its reply_to tells it implicitly.
-        self._deferred: Dict[str, None] = {}
-        self._implicit = False  # the server speaks the feature "reply"
-        self._receive_topics: Dict[str, None] = {}
-        self._sub_patterns: Dict[str, str] = {}
+        self._interest = _Interest()
         self._flush_ids = itertools.count(1)
         self._flushed_upto = 0  # highest $flushed id seen
         self._pings_sent = 0  # $ping frames we sent on this connection ...
@@ -5090,8 +5174,8 @@ class TCPClientTransport(Transport):
             features = conn.features if conn.handshake else frozenset()
             frame = b""
             done: Optional[Callable[[], bool]]
-            if self._removals or self._deferred:
-                frame = self._interest_changes()
+            if self._interest.pending():
+                frame = self._interest.changes()
             if "flush" in features:
                 ident = next(self._flush_ids)
                 frame += _control_frame("$flush", {"id": ident})
@@ -5189,13 +5273,10 @@ class TCPClientTransport(Transport):
                     f"{conn.out_bytes} bytes wait for the server; "
                     f"max_pending_bytes={backlog.max_bytes}"
                 )
-            if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
-                # The request's own inbox needs no frame (the server takes
-                # its reply_to as interest); any other goes ahead of it.
-                if self._deferred and reply_to is not None:
-                    self._deferred.pop(reply_to, None)
-                if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
-                    extra = self._interest_changes()
+            interest = self._interest
+            if interest.deferred or len(interest.removals) >= _REMOVALS_BATCH:
+                extra = interest.before(reply_to)
+                if extra:
                     conn.out.append(extra)
                     conn.out_bytes += len(extra)
             conn.out.append(frame)
@@ -5269,7 +5350,7 @@ class TCPClientTransport(Transport):
 
     def _subscribed(self, topic: str, sub_id: str) -> str:
         with self._lock:
-            self._sub_patterns[sub_id] = topic
+            self._interest.patterns[sub_id] = topic
         self._interest_add(topic)
         return sub_id
 
@@ -5278,7 +5359,7 @@ class TCPClientTransport(Transport):
         if not self._local.unsubscribe(subscription_id):
             return False
         with self._lock:
-            pattern = self._sub_patterns.pop(subscription_id, None)
+            pattern = self._interest.patterns.pop(subscription_id, None)
         if pattern is not None:
             self._interest_remove(pattern)
         return True
@@ -5325,9 +5406,32 @@ class TCPClientTransport(Transport):
         stats["connected"] = self._conn is not None
         stats["pending"] = len(self._backlog.items)
         stats["pending_bytes"] = self._backlog.bytes
-        stats["interest"] = len(self._interest)
+        stats["interest"] = len(self._interest.counts)
         stats["dispatch_backlog"] = self._dispatcher.backlog
         return stats
+
+    def debug_state(self) -> Dict[str, Any]:
+        """A snapshot of internal state, for tests and debugging (keys may change).
+
+        ``interest``: pattern -> users (subscriptions, receive topics,
+        inboxes); ``features``: agreed with the server (empty without a
+        handshake connection); ``implicit``: a request tells the server of
+        its reply inbox; ``socket``: the connection's socket (None while
+        disconnected); ``connecting``: a connection attempt is under way;
+        ``io_thread_alive``: the client's I/O thread runs.
+        """
+        with self._lock:
+            conn, interest = self._conn, self._interest
+            thread = self._loop.thread if self._loop is not None else None
+            return {
+                "interest": dict(interest.counts),
+                "features": conn.features if conn is not None and conn.handshake
+                else frozenset(),
+                "implicit": interest.implicit,
+                "socket": conn.sock if conn is not None else None,
+                "connecting": self._connecting is not None,
+                "io_thread_alive": thread is not None and thread.is_alive(),
+            }
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("connected" if self._conn else "disconnected")
@@ -5338,64 +5442,41 @@ class TCPClientTransport(Transport):
     def _want_receive(self, topic: str) -> None:
         _refuse_receive_pattern(topic)
         validate_topic(topic)
-        if topic not in self._receive_topics:
+        receiving = self._interest.receiving
+        if topic not in receiving:
             with self._lock:
-                if topic in self._receive_topics:
+                if topic in receiving:
                     return
-                self._receive_topics[topic] = None
+                receiving[topic] = None
             self._interest_add(topic)
 
     def _interest_add(
-        self, pattern: str, flush: bool = True, defer: bool = False, inbox: Any = None
+        self, pattern: str, flush: bool = True, defer: bool = False,
+        inbox: Optional[Inbox] = None,
     ) -> None:
         with self._lock:
             if inbox is not None:
                 self._backlog.track(pattern, inbox)
-            count = self._interest.get(pattern, 0)
-            self._interest[pattern] = count + 1
             conn = self._conn
-            if count or conn is None or not conn.handshake:
+            frame = self._interest.add(pattern, conn is not None and conn.handshake, defer)
+            if conn is None or not frame:
                 return
-            if self._removals and pattern in self._removals:
-                del self._removals[pattern]  # withdrawn but not told yet: still known
-                return
-            if defer and self._implicit:
-                self._deferred[pattern] = None  # sent with the next frame, or implied by it
-                return
-            removed, self._removals = list(self._removals), {}
-            conn.enqueue(_interest_frame([pattern], removed))
+            conn.enqueue(frame)
         if flush:
             self._kick(conn)
 
-    def _interest_remove(self, pattern: str, inbox: Any = None) -> None:
+    def _interest_remove(self, pattern: str, inbox: Optional[Inbox] = None) -> None:
         # Not urgent: rides along with the next $interest, or leaves on a tick.
         with self._lock:
             if inbox is not None:
                 self._backlog.untrack(pattern, inbox)
-            count = self._interest.get(pattern, 0)
-            if count > 1:
-                self._interest[pattern] = count - 1
-                return
-            self._interest.pop(pattern, None)
-            if pattern in self._deferred:  # the server never heard of it
-                del self._deferred[pattern]
-                return
             conn = self._conn
-            if count and conn is not None and conn.handshake and not self._closed:
-                self._removals[pattern] = None
-
-    def _interest_changes(self) -> bytes:
-        # Called with self._lock held: deferred inboxes and withdrawn interest.
-        added = list(self._deferred)
-        self._deferred.clear()
-        removed, self._removals = list(self._removals), {}
-        return _interest_frame(added, removed)
+            self._interest.remove(pattern, conn is not None and conn.handshake and not self._closed)
 
     def _flush_removals(self, conn: _Connection) -> None:
         with self._lock:
-            if (not self._removals and not self._deferred) or self._conn is not conn:
-                return
-            conn.enqueue(self._interest_changes())
+            if self._interest.pending() and self._conn is conn:
+                conn.enqueue(self._interest.changes())
 
     # -- connection set-up ------------------------------------------------------------------
 
@@ -5451,13 +5532,8 @@ class TCPClientTransport(Transport):
         a late ``$welcome`` turns a frame-only connection into a handshake one.
         """
         features = conn.features if conn.handshake else frozenset()
-        self._removals = {}  # the server learns the whole interest anyway
-        self._deferred = {}
-        self._implicit = "interest" in features and "reply" in features
         self._backlog.acked = "ack" in features
-        if conn.handshake and self._interest:
-            return _control_frame("$interest", {"add": list(self._interest)})
-        return b""
+        return self._interest.adopt(features, conn.handshake)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -5677,7 +5753,7 @@ class TCPClientTransport(Transport):
         topic = message.topic
         try:
             subscriptions = _deliver_local(
-                self._local, message, taken=topic not in self._receive_topics
+                self._local, message, taken=topic not in self._interest.receiving
             )
         except TransportFullError as exc:
             self._counts["mailbox_full"] += 1
@@ -5736,7 +5812,7 @@ class TCPClientTransport(Transport):
                 with self._lock:
                     self._pings_sent += 1
                     conn.enqueue(_control_frame("$ping", {}))
-        if self._removals or self._deferred:
+        if self._interest.pending():
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
