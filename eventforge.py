@@ -59,6 +59,7 @@ from typing import (
     Dict,
     Iterable,
     List,
+    NamedTuple,
     Optional,
     Tuple,
     Type,
@@ -66,7 +67,7 @@ from typing import (
 
 if TYPE_CHECKING:  # real types for annotations, at no import cost
     import selectors  # noqa: F401  (used as the sections adopt them)
-    import socket  # noqa: F401  (used as the sections adopt them)
+    import socket
     import ssl  # noqa: F401  (used as the sections adopt them)
     from concurrent.futures import Future  # noqa: F401  (used as the sections adopt them)
 
@@ -4654,8 +4655,139 @@ class _ClientInbox(Inbox):
         return self._check(await Inbox.get_async(self, timeout))
 
 
+class _Opened(NamedTuple):
+    """A connection a :class:`_Dialer` opened, and what its handshake agreed."""
+
+    sock: socket.socket
+    decoder: FrameDecoder
+    handshake: bool  # the server answered $hello: it keeps interest, may acknowledge ...
+    features: frozenset  # agreed in the handshake (empty without one)
+    early: List[Message]  # messages that came before the handshake ended
+    nonce: bytes  # of a $hello left unanswered (b"" if none): a late $welcome is adopted
+    limit: Optional[int]  # the server's max_frame_size, if it told
+
+
+def _client_handshake(client: TCPClientTransport, sock: socket.socket, where: str,
+                      deadline: float, timeout: float) -> _Opened:
+    """The client's side of the handshake on the blocking, connected ``sock``.
+
+    ``$hello`` out, ``$welcome`` back; with a secret, ``$auth`` out and
+    ``$ready`` back, each side proving it knows the secret.  A server that
+    does not answer within ``hello_timeout`` (unless the handshake is
+    required) is taken for a plain-frame peer.  Raises AuthenticationError
+    or ConnectionLostError; leaves the socket non-blocking.
+    """
+    decoder = FrameDecoder(client.max_frame_size)
+    early: List[Message] = []
+    if client.handshake is False:
+        sock.setblocking(False)
+        return _Opened(sock, decoder, False, frozenset(), early, b"", None)
+    nonce = os.urandom(32)
+    hello = Message("$hello", {
+        "version": PROTOCOL_VERSION,
+        "features": sorted(_FEATURES),
+        "nonce": nonce.hex(),
+        "ping_interval": client.ping_interval,
+        "max_frame_size": client.max_frame_size,
+    })
+    if client.name:
+        hello.payload["name"] = client.name
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    sock.sendall(encode(hello))
+    key = client._key
+    required = client.handshake is True or key is not None
+    hello_deadline = deadline
+    if not required:
+        hello_deadline = min(deadline, time.monotonic() + client.hello_timeout)
+    welcome = _await_control(sock, decoder, early, "$welcome", hello_deadline, where)
+    if welcome is None:
+        if required:
+            raise AuthenticationError(
+                f"{where} did not answer the handshake within "
+                f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
+                "or one that speaks plain frames only)"
+            )
+        logger.info("tcp client: %s did not answer $hello within %s s; speaking "
+                    "plain frames until it does", where, client.hello_timeout)
+        sock.setblocking(False)
+        return _Opened(sock, decoder, False, frozenset(), early, nonce, None)
+    if welcome.get("auth"):
+        if welcome.get("auth") != "hmac-sha256":
+            raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
+        if key is None:
+            raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
+        server_nonce = _nonce_from(welcome.get("nonce"))
+        if server_nonce is None:
+            raise AuthenticationError(f"{where} sent an invalid nonce")
+        proof = _proof(key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
+        sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
+        ready = _await_control(sock, decoder, early, "$ready", deadline, where)
+        if ready is None:
+            raise AuthenticationError(f"{where} did not confirm authentication in time")
+        expected = _proof(key, _AUTH_LABEL_SERVER, server_nonce, nonce)
+        if not _proof_matches(expected, ready.get("proof")):
+            raise AuthenticationError(f"{where} failed to prove it knows the secret")
+    elif key is not None:
+        raise AuthenticationError(
+            f"{where} does not authenticate, so it cannot prove it knows the secret"
+        )
+    sock.setblocking(False)
+    return _Opened(sock, decoder, True, _welcome_features(welcome), early, b"",
+                   _welcome_limit(welcome))
+
+
+def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Message], want: str,
+                   deadline: float, where: str) -> Optional[Dict[str, Any]]:
+    """Read until control frame ``want`` arrives (handshake); None at ``deadline``."""
+    import socket
+
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            return None
+        except OSError as exc:
+            raise ConnectionLostError(
+                f"{where} closed the connection during the handshake: {exc}"
+            ) from None
+        if not data:
+            raise ConnectionLostError(
+                f"{where} closed the connection during the handshake "
+                "(does it require TLS or a secret?)"
+            )
+        try:
+            bodies = decoder.feed(data)
+        except FrameTooLargeError as exc:
+            raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
+        found: Optional[Dict[str, Any]] = None
+        for body in bodies:
+            try:
+                message = decode(body)
+            except FrameError as exc:
+                logger.warning(
+                    "tcp client: bad frame from %s during the handshake: %s", where, exc
+                )
+                continue
+            payload = message.payload if isinstance(message.payload, dict) else {}
+            if found is None and message.topic == want:
+                found = payload
+            elif message.topic == "$error":
+                reason = str(payload.get("reason", "refused"))[:200]
+                if payload.get("code") == "auth":
+                    raise AuthenticationError(f"{where} refused the connection: {reason}")
+                raise ConnectionLostError(f"{where} refused the connection: {reason}")
+            elif message.topic[0] != "$":
+                early.append(message)
+        if found is not None:
+            return found
+
+
 class _Dialer:
-    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, ``$hello``.
+    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, handshake.
 
     Blocking, on the thread calling ``connect()`` or on the client's I/O
     thread when it reconnects.  The socket being set up is published as the
@@ -4667,7 +4799,7 @@ class _Dialer:
     def __init__(self, client: TCPClientTransport) -> None:
         self.client = client
 
-    def connect_socket(self, timeout: float) -> Any:
+    def connect_socket(self, timeout: float) -> socket.socket:
         """A connected socket, like ``socket.create_connection``, but abortable.
 
         The socket is published as the client's ``_connecting`` before
@@ -4706,14 +4838,8 @@ class _Dialer:
             raise TransportClosedError(f"{c._name()} is closed")
         raise ConnectionLostError(f"cannot connect to {where}: {error or 'no address'}")
 
-    def open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message],
-                                             bytes, Optional[int]]:
-        """Connect and handshake (blocking); return the socket and what was learned.
-
-        That is: socket, decoder, handshake done, agreed features, messages
-        that came before the handshake ended, the nonce of a ``$hello`` left
-        unanswered (b"" if none) and the server's ``max_frame_size``.
-        """
+    def open(self, timeout: float) -> _Opened:
+        """Connect, wrap in TLS if asked, run :func:`_client_handshake` (blocking)."""
         import socket
 
         c = self.client
@@ -4739,62 +4865,7 @@ class _Dialer:
                         "(does the server use TLS?)"
                     ) from None
                 c._connecting = sock
-            decoder = FrameDecoder(c.max_frame_size)
-            early: List[Message] = []
-            if c.handshake is False:
-                sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early, b"", None
-            nonce = os.urandom(32)
-            hello = Message("$hello", {
-                "version": PROTOCOL_VERSION,
-                "features": sorted(_FEATURES),
-                "nonce": nonce.hex(),
-                "ping_interval": c.ping_interval,
-                "max_frame_size": c.max_frame_size,
-            })
-            if c.name:
-                hello.payload["name"] = c.name
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            sock.sendall(encode(hello))
-            required = c.handshake is True or c._key is not None
-            hello_deadline = deadline
-            if not required:
-                hello_deadline = min(deadline, time.monotonic() + c.hello_timeout)
-            welcome = self.await_control(sock, decoder, early, "$welcome", hello_deadline)
-            if welcome is None:
-                if required:
-                    raise AuthenticationError(
-                        f"{where} did not answer the handshake within "
-                        f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
-                        "or one that speaks plain frames only)"
-                    )
-                logger.info("tcp client: %s did not answer $hello within %s s; speaking "
-                            "plain frames until it does", where, c.hello_timeout)
-                sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early, nonce, None
-            features = _welcome_features(welcome)
-            if welcome.get("auth"):
-                if welcome.get("auth") != "hmac-sha256":
-                    raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
-                if c._key is None:
-                    raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
-                server_nonce = _nonce_from(welcome.get("nonce"))
-                if server_nonce is None:
-                    raise AuthenticationError(f"{where} sent an invalid nonce")
-                proof = _proof(c._key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
-                sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
-                ready = self.await_control(sock, decoder, early, "$ready", deadline)
-                if ready is None:
-                    raise AuthenticationError(f"{where} did not confirm authentication in time")
-                expected = _proof(c._key, _AUTH_LABEL_SERVER, server_nonce, nonce)
-                if not _proof_matches(expected, ready.get("proof")):
-                    raise AuthenticationError(f"{where} failed to prove it knows the secret")
-            elif c._key is not None:
-                raise AuthenticationError(
-                    f"{where} does not authenticate, so it cannot prove it knows the secret"
-                )
-            sock.setblocking(False)
-            return sock, decoder, True, features, early, b"", _welcome_limit(welcome)
+            return _client_handshake(c, sock, where, deadline, timeout)
         except (EventforgeError, socket.timeout):
             sock.close()
             raise
@@ -4808,58 +4879,6 @@ class _Dialer:
             raise
         finally:
             c._connecting = None
-
-    def await_control(
-        self, sock: Any, decoder: FrameDecoder, early: List[Message], want: str, deadline: float
-    ) -> Optional[Dict[str, Any]]:
-        """Read until control frame ``want`` arrives; None at ``deadline``."""
-        import socket
-
-        c = self.client
-        where = f"{c.host}:{c.port}"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(65536)
-            except socket.timeout:
-                return None
-            except OSError as exc:
-                raise ConnectionLostError(
-                    f"{where} closed the connection during the handshake: {exc}"
-                ) from None
-            if not data:
-                raise ConnectionLostError(
-                    f"{where} closed the connection during the handshake "
-                    "(does it require TLS or a secret?)"
-                )
-            try:
-                bodies = decoder.feed(data)
-            except FrameTooLargeError as exc:
-                raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
-            found: Optional[Dict[str, Any]] = None
-            for body in bodies:
-                try:
-                    message = decode(body)
-                except FrameError as exc:
-                    logger.warning(
-                        "tcp client: bad frame from %s during the handshake: %s", where, exc
-                    )
-                    continue
-                payload = message.payload if isinstance(message.payload, dict) else {}
-                if found is None and message.topic == want:
-                    found = payload
-                elif message.topic == "$error":
-                    reason = str(payload.get("reason", "refused"))[:200]
-                    if payload.get("code") == "auth":
-                        raise AuthenticationError(f"{where} refused the connection: {reason}")
-                    raise ConnectionLostError(f"{where} refused the connection: {reason}")
-                elif message.topic[0] != "$":
-                    early.append(message)
-            if found is not None:
-                return found
 
 
 class TCPClientTransport(Transport):
@@ -5039,7 +5058,7 @@ class TCPClientTransport(Transport):
             opened = _Dialer(self).open(timeout)
             with self._lock:
                 if self.closed:  # close() may have run on another thread meanwhile
-                    opened[0].close()
+                    opened.sock.close()
                     raise TransportClosedError(f"{self._name()} is closed")
                 loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
                 raw = getattr(loop.selector, "_selector", None)
@@ -5048,7 +5067,7 @@ class TCPClientTransport(Transport):
                 self._started = True
             self._pid = os.getpid()
             _watch_at_exit(self)
-            self._install(*opened)
+            self._install(opened)
             loop.start(self._run)
         return self
 
@@ -5480,24 +5499,20 @@ class TCPClientTransport(Transport):
 
     # -- connection set-up ------------------------------------------------------------------
 
-    def _install(
-        self, sock: Any, decoder: FrameDecoder, handshake: bool, features: frozenset,
-        early: List[Message], hello_nonce: bytes, limit: Optional[int],
-    ) -> None:
+    def _install(self, opened: _Opened) -> None:
         """Adopt a fresh connection: interest first, then every unacknowledged message."""
-        tls = self.ssl_context is not None
+        sock = opened.sock
         conn = _Connection(sock, f"{self.host}:{self.port}", self.max_frame_size,
-                           self._backlog.max_bytes + 1024 * 1024, tls)
-        conn.decoder = decoder
+                           self._backlog.max_bytes + 1024 * 1024, self.ssl_context is not None)
+        conn.decoder = opened.decoder
         conn.state = _READY
-        conn.handshake = handshake
-        conn.features = features
-        conn.nonce = hello_nonce  # a $hello still unanswered: a late $welcome is adopted
+        conn.handshake = opened.handshake
+        conn.features = opened.features
+        conn.nonce = opened.nonce  # a $hello still unanswered: a late $welcome is adopted
         with self._lock:
             frames: List[bytes] = []
-            self._send_limit = limit if limit is not None else self.max_frame_size
             self._pings_sent = self._pongs = 0
-            interest = self._adopt_features(conn)
+            interest = self._adopt(conn, opened.limit)
             if interest:
                 frames.append(interest)
             frames.extend(self._backlog.resend(conn, self._send_limit))
@@ -5516,21 +5531,22 @@ class TCPClientTransport(Transport):
 
         conn.events = selectors.EVENT_READ
         loop.selector.register(sock, conn.events, conn)
-        if early:
+        if opened.early:
             batch: List[Tuple[Tuple[Any, ...], Message]] = []
-            for message in early:
+            for message in opened.early:
                 self._deliver(message, batch)
             if batch:
                 self._dispatcher.put_many(batch)
         if frames:
             self._kick(conn)
 
-    def _adopt_features(self, conn: _Connection) -> bytes:
-        """Take up the connection's mode and features; return the ``$interest`` to send.
+    def _adopt(self, conn: _Connection, limit: Optional[int]) -> bytes:
+        """Take up the connection's terms; return the ``$interest`` to send first.
 
         Called with self._lock held, when a connection is installed and when
         a late ``$welcome`` turns a frame-only connection into a handshake one.
         """
+        self._send_limit = limit if limit is not None else self.max_frame_size
         features = conn.features if conn.handshake else frozenset()
         self._backlog.acked = "ack" in features
         return self._interest.adopt(features, conn.handshake)
@@ -5855,9 +5871,7 @@ class TCPClientTransport(Transport):
             conn.handshake = True
             conn.nonce = b""
             conn.features = _welcome_features(welcome)
-            limit = _welcome_limit(welcome)
-            self._send_limit = limit if limit is not None else self.max_frame_size
-            interest = self._adopt_features(conn)
+            interest = self._adopt(conn, _welcome_limit(welcome))
             if interest:
                 conn.enqueue(interest)
         logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
@@ -5934,10 +5948,10 @@ class TCPClientTransport(Transport):
                 logger.debug("tcp client: reconnect failed: %s", exc)
             else:
                 if self._closing.is_set():
-                    opened[0].close()
+                    opened.sock.close()
                     return False
                 self._counts["reconnects"] += 1  # before any frame goes out on it
-                self._install(*opened)
+                self._install(opened)
                 logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
                 self._notify_state(True, f"reconnected to {self.host}:{self.port}")
                 return True
