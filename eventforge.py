@@ -4600,6 +4600,41 @@ class _Interest:
         return b""
 
 
+class _Confirmations:
+    """The server's confirmations a client's ``flush()`` waits for.
+
+    A server with the feature "flush" answers ``$flush`` with ``$flushed``
+    (same id).  An older handshake server answers ``$ping`` with ``$pong``,
+    in order, having applied the interest sent before; the messages sent
+    before are handled once it acknowledged them too.  Not thread-safe: the
+    client holds its lock around every use.
+    """
+
+    __slots__ = ("ids", "flushed_upto", "pings_sent", "pongs")
+
+    def __init__(self) -> None:
+        self.ids = itertools.count(1)
+        self.flushed_upto = 0  # highest $flushed id seen
+        self.pings_sent = 0  # $ping frames sent on this connection ...
+        self.pongs = 0  # ... and $pong answers to them (they come in order)
+
+    def ask(self, features: frozenset,
+            backlog: _Backlog) -> Tuple[bytes, Optional[Callable[[], bool]]]:
+        """The frame asking the server to confirm all sent so far, and the test that it did.
+
+        ``(b"", None)`` if the server cannot confirm anything (no handshake).
+        """
+        if "flush" in features:
+            ident = next(self.ids)
+            return _control_frame("$flush", {"id": ident}), lambda: self.flushed_upto >= ident
+        if "ping" in features:
+            self.pings_sent += 1
+            target, last_seq, pending = self.pings_sent, backlog.seq, backlog.items
+            return _control_frame("$ping", {}), lambda: self.pongs >= target and (
+                not pending or pending[0][0] > last_seq or not backlog.acked)
+        return b"", None
+
+
 class _ClientInbox(Inbox):
     """A request inbox of a :class:`TCPClientTransport`.
 
@@ -4983,10 +5018,7 @@ class TCPClientTransport(Transport):
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
         self._interest = _Interest()
-        self._flush_ids = itertools.count(1)
-        self._flushed_upto = 0  # highest $flushed id seen
-        self._pings_sent = 0  # $ping frames we sent on this connection ...
-        self._pongs = 0  # ... and $pong answers to them (they come in order)
+        self._confirmed = _Confirmations()
         self._conn: Optional[_Connection] = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
@@ -5190,28 +5222,10 @@ class TCPClientTransport(Transport):
         with self._lock:
             if self._conn is not conn:
                 return None
-            features = conn.features if conn.handshake else frozenset()
-            frame = b""
-            done: Optional[Callable[[], bool]]
-            if self._interest.pending():
-                frame = self._interest.changes()
-            if "flush" in features:
-                ident = next(self._flush_ids)
-                frame += _control_frame("$flush", {"id": ident})
-
-                def done() -> bool:
-                    return self._flushed_upto >= ident
-            elif "ping" in features:
-                self._pings_sent += 1
-                backlog = self._backlog
-                target, last_seq, pending = self._pings_sent, backlog.seq, backlog.items
-                frame += _control_frame("$ping", {})
-
-                def done() -> bool:
-                    return self._pongs >= target and (
-                        not pending or pending[0][0] > last_seq or not backlog.acked)
-            else:
-                done = None
+            frame = self._interest.changes() if self._interest.pending() else b""
+            ask, done = self._confirmed.ask(conn.features if conn.handshake else frozenset(),
+                                            self._backlog)
+            frame += ask
             if frame:
                 conn.enqueue(frame)
         self._kick(conn)
@@ -5511,7 +5525,7 @@ class TCPClientTransport(Transport):
         conn.nonce = opened.nonce  # a $hello still unanswered: a late $welcome is adopted
         with self._lock:
             frames: List[bytes] = []
-            self._pings_sent = self._pongs = 0
+            self._confirmed.pings_sent = self._confirmed.pongs = 0
             interest = self._adopt(conn, opened.limit)
             if interest:
                 frames.append(interest)
@@ -5794,14 +5808,14 @@ class TCPClientTransport(Transport):
         elif topic == "$pong":
             with self._lock:
                 if self._conn is conn:
-                    self._pongs += 1
+                    self._confirmed.pongs += 1
                     self._backlog.wake()
         elif topic == "$flushed":
             ident = payload.get("id")
             if type(ident) is int:
                 with self._lock:
-                    if ident > self._flushed_upto:
-                        self._flushed_upto = ident
+                    if ident > self._confirmed.flushed_upto:
+                        self._confirmed.flushed_upto = ident
                     self._backlog.wake()
         elif topic == "$welcome" and not conn.handshake and conn.nonce:
             self._late_welcome(conn, payload)
@@ -5826,7 +5840,7 @@ class TCPClientTransport(Transport):
             if silent > interval and not conn.ping_sent:
                 conn.ping_sent = True
                 with self._lock:
-                    self._pings_sent += 1
+                    self._confirmed.pings_sent += 1
                     conn.enqueue(_control_frame("$ping", {}))
         if self._interest.pending():
             self._flush_removals(conn)
