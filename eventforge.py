@@ -5269,7 +5269,9 @@ class TCPClientTransport(Transport):
         backlog = self._backlog
         with self._lock:
             conn = self._conn
-            if conn is not None and backlog.acked and not backlog.has_room(len(frame)):
+            if conn is not None and backlog.acked and (len(backlog.items) >= backlog.max_items
+                                                       or backlog.bytes + len(frame)
+                                                       > backlog.max_bytes):  # has_room, inlined
                 conn = self._wait_for_space(len(frame))
             item: Optional[List[Any]]
             if conn is None or self._closed:
@@ -5293,10 +5295,10 @@ class TCPClientTransport(Transport):
         backlog = self._backlog
         size = len(frame)
         item: Optional[List[Any]] = None
-        if backlog.acked:
-            if not backlog.has_room(size):  # still full after send_timeout
-                raise backlog.full(f"are unacknowledged after {self.send_timeout} s")
-            item = backlog.add(backlog.seq + 1, frame, deadline)
+        if backlog.acked:  # room checked by send
+            item = [backlog.seq + 1, frame, 0, deadline]  # backlog.add, inlined
+            backlog.items.append(item)
+            backlog.bytes += size
         with conn.lock:  # _Connection.enqueue, inlined
             if conn.out_bytes + size > conn.max_outbound:
                 if item is not None:
@@ -5331,10 +5333,12 @@ class TCPClientTransport(Transport):
         return self._backlog.buffer(frame, deadline)
 
     def _wait_for_space(self, size: int) -> Optional[_Connection]:
-        # Called with self._lock held and the buffer full.  While connected,
-        # wait (up to send_timeout) for the server to acknowledge: a publisher
-        # faster than the server is slowed down, like a blocking socket
-        # write.  While disconnected, fail at once.
+        """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
+
+        Called with self._lock held and the backlog full: wait (up to
+        ``send_timeout``) for the server to acknowledge, so a publisher
+        faster than the server is slowed down, like a blocking socket write.
+        """
         backlog = self._backlog
         deadline = time.monotonic() + self.send_timeout
         while (self._conn is not None and backlog.acked and not self._closed
@@ -5345,6 +5349,8 @@ class TCPClientTransport(Transport):
             backlog.wait(remaining)
         if self._closed:
             raise TransportClosedError(f"{self._name()} is closed")
+        if self._conn is not None and not backlog.has_room(size):
+            raise backlog.full(f"are unacknowledged after {self.send_timeout} s")
         return self._conn
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
