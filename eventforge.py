@@ -68,7 +68,7 @@ from typing import (
 if TYPE_CHECKING:  # real types for annotations, at no import cost
     import selectors  # noqa: F401  (used as the sections adopt them)
     import socket
-    import ssl  # noqa: F401  (used as the sections adopt them)
+    import ssl
     from concurrent.futures import Future  # noqa: F401  (used as the sections adopt them)
 
 __version__ = "0.1.0"
@@ -4915,6 +4915,32 @@ class _Dialer:
         finally:
             c._connecting = None
 
+    def redial(self) -> Optional[_Opened]:
+        """Retry :meth:`open` with capped exponential backoff and jitter; None once closing."""
+        c = self.client
+        delay = c.backoff_initial
+        while not c._closing.is_set():
+            jitter = 0.5 + os.urandom(1)[0] / 510.0  # 0.5 .. 1.0
+            if c._nudge.wait(delay * jitter):  # close() wants the backlog out: now
+                c._nudge.clear()
+            if c._closing.is_set():
+                return None
+            c._reconnect_attempts.add()
+            try:
+                opened = self.open(c.connect_timeout)
+            except AuthenticationError as exc:
+                logger.error("tcp client: reconnect refused: %s", exc)
+            except (ConnectionError, OSError, TransportClosedError) as exc:
+                logger.debug("tcp client: reconnect failed: %s", exc)
+            else:
+                if not c._closing.is_set():
+                    return opened
+                opened.sock.close()
+                return None
+            # While close() waits to deliver the backlog, retry briskly.
+            delay = min(delay * 2, 0.1 if c._closed else c.backoff_max)
+        return None
+
 
 class TCPClientTransport(Transport):
     """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
@@ -4966,6 +4992,13 @@ class TCPClientTransport(Transport):
     closed the same way.  ``on_connection_change(connected, detail)`` is
     called (on the I/O thread) when the connection is lost and when it is
     back.
+
+    Locks, outermost first: ``_connect_lock`` (one ``connect()`` at a time),
+    ``_read_lock`` (whoever decodes the socket: the I/O thread, or a caller
+    reading its reply), ``_lock`` (the client's state with its backlog,
+    interest and confirmations; ``_backlog.changed`` is a condition on it),
+    ``_sel_lock`` (the selector registration; never held with ``_lock``),
+    then a connection's ``conn.lock``.  No lock is held while user code runs.
     """
 
     def __init__(
@@ -4974,7 +5007,7 @@ class TCPClientTransport(Transport):
         port: int = DEFAULT_TCP_PORT,
         *,
         secret: Any = None,
-        ssl_context: Any = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
         server_hostname: Optional[str] = None,
         reconnect: bool = True,
         backoff_initial: float = 0.05,
@@ -5032,7 +5065,7 @@ class TCPClientTransport(Transport):
         self._epoll: Any = None  # the loop's epoll object, if the selector is epoll
         self._closing = threading.Event()
         self._nudge = threading.Event()  # ends a reconnect's backoff wait early
-        self._connecting: Any = None
+        self._connecting: Optional[socket.socket] = None  # being set up: close() aborts it
         self._started = False
         self._closed = False
         self._failed: Optional[str] = None
@@ -5040,6 +5073,8 @@ class TCPClientTransport(Transport):
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
         # Message frames not acknowledged yet (or waiting for a connection).
         self._backlog = _Backlog(self._lock, self._counts, max_pending, max_pending_bytes)
+        self._reconnect_attempts = _Counter()  # bumped by the I/O thread, read by stats
+        self._reconnects = _Counter()
         self._messages_out = 0
         self._pid = 0
 
@@ -5442,6 +5477,8 @@ class TCPClientTransport(Transport):
         stats: Dict[str, Any] = dict(self._local.stats)
         stats.update(self._counts)
         stats["messages_out"] = self._messages_out
+        stats["reconnect_attempts"] = self._reconnect_attempts.value
+        stats["reconnects"] = self._reconnects.value
         stats["connected"] = self._conn is not None
         stats["pending"] = len(self._backlog.items)
         stats["pending_bytes"] = self._backlog.bytes
@@ -5949,35 +5986,17 @@ class TCPClientTransport(Transport):
             logger.exception("tcp client: on_connection_change callback failed")
 
     def _reconnect(self) -> bool:
-        """Retry with capped exponential backoff and jitter; False to stop the loop."""
+        """Open a new connection (:meth:`_Dialer.redial`) and install it; False to stop."""
         if not self.reconnect or self._closing.is_set():
             return False
-        delay = self.backoff_initial
-        while not self._closing.is_set():
-            jitter = 0.5 + os.urandom(1)[0] / 510.0  # 0.5 .. 1.0
-            if self._nudge.wait(delay * jitter):  # close() wants the backlog out: now
-                self._nudge.clear()
-            if self._closing.is_set():
-                return False
-            self._counts["reconnect_attempts"] += 1
-            try:
-                opened = _Dialer(self).open(self.connect_timeout)
-            except AuthenticationError as exc:
-                logger.error("tcp client: reconnect refused: %s", exc)
-            except (ConnectionError, OSError, TransportClosedError) as exc:
-                logger.debug("tcp client: reconnect failed: %s", exc)
-            else:
-                if self._closing.is_set():
-                    opened.sock.close()
-                    return False
-                self._counts["reconnects"] += 1  # before any frame goes out on it
-                self._install(opened)
-                logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
-                self._notify_state(True, f"reconnected to {self.host}:{self.port}")
-                return True
-            # While close() waits to deliver the backlog, retry briskly.
-            delay = min(delay * 2, 0.1 if self._closed else self.backoff_max)
-        return False
+        opened = _Dialer(self).redial()
+        if opened is None:
+            return False
+        self._reconnects.add()  # before any frame goes out on it
+        self._install(opened)
+        logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
+        self._notify_state(True, f"reconnected to {self.host}:{self.port}")
+        return True
 
     def _dispatch_low(self) -> None:
         loop = self._loop
