@@ -5069,13 +5069,14 @@ class TCPClientTransport(Transport):
         self._started = False
         self._closed = False
         self._failed: Optional[str] = None
+        # Ints bumped under _lock (send, _Backlog) or under _read_lock (decoding).
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
         # Message frames not acknowledged yet (or waiting for a connection).
         self._backlog = _Backlog(self._lock, self._counts, max_pending, max_pending_bytes)
         self._reconnect_attempts = _Counter()  # bumped by the I/O thread, read by stats
         self._reconnects = _Counter()
-        self._messages_out = 0
+        self._messages_out = 0  # under _lock
         self._pid = 0
 
     max_pending = property(lambda self: self._backlog.max_items,
@@ -5300,24 +5301,18 @@ class TCPClientTransport(Transport):
         ttl = headers.get("_ttl_ms") if headers else None
         # A request: its caller's deadline, for a resend after a reconnect.
         deadline = _monotonic() + ttl / 1000.0 if type(ttl) is int and ttl >= 0 else None
-        reply_to = message.reply_to
-        backlog = self._backlog
+        reply_to, size, backlog = message.reply_to, len(frame), self._backlog
         with self._lock:
             conn = self._conn
-            if conn is not None and backlog.acked and (len(backlog.items) >= backlog.max_items
-                                                       or backlog.bytes + len(frame)
-                                                       > backlog.max_bytes):  # has_room, inlined
-                conn = self._wait_for_space(len(frame))
-            item: Optional[List[Any]]
-            if conn is None or self._closed:
-                item = self._send_offline(frame, deadline)
-            else:
-                item = self._queue(conn, frame, deadline, reply_to)
-            if reply_to is not None:
-                record = backlog.requests.get(reply_to)
-                if record is not None:  # the inbox's request, now on conn (or waiting)
-                    record[1] = conn
-                    record[2] = item
+            if conn is not None and backlog.acked and (  # not backlog.has_room(), inlined
+                    len(backlog.items) >= backlog.max_items
+                    or backlog.bytes + size > backlog.max_bytes):
+                conn = self._wait_for_space(size)
+            item = (self._send_offline(frame, deadline) if conn is None or self._closed
+                    else self._queue(conn, frame, deadline, reply_to))
+            record = backlog.requests.get(reply_to) if reply_to is not None else None
+            if record is not None:  # the inbox's request: on conn now (or waiting for one)
+                record[1], record[2] = conn, item
         if conn is not None:
             self._kick(conn)
 
@@ -5497,16 +5492,14 @@ class TCPClientTransport(Transport):
         ``io_thread_alive``: the client's I/O thread runs.
         """
         with self._lock:
-            conn, interest = self._conn, self._interest
-            thread = self._loop.thread if self._loop is not None else None
+            conn, loop = self._conn, self._loop
             return {
-                "interest": dict(interest.counts),
+                "interest": dict(self._interest.counts), "implicit": self._interest.implicit,
                 "features": conn.features if conn is not None and conn.handshake
                 else frozenset(),
-                "implicit": interest.implicit,
                 "socket": conn.sock if conn is not None else None,
                 "connecting": self._connecting is not None,
-                "io_thread_alive": thread is not None and thread.is_alive(),
+                "io_thread_alive": bool(loop and loop.thread and loop.thread.is_alive()),
             }
 
     def __repr__(self) -> str:
@@ -5590,8 +5583,9 @@ class TCPClientTransport(Transport):
         loop.selector.register(sock, conn.events, conn)
         if opened.early:
             batch: List[Tuple[Tuple[Any, ...], Message]] = []
-            for message in opened.early:
-                self._deliver(message, batch)
+            with self._read_lock:  # a caller may be reading the new connection already
+                for message in opened.early:
+                    self._deliver(message, batch)
             if batch:
                 self._dispatcher.put_many(batch)
         if frames:
