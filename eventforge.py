@@ -4375,10 +4375,6 @@ class _Backlog:
         self.counts["buffered"] += 1
         return self.add(0, frame, deadline)
 
-    def take_back_last(self) -> None:
-        """Undo the last :meth:`add` (the frame could not be queued after all)."""
-        self.bytes -= len(self.items.pop()[1])
-
     def acknowledge(self, n: int) -> None:
         """The server handled the connection's frames up to number ``n``."""
         items = self.items
@@ -5297,10 +5293,10 @@ class TCPClientTransport(Transport):
             raise FrameTooLargeError(
                 f"{exc} (the largest frame {self.host}:{self.port} takes)"
             ) from None
-        headers = message.headers
-        ttl = headers.get("_ttl_ms") if headers else None
-        # A request: its caller's deadline, for a resend after a reconnect.
-        deadline = _monotonic() + ttl / 1000.0 if type(ttl) is int and ttl >= 0 else None
+        headers, deadline = message.headers, None
+        if headers:  # a request's _ttl_ms: its caller's deadline, for a resend
+            ttl = headers.get("_ttl_ms")
+            deadline = _monotonic() + ttl / 1000.0 if type(ttl) is int and ttl >= 0 else None
         reply_to, size, backlog = message.reply_to, len(frame), self._backlog
         with self._lock:
             conn = self._conn
@@ -5308,47 +5304,41 @@ class TCPClientTransport(Transport):
                     len(backlog.items) >= backlog.max_items
                     or backlog.bytes + size > backlog.max_bytes):
                 conn = self._wait_for_space(size)
-            item = (self._send_offline(frame, deadline) if conn is None or self._closed
-                    else self._queue(conn, frame, deadline, reply_to))
-            record = backlog.requests.get(reply_to) if reply_to is not None else None
-            if record is not None:  # the inbox's request: on conn now (or waiting for one)
-                record[1], record[2] = conn, item
+            if conn is not None and not self._closed:  # _Connection.enqueue, inlined
+                with conn.lock:
+                    if (conn.out_bytes + size > conn.max_outbound or self._interest.deferred
+                            or self._interest.removals):
+                        self._ahead_of(conn, size, reply_to)
+                    conn.out.append(frame)
+                    conn.out_bytes += size
+                item = [backlog.seq + 1, frame, 0, deadline] if backlog.acked else None
+                if item is not None:  # _Backlog.add, inlined
+                    backlog.items.append(item)
+                    backlog.bytes += size
+                backlog.seq += 1  # every data frame of the connection, as the server counts
+                self._messages_out += 1
+            else:
+                item = self._send_offline(frame, deadline)
+            if reply_to is not None and reply_to in backlog.requests:  # a request: on conn
+                backlog.requests[reply_to][1:] = conn, item  # now (or waiting for one)
         if conn is not None:
             self._kick(conn)
 
-    def _queue(self, conn: _Connection, frame: bytes, deadline: Optional[float],
-               reply_to: Optional[str]) -> Optional[List[Any]]:
-        """Queue ``frame`` on ``conn``; return its backlog item (None: no acks).
+    def _ahead_of(self, conn: _Connection, size: int, reply_to: Optional[str]) -> None:
+        """Before a frame of ``size`` bytes joins ``conn``'s queue (send's uncommon cases).
 
-        Called with self._lock held; the connection's lock nests inside it.
+        Called with self._lock and conn.lock held.  Raises TransportFullError
+        if the queue has no room; queues first the interest changes that must
+        go ahead of the frame (see :meth:`_Interest.before`).
         """
-        backlog = self._backlog
-        size = len(frame)
-        item: Optional[List[Any]] = None
-        if backlog.acked:  # room checked by send
-            item = [backlog.seq + 1, frame, 0, deadline]  # backlog.add, inlined
-            backlog.items.append(item)
-            backlog.bytes += size
-        with conn.lock:  # _Connection.enqueue, inlined
-            if conn.out_bytes + size > conn.max_outbound:
-                if item is not None:
-                    backlog.take_back_last()
-                self._counts["full"] += 1
-                raise TransportFullError(
-                    f"{conn.out_bytes} bytes wait for the server; "
-                    f"max_pending_bytes={backlog.max_bytes}"
-                )
-            interest = self._interest
-            if interest.deferred or len(interest.removals) >= _REMOVALS_BATCH:
-                extra = interest.before(reply_to)
-                if extra:
-                    conn.out.append(extra)
-                    conn.out_bytes += len(extra)
-            conn.out.append(frame)
-            conn.out_bytes += size
-        backlog.seq += 1  # counts every data frame of the connection, as the server does
-        self._messages_out += 1
-        return item
+        if conn.out_bytes + size > conn.max_outbound:
+            self._counts["full"] += 1
+            raise TransportFullError(f"{conn.out_bytes} bytes wait for the server; "
+                                     f"max_pending_bytes={self._backlog.max_bytes}")
+        extra = self._interest.before(reply_to)
+        if extra:
+            conn.out.append(extra)
+            conn.out_bytes += len(extra)
 
     def _send_offline(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
         # Called with self._lock held while there is no connection.
