@@ -59,6 +59,7 @@ from typing import (
     Dict,
     Iterable,
     List,
+    NamedTuple,
     Optional,
     Sequence,
     Tuple,
@@ -4871,22 +4872,72 @@ def _with_ttl(frame: bytes, remaining: float) -> bytes:
 
 
 class _Backlog:
-    """A client's message frames that the server has not acknowledged, in order.
+    """A client's unacknowledged message frames, the room left for more, its requests.
 
     Each item is ``[seq, frame, charges, deadline]``: the frame's number on
     the current connection (0: not sent on it), the frame (b"" once
     acknowledged or withdrawn), how many connections broke while it was the
     oldest unacknowledged frame, and the monotonic deadline of a request's
     ``_ttl_ms`` (None without one).  :meth:`resend` decides what goes out
-    again on a new connection.  Not thread-safe: the client holds its lock.
+    again on a new connection.  With a server that acknowledges (``acked``:
+    the feature "ack") a frame stays until acknowledged; otherwise it waits
+    here only while there is no connection.  ``seq`` counts the data frames
+    queued on the current connection, as the server counts them.
+
+    ``requests`` maps each open request inbox's topic to ``[inbox,
+    connection its last request went out on, that request's item]``: a
+    request is withdrawn when its caller stops waiting (:meth:`untrack`) and
+    fails at once when its connection breaks (:meth:`connection_lost`).
+
+    ``changed`` is a condition on the client's lock: a sender waiting for
+    room waits on it, and so do ``flush()`` and ``close()``; :meth:`wake`
+    them after anything they wait for changed (an acknowledgement, the
+    connection ...).  Not thread-safe on its own: every method runs with the
+    client's lock held, so its counters are plain ints under that lock.
     """
 
-    __slots__ = ("items", "bytes", "counts")
+    __slots__ = ("items", "bytes", "counts", "changed", "waiters", "max_items", "max_bytes",
+                 "acked", "seq", "requests")
 
-    def __init__(self, counts: Dict[str, int]) -> None:
+    def __init__(self, lock: threading.Lock, counts: Dict[str, int], max_items: int,
+                 max_bytes: int) -> None:
         self.items: Deque[List[Any]] = collections.deque()
         self.bytes = 0  # of the frames still to deliver (acknowledged or withdrawn: 0)
         self.counts = counts
+        self.changed = threading.Condition(lock)
+        self.waiters = 0
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.acked = False
+        self.seq = 0
+        self.requests: Dict[str, List[Any]] = {}
+
+    # -- room -------------------------------------------------------------------------
+
+    def has_room(self, size: int) -> bool:
+        """True if one more frame of ``size`` bytes fits."""
+        return len(self.items) < self.max_items and self.bytes + size <= self.max_bytes
+
+    def full(self, state: str) -> TransportFullError:
+        """Count a refused frame; the error to raise (``state``: why the frames wait)."""
+        self.counts["full"] += 1
+        return TransportFullError(f"{len(self.items)} messages ({self.bytes} bytes) {state}; "
+                                  f"max_pending={self.max_items}")
+
+    def wait(self, timeout: float) -> None:
+        """Wait on :attr:`changed` for at most ``timeout`` seconds."""
+        self.waiters += 1
+        try:
+            self.changed.wait(timeout)
+        finally:
+            self.waiters -= 1
+
+    def wake(self) -> None:
+        """Wake whoever waits on :attr:`changed`."""
+        if self.waiters:
+            self.changed.notify_all()
+
+    # -- frames -------------------------------------------------------------------------
 
     def add(self, seq: int, frame: bytes, deadline: Optional[float]) -> List[Any]:
         item = [seq, frame, 0, deadline]
@@ -4894,9 +4945,12 @@ class _Backlog:
         self.bytes += len(frame)
         return item
 
-    def take_back_last(self) -> None:
-        """Undo the last :meth:`add` (the frame could not be queued after all)."""
-        self.bytes -= len(self.items.pop()[1])
+    def buffer(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
+        """Keep ``frame`` for the next connection (raise TransportFullError if no room)."""
+        if not self.has_room(len(frame)):
+            raise self.full("wait for a connection")
+        self.counts["buffered"] += 1
+        return self.add(0, frame, deadline)
 
     def acknowledge(self, n: int) -> None:
         """The server handled the connection's frames up to number ``n``."""
@@ -4905,6 +4959,7 @@ class _Backlog:
             item = items.popleft()
             self.bytes -= len(item[1])
             item[1] = b""
+        self.wake()
 
     def withdraw(self, item: List[Any]) -> None:
         """Never send ``item`` again; it keeps its place (the server may still ack it).
@@ -4916,12 +4971,23 @@ class _Backlog:
         if not item[0]:
             self.counts["withdrawn"] += 1
 
-    def connection_lost(self) -> None:
-        """Charge the oldest frame sent on the lost connection; forget the numbering.
+    def connection_lost(self, conn: _Connection) -> List[_ClientInbox]:
+        """Charge the oldest frame sent on ``conn``; forget the numbering.
 
         Acknowledgements are cumulative and in order, so a server that keeps
-        closing the connection over one frame stops at that frame.
+        closing the connection over one frame stops at that frame.  Returns
+        the inboxes whose request went out on ``conn`` (withdrawn: the reply
+        cannot come).
         """
+        failed: List[_ClientInbox] = []
+        for record in self.requests.values():
+            if record[1] is conn:
+                record[1] = None
+                item = record[2]
+                if item is not None and item[1]:
+                    self.withdraw(item)
+                failed.append(record[0])
+        self.counts["failed_requests"] += len(failed)
         for item in self.items:
             if item[1]:
                 if item[0]:
@@ -4929,9 +4995,11 @@ class _Backlog:
                 break
         for item in self.items:
             item[0] = 0
+        self.wake()
+        return failed
 
-    def resend(self, limit: int, where: str) -> List[bytes]:
-        """Number the frames for a new connection (1, 2 ...) and return them.
+    def resend(self, conn: _Connection, limit: int) -> List[bytes]:
+        """Number the frames for the new connection ``conn`` (1, 2 ...) and return them.
 
         Dropped, each logged and counted: a frame over the server's ``limit``
         (``too_large``), a frame that broke ``_MAX_SEND_ATTEMPTS`` connections
@@ -4948,11 +5016,11 @@ class _Backlog:
             if not frame:  # acknowledged or withdrawn
                 continue
             if item[2] >= _MAX_SEND_ATTEMPTS:
-                self._drop(item, "refused", where, f"the connection broke {item[2]} times "
+                self._drop(item, "refused", conn.peer, f"the connection broke {item[2]} times "
                            "with it unacknowledged (the server refuses it?)")
                 continue
             if len(frame) - 4 > limit:
-                self._drop(item, "too_large", where,
+                self._drop(item, "too_large", conn.peer,
                            f"the server now takes at most {limit} bytes per frame")
                 continue
             if item[3] is not None:
@@ -4967,12 +5035,17 @@ class _Backlog:
             frames.append(frame)
         self.items = kept
         self.bytes = sum(len(item[1]) for item in kept)
+        self.seq = len(frames)
         if expired:
             self.counts["expired"] += expired
             logger.info("tcp client: %d request(s) expired while disconnected; not resent",
                         expired)
         if frames:
             self.counts["resent"] += len(frames)
+            for record in self.requests.values():  # requests now in flight on conn
+                item = record[2]
+                if item is not None and item[1] and item[0]:
+                    record[1] = conn
         return frames
 
     def _drop(self, item: List[Any], counter: str, where: str, reason: str) -> None:
@@ -4992,6 +5065,147 @@ class _Backlog:
     def undelivered(self) -> int:
         """Frames still to deliver (neither acknowledged nor withdrawn)."""
         return sum(1 for item in self.items if item[1])
+
+    # -- requests --------------------------------------------------------------------------
+
+    def track(self, topic: str, inbox: Inbox) -> None:
+        """``inbox`` (on ``topic``) waits for replies to requests naming it."""
+        self.requests[topic] = [inbox, None, None]
+
+    def untrack(self, topic: str, inbox: Inbox) -> None:
+        """``inbox`` closed: withdraw its request still waiting to go out or for an ack."""
+        record = self.requests.get(topic)
+        if record is not None and record[0] is inbox:
+            del self.requests[topic]
+            item = record[2]
+            if item is not None and item[1]:
+                self.withdraw(item)
+
+
+class _Interest:
+    """What a :class:`TCPClientTransport` wants from its server, and what it has not told it.
+
+    ``counts`` maps each pattern (a subscription's pattern, a ``receive``
+    topic, an inbox topic) to its number of users: the server hears of a
+    pattern when its first user comes and of its withdrawal when the last
+    one goes.  A withdrawal is not urgent: it waits in ``removals`` for the
+    next ``$interest`` frame, a tick or ``_REMOVALS_BATCH`` others.  When the
+    server speaks the features "interest" and "reply" (``implicit``), an
+    inbox just opened waits in ``deferred``: a request naming it as
+    ``reply_to`` tells the server, and any other frame sent first carries it.
+    ``receiving`` holds the topics taken by ``receive``, ``patterns`` the
+    pattern of each subscription id.  Not thread-safe: the client holds its
+    lock around every call.
+    """
+
+    __slots__ = ("counts", "removals", "deferred", "implicit", "receiving", "patterns")
+
+    def __init__(self) -> None:
+        self.counts: Dict[str, int] = {}
+        self.removals: Dict[str, None] = {}
+        self.deferred: Dict[str, None] = {}
+        self.implicit = False
+        self.receiving: Dict[str, None] = {}
+        self.patterns: Dict[str, str] = {}
+
+    def add(self, pattern: str, told: bool, defer: bool = False) -> bytes:
+        """One more user of ``pattern``; return the ``$interest`` frame to send now, or b"".
+
+        ``told``: a handshake connection is up (the server keeps interest);
+        ``defer``: ``pattern`` is an inbox the next request may name.
+        """
+        count = self.counts.get(pattern, 0)
+        self.counts[pattern] = count + 1
+        if count or not told:
+            return b""
+        if self.removals and pattern in self.removals:
+            del self.removals[pattern]  # withdrawn but not told yet: still known
+            return b""
+        if defer and self.implicit:
+            self.deferred[pattern] = None  # sent with the next frame, or implied by it
+            return b""
+        removed, self.removals = list(self.removals), {}
+        return _interest_frame([pattern], removed)
+
+    def remove(self, pattern: str, told: bool) -> None:
+        """One user fewer of ``pattern``; the last one's withdrawal waits in ``removals``."""
+        count = self.counts.get(pattern, 0)
+        if count > 1:
+            self.counts[pattern] = count - 1
+            return
+        self.counts.pop(pattern, None)
+        if pattern in self.deferred:  # the server never heard of it
+            del self.deferred[pattern]
+            return
+        if count and told:
+            self.removals[pattern] = None
+
+    def pending(self) -> bool:
+        """True if some change waits to be told to the server."""
+        return bool(self.removals or self.deferred)
+
+    def changes(self) -> bytes:
+        """The ``$interest`` frame telling the deferred inboxes and the withdrawals."""
+        added = list(self.deferred)
+        self.deferred.clear()
+        removed, self.removals = list(self.removals), {}
+        return _interest_frame(added, removed)
+
+    def before(self, reply_to: Optional[str]) -> bytes:
+        """What must go ahead of a frame naming ``reply_to`` (b"": nothing yet).
+
+        The request's own inbox needs no frame (the server takes its
+        ``reply_to`` as interest); any other deferred inbox goes ahead of it.
+        """
+        if self.deferred and reply_to is not None:
+            self.deferred.pop(reply_to, None)
+        if self.deferred or len(self.removals) >= _REMOVALS_BATCH:
+            return self.changes()
+        return b""
+
+    def adopt(self, features: frozenset, handshake: bool) -> bytes:
+        """A new connection's terms; return the ``$interest`` frame telling all the interest."""
+        self.removals = {}  # the server learns the whole interest anyway
+        self.deferred = {}
+        self.implicit = "interest" in features and "reply" in features
+        if handshake and self.counts:
+            return _control_frame("$interest", {"add": list(self.counts)})
+        return b""
+
+
+class _Confirmations:
+    """The server's confirmations a client's ``flush()`` waits for.
+
+    A server with the feature "flush" answers ``$flush`` with ``$flushed``
+    (same id).  An older handshake server answers ``$ping`` with ``$pong``,
+    in order, having applied the interest sent before; the messages sent
+    before are handled once it acknowledged them too.  Not thread-safe: the
+    client holds its lock around every use.
+    """
+
+    __slots__ = ("ids", "flushed_upto", "pings_sent", "pongs")
+
+    def __init__(self) -> None:
+        self.ids = itertools.count(1)
+        self.flushed_upto = 0  # highest $flushed id seen
+        self.pings_sent = 0  # $ping frames sent on this connection ...
+        self.pongs = 0  # ... and $pong answers to them (they come in order)
+
+    def ask(self, features: frozenset,
+            backlog: _Backlog) -> Tuple[bytes, Optional[Callable[[], bool]]]:
+        """The frame asking the server to confirm all sent so far, and the test that it did.
+
+        ``(b"", None)`` if the server cannot confirm anything (no handshake).
+        """
+        if "flush" in features:
+            ident = next(self.ids)
+            return _control_frame("$flush", {"id": ident}), lambda: self.flushed_upto >= ident
+        if "ping" in features:
+            self.pings_sent += 1
+            target, last_seq, pending = self.pings_sent, backlog.seq, backlog.items
+            return _control_frame("$ping", {}), lambda: self.pongs >= target and (
+                not pending or pending[0][0] > last_seq or not backlog.acked)
+        return b"", None
 
 
 class _ClientInbox(Inbox):
@@ -5049,8 +5263,139 @@ class _ClientInbox(Inbox):
         return self._check(await Inbox.get_async(self, timeout))
 
 
+class _Opened(NamedTuple):
+    """A connection a :class:`_Dialer` opened, and what its handshake agreed."""
+
+    sock: socket.socket
+    decoder: FrameDecoder
+    handshake: bool  # the server answered $hello: it keeps interest, may acknowledge ...
+    features: frozenset  # agreed in the handshake (empty without one)
+    early: List[Message]  # messages that came before the handshake ended
+    nonce: bytes  # of a $hello left unanswered (b"" if none): a late $welcome is adopted
+    limit: Optional[int]  # the server's max_frame_size, if it told
+
+
+def _client_handshake(client: TCPClientTransport, sock: socket.socket, where: str,
+                      deadline: float, timeout: float) -> _Opened:
+    """The client's side of the handshake on the blocking, connected ``sock``.
+
+    ``$hello`` out, ``$welcome`` back; with a secret, ``$auth`` out and
+    ``$ready`` back, each side proving it knows the secret.  A server that
+    does not answer within ``hello_timeout`` (unless the handshake is
+    required) is taken for a plain-frame peer.  Raises AuthenticationError
+    or ConnectionLostError; leaves the socket non-blocking.
+    """
+    decoder = FrameDecoder(client.max_frame_size)
+    early: List[Message] = []
+    if client.handshake is False:
+        sock.setblocking(False)
+        return _Opened(sock, decoder, False, frozenset(), early, b"", None)
+    nonce = os.urandom(32)
+    hello = Message("$hello", {
+        "version": PROTOCOL_VERSION,
+        "features": sorted(_FEATURES),
+        "nonce": nonce.hex(),
+        "ping_interval": client.ping_interval,
+        "max_frame_size": client.max_frame_size,
+    })
+    if client.name:
+        hello.payload["name"] = client.name
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    sock.sendall(encode(hello))
+    key = client._key
+    required = client.handshake is True or key is not None
+    hello_deadline = deadline
+    if not required:
+        hello_deadline = min(deadline, time.monotonic() + client.hello_timeout)
+    welcome = _await_control(sock, decoder, early, "$welcome", hello_deadline, where)
+    if welcome is None:
+        if required:
+            raise AuthenticationError(
+                f"{where} did not answer the handshake within "
+                f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
+                "or one that speaks plain frames only)"
+            )
+        logger.info("tcp client: %s did not answer $hello within %s s; speaking "
+                    "plain frames until it does", where, client.hello_timeout)
+        sock.setblocking(False)
+        return _Opened(sock, decoder, False, frozenset(), early, nonce, None)
+    if welcome.get("auth"):
+        if welcome.get("auth") != "hmac-sha256":
+            raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
+        if key is None:
+            raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
+        server_nonce = _nonce_from(welcome.get("nonce"))
+        if server_nonce is None:
+            raise AuthenticationError(f"{where} sent an invalid nonce")
+        proof = _proof(key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
+        sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
+        ready = _await_control(sock, decoder, early, "$ready", deadline, where)
+        if ready is None:
+            raise AuthenticationError(f"{where} did not confirm authentication in time")
+        expected = _proof(key, _AUTH_LABEL_SERVER, server_nonce, nonce)
+        if not _proof_matches(expected, ready.get("proof")):
+            raise AuthenticationError(f"{where} failed to prove it knows the secret")
+    elif key is not None:
+        raise AuthenticationError(
+            f"{where} does not authenticate, so it cannot prove it knows the secret"
+        )
+    sock.setblocking(False)
+    return _Opened(sock, decoder, True, _welcome_features(welcome), early, b"",
+                   _welcome_limit(welcome))
+
+
+def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Message], want: str,
+                   deadline: float, where: str) -> Optional[Dict[str, Any]]:
+    """Read until control frame ``want`` arrives (handshake); None at ``deadline``."""
+    import socket
+
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            return None
+        except OSError as exc:
+            raise ConnectionLostError(
+                f"{where} closed the connection during the handshake: {exc}"
+            ) from None
+        if not data:
+            raise ConnectionLostError(
+                f"{where} closed the connection during the handshake "
+                "(does it require TLS or a secret?)"
+            )
+        try:
+            bodies = decoder.feed(data)
+        except FrameTooLargeError as exc:
+            raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
+        found: Optional[Dict[str, Any]] = None
+        for body in bodies:
+            try:
+                message = decode(body)
+            except FrameError as exc:
+                logger.warning(
+                    "tcp client: bad frame from %s during the handshake: %s", where, exc
+                )
+                continue
+            payload = message.payload if isinstance(message.payload, dict) else {}
+            if found is None and message.topic == want:
+                found = payload
+            elif message.topic == "$error":
+                reason = str(payload.get("reason", "refused"))[:200]
+                if payload.get("code") == "auth":
+                    raise AuthenticationError(f"{where} refused the connection: {reason}")
+                raise ConnectionLostError(f"{where} refused the connection: {reason}")
+            elif message.topic[0] != "$":
+                early.append(message)
+        if found is not None:
+            return found
+
+
 class _Dialer:
-    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, ``$hello``.
+    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, handshake.
 
     Blocking, on the thread calling ``connect()`` or on the client's I/O
     thread when it reconnects.  The socket being set up is published as the
@@ -5062,7 +5407,7 @@ class _Dialer:
     def __init__(self, client: TCPClientTransport) -> None:
         self.client = client
 
-    def connect_socket(self, timeout: float) -> Any:
+    def connect_socket(self, timeout: float) -> socket.socket:
         """A connected socket, like ``socket.create_connection``, but abortable.
 
         The socket is published as the client's ``_connecting`` before
@@ -5101,14 +5446,8 @@ class _Dialer:
             raise TransportClosedError(f"{c._name()} is closed")
         raise ConnectionLostError(f"cannot connect to {where}: {error or 'no address'}")
 
-    def open(self, timeout: float) -> Tuple[Any, FrameDecoder, bool, frozenset, List[Message],
-                                             bytes, Optional[int]]:
-        """Connect and handshake (blocking); return the socket and what was learned.
-
-        That is: socket, decoder, handshake done, agreed features, messages
-        that came before the handshake ended, the nonce of a ``$hello`` left
-        unanswered (b"" if none) and the server's ``max_frame_size``.
-        """
+    def open(self, timeout: float) -> _Opened:
+        """Connect, wrap in TLS if asked, run :func:`_client_handshake` (blocking)."""
         import socket
 
         c = self.client
@@ -5134,62 +5473,7 @@ class _Dialer:
                         "(does the server use TLS?)"
                     ) from None
                 c._connecting = sock
-            decoder = FrameDecoder(c.max_frame_size)
-            early: List[Message] = []
-            if c.handshake is False:
-                sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early, b"", None
-            nonce = os.urandom(32)
-            hello = Message("$hello", {
-                "version": PROTOCOL_VERSION,
-                "features": sorted(_FEATURES),
-                "nonce": nonce.hex(),
-                "ping_interval": c.ping_interval,
-                "max_frame_size": c.max_frame_size,
-            })
-            if c.name:
-                hello.payload["name"] = c.name
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            sock.sendall(encode(hello))
-            required = c.handshake is True or c._key is not None
-            hello_deadline = deadline
-            if not required:
-                hello_deadline = min(deadline, time.monotonic() + c.hello_timeout)
-            welcome = self.await_control(sock, decoder, early, "$welcome", hello_deadline)
-            if welcome is None:
-                if required:
-                    raise AuthenticationError(
-                        f"{where} did not answer the handshake within "
-                        f"{hello_deadline - deadline + timeout:.1f} s (not an eventforge server, "
-                        "or one that speaks plain frames only)"
-                    )
-                logger.info("tcp client: %s did not answer $hello within %s s; speaking "
-                            "plain frames until it does", where, c.hello_timeout)
-                sock.setblocking(False)
-                return sock, decoder, False, frozenset(), early, nonce, None
-            features = _welcome_features(welcome)
-            if welcome.get("auth"):
-                if welcome.get("auth") != "hmac-sha256":
-                    raise AuthenticationError(f"{where} asks for unknown auth {welcome['auth']!r}")
-                if c._key is None:
-                    raise AuthenticationError(f"{where} requires a shared secret (pass secret=)")
-                server_nonce = _nonce_from(welcome.get("nonce"))
-                if server_nonce is None:
-                    raise AuthenticationError(f"{where} sent an invalid nonce")
-                proof = _proof(c._key, _AUTH_LABEL_CLIENT, nonce, server_nonce)
-                sock.sendall(_control_frame("$auth", {"proof": proof.hex()}))
-                ready = self.await_control(sock, decoder, early, "$ready", deadline)
-                if ready is None:
-                    raise AuthenticationError(f"{where} did not confirm authentication in time")
-                expected = _proof(c._key, _AUTH_LABEL_SERVER, server_nonce, nonce)
-                if not _proof_matches(expected, ready.get("proof")):
-                    raise AuthenticationError(f"{where} failed to prove it knows the secret")
-            elif c._key is not None:
-                raise AuthenticationError(
-                    f"{where} does not authenticate, so it cannot prove it knows the secret"
-                )
-            sock.setblocking(False)
-            return sock, decoder, True, features, early, b"", _welcome_limit(welcome)
+            return _client_handshake(c, sock, where, deadline, timeout)
         except (EventforgeError, socket.timeout):
             sock.close()
             raise
@@ -5204,57 +5488,31 @@ class _Dialer:
         finally:
             c._connecting = None
 
-    def await_control(
-        self, sock: Any, decoder: FrameDecoder, early: List[Message], want: str, deadline: float
-    ) -> Optional[Dict[str, Any]]:
-        """Read until control frame ``want`` arrives; None at ``deadline``."""
-        import socket
-
+    def redial(self) -> Optional[_Opened]:
+        """Retry :meth:`open` with capped exponential backoff and jitter; None once closing."""
         c = self.client
-        where = f"{c.host}:{c.port}"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        delay = c.backoff_initial
+        while not c._closing.is_set():
+            jitter = 0.5 + os.urandom(1)[0] / 510.0  # 0.5 .. 1.0
+            if c._nudge.wait(delay * jitter):  # close() wants the backlog out: now
+                c._nudge.clear()
+            if c._closing.is_set():
                 return None
-            sock.settimeout(remaining)
+            c._reconnect_attempts.add()
             try:
-                data = sock.recv(65536)
-            except socket.timeout:
+                opened = self.open(c.connect_timeout)
+            except AuthenticationError as exc:
+                logger.error("tcp client: reconnect refused: %s", exc)
+            except (ConnectionError, OSError, TransportClosedError) as exc:
+                logger.debug("tcp client: reconnect failed: %s", exc)
+            else:
+                if not c._closing.is_set():
+                    return opened
+                opened.sock.close()
                 return None
-            except OSError as exc:
-                raise ConnectionLostError(
-                    f"{where} closed the connection during the handshake: {exc}"
-                ) from None
-            if not data:
-                raise ConnectionLostError(
-                    f"{where} closed the connection during the handshake "
-                    "(does it require TLS or a secret?)"
-                )
-            try:
-                bodies = decoder.feed(data)
-            except FrameTooLargeError as exc:
-                raise ConnectionLostError(f"{where} sent an oversize frame: {exc}") from None
-            found: Optional[Dict[str, Any]] = None
-            for body in bodies:
-                try:
-                    message = decode(body)
-                except FrameError as exc:
-                    logger.warning(
-                        "tcp client: bad frame from %s during the handshake: %s", where, exc
-                    )
-                    continue
-                payload = message.payload if isinstance(message.payload, dict) else {}
-                if found is None and message.topic == want:
-                    found = payload
-                elif message.topic == "$error":
-                    reason = str(payload.get("reason", "refused"))[:200]
-                    if payload.get("code") == "auth":
-                        raise AuthenticationError(f"{where} refused the connection: {reason}")
-                    raise ConnectionLostError(f"{where} refused the connection: {reason}")
-                elif message.topic[0] != "$":
-                    early.append(message)
-            if found is not None:
-                return found
+            # While close() waits to deliver the backlog, retry briskly.
+            delay = min(delay * 2, 0.1 if c._closed else c.backoff_max)
+        return None
 
 
 class TCPClientTransport(_TCPEndpoint):
@@ -5307,6 +5565,13 @@ class TCPClientTransport(_TCPEndpoint):
     closed the same way.  ``on_connection_change(connected, detail)`` is
     called (on the I/O thread) when the connection is lost and when it is
     back.
+
+    Locks, outermost first: ``_connect_lock`` (one ``connect()`` at a time),
+    ``_read_lock`` (whoever decodes the socket: the I/O thread, or a caller
+    reading its reply), ``_lock`` (the client's state with its backlog,
+    interest and confirmations; ``_backlog.changed`` is a condition on it),
+    ``_sel_lock`` (the selector registration; never held with ``_lock``),
+    then a connection's ``conn.lock``.  No lock is held while user code runs.
     """
 
     _log_name = "tcp client"
@@ -5317,7 +5582,7 @@ class TCPClientTransport(_TCPEndpoint):
         port: int = DEFAULT_TCP_PORT,
         *,
         secret: Any = None,
-        ssl_context: Any = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
         server_hostname: Optional[str] = None,
         reconnect: bool = True,
         backoff_initial: float = 0.05,
@@ -5348,8 +5613,6 @@ class TCPClientTransport(_TCPEndpoint):
         self.reconnect = reconnect
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.max_pending = max_pending
-        self.max_pending_bytes = max_pending_bytes
         self.ping_interval = ping_interval
         self.connect_timeout = connect_timeout
         self.hello_timeout = hello_timeout
@@ -5362,25 +5625,8 @@ class TCPClientTransport(_TCPEndpoint):
         self._local = MemoryTransport(max_queue_size)
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
-        self._space = threading.Condition(self._lock)
-        self._space_waiters = 0
-        self._interest: Dict[str, int] = {}
-        self._removals: Dict[str, None] = {}  # interest withdrawn, not yet told to the server
-        # Inboxes opened but not told to the server yet: with the feature
-        # "reply" a request naming one as its reply_to tells it implicitly.
-        self._deferred: Dict[str, None] = {}
-        self._implicit = False  # the server speaks the feature "reply"
-        self._receive_topics: Dict[str, None] = {}
-        self._sub_patterns: Dict[str, str] = {}
-        # Open inboxes: topic -> [inbox, connection its last request went out
-        # on, that request's backlog item]; see send, _interest_remove, _lost.
-        self._requests: Dict[str, List[Any]] = {}
-        self._flush_ids = itertools.count(1)
-        self._flushed_upto = 0  # highest $flushed id seen
-        self._pings_sent = 0  # $ping frames we sent on this connection ...
-        self._pongs = 0  # ... and $pong answers to them (they come in order)
-        self._seq = 0  # data frames queued on this connection (the server counts them too)
-        self._ack_mode = False
+        self._interest = _Interest()
+        self._confirmed = _Confirmations()
         self._conn: Optional[_Connection] = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
@@ -5394,16 +5640,24 @@ class TCPClientTransport(_TCPEndpoint):
         self._epoll: Any = None  # the loop's epoll object, if the selector is epoll
         self._closing = threading.Event()
         self._nudge = threading.Event()  # ends a reconnect's backoff wait early
-        self._connecting: Any = None
+        self._connecting: Optional[socket.socket] = None  # being set up: close() aborts it
         self._started = False
         self._closed = False
         self._failed: Optional[str] = None
+        # Ints bumped under _lock (send, _Backlog) or under _read_lock (decoding).
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
         # Message frames not acknowledged yet (or waiting for a connection).
-        self._backlog = _Backlog(self._counts)
-        self._messages_out = 0
+        self._backlog = _Backlog(self._lock, self._counts, max_pending, max_pending_bytes)
+        self._reconnect_attempts = _Counter()  # bumped by the I/O thread, read by stats
+        self._reconnects = _Counter()
+        self._messages_out = 0  # under _lock
         self._pid = 0
+
+    max_pending = property(lambda self: self._backlog.max_items,
+                           lambda self, n: setattr(self._backlog, "max_items", n))
+    max_pending_bytes = property(lambda self: self._backlog.max_bytes,
+                                 lambda self, n: setattr(self._backlog, "max_bytes", n))
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -5447,7 +5701,7 @@ class TCPClientTransport(_TCPEndpoint):
             opened = _Dialer(self).open(timeout)
             with self._lock:
                 if self.closed:  # close() may have run on another thread meanwhile
-                    opened[0].close()
+                    opened.sock.close()
                     raise TransportClosedError(f"{self._name()} is closed")
                 loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
                 raw = getattr(loop.selector, "_selector", None)
@@ -5456,7 +5710,7 @@ class TCPClientTransport(_TCPEndpoint):
                 self._started = True
             self._pid = os.getpid()
             _watch_at_exit(self)
-            self._install(*opened)
+            self._install(opened)
             loop.start(self._run)
         return self
 
@@ -5476,7 +5730,7 @@ class TCPClientTransport(_TCPEndpoint):
             if self._closed:
                 return
             self._closed = True
-            self._space.notify_all()
+            self._backlog.changed.notify_all()
         _open_clients.discard(self)
         loop = self._loop
         if self._started and loop is not None and not loop.in_loop():
@@ -5500,26 +5754,22 @@ class TCPClientTransport(_TCPEndpoint):
     def _deliver_before_close(self, deadline: float) -> None:
         """Wait (up to ``deadline``) until every accepted message reached the server."""
         self._nudge.set()  # a reconnect waiting out its backoff tries again now
+        backlog = self._backlog
         with self._lock:
             while True:
                 conn = self._conn
                 if conn is None:
-                    waiting = (self._backlog.bytes > 0 and self.reconnect
-                               and self._failed is None)
-                elif self._ack_mode:
-                    waiting = self._backlog.bytes > 0
+                    waiting = backlog.bytes > 0 and self.reconnect and self._failed is None
+                elif backlog.acked:
+                    waiting = backlog.bytes > 0
                 else:
                     waiting = conn.out_bytes > 0 or conn.cur is not None
                 remaining = deadline - time.monotonic()
                 if not waiting or remaining <= 0:
                     break
-                self._space_waiters += 1
-                try:
-                    self._space.wait(min(remaining, 0.005 if conn is not None and not
-                                         self._ack_mode else remaining))
-                finally:
-                    self._space_waiters -= 1
-            left = self._backlog.undelivered()
+                backlog.wait(remaining if conn is None or backlog.acked
+                             else min(remaining, 0.005))  # nothing signals a write: poll
+            left = backlog.undelivered()
         if left:
             logger.warning(
                 "tcp client: closed with %d message(s) %s", left,
@@ -5570,45 +5820,23 @@ class TCPClientTransport(_TCPEndpoint):
                 self._wait_locked(deadline, 1.0)
 
     def _wait_locked(self, deadline: float, poll: float) -> None:
-        # Called with self._lock held: one wait on _space, at most ``poll`` s.
+        # Called with self._lock held: one wait for a change, at most ``poll`` s.
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise EventforgeTimeoutError(
                 f"{self._name()}: the server did not confirm the flush in time"
             )
-        self._space_waiters += 1
-        try:
-            self._space.wait(min(remaining, poll))
-        finally:
-            self._space_waiters -= 1
+        self._backlog.wait(min(remaining, poll))
 
     def _flush_on(self, conn: _Connection, deadline: float) -> Optional[bool]:
         """Flush over ``conn``; None if it broke meanwhile (the caller retries)."""
         with self._lock:
             if self._conn is not conn:
                 return None
-            features = conn.features if conn.handshake else frozenset()
-            frame = b""
-            done: Optional[Callable[[], bool]]
-            if self._removals or self._deferred:
-                frame = self._interest_changes()
-            if "flush" in features:
-                ident = next(self._flush_ids)
-                frame += _control_frame("$flush", {"id": ident})
-
-                def done() -> bool:
-                    return self._flushed_upto >= ident
-            elif "ping" in features:
-                self._pings_sent += 1
-                target, last_seq = self._pings_sent, self._seq
-                frame += _control_frame("$ping", {})
-                pending = self._backlog.items
-
-                def done() -> bool:
-                    return self._pongs >= target and (
-                        not pending or pending[0][0] > last_seq or not self._ack_mode)
-            else:
-                done = None
+            frame = self._interest.changes() if self._interest.pending() else b""
+            ask, done = self._confirmed.ask(conn.features if conn.handshake else frozenset(),
+                                            self._backlog)
+            frame += ask
             if frame:
                 conn.enqueue(frame)
         self._kick(conn)
@@ -5644,74 +5872,52 @@ class TCPClientTransport(_TCPEndpoint):
             raise FrameTooLargeError(
                 f"{exc} (the largest frame {self.host}:{self.port} takes)"
             ) from None
-        size = len(frame)
-        headers = message.headers
-        deadline = None
-        if headers:
+        headers, deadline = message.headers, None
+        if headers:  # a request's _ttl_ms: its caller's deadline, for a resend
             ttl = headers.get("_ttl_ms")
-            if type(ttl) is int and ttl >= 0:  # a request: its caller's deadline
-                deadline = _monotonic() + ttl / 1000.0
-        reply_to = message.reply_to
+            deadline = _monotonic() + ttl / 1000.0 if type(ttl) is int and ttl >= 0 else None
+        reply_to, size, backlog = message.reply_to, len(frame), self._backlog
         with self._lock:
             conn = self._conn
-            if conn is None or self._closed:
-                offline = self._send_offline(frame, deadline)
-                if reply_to is not None and reply_to in self._requests:
-                    self._requests[reply_to][2] = offline
-                return
-            item: Optional[List[Any]] = None
-            if self._ack_mode:
-                backlog = self._backlog
-                pending = backlog.items
-                if (len(pending) >= self.max_pending
-                        or backlog.bytes + size > self.max_pending_bytes):
-                    conn = self._wait_for_space(size)
-                    if conn is None:
-                        item = self._send_offline(frame, deadline)
-                        if reply_to is not None and reply_to in self._requests:
-                            self._requests[reply_to][2] = item
-                        return
-                    pending = backlog.items
-                    if (len(pending) >= self.max_pending
-                            or backlog.bytes + size > self.max_pending_bytes):
-                        self._counts["full"] += 1
-                        raise TransportFullError(
-                            f"{len(pending)} messages ({backlog.bytes} bytes) are "
-                            f"unacknowledged after {self.send_timeout} s; "
-                            f"max_pending={self.max_pending}"
-                        )
-                item = [self._seq + 1, frame, 0, deadline]  # _Backlog.add, inlined
-                pending.append(item)
-                backlog.bytes += size
-            # Inline _Connection.enqueue (its lock nests inside ours).
-            with conn.lock:
-                if conn.out_bytes + size > conn.max_outbound:
-                    if item is not None:
-                        self._backlog.take_back_last()
-                    self._counts["full"] += 1
-                    raise TransportFullError(
-                        f"{conn.out_bytes} bytes wait for the server; "
-                        f"max_pending_bytes={self.max_pending_bytes}"
-                    )
-                if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
-                    # The request's own inbox needs no frame (the server takes
-                    # its reply_to as interest); any other goes ahead of it.
-                    if self._deferred and reply_to is not None:
-                        self._deferred.pop(reply_to, None)
-                    if self._deferred or len(self._removals) >= _REMOVALS_BATCH:
-                        extra = self._interest_changes()
-                        conn.out.append(extra)
-                        conn.out_bytes += len(extra)
-                conn.out.append(frame)
-                conn.out_bytes += size
-            self._seq += 1  # counts every data frame of the connection, as the server does
-            if reply_to is not None:
-                record = self._requests.get(reply_to)
-                if record is not None:
-                    record[1] = conn
-                    record[2] = item
-            self._messages_out += 1
-        self._kick(conn)
+            if conn is not None and backlog.acked and (  # not backlog.has_room(), inlined
+                    len(backlog.items) >= backlog.max_items
+                    or backlog.bytes + size > backlog.max_bytes):
+                conn = self._wait_for_space(size)
+            if conn is not None and not self._closed:  # _Connection.enqueue, inlined
+                with conn.lock:
+                    if (conn.out_bytes + size > conn.max_outbound or self._interest.deferred
+                            or self._interest.removals):
+                        self._ahead_of(conn, size, reply_to)
+                    conn.out.append(frame)
+                    conn.out_bytes += size
+                item = [backlog.seq + 1, frame, 0, deadline] if backlog.acked else None
+                if item is not None:  # _Backlog.add, inlined
+                    backlog.items.append(item)
+                    backlog.bytes += size
+                backlog.seq += 1  # every data frame of the connection, as the server counts
+                self._messages_out += 1
+            else:
+                item = self._send_offline(frame, deadline)
+            if reply_to is not None and reply_to in backlog.requests:  # a request: on conn
+                backlog.requests[reply_to][1:] = conn, item  # now (or waiting for one)
+        if conn is not None:
+            self._kick(conn)
+
+    def _ahead_of(self, conn: _Connection, size: int, reply_to: Optional[str]) -> None:
+        """Before a frame of ``size`` bytes joins ``conn``'s queue (send's uncommon cases).
+
+        Called with self._lock and conn.lock held.  Raises TransportFullError
+        if the queue has no room; queues first the interest changes that must
+        go ahead of the frame (see :meth:`_Interest.before`).
+        """
+        if conn.out_bytes + size > conn.max_outbound:
+            self._counts["full"] += 1
+            raise TransportFullError(f"{conn.out_bytes} bytes wait for the server; "
+                                     f"max_pending_bytes={self._backlog.max_bytes}")
+        extra = self._interest.before(reply_to)
+        if extra:
+            conn.out.append(extra)
+            conn.out_bytes += len(extra)
 
     def _send_offline(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
         # Called with self._lock held while there is no connection.
@@ -5723,36 +5929,27 @@ class TCPClientTransport(_TCPEndpoint):
             raise ConnectionLostError(
                 f"not connected to {self.host}:{self.port}: call connect() first"
             )
-        backlog = self._backlog
-        if (len(backlog.items) >= self.max_pending
-                or backlog.bytes + len(frame) > self.max_pending_bytes):
-            self._counts["full"] += 1
-            raise TransportFullError(
-                f"{len(backlog.items)} messages ({backlog.bytes} bytes) wait for "
-                f"a connection; max_pending={self.max_pending}"
-            )
-        self._counts["buffered"] += 1
-        return backlog.add(0, frame, deadline)
+        return self._backlog.buffer(frame, deadline)
 
     def _wait_for_space(self, size: int) -> Optional[_Connection]:
-        # Called with self._lock held and the buffer full.  While connected,
-        # wait (up to send_timeout) for the server to acknowledge: a publisher
-        # faster than the server is slowed down, like a blocking socket
-        # write.  While disconnected, fail at once.
+        """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
+
+        Called with self._lock held and the backlog full: wait (up to
+        ``send_timeout``) for the server to acknowledge, so a publisher
+        faster than the server is slowed down, like a blocking socket write.
+        """
+        backlog = self._backlog
         deadline = time.monotonic() + self.send_timeout
-        while (self._conn is not None and self._ack_mode and not self._closed
-               and (len(self._backlog.items) >= self.max_pending
-                    or self._backlog.bytes + size > self.max_pending_bytes)):
+        while (self._conn is not None and backlog.acked and not self._closed
+               and not backlog.has_room(size)):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._space_waiters += 1
-            try:
-                self._space.wait(remaining)
-            finally:
-                self._space_waiters -= 1
+            backlog.wait(remaining)
         if self._closed:
             raise TransportClosedError(f"{self._name()} is closed")
+        if self._conn is not None and not backlog.has_room(size):
+            raise backlog.full(f"are unacknowledged after {self.send_timeout} s")
         return self._conn
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
@@ -5791,7 +5988,7 @@ class TCPClientTransport(_TCPEndpoint):
 
     def _subscribed(self, topic: str, sub_id: str) -> str:
         with self._lock:
-            self._sub_patterns[sub_id] = topic
+            self._interest.patterns[sub_id] = topic
         self._interest_add(topic)
         return sub_id
 
@@ -5800,7 +5997,7 @@ class TCPClientTransport(_TCPEndpoint):
         if not self._local.unsubscribe(subscription_id):
             return False
         with self._lock:
-            pattern = self._sub_patterns.pop(subscription_id, None)
+            pattern = self._interest.patterns.pop(subscription_id, None)
         if pattern is not None:
             self._interest_remove(pattern)
         return True
@@ -5835,12 +6032,35 @@ class TCPClientTransport(_TCPEndpoint):
         stats: Dict[str, Any] = dict(self._local.stats)
         stats.update(self._counts)
         stats["messages_out"] = self._messages_out
+        stats["reconnect_attempts"] = self._reconnect_attempts.value
+        stats["reconnects"] = self._reconnects.value
         stats["connected"] = self._conn is not None
         stats["pending"] = len(self._backlog.items)
         stats["pending_bytes"] = self._backlog.bytes
-        stats["interest"] = len(self._interest)
+        stats["interest"] = len(self._interest.counts)
         stats["dispatch_backlog"] = self._dispatcher.backlog
         return stats
+
+    def debug_state(self) -> Dict[str, Any]:
+        """A snapshot of internal state, for tests and debugging (keys may change).
+
+        ``interest``: pattern -> users (subscriptions, receive topics,
+        inboxes); ``features``: agreed with the server (empty without a
+        handshake connection); ``implicit``: a request tells the server of
+        its reply inbox; ``socket``: the connection's socket (None while
+        disconnected); ``connecting``: a connection attempt is under way;
+        ``io_thread_alive``: the client's I/O thread runs.
+        """
+        with self._lock:
+            conn, loop = self._conn, self._loop
+            return {
+                "interest": dict(self._interest.counts), "implicit": self._interest.implicit,
+                "features": conn.features if conn is not None and conn.handshake
+                else frozenset(),
+                "socket": conn.sock if conn is not None else None,
+                "connecting": self._connecting is not None,
+                "io_thread_alive": bool(loop and loop.thread and loop.thread.is_alive()),
+            }
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("connected" if self._conn else "disconnected")
@@ -5851,101 +6071,62 @@ class TCPClientTransport(_TCPEndpoint):
     def _want_receive(self, topic: str) -> None:
         _refuse_receive_pattern(topic)
         validate_topic(topic)
-        if topic not in self._receive_topics:
+        receiving = self._interest.receiving
+        if topic not in receiving:
             with self._lock:
-                if topic in self._receive_topics:
+                if topic in receiving:
                     return
-                self._receive_topics[topic] = None
+                receiving[topic] = None
             self._interest_add(topic)
 
     def _interest_add(
-        self, pattern: str, flush: bool = True, defer: bool = False, inbox: Any = None
+        self, pattern: str, flush: bool = True, defer: bool = False,
+        inbox: Optional[Inbox] = None,
     ) -> None:
         with self._lock:
             if inbox is not None:
-                self._requests[pattern] = [inbox, None, None]
-            count = self._interest.get(pattern, 0)
-            self._interest[pattern] = count + 1
+                self._backlog.track(pattern, inbox)
             conn = self._conn
-            if count or conn is None or not conn.handshake:
+            frame = self._interest.add(pattern, conn is not None and conn.handshake, defer)
+            if conn is None or not frame:
                 return
-            if self._removals and pattern in self._removals:
-                del self._removals[pattern]  # withdrawn but not told yet: still known
-                return
-            if defer and self._implicit:
-                self._deferred[pattern] = None  # sent with the next frame, or implied by it
-                return
-            removed, self._removals = list(self._removals), {}
-            conn.enqueue(_interest_frame([pattern], removed))
+            conn.enqueue(frame)
         if flush:
             self._kick(conn)
 
-    def _interest_remove(self, pattern: str, inbox: Any = None) -> None:
+    def _interest_remove(self, pattern: str, inbox: Optional[Inbox] = None) -> None:
         # Not urgent: rides along with the next $interest, or leaves on a tick.
         with self._lock:
             if inbox is not None:
-                record = self._requests.get(pattern)
-                if record is not None and record[0] is inbox:
-                    del self._requests[pattern]
-                    item = record[2]
-                    if item is not None and item[1]:
-                        self._backlog.withdraw(item)
-            count = self._interest.get(pattern, 0)
-            if count > 1:
-                self._interest[pattern] = count - 1
-                return
-            self._interest.pop(pattern, None)
-            if pattern in self._deferred:  # the server never heard of it
-                del self._deferred[pattern]
-                return
+                self._backlog.untrack(pattern, inbox)
             conn = self._conn
-            if count and conn is not None and conn.handshake and not self._closed:
-                self._removals[pattern] = None
-
-    def _interest_changes(self) -> bytes:
-        # Called with self._lock held: deferred inboxes and withdrawn interest.
-        added = list(self._deferred)
-        self._deferred.clear()
-        removed, self._removals = list(self._removals), {}
-        return _interest_frame(added, removed)
+            self._interest.remove(pattern, conn is not None and conn.handshake and not self._closed)
 
     def _flush_removals(self, conn: _Connection) -> None:
         with self._lock:
-            if (not self._removals and not self._deferred) or self._conn is not conn:
-                return
-            conn.enqueue(self._interest_changes())
+            if self._interest.pending() and self._conn is conn:
+                conn.enqueue(self._interest.changes())
 
     # -- connection set-up ------------------------------------------------------------------
 
-    def _install(
-        self, sock: Any, decoder: FrameDecoder, handshake: bool, features: frozenset,
-        early: List[Message], hello_nonce: bytes, limit: Optional[int],
-    ) -> None:
+    def _install(self, opened: _Opened) -> None:
         """Adopt a fresh connection: interest first, then every unacknowledged message."""
-        tls = self.ssl_context is not None
+        sock = opened.sock
         conn = _Connection(sock, f"{self.host}:{self.port}", self.max_frame_size,
-                           self.max_pending_bytes + 1024 * 1024, tls)
-        conn.decoder = decoder
+                           self._backlog.max_bytes + 1024 * 1024, self.ssl_context is not None)
+        conn.decoder = opened.decoder
         conn.state = _READY
-        conn.handshake = handshake
-        conn.features = features
-        conn.nonce = hello_nonce  # a $hello still unanswered: a late $welcome is adopted
+        conn.handshake = opened.handshake
+        conn.features = opened.features
+        conn.nonce = opened.nonce  # a $hello still unanswered: a late $welcome is adopted
         with self._lock:
             frames: List[bytes] = []
-            self._send_limit = limit if limit is not None else self.max_frame_size
-            self._pings_sent = self._pongs = 0
-            interest = self._adopt_features(conn)
+            self._confirmed.pings_sent = self._confirmed.pongs = 0
+            interest = self._adopt(conn, opened.limit)
             if interest:
                 frames.append(interest)
-            resent = self._backlog.resend(self._send_limit, conn.peer)
-            self._seq = len(resent)
-            frames.extend(resent)
-            if resent:
-                for record in self._requests.values():  # requests now in flight on conn
-                    item = record[2]
-                    if item is not None and item[1] and item[0]:
-                        record[1] = conn
-            if not self._ack_mode:
+            frames.extend(self._backlog.resend(conn, self._send_limit))
+            if not self._backlog.acked:
                 self._backlog.written()
             if frames:
                 with conn.lock:
@@ -5953,37 +6134,33 @@ class TCPClientTransport(_TCPEndpoint):
                     conn.out.append(data)
                     conn.out_bytes += len(data)
             self._conn = conn
-            if self._space_waiters:
-                self._space.notify_all()
+            self._backlog.wake()
         loop = self._loop
         assert loop is not None
         import selectors
 
         conn.events = selectors.EVENT_READ
         loop.selector.register(sock, conn.events, conn)
-        if early:
+        if opened.early:
             batch: List[Tuple[Tuple[Any, ...], Message]] = []
-            for message in early:
-                self._deliver(message, batch)
+            with self._read_lock:  # a caller may be reading the new connection already
+                for message in opened.early:
+                    self._deliver(message, batch)
             if batch:
                 self._dispatcher.put_many(batch)
         if frames:
             self._kick(conn)
 
-    def _adopt_features(self, conn: _Connection) -> bytes:
-        """Take up the connection's mode and features; return the ``$interest`` to send.
+    def _adopt(self, conn: _Connection, limit: Optional[int]) -> bytes:
+        """Take up the connection's terms; return the ``$interest`` to send first.
 
         Called with self._lock held, when a connection is installed and when
         a late ``$welcome`` turns a frame-only connection into a handshake one.
         """
+        self._send_limit = limit if limit is not None else self.max_frame_size
         features = conn.features if conn.handshake else frozenset()
-        self._removals = {}  # the server learns the whole interest anyway
-        self._deferred = {}
-        self._implicit = "interest" in features and "reply" in features
-        self._ack_mode = "ack" in features
-        if conn.handshake and self._interest:
-            return _control_frame("$interest", {"add": list(self._interest)})
-        return b""
+        self._backlog.acked = "ack" in features
+        return self._interest.adopt(features, conn.handshake)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -6155,7 +6332,7 @@ class TCPClientTransport(_TCPEndpoint):
 
     def _send_ping(self, conn: _Connection) -> None:
         with self._lock:
-            self._pings_sent += 1
+            self._confirmed.pings_sent += 1
             conn.enqueue(_control_frame("$ping", {}))
 
     def _lost_soon(self, conn: _Connection, reason: str) -> None:
@@ -6168,7 +6345,8 @@ class TCPClientTransport(_TCPEndpoint):
     def _deliver(self, message: Message, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
         topic = message.topic
         try:
-            subscriptions = self._local._deliver(message, taken=topic not in self._receive_topics)
+            taken = topic not in self._interest.receiving
+            subscriptions = self._local._deliver(message, taken=taken)
         except TransportFullError as exc:
             self._counts["mailbox_full"] += 1
             logger.warning("tcp client: dropped %s: %s", message.id, exc)
@@ -6186,25 +6364,21 @@ class TCPClientTransport(_TCPEndpoint):
             if isinstance(acked, int):
                 with self._lock:
                     self._backlog.acknowledge(acked)
-                    if self._space_waiters:
-                        self._space.notify_all()
         elif topic == "$ping":
             if conn.enqueue(_control_frame("$pong", {})) == _OK:
                 self._flush(conn)
         elif topic == "$pong":
             with self._lock:
                 if self._conn is conn:
-                    self._pongs += 1
-                    if self._space_waiters:
-                        self._space.notify_all()
+                    self._confirmed.pongs += 1
+                    self._backlog.wake()
         elif topic == "$flushed":
             ident = payload.get("id")
             if type(ident) is int:
                 with self._lock:
-                    if ident > self._flushed_upto:
-                        self._flushed_upto = ident
-                    if self._space_waiters:
-                        self._space.notify_all()
+                    if ident > self._confirmed.flushed_upto:
+                        self._confirmed.flushed_upto = ident
+                    self._backlog.wake()
         elif topic == "$welcome" and not conn.handshake and conn.nonce:
             self._late_welcome(conn, payload)
         elif topic == "$error":
@@ -6218,7 +6392,7 @@ class TCPClientTransport(_TCPEndpoint):
         conn = self._conn
         if conn is None or not self._check_alive(conn, now):
             return
-        if self._removals or self._deferred:
+        if self._interest.pending():
             self._flush_removals(conn)
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
@@ -6261,9 +6435,7 @@ class TCPClientTransport(_TCPEndpoint):
             conn.handshake = True
             conn.nonce = b""
             conn.features = _welcome_features(welcome)
-            limit = _welcome_limit(welcome)
-            self._send_limit = limit if limit is not None else self.max_frame_size
-            interest = self._adopt_features(conn)
+            interest = self._adopt(conn, _welcome_limit(welcome))
             if interest:
                 conn.enqueue(interest)
         logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
@@ -6285,18 +6457,7 @@ class TCPClientTransport(_TCPEndpoint):
                 # In the same step as _conn: a send() in between must fail,
                 # not buffer a frame that no reconnect will ever carry.
                 self._failed = f"connection to {conn.peer} lost: {reason}"
-            if self._space_waiters:
-                self._space.notify_all()
-            failed = []
-            for record in self._requests.values():
-                if record[1] is conn:
-                    record[1] = None
-                    item = record[2]
-                    if item is not None and item[1]:
-                        self._backlog.withdraw(item)
-                    failed.append(record[0])
-            self._counts["failed_requests"] += len(failed)
-            self._backlog.connection_lost()
+            failed = self._backlog.connection_lost(conn)
         with self._read_lock:  # a caller may be reading it: wait for it to stop
             with self._sel_lock:
                 with conn.lock:
@@ -6324,35 +6485,17 @@ class TCPClientTransport(_TCPEndpoint):
             logger.exception("tcp client: on_connection_change callback failed")
 
     def _reconnect(self) -> bool:
-        """Retry with capped exponential backoff and jitter; False to stop the loop."""
+        """Open a new connection (:meth:`_Dialer.redial`) and install it; False to stop."""
         if not self.reconnect or self._closing.is_set():
             return False
-        delay = self.backoff_initial
-        while not self._closing.is_set():
-            jitter = 0.5 + os.urandom(1)[0] / 510.0  # 0.5 .. 1.0
-            if self._nudge.wait(delay * jitter):  # close() wants the backlog out: now
-                self._nudge.clear()
-            if self._closing.is_set():
-                return False
-            self._counts["reconnect_attempts"] += 1
-            try:
-                opened = _Dialer(self).open(self.connect_timeout)
-            except AuthenticationError as exc:
-                logger.error("tcp client: reconnect refused: %s", exc)
-            except (ConnectionError, OSError, TransportClosedError) as exc:
-                logger.debug("tcp client: reconnect failed: %s", exc)
-            else:
-                if self._closing.is_set():
-                    opened[0].close()
-                    return False
-                self._counts["reconnects"] += 1  # before any frame goes out on it
-                self._install(*opened)
-                logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
-                self._notify_state(True, f"reconnected to {self.host}:{self.port}")
-                return True
-            # While close() waits to deliver the backlog, retry briskly.
-            delay = min(delay * 2, 0.1 if self._closed else self.backoff_max)
-        return False
+        opened = _Dialer(self).redial()
+        if opened is None:
+            return False
+        self._reconnects.add()  # before any frame goes out on it
+        self._install(opened)
+        logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
+        self._notify_state(True, f"reconnected to {self.host}:{self.port}")
+        return True
 
     def _resume_reading(self) -> None:
         conn = self._conn

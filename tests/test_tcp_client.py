@@ -536,7 +536,7 @@ def test_remote_queue_close_during_a_reconnect_does_not_wait_for_connect_timeout
                 break
             fillers.append(filler)
         assert len(fillers) == 1
-        assert wait_until(lambda: link._connecting is not None, timeout=10)
+        assert wait_until(lambda: link.debug_state()["connecting"], timeout=10)
         attempts = link.stats["reconnect_attempts"]
         time.sleep(0.5)
         # stuck in one connect() (SYNs dropped), not retrying
@@ -544,7 +544,7 @@ def test_remote_queue_close_during_a_reconnect_does_not_wait_for_connect_timeout
         started = time.monotonic()
         remote.close()
         assert time.monotonic() - started < 15.0  # not connect_timeout (30 s)
-        assert not link._loop.thread.is_alive()
+        assert not link.debug_state()["io_thread_alive"]
     finally:
         for filler in fillers:
             filler.close()

@@ -33,7 +33,7 @@ TOPICS = ["a.b", "c.d", "_reply.one", "_rpc_reply.two"]
 
 
 def _server_interest(server: ef.TCPServerTransport, client: ef.TCPClientTransport) -> set:
-    port = client._conn.sock.getsockname()[1]
+    port = client.debug_state()["socket"].getsockname()[1]
     for conn in server.debug_state()["connections"].values():
         if conn["peer"].endswith(f":{port}"):
             return set(conn["interest"])
@@ -107,7 +107,7 @@ def test_interest_reference_counts_match_a_model(tcp):
         @invariant()
         def counts_match(self) -> None:
             expected = {pattern: count for pattern, count in self.counts.items() if count > 0}
-            assert self.client._interest == expected
+            assert self.client.debug_state()["interest"] == expected
 
         def teardown(self) -> None:
             self.client.close()
@@ -130,4 +130,4 @@ def test_the_server_sees_no_interest_after_everything_is_withdrawn(tcp):
     inbox.close()
     assert client.flush(10.0) is True  # removals are lazy, flush sends them
     assert _server_interest(server, client) == set()
-    assert isinstance(client._conn.sock, socket.socket)
+    assert isinstance(client.debug_state()["socket"], socket.socket)

@@ -187,7 +187,7 @@ def test_requests_send_no_interest_frame_for_their_inbox(tcp, monkeypatch):
                         lambda conn, payload: (interest_frames.append(payload),
                                                original(conn, payload)))
     client = tcp.client(server.port)
-    assert "reply" in client._conn.features
+    assert "reply" in client.debug_state()["features"]
     mq = ef.MessageQueue(transport=client)
     for i in range(100):
         assert mq.request("svc", i, timeout=5.0).payload == i
@@ -246,7 +246,7 @@ def test_peers_without_the_reply_feature_use_explicit_interest(tcp):
     queue = ef.MessageQueue(transport=server)
     queue.on("svc", lambda m: queue.reply(m, m.payload + 1))
     client = tcp.client(server.port)
-    assert client.mode == "handshake" and not client._implicit
+    assert client.mode == "handshake" and not client.debug_state()["implicit"]
     mq = ef.MessageQueue(transport=client)
     for i in range(20):
         assert mq.request("svc", i, timeout=5.0).payload == i + 1
