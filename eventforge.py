@@ -25,9 +25,10 @@ The file reads top to bottom; every section uses only the sections above it.
    11. work queues ........... WorkQueue; WorkStore (the storage seam), Lease,
                                MemoryWorkStore, SQLiteWorkStore
    12. monitor ............... Monitor (health, JSON, Prometheus metrics, a page)
-   13. command line .......... worker (RPC, or a work queue's JOBS), main(argv),
-                               demo, demo-queue
-   14. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
+   13. command line .......... worker (RPC, or a work queue's JOBS), call, pub,
+                               sub, main(argv)
+   14. demo .................. the demo and demo-queue commands (skip it)
+   15. import aliases ........ the finder behind ``eventforge.transports.tcp`` & co.
 
 The wire format is specified in ``docs/protocol.md``; what each transport
 promises (ordering, delivery, what is kept or dropped) in
@@ -12584,51 +12585,8 @@ class Monitor:
 
 
 # ---------------------------------------------------------------------------
-# 13. Command line: worker, main(), demo
+# 13. Command line: worker, call, pub, sub and main()
 # ---------------------------------------------------------------------------
-
-
-def _demo_in_process(out: Callable[[str], Any]) -> None:
-    """Show in-process pub-sub, wildcards and request-reply on a MessageQueue."""
-    with MessageQueue() as queue:
-        out("== 1. pub-sub in this process: a publish reaches every matching subscriber ==")
-        out("  subscribed to orders.created, orders.* (one more segment) "
-            "and **.failed (any depth)")
-
-        @queue.on("orders.created")
-        def exact(message: Message) -> None:
-            out(f"    orders.created   got {message.payload}")
-
-        @queue.on("orders.*")
-        def one_segment(message: Message) -> None:
-            out(f"    orders.*         got {message.topic}")
-
-        @queue.on("**.failed")
-        def any_depth(message: Message) -> None:
-            out(f"    **.failed        got {message.topic}")
-
-        for topic, payload in (("orders.created", {"id": 1, "item": "book"}),
-                               ("orders.payment.failed", {"id": 1})):
-            out(f"  publish {topic}:")
-            queue.publish(topic, payload)
-
-        out("== 2. request-reply in this process: one question, one answer ==")
-
-        @queue.on("math.add")
-        def add(message: Message) -> None:
-            queue.reply(message, message.payload["a"] + message.payload["b"])
-
-        reply = queue.request("math.add", {"a": 10, "b": 20}, timeout=5.0)
-        out(f"  math.add(10, 20) -> {reply.payload if reply else None}")
-        rounds = 2000
-        started = time.perf_counter()
-        for i in range(rounds):
-            queue.request("math.add", {"a": i, "b": 1}, timeout=5.0)
-        elapsed = time.perf_counter() - started
-        out(f"  {rounds} more requests, {elapsed / rounds * 1e6:.1f} us each")
-        stats = queue.transport.stats
-        out(f"  nothing left over: {stats['buffered']} unclaimed messages kept, "
-            f"{stats['inboxes']} requests still waiting for a reply")
 
 
 class _CLIError(Exception):
@@ -13310,430 +13268,10 @@ def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
         queue.close()
 
 
-# -- demo: three workers in subprocesses --------------------------------------
-
-_DEMO_HANDLERS_SOURCE = '''\
-"""Handlers served by the demo's workers (``eventforge demo --print-handlers``).
-
-Any module shaped like this one can be served with
-``python -m eventforge worker --import MODULE``.
-"""
-import os
-
-SERVICE_NAME = "demo"
-WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
-_queue = None
-
-
-def compute(n):
-    """Some CPU work, tagged with who did it."""
-    return {"worker": WORKER, "value": sum(i * i for i in range(n))}
-
-
-def whoami():
-    return WORKER
-
-
-def setup(queue):
-    """Called once by the worker: subscribe to jobs and announce results."""
-    global _queue
-    _queue = queue
-    queue.subscribe("demo.jobs", _on_job)
-
-
-def _on_job(message):
-    _queue.publish("demo.events." + WORKER, {"job": message.payload, "done_by": WORKER})
-
-
-HANDLERS = {"compute": compute, "whoami": whoami}
-'''
-
-
-class _Progress:
-    """A plain-text progress display: one redrawn line on a TTY, a few lines otherwise."""
-
-    def __init__(self, total: int, out: Callable[[str], Any], stream: Any) -> None:
-        self.total = max(total, 1)
-        self.out = out
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._next_mark = 25
-        self._shown = -1
-
-    def update(self, done: int) -> None:
-        percent = done * 100 // self.total
-        if self.tty:
-            if percent == self._shown and done < self.total:
-                return  # redraw once per percent
-            self._shown = percent
-            filled = done * 30 // self.total
-            self.stream.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}")
-            if done >= self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-        elif percent >= self._next_mark:
-            while self._next_mark <= percent:
-                self._next_mark += 25
-            self.out(f"  progress: {done}/{self.total} calls ({percent}%)")
-
-
-def _percentile(sorted_values: List[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, int(round(q / 100 * (len(sorted_values) - 1)))))
-    return sorted_values[index]
-
-
-def _start_demo_worker(handlers_path: str, name: str,
-                       options: Tuple[str, ...] = ("--port", "0", "--workers", "2"),
-                       monitor: bool = False) -> Any:
-    import subprocess
-
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["EVENTFORGE_DEMO_WORKER"] = name
-    env["PYTHONUNBUFFERED"] = "1"
-    command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
-               *options, "--log-level", "WARNING"]
-    if monitor:
-        command += ["--monitor", "127.0.0.1:0"]
-    # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
-    # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
-    flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, creationflags=flags)
-
-
-def _read_ready_line(process: Any, timeout: float) -> Tuple[str, int]:
-    """Wait for a worker's ready line; return its (host, port)."""
-    found: Dict[str, Any] = {}
-
-    def read() -> None:
-        for line in process.stdout:
-            monitor = re.search(r"monitor: (http://\S+)", line)
-            if monitor:
-                process.monitor_url = monitor.group(1)
-            match = re.search(r"ready: service '[^']*' on \[?([^\]\s]+?)\]?:(\d+) ", line)
-            if match:
-                found["address"] = (match.group(1), int(match.group(2)))
-                return
-
-    reader = threading.Thread(target=read, name="eventforge-demo-reader", daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if "address" not in found:
-        process.kill()
-        _, err = process.communicate(timeout=10)
-        detail = (err or "").strip().splitlines()
-        raise _CLIError("a demo worker did not start: "
-                        + (detail[-1] if detail else f"no ready line within {timeout} s"),
-                        EXIT_FAILURE)
-    return found["address"]
-
-
-def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
-    import subprocess
-
-    if process.poll() is None:
-        if os.name == "nt":
-            import signal
-
-            process.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
-        else:
-            process.terminate()  # SIGTERM: the worker finishes calls in flight, exits 0
-    try:
-        process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate(timeout=timeout)
-    return process.returncode
-
-
-_DEMO_JOBS_SOURCE = '''\
-"""Jobs of the workers of ``eventforge demo-queue`` (written by the demo).
-
-Any module shaped like this one can be run with
-``python -m eventforge worker --import MODULE --queue jobs.db``.
-"""
-import os
-import time
-
-WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
-
-
-def render(job):
-    print("%s: rendering %s (attempt %d)" % (WORKER, job.payload["name"],
-                                              job.headers["_wq_attempt"]), flush=True)
-    time.sleep(job.payload["seconds"])
-    print("%s: finished %s" % (WORKER, job.payload["name"]), flush=True)
-
-
-JOBS = {"demo.render": render}
-'''
-
-
-class _LineReader:
-    """Collects a child process's stdout lines on a thread; waits for a pattern."""
-
-    def __init__(self, process: Any) -> None:
-        import queue as queue_module
-
-        self.lines: Any = queue_module.Queue()
-        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True,
-                                        name="eventforge-demo-reader")
-        self._thread.start()
-
-    def _read(self, process: Any) -> None:
-        for line in process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def expect(self, pattern: str, timeout: float) -> str:
-        import queue as queue_module
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue_module.Empty:
-                line = None
-            if line is None:
-                raise _CLIError(f"the demo worker did not print {pattern!r} in time",
-                                EXIT_FAILURE)
-            if re.search(pattern, line):
-                return line
-
-
-def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
-    """A durable work queue: a worker killed mid-job, the job finished by another."""
-    import shutil
-    import tempfile
-
-    directory = tempfile.mkdtemp(prefix="eventforge-demo-queue-")
-    path = os.path.join(directory, "jobs.db")
-    jobs_file = os.path.join(directory, "demo_jobs.py")
-    with open(jobs_file, "w", encoding="utf-8") as f:
-        f.write(_DEMO_JOBS_SOURCE)
-    options = ("--queue", path, "--workers", "1", "--visibility-timeout", str(lease))
-    workers = []
-    try:
-        out(f"durable work queue: jobs in {path}, workers in separate processes")
-        with WorkQueue(store=path) as queue:
-            first = _start_demo_worker(jobs_file, "worker-1", options=options)
-            workers.append(first)
-            reader = _LineReader(first)
-            reader.expect("ready", 30)
-            queue.enqueue("demo.render", {"name": "report.pdf", "seconds": 0.5})
-            out("  enqueued job 'report.pdf'")
-            out("  " + reader.expect("rendering report.pdf", 30))
-            first.kill()  # SIGKILL: no chance to ack or release the job
-            first.wait(10)
-            killed = time.monotonic()
-            out(f"  killed worker-1 (pid {first.pid}) mid-job, without warning")
-            second = _start_demo_worker(jobs_file, "worker-2", options=options)
-            workers.append(second)
-            reader = _LineReader(second)
-            reader.expect("ready", 30)
-            out(f"  started worker-2 (pid {second.pid})")
-            line = reader.expect("rendering report.pdf", 30)
-            out(f"  {line}, {time.monotonic() - killed:.1f} s after the kill: "
-                f"the {lease:g} s lease of worker-1 ran out")
-            out("  " + reader.expect("finished report.pdf", 30))
-            if not _wait_for_empty(queue, 10.0):
-                raise _CLIError("the job was not acknowledged in time", EXIT_FAILURE)
-            counts = queue.store.counts()
-            out(f"  queue: {counts['ready']} waiting, {counts['in_flight']} in flight, "
-                f"{counts['dead']} dead letters")
-        code = _stop_process(second)
-        out(f"  worker-2 stopped (exit code {code}); the job was started twice and completed once")
-        return EXIT_OK if code == 0 else EXIT_FAILURE
-    finally:
-        for process in workers:
-            if process.poll() is None:
-                process.kill()
-                process.communicate(timeout=10)
-            else:
-                process.communicate(timeout=10)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _wait_for_empty(queue: WorkQueue, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while queue.pending_count() or queue.in_flight_count():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
-                  stream: Any = None, nats: Optional[str] = None) -> int:
-    """Start ``servers`` workers as subprocesses and drive them over TCP loopback.
-
-    With ``nats`` (a server URL) the workers and the demo meet on that NATS
-    server instead: one client, calls balanced by the NATS queue group.
-    """
-    import shutil
-    import tempfile
-
-    stream = sys.stdout if stream is None else stream
-    out(f"== 3. {servers} worker process{'es' if servers != 1 else ''} on this machine, "
-        f"serving 'demo' over {'NATS at ' + nats if nats else 'TCP on 127.0.0.1'} ==")
-    directory = tempfile.mkdtemp(prefix="eventforge-demo-")
-    processes: List[Any] = []
-    queues: List[MessageQueue] = []
-    status = EXIT_OK
-    try:
-        handlers_path = os.path.join(directory, "demo_handlers.py")
-        with open(handlers_path, "w", encoding="utf-8") as f:
-            f.write(_DEMO_HANDLERS_SOURCE)
-        started = time.perf_counter()
-        names = [f"worker-{n + 1}" for n in range(servers)]
-        listen = ("--nats", nats) if nats else ("--port", "0")
-        processes = [_start_demo_worker(handlers_path, name, (*listen, "--workers", "2"),
-                                        monitor=n == 0)
-                     for n, name in enumerate(names)]
-        addresses = [_read_ready_line(p, 30.0) for p in processes]
-        for name, address, process in zip(names, addresses, processes):
-            where = nats or _format_address(address)
-            out(f"  {name}: pid {process.pid} serving 'demo' on {where}")
-        monitor_url = getattr(processes[0], "monitor_url", None) if processes else None
-        if monitor_url:
-            out(f"  {names[0]} monitor (while the demo runs): {monitor_url}")
-        out(f"  each started as `{_demo_launcher()} worker --import demo_handlers.py "
-            f"{'--nats ' + nats if nats else '--port 0'}`, "
-            f"all ready in {time.perf_counter() - started:.2f} s")
-        if nats:  # one connection to the broker; it balances the calls
-            queues.append(MessageQueue(_broker_transport(_DemoBroker(nats))))
-            clients = [RPCClient(queues[0], service_name="demo", timeout=10)]
-        else:
-            for host, port in addresses:
-                transport = TCPClientTransport(host, port)
-                transport.connect(timeout=10)
-                queues.append(MessageQueue(transport))
-            clients = [RPCClient(q, service_name="demo", timeout=10) for q in queues]
-        pool = RoundRobinRPCClient(clients)
-
-        how = ("spread by the NATS queue group" if nats
-               else "each to the next worker in turn (round-robin)")
-        out(f"== 4. {calls} calls, {how} ==")
-        progress = _Progress(calls, out, stream)
-        per_worker: Dict[str, int] = {}
-        latencies: List[float] = []
-        for i in range(calls):
-            t0 = time.perf_counter()
-            answer = pool.compute(200 + i % 50)
-            latencies.append(time.perf_counter() - t0)
-            per_worker[answer["worker"]] = per_worker.get(answer["worker"], 0) + 1
-            progress.update(i + 1)
-        latencies.sort()
-        for name in names:
-            count = per_worker.get(name, 0)
-            out(f"  {name}: {count:4d} calls  {'#' * (count * 30 // max(calls, 1))}")
-        out(f"  time per call: median {_percentile(latencies, 50) * 1e3:.2f} ms, "
-            f"90% within {_percentile(latencies, 90) * 1e3:.2f} ms, "
-            f"99% within {_percentile(latencies, 99) * 1e3:.2f} ms, "
-            f"slowest {latencies[-1] * 1e3:.2f} ms")
-
-        try:
-            pool.compute("ten")
-        except RemoteError as exc:
-            out(f"  an error in a worker comes back to the caller: "
-                f"compute('ten') raised RemoteError({exc})")
-
-        out("== 5. pub-sub across processes: each worker answers a job with an event ==")
-        events: List[Message] = []
-        got_all = threading.Event()
-        lock = threading.Lock()
-
-        def on_event(message: Message) -> None:
-            with lock:
-                events.append(message)
-                if len(events) >= servers:
-                    got_all.set()
-
-        for q in queues:
-            q.subscribe("demo.events.*", on_event)
-        # Interest travels to the servers asynchronously: make sure it arrived
-        # before we publish (flush() on TCP; a call through a broker).
-        for q, client in zip(queues, clients):
-            if isinstance(q.transport, TCPClientTransport):
-                q.transport.flush(10.0)
-            else:
-                client.whoami()
-        for n, q in enumerate(queues):
-            q.publish("demo.jobs", {"job": n + 1})
-        if got_all.wait(10.0):
-            for message in sorted(events, key=lambda m: m.topic):
-                out(f"  {message.topic:<22} got {message.payload}")
-        else:
-            out(f"  only {len(events)} of {servers} events arrived")
-            status = EXIT_FAILURE
-    finally:
-        for q in queues:
-            q.close()
-        codes = [_stop_process(p) for p in processes]
-        shutil.rmtree(directory, ignore_errors=True)
-    if codes:
-        clean = all(code == 0 for code in codes)
-        out(f"== stopped {len(codes)} worker{'s' if len(codes) != 1 else ''}: "
-            f"exit codes {codes} ({'clean' if clean else 'NOT clean'}) ==")
-        if not clean:
-            status = EXIT_FAILURE
-    return status
-
-
-def _demo_launcher() -> str:
-    """How to start eventforge again the way this demo was started."""
-    main_module = sys.modules.get("__main__")
-    script = sys.argv[0] if sys.argv else ""
-    if getattr(main_module, "__spec__", None) is None and \
-            os.path.basename(script) == "eventforge.py":
-        return f"python {script}"  # the vendored file, run as a script
-    return "python -m eventforge"
-
-
-def _demo_next_steps(out: Callable[[str], Any]) -> None:
-    run = _demo_launcher()
-    out("")
-    out("Try it by hand next (the last two commands in two terminals):")
-    out(f"  {run} demo --print-handlers > demo_handlers.py")
-    out(f"  {run} worker --import demo_handlers.py   # serves 'demo' on 127.0.0.1:9090")
-    out(f"  {run} call --service demo compute 1000   "
-        '# prints {"worker": "pid-...", "value": 332833500}')
-    out("README.md shows the same in Python code.")
-
-
-def _cmd_demo(args: Any, out: Callable[[str], Any]) -> int:
-    if args.print_handlers:
-        out(_DEMO_HANDLERS_SOURCE.rstrip("\n"))
-        return EXIT_OK
-    if args.servers < 1 or args.calls < 1:
-        raise _CLIError("--servers and --calls must be >= 1")
-    if args.in_process_only:
-        out("eventforge demo: pub-sub and request-reply inside this process. "
-            "Nothing to install.")
-    else:
-        processes = f"{args.servers} worker process{'es' if args.servers != 1 else ''}"
-        out(f"eventforge demo: pub-sub and request-reply inside this process, then across "
-            f"{processes} it starts here and stops at the end "
-            + (f"(through NATS at {args.nats})." if args.nats
-               else "(TCP on 127.0.0.1). Nothing to install."))
-    _demo_in_process(out)
-    status = (EXIT_OK if args.in_process_only
-              else _demo_cluster(out, args.servers, args.calls, nats=args.nats))
-    if status == EXIT_OK:
-        _demo_next_steps(out)
-    return status
-
-
-class _DemoBroker:
-    """Arguments for _broker_transport when the demo runs through NATS."""
-
-    def __init__(self, nats: str) -> None:
-        self.nats = nats
-        self.redis = None
+#: Commands added by a later section (the demo): name -> run(args, out), and the
+#: functions adding their parsers (listed before this section's commands).
+_LATER_COMMANDS: Dict[str, Callable[[Any, Callable[[str], Any]], int]] = {}
+_LATER_PARSERS: List[Callable[[Any], None]] = []
 
 
 def _add_connection_options(parser: Any) -> None:
@@ -13757,20 +13295,8 @@ def _build_parser() -> Any:
     parser.add_argument("--version", action="version", version=f"eventforge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run the demo (no servers to install)",
-                               description="In-process pub-sub and request-reply, then "
-                               "workers in subprocesses called over TCP loopback.")
-    demo.add_argument("--servers", type=int, default=3, help="worker processes (default 3)")
-    demo.add_argument("--calls", type=int, default=300, help="RPC calls to make (default 300)")
-    demo.add_argument("--in-process-only", action="store_true",
-                      help="skip the part with subprocesses")
-    demo.add_argument("--print-handlers", action="store_true",
-                      help="print the workers' handler module (to run one by hand) and exit")
-    demo.add_argument("--nats", metavar="URL", help="connect the workers through this NATS "
-                      "server instead of TCP (needs eventforge[nats])")
-    commands.add_parser("demo-queue", help="demo a durable work queue surviving a killed worker",
-                        description="Two worker processes share an SQLite work queue: the "
-                        "first is killed mid-job, the second finishes the job after its lease.")
+    for add_commands in _LATER_PARSERS:  # the demo's commands come first
+        add_commands(commands)
 
     worker = commands.add_parser(
         "worker", help="serve a module's HANDLERS over TCP, or its JOBS from a work queue",
@@ -13861,10 +13387,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     command = args.command
     try:
-        if command == "demo":
-            return _cmd_demo(args, out)
-        if command == "demo-queue":
-            return _demo_queue(out)
+        if command in _LATER_COMMANDS:
+            return _LATER_COMMANDS[command](args, out)
         if command == "worker":
             return _cmd_worker(args, out)
         if command == "call":
@@ -13888,7 +13412,516 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 14. Import aliases
+# 14. Demo: the ``demo`` and ``demo-queue`` commands
+# ---------------------------------------------------------------------------
+# Nothing in the library uses this section: its end adds the two commands to
+# the command line (section 13).  Skip it on a first read.
+
+_DEMO_HANDLERS_SOURCE = '''\
+"""Handlers served by the demo's workers (``eventforge demo --print-handlers``).
+
+Any module shaped like this one can be served with
+``python -m eventforge worker --import MODULE``.
+"""
+import os
+
+SERVICE_NAME = "demo"
+WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
+_queue = None
+
+
+def compute(n):
+    """Some CPU work, tagged with who did it."""
+    return {"worker": WORKER, "value": sum(i * i for i in range(n))}
+
+
+def whoami():
+    return WORKER
+
+
+def setup(queue):
+    """Called once by the worker: subscribe to jobs and announce results."""
+    global _queue
+    _queue = queue
+    queue.subscribe("demo.jobs", _on_job)
+
+
+def _on_job(message):
+    _queue.publish("demo.events." + WORKER, {"job": message.payload, "done_by": WORKER})
+
+
+HANDLERS = {"compute": compute, "whoami": whoami}
+'''
+
+
+_DEMO_JOBS_SOURCE = '''\
+"""Jobs of the workers of ``eventforge demo-queue`` (written by the demo).
+
+Any module shaped like this one can be run with
+``python -m eventforge worker --import MODULE --queue jobs.db``.
+"""
+import os
+import time
+
+WORKER = os.environ.get("EVENTFORGE_DEMO_WORKER", "pid-%d" % os.getpid())
+
+
+def render(job):
+    print("%s: rendering %s (attempt %d)" % (WORKER, job.payload["name"],
+                                              job.headers["_wq_attempt"]), flush=True)
+    time.sleep(job.payload["seconds"])
+    print("%s: finished %s" % (WORKER, job.payload["name"]), flush=True)
+
+
+JOBS = {"demo.render": render}
+'''
+
+
+def _add_demo_commands(commands: Any) -> None:
+    """The parsers of ``demo`` and ``demo-queue`` (listed first in ``eventforge --help``)."""
+    demo = commands.add_parser("demo", help="run the demo (no servers to install)",
+                               description="In-process pub-sub and request-reply, then "
+                               "workers in subprocesses called over TCP loopback.")
+    demo.add_argument("--servers", type=int, default=3, help="worker processes (default 3)")
+    demo.add_argument("--calls", type=int, default=300, help="RPC calls to make (default 300)")
+    demo.add_argument("--in-process-only", action="store_true",
+                      help="skip the part with subprocesses")
+    demo.add_argument("--print-handlers", action="store_true",
+                      help="print the workers' handler module (to run one by hand) and exit")
+    demo.add_argument("--nats", metavar="URL", help="connect the workers through this NATS "
+                      "server instead of TCP (needs eventforge[nats])")
+    commands.add_parser("demo-queue", help="demo a durable work queue surviving a killed worker",
+                        description="Two worker processes share an SQLite work queue: the "
+                        "first is killed mid-job, the second finishes the job after its lease.")
+
+
+def _cmd_demo(args: Any, out: Callable[[str], Any]) -> int:
+    if args.print_handlers:
+        out(_DEMO_HANDLERS_SOURCE.rstrip("\n"))
+        return EXIT_OK
+    if args.servers < 1 or args.calls < 1:
+        raise _CLIError("--servers and --calls must be >= 1")
+    if args.in_process_only:
+        out("eventforge demo: pub-sub and request-reply inside this process. "
+            "Nothing to install.")
+    else:
+        processes = f"{args.servers} worker process{'es' if args.servers != 1 else ''}"
+        out(f"eventforge demo: pub-sub and request-reply inside this process, then across "
+            f"{processes} it starts here and stops at the end "
+            + (f"(through NATS at {args.nats})." if args.nats
+               else "(TCP on 127.0.0.1). Nothing to install."))
+    _demo_in_process(out)
+    status = (EXIT_OK if args.in_process_only
+              else _demo_cluster(out, args.servers, args.calls, nats=args.nats))
+    if status == EXIT_OK:
+        _demo_next_steps(out)
+    return status
+
+
+def _demo_in_process(out: Callable[[str], Any]) -> None:
+    """Show in-process pub-sub, wildcards and request-reply on a MessageQueue."""
+    with MessageQueue() as queue:
+        out("== 1. pub-sub in this process: a publish reaches every matching subscriber ==")
+        out("  subscribed to orders.created, orders.* (one more segment) "
+            "and **.failed (any depth)")
+
+        @queue.on("orders.created")
+        def exact(message: Message) -> None:
+            out(f"    orders.created   got {message.payload}")
+
+        @queue.on("orders.*")
+        def one_segment(message: Message) -> None:
+            out(f"    orders.*         got {message.topic}")
+
+        @queue.on("**.failed")
+        def any_depth(message: Message) -> None:
+            out(f"    **.failed        got {message.topic}")
+
+        for topic, payload in (("orders.created", {"id": 1, "item": "book"}),
+                               ("orders.payment.failed", {"id": 1})):
+            out(f"  publish {topic}:")
+            queue.publish(topic, payload)
+
+        out("== 2. request-reply in this process: one question, one answer ==")
+
+        @queue.on("math.add")
+        def add(message: Message) -> None:
+            queue.reply(message, message.payload["a"] + message.payload["b"])
+
+        reply = queue.request("math.add", {"a": 10, "b": 20}, timeout=5.0)
+        out(f"  math.add(10, 20) -> {reply.payload if reply else None}")
+        rounds = 2000
+        started = time.perf_counter()
+        for i in range(rounds):
+            queue.request("math.add", {"a": i, "b": 1}, timeout=5.0)
+        elapsed = time.perf_counter() - started
+        out(f"  {rounds} more requests, {elapsed / rounds * 1e6:.1f} us each")
+        stats = queue.transport.stats
+        out(f"  nothing left over: {stats['buffered']} unclaimed messages kept, "
+            f"{stats['inboxes']} requests still waiting for a reply")
+
+
+def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
+                  stream: Any = None, nats: Optional[str] = None) -> int:
+    """Start ``servers`` workers as subprocesses and drive them over TCP loopback.
+
+    With ``nats`` (a server URL) the workers and the demo meet on that NATS
+    server instead: one client, calls balanced by the NATS queue group.
+    """
+    import argparse
+    import shutil
+    import tempfile
+
+    out(f"== 3. {servers} worker process{'es' if servers != 1 else ''} on this machine, "
+        f"serving 'demo' over {'NATS at ' + nats if nats else 'TCP on 127.0.0.1'} ==")
+    directory = tempfile.mkdtemp(prefix="eventforge-demo-")
+    processes: List[Any] = []
+    queues: List[MessageQueue] = []
+    status = EXIT_OK
+    try:
+        names = [f"worker-{n + 1}" for n in range(servers)]
+        addresses = _demo_start_workers(out, directory, names, nats, processes)
+        if nats:  # one connection to the broker; it balances the calls
+            queues.append(MessageQueue(_broker_transport(argparse.Namespace(nats=nats))))
+            clients = [RPCClient(queues[0], service_name="demo", timeout=10)]
+        else:
+            for host, port in addresses:
+                transport = TCPClientTransport(host, port)
+                transport.connect(timeout=10)
+                queues.append(MessageQueue(transport))
+            clients = [RPCClient(q, service_name="demo", timeout=10) for q in queues]
+        _demo_calls(out, RoundRobinRPCClient(clients), names, calls, nats,
+                    sys.stdout if stream is None else stream)
+        if not _demo_events(out, queues, clients, servers):
+            status = EXIT_FAILURE
+    finally:
+        for q in queues:
+            q.close()
+        codes = [_stop_process(p) for p in processes]
+        shutil.rmtree(directory, ignore_errors=True)
+    if codes:
+        clean = all(code == 0 for code in codes)
+        out(f"== stopped {len(codes)} worker{'s' if len(codes) != 1 else ''}: "
+            f"exit codes {codes} ({'clean' if clean else 'NOT clean'}) ==")
+        if not clean:
+            status = EXIT_FAILURE
+    return status
+
+
+def _demo_start_workers(out: Callable[[str], Any], directory: str, names: List[str],
+                        nats: Optional[str], processes: List[Any]) -> List[Tuple[str, int]]:
+    """Part 3: start a worker per name (appended to ``processes``); their addresses."""
+    handlers_path = os.path.join(directory, "demo_handlers.py")
+    with open(handlers_path, "w", encoding="utf-8") as f:
+        f.write(_DEMO_HANDLERS_SOURCE)
+    started = time.perf_counter()
+    listen = ("--nats", nats) if nats else ("--port", "0")
+    processes.extend(_start_demo_worker(handlers_path, name, (*listen, "--workers", "2"),
+                                        monitor=n == 0)
+                     for n, name in enumerate(names))
+    ready = [_await_ready(p, 30.0) for p in processes]
+    for name, (address, _), process in zip(names, ready, processes):
+        out(f"  {name}: pid {process.pid} serving 'demo' on {nats or _format_address(address)}")
+    monitor_url = ready[0][1] if ready else None
+    if monitor_url:
+        out(f"  {names[0]} monitor (while the demo runs): {monitor_url}")
+    out(f"  each started as `{_demo_launcher()} worker --import demo_handlers.py "
+        f"{'--nats ' + nats if nats else '--port 0'}`, "
+        f"all ready in {time.perf_counter() - started:.2f} s")
+    return [address for address, _ in ready]
+
+
+def _await_ready(process: Any, timeout: float) -> Tuple[Tuple[str, int], Optional[str]]:
+    """Wait for a worker's ready line: its (host, port) and the monitor URL it printed."""
+    reader = _LineReader(process)
+    monitor_url = None
+    deadline = time.monotonic() + timeout
+    while True:
+        match = reader.search(r"monitor: (http://\S+)|"
+                              r"ready: service '[^']*' on \[?([^\]\s]+?)\]?:(\d+) ",
+                              deadline - time.monotonic())
+        if match is None:
+            process.kill()
+            _, err = process.communicate(timeout=10)
+            detail = (err or "").strip().splitlines()
+            raise _CLIError("a demo worker did not start: "
+                            + (detail[-1] if detail else f"no ready line within {timeout} s"),
+                            EXIT_FAILURE)
+        if match.group(1) is None:
+            return (match.group(2), int(match.group(3))), monitor_url
+        monitor_url = match.group(1)
+
+
+def _demo_calls(out: Callable[[str], Any], pool: RoundRobinRPCClient, names: List[str],
+                calls: int, nats: Optional[str], stream: Any) -> None:
+    """Part 4: ``calls`` RPC calls spread over the workers; who served how many, how fast."""
+    how = ("spread by the NATS queue group" if nats
+           else "each to the next worker in turn (round-robin)")
+    out(f"== 4. {calls} calls, {how} ==")
+    progress = _Progress(calls, out, stream)
+    per_worker: Dict[str, int] = {}
+    latencies: List[float] = []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        answer = pool.compute(200 + i % 50)
+        latencies.append(time.perf_counter() - t0)
+        per_worker[answer["worker"]] = per_worker.get(answer["worker"], 0) + 1
+        progress.update(i + 1)
+    latencies.sort()
+    for name in names:
+        count = per_worker.get(name, 0)
+        out(f"  {name}: {count:4d} calls  {'#' * (count * 30 // max(calls, 1))}")
+    out(f"  time per call: median {_percentile(latencies, 50) * 1e3:.2f} ms, "
+        f"90% within {_percentile(latencies, 90) * 1e3:.2f} ms, "
+        f"99% within {_percentile(latencies, 99) * 1e3:.2f} ms, "
+        f"slowest {latencies[-1] * 1e3:.2f} ms")
+
+    try:
+        pool.compute("ten")
+    except RemoteError as exc:
+        out(f"  an error in a worker comes back to the caller: "
+            f"compute('ten') raised RemoteError({exc})")
+
+
+def _demo_events(out: Callable[[str], Any], queues: List[MessageQueue],
+                 clients: List[RPCClient], servers: int) -> bool:
+    """Part 5: each worker answers a published job with an event; True if all came."""
+    out("== 5. pub-sub across processes: each worker answers a job with an event ==")
+    events: List[Message] = []
+    got_all = threading.Event()
+    lock = threading.Lock()
+
+    def on_event(message: Message) -> None:
+        with lock:
+            events.append(message)
+            if len(events) >= servers:
+                got_all.set()
+
+    for q in queues:
+        q.subscribe("demo.events.*", on_event)
+    # Interest travels to the servers asynchronously: make sure it arrived
+    # before we publish (flush() on TCP; a call through a broker).
+    for q, client in zip(queues, clients):
+        if isinstance(q.transport, TCPClientTransport):
+            q.transport.flush(10.0)
+        else:
+            client.whoami()
+    for n, q in enumerate(queues):
+        q.publish("demo.jobs", {"job": n + 1})
+    if not got_all.wait(10.0):
+        out(f"  only {len(events)} of {servers} events arrived")
+        return False
+    for message in sorted(events, key=lambda m: m.topic):
+        out(f"  {message.topic:<22} got {message.payload}")
+    return True
+
+
+class _LineReader:
+    """Collects a child process's stdout lines on a thread; waits for a pattern."""
+
+    def __init__(self, process: Any) -> None:
+        import queue as queue_module
+
+        self.lines: queue_module.Queue[Optional[str]] = queue_module.Queue()
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True,
+                                        name="eventforge-demo-reader")
+        self._thread.start()
+
+    def _read(self, process: Any) -> None:
+        try:
+            for line in process.stdout:
+                self.lines.put(line.rstrip("\n"))
+        except (OSError, ValueError):  # communicate() closed the pipe under us
+            pass
+        self.lines.put(None)
+
+    def search(self, pattern: str, timeout: float) -> Optional[re.Match[str]]:
+        """The match in the next line matching ``pattern``; None at the end or on timeout."""
+        import queue as queue_module
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_module.Empty:
+                return None
+            if line is None:
+                return None
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def expect(self, pattern: str, timeout: float) -> str:
+        """The next line matching ``pattern``; _CLIError if none comes in ``timeout`` s."""
+        match = self.search(pattern, timeout)
+        if match is None:
+            raise _CLIError(f"the demo worker did not print {pattern!r} in time", EXIT_FAILURE)
+        return match.string
+
+
+def _demo_launcher() -> str:
+    """How to start eventforge again the way this demo was started."""
+    main_module = sys.modules.get("__main__")
+    script = sys.argv[0] if sys.argv else ""
+    if getattr(main_module, "__spec__", None) is None and \
+            os.path.basename(script) == "eventforge.py":
+        return f"python {script}"  # the vendored file, run as a script
+    return "python -m eventforge"
+
+
+def _demo_next_steps(out: Callable[[str], Any]) -> None:
+    run = _demo_launcher()
+    out("")
+    out("Try it by hand next (the last two commands in two terminals):")
+    out(f"  {run} demo --print-handlers > demo_handlers.py")
+    out(f"  {run} worker --import demo_handlers.py   # serves 'demo' on 127.0.0.1:9090")
+    out(f"  {run} call --service demo compute 1000   "
+        '# prints {"worker": "pid-...", "value": 332833500}')
+    out("README.md shows the same in Python code.")
+
+
+def _demo_queue(out: Callable[[str], Any], lease: float = 1.0) -> int:
+    """A durable work queue: a worker killed mid-job, the job finished by another."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="eventforge-demo-queue-")
+    path = os.path.join(directory, "jobs.db")
+    jobs_file = os.path.join(directory, "demo_jobs.py")
+    with open(jobs_file, "w", encoding="utf-8") as f:
+        f.write(_DEMO_JOBS_SOURCE)
+    options = ("--queue", path, "--workers", "1", "--visibility-timeout", str(lease))
+    workers = []
+    try:
+        out(f"durable work queue: jobs in {path}, workers in separate processes")
+        with WorkQueue(store=path) as queue:
+            first = _start_demo_worker(jobs_file, "worker-1", options=options)
+            workers.append(first)
+            reader = _LineReader(first)
+            reader.expect("ready", 30)
+            queue.enqueue("demo.render", {"name": "report.pdf", "seconds": 0.5})
+            out("  enqueued job 'report.pdf'")
+            out("  " + reader.expect("rendering report.pdf", 30))
+            first.kill()  # SIGKILL: no chance to ack or release the job
+            first.wait(10)
+            killed = time.monotonic()
+            out(f"  killed worker-1 (pid {first.pid}) mid-job, without warning")
+            second = _start_demo_worker(jobs_file, "worker-2", options=options)
+            workers.append(second)
+            reader = _LineReader(second)
+            reader.expect("ready", 30)
+            out(f"  started worker-2 (pid {second.pid})")
+            line = reader.expect("rendering report.pdf", 30)
+            out(f"  {line}, {time.monotonic() - killed:.1f} s after the kill: "
+                f"the {lease:g} s lease of worker-1 ran out")
+            out("  " + reader.expect("finished report.pdf", 30))
+            if not _wait_for_empty(queue, 10.0):
+                raise _CLIError("the job was not acknowledged in time", EXIT_FAILURE)
+            counts = queue.store.counts()
+            out(f"  queue: {counts['ready']} waiting, {counts['in_flight']} in flight, "
+                f"{counts['dead']} dead letters")
+        code = _stop_process(second)
+        out(f"  worker-2 stopped (exit code {code}); the job was started twice and completed once")
+        return EXIT_OK if code == 0 else EXIT_FAILURE
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=10)
+            else:
+                process.communicate(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_for_empty(queue: WorkQueue, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while queue.pending_count() or queue.in_flight_count():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class _Progress:
+    """A plain-text progress display: one redrawn line on a TTY, a few lines otherwise."""
+
+    def __init__(self, total: int, out: Callable[[str], Any], stream: Any) -> None:
+        self.total = max(total, 1)
+        self.out = out
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._next_mark = 25
+        self._shown = -1
+
+    def update(self, done: int) -> None:
+        percent = done * 100 // self.total
+        if self.tty:
+            if percent == self._shown and done < self.total:
+                return  # redraw once per percent
+            self._shown = percent
+            filled = done * 30 // self.total
+            self.stream.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}")
+            if done >= self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif percent >= self._next_mark:
+            while self._next_mark <= percent:
+                self._next_mark += 25
+            self.out(f"  progress: {done}/{self.total} calls ({percent}%)")
+
+
+def _percentile(sorted_values: List[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, int(round(q / 100 * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+def _start_demo_worker(handlers_path: str, name: str,
+                       options: Tuple[str, ...] = ("--port", "0", "--workers", "2"),
+                       monitor: bool = False) -> Any:
+    import subprocess
+
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["EVENTFORGE_DEMO_WORKER"] = name
+    env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, "-m", "eventforge", "worker", "--import", handlers_path,
+               *options, "--log-level", "WARNING"]
+    if monitor:
+        command += ["--monitor", "127.0.0.1:0"]
+    # On Windows a new process group lets _stop_process send CTRL_BREAK_EVENT,
+    # which the worker handles (SIGBREAK) like SIGTERM: a graceful stop.
+    flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, creationflags=flags)
+
+
+def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
+    import subprocess
+
+    if process.poll() is None:
+        if os.name == "nt":
+            import signal
+
+            process.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+        else:
+            process.terminate()  # SIGTERM: the worker finishes calls in flight, exits 0
+    try:
+        process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate(timeout=timeout)
+    return process.returncode
+
+
+_LATER_PARSERS.append(_add_demo_commands)
+_LATER_COMMANDS.update({"demo": _cmd_demo, "demo-queue": lambda args, out: _demo_queue(out)})
+
+
+# ---------------------------------------------------------------------------
+# 15. Import aliases
 # ---------------------------------------------------------------------------
 
 # eventforge 0.1 shipped a package; these names keep its import paths working.
