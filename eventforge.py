@@ -66,9 +66,14 @@ from typing import (
 )
 
 if TYPE_CHECKING:  # real types for annotations, at no import cost
+    import argparse
+    import http.server
     import selectors  # noqa: F401  (used as the sections adopt them)
-    import socket  # noqa: F401  (used as the sections adopt them)
-    import ssl  # noqa: F401  (used as the sections adopt them)
+    import socket
+    import sqlite3
+    import ssl
+    import subprocess
+    import types
     from concurrent.futures import Future  # noqa: F401  (used as the sections adopt them)
 
 __version__ = "0.1.0"
@@ -6124,6 +6129,10 @@ class RemoteQueue:
     the caller sets it.  A peer that fails during :meth:`broadcast` does not
     stop the others: the failure is logged, counted in :attr:`stats`, kept
     in :attr:`last_errors` and passed to ``on_error(node_id, exc)`` if given.
+
+    Locks, outermost first: ``_lock`` (the peer table), then nothing: the
+    peers' transports and the ``_sent``/``_send_failures`` counters are
+    used after it is released.
     """
 
     def __init__(
@@ -6147,13 +6156,23 @@ class RemoteQueue:
         self._lock = threading.Lock()
         self._peers: Dict[str, TCPClientTransport] = {}
         self.last_errors: Dict[str, BaseException] = {}
-        self._counts: Dict[str, int] = collections.defaultdict(int)
+        self._sent = _Counter()  # send() and broadcast() run on any thread
+        self._send_failures = _Counter()
         self._closed = False
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
         return self._closed
+
+    def peer_transport(self, node_id: str) -> TCPClientTransport:
+        """The :class:`TCPClientTransport` linking to peer ``node_id`` (KeyError if none).
+
+        For its ``stats``, ``connected`` state or ``flush()``; sending goes
+        through :meth:`send`, closing through :meth:`disconnect`.
+        """
+        with self._lock:
+            return self._peers[node_id]
 
     @property
     def peers(self) -> List[str]:
@@ -6215,7 +6234,7 @@ class RemoteQueue:
             raise KeyError(f"unknown peer {node_id!r}; connected peers: {sorted(self._peers)}")
         message = self._message(topic, payload, headers)
         transport.send(message)
-        self._counts["sent"] += 1
+        self._sent.add()
         return message.id
 
     def broadcast(self, topic: str, payload: Any = None, **headers: Any) -> Dict[str, str]:
@@ -6244,7 +6263,7 @@ class RemoteQueue:
                 transport.send(message)
             except (EventforgeError, OSError) as exc:
                 errors[node_id] = exc
-                self._counts["send_failures"] += 1
+                self._send_failures.add()
                 logger.warning("remote %s: broadcast of %s to %s failed: %s",
                                self.node_id, message.id, node_id, exc)
                 if self.on_error is not None:
@@ -6256,7 +6275,7 @@ class RemoteQueue:
                                           hook_exc)
             else:
                 sent[node_id] = message.id
-                self._counts["sent"] += 1
+                self._sent.add()
         self.last_errors = errors
         if not sent:
             first = next(iter(errors.values()))
@@ -6297,8 +6316,8 @@ class RemoteQueue:
         with self._lock:
             peers = dict(self._peers)
         return {
-            "sent": self._counts["sent"],
-            "send_failures": self._counts["send_failures"],
+            "sent": self._sent.value,
+            "send_failures": self._send_failures.value,
             "peers": {node: transport.stats for node, transport in peers.items()},
         }
 
@@ -8991,6 +9010,9 @@ class TaskPool:
     nothing is held; :meth:`slot` is the context-manager form.  ``stats``
     reports ``active``, ``queued`` (callers waiting), ``available``, ``max``
     and ``total_processed`` (slots released).
+
+    Locks, outermost first: ``_lock`` (``_cond`` waits on it), then the
+    ``_released`` counter's own.
     """
 
     def __init__(self, max_instances: Optional[int] = None,
@@ -9003,10 +9025,10 @@ class TaskPool:
         self.timeout = _check_timeout(timeout)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # One entry per slot held.  Uncapped, list append/pop and next() are
-        # atomic on their own, so counting a call takes no lock.
+        # One entry per slot held.  Uncapped, list append/pop are atomic on
+        # their own, so an uncapped pool takes no lock of its own.
         self._held: List[None] = []
-        self._released = itertools.count()
+        self._released = _Counter()
         self._queued = 0
 
     def acquire(self, timeout: Any = _MISSING) -> None:
@@ -9055,7 +9077,7 @@ class TaskPool:
             self._held.pop()
         except IndexError:
             raise RuntimeError("TaskPool.release() called more times than acquire()") from None
-        next(self._released)
+        self._released.add()
 
     def slot(self, timeout: Any = _MISSING) -> Any:
         """Context manager holding one slot for the ``with`` block."""
@@ -9072,7 +9094,7 @@ class TaskPool:
                 "queued": self._queued,
                 "available": None if limit is None else limit - active,
                 "max": limit,
-                "total_processed": _count_value(self._released),
+                "total_processed": self._released.value,
             }
 
     def __repr__(self) -> str:
@@ -9180,6 +9202,10 @@ class TaskRunner:
     Attributes: ``func`` (the body), ``name``, ``topic``, ``queue``,
     ``state`` (a :class:`SharedState`), ``pool`` (a :class:`TaskPool`,
     capped when ``max_instances`` is set), ``observers``.
+
+    Locks, never nested: ``_observer_lock`` (the observers and the hooks
+    built from them) and ``_lock`` (error counts); ``pool`` and ``state``
+    take their own locks, never while the runner holds one.
     """
 
     def __init__(
@@ -9290,7 +9316,7 @@ class TaskRunner:
                 return self.func(*args, **kwargs)
             finally:
                 held.pop()
-                next(pool._released)
+                pool._released.add()
         if self._threaded:
             return self._run(args, kwargs, "call", None)
         return self._lifecycle(args, kwargs, "call", None)
@@ -9732,6 +9758,9 @@ class MemoryWorkStore(WorkStore):
 
     Lease deadlines sit in one heap, so a sweep costs only the expired
     leases.  ``clock`` (default ``time.monotonic``) is injectable for tests.
+
+    Locks: one, ``_lock``; each consumer group's condition waits on it, and
+    nothing outside the store is called while it is held (``clock`` aside).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -10050,7 +10079,7 @@ _SYNCHRONOUS = ("FULL", "NORMAL")
 
 # Connections opened before a fork() are kept here in the child, never used and
 # never closed: closing one could checkpoint or unlock on the parent's behalf.
-_INHERITED_CONNECTIONS: List[Any] = []
+_INHERITED_CONNECTIONS: List[sqlite3.Connection] = []
 
 
 def _sqlite_problem(exc: BaseException) -> str:
@@ -10090,6 +10119,9 @@ class SQLiteWorkStore(WorkStore):
     ``PRAGMA data_version`` with backoff (no write while idle).  The
     connection is reopened in a child after ``fork()``.  ``sqlite3`` is
     imported only when a store is opened.
+
+    Locks: one, the reentrant ``_lock`` (``_cond`` waits on it); it guards
+    the connection, and SQLite's own file locks are taken only under it.
     """
 
     def __init__(self, path: Any, *, synchronous: str = "FULL", busy_timeout: float = 5.0,
@@ -10119,7 +10151,7 @@ class SQLiteWorkStore(WorkStore):
         self.use_returning = has_returning if use_returning is None else bool(use_returning)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._conn: Any = None
+        self._conn: Optional[sqlite3.Connection] = None
         self._pid = os.getpid()
         self._generation = 0  # bumped by wake()
         self._changes = 0  # bumped by local commits that make jobs ready
@@ -10132,7 +10164,7 @@ class SQLiteWorkStore(WorkStore):
 
     # -- the connection -------------------------------------------------------------
 
-    def _connection(self) -> Any:
+    def _connection(self) -> sqlite3.Connection:
         # Called with the lock held.
         if self._closed:
             raise RuntimeError(f"the work store {self.path!r} is closed")
@@ -10143,7 +10175,7 @@ class SQLiteWorkStore(WorkStore):
             self._conn = self._open()
         return self._conn
 
-    def _open(self) -> Any:
+    def _open(self) -> sqlite3.Connection:
         try:
             conn = self._sqlite3.connect(self.path, timeout=self.busy_timeout,
                                          isolation_level=None, check_same_thread=False)
@@ -10212,6 +10244,15 @@ class SQLiteWorkStore(WorkStore):
                 time.sleep(random.uniform(0.0, 0.01 * 2 ** attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def debug_execute(self, sql: str) -> List[Any]:
+        """Run one SQL statement on the store's connection, under its lock; its rows.
+
+        A debug hook, e.g. ``store.debug_execute("PRAGMA integrity_check")``:
+        changing jobs behind the store's back voids what it promises.
+        """
+        with self._lock:
+            return self._connection().execute(sql).fetchall()
+
     def _read(self, sql: str, params: Any = ()) -> List[Any]:
         with self._lock:
             try:
@@ -10234,7 +10275,8 @@ class SQLiteWorkStore(WorkStore):
             (topic, group)))
 
     @staticmethod
-    def _insert(conn: Any, topic: str, message: Message, body: str, now: float) -> None:
+    def _insert(conn: sqlite3.Connection, topic: str, message: Message, body: str,
+                now: float) -> None:
         groups = [row[0] for row in conn.execute(
             "SELECT grp FROM eventforge_groups WHERE topic = ?", (topic,))]
         if not groups:
@@ -10251,7 +10293,7 @@ class SQLiteWorkStore(WorkStore):
     def enqueue(self, topic: str, message: Message, *, max_pending: int = 0) -> str:
         body = _dumps(message._wire_dict())  # SerializationError before any write
 
-        def work(conn: Any) -> None:
+        def work(conn: sqlite3.Connection) -> None:
             if max_pending:
                 for group, waiting in conn.execute(
                         "SELECT grp, COUNT(*) FROM eventforge_jobs WHERE topic = ? AND leased = 0 "
@@ -10280,7 +10322,7 @@ class SQLiteWorkStore(WorkStore):
                 if not self._wait_for_jobs(topic, group, end, generation):
                     return []
 
-    def _claim_on(self, conn: Any, topic: str, group: str, lease_seconds: float,
+    def _claim_on(self, conn: sqlite3.Connection, topic: str, group: str, lease_seconds: float,
                   max_count: int) -> List[Lease]:
         params = {"topic": topic, "grp": group, "now": self._clock(), "lease": lease_seconds,
                   "n": max_count}
@@ -10348,7 +10390,7 @@ class SQLiteWorkStore(WorkStore):
                       (lease.handle, lease.token)).rowcount == 1 for lease in leases])
 
     def nack(self, lease: Lease, delay: float = 0.0, *, count_attempt: bool = True) -> bool:
-        def work(conn: Any) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
             return conn.execute(
                 "UPDATE eventforge_jobs SET leased = 0, deadline = NULL, ready_at = ?, "
                 f"wait_len = ?, attempts = attempts - ? WHERE {_HELD}",
@@ -10373,7 +10415,7 @@ class SQLiteWorkStore(WorkStore):
     def dead_letter(self, lease: Lease, topic: str, message: Message) -> bool:
         body = _dumps(message._wire_dict())
 
-        def work(conn: Any) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
             if conn.execute(f"DELETE FROM eventforge_jobs WHERE {_HELD}",
                             (lease.handle, lease.token)).rowcount != 1:
                 return False
@@ -10394,7 +10436,7 @@ class SQLiteWorkStore(WorkStore):
                 return []
             self._last_sweep = time.monotonic()
 
-            def work(conn: Any) -> List[Any]:
+            def work(conn: sqlite3.Connection) -> List[Any]:
                 now = self._clock()
                 # Clamp first: after the clock jumped back, nothing waits longer than
                 # the lease or delay that set its time.
@@ -10471,7 +10513,7 @@ class SQLiteWorkStore(WorkStore):
         return f"<SQLiteWorkStore {self.path!r}{' closed' if self._closed else ''}>"
 
 
-_FORK_WATCHED: Any = None  # weakref.WeakSet of SQLiteWorkStores, made on first use
+_FORK_WATCHED: Optional[weakref.WeakSet[SQLiteWorkStore]] = None  # made on first use
 
 
 def _watch_for_fork(store: SQLiteWorkStore) -> None:
@@ -10639,6 +10681,11 @@ class WorkQueue(MessageQueue):
     ``max_workers`` bounds the threads running push handlers; a retry waits
     ``retry_delay * retry_backoff ** (attempt - 1)`` seconds, at most
     ``max_retry_delay`` (no delay by default).  See docs/workqueue.md.
+
+    Locks, never nested: ``_wq_lock`` (consumers, closing, the reaper),
+    ``_waits_lock`` (the wait histogram), MessageQueue's ``_lock``, the
+    worker pool's condition and the store's lock; none is held while
+    another is taken, and handlers run holding none.
     """
 
     def __init__(
@@ -10681,8 +10728,7 @@ class WorkQueue(MessageQueue):
         self._pool = _WorkerPool("eventforge-workqueue-worker", max_workers, self._take_turn)
         self._reaper: Optional[threading.Thread] = None
         self._stop_reaper = threading.Event()
-        # itertools.count: next() is atomic, so the hot paths count without a lock
-        self._counters = {name: itertools.count() for name in _WORK_COUNTERS}
+        self._counters = {name: _Counter() for name in _WORK_COUNTERS}
         self._waits = _Histogram()  # enqueue -> first delivery, for a Monitor
         self._waits_lock = threading.Lock()
         self._enqueued = self._counters["enqueued"]
@@ -10715,7 +10761,7 @@ class WorkQueue(MessageQueue):
         if self._reaper is None:
             self._start_reaper()
         job_id = self.store.enqueue(topic, message, max_pending=self.max_work_queue_size)
-        next(self._enqueued)
+        self._enqueued.add()
         return job_id
 
     # -- pulling ----------------------------------------------------------------
@@ -10790,13 +10836,13 @@ class WorkQueue(MessageQueue):
             delivery, Message) else delivery
         lease = self._leases.pop(delivery_id, None) if isinstance(delivery_id, str) else None
         if lease is None:
-            next(self._counters["stale"])
+            self._counters["stale"].add()
             logger.warning("%s of delivery %r refused: unknown, already settled or expired",
                            action, delivery_id)
         return lease
 
     def _refused(self, lease: Lease, action: str) -> bool:
-        next(self._counters["stale"])
+        self._counters["stale"].add()
         logger.warning("%s of job %s on %r (group %r) refused: its lease expired and the job "
                        "was taken over", action, lease.job_id, lease.topic, lease.group)
         return False
@@ -10817,7 +10863,7 @@ class WorkQueue(MessageQueue):
 
     def _settle_ack(self, lease: Lease) -> bool:
         if self.store.ack(lease):
-            next(self._counters["acked"])
+            self._counters["acked"].add()
             return True
         return False
 
@@ -10862,7 +10908,7 @@ class WorkQueue(MessageQueue):
         if lease.attempt > self.max_retries:
             return self._dead_letter(lease, "max_retries_exceeded", error)
         if self.store.nack(lease, self._retry_delay(lease.attempt)):
-            next(self._counters["retried"])
+            self._counters["retried"].add()
             return True
         return False
 
@@ -10883,7 +10929,7 @@ class WorkQueue(MessageQueue):
         letter = _make_message(topic, job.payload, headers)
         if not self.store.dead_letter(lease, topic, letter):
             return False
-        next(self._counters["dead_lettered"])
+        self._counters["dead_lettered"].add()
         logger.warning("job %s on %r (group %r) dead-lettered to %r after %d attempt(s): %s",
                        lease.job_id, lease.topic, lease.group, topic, lease.attempt, reason)
         return True
@@ -11012,7 +11058,7 @@ class WorkQueue(MessageQueue):
             consumer.handler(message)
         except BaseException as exc:  # the pool thread survives anything
             try:
-                next(self._counters["handler_errors"])
+                self._counters["handler_errors"].add()
                 self._handler_failed(consumer.handler, message, exc)
                 lease = self._leases.pop(message.headers["_wq_delivery_id"], None)
                 if lease is not None and not self._settle_failed(lease, True, exc):
@@ -11030,12 +11076,14 @@ class WorkQueue(MessageQueue):
             logger.exception("acknowledging %d job(s) of %r failed; they will be redelivered "
                              "when their leases expire", len(leases), leases[0].topic)
             return
-        acked = self._counters["acked"]
+        done = 0
         for lease, settled in zip(leases, results):
             if settled:
-                next(acked)
+                done += 1
             else:
                 self._refused(lease, "ack")
+        if done:
+            self._counters["acked"].add(done)
 
     # -- expiry -----------------------------------------------------------------
 
@@ -11073,13 +11121,13 @@ class WorkQueue(MessageQueue):
                 if (held.topic, held.group, held.job_id) in taken_over:
                     del self._leases[key]
         for lease in expired:
-            next(self._counters["expired"])
+            self._counters["expired"].add()
             logger.info("lease of job %s on %r (group %r) expired after attempt %d",
                         lease.job_id, lease.topic, lease.group, lease.attempt)
             if lease.attempt > self.max_retries:
                 self._dead_letter(lease, "visibility_timeout_exceeded", None)
             elif self.store.nack(lease, self._retry_delay(lease.attempt)):
-                next(self._counters["retried"])
+                self._counters["retried"].add()
         return len(expired)
 
     # -- counts and lifecycle -----------------------------------------------------
@@ -11103,7 +11151,7 @@ class WorkQueue(MessageQueue):
         """MessageQueue stats plus ``work``: counts of jobs enqueued, acked, retried,
         dead-lettered, expired, handler errors, and refused (stale) settlements."""
         stats = super().stats
-        stats["work"] = {name: _count_value(c) for name, c in self._counters.items()}
+        stats["work"] = {name: c.value for name, c in self._counters.items()}
         return stats
 
     def monitor_snapshot(self) -> Dict[str, Any]:
@@ -11140,7 +11188,7 @@ class WorkQueue(MessageQueue):
         # None when the store cannot tell (a monitor shows it as unknown).
         row["oldest_ready_age_seconds"] = (max(0.0, time.time() - oldest) if oldest else
                                            (None if waiting else 0.0))
-        work = {name: _count_value(c) for name, c in self._counters.items()}
+        work = {name: c.value for name, c in self._counters.items()}
         row.update(acked_total=work["acked"], nacked_total=work["retried"] + work["dead_lettered"],
                    redelivered_total=work["retried"], dead_lettered_total=work["dead_lettered"])
         with self._waits_lock:
@@ -12075,10 +12123,10 @@ def _page_of(items: List[Any], params: Dict[str, str]) -> Dict[str, Any]:
             "items": items[offset:offset + limit]}
 
 
-_HTTP_CLASSES: Optional[Tuple[Any, Any]] = None
+_HTTP_CLASSES: Optional[Tuple[Type[http.server.BaseHTTPRequestHandler], Any]] = None
 
 
-def _http_classes() -> Tuple[Any, Any]:
+def _http_classes() -> Tuple[Type[http.server.BaseHTTPRequestHandler], Any]:
     """The ``http.server`` subclasses behind :class:`Monitor`, built on first use."""
     global _HTTP_CLASSES
     if _HTTP_CLASSES is not None:
@@ -12134,7 +12182,7 @@ def _http_classes() -> Tuple[Any, Any]:
             self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
             self.monitor = monitor
             self.slots = threading.BoundedSemaphore(_MONITOR_THREADS)
-            self.workers: Dict[Any, Tuple[threading.Thread, float]] = {}
+            self.workers: Dict[socket.socket, Tuple[threading.Thread, float]] = {}
             self.workers_lock = threading.Lock()
             self.names = itertools.count(1)
             super().__init__(address, Handler)
@@ -12143,7 +12191,8 @@ def _http_classes() -> Tuple[Any, Any]:
             socketserver.TCPServer.server_bind(self)
             self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
-        def process_request(self, request: Any, client_address: Any) -> None:
+        def process_request(self, request: socket.socket,  # type: ignore[override]
+                            client_address: Any) -> None:
             if not self.slots.acquire(blocking=False):
                 try:
                     request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
@@ -12159,7 +12208,7 @@ def _http_classes() -> Tuple[Any, Any]:
                 self.workers[request] = (worker, time.monotonic())
             worker.start()
 
-        def work(self, request: Any, client_address: Any) -> None:
+        def work(self, request: socket.socket, client_address: Any) -> None:
             try:
                 self.finish_request(request, client_address)
             except Exception:
@@ -12225,6 +12274,10 @@ class Monitor:
     times out after ``request_timeout`` seconds (at most 60), at most four
     requests are served at once, lists are paged (``limit`` at most 1000)
     and metric label values are capped at ``max_label_values`` per family.
+
+    Locks, outermost first: ``_lock`` (start/close, rate samples), the
+    watched set's ``lock``, then each watched component's own (read by its
+    ``stats``).  The HTTP server's ``workers_lock`` is taken alone.
     """
 
     def __init__(
@@ -12302,6 +12355,15 @@ class Monitor:
     def port(self) -> int:
         """The bound port once started (the configured one before)."""
         return self._httpd.server_address[1] if self._httpd is not None else self._port
+
+    @property
+    def requests_in_progress(self) -> int:
+        """Requests being served right now, 0 when not serving (a debug hook)."""
+        httpd = self._httpd
+        if httpd is None:
+            return 0
+        with httpd.workers_lock:
+            return len(httpd.workers)
 
     @property
     def url(self) -> str:
@@ -12494,7 +12556,7 @@ class Monitor:
             given = decoded.partition(b":")[2]
         return hmac.compare_digest(given, token)
 
-    def _serve(self, handler: Any, head: bool) -> None:
+    def _serve(self, handler: http.server.BaseHTTPRequestHandler, head: bool) -> None:
         try:
             status, body, ctype, extra = self._respond(handler)
         except Exception:
@@ -12502,7 +12564,8 @@ class Monitor:
             status, body, ctype, extra = 500, {"error": "internal error (logged)"}, None, ()
         self._write(handler, status, body, ctype, extra, head)
 
-    def _respond(self, handler: Any) -> Tuple[int, Any, Optional[str], Tuple[Tuple[str, str], ...]]:
+    def _respond(self, handler: http.server.BaseHTTPRequestHandler
+                 ) -> Tuple[int, Any, Optional[str], Tuple[Tuple[str, str], ...]]:
         if not self._host_allowed(handler.headers.get("Host")):
             return 403, {"error": "Host header not allowed (use the bound name or loopback)"}, \
                 None, ()
@@ -12561,8 +12624,9 @@ class Monitor:
             return 200, self._paged_dict(snap, snap.queues(), "queues", params), None, ()
         return 200, self._paged_dict(snap, snap.meters(), "meters", params), None, ()
 
-    def _write(self, handler: Any, status: int, body: Any, ctype: Optional[str] = None,
-               extra: Tuple[Tuple[str, str], ...] = (), head: bool = False) -> None:
+    def _write(self, handler: http.server.BaseHTTPRequestHandler, status: int, body: Any,
+               ctype: Optional[str] = None, extra: Tuple[Tuple[str, str], ...] = (),
+               head: bool = False) -> None:
         if isinstance(body, str):
             data = body.encode("utf-8")
         elif isinstance(body, bytes):
@@ -12638,7 +12702,8 @@ def _load_tls(what: str, load: Callable[[], Any]) -> None:
         raise _CLIError(f"cannot load TLS files: {what}: {detail}") from None
 
 
-def _server_ssl_context(cert: Optional[str], key: Optional[str], ca: Optional[str]) -> Any:
+def _server_ssl_context(cert: Optional[str], key: Optional[str],
+                        ca: Optional[str]) -> Optional[ssl.SSLContext]:
     """TLS for a listener: ``cert``/``key`` identify it; ``ca`` also requires client certs."""
     if not cert and not key:
         if ca:
@@ -12659,7 +12724,8 @@ def _server_ssl_context(cert: Optional[str], key: Optional[str], ca: Optional[st
     return context
 
 
-def _client_ssl_context(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> Any:
+def _client_ssl_context(ca: Optional[str], cert: Optional[str],
+                        key: Optional[str]) -> Optional[ssl.SSLContext]:
     """TLS for a connecting client: verify the server with ``ca``; optional client cert."""
     if not (ca or cert or key):
         return None
@@ -12796,7 +12862,7 @@ def _install_stop_signals(stop: threading.Event) -> Callable[[], None]:
 
     previous = {}
 
-    def handler(signum: int, frame: Any) -> None:
+    def handler(signum: int, frame: Optional[types.FrameType]) -> None:
         stop.set()
 
     for name in ("SIGTERM", "SIGBREAK"):
@@ -12852,7 +12918,7 @@ def _stop_at_once(out: Callable[[str], Any], service: str, stats: Dict[str, Any]
     os._exit(status)
 
 
-def _cmd_worker(args: Any, out: Callable[[str], Any]) -> int:
+def _cmd_worker(args: argparse.Namespace, out: Callable[[str], Any]) -> int:
     _configure_logging(args.log_level)
     if args.workers < 1:
         raise _CLIError(f"--workers must be >= 1, not {args.workers}")
@@ -12939,7 +13005,7 @@ def _require_seconds(option: str, value: Optional[float]) -> None:
         raise _CLIError(f"{option} must be a number of seconds above 0, not {value:g}")
 
 
-def _broker_transport(args: Any) -> Optional[Transport]:
+def _broker_transport(args: argparse.Namespace) -> Optional[Transport]:
     """The NatsTransport/RedisTransport asked for by ``--nats``/``--redis``, else None."""
     url = getattr(args, "nats", None) or getattr(args, "redis", None)
     if not url:
@@ -12964,7 +13030,7 @@ def _broker_transport(args: Any) -> Optional[Transport]:
         raise _CLIError(f"cannot connect to {url}: {exc}", EXIT_FAILURE) from None
 
 
-def _worker_monitor(args: Any, service: str) -> Optional[Monitor]:
+def _worker_monitor(args: argparse.Namespace, service: str) -> Optional[Monitor]:
     """The Monitor asked for by ``--monitor HOST:PORT`` (not started yet), or None."""
     if not args.monitor:
         return None
@@ -12997,7 +13063,7 @@ def _start_worker_monitor(monitor: Optional[Monitor], component: Any, name: Opti
     out(f"eventforge worker monitor: {monitor.url}")
 
 
-def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
+def _cmd_queue_worker(args: argparse.Namespace, out: Callable[[str], Any]) -> int:
     """``worker --queue``: consume a durable work queue with the module's JOBS."""
     try:
         _, jobs = load_job_module(args.import_)
@@ -13033,7 +13099,7 @@ def _cmd_queue_worker(args: Any, out: Callable[[str], Any]) -> int:
             monitor.close()
 
 
-def _connect_queue(args: Any) -> MessageQueue:
+def _connect_queue(args: argparse.Namespace) -> MessageQueue:
     _require_seconds("--connect-timeout", args.connect_timeout)
     secret = _read_secret(args.secret_file)
     context = _client_ssl_context(args.tls_ca, args.tls_cert, args.tls_key)
@@ -13046,7 +13112,7 @@ def _connect_queue(args: Any) -> MessageQueue:
     return MessageQueue(transport)
 
 
-def _connect_failure(args: Any, exc: BaseException) -> str:
+def _connect_failure(args: argparse.Namespace, exc: BaseException) -> str:
     """One line on why connecting failed, naming the address once and CLI options."""
     address = _format_address((args.host, args.port))
     detail = str(getattr(exc, "strerror", None) or exc)
@@ -13117,7 +13183,7 @@ def _describe_services(services: Dict[str, Any]) -> str:
                      for name, methods in sorted(services.items()))
 
 
-def _cmd_call(args: Any, out: Callable[[str], Any]) -> int:
+def _cmd_call(args: argparse.Namespace, out: Callable[[str], Any]) -> int:
     service = args.service or DEFAULT_SERVICE
     which = f"service {service!r}" + ("" if args.service else " (the default)")
     try:
@@ -13184,7 +13250,7 @@ def _cmd_call(args: Any, out: Callable[[str], Any]) -> int:
         checker.join(5.0)
 
 
-def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:
+def _cmd_pub(args: argparse.Namespace, out: Callable[[str], Any]) -> int:
     headers: Dict[str, Any] = {}
     for item in args.header or ():
         key, sep, value = item.partition("=")
@@ -13208,7 +13274,7 @@ def _cmd_pub(args: Any, out: Callable[[str], Any]) -> int:
         queue.close()
 
 
-def _cmd_sub(args: Any, out: Callable[[str], Any]) -> int:
+def _cmd_sub(args: argparse.Namespace, out: Callable[[str], Any]) -> int:
     try:
         validate_pattern(args.pattern)
     except TopicError as exc:
@@ -13274,7 +13340,7 @@ _LATER_COMMANDS: Dict[str, Callable[[Any, Callable[[str], Any]], int]] = {}
 _LATER_PARSERS: List[Callable[[Any], None]] = []
 
 
-def _add_connection_options(parser: Any) -> None:
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9090, help="server port (default 9090)")
     parser.add_argument("--secret-file", metavar="F", help="file holding the shared secret")
@@ -13285,7 +13351,7 @@ def _add_connection_options(parser: Any) -> None:
                         help="seconds to wait for the connection (default 10)")
 
 
-def _build_parser() -> Any:
+def _build_parser() -> argparse.ArgumentParser:
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -13495,7 +13561,7 @@ def _add_demo_commands(commands: Any) -> None:
                         "first is killed mid-job, the second finishes the job after its lease.")
 
 
-def _cmd_demo(args: Any, out: Callable[[str], Any]) -> int:
+def _cmd_demo(args: argparse.Namespace, out: Callable[[str], Any]) -> int:
     if args.print_handlers:
         out(_DEMO_HANDLERS_SOURCE.rstrip("\n"))
         return EXIT_OK
@@ -13575,7 +13641,7 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
     out(f"== 3. {servers} worker process{'es' if servers != 1 else ''} on this machine, "
         f"serving 'demo' over {'NATS at ' + nats if nats else 'TCP on 127.0.0.1'} ==")
     directory = tempfile.mkdtemp(prefix="eventforge-demo-")
-    processes: List[Any] = []
+    processes: List[subprocess.Popen[str]] = []
     queues: List[MessageQueue] = []
     status = EXIT_OK
     try:
@@ -13609,7 +13675,8 @@ def _demo_cluster(out: Callable[[str], Any], servers: int = 3, calls: int = 300,
 
 
 def _demo_start_workers(out: Callable[[str], Any], directory: str, names: List[str],
-                        nats: Optional[str], processes: List[Any]) -> List[Tuple[str, int]]:
+                        nats: Optional[str], processes: List[subprocess.Popen[str]]
+                        ) -> List[Tuple[str, int]]:
     """Part 3: start a worker per name (appended to ``processes``); their addresses."""
     handlers_path = os.path.join(directory, "demo_handlers.py")
     with open(handlers_path, "w", encoding="utf-8") as f:
@@ -13631,7 +13698,8 @@ def _demo_start_workers(out: Callable[[str], Any], directory: str, names: List[s
     return [address for address, _ in ready]
 
 
-def _await_ready(process: Any, timeout: float) -> Tuple[Tuple[str, int], Optional[str]]:
+def _await_ready(process: subprocess.Popen[str],
+                 timeout: float) -> Tuple[Tuple[str, int], Optional[str]]:
     """Wait for a worker's ready line: its (host, port) and the monitor URL it printed."""
     reader = _LineReader(process)
     monitor_url = None
@@ -13719,7 +13787,7 @@ def _demo_events(out: Callable[[str], Any], queues: List[MessageQueue],
 class _LineReader:
     """Collects a child process's stdout lines on a thread; waits for a pattern."""
 
-    def __init__(self, process: Any) -> None:
+    def __init__(self, process: subprocess.Popen[str]) -> None:
         import queue as queue_module
 
         self.lines: queue_module.Queue[Optional[str]] = queue_module.Queue()
@@ -13727,7 +13795,8 @@ class _LineReader:
                                         name="eventforge-demo-reader")
         self._thread.start()
 
-    def _read(self, process: Any) -> None:
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None  # started with stdout=PIPE
         try:
             for line in process.stdout:
                 self.lines.put(line.rstrip("\n"))
@@ -13879,7 +13948,7 @@ def _percentile(sorted_values: List[float], q: float) -> float:
 
 def _start_demo_worker(handlers_path: str, name: str,
                        options: Tuple[str, ...] = ("--port", "0", "--workers", "2"),
-                       monitor: bool = False) -> Any:
+                       monitor: bool = False) -> subprocess.Popen[str]:
     import subprocess
 
     env = dict(os.environ)
@@ -13898,7 +13967,7 @@ def _start_demo_worker(handlers_path: str, name: str,
                             stdin=subprocess.DEVNULL, text=True, creationflags=flags)
 
 
-def _stop_process(process: Any, timeout: float = 10.0) -> Optional[int]:
+def _stop_process(process: subprocess.Popen[str], timeout: float = 10.0) -> Optional[int]:
     import subprocess
 
     if process.poll() is None:
