@@ -9740,7 +9740,7 @@ class _MemoryEntry:
 class _MemoryGroup:
     __slots__ = ("ready", "delayed", "leased", "dead", "cond", "waiting", "signalled")
 
-    def __init__(self, lock: Any) -> None:
+    def __init__(self, lock: threading.Lock) -> None:
         self.ready: Deque[_MemoryEntry] = collections.deque()
         self.delayed: List[Tuple[float, int, _MemoryEntry]] = []  # heap by due time
         self.leased: Dict[str, _MemoryEntry] = {}
@@ -10210,7 +10210,7 @@ class SQLiteWorkStore(WorkStore):
 
     # -- transactions ---------------------------------------------------------------
 
-    def _write(self, action: str, work: Callable[[Any], Any]) -> Any:
+    def _write(self, action: str, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``work(connection)`` in one BEGIN IMMEDIATE transaction, retrying if busy."""
         with self._lock:
             return self._write_on(self._connection(), action, work)
@@ -12321,7 +12321,7 @@ class Monitor:
             set() if wildcard else {host.lower().strip("[]")})
         self._watched = _Watched()
         self._lock = threading.Lock()
-        self._httpd: Any = None
+        self._httpd: Any = None  # the HTTPServer subclass of _http_classes(), once started
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self.started_at: Optional[float] = None
@@ -12849,7 +12849,7 @@ def load_job_module(spec: str) -> Tuple[Any, Dict[str, Callable[[Message], Any]]
     return module, dict(jobs)
 
 
-def _format_address(address: Any) -> str:
+def _format_address(address: Tuple[Any, ...]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
@@ -13336,8 +13336,8 @@ def _cmd_sub(args: argparse.Namespace, out: Callable[[str], Any]) -> int:
 
 #: Commands added by a later section (the demo): name -> run(args, out), and the
 #: functions adding their parsers (listed before this section's commands).
-_LATER_COMMANDS: Dict[str, Callable[[Any, Callable[[str], Any]], int]] = {}
-_LATER_PARSERS: List[Callable[[Any], None]] = []
+_LATER_COMMANDS: Dict[str, Callable[[argparse.Namespace, Callable[[str], Any]], int]] = {}
+_LATER_PARSERS: List[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -13543,7 +13543,7 @@ JOBS = {"demo.render": render}
 '''
 
 
-def _add_demo_commands(commands: Any) -> None:
+def _add_demo_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The parsers of ``demo`` and ``demo-queue`` (listed first in ``eventforge --help``)."""
     demo = commands.add_parser("demo", help="run the demo (no servers to install)",
                                description="In-process pub-sub and request-reply, then "
