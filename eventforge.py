@@ -9011,8 +9011,8 @@ class TaskPool:
     reports ``active``, ``queued`` (callers waiting), ``available``, ``max``
     and ``total_processed`` (slots released).
 
-    Locks, outermost first: ``_lock`` (``_cond`` waits on it), then the
-    ``_released`` counter's own.
+    Locks: one, ``_lock`` (``_cond`` waits on it); an uncapped pool counts
+    without it.
     """
 
     def __init__(self, max_instances: Optional[int] = None,
@@ -9025,10 +9025,11 @@ class TaskPool:
         self.timeout = _check_timeout(timeout)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # One entry per slot held.  Uncapped, list append/pop are atomic on
-        # their own, so an uncapped pool takes no lock of its own.
+        # One entry per slot held.  Uncapped, list append/pop and next() are
+        # atomic on their own, so counting a call takes no lock.  (A _Counter
+        # here doubles the overhead of a bare @task(): measured 0.16 -> 0.36 us.)
         self._held: List[None] = []
-        self._released = _Counter()
+        self._released = itertools.count()
         self._queued = 0
 
     def acquire(self, timeout: Any = _MISSING) -> None:
@@ -9077,7 +9078,7 @@ class TaskPool:
             self._held.pop()
         except IndexError:
             raise RuntimeError("TaskPool.release() called more times than acquire()") from None
-        self._released.add()
+        next(self._released)
 
     def slot(self, timeout: Any = _MISSING) -> Any:
         """Context manager holding one slot for the ``with`` block."""
@@ -9094,7 +9095,7 @@ class TaskPool:
                 "queued": self._queued,
                 "available": None if limit is None else limit - active,
                 "max": limit,
-                "total_processed": self._released.value,
+                "total_processed": _count_value(self._released),
             }
 
     def __repr__(self) -> str:
@@ -9316,7 +9317,7 @@ class TaskRunner:
                 return self.func(*args, **kwargs)
             finally:
                 held.pop()
-                pool._released.add()
+                next(pool._released)
         if self._threaded:
             return self._run(args, kwargs, "call", None)
         return self._lifecycle(args, kwargs, "call", None)
