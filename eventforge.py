@@ -8584,6 +8584,10 @@ class Meter(Observable):
 
     As an observer (``@task(on_execute=[meter])``), a subclass measures each
     call in :meth:`measure`; the base Meter measures nothing by itself.
+
+    Locks: ``_lock`` guards the aggregate and is released before
+    ``measurement`` fires, so subscribers run holding none of the meter's
+    (subscribing takes the Eventful's ``_sub_lock``, never inside ``_lock``).
     """
 
     EVENTS = ("measurement",)
