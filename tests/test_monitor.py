@@ -796,7 +796,7 @@ def test_close_does_not_wait_for_idle_clients(no_leaks):
     monitor = ef.Monitor(port=0, request_timeout=60).start()
     idle = socket.create_connection(("127.0.0.1", monitor.port), timeout=10)
     try:
-        wait_for(lambda: monitor._httpd.workers, what="the idle request being served")
+        wait_for(lambda: monitor.requests_in_progress, what="the idle request being served")
         started = time.monotonic()
         monitor.close()
         assert time.monotonic() - started < 30  # not the 60 s request timeout

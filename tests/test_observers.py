@@ -403,13 +403,16 @@ def test_least_loaded_releases_on_handler_error_and_as_event_dispatcher():
 # -- contexts and shared state -------------------------------------------------------------------
 
 
-def test_task_context_execution_time_never_negative():
+def test_task_context_execution_time_never_negative(monkeypatch):
     ctx = TaskContext("t", "id-1", (1,), {"k": 2})
     assert ctx.execution_time >= 0.0
     ctx.stop_clock()
     assert ctx.execution_time >= 0.0 and ctx.end_time >= ctx.start_time - 1.0
-    ctx._t0 = time.perf_counter() + 100  # a clock that would go backwards
+    readings = iter([1000.0, 900.0])  # started, then stopped 100 s *earlier*
+    monkeypatch.setattr(ef, "_perf_counter", lambda: next(readings))
+    ctx.restart_clock()
     ctx.stop_clock()
+    monkeypatch.undo()
     assert ctx.execution_time == 0.0
     assert ctx.task_id == "id-1" and ctx.args == (1,) and ctx.kwargs == {"k": 2}
     assert "TaskContext t id-1" in repr(ctx)

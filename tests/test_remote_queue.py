@@ -145,7 +145,7 @@ def test_broadcast_survives_a_failing_peer(tcp, caplog):
                   backoff_max=2.0)
     coord.connect("good", "127.0.0.1", good_srv.port)
     bad_srv.close()  # "bad" now buffers, and is full after one message
-    assert wait_until(lambda: "bad" not in [n for n, t in coord._peers.items() if t.connected])
+    assert wait_until(lambda: not coord.peer_transport("bad").connected)
     first = coord.broadcast("work", 1)
     second = coord.broadcast("work", 2)
     assert set(first) == {"bad", "good"}
@@ -283,7 +283,7 @@ def test_broadcast_that_reaches_no_peer_raises_with_every_reason(tcp):
     coord = tcp.own(ef.RemoteQueue("coord", on_error=lambda peer, exc: errors.append(peer)))
     coord.connect("n", "127.0.0.1", server.port, reconnect=False)
     server.close()
-    assert wait_until(lambda: not coord._peers["n"].connected)
+    assert wait_until(lambda: not coord.peer_transport("n").connected)
     with pytest.raises(ef.TransportError, match="reached none of the 1 peer") as caught:
         coord.broadcast("t", 1)
     assert "n:" in str(caught.value) and isinstance(caught.value.__cause__, ef.TransportError)

@@ -74,8 +74,7 @@ def test_options_are_checked_and_synchronous_is_applied(db):
         ef.SQLiteWorkStore(db, synchronous="OFF")
     for mode, level in (("FULL", 2), ("normal", 1)):
         store = ef.SQLiteWorkStore(db, synchronous=mode)
-        with store._lock:
-            assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == level
+        assert store.debug_execute("PRAGMA synchronous")[0][0] == level
         store.close()
 
 
@@ -236,16 +235,15 @@ def test_locked_database_raises_a_typed_error_and_the_consumer_survives(db, no_l
 def test_full_database_raises_a_clear_error_without_retries_or_open_transaction(db):
     store = ef.SQLiteWorkStore(db)
     store.enqueue("jobs", ef.Message("jobs", "before"))
-    with store._lock:
-        conn = store._connection()
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    pages = store.debug_execute("PRAGMA page_count")[0][0]
+    store.debug_execute(f"PRAGMA max_page_count = {pages + 2}")
     start = time.monotonic()
     with pytest.raises(ef.StoreFullError, match="full"):
         for _ in range(50):
             store.enqueue("jobs", ef.Message("jobs", "x" * 20_000))
     assert time.monotonic() - start < 5.0
-    assert not conn.in_transaction
+    store.debug_execute("BEGIN")  # fails inside a transaction: none was left open
+    store.debug_execute("ROLLBACK")
     # What was committed is intact and the store keeps working within its room.
     [lease] = store.claim("jobs", "default", 30.0)
     assert lease.message.payload == "before"
@@ -346,8 +344,7 @@ def test_fork_after_opening_with_constant_readers(db):
     assert max(wal_sizes) < 64 * limit
     counts = store.counts("jobs")
     assert counts["ready"] + counts["in_flight"] <= 301
-    with store._lock:
-        assert store._connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert store.debug_execute("PRAGMA integrity_check")[0][0] == "ok"
     store.close()
 
 

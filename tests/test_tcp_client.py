@@ -519,7 +519,7 @@ def test_remote_queue_close_during_a_reconnect_does_not_wait_for_connect_timeout
     remote = tcp.own(ef.RemoteQueue("a"))
     remote.connect("b", "127.0.0.1", port, connect_timeout=30.0, backoff_initial=0.2,
                    backoff_max=0.2)
-    link = remote._peers["b"]
+    link = remote.peer_transport("b")
     server.close()
     assert wait_until(lambda: not link.connected)
     # A listener whose backlog is full: a connect() to it hangs (SYNs are dropped).
@@ -558,7 +558,8 @@ def test_remote_queue_close_shares_one_timeout_across_its_peers(tcp):
         remote.connect(node, "127.0.0.1", server.port, backoff_initial=0.01, backoff_max=0.05)
         server.close()
     for node in ("b", "c", "d"):
-        assert wait_until(lambda link=remote._peers[node]: not link.connected)
+        link = remote.peer_transport(node)
+        assert wait_until(lambda link=link: not link.connected)
         remote.send(node, "work", 1)  # buffered: its peer is gone for good
     started = time.monotonic()
     remote.close(timeout=1.0)
