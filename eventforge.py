@@ -6920,7 +6920,8 @@ class Executor:
                     raise EventforgeTimeoutError(
                         f"map() did not finish within {timeout} s ({len(out)} items done)"
                     )
-                out.append(_outcome("", self.submit_future(func, (item,))))
+                [(task_id, future)] = self._submit_each(func, (item,))
+                out.append(_outcome(task_id, future))
             return out
         pending = self._submit_each(func, items)
         results: List[TaskResult] = []

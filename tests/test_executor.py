@@ -441,3 +441,9 @@ class TestDoneNowIsAFinishedFuture:
         tid = ex.submit(square, 5)
         assert ex.status(tid) is TaskStatus.COMPLETED and ex.cancel(tid) is False
         assert ex.result(tid, timeout=0).value == 25
+
+    @pytest.mark.parametrize("mode", ["sequential", "thread"])
+    def test_map_of_a_non_callable_fails_each_item_rather_than_raising(self, mode):
+        with Executor(mode, max_workers=1) as ex:
+            results = ex.map(42, [1, 2])
+        assert [(r.status, r.error_type) for r in results] == [(TaskStatus.FAILED, "TypeError")] * 2
