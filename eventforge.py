@@ -6523,13 +6523,16 @@ def _exception_text(exc: BaseException) -> str:
         return f"<str() of the {type(exc).__name__} failed: {type(failure).__name__}>"
 
 
+_current_thread = threading.current_thread
+
+
 def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
               kwargs: Dict[str, Any], in_process: bool = False) -> TaskResult:
     """Run one task (inline, on a pool thread or in a pool process); never raises.
 
     ``worker_id`` is the thread's name, or ``"pid:<n>"`` in a worker process.
     """
-    worker = f"pid:{os.getpid()}" if in_process else threading.current_thread().name
+    worker = f"pid:{os.getpid()}" if in_process else _current_thread().name
     start = _perf_counter()
     try:
         value = func(*args, **kwargs)
@@ -6802,12 +6805,6 @@ class Executor:
             self._submitted += 1
         return future
 
-    def _start(self, task_id: str, func: Callable[..., Any], args: Any,
-               kwargs: Dict[str, Any]) -> Future[TaskResult]:
-        if self._inline:
-            return _done_future(_run_task(task_id, func, args, kwargs))
-        return self._submit_to_pool(task_id, func, args, kwargs)
-
     def _drop_oldest_locked(self) -> None:
         old_id, _ = self._tasks.popitem(last=False)
         self._dropped += 1
@@ -6822,9 +6819,12 @@ class Executor:
             old_id, self.max_results, self._dropped,
         )
 
-    def _submit_to_pool(self, task_id: str, func: Callable[..., Any],
-                        args: Any, kwargs: Dict[str, Any]) -> Future[TaskResult]:
-        """Submit to the pool, replacing a broken process pool once; returns the future."""
+    def _start(self, task_id: str, func: Callable[..., Any], args: Any,
+               kwargs: Dict[str, Any]) -> Future[TaskResult]:
+        """Run the task here (SEQUENTIAL) or hand it to the pool, replacing an
+        unusable pool once; the task's Future either way."""
+        if self._inline:
+            return _done_future(_run_task(task_id, func, args, kwargs))
         in_process = self._in_process
         pool = self._pool
         if pool is None:
@@ -6857,10 +6857,6 @@ class Executor:
             )
         return future
 
-    def _forget(self, task_id: str) -> None:
-        with self._lock:
-            self._tasks.pop(task_id, None)
-
     def result(self, task_id: str, timeout: Optional[float] = None) -> TaskResult:
         """Wait for a task and return its :class:`TaskResult` (once per task).
 
@@ -6873,7 +6869,8 @@ class Executor:
         result = _task_result(task_id, self._lookup(task_id), timeout)
         if result is None:
             raise EventforgeTimeoutError(f"task {task_id} did not finish within {timeout} s")
-        self._forget(task_id)
+        with self._lock:
+            self._tasks.pop(task_id, None)
         return result
 
     def status(self, task_id: str) -> TaskStatus:
@@ -6961,7 +6958,8 @@ class Executor:
         if not await _wait_future_async(future, timeout):
             raise EventforgeTimeoutError(f"task {task_id} did not finish within {timeout} s")
         result = _outcome(task_id, future)
-        self._forget(task_id)
+        with self._lock:
+            self._tasks.pop(task_id, None)
         return result
 
     async def map_async(self, func: Callable[..., Any], items: Iterable[Any],
