@@ -7500,7 +7500,7 @@ class RPCServer:
     def _finish(self) -> None:
         with self._idle:
             self._inflight -= 1
-            if self._stoppers and self._inflight <= 0:
+            if self._stoppers:  # each re-checks its own bound (a stop() from a method waits for 1)
                 self._idle.notify_all()
 
     def _reject(self, message: Message, error_type: str, text: str, request_id: str) -> None:

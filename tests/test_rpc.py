@@ -431,6 +431,36 @@ class TestLifecycle:
         assert RPCClient(queue, timeout=5).shutdown() == "bye"
         assert time.monotonic() - start < SLACK and not server.serving
 
+    def test_stop_from_inside_a_method_waits_only_for_the_other_calls(self, queue):
+        # The inner stop() waits for in_flight to fall to 1 (its own call): it
+        # must be woken when the other call ends, not sit out its timeout.
+        gate = threading.Event()
+        with Executor(ExecutionMode.THREAD, max_workers=2) as executor:
+            server = RPCServer(queue, executor=executor)
+            server.add_method("slow", lambda: gate.wait(10) and "slow done")
+            took = []
+
+            def shutdown():
+                start = time.monotonic()
+                server.stop(timeout=8)
+                took.append(time.monotonic() - start)
+                return "bye"
+
+            server.add_method("shutdown", shutdown)
+            server.serve(blocking=False)
+            client = RPCClient(queue, timeout=10)
+            results = []
+            caller = threading.Thread(target=lambda: results.append(client.slow()))
+            caller.start()
+            deadline = time.monotonic() + 5
+            while server.stats["in_flight"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            threading.Timer(0.2, gate.set).start()
+            assert client.shutdown() == "bye"
+            caller.join(10)
+        assert results == ["slow done"] and not server.serving
+        assert 0.1 <= took[0] < 0.2 + SLACK
+
     def test_blocking_serve_returns_on_stop(self, queue):
         server = RPCServer(queue)
         server.add_method("add", add)
