@@ -401,6 +401,17 @@ class TestExecutor:
         assert leftovers(queue) == (0, 0, 0)
 
 
+def _call_in_background(server, client, method):
+    """Call ``method`` from another thread; return once the server has it in flight."""
+    results = []
+    caller = threading.Thread(target=lambda: results.append(client.call(method)))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while server.stats["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return caller, results
+
+
 class TestLifecycle:
     def test_stop_waits_for_calls_in_flight(self, queue):
         gate = threading.Event()
@@ -409,12 +420,7 @@ class TestLifecycle:
             server.add_method("wait", lambda: gate.wait(10) and "done")
             server.serve(blocking=False)
             client = RPCClient(queue, timeout=10)
-            results = []
-            caller = threading.Thread(target=lambda: results.append(client.wait()))
-            caller.start()
-            deadline = time.monotonic() + 5
-            while server.stats["in_flight"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            caller, results = _call_in_background(server, client, "wait")
             threading.Timer(0.1, gate.set).start()
             server.stop(timeout=10)
             assert server.stats["in_flight"] == 0 and not server.serving
@@ -449,12 +455,7 @@ class TestLifecycle:
             server.add_method("shutdown", shutdown)
             server.serve(blocking=False)
             client = RPCClient(queue, timeout=10)
-            results = []
-            caller = threading.Thread(target=lambda: results.append(client.slow()))
-            caller.start()
-            deadline = time.monotonic() + 5
-            while server.stats["in_flight"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            caller, results = _call_in_background(server, client, "slow")
             threading.Timer(0.2, gate.set).start()
             assert client.shutdown() == "bye"
             caller.join(10)
