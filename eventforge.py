@@ -7752,8 +7752,12 @@ class RetryingRPCClient(_DynamicMethods):
 
     @property
     def retries(self) -> int:
-        """How many retries this wrapper has made (all threads together)."""
+        """How many retries this wrapper has made (all threads together); assignable."""
         return self._retries.value
+
+    @retries.setter
+    def retries(self, value: int) -> None:  # e.g. ``client.retries = 0`` to start counting afresh
+        self._retries = _Counter(value)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based).
