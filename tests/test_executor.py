@@ -352,3 +352,98 @@ class TestAsync:
 
         res, many = asyncio.run(go())
         assert res.value == 16 and [r.value for r in many] == [1, 4]
+
+
+class TestSubmitFuture:
+    """``Executor.submit_future``: the public hook RPCServer, dispatchers and tasks use."""
+
+    @pytest.mark.parametrize("mode", ["sequential", "thread"])
+    def test_resolves_to_a_task_result_and_keeps_no_bookkeeping(self, mode):
+        import concurrent.futures as cf
+
+        with Executor(mode, max_workers=2) as ex:
+            ok = ex.submit_future(echo_kwargs, [1, 2], {"k": 3})
+            bad = ex.submit_future(fail, ("boom",))
+            assert isinstance(ok, cf.Future) and isinstance(bad, cf.Future)
+            res = ok.result(timeout=10)
+            assert isinstance(res, TaskResult) and res.status is TaskStatus.COMPLETED
+            assert res.value == [[1, 2], {"k": 3}] and res.task_id.startswith("task-")
+            failed = bad.result(timeout=10)  # a failure of func is a result, not a raise
+            assert (failed.status, failed.error_type, failed.error) == (
+                TaskStatus.FAILED, "ValueError", "boom")
+            assert ex.stats["submitted"] == 2 and ex.stats["uncollected"] == 0
+
+    def test_sequential_runs_here_and_is_done_at_once(self):
+        ex = Executor()
+        future = ex.submit_future(threading.current_thread)
+        assert future.done() and not future.running() and not future.cancelled()
+        assert future.result(0).value is threading.current_thread()
+
+    def test_thread_mode_runs_on_a_pool_thread(self):
+        with Executor(ExecutionMode.THREAD, max_workers=1) as ex:
+            res = ex.submit_future(threading.current_thread).result(timeout=10)
+        assert res.value is not threading.current_thread()
+        assert res.worker_id.startswith("eventforge-executor")
+
+    def test_refuses_a_non_callable(self):
+        with pytest.raises(TypeError, match="callable"):
+            Executor().submit_future(42)
+
+    def test_process_mode_pickling_failure_is_the_futures_exception(self):
+        with Executor(ExecutionMode.PROCESS, max_workers=1) as ex:
+            future = ex.submit_future(lambda: 1)  # cannot pickle the function
+            with pytest.raises(Exception, match="(?i)pickle"):
+                future.result(timeout=30)
+            assert ex.submit_future(square, (6,)).result(timeout=30).value == 36
+
+
+class TestDoneNowIsAFinishedFuture:
+    """A SEQUENTIAL task comes back as an already-completed ``concurrent.futures.Future``
+    that behaves as one built with ``set_result`` (``wait``, callbacks, cancel ...)."""
+
+    def test_it_behaves_as_a_finished_future(self):
+        import concurrent.futures as cf
+
+        ex = Executor()
+        future = ex.submit_future(square, (3,))
+        plain = cf.Future()
+        plain.set_result("later")
+        assert future.done() and not future.cancel() and not future.cancelled()
+        assert future.result().value == 9 and future.exception() is None
+        assert future.exception(timeout=0) is None and future.result(timeout=0).value == 9
+        seen = []
+        future.add_done_callback(lambda f: seen.append((threading.current_thread(), f)))
+        assert seen == [(threading.current_thread(), future)]  # at once, in this thread
+        done, pending = cf.wait([future, plain, ex.submit_future(square, (2,))], timeout=1)
+        assert len(done) == 3 and not pending
+        assert {f.result() if f is plain else f.result().value
+                for f in cf.as_completed([future, plain], timeout=1)} == {9, "later"}
+        with pytest.raises(cf.InvalidStateError):
+            future.set_result("again")
+        assert future.result().value == 9
+
+    def test_wait_mixes_done_now_with_done_later(self):
+        import concurrent.futures as cf
+
+        gate = threading.Event()
+        with Executor(ExecutionMode.THREAD, max_workers=1) as ex:
+            later = ex.submit_future(gate.wait, (10,))
+            now = Executor().submit_future(square, (4,))
+            done, pending = cf.wait([now, later], timeout=0.05,
+                                    return_when=cf.FIRST_COMPLETED)
+            assert done == {now} and pending == {later}
+            gate.set()
+            done, pending = cf.wait([now, later], timeout=10)
+            assert done == {now, later} and later.result().value is True
+
+    def test_status_and_cancel_of_a_sequential_task(self):
+        ex = Executor()
+        tid = ex.submit(square, 5)
+        assert ex.status(tid) is TaskStatus.COMPLETED and ex.cancel(tid) is False
+        assert ex.result(tid, timeout=0).value == 25
+
+    @pytest.mark.parametrize("mode", ["sequential", "thread"])
+    def test_map_of_a_non_callable_fails_each_item_rather_than_raising(self, mode):
+        with Executor(mode, max_workers=1) as ex:
+            results = ex.map(42, [1, 2])
+        assert [(r.status, r.error_type) for r in results] == [(TaskStatus.FAILED, "TypeError")] * 2

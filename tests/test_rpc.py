@@ -401,6 +401,17 @@ class TestExecutor:
         assert leftovers(queue) == (0, 0, 0)
 
 
+def _call_in_background(server, client, method):
+    """Call ``method`` from another thread; return once the server has it in flight."""
+    results = []
+    caller = threading.Thread(target=lambda: results.append(client.call(method)))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while server.stats["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return caller, results
+
+
 class TestLifecycle:
     def test_stop_waits_for_calls_in_flight(self, queue):
         gate = threading.Event()
@@ -409,12 +420,7 @@ class TestLifecycle:
             server.add_method("wait", lambda: gate.wait(10) and "done")
             server.serve(blocking=False)
             client = RPCClient(queue, timeout=10)
-            results = []
-            caller = threading.Thread(target=lambda: results.append(client.wait()))
-            caller.start()
-            deadline = time.monotonic() + 5
-            while server.stats["in_flight"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            caller, results = _call_in_background(server, client, "wait")
             threading.Timer(0.1, gate.set).start()
             server.stop(timeout=10)
             assert server.stats["in_flight"] == 0 and not server.serving
@@ -430,6 +436,31 @@ class TestLifecycle:
         start = time.monotonic()
         assert RPCClient(queue, timeout=5).shutdown() == "bye"
         assert time.monotonic() - start < SLACK and not server.serving
+
+    def test_stop_from_inside_a_method_waits_only_for_the_other_calls(self, queue):
+        # The inner stop() waits for in_flight to fall to 1 (its own call): it
+        # must be woken when the other call ends, not sit out its timeout.
+        gate = threading.Event()
+        with Executor(ExecutionMode.THREAD, max_workers=2) as executor:
+            server = RPCServer(queue, executor=executor)
+            server.add_method("slow", lambda: gate.wait(10) and "slow done")
+            took = []
+
+            def shutdown():
+                start = time.monotonic()
+                server.stop(timeout=8)
+                took.append(time.monotonic() - start)
+                return "bye"
+
+            server.add_method("shutdown", shutdown)
+            server.serve(blocking=False)
+            client = RPCClient(queue, timeout=10)
+            caller, results = _call_in_background(server, client, "slow")
+            threading.Timer(0.2, gate.set).start()
+            assert client.shutdown() == "bye"
+            caller.join(10)
+        assert results == ["slow done"] and not server.serving
+        assert 0.1 <= took[0] < 0.2 + SLACK
 
     def test_blocking_serve_returns_on_stop(self, queue):
         server = RPCServer(queue)
@@ -692,6 +723,67 @@ class TestOverTCP:
                 while server.stats["in_flight"] and time.monotonic() < deadline:
                     time.sleep(0.01)
                 assert client.add(1, 1) == 2  # the late reply did not get in the way
+
+    @pytest.mark.parametrize("dispatch", ["inline", "leader", "thread"])
+    def test_without_an_executor_a_method_runs_where_the_request_was_read(
+            self, dispatch, monkeypatch):
+        """End to end over TCP: with no executor, "inline" and "leader" run the
+        method on the very thread that read the request off the socket (no
+        hand-off); "thread" hands every callback to its one dispatcher thread."""
+        import socket
+
+        readers = []  # ident of the server-side thread that read each request
+        port = []
+        real_recv, real_recv_into = socket.socket.recv, socket.socket.recv_into
+
+        def note(sock, data):
+            if b"calc.request" in data and port and sock.getsockname()[1] == port[0]:
+                readers.append(threading.get_ident())
+
+        def recv(sock, *args, **kwargs):
+            data = real_recv(sock, *args, **kwargs)
+            note(sock, data)
+            return data
+
+        def recv_into(sock, buffer, *args, **kwargs):
+            n = real_recv_into(sock, buffer, *args, **kwargs)
+            note(sock, bytes(memoryview(buffer)[:n]))
+            return n
+
+        monkeypatch.setattr(socket.socket, "recv", recv)
+        monkeypatch.setattr(socket.socket, "recv_into", recv_into)
+        server_transport = ef.TCPServerTransport("127.0.0.1", 0, dispatch=dispatch)
+        server_transport.start()
+        port.append(server_transport.address[1])
+        ran_on = []
+
+        def where(i):
+            ran_on.append((threading.get_ident(), threading.current_thread().name))
+            return i
+
+        client_transport = ef.TCPClientTransport("127.0.0.1", port[0])
+        try:
+            with RPCServer(MessageQueue(server_transport), service_name="calc") as server:
+                server.add_method("where", where)
+                client_transport.connect(timeout=10)
+                client = RPCClient(MessageQueue(client_transport), service_name="calc",
+                                   timeout=10)
+                assert [client.where(i) for i in range(20)] == list(range(20))
+        finally:
+            client_transport.close()
+            server_transport.close()
+        assert len(readers) == len(ran_on) == 20
+        idents = [ident for ident, _ in ran_on]
+        names = {name for _, name in ran_on}
+        if dispatch == "thread":  # documented: one hop to the dispatcher thread
+            assert not set(idents) & set(readers)
+            assert names == {"eventforge-tcp-server-dispatch"}
+        else:
+            assert idents == readers  # each call ran on the thread that read it
+            assert all(name.startswith(f"eventforge-tcp-server-io-{port[0]}")
+                       for name in names)
+            if dispatch == "inline":  # the one loop thread, no standby
+                assert names == {f"eventforge-tcp-server-io-{port[0]}"}
 
     def test_call_async_over_tcp(self, tcp_pair):
         server_queue, client_queue = tcp_pair
