@@ -814,8 +814,9 @@ _ts_prefix: Tuple[int, str] = (0, "1970-01-01T00:00:00")  # the last second form
 def _format_timestamp(epoch: float) -> str:
     """Format epoch seconds as ISO 8601 UTC with a ``Z`` suffix (microseconds)."""
     global _ts_prefix
-    micros = int(round(epoch * 1_000_000))
-    seconds, micro = divmod(micros, 1_000_000)
+    micros = round(epoch * 1_000_000)  # an int
+    seconds = micros // 1_000_000
+    micro = micros - seconds * 1_000_000  # divmod's pair, without building a tuple
     cached = _ts_prefix  # one tuple read: safe against a concurrent update
     if cached[0] == seconds:
         text = cached[1]
