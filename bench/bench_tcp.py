@@ -3,6 +3,7 @@
     python bench/bench_tcp.py              # all figures
     python bench/bench_tcp.py --quick      # less work per round, 3 rounds (smoke run)
     python bench/bench_tcp.py --rounds 15  # more rounds for a steadier median
+    python bench/bench_tcp.py --cpus 0     # all processes on one CPU: no cross-CPU wake-ups
 
 Figures (targets from issues 3 and 9):
   1. one-way publish: a client publishes small messages, a subscriber in the
