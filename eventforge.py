@@ -847,10 +847,8 @@ class Message:
     ``model_dump_json``, ``model_validate``, ``model_validate_json`` and
     ``model_copy`` behave like their pydantic namesakes.
 
-    Every Message, whether built here, by the publish path or by the wire
-    decoder, gets its fields from :func:`_init_message`; code inside the
-    module builds one from fields it already checked with
-    ``_init_message(_new_object(Message), ...)``, skipping the keyword parsing.
+    Every Message gets its fields from :func:`_init_message` (the module's
+    own builders skip this constructor's keyword parsing).
     """
 
     __slots__ = ("id", "topic", "payload", "headers", "_ts", "reply_to", "correlation_id")
@@ -1018,10 +1016,8 @@ def _init_message(
 ) -> Message:
     """Set every field of ``message`` and return it: the one constructor path.
 
-    ``Message.__init__`` fills in its defaults and comes here; the publish
-    path (:func:`_make_message`), the wire decoder and the other internal
-    builders pass ``_new_object(Message)`` with fields they already checked.
-    ``ts`` is epoch seconds, a wire timestamp string or a ``datetime``.
+    ``Message.__init__`` comes here with its defaults filled in; the module's
+    own builders with ``_new_object(Message)`` and fields already checked.
     """
     message.id = id
     message.topic = topic
@@ -1109,13 +1105,11 @@ def _c_encode(obj: Any) -> str:
         {}, _json_default, _json_str, None, ":", ",", False, False, False)(obj, 0))
 
 
-_encode_json: Callable[[Any], str] = _encoder.encode
-try:
-    if _c_encode({"a": [1, 2.5, "\u00e9\"", None, True], "b": {}}) == _encoder.encode(
-            {"a": [1, 2.5, "\u00e9\"", None, True], "b": {}}):
-        _encode_json = _c_encode
+try:  # only if this Python builds its C encoder the way _c_encode does
+    _encode_json = _c_encode if _c_encode([{}, 2.5, "\u00e9\""]) == _encoder.encode(
+        [{}, 2.5, "\u00e9\""]) else _encoder.encode
 except Exception:  # pragma: no cover - no C accelerator, or another signature
-    pass
+    _encode_json = _encoder.encode
 
 
 def _json_failure(exc: BaseException) -> SerializationError:
@@ -1251,12 +1245,9 @@ def _is_datetime(value: Any) -> bool:
     return datetime_mod is not None and isinstance(value, datetime_mod.datetime)
 
 
-# The "YYYY-MM-DDTHH:MM:SS" of the last wire timestamp found valid with a zero
-# UTC offset.  Messages of the same second (thousands, on a busy connection)
-# written as that prefix + ".ffffff" + "Z" or + "Z" (as _format_timestamp
-# writes them) need no regex: _ISO_RE would match them the same way, and with
-# a zero offset the date check depends on the prefix alone.  One str is
-# read and written whole: threads racing here only miss the shortcut.
+# "YYYY-MM-DDTHH:MM:SS" of the last wire timestamp found valid with a zero UTC
+# offset: that second + ".ffffff" + "Z" (or + "Z") needs no regex, whose match
+# and date check would be the same.  Racing threads only miss the shortcut.
 _valid_second = "\0"
 
 
