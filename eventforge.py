@@ -902,8 +902,9 @@ _ts_prefix: Tuple[int, str] = (0, "1970-01-01T00:00:00")  # the last second form
 def _format_timestamp(epoch: float) -> str:
     """Format epoch seconds as ISO 8601 UTC with a ``Z`` suffix (microseconds)."""
     global _ts_prefix
-    micros = int(round(epoch * 1_000_000))
-    seconds, micro = divmod(micros, 1_000_000)
+    micros = round(epoch * 1_000_000)  # an int
+    seconds = micros // 1_000_000
+    micro = micros - seconds * 1_000_000  # divmod's pair, without building a tuple
     cached = _ts_prefix  # one tuple read: safe against a concurrent update
     if cached[0] == seconds:
         text = cached[1]
@@ -933,9 +934,20 @@ class Message:
     For code written against eventforge 0.1 (pydantic-based), ``model_dump``,
     ``model_dump_json``, ``model_validate``, ``model_validate_json`` and
     ``model_copy`` behave like their pydantic namesakes.
+
+    Every Message gets its fields from :func:`_init_message` (the module's
+    own builders skip this constructor's keyword parsing).
     """
 
     __slots__ = ("id", "topic", "payload", "headers", "_ts", "reply_to", "correlation_id")
+
+    id: str
+    topic: str
+    payload: Any
+    headers: Dict[str, Any]
+    _ts: Any  # epoch seconds, the wire string it arrived as, or a datetime
+    reply_to: Optional[str]
+    correlation_id: Optional[str]
 
     def __init__(
         self,
@@ -948,13 +960,16 @@ class Message:
         reply_to: Optional[str] = None,
         correlation_id: Optional[str] = None,
     ) -> None:
-        self.id = id if id is not None else _id_template % next(_ids)
-        self.topic = topic
-        self.payload = payload
-        self.headers = headers if headers is not None else {}
-        self._ts: Any = time.time() if timestamp is None else timestamp
-        self.reply_to = reply_to
-        self.correlation_id = correlation_id
+        _init_message(
+            self,
+            id if id is not None else _id_template % next(_ids),
+            topic,
+            payload,
+            headers if headers is not None else {},
+            time.time() if timestamp is None else timestamp,
+            reply_to,
+            correlation_id,
+        )
 
     @property
     def timestamp(self) -> Any:
@@ -1005,7 +1020,7 @@ class Message:
 
     def model_dump_json(self) -> str:
         """Return the JSON text of the wire form (the frame body)."""
-        return _dumps(self._wire_dict())
+        return _wire_json(self)
 
     @classmethod
     def model_validate(cls, obj: Any) -> Message:
@@ -1077,6 +1092,31 @@ _new_object = object.__new__
 _now = time.time
 
 
+def _init_message(
+    message: Message,
+    id: str,  # noqa: A002 - the wire field is called "id"
+    topic: str,
+    payload: Any,
+    headers: Dict[str, Any],
+    ts: Any,
+    reply_to: Optional[str],
+    correlation_id: Optional[str],
+) -> Message:
+    """Set every field of ``message`` and return it: the one constructor path.
+
+    ``Message.__init__`` comes here with its defaults filled in; the module's
+    own builders with ``_new_object(Message)`` and fields already checked.
+    """
+    message.id = id
+    message.topic = topic
+    message.payload = payload
+    message.headers = headers
+    message._ts = ts
+    message.reply_to = reply_to
+    message.correlation_id = correlation_id
+    return message
+
+
 def _message_epoch(message: Message) -> float:
     """When ``message`` was created, in epoch seconds (without building a datetime)."""
     ts = message._ts
@@ -1094,19 +1134,11 @@ def _make_message(
     reply_to: Optional[str] = None,
     correlation_id: Optional[str] = None,
 ) -> Message:
-    """Build a Message without the keyword parsing of ``Message.__init__``.
-
-    The publish path is dominated by message construction; this halves it.
+    """A new Message with a fresh id and timestamp, without ``Message.__init__``'s
+    keyword parsing (the publish path is dominated by message construction).
     """
-    message = _new_object(Message)
-    message.id = _id_template % next(_ids)
-    message.topic = topic
-    message.payload = payload
-    message.headers = headers
-    message._ts = _now()
-    message.reply_to = reply_to
-    message.correlation_id = correlation_id
-    return message
+    return _init_message(_new_object(Message), _id_template % next(_ids), topic, payload,
+                         headers, _now(), reply_to, correlation_id)
 
 
 def _json_default(obj: Any) -> Any:
@@ -1150,21 +1182,78 @@ def _json_default(obj: Any) -> Any:
 _encoder = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
 )
+_json_str = json.encoder.encode_basestring  # what _encoder uses for strings (C when available)
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)  # None without _json
+
+
+def _c_encode(obj: Any) -> str:
+    # _encoder.encode(obj) minus its two Python layers: the C encoder it builds,
+    # with the same arguments, called directly (a fresh markers dict each call).
+    return "".join(_c_make_encoder(
+        {}, _json_default, _json_str, None, ":", ",", False, False, False)(obj, 0))
+
+
+try:  # only if this Python builds its C encoder the way _c_encode does
+    _encode_json = _c_encode if _c_encode([{}, 2.5, "\u00e9\""]) == _encoder.encode(
+        [{}, 2.5, "\u00e9\""]) else _encoder.encode
+except Exception:  # pragma: no cover - no C accelerator, or another signature
+    _encode_json = _encoder.encode
+
+
+def _json_failure(exc: BaseException) -> SerializationError:
+    """The SerializationError for what the JSON encoder raised."""
+    if isinstance(exc, RecursionError):
+        return SerializationError("payload is nested too deeply to encode")
+    if isinstance(exc, ValueError):  # NaN / Infinity, circular references, huge ints
+        if _is_int_digits_error(exc):
+            return SerializationError(f"payload has {_int_limit_text()}")
+        return SerializationError(f"payload is not valid JSON: {exc}")
+    return SerializationError(f"payload is not JSON serializable: {exc}")  # e.g. tuple keys
 
 
 def _dumps(obj: Any) -> str:
     try:
-        return _encoder.encode(obj)
+        return _encode_json(obj)
     except SerializationError:
         raise
-    except ValueError as exc:  # NaN / Infinity, circular references, huge ints
-        if _is_int_digits_error(exc):
-            raise SerializationError(f"payload has {_int_limit_text()}") from None
-        raise SerializationError(f"payload is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise SerializationError("payload is nested too deeply to encode") from None
-    except TypeError as exc:  # e.g. dict keys that JSON cannot represent
-        raise SerializationError(f"payload is not JSON serializable: {exc}") from None
+    except (ValueError, RecursionError, TypeError) as exc:
+        raise _json_failure(exc) from None
+
+
+def _json_field(value: Any) -> str:
+    if type(value) is str:
+        return _json_str(value)
+    return "null" if value is None else _encode_json(value)
+
+
+_WIRE_TEMPLATE = ('{"id":%s,"topic":%s,"payload":%s,"headers":%s,"timestamp":%s,'
+                  '"reply_to":%s,"correlation_id":%s}')
+
+
+def _wire_text(message: Message, timestamp: str) -> str:
+    # The JSON of message._wire_dict(), the same text down to the byte, without
+    # building the dict: only the payload and non-empty headers need the encoder.
+    headers = message.headers
+    return _WIRE_TEMPLATE % (
+        _json_field(message.id),
+        _json_field(message.topic),
+        _encode_json(message.payload),
+        "{}" if type(headers) is dict and not headers else _encode_json(headers),
+        _json_str(timestamp),
+        _json_field(message.reply_to),
+        _json_field(message.correlation_id),
+    )
+
+
+def _wire_json(message: Message) -> str:
+    """The frame body of ``message`` as text: ``_dumps(message._wire_dict())``, faster."""
+    timestamp = message._wire_timestamp()  # its FrameError stays a FrameError
+    try:
+        return _wire_text(message, timestamp)
+    except SerializationError:
+        raise
+    except (ValueError, RecursionError, TypeError) as exc:
+        raise _json_failure(exc) from None
 
 
 def encode(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
@@ -1174,7 +1263,7 @@ def encode(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) ->
     FrameTooLargeError (a ValueError) if the body exceeds ``max_frame_size``.
     """
     try:
-        body = _dumps(message._wire_dict()).encode("utf-8")
+        body = _wire_json(message).encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 form
         raise SerializationError(f"message is not valid UTF-8 text: {exc}") from None
     size = len(body)
@@ -1191,7 +1280,7 @@ def _reject_constant(name: str) -> Any:
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
-_raw_decode = _decoder.raw_decode
+_scan_once = _decoder.scan_once  # type: ignore[attr-defined]  # raw_decode() minus a frame
 
 
 def decode(body: Any) -> Message:
@@ -1207,8 +1296,8 @@ def decode(body: Any) -> Message:
         raise FrameError(f"frame is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
         try:
-            obj, end = _raw_decode(text)  # the common case, without the whitespace scans
-        except ValueError:
+            obj, end = _scan_once(text, 0)  # the common case, without the whitespace scans
+        except (ValueError, StopIteration):
             end = -1  # leading whitespace or invalid: the full decoder says which
         if end != len(text):
             obj = _decoder.decode(text)
@@ -1235,11 +1324,8 @@ def _int_limit_text() -> str:
     )
 
 
-def _optional_str(obj: Dict[str, Any], key: str) -> Optional[str]:
-    value = obj.get(key)
-    if value is None or type(value) is str:
-        return value
-    raise FrameError(f"frame field {key!r} must be a string or null, not {type(value).__name__}")
+def _not_optional_str(key: str, value: Any) -> FrameError:
+    return FrameError(f"frame field {key!r} must be a string or null, not {type(value).__name__}")
 
 
 def _is_datetime(value: Any) -> bool:
@@ -1247,44 +1333,68 @@ def _is_datetime(value: Any) -> bool:
     return datetime_mod is not None and isinstance(value, datetime_mod.datetime)
 
 
+# "YYYY-MM-DDTHH:MM:SS" of the last wire timestamp found valid with a zero UTC
+# offset: that second + ".ffffff" + "Z" (or + "Z") needs no regex, whose match
+# and date check would be the same.  Racing threads only miss the shortcut.
+_valid_second = "\0"
+
+
+def _check_wire_timestamp(ts: str) -> None:
+    """Raise FrameError unless ``ts`` is an ISO 8601 timestamp decode() accepts."""
+    global _valid_second
+    if ts[:19] == _valid_second and (
+        ts[19:] == "Z" or (len(ts) == 27 and ts[19] == "." and ts[26] == "Z"
+                           and ts[20:26].isdecimal())  # isdecimal() is what \d matches
+    ):
+        return
+    match = _ISO_RE.fullmatch(ts)
+    if match is None:
+        raise FrameError(f"frame timestamp {ts!r:.80} is not ISO 8601")
+    # Days 29-31 need a calendar (2023-02-29), and an offset can push the
+    # first or last year out of range: check those now, not when read.
+    if match.group(3) > "28" or match.group(1) in ("0001", "9999"):
+        _parse_timestamp(ts)
+    if match.group(6) is not None and match.group(8) in (None, "Z", "z"):
+        _valid_second = ts[:19]
+
+
 def _message_from_dict(obj: Any) -> Message:
     if type(obj) is not dict:
         raise FrameError(f"frame must be a JSON object, not {type(obj).__name__}")
-    topic = obj.get("topic")
+    get = obj.get
+    topic = get("topic")
     if topic is None:
         raise FrameError("frame has no 'topic'")
-    try:
-        validate_topic(topic, allow_reserved=True)
-    except TopicError as exc:
-        raise FrameError(f"frame has an invalid topic: {exc}") from None
-    headers = obj.get("headers")
+    if type(topic) is not str or topic not in _VALID_TOPICS:
+        try:
+            validate_topic(topic, allow_reserved=True)
+        except TopicError as exc:
+            raise FrameError(f"frame has an invalid topic: {exc}") from None
+    headers = get("headers")
     if headers is None:
         headers = {}
     elif type(headers) is not dict:
         raise FrameError(f"frame field 'headers' must be an object, not {type(headers).__name__}")
-    ts = obj.get("timestamp")
+    ts = get("timestamp")
     if ts is None:
-        ts = time.time()
+        ts = _now()
     elif type(ts) is str:
-        match = _ISO_RE.fullmatch(ts)
-        if match is None:
-            raise FrameError(f"frame timestamp {ts!r:.80} is not ISO 8601")
-        # Days 29-31 need a calendar (2023-02-29), and an offset can push the
-        # first or last year out of range: check those now, not when read.
-        if match.group(3) > "28" or match.group(1) in ("0001", "9999"):
-            _parse_timestamp(ts)
+        _check_wire_timestamp(ts)
     elif not _is_datetime(ts):  # model_validate() may pass a datetime through
         ts = _parse_timestamp(ts)
-    message = _new_object(Message)  # Message.__init__ without its keyword parsing
-    message_id = _optional_str(obj, "id")
-    message.id = message_id if message_id is not None else _id_template % next(_ids)
-    message.topic = topic
-    message.payload = obj.get("payload")
-    message.headers = headers
-    message._ts = ts
-    message.reply_to = _optional_str(obj, "reply_to")
-    message.correlation_id = _optional_str(obj, "correlation_id")
-    return message
+    message_id = get("id")
+    if message_id is None:
+        message_id = _id_template % next(_ids)
+    elif type(message_id) is not str:
+        raise _not_optional_str("id", message_id)
+    reply_to = get("reply_to")
+    if reply_to is not None and type(reply_to) is not str:
+        raise _not_optional_str("reply_to", reply_to)
+    correlation_id = get("correlation_id")
+    if correlation_id is not None and type(correlation_id) is not str:
+        raise _not_optional_str("correlation_id", correlation_id)
+    return _init_message(_new_object(Message), message_id, topic, get("payload"), headers, ts,
+                         reply_to, correlation_id)
 
 
 class FrameDecoder:
@@ -1312,28 +1422,35 @@ class FrameDecoder:
     def feed(self, data: bytes) -> List[bytes]:
         """Add ``data``; return the bodies of all frames now complete, in order."""
         buffer = self._buffer
-        buffer += data
+        if buffer or type(data) is not bytes:
+            buffer += data
+            chunk: Any = buffer
+        else:
+            chunk = data  # nothing held back: slice the frames out of ``data`` itself
         frames: List[bytes] = []
         pos = 0
-        end = len(buffer)
+        end = len(chunk)
+        limit = self.max_frame_size
         while end - pos >= _HEADER_SIZE:
-            size = int.from_bytes(buffer[pos : pos + _HEADER_SIZE], "big")
-            if size > self.max_frame_size:
+            size = int.from_bytes(chunk[pos : pos + _HEADER_SIZE], "big")
+            if size > limit:
                 buffer.clear()
                 error = FrameTooLargeError(
-                    f"frame length {size} exceeds max_frame_size {self.max_frame_size}"
+                    f"frame length {size} exceeds max_frame_size {limit}"
                 )
                 error.frames = frames  # type: ignore[attr-defined]
                 raise error
             start = pos + _HEADER_SIZE
             if end - start < size:
                 break
-            frames.append(bytes(buffer[start : start + size]))
             pos = start + size
-        if pos:
+            frames.append(chunk[start:pos] if chunk is data else bytes(chunk[start:pos]))
+        if chunk is data:
+            if pos < end:
+                buffer += data[pos:]
+        elif pos:
             del buffer[:pos]
         return frames
-
 
 
 # ---------------------------------------------------------------------------
@@ -11557,15 +11674,8 @@ class WorkQueue(MessageQueue):
         self._leases[delivery_id] = lease
         headers = {**job.headers, "_wq_delivery_id": delivery_id, "_wq_attempt": lease.attempt,
                    "_wq_group": lease.group}
-        message = _new_object(Message)
-        message.id = job.id
-        message.topic = lease.topic
-        message.payload = job.payload
-        message.headers = headers
-        message._ts = job._ts
-        message.reply_to = job.reply_to
-        message.correlation_id = job.correlation_id
-        return message
+        return _init_message(_new_object(Message), job.id, lease.topic, job.payload, headers,
+                             job._ts, job.reply_to, job.correlation_id)
 
     # -- settling ---------------------------------------------------------------
 

@@ -182,8 +182,32 @@ def verdict(what: str, values: Sequence[float], target: float, *, at_most: bool 
     return meets
 
 
+def cpu_list(text: str) -> List[int]:
+    """CPUs named like ``0``, ``0,1`` or ``0-3`` (as taskset takes them)."""
+    cpus: List[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    if not cpus:
+        raise ValueError(f"no CPU in {text!r}")
+    return cpus
+
+
+class _PinAction(argparse.Action):
+    """``--cpus``: pin this process, and so every process it starts later, at parse time."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: Optional[str] = None) -> None:
+        try:
+            cpus = cpu_list(str(values))
+            os.sched_setaffinity(0, cpus)  # type: ignore[attr-defined]
+        except (ValueError, OSError, AttributeError) as exc:
+            parser.error(f"--cpus {values}: {exc}")
+        setattr(namespace, self.dest, cpus)
+
+
 def parser(doc: Optional[str]) -> argparse.ArgumentParser:
-    """The command line every script takes: ``--quick`` and ``--rounds N``."""
+    """The command line every script takes: ``--quick``, ``--rounds N`` and ``--cpus``."""
     first_line = (doc or "").strip().split("\n")[0]
     parser = argparse.ArgumentParser(description=first_line)
     parser.add_argument("--quick", action="store_true",
@@ -191,6 +215,10 @@ def parser(doc: Optional[str]) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"rounds per figure (default {DEFAULT_ROUNDS}, "
                              f"{QUICK_ROUNDS} with --quick)")
+    parser.add_argument("--cpus", action=_PinAction, default=None, metavar="LIST",
+                        help="run on these CPUs only (e.g. 0 or 0,1), this process and the "
+                             "ones it starts: steadier figures than letting the scheduler "
+                             "move them (Linux)")
     return parser
 
 
@@ -206,7 +234,10 @@ def rounds_of(args: argparse.Namespace) -> int:
 def header(title: str, version: str, rounds: int) -> None:
     """Print what ran where, with the load at the start (the machine may be shared)."""
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    cpus = f"{os.cpu_count()} CPUs"
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) != os.cpu_count():
+        cpus += f" (pinned to {','.join(map(str, sorted(os.sched_getaffinity(0))))})"
     print(f"eventforge {version} {title}, Python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs, load average {load}")
+          f"{cpus}, load average {load}")
     print(f"each figure: median [min..max] over {rounds} rounds; eventforge and its "
           "baselines alternate in random order every round; ratios are per round")

@@ -3,6 +3,7 @@
     python bench/bench_rpc.py              # all figures (peers: pip install pyro5 rpyc pyzmq)
     python bench/bench_rpc.py --quick      # fewer calls, 3 rounds (smoke run)
     python bench/bench_rpc.py --rounds 15  # more rounds for a steadier median
+    python bench/bench_rpc.py --cpus 0     # all processes on one CPU: no cross-CPU wake-ups
 
 Figures (targets from issues 4 and 9):
   1. RPC over MemoryTransport, p50 of a call (target <= 10 us), beside

@@ -3,6 +3,7 @@
     python bench/bench_tcp.py              # all figures
     python bench/bench_tcp.py --quick      # less work per round, 3 rounds (smoke run)
     python bench/bench_tcp.py --rounds 15  # more rounds for a steadier median
+    python bench/bench_tcp.py --cpus 0     # all processes on one CPU: no cross-CPU wake-ups
 
 Figures (targets from issues 3 and 9):
   1. one-way publish: a client publishes small messages, a subscriber in the
@@ -18,6 +19,12 @@ Figures (targets from issues 3 and 9):
 
 Every receiver runs in its own process (this file, run with ``--role``), so
 the sender and the receiver never share a GIL, for us and the baselines alike.
+The baselines do what an application using them would: they send the JSON of
+a plain ``{"topic": ..., "payload": ...}`` dict built per message, never an
+eventforge ``Message`` (whose id, timestamp and headers are eventforge's own
+cost), and the bytes each contender puts on the wire per message are printed.
+Each one-way round ends the same way for all: the sender asks the receiver
+for its count and waits for the answer, inside the timed span.
 All the servers of a figure are up at once; eventforge and its baselines run
 in the same rounds, in random order; each figure is the median over the
 rounds with its min-max range, ratios are taken per round, and every verdict
@@ -73,6 +80,21 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 def _raw_frame(obj: Any) -> bytes:
     body = json.dumps(obj, separators=(",", ":")).encode()
     return HEADER.pack(len(body)) + body
+
+
+def _plain(topic: str) -> Dict[str, Any]:
+    """What a baseline sends: the payload under a topic, nothing else."""
+    return {"topic": topic, "payload": PAYLOAD}
+
+
+def _zmq_bytes(obj: Any) -> int:
+    # ZMTP 3 frame: 1 flag byte + 1 length byte below 256 bytes (else 8).
+    body = len(json.dumps(obj).encode())  # send_json: json.dumps defaults
+    return body + (2 if body < 256 else 9)
+
+
+def _ef_bytes(message: ef.Message) -> int:
+    return len(ef.encode(message))
 
 
 def _split_frames(buffer: bytes) -> Tuple[List[Any], bytes]:
@@ -346,8 +368,7 @@ def _one_way(publish_all: Callable[[], None], finish: Callable[[], object],
 def throughput_raw(sock: socket.socket, count: int) -> Throughput:
     def publish_all() -> None:
         for _ in range(count):
-            message = ef.Message("pub", PAYLOAD)
-            sock.sendall(_raw_frame(message.model_dump(mode="json")))
+            sock.sendall(_raw_frame(_plain("bench.pub")))
 
     def finish() -> object:
         sock.sendall(_raw_frame({"topic": "end"}))
@@ -359,8 +380,7 @@ def throughput_raw(sock: socket.socket, count: int) -> Throughput:
 def throughput_zmq(push: Any, done: Any, count: int) -> Throughput:
     def publish_all() -> None:
         for _ in range(count):
-            message = ef.Message("pub", PAYLOAD)
-            push.send_json(message.model_dump(mode="json"))
+            push.send_json(_plain("bench.pub"))
 
     def finish() -> object:
         push.send_json({"topic": "end"})
@@ -384,8 +404,7 @@ def throughput_ef(queue: ef.MessageQueue, count: int) -> Throughput:
 
 def latency_raw(sock: socket.socket, count: int) -> List[float]:
     def call(i: int) -> None:
-        message = ef.Message("echo", PAYLOAD)
-        sock.sendall(_raw_frame(message.model_dump(mode="json")))
+        sock.sendall(_raw_frame(_plain("echo")))
         _read_frame(sock)
 
     return bench.time_calls(call, count)
@@ -393,7 +412,7 @@ def latency_raw(sock: socket.socket, count: int) -> List[float]:
 
 def latency_zmq(req: Any, count: int) -> List[float]:
     def call(i: int) -> None:
-        req.send_json(ef.Message("echo", PAYLOAD).model_dump(mode="json"))
+        req.send_json(_plain("echo"))
         req.recv_json()
 
     return bench.time_calls(call, count)
@@ -459,16 +478,20 @@ def bench_throughput_and_latency(count: int, calls: int, rounds: int) -> None:
         }, rounds)
         rate = {name: [r for r, _ in results] for name, results in got.items()}
         loop = {name: [c for _, c in results] for name, results in got.items()}
-        bench.row("raw length-prefixed JSON socket (floor)", rate["raw"], "msg/s")
+        bench.row("raw JSON socket, one sendall per message", rate["raw"], "msg/s")
         bench.row("pyzmq PUSH/PULL, send_json/recv_json", rate["zmq"], "msg/s")
         bench.row("eventforge MessageQueue.publish over TCP", rate["ef"], "msg/s", rate["raw"],
                   "of raw")
         bench.row("", rate["ef"], "msg/s", rate["zmq"], "of pyzmq")
         print("  client publish loop alone, per message:")
-        bench.row("  raw: build, encode, sendall", loop["raw"], "us")
-        bench.row("  pyzmq: build, send_json", loop["zmq"], "us")
+        bench.row("  raw: build dict, json.dumps, sendall", loop["raw"], "us")
+        bench.row("  pyzmq: build dict, send_json", loop["zmq"], "us")
         bench.row("  eventforge: MessageQueue.publish", loop["ef"], "us", loop["zmq"],
                   "of pyzmq")
+        print(f"  bytes per message on the wire, client -> server: raw "
+              f"{len(_raw_frame(_plain('bench.pub')))}, pyzmq {_zmq_bytes(_plain('bench.pub'))}, "
+              f"eventforge {_ef_bytes(ef.Message('bench.pub', PAYLOAD))} (its id, timestamp, "
+              "headers, reply_to and correlation_id included)")
         bench.verdict("eventforge / pyzmq throughput", bench.ratios(rate["ef"], rate["zmq"]),
                       1.0, at_most=False)
 
@@ -485,6 +508,10 @@ def bench_throughput_and_latency(count: int, calls: int, rounds: int) -> None:
         latency = {name: _p50_p99(samples)
                    for name, samples in bench.interleave(contenders, rounds).items()}
         raw_p50, raw_p99 = latency["raw"]
+        request = ef.Message("bench.echo", PAYLOAD, headers={"_ttl_ms": 10000},
+                             reply_to="_reply." + ef.new_id())
+        print(f"  request bytes on the wire: raw {len(_raw_frame(_plain('echo')))}, pyzmq "
+              f"{_zmq_bytes(_plain('echo'))}, eventforge {_ef_bytes(request)}")
         bench.row("raw JSON echo floor p50", raw_p50, "us")
         bench.row("raw JSON echo floor p99", raw_p99, "us")
         bench.row("pyzmq REQ/REP p50", latency["zmq"][0], "us", raw_p50, "of raw")

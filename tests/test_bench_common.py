@@ -91,3 +91,31 @@ def test_row_prints_the_median_range_and_per_round_ratio(capsys):
     assert "2.00x floor [1.50..2.00]" in line  # per-round ratios 2.0, 2.0, 1.5
     bench.row("once", [12.5], "MB")
     assert capsys.readouterr().out.rstrip().endswith("12.50 MB")  # no range for one value
+
+
+def test_cpu_list_reads_taskset_style_lists():
+    assert bench.cpu_list("0") == [0]
+    assert bench.cpu_list("0,1") == [0, 1]
+    assert bench.cpu_list("0-2,5") == [0, 1, 2, 5]
+    with pytest.raises(ValueError):
+        bench.cpu_list("x")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_cpus_pins_the_process_when_parsed_and_the_header_says_so(capsys):
+    before = os.sched_getaffinity(0)
+    first = min(before)
+    try:
+        args = bench.parser("demo").parse_args(["--cpus", str(first)])
+        assert args.cpus == [first]
+        assert os.sched_getaffinity(0) == {first}
+        bench.header("demo", "0", 3)
+        if len(before) > 1:
+            assert f"(pinned to {first})" in capsys.readouterr().out
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_cpus_refuses_a_bad_list():
+    with pytest.raises(SystemExit):
+        bench.parser("demo").parse_args(["--cpus", "x"])
