@@ -252,50 +252,25 @@ class _Counter:
     """A counter any thread may add to; read with :attr:`value`.
 
     The one way this module counts events (messages sent, frames dropped,
-    tasks run ...).  Ids use ``itertools.count`` and ``next()`` instead: they
-    are taken, never read back.  When a counter is bumped inside a section
-    already holding a lock, a plain ``int`` under that lock is fine too; what
-    is never fine is an unlocked ``+=`` shared by threads, which loses updates.
-    A path too hot for a lock uses :class:`_TickCounter`.
+    tasks run ...).  ``add(n)`` takes a lock; a path too hot for a lock adds
+    one with ``next(counter.ticks)``: ``next()`` on an ``itertools.count`` is
+    atomic under the GIL and cheaper than any call.  A read takes one tick
+    itself and subtracts those of earlier reads (reads are serialised by the
+    lock), so :attr:`value` stays exact.  Ids use a bare ``itertools.count``
+    instead: they are taken, never read back.  When a counter is bumped
+    inside a section already holding a lock, a plain ``int`` under that lock
+    is fine too; what is never fine is an unlocked ``+=`` shared by threads,
+    which loses updates.
     """
 
-    __slots__ = ("_lock", "_value")
+    __slots__ = ("_lock", "_value", "_reads", "ticks")
 
     def __init__(self, start: int = 0) -> None:
         self._lock = threading.Lock()
         self._value = start
-
-    def add(self, amount: int = 1) -> int:
-        """Add ``amount`` (default 1) and return the new total."""
-        with self._lock:
-            self._value += amount
-            return self._value
-
-    @property
-    def value(self) -> int:
-        """The current total."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.value})"
-
-
-class _TickCounter(_Counter):
-    """A :class:`_Counter` that a hot path bumps by one without a lock.
-
-    ``next(counter.ticks)`` adds one: ``next()`` on an ``itertools.count`` is
-    atomic under the GIL, and costs less than any call (``add`` takes the
-    lock).  A read takes one tick itself and subtracts those of earlier
-    reads (reads are serialized by the lock), so :attr:`value` stays exact.
-    """
-
-    __slots__ = ("ticks", "_reads")
-
-    def __init__(self, start: int = 0) -> None:
-        super().__init__(start)
+        self._reads = 0
         #: ``next(counter.ticks)`` adds one, lock-free (ignore what it returns).
         self.ticks = itertools.count()
-        self._reads = 0
 
     def _ticked(self) -> int:
         # Called with self._lock held: the ticks so far, less those of reads.
@@ -314,6 +289,9 @@ class _TickCounter(_Counter):
         """The current total."""
         with self._lock:
             return self._value + self._ticked()
+
+    def __repr__(self) -> str:
+        return f"_Counter({self.value})"
 
 
 # ---------------------------------------------------------------------------
@@ -1779,11 +1757,6 @@ class Transport(abc.ABC):
         self.close()
 
 
-def _count_value(counter: Any) -> int:
-    """Current value of an ``itertools.count`` without advancing it."""
-    return int(repr(counter)[6:-1])  # "count(42)"; pickling support is deprecated
-
-
 #: A callback carrying this attribute (set to True) still gets the messages
 #: matched for it before it was unsubscribed, e.g. requests a TCP server had
 #: read but not yet dispatched: RPCServer.stop() answers what it received.
@@ -1886,7 +1859,7 @@ class MemoryTransport(Transport):
         self._inboxes: Dict[str, Inbox] = {}
         self._sub_ids = itertools.count(1)
         self._closed = False
-        self._sent = _TickCounter()  # ticked without a lock on the fast path
+        self._sent = _Counter()  # ticked without a lock on the fast path
         self._handler_errors = 0
         self._drops = {"topic_full": 0, "buffer_full": 0, "no_inbox": 0}
         self._drop_log_since = -1e9  # monotonic start of the current log interval
@@ -9891,7 +9864,7 @@ class TaskPool:
         # atomic on their own, so counting a call takes no lock.  (A _Counter
         # here doubles the overhead of a bare @task(): measured 0.16 -> 0.36 us.)
         self._held: List[None] = []
-        self._released = itertools.count()
+        self._released = _Counter()
         self._queued = 0
 
     def acquire(self, timeout: Any = _MISSING) -> None:
@@ -9940,7 +9913,7 @@ class TaskPool:
             self._held.pop()
         except IndexError:
             raise RuntimeError("TaskPool.release() called more times than acquire()") from None
-        next(self._released)
+        next(self._released.ticks)
 
     def slot(self, timeout: Any = _MISSING) -> Any:
         """Context manager holding one slot for the ``with`` block."""
@@ -9957,7 +9930,7 @@ class TaskPool:
                 "queued": self._queued,
                 "available": None if limit is None else limit - active,
                 "max": limit,
-                "total_processed": _count_value(self._released),
+                "total_processed": self._released.value,
             }
 
     def __repr__(self) -> str:
@@ -10179,7 +10152,7 @@ class TaskRunner:
                 return self.func(*args, **kwargs)
             finally:
                 held.pop()
-                next(pool._released)
+                next(pool._released.ticks)
         if self._threaded:
             return self._run(args, kwargs, "call", None)
         return self._lifecycle(args, kwargs, "call", None)
