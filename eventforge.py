@@ -12996,6 +12996,12 @@ def _http_classes() -> Tuple[Type[http.server.BaseHTTPRequestHandler], Any]:
             logger.debug("monitor: %s %s", self.address_string(), format % args)
 
     class Server(http.server.HTTPServer):
+        """One short-lived thread per request, at most ``_MONITOR_THREADS`` at once.
+
+        Locks: ``workers_lock`` guards ``workers`` and is never held while
+        taking anything else; ``slots`` is a semaphore taken without blocking.
+        """
+
         daemon_threads = True
 
         def __init__(self, address: Tuple[str, int], monitor: Monitor) -> None:
