@@ -12,7 +12,8 @@ The file reads top to bottom; every section uses only the sections above it.
     2. topics ................ validate_topic, validate_pattern, topic_matches,
                                SubscriptionTrie (one matcher for every transport)
     3. messages and wire ..... Message, encode, decode, FrameDecoder
-    4. transports ............ Transport (the ABC), Inbox, MemoryTransport
+    4. transports ............ Transport (the ABC), Inbox, MemoryTransport;
+                               what network transports share (_Loop, _Dispatcher)
     5. TCP ................... TCPServerTransport, TCPClientTransport
     6. queues ................ MessageQueue, RemoteQueue
     7. execution ............. Executor, ExecutionMode, TaskStatus, TaskResult
@@ -2178,6 +2179,285 @@ class MemoryTransport(Transport):
         return f"<MemoryTransport {state}>"
 
 
+# -- what the network transports share ----------------------------------------
+#
+# The TCP transports (section 5) and the broker adapters (eventforge_ext)
+# build on these: a selector thread taking cross-thread calls (_Loop), a
+# thread running subscriber callbacks in order (_Dispatcher), a rate-limited
+# log line (_LogLimiter).
+
+_perf_counter = time.perf_counter
+_monotonic = time.monotonic
+_DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
+_DISPATCH_LOW_WATER = 5000
+_MAX_DISPATCH_THREADS = 32  # callbacks waiting for a reply, plus the one dispatching
+
+
+class _LogLimiter:
+    """Logs a recurring event at most once per ``interval`` seconds, with a count.
+
+    For events a peer can repeat at will (a dropped frame, an expired
+    request): one line per interval says how many there were, so the log
+    stays readable and cheap.  Any thread may call :meth:`log`.
+    """
+
+    __slots__ = ("interval", "level", "_lock", "_next", "_skipped")
+
+    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
+        self.interval = interval
+        self.level = level
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._skipped = 0
+
+    def log(self, msg: str, *args: Any) -> None:
+        now = _monotonic()
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return
+            skipped, self._skipped = self._skipped, 0
+            self._next = now + self.interval
+        if skipped:
+            msg += " (%d more since the last such line)"
+            args += (skipped,)
+        logger.log(self.level, msg, *args)
+
+
+def _socketpair() -> Tuple[socket.socket, socket.socket]:
+    import socket
+
+    try:
+        a, b = socket.socketpair()
+    except (AttributeError, OSError):  # pragma: no cover - very old Windows
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+        listener.close()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+class _Loop:
+    """A selector thread: readiness events, a wake-up socket and cross-thread calls."""
+
+    def __init__(self, name: str) -> None:
+        import selectors
+
+        self.name = name
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = _socketpair()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._calls: Deque[Callable[[], Any]] = collections.deque()
+        self._woken = False
+        self.thread: Optional[threading.Thread] = None
+        self.ident: Optional[int] = None
+
+    def start(self, target: Callable[[], None]) -> None:
+        # Daemonic only so that a forgotten close() cannot hang interpreter
+        # exit; close() always stops and joins it.
+        self.thread = threading.Thread(target=target, name=self.name, daemon=True)
+        self.thread.start()
+
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self.ident
+
+    def call_soon(self, func: Callable[[], Any]) -> None:
+        """Run ``func`` on the loop thread (thread-safe)."""
+        self._calls.append(func)
+        self.wake()
+
+    def wake(self) -> None:
+        if self._woken:
+            return
+        self._woken = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # buffer full (already awake) or closed
+            pass
+
+    def run_calls(self, drain: bool = False) -> None:
+        if drain:
+            self._woken = False
+            try:
+                while True:
+                    self._wake_r.recv(4096)
+            except OSError:
+                pass
+        calls = self._calls
+        while calls:
+            try:
+                calls.popleft()()
+            except Exception:
+                logger.exception("%s: internal call failed", self.name)
+
+    def close(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.selector.close()
+
+
+class _Dispatcher:
+    """Runs subscriber callbacks for network messages on one named thread, in order.
+
+    The I/O thread hands over batches; a handler may block (on a request over
+    the very same connection, say) without stalling any socket.  ``backlog``
+    lets the I/O thread stop reading while too much waits here.  A bare lock
+    serves as the wake-up signal: cheaper than a Condition on this hot path.
+
+    A callback about to wait for a message (a request's reply, say) calls
+    :meth:`hand_off_if_current`: a new thread takes over the queue, so a
+    reply that must itself pass through a callback is not stuck behind the
+    waiting one; the old thread ends when its callback returns.  At most
+    ``_MAX_DISPATCH_THREADS`` threads exist; beyond that the callback waits
+    in place (until its timeout, if its reply needs the queue).
+
+    Locks: ``_mutex`` guards the queue and the thread bookkeeping;
+    ``_signal`` is only ever released and acquired as a wake-up, never
+    held together with ``_mutex``.
+    """
+
+    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None],
+                 run: Optional[Callable[..., None]] = None) -> None:
+        self.name = name
+        self._local = local
+        self._on_low = on_low
+        # Called with each item's fields; by default items are (subscriptions, message).
+        self._call = run if run is not None else local._run_subscriptions
+        self._mutex = threading.Lock()
+        self._signal = threading.Lock()
+        self._signal.acquire()
+        self._items: Deque[Tuple[Any, ...]] = collections.deque()
+        self._batch: Deque[Tuple[Any, ...]] = collections.deque()
+        self._thread: Optional[threading.Thread] = None  # the one dispatching now
+        self._threads: List[threading.Thread] = []  # every one started and maybe alive
+        self._sleeping = False
+        self._idle = True
+        self._stopping = False
+        self.backlog = 0
+        self.high = False
+
+    def _start_thread(self) -> None:
+        # Called with _mutex held.
+        self._threads = [t for t in self._threads if t.is_alive()]
+        name = self.name if not self._threads else f"{self.name}-{len(self._threads)}"
+        thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = thread
+        self._threads.append(thread)
+        thread.start()
+
+    def put_many(self, items: List[Tuple[Any, ...]]) -> None:
+        wake = False
+        with self._mutex:
+            if self._stopping:
+                return
+            self._items.extend(items)
+            self.backlog += len(items)
+            if self.backlog > _DISPATCH_HIGH_WATER:
+                self.high = True
+            self._idle = False
+            if self._thread is None:
+                self._start_thread()
+            elif self._sleeping:
+                self._sleeping = False
+                wake = True
+        if wake:
+            self._signal.release()
+
+    def hand_off_if_current(self) -> None:
+        """If the calling thread is the dispatcher, let a new thread take the queue over."""
+        if self._thread is not threading.current_thread():
+            return
+        with self._mutex:
+            if self._thread is not threading.current_thread() or self._stopping:
+                return
+            if sum(1 for t in self._threads if t.is_alive()) >= _MAX_DISPATCH_THREADS:
+                return
+            batch = self._batch  # the rest of this thread's batch goes first
+            self._items.extendleft(reversed(batch))
+            batch.clear()
+            self._idle = not self._items
+            self._sleeping = False
+            self._start_thread()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        mutex = self._mutex
+        while True:
+            with mutex:
+                if self._thread is not me:  # handed off while a callback waited
+                    return
+                if not self._items:
+                    self._idle = True
+                    if self._stopping:
+                        return
+                    self._sleeping = True
+                    batch = None
+                else:
+                    batch = self._batch = self._items
+                    self._items = collections.deque()
+            if batch is None:
+                self._signal.acquire()
+                continue
+            call = self._call
+            done = 0
+            while batch:
+                item = batch.popleft()
+                done += 1
+                try:
+                    call(*item)
+                except BaseException:  # whatever user code raised, this thread goes on
+                    logger.exception("%s: a handler call failed", self.name)
+            with mutex:
+                self.backlog -= done
+                resume = self.high and self.backlog < _DISPATCH_LOW_WATER
+                if resume:
+                    self.high = False
+            if resume:
+                self._on_low()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every handed-over message was dispatched."""
+        if self._thread is threading.current_thread():
+            return False
+        deadline = time.monotonic() + timeout
+        while not self._idle:  # only used while closing: polling is fine
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def stop(self, timeout: float) -> int:
+        """Deliver what is queued (up to ``timeout`` in all), then end the threads.
+
+        Returns how many queued items were dropped, not run.
+        """
+        deadline = _monotonic() + timeout
+        self.drain(timeout)
+        with self._mutex:
+            self._stopping = True
+            dropped = len(self._items)
+            self._items.clear()
+            self.backlog = 0
+            wake = self._sleeping
+            self._sleeping = False
+            threads = list(self._threads)
+        if wake:
+            self._signal.release()
+        if dropped:
+            logger.warning("%s: %d messages not delivered at close", self.name, dropped)
+        current = threading.current_thread()
+        for thread in threads:
+            if thread is not current:
+                thread.join(max(0.0, deadline - _monotonic()))
+        return dropped
+
 
 # ---------------------------------------------------------------------------
 # 5. TCP transports
@@ -2230,9 +2510,6 @@ _AUTH_LABEL_SERVER = b"eventforge-v1 server"
 _ACK_EVERY = 512  # acknowledge at once after this many data frames, else on the next tick
 _ACK_DELAY = 0.02
 _RECV_SIZE = 256 * 1024
-_DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
-_DISPATCH_LOW_WATER = 5000
-_MAX_DISPATCH_THREADS = 32  # client callbacks waiting for a reply, plus the one dispatching
 # dispatch="leader": a handler that has run this long on the I/O thread makes
 # the standby thread take the I/O loop over; the standby checks this often
 # while handlers run, and sleeps until woken after a second without any.
@@ -2273,8 +2550,6 @@ _WRITE_NOW, _WRITE_SCHEDULE, _WRITE_PENDING = 0, 1, 2
 _HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
 _REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
 _CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
-_perf_counter = time.perf_counter
-_monotonic = time.monotonic
 _NO_PEER_LIMIT = 1 << 32  # a peer that named no max_frame_size: the length prefix's own bound
 _MAX_FLUSHES = 1024  # $flush requests one connection may have waiting
 _TTL_HEADER = "_ttl_ms"
@@ -2287,37 +2562,6 @@ def _ttl_expiry(value: Any) -> float:
     if type(value) is int and value >= 0:
         return _monotonic() + value / 1000.0
     return 0.0  # absent or malformed: no deadline
-
-
-class _LogLimiter:
-    """Logs a recurring event at most once per ``interval`` seconds, with a count.
-
-    For events a peer can repeat at will (a dropped frame, an expired
-    request): one line per interval says how many there were, so the log
-    stays readable and cheap.  Any thread may call :meth:`log`.
-    """
-
-    __slots__ = ("interval", "level", "_lock", "_next", "_skipped")
-
-    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
-        self.interval = interval
-        self.level = level
-        self._lock = threading.Lock()
-        self._next = 0.0
-        self._skipped = 0
-
-    def log(self, msg: str, *args: Any) -> None:
-        now = _monotonic()
-        with self._lock:
-            if now < self._next:
-                self._skipped += 1
-                return
-            skipped, self._skipped = self._skipped, 0
-            self._next = now + self.interval
-        if skipped:
-            msg += " (%d more since the last such line)"
-            args += (skipped,)
-        logger.log(self.level, msg, *args)
 
 
 def _control_frame(topic: str, payload: Dict[str, Any]) -> bytes:
@@ -2663,68 +2907,6 @@ class _Connection:
         }
 
 
-class _Loop:
-    """A selector thread: readiness events, a wake-up socket and cross-thread calls."""
-
-    def __init__(self, name: str) -> None:
-        import selectors
-
-        self.name = name
-        self.selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = _socketpair()
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._calls: Deque[Callable[[], Any]] = collections.deque()
-        self._woken = False
-        self.thread: Optional[threading.Thread] = None
-        self.ident: Optional[int] = None
-
-    def start(self, target: Callable[[], None]) -> None:
-        # Daemonic only so that a forgotten close() cannot hang interpreter
-        # exit; close() always stops and joins it.
-        self.thread = threading.Thread(target=target, name=self.name, daemon=True)
-        self.thread.start()
-
-    def in_loop(self) -> bool:
-        return threading.get_ident() == self.ident
-
-    def call_soon(self, func: Callable[[], Any]) -> None:
-        """Run ``func`` on the loop thread (thread-safe)."""
-        self._calls.append(func)
-        self.wake()
-
-    def wake(self) -> None:
-        if self._woken:
-            return
-        self._woken = True
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:  # buffer full (already awake) or closed
-            pass
-
-    def run_calls(self, drain: bool = False) -> None:
-        if drain:
-            self._woken = False
-            try:
-                while True:
-                    self._wake_r.recv(4096)
-            except OSError:
-                pass
-        calls = self._calls
-        while calls:
-            try:
-                calls.popleft()()
-            except Exception:
-                logger.exception("%s: internal call failed", self.name)
-
-    def close(self) -> None:
-        for sock in (self._wake_r, self._wake_w):
-            try:
-                sock.close()
-            except OSError:
-                pass
-        self.selector.close()
-
-
 _EPOLL_MASKS: Dict[Tuple[int, bool], int] = {}
 
 
@@ -2739,179 +2921,6 @@ def _epoll_mask(events: int, read: bool) -> int:
             mask |= select.EPOLLIN
         _EPOLL_MASKS[(events, read)] = mask
     return mask
-
-
-def _socketpair() -> Tuple[socket.socket, socket.socket]:
-    import socket
-
-    try:
-        a, b = socket.socketpair()
-    except (AttributeError, OSError):  # pragma: no cover - very old Windows
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-        listener.close()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
-
-
-class _Dispatcher:
-    """Runs subscriber callbacks for network messages on one named thread, in order.
-
-    The I/O thread hands over batches; a handler may block (on a request over
-    the very same connection, say) without stalling any socket.  ``backlog``
-    lets the I/O thread stop reading while too much waits here.  A bare lock
-    serves as the wake-up signal: cheaper than a Condition on this hot path.
-
-    A callback about to wait for a message (a request's reply, say) calls
-    :meth:`hand_off_if_current`: a new thread takes over the queue, so a
-    reply that must itself pass through a callback is not stuck behind the
-    waiting one; the old thread ends when its callback returns.  At most
-    ``_MAX_DISPATCH_THREADS`` threads exist; beyond that the callback waits
-    in place (until its timeout, if its reply needs the queue).
-
-    Locks: ``_mutex`` guards the queue and the thread bookkeeping;
-    ``_signal`` is only ever released and acquired as a wake-up, never
-    held together with ``_mutex``.
-    """
-
-    def __init__(self, name: str, local: MemoryTransport, on_low: Callable[[], None],
-                 run: Optional[Callable[..., None]] = None) -> None:
-        self.name = name
-        self._local = local
-        self._on_low = on_low
-        # Called with each item's fields; by default items are (subscriptions, message).
-        self._call = run if run is not None else local._run_subscriptions
-        self._mutex = threading.Lock()
-        self._signal = threading.Lock()
-        self._signal.acquire()
-        self._items: Deque[Tuple[Any, ...]] = collections.deque()
-        self._batch: Deque[Tuple[Any, ...]] = collections.deque()
-        self._thread: Optional[threading.Thread] = None  # the one dispatching now
-        self._threads: List[threading.Thread] = []  # every one started and maybe alive
-        self._sleeping = False
-        self._idle = True
-        self._stopping = False
-        self.backlog = 0
-        self.high = False
-
-    def _start_thread(self) -> None:
-        # Called with _mutex held.
-        self._threads = [t for t in self._threads if t.is_alive()]
-        name = self.name if not self._threads else f"{self.name}-{len(self._threads)}"
-        thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread = thread
-        self._threads.append(thread)
-        thread.start()
-
-    def put_many(self, items: List[Tuple[Any, ...]]) -> None:
-        wake = False
-        with self._mutex:
-            if self._stopping:
-                return
-            self._items.extend(items)
-            self.backlog += len(items)
-            if self.backlog > _DISPATCH_HIGH_WATER:
-                self.high = True
-            self._idle = False
-            if self._thread is None:
-                self._start_thread()
-            elif self._sleeping:
-                self._sleeping = False
-                wake = True
-        if wake:
-            self._signal.release()
-
-    def hand_off_if_current(self) -> None:
-        """If the calling thread is the dispatcher, let a new thread take the queue over."""
-        if self._thread is not threading.current_thread():
-            return
-        with self._mutex:
-            if self._thread is not threading.current_thread() or self._stopping:
-                return
-            if sum(1 for t in self._threads if t.is_alive()) >= _MAX_DISPATCH_THREADS:
-                return
-            batch = self._batch  # the rest of this thread's batch goes first
-            self._items.extendleft(reversed(batch))
-            batch.clear()
-            self._idle = not self._items
-            self._sleeping = False
-            self._start_thread()
-
-    def _run(self) -> None:
-        me = threading.current_thread()
-        mutex = self._mutex
-        while True:
-            with mutex:
-                if self._thread is not me:  # handed off while a callback waited
-                    return
-                if not self._items:
-                    self._idle = True
-                    if self._stopping:
-                        return
-                    self._sleeping = True
-                    batch = None
-                else:
-                    batch = self._batch = self._items
-                    self._items = collections.deque()
-            if batch is None:
-                self._signal.acquire()
-                continue
-            call = self._call
-            done = 0
-            while batch:
-                item = batch.popleft()
-                done += 1
-                try:
-                    call(*item)
-                except BaseException:  # whatever user code raised, this thread goes on
-                    logger.exception("%s: a handler call failed", self.name)
-            with mutex:
-                self.backlog -= done
-                resume = self.high and self.backlog < _DISPATCH_LOW_WATER
-                if resume:
-                    self.high = False
-            if resume:
-                self._on_low()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until every handed-over message was dispatched."""
-        if self._thread is threading.current_thread():
-            return False
-        deadline = time.monotonic() + timeout
-        while not self._idle:  # only used while closing: polling is fine
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.002)
-        return True
-
-    def stop(self, timeout: float) -> int:
-        """Deliver what is queued (up to ``timeout`` in all), then end the threads.
-
-        Returns how many queued items were dropped, not run.
-        """
-        deadline = _monotonic() + timeout
-        self.drain(timeout)
-        with self._mutex:
-            self._stopping = True
-            dropped = len(self._items)
-            self._items.clear()
-            self.backlog = 0
-            wake = self._sleeping
-            self._sleeping = False
-            threads = list(self._threads)
-        if wake:
-            self._signal.release()
-        if dropped:
-            logger.warning("%s: %d messages not delivered at close", self.name, dropped)
-        current = threading.current_thread()
-        for thread in threads:
-            if thread is not current:
-                thread.join(max(0.0, deadline - _monotonic()))
-        return dropped
 
 
 class _TCPEndpoint(Transport):
@@ -2933,6 +2942,12 @@ class _TCPEndpoint(Transport):
     _loop: Optional[_Loop]
     ping_interval: Optional[float]
     _log_name = "tcp"  # "tcp server" / "tcp client" in log lines
+    _closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
 
     # -- Transport API: the local transport ---------------------------------------
 
@@ -2948,7 +2963,7 @@ class _TCPEndpoint(Transport):
 
     def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
         """Call ``callback`` for messages matching ``topic``, local or from peers."""
-        return self._local.subscribe(topic, callback)
+        return self._subscribed(topic, self._local.subscribe(topic, callback))
 
     def subscribe_handler(
         self,
@@ -2957,11 +2972,22 @@ class _TCPEndpoint(Transport):
         on_error: Callable[[Any, Message, BaseException], Any],
     ) -> str:
         """Subscribe ``handler``, routing its exceptions to ``on_error``."""
-        return self._local.subscribe_handler(topic, handler, on_error)
+        return self._subscribed(topic, self._local.subscribe_handler(topic, handler, on_error))
 
     def unsubscribe(self, subscription_id: str) -> bool:
         """Remove a subscription; return False if the id is unknown."""
-        return self._local.unsubscribe(subscription_id)
+        if not self._local.unsubscribe(subscription_id):
+            return False
+        self._unsubscribed(subscription_id)
+        return True
+
+    def _subscribed(self, pattern: str, subscription_id: str) -> str:
+        # Hook: a subscription was added (the client tells its server).
+        return subscription_id
+
+    def _unsubscribed(self, subscription_id: str) -> None:
+        # Hook: a subscription was removed.
+        pass
 
     def open_inbox(self, topic: str) -> Inbox:
         """Open an inbox on the exact ``topic`` (replies from peers land here)."""
@@ -4318,11 +4344,6 @@ class TCPServerTransport(_TCPEndpoint):
         """The bound port after :meth:`start` (the configured one before)."""
         return self._listener.address[1] if self._listener is not None else self._port
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
     def start(self) -> TCPServerTransport:
         """Bind and listen, then serve on a background thread; returns self."""
         with self._lock:
@@ -5174,25 +5195,77 @@ class _Interest:
 
 
 class _Confirmations:
-    """The server's confirmations a client's ``flush()`` waits for.
+    """What a client's callers wait for from its server; the waits themselves.
 
-    A server with the feature "flush" answers ``$flush`` with ``$flushed``
-    (same id).  An older handshake server answers ``$ping`` with ``$pong``,
-    in order, having applied the interest sent before; the messages sent
-    before are handled once it acknowledged them too.  Not thread-safe: the
-    client holds its lock around every use.
+    ``send`` with the backlog full: room (:meth:`room`).  ``flush()``: a
+    server with the feature "flush" answers ``$flush`` with ``$flushed`` (same
+    id); an older handshake server answers ``$ping`` with ``$pong``, in order,
+    having applied the interest sent before, and the messages sent before
+    are handled once it acknowledged them too.  ``close()``: every accepted
+    message acknowledged (or written, to a server that does not
+    acknowledge).  The counters change under the client's ``_lock``; the
+    waits hold it and wait on ``_backlog.changed``.
     """
 
-    __slots__ = ("ids", "flushed_upto", "pings_sent", "pongs")
+    __slots__ = ("client", "ids", "flushed_upto", "pings_sent", "pongs")
 
-    def __init__(self) -> None:
+    def __init__(self, client: TCPClientTransport) -> None:
+        self.client = client
         self.ids = itertools.count(1)
         self.flushed_upto = 0  # highest $flushed id seen
         self.pings_sent = 0  # $ping frames sent on this connection ...
         self.pongs = 0  # ... and $pong answers to them (they come in order)
 
-    def ask(self, features: frozenset,
-            backlog: _Backlog) -> Tuple[bytes, Optional[Callable[[], bool]]]:
+    def flush(self, deadline: float) -> bool:
+        """:meth:`TCPClientTransport.flush`: wait for a connection, ask, wait for the answer."""
+        while True:
+            done = self._flush_on(self._connected(deadline), deadline)
+            if done is not None:
+                return done
+
+    def _connected(self, deadline: float) -> _Connection:
+        c = self.client
+        with c._lock:
+            while c._conn is None or c._closed:
+                c._life.check_usable()
+                self._wait(deadline, 1.0)
+            return c._conn
+
+    def _wait(self, deadline: float, poll: float) -> None:
+        # With the client's lock held: one wait for a change, at most ``poll`` s.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EventforgeTimeoutError(
+                f"{self.client._name()}: the server did not confirm the flush in time"
+            )
+        self.client._backlog.wait(min(remaining, poll))
+
+    def _flush_on(self, conn: _Connection, deadline: float) -> Optional[bool]:
+        """Flush over ``conn``; None if it broke meanwhile (the caller retries)."""
+        c = self.client
+        with c._lock:
+            if c._conn is not conn:
+                return None
+            frame = c._interest.changes() if c._interest.pending() else b""
+            ask, done = self._ask(conn.features if conn.handshake else frozenset(), c._backlog)
+            frame += ask
+            if frame:
+                conn.enqueue(frame)
+        c._kick(conn)
+        with c._lock:
+            while c._conn is conn:
+                if done is None:
+                    if conn.out_bytes == 0 and conn.cur is None:
+                        return False
+                    self._wait(deadline, 0.005)  # nothing signals a write: poll
+                elif done():
+                    return True
+                else:
+                    self._wait(deadline, 1.0)
+        return None
+
+    def _ask(self, features: frozenset,
+             backlog: _Backlog) -> Tuple[bytes, Optional[Callable[[], bool]]]:
         """The frame asking the server to confirm all sent so far, and the test that it did.
 
         ``(b"", None)`` if the server cannot confirm anything (no handshake).
@@ -5206,6 +5279,71 @@ class _Confirmations:
             return _control_frame("$ping", {}), lambda: self.pongs >= target and (
                 not pending or pending[0][0] > last_seq or not backlog.acked)
         return b"", None
+
+    def confirmed(self, conn: _Connection, topic: str, payload: Dict[str, Any]) -> None:
+        """A ``$pong`` or a ``$flushed`` arrived on ``conn``."""
+        c = self.client
+        if topic == "$pong":
+            with c._lock:
+                if c._conn is conn:
+                    self.pongs += 1
+                    c._backlog.wake()
+            return
+        ident = payload.get("id")
+        if type(ident) is int:
+            with c._lock:
+                if ident > self.flushed_upto:
+                    self.flushed_upto = ident
+                c._backlog.wake()
+
+    def delivered(self, deadline: float) -> None:
+        """Wait (up to ``deadline``) until every accepted message reached the server."""
+        c = self.client
+        c._nudge.set()  # a reconnect waiting out its backoff tries again now
+        backlog = c._backlog
+        with c._lock:
+            while True:
+                conn = c._conn
+                if conn is None:
+                    waiting = backlog.bytes > 0 and c.reconnect and c._failed is None
+                elif backlog.acked:
+                    waiting = backlog.bytes > 0
+                else:
+                    waiting = conn.out_bytes > 0 or conn.cur is not None
+                remaining = deadline - time.monotonic()
+                if not waiting or remaining <= 0:
+                    break
+                backlog.wait(remaining if conn is None or backlog.acked
+                             else min(remaining, 0.005))  # nothing signals a write: poll
+            left = backlog.undelivered()
+        if left:
+            logger.warning(
+                "tcp client: closed with %d message(s) %s", left,
+                "not acknowledged by the server" if conn is not None
+                else "never sent (disconnected)",
+            )
+
+    def room(self, size: int) -> Optional[_Connection]:
+        """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
+
+        ``send`` calls it with the client's lock held and the backlog full:
+        it waits (up to ``send_timeout``) for acknowledgements, so a publisher
+        faster than the server is slowed down, like a blocking socket write.
+        """
+        c = self.client
+        backlog = c._backlog
+        deadline = time.monotonic() + c.send_timeout
+        while (c._conn is not None and backlog.acked and not c._closed
+               and not backlog.has_room(size)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            backlog.wait(remaining)
+        if c._closed:
+            raise TransportClosedError(f"{c._name()} is closed")
+        if c._conn is not None and not backlog.has_room(size):
+            raise backlog.full(f"are unacknowledged after {c.send_timeout} s")
+        return c._conn
 
 
 class _ClientInbox(Inbox):
@@ -5515,63 +5653,364 @@ class _Dialer:
         return None
 
 
+class _Lifecycle:
+    """A :class:`TCPClientTransport`'s connection over time, and its I/O thread.
+
+    :meth:`run` is the I/O thread: it serves the connection and, when it
+    breaks, reconnects (:meth:`_Dialer.redial`).  :meth:`install` adopts each
+    connection opened (the interest first, then every unacknowledged
+    frame), :meth:`lost` gives one up (requests sent on it fail at once),
+    :meth:`stop` and the loop's end close it all.  Takes the client's locks
+    in the client's order.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: TCPClientTransport) -> None:
+        self.client = client
+
+    def start(self, opened: _Opened) -> None:
+        """``connect()``: install the first connection and start the I/O thread."""
+        c = self.client
+        with c._lock:
+            if c._closed:  # close() may have run on another thread meanwhile
+                opened.sock.close()
+                raise TransportClosedError(f"{c._name()} is closed")
+            loop = c._loop = _Loop(f"eventforge-tcp-client-io-{c.host}:{c.port}")
+            raw = getattr(loop.selector, "_selector", None)
+            if c.ssl_context is None and type(raw).__name__ == "epoll":
+                c._epoll = raw
+            c._started = True
+        c._pid = os.getpid()
+        _watch_at_exit(c)
+        self.install(opened)
+        loop.start(self.run)
+
+    def check_usable(self) -> None:
+        """Raise why there is no connection to use (closed, failed, never connected)."""
+        c = self.client
+        if c._closed:
+            raise TransportClosedError(f"{c._name()} is closed")
+        if c._failed is not None:
+            raise ConnectionLostError(c._failed)
+        if not c._started:
+            raise ConnectionLostError(f"not connected to {c.host}:{c.port}: call connect() first")
+
+    def run(self) -> None:
+        c = self.client
+        loop = c._loop
+        assert loop is not None
+        loop.ident = threading.get_ident()
+        interval = c.ping_interval
+        tick_every = min(0.25, interval / 4) if interval else 0.25
+        next_tick = time.monotonic() + tick_every
+        try:
+            while not c._closing.is_set():
+                conn = c._conn
+                if conn is None:
+                    try:
+                        if not self.reconnect():
+                            break
+                    except Exception:  # a bug: log it, back off, try again
+                        logger.exception("tcp client: internal error while reconnecting")
+                        if c._closing.wait(c.backoff_max):
+                            break
+                    continue
+                for key, mask in loop.selector.select(max(0.0, next_tick - time.monotonic())):
+                    if key.data is None:
+                        loop.run_calls(drain=True)
+                        continue
+                    if key.data is c._conn:
+                        c._serve_event(conn, mask)
+                loop.run_calls()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick_every
+                    try:
+                        c._tick(now)
+                    except Exception:
+                        logger.exception("tcp client: internal error in a tick")
+        except Exception:  # pragma: no cover - a bug; do not die silently
+            logger.exception("tcp client: I/O loop crashed")
+        finally:
+            self._teardown()
+
+    def install(self, opened: _Opened) -> None:
+        """Adopt a fresh connection: interest first, then every unacknowledged message."""
+        c = self.client
+        sock = opened.sock
+        conn = _Connection(sock, f"{c.host}:{c.port}", c.max_frame_size,
+                           c._backlog.max_bytes + 1024 * 1024, c.ssl_context is not None)
+        conn.decoder = opened.decoder
+        conn.state = _READY
+        conn.handshake = opened.handshake
+        conn.features = opened.features
+        conn.nonce = opened.nonce  # a $hello still unanswered: a late $welcome is adopted
+        with c._lock:
+            frames: List[bytes] = []
+            c._confirmed.pings_sent = c._confirmed.pongs = 0
+            interest = self._adopt(conn, opened.limit)
+            if interest:
+                frames.append(interest)
+            frames.extend(c._backlog.resend(conn, c._send_limit))
+            if not c._backlog.acked:
+                c._backlog.written()
+            if frames:
+                with conn.lock:
+                    data = b"".join(frames)
+                    conn.out.append(data)
+                    conn.out_bytes += len(data)
+            c._conn = conn
+            c._backlog.wake()
+        loop = c._loop
+        assert loop is not None
+        import selectors
+
+        conn.events = selectors.EVENT_READ
+        loop.selector.register(sock, conn.events, conn)
+        if opened.early:
+            batch: List[Tuple[Tuple[Any, ...], Message]] = []
+            with c._read_lock:  # a caller may be reading the new connection already
+                for message in opened.early:
+                    c._deliver(message, batch)
+            if batch:
+                c._dispatcher.put_many(batch)
+        if frames:
+            c._kick(conn)
+
+    def _adopt(self, conn: _Connection, limit: Optional[int]) -> bytes:
+        """Take up the connection's terms; return the ``$interest`` to send first.
+
+        With the client's lock held, when a connection is installed and when
+        a late ``$welcome`` turns a frame-only connection into a handshake one.
+        """
+        c = self.client
+        c._send_limit = limit if limit is not None else c.max_frame_size
+        features = conn.features if conn.handshake else frozenset()
+        c._backlog.acked = "ack" in features
+        return c._interest.adopt(features, conn.handshake)
+
+    def late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
+        """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
+
+        The server took this client for a handshake peer while the client
+        spoke plain frames; the client adopts the server's terms and sends
+        its interest, so both sides agree again.
+        """
+        c = self.client
+        if welcome.get("auth"):
+            self.lost_soon(conn, "the server asks for authentication; pass secret=")
+            return
+        with c._lock:
+            if c._conn is not conn or conn.handshake:
+                return
+            conn.handshake = True
+            conn.nonce = b""
+            conn.features = _welcome_features(welcome)
+            interest = self._adopt(conn, _welcome_limit(welcome))
+            if interest:
+                conn.enqueue(interest)
+        logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
+                    "protocol now", conn.peer, c.hello_timeout)
+        c._kick(conn)
+
+    def lost_soon(self, conn: _Connection, reason: str, after_write: bool = False) -> None:
+        """:meth:`lost` (or :meth:`lost_after_write`) on the loop thread, from any thread."""
+        lose = self.lost_after_write if after_write else self.lost
+        loop = self.client._loop
+        if loop is not None and not loop.in_loop():
+            loop.call_soon(lambda: lose(conn, reason))
+        else:
+            lose(conn, reason)
+
+    def lost_after_write(self, conn: _Connection, reason: str) -> None:
+        """A write failed (loop thread): first take what the server sent before it closed.
+
+        A server closing with our frames unread resets the connection, and
+        our next write fails; its last ``$ack`` may still wait in the socket,
+        and reading it spares resending what the server already handled.
+        """
+        c = self.client
+        if not conn.tls and not conn.closed:
+            import select
+
+            with c._read_lock:  # a caller may be reading it (_read_until)
+                for _ in range(64):  # bounded: a few receive buffers at most
+                    if c._conn is not conn:
+                        return  # _read found the end and gave the connection up
+                    try:
+                        readable = select.select([conn.sock], [], [], 0)[0]
+                    except (OSError, ValueError):
+                        break
+                    if not readable or not c._read(conn):
+                        break
+        self.lost(conn, reason)
+
+    def lost(self, conn: _Connection, reason: str) -> None:
+        """The connection broke (loop thread): forget it; :meth:`run` reconnects.
+
+        Callers waiting for the reply to a request sent on it get
+        ConnectionLostError now (the request is not resent); the oldest
+        unacknowledged frame is charged one attempt (see _Backlog.resend).
+        """
+        c = self.client
+        with c._lock:
+            if c._conn is not conn:
+                return
+            c._conn = None
+            if not c.reconnect and not c._closing.is_set():
+                # In the same step as _conn: a send() in between must fail,
+                # not buffer a frame that no reconnect will ever carry.
+                c._failed = f"connection to {conn.peer} lost: {reason}"
+            failed = c._backlog.connection_lost(conn)
+        with c._read_lock:  # a caller may be reading it: wait for it to stop
+            with c._sel_lock:
+                with conn.lock:
+                    conn.closed = True
+                    conn.out.clear()
+                c._close_socket(conn)
+        for inbox in failed:
+            inbox._fail(f"connection to {conn.peer} lost before the reply came: {reason}")
+        if c._closing.is_set():
+            return
+        c._counts["disconnects"] += 1
+        logger.warning("tcp client: lost %s (%s)%s", conn.peer, reason,
+                       "; reconnecting" if c.reconnect else "")
+        self._notify(False, reason)
+
+    def _notify(self, connected: bool, detail: str) -> None:
+        callback = self.client.on_connection_change
+        if callback is None:
+            return
+        try:
+            callback(connected, detail)
+        except Exception:
+            logger.exception("tcp client: on_connection_change callback failed")
+
+    def reconnect(self) -> bool:
+        """Open a new connection (:meth:`_Dialer.redial`) and install it; False to stop."""
+        c = self.client
+        if not c.reconnect or c._closing.is_set():
+            return False
+        opened = _Dialer(c).redial()
+        if opened is None:
+            return False
+        c._reconnects.add()  # before any frame goes out on it
+        self.install(opened)
+        logger.info("tcp client: reconnected to %s:%s", c.host, c.port)
+        self._notify(True, f"reconnected to {c.host}:{c.port}")
+        return True
+
+    def stop(self) -> None:
+        """Abort a connection attempt, end the I/O thread, then the callbacks (close)."""
+        c = self.client
+        c._closing.set()
+        c._nudge.set()
+        connecting = c._connecting
+        if connecting is not None:
+            try:  # wakes a blocked connect() or handshake read; its owner closes it
+                connecting.shutdown(2)  # socket.SHUT_RDWR
+            except OSError:
+                pass
+        loop = c._loop
+        if loop is not None:
+            loop.wake()
+            if loop.thread is not None and loop.thread is not threading.current_thread():
+                loop.thread.join(c.connect_timeout + 2.0)
+        c._dispatcher.drain(1.0)  # callbacks for what arrived before close() run
+        c._local.close()  # then a callback still waiting on an inbox returns
+        c._dispatcher.stop(1.0)
+
+    def _teardown(self) -> None:
+        """The loop thread ends: flush what is queued (up to 1 s) and close the socket."""
+        c = self.client
+        with c._lock:
+            conn = c._conn
+            c._conn = None
+        if conn is not None:
+            with c._read_lock, c._sel_lock, conn.lock:
+                chunks = [bytes(conn.cur)] if conn.cur is not None else []
+                chunks.extend(conn.out)
+                conn.out.clear()
+                conn.cur = None
+                conn.closed = True
+            sock = conn.sock
+            try:
+                if chunks:
+                    sock.settimeout(1.0)
+                    sock.sendall(b"".join(chunks))
+                if not conn.tls:
+                    # Unread input would make close() send RST, and an RST may
+                    # discard what the server has not read yet: send FIN, then
+                    # drop what is waiting here before closing.
+                    sock.shutdown(1)  # socket.SHUT_WR
+                    sock.setblocking(False)
+                    while sock.recv(_RECV_SIZE):
+                        pass
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+        if c._loop is not None:
+            c._loop.close()
+
+
 class TCPClientTransport(_TCPEndpoint):
     """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
-    Call :meth:`connect` before use.  ``send`` writes straight from the
-    caller's thread when the connection is idle and queues otherwise, so
-    frames from many threads never interleave.  ``subscribe``, ``receive``
-    and request inboxes tell the server what this client wants (its
-    *interest*); the server then sends only matching messages.  Subscriber
-    callbacks run on one dispatcher thread, in arrival order; a callback that
-    waits for a reply (a request, an RPC call, a ``receive``) first hands
-    the dispatcher role to a new thread, so the reply may come through
-    another subscriber of this client.  A thread waiting for a request's
-    reply reads the socket itself for a few milliseconds, so the reply
-    wakes it directly.
+    Call :meth:`connect` before use.  ``send`` writes from the caller's
+    thread when the connection is idle and queues otherwise; frames from
+    many threads never interleave.  ``subscribe``, ``receive`` and request
+    inboxes tell the server this client's *interest*: it sends only matching
+    messages.  Subscriber callbacks run on one dispatcher thread, in arrival
+    order; a callback that waits for a reply (a request, an RPC call, a
+    ``receive``) first hands that role to a new thread, so the reply may come
+    through another subscriber.  A thread waiting for a reply reads the
+    socket itself for a few milliseconds, so the reply wakes it directly.
 
-    If the connection drops, the client reconnects (``reconnect=True``) with
-    capped exponential backoff and jitter (``backoff_initial`` ..
-    ``backoff_max``), re-sends its interest and re-sends, in order, every
-    message the server has not acknowledged; up to ``max_pending`` messages
-    (and ``max_pending_bytes``) wait meanwhile, beyond that ``send`` raises
+    A dropped connection is reopened (``reconnect=True``) with capped
+    exponential backoff and jitter (``backoff_initial`` .. ``backoff_max``);
+    the interest, then every message the server has not acknowledged, is
+    sent again, in order.  Meanwhile up to ``max_pending`` messages (and
+    ``max_pending_bytes``) wait; beyond that ``send`` raises
     TransportFullError.  While connected, a full buffer makes ``send`` wait
-    up to ``send_timeout`` seconds for acknowledgements (a publisher faster
-    than the server is slowed down) before raising.  A server that stays silent for two
+    up to ``send_timeout`` s for acknowledgements first (a publisher faster
+    than the server is slowed down).  A server silent for two
     ``ping_interval`` s is taken for dead.
 
     ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a
     client-side :class:`ssl.SSLContext`) enables TLS, checked against
     ``server_hostname`` (default: ``host``).  A server that does not answer
     ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
-    eventforge 0.1 server) until its ``$welcome`` arrives, if ever: a late
-    welcome switches the connection to handshake mode and the client sends
-    its interest then.  ``handshake=False`` skips the hello and
-    ``handshake=True`` requires it.  ``name`` (optional) is sent in the hello
-    so the server's :class:`Monitor` can show who this connection is.
+    eventforge 0.1 server) until its ``$welcome`` arrives, if ever: then the
+    client switches to the handshake and sends its interest.
+    ``handshake=False`` skips the hello, ``handshake=True`` requires it.
+    ``name`` goes in the hello, for the server's :class:`Monitor`.
 
-    Limits: ``send`` raises FrameTooLargeError for a message over the
-    server's ``max_frame_size`` (learned at handshake).  A buffered message
-    that a reconnected server can no longer take, or that it keeps refusing,
-    is dropped with a logged reason and counted (``too_large``, ``refused``);
-    nothing is resent forever.  A request whose caller stopped waiting (its
-    inbox closed) is withdrawn: never resent after a reconnect.  A caller
-    waiting for the reply to a request that went out on a connection that
-    broke gets ConnectionLostError at once.
+    ``send`` raises FrameTooLargeError above the server's ``max_frame_size``
+    (learned at handshake).  A buffered message that a reconnected server
+    can no longer take, or keeps refusing, is dropped, logged and counted
+    (``too_large``, ``refused``): nothing is resent forever.  A request whose
+    caller stopped waiting (its inbox closed) is withdrawn, never resent; a
+    caller waiting for the reply to a request whose connection broke gets
+    ConnectionLostError at once.  :meth:`flush` waits until the server
+    processed all sent before it; :meth:`close` delivers what was accepted
+    (within its ``timeout``), and so does normal interpreter exit for the
+    clients still open.  ``on_connection_change(connected, detail)`` is
+    called on the I/O thread when the connection is lost and when it is back.
 
-    :meth:`flush` waits until the server has processed everything sent
-    before it; :meth:`close` delivers what was accepted (bounded by its
-    ``timeout``), and clients still open at normal interpreter exit are
-    closed the same way.  ``on_connection_change(connected, detail)`` is
-    called (on the I/O thread) when the connection is lost and when it is
-    back.
-
-    Locks, outermost first: ``_connect_lock`` (one ``connect()`` at a time),
-    ``_read_lock`` (whoever decodes the socket: the I/O thread, or a caller
-    reading its reply), ``_lock`` (the client's state with its backlog,
-    interest and confirmations; ``_backlog.changed`` is a condition on it),
-    ``_sel_lock`` (the selector registration; never held with ``_lock``),
-    then a connection's ``conn.lock``.  No lock is held while user code runs.
+    Collaborators: :class:`_Lifecycle` (the connection over time, the I/O
+    thread), :class:`_Dialer` (opening one), :class:`_Backlog` (unacknowledged
+    frames), :class:`_Interest`, :class:`_Confirmations` (what callers wait
+    for).  Locks, outermost first: ``_connect_lock`` (one ``connect()`` at a
+    time), ``_read_lock`` (whoever decodes the socket: the I/O thread, or a
+    caller reading its reply), ``_lock`` (the client's state with its
+    backlog, interest and confirmations; ``_backlog.changed`` is a condition
+    on it), ``_sel_lock`` (the selector registration; never held with
+    ``_lock``), then a connection's ``conn.lock``.  No lock is held while
+    user code runs.
     """
 
     _log_name = "tcp client"
@@ -5626,16 +6065,15 @@ class TCPClientTransport(_TCPEndpoint):
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
         self._interest = _Interest()
-        self._confirmed = _Confirmations()
+        self._confirmed = _Confirmations(self)  # what send, flush() and close() wait for
+        self._wait_for_space = self._confirmed.room  # send's wait for acknowledgements
+        self._life = _Lifecycle(self)  # the connection over time, and the I/O thread
         self._conn: Optional[_Connection] = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
             f"eventforge-tcp-client-dispatch-{host}:{port}", self._local, self._dispatch_low
         )
-        # Whoever decodes the socket holds _read_lock: the I/O thread, or a
-        # caller waiting for its reply (_read_until).  _sel_lock guards the
-        # selector registration, which both may change.
-        self._read_lock = threading.RLock()
+        self._read_lock = threading.RLock()  # see "Locks" above
         self._sel_lock = threading.Lock()
         self._epoll: Any = None  # the loop's epoll object, if the selector is epoll
         self._closing = threading.Event()
@@ -5647,7 +6085,6 @@ class TCPClientTransport(_TCPEndpoint):
         # Ints bumped under _lock (send, _Backlog) or under _read_lock (decoding).
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
-        # Message frames not acknowledged yet (or waiting for a connection).
         self._backlog = _Backlog(self._lock, self._counts, max_pending, max_pending_bytes)
         self._reconnect_attempts = _Counter()  # bumped by the I/O thread, read by stats
         self._reconnects = _Counter()
@@ -5667,21 +6104,13 @@ class TCPClientTransport(_TCPEndpoint):
         return self._conn is not None
 
     @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
-    @property
     def mode(self) -> Optional[str]:
         """``"handshake"`` (our server), ``"frames"`` (a plain-frame server) or None.
 
-        ``"frames"`` turns into ``"handshake"`` if the server's ``$welcome``
-        arrives after ``hello_timeout`` (see the class doc).
+        ``"frames"`` becomes ``"handshake"`` if a late ``$welcome`` arrives.
         """
         conn = self._conn
-        if conn is None:
-            return None
-        return "handshake" if conn.handshake else "frames"
+        return None if conn is None else "handshake" if conn.handshake else "frames"
 
     def connect(self, timeout: Optional[float] = None) -> TCPClientTransport:
         """Connect and handshake within ``timeout`` seconds (default ``connect_timeout``).
@@ -5690,28 +6119,14 @@ class TCPClientTransport(_TCPEndpoint):
         reached and AuthenticationError if the secret or TLS handshake fails.
         Returns self.
         """
-        if timeout is None:
-            timeout = self.connect_timeout
         with self._connect_lock:  # one connect at a time; later ones see _started
             with self._lock:
                 if self._closed:
                     raise TransportClosedError(f"{self._name()} is closed")
                 if self._started:
                     return self
-            opened = _Dialer(self).open(timeout)
-            with self._lock:
-                if self.closed:  # close() may have run on another thread meanwhile
-                    opened.sock.close()
-                    raise TransportClosedError(f"{self._name()} is closed")
-                loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
-                raw = getattr(loop.selector, "_selector", None)
-                if self.ssl_context is None and type(raw).__name__ == "epoll":
-                    self._epoll = raw
-                self._started = True
-            self._pid = os.getpid()
-            _watch_at_exit(self)
-            self._install(opened)
-            loop.start(self._run)
+            opened = _Dialer(self).open(self.connect_timeout if timeout is None else timeout)
+            self._life.start(opened)
         return self
 
     def _name(self) -> str:
@@ -5734,123 +6149,27 @@ class TCPClientTransport(_TCPEndpoint):
         _open_clients.discard(self)
         loop = self._loop
         if self._started and loop is not None and not loop.in_loop():
-            self._deliver_before_close(time.monotonic() + timeout)
-        self._closing.set()
-        self._nudge.set()
-        connecting = self._connecting
-        if connecting is not None:
-            try:  # wakes a blocked connect() or handshake read; its owner closes it
-                connecting.shutdown(2)  # socket.SHUT_RDWR
-            except OSError:
-                pass
-        if loop is not None:
-            loop.wake()
-            if loop.thread is not None and loop.thread is not threading.current_thread():
-                loop.thread.join(self.connect_timeout + 2.0)
-        self._dispatcher.drain(1.0)  # callbacks for what arrived before close() run
-        self._local.close()  # then a callback still waiting on an inbox returns
-        self._dispatcher.stop(1.0)
-
-    def _deliver_before_close(self, deadline: float) -> None:
-        """Wait (up to ``deadline``) until every accepted message reached the server."""
-        self._nudge.set()  # a reconnect waiting out its backoff tries again now
-        backlog = self._backlog
-        with self._lock:
-            while True:
-                conn = self._conn
-                if conn is None:
-                    waiting = backlog.bytes > 0 and self.reconnect and self._failed is None
-                elif backlog.acked:
-                    waiting = backlog.bytes > 0
-                else:
-                    waiting = conn.out_bytes > 0 or conn.cur is not None
-                remaining = deadline - time.monotonic()
-                if not waiting or remaining <= 0:
-                    break
-                backlog.wait(remaining if conn is None or backlog.acked
-                             else min(remaining, 0.005))  # nothing signals a write: poll
-            left = backlog.undelivered()
-        if left:
-            logger.warning(
-                "tcp client: closed with %d message(s) %s", left,
-                "not acknowledged by the server" if conn is not None
-                else "never sent (disconnected)",
-            )
+            self._confirmed.delivered(time.monotonic() + timeout)
+        self._life.stop()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the server has processed everything sent before this call.
 
-        "Everything" includes subscriptions, receive topics and inboxes
-        (interest): once ``flush`` returns, messages published by others
-        reach this client's new subscriptions.  With a server that speaks
-        the feature "flush" this is one ``$flush``/``$flushed`` round trip.
-        With an older handshake server it is a ``$ping``/``$pong`` round trip
-        (the server applies interest in order) followed by the
-        acknowledgement of every message sent before.  Returns True once
-        confirmed; False with a frame-only server (eventforge 0.1), which
-        cannot confirm anything: then it returns once every queued frame was
-        written to the socket.  While disconnected it waits for the
-        reconnect.  Raises EventforgeTimeoutError after ``timeout`` seconds,
-        ConnectionLostError if the connection is lost for good,
-        TransportClosedError after :meth:`close`.
+        Interest included: once ``flush`` returns, messages published by
+        others reach this client's new subscriptions.  One ``$flush``/
+        ``$flushed`` round trip (an older handshake server: ``$ping``/``$pong``,
+        then the acknowledgement of every message sent before).  Returns True
+        once confirmed; False with a frame-only server (eventforge 0.1), which
+        cannot confirm anything: then once every queued frame was written.
+        While disconnected it waits for the reconnect.  Raises
+        EventforgeTimeoutError after ``timeout`` seconds, ConnectionLostError
+        if the connection is lost for good, TransportClosedError after
+        :meth:`close`.
         """
         loop = self._loop
         if loop is not None and loop.in_loop():
             raise RuntimeError("flush() cannot wait on the client's own I/O thread")
-        deadline = time.monotonic() + timeout
-        while True:
-            conn = self._wait_connected(deadline)
-            done = self._flush_on(conn, deadline)
-            if done is not None:
-                return done
-
-    def _wait_connected(self, deadline: float) -> _Connection:
-        with self._lock:
-            while True:
-                if self._closed:
-                    raise TransportClosedError(f"{self._name()} is closed")
-                if self._conn is not None:
-                    return self._conn
-                if self._failed is not None:
-                    raise ConnectionLostError(self._failed)
-                if not self._started:
-                    raise ConnectionLostError(
-                        f"not connected to {self.host}:{self.port}: call connect() first"
-                    )
-                self._wait_locked(deadline, 1.0)
-
-    def _wait_locked(self, deadline: float, poll: float) -> None:
-        # Called with self._lock held: one wait for a change, at most ``poll`` s.
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise EventforgeTimeoutError(
-                f"{self._name()}: the server did not confirm the flush in time"
-            )
-        self._backlog.wait(min(remaining, poll))
-
-    def _flush_on(self, conn: _Connection, deadline: float) -> Optional[bool]:
-        """Flush over ``conn``; None if it broke meanwhile (the caller retries)."""
-        with self._lock:
-            if self._conn is not conn:
-                return None
-            frame = self._interest.changes() if self._interest.pending() else b""
-            ask, done = self._confirmed.ask(conn.features if conn.handshake else frozenset(),
-                                            self._backlog)
-            frame += ask
-            if frame:
-                conn.enqueue(frame)
-        self._kick(conn)
-        with self._lock:
-            while self._conn is conn:
-                if done is None:
-                    if conn.out_bytes == 0 and conn.cur is None:
-                        return False
-                    self._wait_locked(deadline, 0.005)  # nothing signals a write: poll
-                elif done():
-                    return True
-                else:
-                    self._wait_locked(deadline, 1.0)
-        return None
+        return self._confirmed.flush(time.monotonic() + timeout)
 
     # -- Transport API ----------------------------------------------------------------
 
@@ -5921,36 +6240,8 @@ class TCPClientTransport(_TCPEndpoint):
 
     def _send_offline(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
         # Called with self._lock held while there is no connection.
-        if self._closed:
-            raise TransportClosedError(f"{self._name()} is closed")
-        if self._failed is not None:
-            raise ConnectionLostError(self._failed)
-        if not self._started:
-            raise ConnectionLostError(
-                f"not connected to {self.host}:{self.port}: call connect() first"
-            )
+        self._life.check_usable()
         return self._backlog.buffer(frame, deadline)
-
-    def _wait_for_space(self, size: int) -> Optional[_Connection]:
-        """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
-
-        Called with self._lock held and the backlog full: wait (up to
-        ``send_timeout``) for the server to acknowledge, so a publisher
-        faster than the server is slowed down, like a blocking socket write.
-        """
-        backlog = self._backlog
-        deadline = time.monotonic() + self.send_timeout
-        while (self._conn is not None and backlog.acked and not self._closed
-               and not backlog.has_room(size)):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            backlog.wait(remaining)
-        if self._closed:
-            raise TransportClosedError(f"{self._name()} is closed")
-        if self._conn is not None and not backlog.has_room(size):
-            raise backlog.full(f"are unacknowledged after {self.send_timeout} s")
-        return self._conn
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic``.
@@ -5971,36 +6262,17 @@ class TCPClientTransport(_TCPEndpoint):
         self._want_receive(topic)
         return await self._local.receive_async(topic, timeout)
 
-    def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
-        """Call ``callback`` (on the dispatcher thread) for messages matching ``topic``."""
-        validate_pattern(topic)
-        return self._subscribed(topic, self._local.subscribe(topic, callback))
-
-    def subscribe_handler(
-        self,
-        topic: str,
-        handler: Callable[[Message], Any],
-        on_error: Callable[[Any, Message, BaseException], Any],
-    ) -> str:
-        """Subscribe ``handler``, routing its exceptions to ``on_error``."""
-        validate_pattern(topic)
-        return self._subscribed(topic, self._local.subscribe_handler(topic, handler, on_error))
-
-    def _subscribed(self, topic: str, sub_id: str) -> str:
+    def _subscribed(self, pattern: str, subscription_id: str) -> str:
         with self._lock:
-            self._interest.patterns[sub_id] = topic
-        self._interest_add(topic)
-        return sub_id
+            self._interest.patterns[subscription_id] = pattern
+        self._interest_add(pattern)
+        return subscription_id
 
-    def unsubscribe(self, subscription_id: str) -> bool:
-        """Remove a subscription (and the interest, if it was the last for its pattern)."""
-        if not self._local.unsubscribe(subscription_id):
-            return False
+    def _unsubscribed(self, subscription_id: str) -> None:
         with self._lock:
             pattern = self._interest.patterns.pop(subscription_id, None)
-        if pattern is not None:
+        if pattern is not None:  # the last user's withdrawal waits for a tick
             self._interest_remove(pattern)
-        return True
 
     def open_inbox(self, topic: str) -> Inbox:
         """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent.
@@ -6044,11 +6316,10 @@ class TCPClientTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """A snapshot of internal state, for tests and debugging (keys may change).
 
-        ``interest``: pattern -> users (subscriptions, receive topics,
-        inboxes); ``features``: agreed with the server (empty without a
-        handshake connection); ``implicit``: a request tells the server of
-        its reply inbox; ``socket``: the connection's socket (None while
-        disconnected); ``connecting``: a connection attempt is under way;
+        ``interest``: pattern -> users; ``features``: agreed with the server
+        (empty without a handshake connection); ``implicit``: a request tells
+        the server of its reply inbox; ``socket``: the connection's socket or
+        None; ``connecting``: a connection attempt is under way;
         ``io_thread_alive``: the client's I/O thread runs.
         """
         with self._lock:
@@ -6102,65 +6373,7 @@ class TCPClientTransport(_TCPEndpoint):
             conn = self._conn
             self._interest.remove(pattern, conn is not None and conn.handshake and not self._closed)
 
-    def _flush_removals(self, conn: _Connection) -> None:
-        with self._lock:
-            if self._interest.pending() and self._conn is conn:
-                conn.enqueue(self._interest.changes())
-
     # -- connection set-up ------------------------------------------------------------------
-
-    def _install(self, opened: _Opened) -> None:
-        """Adopt a fresh connection: interest first, then every unacknowledged message."""
-        sock = opened.sock
-        conn = _Connection(sock, f"{self.host}:{self.port}", self.max_frame_size,
-                           self._backlog.max_bytes + 1024 * 1024, self.ssl_context is not None)
-        conn.decoder = opened.decoder
-        conn.state = _READY
-        conn.handshake = opened.handshake
-        conn.features = opened.features
-        conn.nonce = opened.nonce  # a $hello still unanswered: a late $welcome is adopted
-        with self._lock:
-            frames: List[bytes] = []
-            self._confirmed.pings_sent = self._confirmed.pongs = 0
-            interest = self._adopt(conn, opened.limit)
-            if interest:
-                frames.append(interest)
-            frames.extend(self._backlog.resend(conn, self._send_limit))
-            if not self._backlog.acked:
-                self._backlog.written()
-            if frames:
-                with conn.lock:
-                    data = b"".join(frames)
-                    conn.out.append(data)
-                    conn.out_bytes += len(data)
-            self._conn = conn
-            self._backlog.wake()
-        loop = self._loop
-        assert loop is not None
-        import selectors
-
-        conn.events = selectors.EVENT_READ
-        loop.selector.register(sock, conn.events, conn)
-        if opened.early:
-            batch: List[Tuple[Tuple[Any, ...], Message]] = []
-            with self._read_lock:  # a caller may be reading the new connection already
-                for message in opened.early:
-                    self._deliver(message, batch)
-            if batch:
-                self._dispatcher.put_many(batch)
-        if frames:
-            self._kick(conn)
-
-    def _adopt(self, conn: _Connection, limit: Optional[int]) -> bytes:
-        """Take up the connection's terms; return the ``$interest`` to send first.
-
-        Called with self._lock held, when a connection is installed and when
-        a late ``$welcome`` turns a frame-only connection into a handshake one.
-        """
-        self._send_limit = limit if limit is not None else self.max_frame_size
-        features = conn.features if conn.handshake else frozenset()
-        self._backlog.acked = "ack" in features
-        return self._interest.adopt(features, conn.handshake)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -6172,13 +6385,7 @@ class TCPClientTransport(_TCPEndpoint):
             self._flush(conn)
 
     def _write_failed(self, conn: _Connection, exc: OSError) -> None:
-        reason = f"write failed: {exc}"
-        loop = self._loop
-        assert loop is not None
-        if loop.in_loop():
-            self._lost_after_write(conn, reason)
-        else:
-            loop.call_soon(lambda: self._lost_after_write(conn, reason))
+        self._life.lost_soon(conn, f"write failed: {exc}", after_write=True)
 
     def _update_events(self, conn: _Connection) -> None:
         with self._sel_lock:
@@ -6234,44 +6441,6 @@ class TCPClientTransport(_TCPEndpoint):
 
     # -- loop thread ------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        loop.ident = threading.get_ident()
-        interval = self.ping_interval
-        tick_every = min(0.25, interval / 4) if interval else 0.25
-        next_tick = time.monotonic() + tick_every
-        try:
-            while not self._closing.is_set():
-                conn = self._conn
-                if conn is None:
-                    try:
-                        if not self._reconnect():
-                            break
-                    except Exception:  # a bug: log it, back off, try again
-                        logger.exception("tcp client: internal error while reconnecting")
-                        if self._closing.wait(self.backoff_max):
-                            break
-                    continue
-                for key, mask in loop.selector.select(max(0.0, next_tick - time.monotonic())):
-                    if key.data is None:
-                        loop.run_calls(drain=True)
-                        continue
-                    if key.data is self._conn:
-                        self._serve_event(conn, mask)
-                loop.run_calls()
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + tick_every
-                    try:
-                        self._tick(now)
-                    except Exception:
-                        logger.exception("tcp client: internal error in a tick")
-        except Exception:  # pragma: no cover - a bug; do not die silently
-            logger.exception("tcp client: I/O loop crashed")
-        finally:
-            self._teardown()
-
     def _on_readable(self, conn: _Connection) -> None:
         if self._read_lock.acquire(False):  # else a caller is reading it
             try:
@@ -6303,17 +6472,17 @@ class TCPClientTransport(_TCPEndpoint):
         return self._conn is conn
 
     def _internal_error(self, conn: _Connection) -> None:
-        self._lost(conn, "internal error (see traceback)")
+        self._life.lost(conn, "internal error (see traceback)")
 
     def _read_failed(self, conn: _Connection, exc: OSError) -> None:
-        self._lost_soon(conn, f"read failed: {exc}")
+        self._life.lost_soon(conn, f"read failed: {exc}")
 
     def _peer_closed(self, conn: _Connection) -> None:
-        self._lost_soon(conn, "server closed the connection")
+        self._life.lost_soon(conn, "server closed the connection")
 
     def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
         self._counts["oversize_frames"] += 1
-        self._lost_soon(conn, f"server sent an oversize frame: {exc}")
+        self._life.lost_soon(conn, f"server sent an oversize frame: {exc}")
 
     def _bad_frame(self, conn: _Connection, exc: FrameError) -> None:
         self._counts["frame_errors"] += 1
@@ -6328,19 +6497,12 @@ class TCPClientTransport(_TCPEndpoint):
 
     def _dead(self, conn: _Connection, reason: str) -> None:
         self._counts["dead_peers"] += 1
-        self._lost(conn, reason)
+        self._life.lost(conn, reason)
 
     def _send_ping(self, conn: _Connection) -> None:
         with self._lock:
             self._confirmed.pings_sent += 1
             conn.enqueue(_control_frame("$ping", {}))
-
-    def _lost_soon(self, conn: _Connection, reason: str) -> None:
-        loop = self._loop
-        if loop is not None and not loop.in_loop():
-            loop.call_soon(lambda: self._lost(conn, reason))
-        else:
-            self._lost(conn, reason)
 
     def _deliver(self, message: Message, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
         topic = message.topic
@@ -6367,20 +6529,10 @@ class TCPClientTransport(_TCPEndpoint):
         elif topic == "$ping":
             if conn.enqueue(_control_frame("$pong", {})) == _OK:
                 self._flush(conn)
-        elif topic == "$pong":
-            with self._lock:
-                if self._conn is conn:
-                    self._confirmed.pongs += 1
-                    self._backlog.wake()
-        elif topic == "$flushed":
-            ident = payload.get("id")
-            if type(ident) is int:
-                with self._lock:
-                    if ident > self._confirmed.flushed_upto:
-                        self._confirmed.flushed_upto = ident
-                    self._backlog.wake()
+        elif topic == "$pong" or topic == "$flushed":
+            self._confirmed.confirmed(conn, topic, payload)
         elif topic == "$welcome" and not conn.handshake and conn.nonce:
-            self._late_welcome(conn, payload)
+            self._life.late_welcome(conn, payload)
         elif topic == "$error":
             reason = str(payload.get("reason"))[:200]
             logger.warning("tcp client: %s reports: %s", conn.peer, reason)
@@ -6392,153 +6544,18 @@ class TCPClientTransport(_TCPEndpoint):
         conn = self._conn
         if conn is None or not self._check_alive(conn, now):
             return
-        if self._interest.pending():
-            self._flush_removals(conn)
+        if self._interest.pending():  # withdrawn interest leaves at the latest now
+            with self._lock:
+                if self._interest.pending() and self._conn is conn:
+                    conn.enqueue(self._interest.changes())
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
-
-    def _lost_after_write(self, conn: _Connection, reason: str) -> None:
-        """A write failed (loop thread): first take what the server sent before it closed.
-
-        A server closing with our frames unread resets the connection, and
-        our next write fails; its last ``$ack`` may still wait in the socket,
-        and reading it spares resending what the server already handled.
-        """
-        if not conn.tls and not conn.closed:
-            import select
-
-            with self._read_lock:  # a caller may be reading it (_read_until)
-                for _ in range(64):  # bounded: a few receive buffers at most
-                    if self._conn is not conn:
-                        return  # _read found the end and gave the connection up
-                    try:
-                        readable = select.select([conn.sock], [], [], 0)[0]
-                    except (OSError, ValueError):
-                        break
-                    if not readable or not self._read(conn):
-                        break
-        self._lost(conn, reason)
-
-    def _late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
-        """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
-
-        Until now the server took this client for a handshake peer while the
-        client spoke plain frames; the client now adopts the mode the server
-        chose and sends its interest, so both sides agree again.
-        """
-        if welcome.get("auth"):
-            self._lost_soon(conn, "the server asks for authentication; pass secret=")
-            return
-        with self._lock:
-            if self._conn is not conn or conn.handshake:
-                return
-            conn.handshake = True
-            conn.nonce = b""
-            conn.features = _welcome_features(welcome)
-            interest = self._adopt(conn, _welcome_limit(welcome))
-            if interest:
-                conn.enqueue(interest)
-        logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
-                    "protocol now", conn.peer, self.hello_timeout)
-        self._kick(conn)
-
-    def _lost(self, conn: _Connection, reason: str) -> None:
-        """The connection broke (loop thread): forget it; _run reconnects.
-
-        Callers waiting for the reply to a request sent on it get
-        ConnectionLostError now (the request is not resent); the oldest
-        unacknowledged frame is charged one attempt (see _Backlog.resend).
-        """
-        with self._lock:
-            if self._conn is not conn:
-                return
-            self._conn = None
-            if not self.reconnect and not self._closing.is_set():
-                # In the same step as _conn: a send() in between must fail,
-                # not buffer a frame that no reconnect will ever carry.
-                self._failed = f"connection to {conn.peer} lost: {reason}"
-            failed = self._backlog.connection_lost(conn)
-        with self._read_lock:  # a caller may be reading it: wait for it to stop
-            with self._sel_lock:
-                with conn.lock:
-                    conn.closed = True
-                    conn.out.clear()
-                self._close_socket(conn)
-        for inbox in failed:
-            inbox._fail(f"connection to {conn.peer} lost before the reply came: {reason}")
-        if self._closing.is_set():
-            return
-        self._counts["disconnects"] += 1
-        if self.reconnect:
-            logger.warning("tcp client: lost %s (%s); reconnecting", conn.peer, reason)
-        else:
-            logger.warning("tcp client: lost %s (%s)", conn.peer, reason)
-        self._notify_state(False, reason)
-
-    def _notify_state(self, connected: bool, detail: str) -> None:
-        callback = self.on_connection_change
-        if callback is None:
-            return
-        try:
-            callback(connected, detail)
-        except Exception:
-            logger.exception("tcp client: on_connection_change callback failed")
-
-    def _reconnect(self) -> bool:
-        """Open a new connection (:meth:`_Dialer.redial`) and install it; False to stop."""
-        if not self.reconnect or self._closing.is_set():
-            return False
-        opened = _Dialer(self).redial()
-        if opened is None:
-            return False
-        self._reconnects.add()  # before any frame goes out on it
-        self._install(opened)
-        logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
-        self._notify_state(True, f"reconnected to {self.host}:{self.port}")
-        return True
 
     def _resume_reading(self) -> None:
         conn = self._conn
         if conn is not None and conn.paused:
             conn.paused = False
             self._update_events(conn)
-
-    def _teardown(self) -> None:
-        """Loop thread exit: flush what is queued (up to 1 s) and close the socket."""
-        with self._lock:
-            conn = self._conn
-            self._conn = None
-        if conn is not None:
-            with self._read_lock, self._sel_lock, conn.lock:
-                chunks = [bytes(conn.cur)] if conn.cur is not None else []
-                chunks.extend(conn.out)
-                conn.out.clear()
-                conn.cur = None
-                conn.closed = True
-            sock = conn.sock
-            try:
-                if chunks:
-                    sock.settimeout(1.0)
-                    sock.sendall(b"".join(chunks))
-                if not conn.tls:
-                    # Unread input would make close() send RST, and an RST may
-                    # discard what the server has not read yet: send FIN, then
-                    # drop what is waiting here before closing.
-                    sock.shutdown(1)  # socket.SHUT_WR
-                    sock.setblocking(False)
-                    while sock.recv(_RECV_SIZE):
-                        pass
-            except OSError:
-                pass
-            try:
-                sock.close()
-            except OSError:
-                pass
-        loop = self._loop
-        if loop is not None:
-            loop.close()
-
-
 
 # ---------------------------------------------------------------------------
 # 6. Queues: MessageQueue and RemoteQueue
