@@ -2484,18 +2484,14 @@ class _Dispatcher:
 # connections' inbox messages, and is refused when the server has a secret
 # or ``allow_frame_only=False``.
 #
-# I/O model: one selector loop per server (accepts, reads, and writes what
-# the kernel would not take at once) and one per client; a sender writes
-# directly from its own thread when the connection is idle, so a request or a
-# reply costs no thread hop on the way out.  Messages that arrive from the
-# network reach inboxes and blocked receivers straight from the reading
-# thread.  The server runs subscriber callbacks on the thread that read the
-# frame and hands the loop to a standby thread when one blocks (leader/
-# follower, see _LeaderFollower); the client runs them on a dispatcher thread (a
-# callback that waits for a reply hands that role to a new thread first), and a
-# caller waiting for a reply reads the socket itself (_read_until).  Either
-# way a handler may block (even on a request over the same connection)
-# without stalling any socket, and one connection's messages keep their order.
+# I/O model: one selector loop per server and one per client.  A sender
+# writes from its own thread when the connection is idle (no thread hop on
+# the way out); arriving messages reach inboxes and receivers from the
+# reading thread.  Subscriber callbacks run on the server's reading thread
+# (leader/follower: a standby takes the loop over when one blocks) and on the
+# client's dispatcher thread; a caller waiting for a reply reads the socket
+# itself.  A handler may block without stalling any socket, and one
+# connection's messages keep their order.
 
 #: Version of the handshake protocol spoken by this module.
 PROTOCOL_VERSION = 1
@@ -2574,11 +2570,7 @@ _CONTROL_PREFIX = b'{"topic":"$'
 
 
 def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
-    """Parse a control frame written in our compact form; None for anything else.
-
-    Saves building a Message for the frames our own peers send most.  Any
-    other shape (or invalid JSON) is left to the full :func:`decode`.
-    """
+    """Parse a control frame in our compact form (no Message built); None for any other shape."""
     if not body.startswith(_CONTROL_PREFIX):
         return None
     try:
@@ -2606,10 +2598,8 @@ def _json_topic(topic: str) -> str:
 
 
 def _interest_frame(added: List[str], removed: List[str]) -> bytes:
-    """``$interest`` adding and/or removing patterns (all already valid).
-
-    Byte-identical to ``_control_frame("$interest", {"add": [...], "remove": [...]})``
-    with an empty list left out.
+    """``$interest`` adding and/or removing valid patterns; the bytes of
+    ``_control_frame("$interest", {"add": [...], "remove": [...]})`` without an empty list.
     """
     parts = []
     if added:
@@ -2687,6 +2677,20 @@ def _describe_garbage(header: bytes) -> str:
     return ""
 
 
+def _agreed_features(payload: Dict[str, Any]) -> frozenset:
+    """The features a ``$hello`` or ``$welcome`` names that this module knows."""
+    features = payload.get("features")
+    if not isinstance(features, list):
+        return frozenset()
+    return frozenset(f for f in features if isinstance(f, str)) & _FEATURES
+
+
+def _frame_limit(payload: Dict[str, Any]) -> Optional[int]:
+    """The ``max_frame_size`` a ``$hello`` or ``$welcome`` names (None if absent or bad)."""
+    limit = payload.get("max_frame_size")
+    return limit if type(limit) is int and limit > 0 else None
+
+
 def _peer_name(address: Any) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host = address[0]
@@ -2697,9 +2701,8 @@ def _peer_name(address: Any) -> str:
 class _Connection:
     """One TCP peer: its socket, frame decoder, protocol state and outbound queue.
 
-    ``enqueue`` appends whole frames under a lock, so frames from many
-    threads never interleave; ``write`` sends what the kernel takes without
-    blocking and is entered by one thread at a time.
+    ``enqueue`` appends whole frames under ``lock`` (frames from many threads
+    never interleave); ``write`` sends what the kernel takes, one thread at a time.
     """
 
     __slots__ = (
@@ -2707,7 +2710,7 @@ class _Connection:
         "max_outbound", "cur", "writing", "blocked", "closed", "state", "handshake",
         "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
         "ping_sent", "received", "acked", "interest", "events", "paused",
-        "bytes_in", "peer_ping", "last_push", "scheduled", "implicit",
+        "bytes_in", "last_push", "scheduled", "implicit",
         "pending", "running", "queued", "caller_reading", "poller",
         "finished", "waiting", "counted", "peer_max_frame", "flushes",
         "frames_out", "bytes_out", "name", "started_at",
@@ -2747,7 +2750,6 @@ class _Connection:
         self.events = 0
         self.paused = False
         self.bytes_in = 0
-        self.peer_ping: Optional[float] = None
         self.last_push = 0.0
         self.scheduled = False  # a flush by the I/O thread is pending
         self.implicit = False  # feature "reply": a request's inbox is implicit interest
@@ -2776,10 +2778,9 @@ class _Connection:
         self.started_at = time.time()
 
     def set_events(self, selector: selectors.BaseSelector, paused: bool = False) -> bool:
-        """Register the events this connection now waits for; False if unchanged.
+        """Register the events ``conn`` now waits for; False if unchanged.
 
-        Reading stops while it (or its whole transport) is ``paused``;
-        writing is awaited while a send would block.
+        No reading while it (or its transport) is ``paused``; EVENT_WRITE while a send would block.
         """
         import selectors
 
@@ -2889,11 +2890,6 @@ class _Connection:
             return _WRITE_SCHEDULE
         return _WRITE_NOW
 
-    @property
-    def buffered(self) -> int:
-        """Bytes waiting to be sent plus bytes of an incomplete incoming frame."""
-        return self.out_bytes + self.decoder.buffered
-
     def snapshot(self) -> Dict[str, Any]:
         """What a monitor shows of this connection: counters and times, never payloads."""
         with self.lock:
@@ -2927,15 +2923,13 @@ class _TCPEndpoint(Transport):
     """What both ends of an eventforge TCP connection do; subclassed by the server and client.
 
     A local :class:`MemoryTransport` (``_local``) delivers in this process;
-    the plain transport methods pass through to it (the client overrides
-    them to keep the server told of its interest).  On top: getting queued
-    frames written (:meth:`_kick`, :meth:`_flush`), reading and decoding
-    frames (:meth:`_read_frames`, :meth:`_on_frame`), pings and the
-    dead-peer check (:meth:`_check_alive`) and one selector event
-    (:meth:`_serve_event`).  Subclasses provide ``_local``, ``_loop`` and
-    ``ping_interval`` and the hooks below, which say what their side does
-    when a write fails, a peer closes, a frame is bad ... (socketserver
-    style: the base calls, the subclass decides).
+    the transport methods pass through to it (the client's hooks tell its
+    server of its interest).  On top: writing queued frames (:meth:`_kick`,
+    :meth:`_flush`), reading and decoding them (:meth:`_read_frames`,
+    :meth:`_on_frame`), pings and the dead-peer check (:meth:`_check_alive`),
+    one selector event (:meth:`_serve_event`).  Subclasses provide ``_local``,
+    ``_loop``, ``ping_interval`` and the hooks below: the base calls, the
+    subclass decides (socketserver style).
     """
 
     _local: MemoryTransport
@@ -2955,9 +2949,7 @@ class _TCPEndpoint(Transport):
         """Take the next message on the exact ``topic`` (published here or by a peer)."""
         return self._local.receive(topic, timeout)
 
-    async def receive_async(
-        self, topic: str, timeout: Optional[float] = None
-    ) -> Optional[Message]:
+    async def receive_async(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Asyncio-native :meth:`receive`."""
         return await self._local.receive_async(topic, timeout)
 
@@ -3147,37 +3139,23 @@ class _TCPEndpoint(Transport):
             loop.call_soon(self._resume_reading)
 
     # -- hooks: what each side does (the subclass defines them) ---------------------
-    #
-    # _live(conn): a flush scheduled for ``conn`` is still wanted.
-    # _write_on_loop(conn): a frame was queued on the I/O thread: write it now
-    #     or with the loop's batch.  _write_failed(conn, exc): writing broke.
-    # _update_events(conn): register the selector events ``conn`` waits for.
-    # _may_read(conn), _on_readable(conn): whether and how to read on EVENT_READ.
-    # _internal_error(conn): a bug surfaced while serving ``conn`` (logged): close it.
-    # _read_failed(conn, exc), _peer_closed(conn): the connection ended.
-    # _bytes_read(n): count input.  _oversize(conn, exc, data): the peer
-    #     announced a frame over our max_frame_size (``exc.frames``: the ones before).
-    # _bad_frame(conn, exc), _on_control(conn, topic, payload),
-    #     _on_message(conn, message, body, batch): what a frame turned out to be.
-    # _dead(conn, reason): silent for two ping intervals.  _send_ping(conn).
-    # _resume_reading(): the handler backlog went down.
 
-    _live: Callable[[_Connection], bool]
-    _write_on_loop: Callable[[_Connection], None]
+    _live: Callable[[_Connection], bool]  # a flush scheduled for conn is still wanted
+    _write_on_loop: Callable[[_Connection], None]  # queued on the I/O thread: write now/batched
     _write_failed: Callable[[_Connection, OSError], None]
-    _update_events: Callable[[_Connection], None]
-    _may_read: Callable[[_Connection], bool]
+    _update_events: Callable[[_Connection], None]  # register the events conn waits for
+    _may_read: Callable[[_Connection], bool]  # whether (and then how) to read on EVENT_READ
     _on_readable: Callable[[_Connection], Any]
-    _internal_error: Callable[[_Connection], None]
-    _read_failed: Callable[[_Connection, OSError], None]
+    _internal_error: Callable[[_Connection], None]  # a bug while serving conn (logged)
+    _read_failed: Callable[[_Connection, OSError], None]  # the connection ended ...
     _peer_closed: Callable[[_Connection], None]
-    _oversize: Callable[[_Connection, FrameTooLargeError, bytes], None]
-    _bad_frame: Callable[[_Connection, FrameError], None]
+    _oversize: Callable[[_Connection, FrameTooLargeError, bytes], None]  # ``exc.frames``: before
+    _bad_frame: Callable[[_Connection, FrameError], None]  # what a frame turned out to be ...
     _on_control: Callable[[_Connection, str, Any], None]
     _on_message: Callable[[_Connection, Message, bytes, Optional[List[Any]]], None]
-    _dead: Callable[[_Connection, str], None]
+    _dead: Callable[[_Connection, str], None]  # silent for two ping intervals
     _send_ping: Callable[[_Connection], None]
-    _resume_reading: Callable[[], None]
+    _resume_reading: Callable[[], None]  # the handler backlog went down
 
     def _bytes_read(self, size: int) -> None:
         pass
@@ -3186,11 +3164,10 @@ class _TCPEndpoint(Transport):
 class _Routes:
     """A server's routing table: the connections a message on a topic goes to.
 
-    ``exact`` maps exact topics to connections, ``patterns`` holds the
-    wildcard interest (keyed by ``(connection id, pattern)``) and
-    ``broadcast`` the frame-only peers, which get every routed message but
-    inbox ones.  Written by the loop thread only, read by any thread without
-    a lock: values are replaced, never mutated (copy on write).
+    ``exact``: exact topic -> connections; ``patterns``: wildcard interest,
+    keyed by ``(connection id, pattern)``; ``broadcast``: frame-only peers (all
+    but inbox messages).  Written by the loop thread, read by any without a
+    lock: values are replaced, never mutated.
     """
 
     __slots__ = ("exact", "patterns", "broadcast")
@@ -3254,11 +3231,10 @@ class _Routes:
                 self.exact.pop(pattern, None)
 
     def add_frame_peer(self, conn: _Connection) -> None:
-        """Route everything to ``conn`` until its ``$hello`` says otherwise.
+        """Route everything but inboxes to ``conn`` until its ``$hello`` says otherwise.
 
-        Until then a peer may be an eventforge 0.1 (frame-only) client: it
-        gets every routed message but inbox ones, and its requests' reply_to
-        inboxes are routed to it (see _ServerProtocol.implicit_interest).
+        It may be an eventforge 0.1 client; its requests' reply_to inboxes are
+        routed to it (_ServerProtocol.implicit_interest).
         """
         self.broadcast = self.broadcast + (conn,)
         conn.implicit = True
@@ -3285,17 +3261,13 @@ class _Routes:
 class _ServerWriter:
     """Queues frames for a server's connections and gets them written.
 
-    One frame to one connection (:meth:`push`: written by the caller when
-    the connection is idle, see :meth:`_TCPEndpoint._kick`), one frame to
-    many from any thread (:meth:`push_many`: the I/O thread writes them all
-    after one wake-up), frames queued on the I/O thread itself (``dirty``:
-    written once per loop iteration, :meth:`flush_dirty`).  A connection
-    with more than ``max_outbound_bytes`` queued is closed as a slow
-    consumer; a frame over the ``max_frame_size`` its peer announced is
-    dropped for that peer only.
-
-    Locks: ``_fanout_lock`` guards ``_fanout``; a connection's own lock is
-    taken under it (to queue a frame), never the other way round.
+    :meth:`push`: one frame, one connection (the caller writes an idle one,
+    see :meth:`_TCPEndpoint._kick`); :meth:`push_many`: one frame to many from
+    any thread (the I/O thread writes after one wake-up); ``dirty``: queued on
+    the I/O thread, written once per loop iteration.  Over
+    ``max_outbound_bytes`` queued closes a slow consumer; a frame over a
+    peer's announced ``max_frame_size`` is dropped for that peer only.
+    Locks: ``_fanout_lock``, then a connection's lock (never the other way).
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -3393,12 +3365,11 @@ class _ServerWriter:
 
 
 class _Listener:
-    """A server's listening socket: binding it and accepting new connections.
+    """A server's listening socket: binding it and accepting connections (loop thread).
 
-    Refuses connections beyond ``max_connections`` (telling a plain-TCP
-    peer why) and, when accept() fails (out of file descriptors, say),
-    stops watching the socket until the next tick instead of spinning.
-    Loop thread only, but for :meth:`bind` (in ``start``, before the loop).
+    Refuses connections beyond ``max_connections`` (telling a plain-TCP peer
+    why); a failed accept() (out of file descriptors ...) stops watching the
+    socket until the next tick instead of spinning.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -3518,12 +3489,11 @@ class _Listener:
 
 
 class _ServerProtocol:
-    """The server's side of the wire protocol, for one :class:`TCPServerTransport`.
+    """The server's side of the wire protocol (loop thread, like the state it keeps).
 
-    The TLS and ``$hello``/``$auth`` handshakes, the control frames a peer
-    sends (``$ping``, ``$interest``, ``$flush``) and the progress reported
-    back (``$ack``, ``$flushed``) once the peer's frames were handled.
-    Loop thread only, like the connections' protocol state it keeps.
+    TLS and ``$hello``/``$auth`` handshakes, the peer's control frames
+    (``$ping``, ``$interest``, ``$flush``) and the progress reported back
+    (``$ack``, ``$flushed``) once its frames were handled.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -3556,10 +3526,7 @@ class _ServerProtocol:
             server._routes.add_frame_peer(conn)
 
     def in_time(self, conn: _Connection, now: float) -> bool:
-        """Drop ``conn`` if its handshake or its current frame takes too long.
-
-        True if it may go on (and, past its handshake, be pinged).
-        """
+        """Drop ``conn`` if its handshake or current frame takes too long; True if it may go on."""
         server = self._server
         if conn.state != _READY and (conn.state == _TLS or server._key is not None
                                      or conn.handshake or not server.allow_frame_only):
@@ -3597,8 +3564,12 @@ class _ServerProtocol:
         elif topic == "$flush" and "flush" in conn.features:
             self.on_flush(conn, payload)
         else:
-            server._count("protocol_errors")
-            logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
+            self.ignored("ignored unknown control frame %r from %s", topic, conn.peer)
+
+    def ignored(self, what: str, *args: Any) -> None:
+        """Count and log (``what % args``) a protocol error that leaves the connection open."""
+        self._server._count("protocol_errors")
+        logger.warning("tcp server: " + what, *args)
 
     def on_hello(self, conn: _Connection, payload: Dict[str, Any]) -> None:
         server = self._server
@@ -3607,15 +3578,8 @@ class _ServerProtocol:
             self.refuse(conn, "protocol_errors", "protocol",
                         f"unsupported handshake version {version!r:.40}")
             return
-        features = payload.get("features")
-        if isinstance(features, list):
-            conn.features = frozenset(f for f in features if isinstance(f, str)) & _FEATURES
-        ping = payload.get("ping_interval")
-        if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
-            conn.peer_ping = float(ping)
-        limit = payload.get("max_frame_size")
-        if type(limit) is int and limit > 0:
-            conn.peer_max_frame = limit
+        conn.features = _agreed_features(payload)
+        conn.peer_max_frame = _frame_limit(payload) or _NO_PEER_LIMIT
         name = payload.get("name")
         if isinstance(name, str):  # optional: shown by a monitor
             conn.name = name[:_MAX_PEER_NAME]
@@ -3677,8 +3641,7 @@ class _ServerProtocol:
         added = payload.get("add") or []
         removed = payload.get("remove") or []
         if not isinstance(added, list) or not isinstance(removed, list):
-            server._count("protocol_errors")
-            logger.warning("tcp server: malformed $interest from %s", conn.peer)
+            self.ignored("malformed $interest from %s", conn.peer)
             return
         for pattern in removed:
             if isinstance(pattern, str) and pattern in conn.interest:
@@ -3693,13 +3656,11 @@ class _ServerProtocol:
                 else:
                     validate_topic(pattern)
             except TopicError as exc:
-                server._count("protocol_errors")
-                logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
+                self.ignored("ignored interest from %s: %s", conn.peer, exc)
                 continue
             if len(conn.interest) >= server.max_interest:
-                server._count("protocol_errors")
-                logger.warning("tcp server: %s exceeds max_interest=%d; ignored %r",
-                               conn.peer, server.max_interest, pattern)
+                self.ignored("%s exceeds max_interest=%d; ignored %r",
+                             conn.peer, server.max_interest, pattern)
                 continue
             conn.interest[pattern] = None
             server._routes.add(conn, pattern)
@@ -3709,20 +3670,16 @@ class _ServerProtocol:
     def on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
         # Feature "flush": answer $flushed once every frame read before this
         # one was handled; $interest frames were applied when read.
-        server = self._server
         flush_id = payload.get("id")
         if type(flush_id) is not int:
-            server._count("protocol_errors")
-            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
-                           conn.peer, flush_id)
+            self.ignored("ignored $flush from %s: id must be an int, not %.40r",
+                         conn.peer, flush_id)
             return
         flushes = conn.flushes
         if flushes is None:
             flushes = conn.flushes = collections.deque()
         if len(flushes) >= _MAX_FLUSHES:
-            server._count("protocol_errors")
-            logger.warning("tcp server: ignored $flush from %s: %d already wait",
-                           conn.peer, len(flushes))
+            self.ignored("ignored $flush from %s: %d already wait", conn.peer, len(flushes))
             return
         flushes.append((conn.received, flush_id))
         if not self.report_progress(conn):
@@ -3734,9 +3691,7 @@ class _ServerProtocol:
         # add had come just before it (the client withdraws it as usual).
         server = self._server
         if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
-            server._count("protocol_errors")
-            logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
-                           topic[:80], conn.peer)
+            self.ignored("ignored reply_to %r from %s: not a valid topic", topic[:80], conn.peer)
             return
         if len(conn.interest) >= server.max_interest:
             if "interest" not in conn.features:
@@ -3746,9 +3701,8 @@ class _ServerProtocol:
                 del conn.interest[oldest]
                 server._routes.remove(conn, oldest)
             else:
-                server._count("protocol_errors")
-                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
-                               conn.peer, server.max_interest, topic)
+                self.ignored("%s exceeds max_interest=%d; ignored reply_to %r",
+                             conn.peer, server.max_interest, topic)
                 return
         conn.interest[topic] = None
         server._routes.add(conn, topic)
@@ -3764,10 +3718,9 @@ class _ServerProtocol:
                 pass
 
     def handled_upto(self, conn: _Connection) -> int:
-        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
+        """How many of ``conn``'s data frames were handled, in order (loop thread).
 
-        A frame is handled once it was routed on and its local callbacks ran
-        (or it had none); frames are handled in order.
+        Handled: routed on and its local callbacks (if any) ran.
         """
         waiting = conn.waiting
         done = conn.finished - conn.counted
@@ -3778,10 +3731,7 @@ class _ServerProtocol:
         return waiting[0] - 1 if waiting else conn.received
 
     def report_progress(self, conn: _Connection) -> bool:
-        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
-
-        Loop thread.  True when nothing is left to report until it sends more.
-        """
+        """Send the ``$ack``/``$flushed`` ``conn``'s handled frames allow; True if none is due."""
         server = self._server
         handled = self.handled_upto(conn)
         acks = "ack" in conn.features
@@ -4203,51 +4153,45 @@ _DISPATCH_MODES: Dict[str, Callable[[TCPServerTransport], _DispatchMode]] = {
 class TCPServerTransport(_TCPEndpoint):
     """A TCP listener that is also a full Transport for its own process.
 
-    Messages published on the server (``send``) reach its local subscribers
-    (synchronously, like :class:`MemoryTransport`) and every connected client
-    whose interest matches; messages arriving from a client reach the local
-    subscribers (on the dispatcher thread, in arrival order), inboxes and
-    receivers, and the other clients whose interest matches.  A client that
-    never sent ``$hello`` (an eventforge 0.1 client) receives every
-    routed message.
+    Messages published here (``send``) reach the local subscribers
+    (synchronously, like :class:`MemoryTransport`) and every client whose
+    interest matches; messages from a client reach the local subscribers,
+    inboxes and receivers, and the other clients whose interest matches.  A
+    client that never sent ``$hello`` (eventforge 0.1) gets every routed
+    message; ``allow_frame_only=False`` (and always a ``secret``) refuses it.
+    Inbox messages (``_reply.``/``_rpc_reply.``) go only to the connection
+    whose request opened the inbox.
 
-    Call :meth:`start` before use (``port=0`` picks a free port; read
-    :attr:`address` afterwards) and :meth:`close` to stop every thread and
-    socket.  Limits: ``max_frame_size`` per frame, ``max_connections``
-    clients, ``max_outbound_bytes`` queued per client (a client that does not
-    read is dropped as a slow consumer), ``handshake_timeout`` for TLS and the
-    secret handshake, ``frame_timeout`` for an incomplete frame.  ``secret``
-    requires the mutual HMAC-SHA256 handshake; ``ssl_context`` (a server-side
+    Call :meth:`start` before use (``port=0`` picks a free port: read
+    :attr:`address`) and :meth:`close` to stop every thread and socket.
+    Limits: ``max_frame_size`` per frame, ``max_connections`` clients,
+    ``max_outbound_bytes`` queued per client (one that does not read is
+    dropped as a slow consumer), ``handshake_timeout`` for TLS and the secret
+    handshake, ``frame_timeout`` for an incomplete frame.  ``secret`` requires
+    the mutual HMAC-SHA256 handshake; ``ssl_context`` (server-side
     :class:`ssl.SSLContext`) wraps every connection in TLS.  Every refused
     input is logged with its reason and counted in :attr:`stats`.
 
-    ``dispatch="leader"`` (the default) runs subscriber callbacks for network
-    messages on the thread that read them; when one runs for 2 ms a standby
-    thread takes the I/O loop over, so a handler may block, even on a
-    request over this same server.  Each connection's callbacks run one at a
-    time in arrival order; different connections' may run concurrently once
-    one blocks (at most ``max_handler_threads`` threads).
-    ``dispatch="thread"`` runs every callback on one dispatcher thread, one
-    at a time (a thread hop per message).  ``dispatch="inline"`` runs them on
-    the I/O thread with no standby; use it only when handlers return quickly
-    and never wait for network traffic: while a handler runs, no socket of
-    this server is served.  In every mode a handler that raises anything,
-    ``BaseException`` included, fails that call only.
+    ``dispatch="leader"`` (the default) runs the callbacks of network messages
+    on the thread that read them; one running for 2 ms makes a standby thread
+    take the I/O loop over, so a handler may block, even on a request over
+    this server.  A connection's callbacks run one at a time in arrival order;
+    different connections' concurrently once one blocks (at most
+    ``max_handler_threads`` threads).  ``dispatch="thread"``: every callback on
+    one dispatcher thread (a thread hop each).  ``dispatch="inline"``: on the
+    I/O thread, no standby; only for handlers that return quickly and never
+    wait for network traffic (meanwhile no socket is served).  In every mode
+    a handler that raises anything, ``BaseException`` included, fails that
+    call only.  A client's frame is acknowledged once handled (routed on, its
+    local callbacks run), so :meth:`close` loses nothing a reconnecting
+    client does not send again.
 
-    A client's frame is acknowledged once handled (routed on and its local
-    callbacks run), so :meth:`close` loses nothing a reconnecting client
-    does not send again.  Inbox messages (``_reply.``/``_rpc_reply.``) go
-    only to the connection whose request opened the inbox.
-    ``allow_frame_only=False`` refuses peers that do not start with
-    ``$hello`` (a server with a ``secret`` always does).
-
-    Inside, collaborators do the separate jobs: :class:`_Listener` accepts,
-    :class:`_ServerProtocol` speaks the handshake and control frames,
-    :class:`_Routes` says where a message goes, :class:`_ServerWriter` gets
-    frames written and a :class:`_DispatchMode` runs the handlers.  Locks,
-    outermost first: ``_lock`` (start and close only), a dispatch mode's
-    lock, ``_ServerWriter._fanout_lock``, a connection's ``lock``; the
-    routing table is copy-on-write and needs none.
+    Collaborators: :class:`_Listener` accepts, :class:`_ServerProtocol` speaks
+    the handshake and control frames, :class:`_Routes` says where a message
+    goes, :class:`_ServerWriter` gets frames written, a :class:`_DispatchMode`
+    runs the handlers.  Locks, outermost first: ``_lock`` (start and close
+    only), a dispatch mode's lock, ``_ServerWriter._fanout_lock``, a
+    connection's ``lock``; the routing table is copy-on-write and needs none.
     """
 
     _log_name = "tcp server"
@@ -4275,19 +4219,15 @@ class TCPServerTransport(_TCPEndpoint):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
         if dispatch not in tuple(_DISPATCH_MODES):
-            raise ValueError(
-                f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
+            raise ValueError(f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
         if not isinstance(max_handler_threads, int) or max_handler_threads < 2:
             raise ValueError(
                 f"max_handler_threads must be an int >= 2, not {max_handler_threads!r}")
         self.dispatch = dispatch
         self.max_handler_threads = max_handler_threads
         self._loop_done = threading.Event()
-        for name, value in (
-            ("max_frame_size", max_frame_size),
-            ("max_connections", max_connections),
-            ("max_outbound_bytes", max_outbound_bytes),
-        ):
+        for name, value in (("max_frame_size", max_frame_size), ("max_connections",
+                             max_connections), ("max_outbound_bytes", max_outbound_bytes)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
         self.host = host
@@ -4310,9 +4250,7 @@ class TCPServerTransport(_TCPEndpoint):
         self._loop: Optional[_Loop] = None
         self._reading = True  # False once close() stopped reading
         self._conns: Dict[int, _Connection] = {}
-        # Routing tables, written by the loop thread only, read by any thread
-        # (values are replaced, never mutated: copy on write).
-        self._routes = _Routes()
+        self._routes = _Routes()  # copy on write: read by any thread without a lock
         self._writer = _ServerWriter(self)
         self._dirty = self._writer.dirty
         self._push = self._writer.push  # bound once: the hottest call of the server
@@ -4335,9 +4273,7 @@ class TCPServerTransport(_TCPEndpoint):
     @property
     def address(self) -> Optional[Tuple[str, int]]:
         """The bound ``(host, port)`` after :meth:`start`, else None."""
-        if self._listener is None:
-            return None
-        return self._listener.address
+        return None if self._listener is None else self._listener.address
 
     @property
     def port(self) -> int:
@@ -4368,15 +4304,14 @@ class TCPServerTransport(_TCPEndpoint):
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting and reading, handle what was read, close every connection.
 
-        The handler calls of frames already read go on running until
-        ``timeout`` (seconds) has nearly passed: a quarter of it, at most 1 s,
-        is kept for the rest.  Calls not started by then are skipped and their
-        frames never acknowledged, so a reconnecting client sends them again
-        (at-least-once).  Then what was handled is acknowledged, replies are
-        flushed, every connection is closed and every thread joined; close
-        returns within about ``timeout``.  Only a handler that is still
-        running at that point (it blocks) can outlive it; that is logged.
-        Safe to call twice and from a handler.
+        Handler calls of frames already read run until ``timeout`` (seconds) has
+        nearly passed (a quarter of it, at most 1 s, is kept for the rest); calls
+        not started by then are skipped, their frames never acknowledged, so a
+        reconnecting client sends them again (at-least-once).  Then what was
+        handled is acknowledged, replies flushed, connections closed and threads
+        joined, within about ``timeout``; only a handler still running (it
+        blocks) can outlive it, and that is logged.  Safe to call twice and from
+        a handler.
         """
         with self._lock:
             if self._closed:
@@ -4474,9 +4409,8 @@ class TCPServerTransport(_TCPEndpoint):
     def connections(self, closed: bool = False) -> List[Dict[str, Any]]:
         """Snapshots of the open connections, or of the last 256 closed ones (oldest first).
 
-        Each is a dict (see :meth:`_Connection.snapshot`); a closed one also
-        has ``stop`` (epoch seconds), ``reason`` and ``counter`` (the
-        :attr:`stats` key its closing was counted under).
+        Dicts (see :meth:`_Connection.snapshot`); a closed one also has ``stop``
+        (epoch seconds), ``reason`` and ``counter`` (its :attr:`stats` key).
         """
         if closed:
             return [dict(info) for info in list(self._closed_conns)]
@@ -4492,11 +4426,10 @@ class TCPServerTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """Internal state, for tests and diagnostics only (not a stable API).
 
-        ``exact``: exact topic -> how many connections it is routed to
-        (inboxes included); ``patterns``: how many wildcard routes;
-        ``frame_peers``: peers that get every routed message; ``connections``:
-        connection id -> its ``peer``, agreed ``features``, ``peer_max_frame``
-        and ``interest`` (patterns and topics routed to it).
+        ``exact``: topic -> connections routed to (inboxes included);
+        ``patterns``: wildcard routes; ``frame_peers``: peers that get every
+        routed message; ``connections``: id -> ``peer``, ``features``,
+        ``peer_max_frame``, ``interest``.
         """
         state = self._routes.debug_state()
         state["connections"] = {
@@ -4507,10 +4440,7 @@ class TCPServerTransport(_TCPEndpoint):
         return state
 
     def debug_cut_connections(self, reason: str = "cut for a test") -> None:
-        """Close every open connection abruptly, as a network failure would (tests only).
-
-        Counted under ``disconnects``; the clients see their connection break.
-        """
+        """Close every connection abruptly, as a network failure would (tests; ``disconnects``)."""
         for conn in list(self._conns.values()):
             self._close_later(conn, "disconnects", reason)
 
@@ -4541,10 +4471,9 @@ class TCPServerTransport(_TCPEndpoint):
         self._drop(conn, "internal_errors", "internal error (see traceback)")
 
     def _read_failed(self, conn: _Connection, exc: OSError) -> None:
-        if isinstance(exc, ConnectionResetError):
-            self._drop(conn, "resets", self._eof_reason(conn, "connection reset by peer"))
-        else:
-            self._drop(conn, "resets", self._eof_reason(conn, f"read failed: {exc}"))
+        reset = isinstance(exc, ConnectionResetError)
+        what = "connection reset by peer" if reset else f"read failed: {exc}"
+        self._drop(conn, "resets", self._eof_reason(conn, what))
 
     def _peer_closed(self, conn: _Connection) -> None:
         if conn.decoder.buffered:
@@ -4860,22 +4789,6 @@ def _watch_at_exit(client: Any) -> None:
     _open_clients.add(client)
 
 
-def _welcome_features(welcome: Dict[str, Any]) -> frozenset:
-    """The features a ``$welcome`` agreed on that this client knows."""
-    features = welcome.get("features")
-    if not isinstance(features, list):
-        return frozenset()
-    return frozenset(f for f in features if isinstance(f, str)) & _FEATURES
-
-
-def _welcome_limit(welcome: Dict[str, Any]) -> Optional[int]:
-    """The server's ``max_frame_size`` from its ``$welcome`` (None if absent or bad)."""
-    limit = welcome.get("max_frame_size")
-    if type(limit) is int and limit > 0:
-        return limit
-    return None
-
-
 def _describe_frame(frame: bytes) -> str:
     """``message <id> on '<topic>' (<n> bytes)`` for a log line about a frame."""
     try:
@@ -4895,26 +4808,16 @@ def _with_ttl(frame: bytes, remaining: float) -> bytes:
 class _Backlog:
     """A client's unacknowledged message frames, the room left for more, its requests.
 
-    Each item is ``[seq, frame, charges, deadline]``: the frame's number on
-    the current connection (0: not sent on it), the frame (b"" once
-    acknowledged or withdrawn), how many connections broke while it was the
-    oldest unacknowledged frame, and the monotonic deadline of a request's
-    ``_ttl_ms`` (None without one).  :meth:`resend` decides what goes out
-    again on a new connection.  With a server that acknowledges (``acked``:
-    the feature "ack") a frame stays until acknowledged; otherwise it waits
-    here only while there is no connection.  ``seq`` counts the data frames
-    queued on the current connection, as the server counts them.
-
-    ``requests`` maps each open request inbox's topic to ``[inbox,
-    connection its last request went out on, that request's item]``: a
-    request is withdrawn when its caller stops waiting (:meth:`untrack`) and
-    fails at once when its connection breaks (:meth:`connection_lost`).
-
-    ``changed`` is a condition on the client's lock: a sender waiting for
-    room waits on it, and so do ``flush()`` and ``close()``; :meth:`wake`
-    them after anything they wait for changed (an acknowledgement, the
-    connection ...).  Not thread-safe on its own: every method runs with the
-    client's lock held, so its counters are plain ints under that lock.
+    An item is ``[seq, frame, charges, deadline]``: the frame's number on the
+    current connection (0: not sent on it; ``seq`` counts them as the server
+    does), the frame (b"" once acknowledged or withdrawn), connections that
+    broke with it the oldest unacknowledged frame, a request's ``_ttl_ms``
+    deadline (or None).  Kept until acknowledged (``acked``: the server has
+    the feature "ack"), else only while there is no connection.  ``requests``:
+    inbox topic -> ``[inbox, connection its request went out on, that item]``
+    (withdrawn by :meth:`untrack`, failed by :meth:`connection_lost`).
+    ``changed`` is a condition on the client's lock, held around every call
+    (plain int counters); :meth:`wake` its waiters after a change.
     """
 
     __slots__ = ("items", "bytes", "counts", "changed", "waiters", "max_items", "max_bytes",
@@ -4995,10 +4898,9 @@ class _Backlog:
     def connection_lost(self, conn: _Connection) -> List[_ClientInbox]:
         """Charge the oldest frame sent on ``conn``; forget the numbering.
 
-        Acknowledgements are cumulative and in order, so a server that keeps
-        closing the connection over one frame stops at that frame.  Returns
-        the inboxes whose request went out on ``conn`` (withdrawn: the reply
-        cannot come).
+        Acknowledgements are cumulative, so a server that keeps closing the
+        connection over one frame stops at that frame.  Returns the inboxes whose
+        request went out on ``conn`` (withdrawn: no reply can come).
         """
         failed: List[_ClientInbox] = []
         for record in self.requests.values():
@@ -5022,11 +4924,10 @@ class _Backlog:
     def resend(self, conn: _Connection, limit: int) -> List[bytes]:
         """Number the frames for the new connection ``conn`` (1, 2 ...) and return them.
 
-        Dropped, each logged and counted: a frame over the server's ``limit``
-        (``too_large``), a frame that broke ``_MAX_SEND_ATTEMPTS`` connections
-        as the oldest unacknowledged one (``refused``), a request whose TTL
-        ran out (``expired``).  A request that still has time goes out with
-        its ``_ttl_ms`` cut to what is left.
+        Dropped, logged and counted: over the server's ``limit`` (``too_large``),
+        oldest unacknowledged on ``_MAX_SEND_ATTEMPTS`` broken connections
+        (``refused``), a request past its TTL (``expired``); a request with time
+        left goes with its ``_ttl_ms`` cut to it.
         """
         frames: List[bytes] = []
         kept: Deque[List[Any]] = collections.deque()
@@ -5059,8 +4960,7 @@ class _Backlog:
         self.seq = len(frames)
         if expired:
             self.counts["expired"] += expired
-            logger.info("tcp client: %d request(s) expired while disconnected; not resent",
-                        expired)
+            logger.info("tcp client: %d request(s) expired while disconnected; not resent", expired)
         if frames:
             self.counts["resent"] += len(frames)
             for record in self.requests.values():  # requests now in flight on conn
@@ -5073,8 +4973,7 @@ class _Backlog:
         frame = item[1]
         item[1] = b""
         self.counts[counter] += 1
-        logger.warning("tcp client: dropped %s for %s: %s", _describe_frame(frame), where,
-                       reason)
+        logger.warning("tcp client: dropped %s for %s: %s", _describe_frame(frame), where, reason)
 
     def written(self) -> None:
         """A server without acknowledgements: what was written is all it gets."""
@@ -5106,17 +5005,14 @@ class _Backlog:
 class _Interest:
     """What a :class:`TCPClientTransport` wants from its server, and what it has not told it.
 
-    ``counts`` maps each pattern (a subscription's pattern, a ``receive``
-    topic, an inbox topic) to its number of users: the server hears of a
-    pattern when its first user comes and of its withdrawal when the last
-    one goes.  A withdrawal is not urgent: it waits in ``removals`` for the
-    next ``$interest`` frame, a tick or ``_REMOVALS_BATCH`` others.  When the
-    server speaks the features "interest" and "reply" (``implicit``), an
-    inbox just opened waits in ``deferred``: a request naming it as
-    ``reply_to`` tells the server, and any other frame sent first carries it.
-    ``receiving`` holds the topics taken by ``receive``, ``patterns`` the
-    pattern of each subscription id.  Not thread-safe: the client holds its
-    lock around every call.
+    ``counts``: pattern (subscription, ``receive`` topic, inbox) -> users; the
+    server hears of the first user and, in ``removals`` (with the next
+    ``$interest``, a tick or ``_REMOVALS_BATCH`` others), of the last one
+    leaving.  With the features "interest" and "reply" (``implicit``) a new
+    inbox waits in ``deferred``: the request naming it as ``reply_to`` tells
+    the server, any other frame carries it first.  ``receiving``: the
+    ``receive`` topics; ``patterns``: subscription id -> pattern.  The client
+    holds its lock around every call.
     """
 
     __slots__ = ("counts", "removals", "deferred", "implicit", "receiving", "patterns")
@@ -5130,10 +5026,9 @@ class _Interest:
         self.patterns: Dict[str, str] = {}
 
     def add(self, pattern: str, told: bool, defer: bool = False) -> bytes:
-        """One more user of ``pattern``; return the ``$interest`` frame to send now, or b"".
+        """One more user of ``pattern``; the ``$interest`` frame to send now, or b"".
 
-        ``told``: a handshake connection is up (the server keeps interest);
-        ``defer``: ``pattern`` is an inbox the next request may name.
+        ``told``: a handshake connection is up; ``defer``: an inbox the next request may name.
         """
         count = self.counts.get(pattern, 0)
         self.counts[pattern] = count + 1
@@ -5173,11 +5068,7 @@ class _Interest:
         return _interest_frame(added, removed)
 
     def before(self, reply_to: Optional[str]) -> bytes:
-        """What must go ahead of a frame naming ``reply_to`` (b"": nothing yet).
-
-        The request's own inbox needs no frame (the server takes its
-        ``reply_to`` as interest); any other deferred inbox goes ahead of it.
-        """
+        """What must precede a frame naming ``reply_to``: deferred inboxes but its own (implied)."""
         if self.deferred and reply_to is not None:
             self.deferred.pop(reply_to, None)
         if self.deferred or len(self.removals) >= _REMOVALS_BATCH:
@@ -5195,16 +5086,14 @@ class _Interest:
 
 
 class _Confirmations:
-    """What a client's callers wait for from its server; the waits themselves.
+    """What a client's callers wait for from its server, and the waiting.
 
-    ``send`` with the backlog full: room (:meth:`room`).  ``flush()``: a
-    server with the feature "flush" answers ``$flush`` with ``$flushed`` (same
-    id); an older handshake server answers ``$ping`` with ``$pong``, in order,
-    having applied the interest sent before, and the messages sent before
-    are handled once it acknowledged them too.  ``close()``: every accepted
-    message acknowledged (or written, to a server that does not
-    acknowledge).  The counters change under the client's ``_lock``; the
-    waits hold it and wait on ``_backlog.changed``.
+    Room in the backlog (``send``, :meth:`room`); ``flush()``: ``$flushed``
+    for ``$flush`` (feature "flush"), else ``$pong`` for ``$ping`` (in order,
+    after the interest sent before) and the acknowledgement of the messages
+    sent before; ``close()``: every accepted message acknowledged (or written,
+    for a server that does not acknowledge).  Counters change under the
+    client's ``_lock``; the waits hold it and wait on ``_backlog.changed``.
     """
 
     __slots__ = ("client", "ids", "flushed_upto", "pings_sent", "pongs")
@@ -5268,7 +5157,7 @@ class _Confirmations:
              backlog: _Backlog) -> Tuple[bytes, Optional[Callable[[], bool]]]:
         """The frame asking the server to confirm all sent so far, and the test that it did.
 
-        ``(b"", None)`` if the server cannot confirm anything (no handshake).
+        ``(b"", None)``: the server cannot confirm anything (no handshake).
         """
         if "flush" in features:
             ident = next(self.ids)
@@ -5326,9 +5215,8 @@ class _Confirmations:
     def room(self, size: int) -> Optional[_Connection]:
         """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
 
-        ``send`` calls it with the client's lock held and the backlog full:
-        it waits (up to ``send_timeout``) for acknowledgements, so a publisher
-        faster than the server is slowed down, like a blocking socket write.
+        Called by ``send`` with the lock held and the backlog full: waits up to
+        ``send_timeout`` for acknowledgements, slowing down a fast publisher.
         """
         c = self.client
         backlog = c._backlog
@@ -5349,14 +5237,11 @@ class _Confirmations:
 class _ClientInbox(Inbox):
     """A request inbox of a :class:`TCPClientTransport`.
 
-    ``get`` first reads the socket itself for a while (where the platform
-    allows it), so the reply wakes the waiting thread directly instead of
-    waking the client's I/O thread, which would wake the caller in turn.
-    A subscriber callback that waits here hands the dispatcher role to
-    another thread first, so a reply (or the request itself) that must pass
-    through a subscriber of this very client is not stuck behind it.  If the
-    connection that carried the request breaks before the reply came,
-    ``get`` raises ConnectionLostError at once instead of waiting its timeout.
+    ``get`` first reads the socket itself a while (where the platform allows),
+    so the reply wakes the waiting thread directly, not via the I/O thread.
+    A subscriber callback waiting here first hands the dispatcher role on (the
+    reply may pass through a subscriber of this client).  ``get`` raises
+    ConnectionLostError at once if the request's connection broke.
     """
 
     _transport: Any = None
@@ -5418,10 +5303,9 @@ def _client_handshake(client: TCPClientTransport, sock: socket.socket, where: st
     """The client's side of the handshake on the blocking, connected ``sock``.
 
     ``$hello`` out, ``$welcome`` back; with a secret, ``$auth`` out and
-    ``$ready`` back, each side proving it knows the secret.  A server that
-    does not answer within ``hello_timeout`` (unless the handshake is
-    required) is taken for a plain-frame peer.  Raises AuthenticationError
-    or ConnectionLostError; leaves the socket non-blocking.
+    ``$ready`` back, each side proving it knows it.  No answer within
+    ``hello_timeout`` (unless required): a plain-frame peer.  Raises
+    AuthenticationError or ConnectionLostError; leaves ``sock`` non-blocking.
     """
     decoder = FrameDecoder(client.max_frame_size)
     early: List[Message] = []
@@ -5478,8 +5362,8 @@ def _client_handshake(client: TCPClientTransport, sock: socket.socket, where: st
             f"{where} does not authenticate, so it cannot prove it knows the secret"
         )
     sock.setblocking(False)
-    return _Opened(sock, decoder, True, _welcome_features(welcome), early, b"",
-                   _welcome_limit(welcome))
+    return _Opened(sock, decoder, True, _agreed_features(welcome), early, b"",
+                   _frame_limit(welcome))
 
 
 def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Message], want: str,
@@ -5514,9 +5398,7 @@ def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Messa
             try:
                 message = decode(body)
             except FrameError as exc:
-                logger.warning(
-                    "tcp client: bad frame from %s during the handshake: %s", where, exc
-                )
+                logger.warning("tcp client: bad frame from %s during the handshake: %s", where, exc)
                 continue
             payload = message.payload if isinstance(message.payload, dict) else {}
             if found is None and message.topic == want:
@@ -5535,9 +5417,9 @@ def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Messa
 class _Dialer:
     """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, handshake.
 
-    Blocking, on the thread calling ``connect()`` or on the client's I/O
-    thread when it reconnects.  The socket being set up is published as the
-    client's ``_connecting``, so ``close()`` can abort it at once.
+    Blocking (in ``connect()``, or on the I/O thread reconnecting).  The socket
+    being set up is the client's ``_connecting``: ``close()`` aborts it with
+    ``shutdown()`` instead of waiting up to ``connect_timeout``.
     """
 
     __slots__ = ("client",)
@@ -5546,13 +5428,7 @@ class _Dialer:
         self.client = client
 
     def connect_socket(self, timeout: float) -> socket.socket:
-        """A connected socket, like ``socket.create_connection``, but abortable.
-
-        The socket is published as the client's ``_connecting`` before
-        ``connect()``, so :meth:`TCPClientTransport.close` can abort a connect
-        (or a handshake read) in progress with ``shutdown()`` instead of
-        waiting up to ``connect_timeout``.
-        """
+        """A connected socket, like ``socket.create_connection``, but abortable."""
         import socket
 
         c = self.client
@@ -5656,12 +5532,11 @@ class _Dialer:
 class _Lifecycle:
     """A :class:`TCPClientTransport`'s connection over time, and its I/O thread.
 
-    :meth:`run` is the I/O thread: it serves the connection and, when it
-    breaks, reconnects (:meth:`_Dialer.redial`).  :meth:`install` adopts each
-    connection opened (the interest first, then every unacknowledged
-    frame), :meth:`lost` gives one up (requests sent on it fail at once),
-    :meth:`stop` and the loop's end close it all.  Takes the client's locks
-    in the client's order.
+    :meth:`run` serves the connection and reconnects when it breaks;
+    :meth:`install` adopts each one opened (interest first, then every
+    unacknowledged frame), :meth:`lost` gives one up (its requests fail at
+    once), :meth:`stop` and the loop's end close all.  Takes the client's
+    locks in the client's order.
     """
 
     __slots__ = ("client",)
@@ -5779,11 +5654,7 @@ class _Lifecycle:
             c._kick(conn)
 
     def _adopt(self, conn: _Connection, limit: Optional[int]) -> bytes:
-        """Take up the connection's terms; return the ``$interest`` to send first.
-
-        With the client's lock held, when a connection is installed and when
-        a late ``$welcome`` turns a frame-only connection into a handshake one.
-        """
+        """Take up the connection's terms; the ``$interest`` to send first (lock held)."""
         c = self.client
         c._send_limit = limit if limit is not None else c.max_frame_size
         features = conn.features if conn.handshake else frozenset()
@@ -5793,9 +5664,8 @@ class _Lifecycle:
     def late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
         """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
 
-        The server took this client for a handshake peer while the client
-        spoke plain frames; the client adopts the server's terms and sends
-        its interest, so both sides agree again.
+        The server took us for a handshake peer while we spoke plain frames:
+        adopt its terms and send the interest, so both sides agree again.
         """
         c = self.client
         if welcome.get("auth"):
@@ -5806,8 +5676,8 @@ class _Lifecycle:
                 return
             conn.handshake = True
             conn.nonce = b""
-            conn.features = _welcome_features(welcome)
-            interest = self._adopt(conn, _welcome_limit(welcome))
+            conn.features = _agreed_features(welcome)
+            interest = self._adopt(conn, _frame_limit(welcome))
             if interest:
                 conn.enqueue(interest)
         logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
@@ -5824,11 +5694,10 @@ class _Lifecycle:
             lose(conn, reason)
 
     def lost_after_write(self, conn: _Connection, reason: str) -> None:
-        """A write failed (loop thread): first take what the server sent before it closed.
+        """A write failed (loop thread): first read what the server sent before closing.
 
-        A server closing with our frames unread resets the connection, and
-        our next write fails; its last ``$ack`` may still wait in the socket,
-        and reading it spares resending what the server already handled.
+        A server closing with our frames unread resets the connection; its last
+        ``$ack`` may still wait in the socket and spares resending what it handled.
         """
         c = self.client
         if not conn.tls and not conn.closed:
@@ -5849,9 +5718,8 @@ class _Lifecycle:
     def lost(self, conn: _Connection, reason: str) -> None:
         """The connection broke (loop thread): forget it; :meth:`run` reconnects.
 
-        Callers waiting for the reply to a request sent on it get
-        ConnectionLostError now (the request is not resent); the oldest
-        unacknowledged frame is charged one attempt (see _Backlog.resend).
+        Waiters for replies to requests sent on it get ConnectionLostError now;
+        the oldest unacknowledged frame is charged one attempt (_Backlog.resend).
         """
         c = self.client
         with c._lock:
@@ -6223,11 +6091,10 @@ class TCPClientTransport(_TCPEndpoint):
             self._kick(conn)
 
     def _ahead_of(self, conn: _Connection, size: int, reply_to: Optional[str]) -> None:
-        """Before a frame of ``size`` bytes joins ``conn``'s queue (send's uncommon cases).
+        """What precedes a ``size``-byte frame on ``conn`` (send's uncommon cases; locks held).
 
-        Called with self._lock and conn.lock held.  Raises TransportFullError
-        if the queue has no room; queues first the interest changes that must
-        go ahead of the frame (see :meth:`_Interest.before`).
+        Raises TransportFullError without room; queues the interest changes that
+        go first (:meth:`_Interest.before`).
         """
         if conn.out_bytes + size > conn.max_outbound:
             self._counts["full"] += 1
@@ -6255,9 +6122,7 @@ class TCPClientTransport(_TCPEndpoint):
             self._dispatcher.hand_off_if_current()
         return self._local.receive(topic, timeout)
 
-    async def receive_async(
-        self, topic: str, timeout: Optional[float] = None
-    ) -> Optional[Message]:
+    async def receive_async(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Asyncio-native :meth:`receive`."""
         self._want_receive(topic)
         return await self._local.receive_async(topic, timeout)
@@ -6316,11 +6181,10 @@ class TCPClientTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """A snapshot of internal state, for tests and debugging (keys may change).
 
-        ``interest``: pattern -> users; ``features``: agreed with the server
-        (empty without a handshake connection); ``implicit``: a request tells
-        the server of its reply inbox; ``socket``: the connection's socket or
-        None; ``connecting``: a connection attempt is under way;
-        ``io_thread_alive``: the client's I/O thread runs.
+        ``interest``: pattern -> users; ``features``: agreed (empty without a
+        handshake); ``implicit``: requests tell the server of their inbox;
+        ``socket``: the socket or None; ``connecting``: an attempt is under way;
+        ``io_thread_alive``: the I/O thread runs.
         """
         with self._lock:
             conn, loop = self._conn, self._loop
