@@ -3386,13 +3386,11 @@ class _Listener:
         server = self._server
         try:
             family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
-            sock = socket.create_server(
-                (server.host, server._port), family=family, backlog=server.backlog
-            )
+            sock = socket.create_server((server.host, server._port), family=family,
+                                        backlog=server.backlog)
         except OSError as exc:
-            raise ConnectionLostError(
-                f"cannot listen on {server.host}:{server._port}: {exc}"
-            ) from exc
+            where = f"{server.host}:{server._port}"
+            raise ConnectionLostError(f"cannot listen on {where}: {exc}") from exc
         sock.setblocking(False)
         self.sock = sock
         self.address = tuple(sock.getsockname()[:2])
@@ -3435,9 +3433,7 @@ class _Listener:
             except OSError as exc:  # e.g. EMFILE: log, keep serving the others
                 server._count("accept_errors")
                 logger.error("tcp server: accept failed: %s; pausing accepts for 0.25 s", exc)
-                # The listener stays readable: stop watching it until the next
-                # tick instead of spinning.
-                try:
+                try:  # it stays readable: stop watching it until the next tick
                     server._loop.selector.unregister(listener)  # type: ignore[union-attr]
                     self.paused = True
                 except (KeyError, ValueError):
@@ -3449,10 +3445,8 @@ class _Listener:
                 continue
             if len(server._conns) >= server.max_connections:
                 server._count("refused_connections")
-                logger.warning(
-                    "tcp server: refused %s: max_connections=%d reached",
-                    peer, server.max_connections,
-                )
+                logger.warning("tcp server: refused %s: max_connections=%d reached",
+                               peer, server.max_connections)
                 if server.ssl_context is None:
                     try:
                         sock.setblocking(False)
@@ -3469,9 +3463,8 @@ class _Listener:
                 context = server.ssl_context
                 tls = context is not None
                 if context is not None:
-                    sock = context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False
-                    )
+                    sock = context.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False)
             except OSError as exc:
                 sock.close()
                 server._count("accept_errors")
@@ -5572,6 +5565,7 @@ class _Lifecycle:
             raise ConnectionLostError(f"not connected to {c.host}:{c.port}: call connect() first")
 
     def run(self) -> None:
+        """The I/O thread: serve the connection, reconnect when it breaks, tick."""
         c = self.client
         loop = c._loop
         assert loop is not None
@@ -5828,57 +5822,52 @@ class _Lifecycle:
 class TCPClientTransport(_TCPEndpoint):
     """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
-    Call :meth:`connect` before use.  ``send`` writes from the caller's
-    thread when the connection is idle and queues otherwise; frames from
-    many threads never interleave.  ``subscribe``, ``receive`` and request
-    inboxes tell the server this client's *interest*: it sends only matching
-    messages.  Subscriber callbacks run on one dispatcher thread, in arrival
-    order; a callback that waits for a reply (a request, an RPC call, a
-    ``receive``) first hands that role to a new thread, so the reply may come
-    through another subscriber.  A thread waiting for a reply reads the
-    socket itself for a few milliseconds, so the reply wakes it directly.
+    Call :meth:`connect` before use.  ``send`` writes from the caller's thread
+    when the connection is idle, else queues (frames never interleave).
+    ``subscribe``, ``receive`` and request inboxes tell the server this
+    client's *interest*: it sends only matching messages.  Subscriber callbacks
+    run on one dispatcher thread, in arrival order; one that waits for a reply
+    (a request, an RPC call, a ``receive``) first hands that role to a new
+    thread, so the reply may come through another subscriber.  A thread
+    waiting for a reply reads the socket itself for a few milliseconds, so the
+    reply wakes it directly.
 
     A dropped connection is reopened (``reconnect=True``) with capped
     exponential backoff and jitter (``backoff_initial`` .. ``backoff_max``);
-    the interest, then every message the server has not acknowledged, is
-    sent again, in order.  Meanwhile up to ``max_pending`` messages (and
-    ``max_pending_bytes``) wait; beyond that ``send`` raises
-    TransportFullError.  While connected, a full buffer makes ``send`` wait
-    up to ``send_timeout`` s for acknowledgements first (a publisher faster
-    than the server is slowed down).  A server silent for two
-    ``ping_interval`` s is taken for dead.
+    the interest, then every message the server has not acknowledged, is sent
+    again in order.  Meanwhile up to ``max_pending`` messages (and
+    ``max_pending_bytes``) wait, beyond that ``send`` raises TransportFullError;
+    while connected, a full buffer first makes ``send`` wait up to
+    ``send_timeout`` s for acknowledgements (slowing a fast publisher down).  A
+    server silent for two ``ping_interval`` s is taken for dead.
 
     ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a
     client-side :class:`ssl.SSLContext`) enables TLS, checked against
     ``server_hostname`` (default: ``host``).  A server that does not answer
     ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
-    eventforge 0.1 server) until its ``$welcome`` arrives, if ever: then the
-    client switches to the handshake and sends its interest.
-    ``handshake=False`` skips the hello, ``handshake=True`` requires it.
-    ``name`` goes in the hello, for the server's :class:`Monitor`.
+    eventforge 0.1 server) until its ``$welcome`` arrives, if ever; then the
+    client switches to the handshake and sends its interest.  ``handshake=False``
+    skips the hello, ``handshake=True`` requires it.  ``name`` goes in the
+    hello, for the server's :class:`Monitor`.
 
-    ``send`` raises FrameTooLargeError above the server's ``max_frame_size``
-    (learned at handshake).  A buffered message that a reconnected server
-    can no longer take, or keeps refusing, is dropped, logged and counted
-    (``too_large``, ``refused``): nothing is resent forever.  A request whose
-    caller stopped waiting (its inbox closed) is withdrawn, never resent; a
-    caller waiting for the reply to a request whose connection broke gets
-    ConnectionLostError at once.  :meth:`flush` waits until the server
-    processed all sent before it; :meth:`close` delivers what was accepted
-    (within its ``timeout``), and so does normal interpreter exit for the
-    clients still open.  ``on_connection_change(connected, detail)`` is
-    called on the I/O thread when the connection is lost and when it is back.
+    ``send`` raises FrameTooLargeError above the server's ``max_frame_size``.
+    A buffered message a reconnected server can no longer take, or keeps
+    refusing, is dropped, logged and counted (``too_large``, ``refused``).  A
+    request whose caller stopped waiting (inbox closed) is withdrawn; one
+    whose connection broke fails its caller at once (ConnectionLostError).
+    :meth:`flush` waits until the server processed all sent before it;
+    :meth:`close` (and interpreter exit) delivers what was accepted, within its
+    ``timeout``.  ``on_connection_change(connected, detail)`` is called on the
+    I/O thread when the connection is lost and when it is back.
 
     Collaborators: :class:`_Lifecycle` (the connection over time, the I/O
-    thread), :class:`_Dialer` (opening one), :class:`_Backlog` (unacknowledged
-    frames), :class:`_Interest`, :class:`_Confirmations` (what callers wait
-    for).  Locks, outermost first: ``_connect_lock`` (one ``connect()`` at a
-    time), ``_read_lock`` (whoever decodes the socket: the I/O thread, or a
-    caller reading its reply), ``_lock`` (the client's state with its
-    backlog, interest and confirmations; ``_backlog.changed`` is a condition
-    on it), ``_sel_lock`` (the selector registration; never held with
-    ``_lock``), then a connection's ``conn.lock``.  No lock is held while
-    user code runs.
+    thread), :class:`_Dialer`, :class:`_Backlog`, :class:`_Interest`,
+    :class:`_Confirmations`.  Locks, outermost first: ``_connect_lock`` (one
+    ``connect()`` at a time), ``_read_lock`` (whoever decodes the socket: the
+    I/O thread or a caller reading its reply), ``_lock`` (the state, with the
+    backlog, interest and confirmations; ``_backlog.changed`` is a condition on
+    it), ``_sel_lock`` (the selector registration; never held with ``_lock``),
+    a connection's ``conn.lock``.  No lock is held while user code runs.
     """
 
     _log_name = "tcp client"
