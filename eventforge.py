@@ -4552,8 +4552,32 @@ class TCPServerTransport(_TCPEndpoint):
         self._dirty[conn.id] = conn  # written after this loop iteration, with the rest
 
     def _write_failed(self, conn: _Connection, exc: OSError) -> None:
-        counter = "truncated_frames" if conn.decoder.buffered else "resets"
-        self._close_later(conn, counter, self._eof_reason(conn, f"write failed: {exc}"))
+        loop = self._loop
+        if loop is not None:  # never inside the write: it may run in the middle of a flush
+            loop.call_soon(lambda: self._read_then_drop(conn, f"write failed: {exc}"))
+
+    def _read_then_drop(self, conn: _Connection, what: str) -> None:
+        """A write to ``conn`` failed (loop thread): read what the peer sent
+        before it went, as the client does, then close.
+
+        A peer that closes with our frames unread resets the connection, yet
+        what it sent first is still readable; reading it counts and logs the
+        real reason (a bad frame, a TLS ClientHello ...) rather than a reset.
+        """
+        if conn.closed:
+            return
+        if not conn.tls and self._may_read(conn):
+            import select
+
+            try:
+                readable = select.select([conn.sock], [], [], 0)[0]
+            except (OSError, ValueError):
+                readable = []
+            if readable:
+                self._on_readable(conn)
+        if not conn.closed:
+            counter = "truncated_frames" if conn.decoder.buffered else "resets"
+            self._drop(conn, counter, self._eof_reason(conn, what))
 
     def _may_read(self, conn: _Connection) -> bool:
         return not conn.closed and self._reading
