@@ -2054,8 +2054,12 @@ class MemoryTransport(Transport):
         """:meth:`open_inbox` with an inbox made by ``kind(topic, on_close=, maxsize=)``
         (an :class:`Inbox` subclass); ``on_close(inbox)`` runs after the inbox
         is withdrawn here."""
-        _refuse_receive_pattern(topic)
-        validate_topic(topic)
+        if not (topic.startswith(INBOX_PREFIXES) and len(topic) <= MAX_TOPIC_LENGTH
+                and _TOPIC_RE.fullmatch(topic) is not None):
+            # (A request's one-off topic, valid, stays out of validate_topic's
+            # cache: thousands a second would keep clearing it.)
+            _refuse_receive_pattern(topic)
+            validate_topic(topic)
         if on_close is None:
             withdraw = self._close_inbox
         else:
@@ -2070,8 +2074,9 @@ class MemoryTransport(Transport):
             if topic in self._inboxes:
                 raise ValueError(f"an inbox for {topic!r} is already open")
             self._inboxes[topic] = inbox
-            for message in self._unkeep(topic):
-                inbox.put(message)
+            if self._mailboxes:
+                for message in self._unkeep(topic):
+                    inbox.put(message)
         return inbox
 
     def _subscription_patterns(self) -> List[str]:
