@@ -2704,13 +2704,8 @@ class _Connection:
         return self.write_claimed(data)
 
     def claim(self, data: bytes, now: float) -> bool:
-        """Become the writer of ``data`` if the connection is idle; with ``lock`` held.
-
-        For a sender whose frame would otherwise be queued and then written
-        by :meth:`write` at once (:meth:`defer` would say _WRITE_NOW): True
-        means the caller, after releasing the lock, calls
-        :meth:`write_claimed` with ``data``.
-        """
+        """With ``lock`` held: if idle (:meth:`defer` would say _WRITE_NOW), become
+        the writer of ``data``, not queued; then call :meth:`write_claimed`."""
         if (self.writing or self.out or self.cur is not None or self.blocked or self.tls
                 or self.scheduled or self.closed or now - self.last_push < _HOT_GAP):
             return False
@@ -3137,11 +3132,10 @@ class _TCPEndpoint(Transport):
 
     @staticmethod
     def _let_burst_grow(conn: _Connection) -> None:
-        # Asked to write the first frames of a burst: while the sender keeps
-        # queueing (frames closer than _HOT_GAP), let the burst grow, up to
-        # _BURST_HOLD or _BURST_BYTES, and write it in one go instead of a few
-        # frames per wake-up, each costing two syscalls and two GIL hand-offs.
-        # Each sleep hands the GIL to the sender; a request does not wait.
+        # While the sender keeps queueing (frames closer than _HOT_GAP), let
+        # the burst grow (up to _BURST_HOLD, _BURST_BYTES): one write, not one
+        # per few frames with two syscalls and two GIL hand-offs each.  Each
+        # sleep hands the GIL to the sender; a request does not wait.
         started = _perf_counter()
         while not conn.urgent and conn.out_bytes < _BURST_BYTES:
             now = _perf_counter()
@@ -3150,11 +3144,8 @@ class _TCPEndpoint(Transport):
             time.sleep(_HOT_GAP)
 
     def _flush(self, conn: _Connection, claimed: Optional[bytes] = None) -> None:
-        """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full.
-
-        ``claimed``: the frame this thread became the writer of with
-        :meth:`_Connection.claim`, not queued.
-        """
+        """Write ``conn``'s queue (or the frame ``claimed`` with :meth:`_Connection.claim`)
+        now; arrange EVENT_WRITE if the kernel is full."""
         loop = self._loop
         assert loop is not None
         try:
