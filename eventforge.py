@@ -12,7 +12,8 @@ The file reads top to bottom; every section uses only the sections above it.
     2. topics ................ validate_topic, validate_pattern, topic_matches,
                                SubscriptionTrie (one matcher for every transport)
     3. messages and wire ..... Message, encode, decode, FrameDecoder
-    4. transports ............ Transport (the ABC), Inbox, MemoryTransport
+    4. transports ............ Transport (the ABC), Inbox, MemoryTransport;
+                               what network transports share (_Loop, _Dispatcher)
     5. TCP ................... TCPServerTransport, TCPClientTransport
     6. queues ................ MessageQueue, RemoteQueue
     7. execution ............. Executor, ExecutionMode, TaskStatus, TaskResult
@@ -2281,119 +2282,18 @@ class MemoryTransport(Transport):
         return f"<MemoryTransport {state}>"
 
 
-
-# ---------------------------------------------------------------------------
-# 5. TCP transports
-# ---------------------------------------------------------------------------
-
-# Frames are those of section 3.  Peers that speak our handshake exchange a
-# few control frames on reserved ``$`` topics (docs/protocol.md, "TCP connections"):
+# -- what the network transports share ----------------------------------------
 #
-#   client -> server  $hello     {version, features, nonce, ping_interval, max_frame_size}
-#   server -> client  $welcome   {version, features, auth, nonce, max_frame_size, ping_interval}
-#                     (a late $welcome switches a client that fell back to plain frames)
-#   client -> server  $auth      {proof}             only when the server has a secret
-#   server -> client  $ready     {proof}             only when the server has a secret
-#   client -> server  $interest  {add: [...], remove: [...]}
-#                     (feature "reply": a request's inbox reply_to is an implied add)
-#   server -> client  $ack       {n}                 data frames handled so far
-#   client -> server  $flush     {id}                feature "flush"
-#   server -> client  $flushed   {id}                all frames before $flush handled
-#   either way        $ping {} / $pong {}
-#   server -> client  $error     {code, reason}      just before the server closes
-#
-# A peer whose first frame is not ``$hello`` speaks plain frames (an eventforge 0.1
-# client): it receives every message the server routes but other
-# connections' inbox messages, and is refused when the server has a secret
-# or ``allow_frame_only=False``.
-#
-# I/O model: one selector loop per server (accepts, reads, and writes what
-# the kernel would not take at once) and one per client; a sender writes
-# directly from its own thread when the connection is idle, so a request or a
-# reply costs no thread hop on the way out.  Messages that arrive from the
-# network reach inboxes and blocked receivers straight from the reading
-# thread.  The server runs subscriber callbacks on the thread that read the
-# frame and hands the loop to a standby thread when one blocks (leader/
-# follower, see _LeaderFollower); the client runs them on a dispatcher thread (a
-# callback that waits for a reply hands that role to a new thread first), and a
-# caller waiting for a reply reads the socket itself (_read_until).  Either
-# way a handler may block (even on a request over the same connection)
-# without stalling any socket, and one connection's messages keep their order.
+# The TCP transports (section 5) and the broker adapters (eventforge_ext)
+# build on these: a selector thread taking cross-thread calls (_Loop), a
+# thread running subscriber callbacks in order (_Dispatcher), a rate-limited
+# log line (_LogLimiter).
 
-#: Version of the handshake protocol spoken by this module.
-PROTOCOL_VERSION = 1
-#: Default TCP port, the same as eventforge 0.1's.
-DEFAULT_TCP_PORT = 9090
-
-_FEATURES = frozenset(("interest", "ack", "ping", "reply", "flush"))
-_PROGRESS_FEATURES = frozenset(("ack", "flush"))  # the server tracks which frames were handled
-_HANDSHAKE_MAX_FRAME = 4096  # read cap before a secret-protected peer has authenticated
-_AUTH_LABEL_CLIENT = b"eventforge-v1 client"
-_AUTH_LABEL_SERVER = b"eventforge-v1 server"
-_ACK_EVERY = 512  # acknowledge at once after this many data frames, else on the next tick
-_ACK_DELAY = 0.02
-_RECV_SIZE = 256 * 1024
-_DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
-_DISPATCH_LOW_WATER = 5000
-_MAX_DISPATCH_THREADS = 32  # client callbacks waiting for a reply, plus the one dispatching
-# dispatch="leader": a handler that has run this long on the I/O thread makes
-# the standby thread take the I/O loop over; the standby checks this often
-# while handlers run, and sleeps until woken after a second without any.
-_TAKEOVER_AFTER = 0.002
-_STANDBY_IDLE = 1.0
-_MAX_PEER_NAME = 128
-_CLOSED_KEPT = 256  # closed connections a server remembers for a monitor (a ring)
-_conn_ids = itertools.count(1)
-
-# Counters always present in TCPServerTransport.stats (each refusal has its own).
-_SERVER_COUNTERS = (
-    "accepted", "refused_connections", "accept_errors", "disconnects", "messages_in",
-    "messages_out", "bytes_in", "frame_errors", "oversize_frames",
-    "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
-    "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
-    "expired", "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
-)
-_CLIENT_COUNTERS = (
-    "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
-    "reconnect_attempts", "reconnects", "dead_peers", "mailbox_full", "frame_errors",
-    "oversize_frames", "protocol_errors", "too_large", "refused", "withdrawn", "expired",
-    "failed_requests",
-)
-# A frame that was the oldest unacknowledged one on this many connections
-# that all broke is taken as refused by the server and dropped.
-_MAX_SEND_ATTEMPTS = 3
-# close() waits this long by default for what the client accepted to be
-# delivered; clients still open at interpreter exit share one such wait.
-_CLOSE_TIMEOUT = 2.0
-
-# Connection states
-_TLS, _NEW, _AUTH, _READY = "tls", "new", "auth", "ready"
-
-# Results of _Connection.enqueue
-_OK, _CLOSED, _OVERFLOW = 0, 1, 2
-# Results of _Connection.defer
-_WRITE_NOW, _WRITE_SCHEDULE, _WRITE_PENDING = 0, 1, 2
-_HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
-# A client's I/O thread lets a publisher's burst grow while its frames keep
-# coming, for at most this long or this many bytes (see _scheduled_flush).
-_BURST_HOLD = 0.001
-_BURST_BYTES = 64 * 1024
-_REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
-_CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
 _perf_counter = time.perf_counter
 _monotonic = time.monotonic
-_NO_PEER_LIMIT = 1 << 32  # a peer that named no max_frame_size: the length prefix's own bound
-_MAX_FLUSHES = 1024  # $flush requests one connection may have waiting
-_TTL_HEADER = "_ttl_ms"
-# A server handler call: (subscriptions, message, expiry or 0.0, connection read from).
-_Call = Tuple[Tuple[Any, ...], Message, float, Any]
-
-
-def _ttl_expiry(value: Any) -> float:
-    """The monotonic deadline of a request whose ``_ttl_ms`` header is ``value``, or 0.0."""
-    if type(value) is int and value >= 0:
-        return _monotonic() + value / 1000.0
-    return 0.0  # absent or malformed: no deadline
+_DISPATCH_HIGH_WATER = 20000  # stop reading sockets while this many deliveries wait
+_DISPATCH_LOW_WATER = 5000
+_MAX_DISPATCH_THREADS = 32  # callbacks waiting for a reply, plus the one dispatching
 
 
 class _LogLimiter:
@@ -2427,364 +2327,21 @@ class _LogLimiter:
         logger.log(self.level, msg, *args)
 
 
-def _control_frame(topic: str, payload: Dict[str, Any]) -> bytes:
-    """Encode a small control frame (only ``topic`` and ``payload`` keys)."""
-    body = _dumps({"topic": topic, "payload": payload}).encode("utf-8")
-    return len(body).to_bytes(4, "big") + body
+def _socketpair() -> Tuple[socket.socket, socket.socket]:
+    import socket
 
-
-_CONTROL_PREFIX = b'{"topic":"$'
-
-
-def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
-    """Parse a control frame written in our compact form; None for anything else.
-
-    Saves building a Message for the frames our own peers send most.  Any
-    other shape (or invalid JSON) is left to the full :func:`decode`.
-    """
-    if not body.startswith(_CONTROL_PREFIX):
-        return None
     try:
-        obj = _decoder.decode(body.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return None
-    # Exactly these two keys: any other key (an id, a timestamp ...) must be
-    # checked by decode(), which may refuse the frame.
-    if type(obj) is not dict or len(obj) != 2 or "payload" not in obj:
-        return None
-    topic = obj["topic"]
-    if type(topic) is not str or not _TOPIC_RE.fullmatch(topic) or len(topic) > 64:
-        return None
-    return topic, obj["payload"]
-
-
-_json_string = json.JSONEncoder(ensure_ascii=False).encode
-
-
-def _json_topic(topic: str) -> str:
-    # A valid topic has no control characters; only '"' and '\\' need escapes.
-    if '"' in topic or "\\" in topic:
-        return _json_string(topic)
-    return '"' + topic + '"'
-
-
-def _interest_frame(added: List[str], removed: List[str]) -> bytes:
-    """``$interest`` adding and/or removing patterns (all already valid).
-
-    Byte-identical to ``_control_frame("$interest", {"add": [...], "remove": [...]})``
-    with an empty list left out.
-    """
-    parts = []
-    if added:
-        parts.append('"add":[' + ",".join(map(_json_topic, added)) + "]")
-    if removed:
-        parts.append('"remove":[' + ",".join(map(_json_topic, removed)) + "]")
-    body = ('{"topic":"$interest","payload":{' + ",".join(parts) + "}}").encode()
-    return len(body).to_bytes(4, "big") + body
-
-
-def _secret_key(secret: Any) -> Optional[bytes]:
-    if secret is None:
-        return None
-    if isinstance(secret, str):
-        secret = secret.encode("utf-8")
-    if not isinstance(secret, (bytes, bytearray)) or not secret:
-        raise TypeError("secret must be a non-empty str or bytes")
-    return bytes(secret)
-
-
-def _proof(key: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
-    import hashlib
-    import hmac
-
-    return hmac.new(key, label + first + second, hashlib.sha256).digest()
-
-
-def _proof_matches(expected: bytes, given: Any) -> bool:
-    import hmac
-
-    if not isinstance(given, str) or len(given) != 2 * len(expected):
-        return False
-    try:
-        raw = bytes.fromhex(given)
-    except ValueError:
-        return False
-    return hmac.compare_digest(expected, raw)
-
-
-def _nonce_from(value: Any) -> Optional[bytes]:
-    if not isinstance(value, str) or not 32 <= len(value) <= 128:
-        return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        return None
-
-
-def _ssl_module() -> Any:
-    import ssl
-
-    return ssl
-
-
-_WOULD_BLOCK = (BlockingIOError, InterruptedError)
-_TLS_WOULD_BLOCK: Tuple[Type[BaseException], ...] = _WOULD_BLOCK  # + ssl's, once used
-
-
-def _would_block_errors(tls: bool) -> Tuple[Type[BaseException], ...]:
-    global _TLS_WOULD_BLOCK
-    if tls:
-        ssl = _ssl_module()
-        _TLS_WOULD_BLOCK = (BlockingIOError, InterruptedError,
-                            ssl.SSLWantReadError, ssl.SSLWantWriteError)
-        return _TLS_WOULD_BLOCK
-    return _WOULD_BLOCK
-
-
-def _describe_garbage(header: bytes) -> str:
-    """Name the likely protocol behind a nonsensical length prefix."""
-    if header[:1] == b"\x16" and header[1:2] == b"\x03":
-        return " (this looks like a TLS ClientHello: the peer uses TLS, this port does not)"
-    if header[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"OPTI", b"DELE", b"PATC", b"CONN"):
-        return " (this looks like an HTTP request)"
-    return ""
-
-
-def _peer_name(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
-    return str(address)
-
-
-class _Connection:
-    """One TCP peer: its socket, frame decoder, protocol state and outbound queue.
-
-    ``enqueue`` appends whole frames under a lock, so frames from many
-    threads never interleave; ``write`` sends what the kernel takes without
-    blocking and is entered by one thread at a time.
-    """
-
-    __slots__ = (
-        "sock", "peer", "id", "decoder", "tls", "lock", "out", "out_bytes",
-        "max_outbound", "cur", "writing", "blocked", "closed", "state", "handshake",
-        "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
-        "ping_sent", "received", "acked", "interest", "events", "paused",
-        "bytes_in", "peer_ping", "last_push", "scheduled", "urgent", "implicit",
-        "pending", "running", "queued", "caller_reading", "poller",
-        "finished", "waiting", "counted", "peer_max_frame", "flushes",
-        "frames_out", "bytes_out", "name", "started_at",
-    )
-
-    def __init__(
-        self, sock: socket.socket, peer: str, max_frame_size: int, max_outbound: int, tls: bool
-    ) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.id = next(_conn_ids)
-        if tls:
-            _would_block_errors(True)  # sets _TLS_WOULD_BLOCK for write()
-        self.decoder = FrameDecoder(max_frame_size)
-        self.tls = tls
-        self.lock = threading.Lock()
-        self.out: Deque[bytes] = collections.deque()
-        self.out_bytes = 0
-        self.max_outbound = max_outbound
-        self.cur: Union[bytes, memoryview, None] = None  # being written (TLS retries it as is)
-        self.writing = False
-        self.blocked = False  # the kernel refused bytes: wait for EVENT_WRITE
-        self.closed = False
-        self.state = _TLS if tls else _NEW
-        self.handshake = False  # True once the peer sent $hello
-        self.features: frozenset = frozenset()
-        self.nonce = b""
-        self.peer_nonce = b""
-        now = time.monotonic()
-        self.opened = now
-        self.last_recv = now
-        self.frame_started: Optional[float] = None
-        self.ping_sent = False
-        self.received = 0  # data frames received (acknowledged with $ack)
-        self.acked = 0
-        self.interest: Dict[str, None] = {}
-        self.events = 0
-        self.paused = False
-        self.bytes_in = 0
-        self.peer_ping: Optional[float] = None
-        self.last_push = 0.0
-        self.scheduled = False  # a flush by the I/O thread is pending
-        self.urgent = False  # client: a request waits in that flush
-        self.implicit = False  # feature "reply": a request's inbox is implicit interest
-        # dispatch="leader": handler calls not run yet, in arrival order; a
-        # connection is run by one thread at a time (running), and waits in
-        # the server's ready queue (queued) while no thread runs it.
-        self.pending: Optional[Deque[Any]] = None
-        self.running = False
-        self.queued = False
-        self.caller_reading = False  # client: a waiting caller reads the socket itself
-        self.poller: Optional[select.poll] = None
-        # Server, "acknowledge after handling": the numbers of the frames read
-        # whose handler calls had not finished when last looked (loop thread
-        # only), how many of those were since seen finished, and the finished
-        # calls (counted by whichever thread ran them; one at a time).
-        self.waiting: Optional[Deque[int]] = None  # set for peers with "ack" or "flush"
-        self.counted = 0
-        self.finished = 0
-        self.peer_max_frame = _NO_PEER_LIMIT  # the largest frame the peer accepts
-        self.flushes: Optional[Deque[Tuple[int, Any]]] = None  # ($flush seq, id) waiting
-        # Read by the monitor: frames queued (control frames included) and
-        # bytes the kernel took; the peer's name from its $hello.
-        self.frames_out = 0
-        self.bytes_out = 0
-        self.name: Optional[str] = None
-        self.started_at = time.time()
-
-    def set_events(self, selector: selectors.BaseSelector, paused: bool = False) -> bool:
-        """Register the events this connection now waits for; False if unchanged.
-
-        Reading stops while it (or its whole transport) is ``paused``;
-        writing is awaited while a send would block.
-        """
-        import selectors
-
-        events = 0 if (paused or self.paused) else selectors.EVENT_READ
-        if self.blocked:
-            events |= selectors.EVENT_WRITE
-        if events == self.events:
-            return False
-        if self.events == 0:
-            selector.register(self.sock, events, self)
-        elif events == 0:
-            selector.unregister(self.sock)
-        else:
-            selector.modify(self.sock, events, self)
-        self.events = events
-        return True
-
-    def recv(self) -> bytes:
-        """Read what is available; with TLS, also the records already decrypted."""
-        sock = self.sock
-        data = sock.recv(_RECV_SIZE)
-        if self.tls and data:
-            while sock.pending():  # type: ignore[attr-defined]  # an ssl.SSLSocket
-                data += sock.recv(_RECV_SIZE)
-        return data
-
-    def enqueue(self, data: bytes) -> int:
-        """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
-        with self.lock:
-            if self.closed:
-                return _CLOSED
-            size = len(data)
-            if self.out_bytes + size > self.max_outbound:
-                return _OVERFLOW
-            self.out.append(data)
-            self.out_bytes += size
-            self.frames_out += 1
-            return _OK
-
-    def write(self) -> Optional[bool]:
-        """Send queued bytes without blocking.
-
-        Returns True when everything was sent, False when the kernel buffer is
-        full (the caller arranges for EVENT_WRITE), None when another thread is
-        writing or the connection is closed.  Raises OSError if the socket broke.
-        """
-        with self.lock:
-            if self.writing or self.closed:
-                return None
-            data = self.cur
-            if data is None:
-                out = self.out
-                if not out:
-                    return True
-                data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
-                out.clear()
-            self.writing = True
-        return self.write_claimed(data)
-
-    def claim(self, data: bytes, now: float) -> bool:
-        """With ``lock`` held: if idle (:meth:`defer` would say _WRITE_NOW), become
-        the writer of ``data``, not queued; then call :meth:`write_claimed`."""
-        if (self.writing or self.out or self.cur is not None or self.blocked or self.tls
-                or self.scheduled or self.closed or now - self.last_push < _HOT_GAP):
-            return False
-        self.last_push = now
-        self.writing = True
-        self.cur = data
-        self.out_bytes += len(data)
-        return True
-
-    def write_claimed(self, data: bytes) -> Optional[bool]:
-        """:meth:`write` once this thread is the writer (``writing`` set, ``cur`` is ``data``)."""
-        lock = self.lock
-        sock = self.sock
-        would_block = _TLS_WOULD_BLOCK if self.tls else _WOULD_BLOCK
-        try:
-            while True:
-                try:
-                    sent = sock.send(data)
-                except would_block:
-                    sent = 0
-                with lock:
-                    self.out_bytes -= sent
-                    self.bytes_out += sent
-                    if sent == len(data):
-                        out = self.out
-                        if not out:
-                            self.cur = None
-                            self.writing = False
-                            self.blocked = False
-                            return True
-                        data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
-                        out.clear()
-                        continue
-                    if sent:
-                        self.cur = memoryview(data)[sent:] if not self.tls else data
-                    self.writing = False
-                    self.blocked = True
-                    return False
-        except BaseException:
-            with lock:
-                self.writing = False
-            raise
-
-    def defer(self) -> int:
-        """Decide who writes a frame just queued by a sending thread.
-
-        Returns _WRITE_NOW when the connection was idle (the sender writes at
-        once: no thread hop, lowest latency); while frames follow each other
-        closer than ``_HOT_GAP`` it returns _WRITE_SCHEDULE once (the caller
-        asks the I/O thread to flush) and _WRITE_PENDING after that, so a
-        busy sender pays for no syscall and the I/O thread writes whole
-        batches.
-        """
-        now = _perf_counter()
-        hot = now - self.last_push < _HOT_GAP
-        self.last_push = now
-        if self.scheduled:
-            return _WRITE_PENDING
-        if hot:
-            self.scheduled = True
-            return _WRITE_SCHEDULE
-        return _WRITE_NOW
-
-    @property
-    def buffered(self) -> int:
-        """Bytes waiting to be sent plus bytes of an incomplete incoming frame."""
-        return self.out_bytes + self.decoder.buffered
-
-    def snapshot(self) -> Dict[str, Any]:
-        """What a monitor shows of this connection: counters and times, never payloads."""
-        with self.lock:
-            pending, frames_out, bytes_out = self.out_bytes, self.frames_out, self.bytes_out
-        return {
-            "cid": self.id, "peer": self.peer, "name": self.name, "start": self.started_at,
-            "last_activity": self.started_at + (self.last_recv - self.opened),
-            "pending_bytes": pending, "in_msgs": self.received, "in_bytes": self.bytes_in,
-            "out_frames": frames_out, "out_bytes": bytes_out,
-            "subscriptions": len(self.interest), "handshake": self.handshake, "tls": self.tls,
-        }
+        a, b = socket.socketpair()
+    except (AttributeError, OSError):  # pragma: no cover - very old Windows
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+        listener.close()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
 
 
 class _Loop:
@@ -2847,39 +2404,6 @@ class _Loop:
             except OSError:
                 pass
         self.selector.close()
-
-
-_EPOLL_MASKS: Dict[Tuple[int, bool], int] = {}
-
-
-def _epoll_mask(events: int, read: bool) -> int:
-    """The epoll mask of selector ``events``, with or without input."""
-    mask = _EPOLL_MASKS.get((events, read))
-    if mask is None:
-        import select
-
-        mask = select.EPOLLOUT if events & 2 else 0  # selectors.EVENT_WRITE
-        if read and events & 1:  # selectors.EVENT_READ
-            mask |= select.EPOLLIN
-        _EPOLL_MASKS[(events, read)] = mask
-    return mask
-
-
-def _socketpair() -> Tuple[socket.socket, socket.socket]:
-    import socket
-
-    try:
-        a, b = socket.socketpair()
-    except (AttributeError, OSError):  # pragma: no cover - very old Windows
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-        listener.close()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
 
 
 class _Dispatcher:
@@ -3038,19 +2562,498 @@ class _Dispatcher:
         return dropped
 
 
+# ---------------------------------------------------------------------------
+# 5. TCP transports
+# ---------------------------------------------------------------------------
+
+# Frames are those of section 3.  Peers that speak our handshake exchange a
+# few control frames on reserved ``$`` topics (docs/protocol.md, "TCP connections"):
+#
+#   client -> server  $hello     {version, features, nonce, ping_interval, max_frame_size}
+#   server -> client  $welcome   {version, features, auth, nonce, max_frame_size, ping_interval}
+#                     (a late $welcome switches a client that fell back to plain frames)
+#   client -> server  $auth      {proof}             only when the server has a secret
+#   server -> client  $ready     {proof}             only when the server has a secret
+#   client -> server  $interest  {add: [...], remove: [...]}
+#                     (feature "reply": a request's inbox reply_to is an implied add)
+#   server -> client  $ack       {n}                 data frames handled so far
+#   client -> server  $flush     {id}                feature "flush"
+#   server -> client  $flushed   {id}                all frames before $flush handled
+#   either way        $ping {} / $pong {}
+#   server -> client  $error     {code, reason}      just before the server closes
+#
+# A peer whose first frame is not ``$hello`` speaks plain frames (an eventforge 0.1
+# client): it receives every message the server routes but other
+# connections' inbox messages, and is refused when the server has a secret
+# or ``allow_frame_only=False``.
+#
+# I/O model: one selector loop per server and one per client.  A sender
+# writes from its own thread when the connection is idle (no thread hop on
+# the way out); arriving messages reach inboxes and receivers from the
+# reading thread.  Subscriber callbacks run on the server's reading thread
+# (leader/follower: a standby takes the loop over when one blocks) and on the
+# client's dispatcher thread; a caller waiting for a reply reads the socket
+# itself.  A handler may block without stalling any socket, and one
+# connection's messages keep their order.
+
+#: Version of the handshake protocol spoken by this module.
+PROTOCOL_VERSION = 1
+#: Default TCP port, the same as eventforge 0.1's.
+DEFAULT_TCP_PORT = 9090
+
+_FEATURES = frozenset(("interest", "ack", "ping", "reply", "flush"))
+_PROGRESS_FEATURES = frozenset(("ack", "flush"))  # the server tracks which frames were handled
+_HANDSHAKE_MAX_FRAME = 4096  # read cap before a secret-protected peer has authenticated
+_AUTH_LABEL_CLIENT = b"eventforge-v1 client"
+_AUTH_LABEL_SERVER = b"eventforge-v1 server"
+_ACK_EVERY = 512  # acknowledge at once after this many data frames, else on the next tick
+_ACK_DELAY = 0.02
+_RECV_SIZE = 256 * 1024
+# dispatch="leader": a handler that has run this long on the I/O thread makes
+# the standby thread take the I/O loop over; the standby checks this often
+# while handlers run, and sleeps until woken after a second without any.
+_TAKEOVER_AFTER = 0.002
+_STANDBY_IDLE = 1.0
+_MAX_PEER_NAME = 128
+_CLOSED_KEPT = 256  # closed connections a server remembers for a monitor (a ring)
+_conn_ids = itertools.count(1)
+
+# Counters always present in TCPServerTransport.stats (each refusal has its own).
+_SERVER_COUNTERS = (
+    "accepted", "refused_connections", "accept_errors", "disconnects", "messages_in",
+    "messages_out", "bytes_in", "frame_errors", "oversize_frames",
+    "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
+    "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
+    "expired", "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
+)
+_CLIENT_COUNTERS = (
+    "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
+    "reconnect_attempts", "reconnects", "dead_peers", "mailbox_full", "frame_errors",
+    "oversize_frames", "protocol_errors", "too_large", "refused", "withdrawn", "expired",
+    "failed_requests",
+)
+# A frame that was the oldest unacknowledged one on this many connections
+# that all broke is taken as refused by the server and dropped.
+_MAX_SEND_ATTEMPTS = 3
+# close() waits this long by default for what the client accepted to be
+# delivered; clients still open at interpreter exit share one such wait.
+_CLOSE_TIMEOUT = 2.0
+
+# Connection states
+_TLS, _NEW, _AUTH, _READY = "tls", "new", "auth", "ready"
+
+# Results of _Connection.enqueue
+_OK, _CLOSED, _OVERFLOW = 0, 1, 2
+# Results of _Connection.defer
+_WRITE_NOW, _WRITE_SCHEDULE, _WRITE_PENDING = 0, 1, 2
+_HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
+# A client's I/O thread lets a publisher's burst grow while its frames keep
+# coming, for at most this long or this many bytes (see _scheduled_flush).
+_BURST_HOLD = 0.001
+_BURST_BYTES = 64 * 1024
+_REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
+_CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
+_NO_PEER_LIMIT = 1 << 32  # a peer that named no max_frame_size: the length prefix's own bound
+_MAX_FLUSHES = 1024  # $flush requests one connection may have waiting
+_TTL_HEADER = "_ttl_ms"
+# A server handler call: (subscriptions, message, expiry or 0.0, connection read from).
+_Call = Tuple[Tuple[Any, ...], Message, float, Any]
+
+
+def _ttl_expiry(value: Any) -> float:
+    """The monotonic deadline of a request whose ``_ttl_ms`` header is ``value``, or 0.0."""
+    if type(value) is int and value >= 0:
+        return _monotonic() + value / 1000.0
+    return 0.0  # absent or malformed: no deadline
+
+
+def _control_frame(topic: str, payload: Dict[str, Any]) -> bytes:
+    """Encode a small control frame (only ``topic`` and ``payload`` keys)."""
+    body = _dumps({"topic": topic, "payload": payload}).encode("utf-8")
+    return len(body).to_bytes(4, "big") + body
+
+
+_CONTROL_PREFIX = b'{"topic":"$'
+
+
+def _fast_control(body: bytes) -> Optional[Tuple[str, Any]]:
+    """Parse a control frame in our compact form (no Message built); None for any other shape."""
+    if not body.startswith(_CONTROL_PREFIX):
+        return None
+    try:
+        obj = _decoder.decode(body.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    # Exactly these two keys: any other key (an id, a timestamp ...) must be
+    # checked by decode(), which may refuse the frame.
+    if type(obj) is not dict or len(obj) != 2 or "payload" not in obj:
+        return None
+    topic = obj["topic"]
+    if type(topic) is not str or not _TOPIC_RE.fullmatch(topic) or len(topic) > 64:
+        return None
+    return topic, obj["payload"]
+
+
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _json_topic(topic: str) -> str:
+    # A valid topic has no control characters; only '"' and '\\' need escapes.
+    if '"' in topic or "\\" in topic:
+        return _json_string(topic)
+    return '"' + topic + '"'
+
+
+def _interest_frame(added: List[str], removed: List[str]) -> bytes:
+    """``$interest`` adding and/or removing valid patterns; the bytes of
+    ``_control_frame("$interest", {"add": [...], "remove": [...]})`` without an empty list.
+    """
+    parts = []
+    if added:
+        parts.append('"add":[' + ",".join(map(_json_topic, added)) + "]")
+    if removed:
+        parts.append('"remove":[' + ",".join(map(_json_topic, removed)) + "]")
+    body = ('{"topic":"$interest","payload":{' + ",".join(parts) + "}}").encode()
+    return len(body).to_bytes(4, "big") + body
+
+
+def _secret_key(secret: Any) -> Optional[bytes]:
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if not isinstance(secret, (bytes, bytearray)) or not secret:
+        raise TypeError("secret must be a non-empty str or bytes")
+    return bytes(secret)
+
+
+def _proof(key: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
+    import hashlib
+    import hmac
+
+    return hmac.new(key, label + first + second, hashlib.sha256).digest()
+
+
+def _proof_matches(expected: bytes, given: Any) -> bool:
+    import hmac
+
+    if not isinstance(given, str) or len(given) != 2 * len(expected):
+        return False
+    try:
+        raw = bytes.fromhex(given)
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, raw)
+
+
+def _nonce_from(value: Any) -> Optional[bytes]:
+    if not isinstance(value, str) or not 32 <= len(value) <= 128:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
+def _ssl_module() -> Any:
+    import ssl
+
+    return ssl
+
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+_TLS_WOULD_BLOCK: Tuple[Type[BaseException], ...] = _WOULD_BLOCK  # + ssl's, once used
+
+
+def _would_block_errors(tls: bool) -> Tuple[Type[BaseException], ...]:
+    global _TLS_WOULD_BLOCK
+    if tls:
+        ssl = _ssl_module()
+        _TLS_WOULD_BLOCK = (BlockingIOError, InterruptedError,
+                            ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        return _TLS_WOULD_BLOCK
+    return _WOULD_BLOCK
+
+
+def _describe_garbage(header: bytes) -> str:
+    """Name the likely protocol behind a nonsensical length prefix."""
+    if header[:1] == b"\x16" and header[1:2] == b"\x03":
+        return " (this looks like a TLS ClientHello: the peer uses TLS, this port does not)"
+    if header[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"OPTI", b"DELE", b"PATC", b"CONN"):
+        return " (this looks like an HTTP request)"
+    return ""
+
+
+def _agreed_features(payload: Dict[str, Any]) -> frozenset:
+    """The features a ``$hello`` or ``$welcome`` names that this module knows."""
+    features = payload.get("features")
+    if not isinstance(features, list):
+        return frozenset()
+    return frozenset(f for f in features if isinstance(f, str)) & _FEATURES
+
+
+def _frame_limit(payload: Dict[str, Any]) -> Optional[int]:
+    """The ``max_frame_size`` a ``$hello`` or ``$welcome`` names (None if absent or bad)."""
+    limit = payload.get("max_frame_size")
+    return limit if type(limit) is int and limit > 0 else None
+
+
+def _peer_name(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return str(address)
+
+
+class _Connection:
+    """One TCP peer: its socket, frame decoder, protocol state and outbound queue.
+
+    ``enqueue`` appends whole frames under ``lock`` (frames from many threads
+    never interleave); ``write`` sends what the kernel takes, one thread at a time.
+    """
+
+    __slots__ = (
+        "sock", "peer", "id", "decoder", "tls", "lock", "out", "out_bytes",
+        "max_outbound", "cur", "writing", "blocked", "closed", "state", "handshake",
+        "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
+        "ping_sent", "received", "acked", "interest", "events", "paused",
+        "bytes_in", "last_push", "scheduled", "urgent", "implicit",
+        "pending", "running", "queued", "caller_reading", "poller",
+        "finished", "waiting", "counted", "peer_max_frame", "flushes",
+        "frames_out", "bytes_out", "name", "started_at",
+    )
+
+    def __init__(
+        self, sock: socket.socket, peer: str, max_frame_size: int, max_outbound: int, tls: bool
+    ) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.id = next(_conn_ids)
+        if tls:
+            _would_block_errors(True)  # sets _TLS_WOULD_BLOCK for write()
+        self.decoder = FrameDecoder(max_frame_size)
+        self.tls = tls
+        self.lock = threading.Lock()
+        self.out: Deque[bytes] = collections.deque()
+        self.out_bytes = 0
+        self.max_outbound = max_outbound
+        self.cur: Union[bytes, memoryview, None] = None  # being written (TLS retries it as is)
+        self.writing = False
+        self.blocked = False  # the kernel refused bytes: wait for EVENT_WRITE
+        self.closed = False
+        self.state = _TLS if tls else _NEW
+        self.handshake = False  # True once the peer sent $hello
+        self.features: frozenset = frozenset()
+        self.nonce = b""
+        self.peer_nonce = b""
+        now = time.monotonic()
+        self.opened = now
+        self.last_recv = now
+        self.frame_started: Optional[float] = None
+        self.ping_sent = False
+        self.received = 0  # data frames received (acknowledged with $ack)
+        self.acked = 0
+        self.interest: Dict[str, None] = {}
+        self.events = 0
+        self.paused = False
+        self.bytes_in = 0
+        self.last_push = 0.0
+        self.scheduled = False  # a flush by the I/O thread is pending
+        self.urgent = False  # client: a request waits in that flush
+        self.implicit = False  # feature "reply": a request's inbox is implicit interest
+        # dispatch="leader": handler calls not run yet, in arrival order; a
+        # connection is run by one thread at a time (running), and waits in
+        # the server's ready queue (queued) while no thread runs it.
+        self.pending: Optional[Deque[Any]] = None
+        self.running = False
+        self.queued = False
+        self.caller_reading = False  # client: a waiting caller reads the socket itself
+        self.poller: Optional[select.poll] = None
+        # Server, "acknowledge after handling": the numbers of the frames read
+        # whose handler calls had not finished when last looked (loop thread
+        # only), how many of those were since seen finished, and the finished
+        # calls (counted by whichever thread ran them; one at a time).
+        self.waiting: Optional[Deque[int]] = None  # set for peers with "ack" or "flush"
+        self.counted = 0
+        self.finished = 0
+        self.peer_max_frame = _NO_PEER_LIMIT  # the largest frame the peer accepts
+        self.flushes: Optional[Deque[Tuple[int, Any]]] = None  # ($flush seq, id) waiting
+        # Read by the monitor: frames queued (control frames included) and
+        # bytes the kernel took; the peer's name from its $hello.
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.name: Optional[str] = None
+        self.started_at = time.time()
+
+    def set_events(self, selector: selectors.BaseSelector, paused: bool = False) -> bool:
+        """Register the events ``conn`` now waits for; False if unchanged.
+
+        No reading while it (or its transport) is ``paused``; EVENT_WRITE while a send would block.
+        """
+        import selectors
+
+        events = 0 if (paused or self.paused) else selectors.EVENT_READ
+        if self.blocked:
+            events |= selectors.EVENT_WRITE
+        if events == self.events:
+            return False
+        if self.events == 0:
+            selector.register(self.sock, events, self)
+        elif events == 0:
+            selector.unregister(self.sock)
+        else:
+            selector.modify(self.sock, events, self)
+        self.events = events
+        return True
+
+    def recv(self) -> bytes:
+        """Read what is available; with TLS, also the records already decrypted."""
+        sock = self.sock
+        data = sock.recv(_RECV_SIZE)
+        if self.tls and data:
+            while sock.pending():  # type: ignore[attr-defined]  # an ssl.SSLSocket
+                data += sock.recv(_RECV_SIZE)
+        return data
+
+    def enqueue(self, data: bytes) -> int:
+        """Append one or more whole frames; report _OK, _CLOSED or _OVERFLOW."""
+        with self.lock:
+            if self.closed:
+                return _CLOSED
+            size = len(data)
+            if self.out_bytes + size > self.max_outbound:
+                return _OVERFLOW
+            self.out.append(data)
+            self.out_bytes += size
+            self.frames_out += 1
+            return _OK
+
+    def write(self) -> Optional[bool]:
+        """Send queued bytes without blocking.
+
+        Returns True when everything was sent, False when the kernel buffer is
+        full (the caller arranges for EVENT_WRITE), None when another thread is
+        writing or the connection is closed.  Raises OSError if the socket broke.
+        """
+        with self.lock:
+            if self.writing or self.closed:
+                return None
+            data = self.cur
+            if data is None:
+                out = self.out
+                if not out:
+                    return True
+                data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
+                out.clear()
+            self.writing = True
+        return self.write_claimed(data)
+
+    def claim(self, data: bytes, now: float) -> bool:
+        """With ``lock`` held: if idle (:meth:`defer` would say _WRITE_NOW), become
+        the writer of ``data``, not queued; then call :meth:`write_claimed`."""
+        if (self.writing or self.out or self.cur is not None or self.blocked or self.tls
+                or self.scheduled or self.closed or now - self.last_push < _HOT_GAP):
+            return False
+        self.last_push = now
+        self.writing = True
+        self.cur = data
+        self.out_bytes += len(data)
+        return True
+
+    def write_claimed(self, data: bytes) -> Optional[bool]:
+        """:meth:`write` once this thread is the writer (``writing`` set, ``cur`` is ``data``)."""
+        lock = self.lock
+        sock = self.sock
+        would_block = _TLS_WOULD_BLOCK if self.tls else _WOULD_BLOCK
+        try:
+            while True:
+                try:
+                    sent = sock.send(data)
+                except would_block:
+                    sent = 0
+                with lock:
+                    self.out_bytes -= sent
+                    self.bytes_out += sent
+                    if sent == len(data):
+                        out = self.out
+                        if not out:
+                            self.cur = None
+                            self.writing = False
+                            self.blocked = False
+                            return True
+                        data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
+                        out.clear()
+                        continue
+                    if sent:
+                        self.cur = memoryview(data)[sent:] if not self.tls else data
+                    self.writing = False
+                    self.blocked = True
+                    return False
+        except BaseException:
+            with lock:
+                self.writing = False
+            raise
+
+    def defer(self) -> int:
+        """Decide who writes a frame just queued by a sending thread.
+
+        Returns _WRITE_NOW when the connection was idle (the sender writes at
+        once: no thread hop, lowest latency); while frames follow each other
+        closer than ``_HOT_GAP`` it returns _WRITE_SCHEDULE once (the caller
+        asks the I/O thread to flush) and _WRITE_PENDING after that, so a
+        busy sender pays for no syscall and the I/O thread writes whole
+        batches.
+        """
+        now = _perf_counter()
+        hot = now - self.last_push < _HOT_GAP
+        self.last_push = now
+        if self.scheduled:
+            return _WRITE_PENDING
+        if hot:
+            self.scheduled = True
+            return _WRITE_SCHEDULE
+        return _WRITE_NOW
+
+    def snapshot(self) -> Dict[str, Any]:
+        """What a monitor shows of this connection: counters and times, never payloads."""
+        with self.lock:
+            pending, frames_out, bytes_out = self.out_bytes, self.frames_out, self.bytes_out
+        return {
+            "cid": self.id, "peer": self.peer, "name": self.name, "start": self.started_at,
+            "last_activity": self.started_at + (self.last_recv - self.opened),
+            "pending_bytes": pending, "in_msgs": self.received, "in_bytes": self.bytes_in,
+            "out_frames": frames_out, "out_bytes": bytes_out,
+            "subscriptions": len(self.interest), "handshake": self.handshake, "tls": self.tls,
+        }
+
+
+_EPOLL_MASKS: Dict[Tuple[int, bool], int] = {}
+
+
+def _epoll_mask(events: int, read: bool) -> int:
+    """The epoll mask of selector ``events``, with or without input."""
+    mask = _EPOLL_MASKS.get((events, read))
+    if mask is None:
+        import select
+
+        mask = select.EPOLLOUT if events & 2 else 0  # selectors.EVENT_WRITE
+        if read and events & 1:  # selectors.EVENT_READ
+            mask |= select.EPOLLIN
+        _EPOLL_MASKS[(events, read)] = mask
+    return mask
+
+
 class _TCPEndpoint(Transport):
     """What both ends of an eventforge TCP connection do; subclassed by the server and client.
 
     A local :class:`MemoryTransport` (``_local``) delivers in this process;
-    the plain transport methods pass through to it (the client overrides
-    them to keep the server told of its interest).  On top: getting queued
-    frames written (:meth:`_kick`, :meth:`_flush`), reading and decoding
-    frames (:meth:`_read_frames`, :meth:`_on_frame`), pings and the
-    dead-peer check (:meth:`_check_alive`) and one selector event
-    (:meth:`_serve_event`).  Subclasses provide ``_local``, ``_loop`` and
-    ``ping_interval`` and the hooks below, which say what their side does
-    when a write fails, a peer closes, a frame is bad ... (socketserver
-    style: the base calls, the subclass decides).
+    the transport methods pass through to it (the client's hooks tell its
+    server of its interest).  On top: writing queued frames (:meth:`_kick`,
+    :meth:`_flush`), reading and decoding them (:meth:`_read_frames`,
+    :meth:`_on_frame`), pings and the dead-peer check (:meth:`_check_alive`),
+    one selector event (:meth:`_serve_event`).  Subclasses provide ``_local``,
+    ``_loop``, ``ping_interval`` and the hooks below: the base calls, the
+    subclass decides (socketserver style).
     """
 
     _local: MemoryTransport
@@ -3058,6 +3061,12 @@ class _TCPEndpoint(Transport):
     ping_interval: Optional[float]
     _log_name = "tcp"  # "tcp server" / "tcp client" in log lines
     _hold_bursts = False  # the client lets a publisher's burst grow (_scheduled_flush)
+    _closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
 
     # -- Transport API: the local transport ---------------------------------------
 
@@ -3065,15 +3074,13 @@ class _TCPEndpoint(Transport):
         """Take the next message on the exact ``topic`` (published here or by a peer)."""
         return self._local.receive(topic, timeout)
 
-    async def receive_async(
-        self, topic: str, timeout: Optional[float] = None
-    ) -> Optional[Message]:
+    async def receive_async(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Asyncio-native :meth:`receive`."""
         return await self._local.receive_async(topic, timeout)
 
     def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
         """Call ``callback`` for messages matching ``topic``, local or from peers."""
-        return self._local.subscribe(topic, callback)
+        return self._subscribed(topic, self._local.subscribe(topic, callback))
 
     def subscribe_handler(
         self,
@@ -3082,11 +3089,22 @@ class _TCPEndpoint(Transport):
         on_error: Callable[[Any, Message, BaseException], Any],
     ) -> str:
         """Subscribe ``handler``, routing its exceptions to ``on_error``."""
-        return self._local.subscribe_handler(topic, handler, on_error)
+        return self._subscribed(topic, self._local.subscribe_handler(topic, handler, on_error))
 
     def unsubscribe(self, subscription_id: str) -> bool:
         """Remove a subscription; return False if the id is unknown."""
-        return self._local.unsubscribe(subscription_id)
+        if not self._local.unsubscribe(subscription_id):
+            return False
+        self._unsubscribed(subscription_id)
+        return True
+
+    def _subscribed(self, pattern: str, subscription_id: str) -> str:
+        # Hook: a subscription was added (the client tells its server).
+        return subscription_id
+
+    def _unsubscribed(self, subscription_id: str) -> None:
+        # Hook: a subscription was removed.
+        pass
 
     def open_inbox(self, topic: str) -> Inbox:
         """Open an inbox on the exact ``topic`` (replies from peers land here)."""
@@ -3266,37 +3284,23 @@ class _TCPEndpoint(Transport):
             loop.call_soon(self._resume_reading)
 
     # -- hooks: what each side does (the subclass defines them) ---------------------
-    #
-    # _live(conn): a flush scheduled for ``conn`` is still wanted.
-    # _write_on_loop(conn): a frame was queued on the I/O thread: write it now
-    #     or with the loop's batch.  _write_failed(conn, exc): writing broke.
-    # _update_events(conn): register the selector events ``conn`` waits for.
-    # _may_read(conn), _on_readable(conn): whether and how to read on EVENT_READ.
-    # _internal_error(conn): a bug surfaced while serving ``conn`` (logged): close it.
-    # _read_failed(conn, exc), _peer_closed(conn): the connection ended.
-    # _bytes_read(n): count input.  _oversize(conn, exc, data): the peer
-    #     announced a frame over our max_frame_size (``exc.frames``: the ones before).
-    # _bad_frame(conn, exc), _on_control(conn, topic, payload),
-    #     _on_message(conn, message, body, batch): what a frame turned out to be.
-    # _dead(conn, reason): silent for two ping intervals.  _send_ping(conn).
-    # _resume_reading(): the handler backlog went down.
 
-    _live: Callable[[_Connection], bool]
-    _write_on_loop: Callable[[_Connection], None]
+    _live: Callable[[_Connection], bool]  # a flush scheduled for conn is still wanted
+    _write_on_loop: Callable[[_Connection], None]  # queued on the I/O thread: write now/batched
     _write_failed: Callable[[_Connection, OSError], None]
-    _update_events: Callable[[_Connection], None]
-    _may_read: Callable[[_Connection], bool]
+    _update_events: Callable[[_Connection], None]  # register the events conn waits for
+    _may_read: Callable[[_Connection], bool]  # whether (and then how) to read on EVENT_READ
     _on_readable: Callable[[_Connection], Any]
-    _internal_error: Callable[[_Connection], None]
-    _read_failed: Callable[[_Connection, OSError], None]
+    _internal_error: Callable[[_Connection], None]  # a bug while serving conn (logged)
+    _read_failed: Callable[[_Connection, OSError], None]  # the connection ended ...
     _peer_closed: Callable[[_Connection], None]
-    _oversize: Callable[[_Connection, FrameTooLargeError, bytes], None]
-    _bad_frame: Callable[[_Connection, FrameError], None]
+    _oversize: Callable[[_Connection, FrameTooLargeError, bytes], None]  # ``exc.frames``: before
+    _bad_frame: Callable[[_Connection, FrameError], None]  # what a frame turned out to be ...
     _on_control: Callable[[_Connection, str, Any], None]
     _on_message: Callable[[_Connection, Message, bytes, Optional[List[Any]]], None]
-    _dead: Callable[[_Connection, str], None]
+    _dead: Callable[[_Connection, str], None]  # silent for two ping intervals
     _send_ping: Callable[[_Connection], None]
-    _resume_reading: Callable[[], None]
+    _resume_reading: Callable[[], None]  # the handler backlog went down
 
     def _bytes_read(self, size: int) -> None:
         pass
@@ -3305,11 +3309,10 @@ class _TCPEndpoint(Transport):
 class _Routes:
     """A server's routing table: the connections a message on a topic goes to.
 
-    ``exact`` maps exact topics to connections, ``patterns`` holds the
-    wildcard interest (keyed by ``(connection id, pattern)``) and
-    ``broadcast`` the frame-only peers, which get every routed message but
-    inbox ones.  Written by the loop thread only, read by any thread without
-    a lock: values are replaced, never mutated (copy on write).
+    ``exact``: exact topic -> connections; ``patterns``: wildcard interest,
+    keyed by ``(connection id, pattern)``; ``broadcast``: frame-only peers (all
+    but inbox messages).  Written by the loop thread, read by any without a
+    lock: values are replaced, never mutated.
     """
 
     __slots__ = ("exact", "patterns", "broadcast")
@@ -3373,11 +3376,10 @@ class _Routes:
                 self.exact.pop(pattern, None)
 
     def add_frame_peer(self, conn: _Connection) -> None:
-        """Route everything to ``conn`` until its ``$hello`` says otherwise.
+        """Route everything but inboxes to ``conn`` until its ``$hello`` says otherwise.
 
-        Until then a peer may be an eventforge 0.1 (frame-only) client: it
-        gets every routed message but inbox ones, and its requests' reply_to
-        inboxes are routed to it (see _ServerProtocol.implicit_interest).
+        It may be an eventforge 0.1 client; its requests' reply_to inboxes are
+        routed to it (_ServerProtocol.implicit_interest).
         """
         self.broadcast = self.broadcast + (conn,)
         conn.implicit = True
@@ -3404,17 +3406,13 @@ class _Routes:
 class _ServerWriter:
     """Queues frames for a server's connections and gets them written.
 
-    One frame to one connection (:meth:`push`: written by the caller when
-    the connection is idle, see :meth:`_TCPEndpoint._kick`), one frame to
-    many from any thread (:meth:`push_many`: the I/O thread writes them all
-    after one wake-up), frames queued on the I/O thread itself (``dirty``:
-    written once per loop iteration, :meth:`flush_dirty`).  A connection
-    with more than ``max_outbound_bytes`` queued is closed as a slow
-    consumer; a frame over the ``max_frame_size`` its peer announced is
-    dropped for that peer only.
-
-    Locks: ``_fanout_lock`` guards ``_fanout``; a connection's own lock is
-    taken under it (to queue a frame), never the other way round.
+    :meth:`push`: one frame, one connection (the caller writes an idle one,
+    see :meth:`_TCPEndpoint._kick`); :meth:`push_many`: one frame to many from
+    any thread (the I/O thread writes after one wake-up); ``dirty``: queued on
+    the I/O thread, written once per loop iteration.  Over
+    ``max_outbound_bytes`` queued closes a slow consumer; a frame over a
+    peer's announced ``max_frame_size`` is dropped for that peer only.
+    Locks: ``_fanout_lock``, then a connection's lock (never the other way).
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -3512,12 +3510,11 @@ class _ServerWriter:
 
 
 class _Listener:
-    """A server's listening socket: binding it and accepting new connections.
+    """A server's listening socket: binding it and accepting connections (loop thread).
 
-    Refuses connections beyond ``max_connections`` (telling a plain-TCP
-    peer why) and, when accept() fails (out of file descriptors, say),
-    stops watching the socket until the next tick instead of spinning.
-    Loop thread only, but for :meth:`bind` (in ``start``, before the loop).
+    Refuses connections beyond ``max_connections`` (telling a plain-TCP peer
+    why); a failed accept() (out of file descriptors ...) stops watching the
+    socket until the next tick instead of spinning.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -3534,13 +3531,11 @@ class _Listener:
         server = self._server
         try:
             family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
-            sock = socket.create_server(
-                (server.host, server._port), family=family, backlog=server.backlog
-            )
+            sock = socket.create_server((server.host, server._port), family=family,
+                                        backlog=server.backlog)
         except OSError as exc:
-            raise ConnectionLostError(
-                f"cannot listen on {server.host}:{server._port}: {exc}"
-            ) from exc
+            where = f"{server.host}:{server._port}"
+            raise ConnectionLostError(f"cannot listen on {where}: {exc}") from exc
         sock.setblocking(False)
         self.sock = sock
         self.address = tuple(sock.getsockname()[:2])
@@ -3583,9 +3578,7 @@ class _Listener:
             except OSError as exc:  # e.g. EMFILE: log, keep serving the others
                 server._count("accept_errors")
                 logger.error("tcp server: accept failed: %s; pausing accepts for 0.25 s", exc)
-                # The listener stays readable: stop watching it until the next
-                # tick instead of spinning.
-                try:
+                try:  # it stays readable: stop watching it until the next tick
                     server._loop.selector.unregister(listener)  # type: ignore[union-attr]
                     self.paused = True
                 except (KeyError, ValueError):
@@ -3597,10 +3590,8 @@ class _Listener:
                 continue
             if len(server._conns) >= server.max_connections:
                 server._count("refused_connections")
-                logger.warning(
-                    "tcp server: refused %s: max_connections=%d reached",
-                    peer, server.max_connections,
-                )
+                logger.warning("tcp server: refused %s: max_connections=%d reached",
+                               peer, server.max_connections)
                 if server.ssl_context is None:
                     try:
                         sock.setblocking(False)
@@ -3617,9 +3608,8 @@ class _Listener:
                 context = server.ssl_context
                 tls = context is not None
                 if context is not None:
-                    sock = context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False
-                    )
+                    sock = context.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False)
             except OSError as exc:
                 sock.close()
                 server._count("accept_errors")
@@ -3637,12 +3627,11 @@ class _Listener:
 
 
 class _ServerProtocol:
-    """The server's side of the wire protocol, for one :class:`TCPServerTransport`.
+    """The server's side of the wire protocol (loop thread, like the state it keeps).
 
-    The TLS and ``$hello``/``$auth`` handshakes, the control frames a peer
-    sends (``$ping``, ``$interest``, ``$flush``) and the progress reported
-    back (``$ack``, ``$flushed``) once the peer's frames were handled.
-    Loop thread only, like the connections' protocol state it keeps.
+    TLS and ``$hello``/``$auth`` handshakes, the peer's control frames
+    (``$ping``, ``$interest``, ``$flush``) and the progress reported back
+    (``$ack``, ``$flushed``) once its frames were handled.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -3675,10 +3664,7 @@ class _ServerProtocol:
             server._routes.add_frame_peer(conn)
 
     def in_time(self, conn: _Connection, now: float) -> bool:
-        """Drop ``conn`` if its handshake or its current frame takes too long.
-
-        True if it may go on (and, past its handshake, be pinged).
-        """
+        """Drop ``conn`` if its handshake or current frame takes too long; True if it may go on."""
         server = self._server
         if conn.state != _READY and (conn.state == _TLS or server._key is not None
                                      or conn.handshake or not server.allow_frame_only):
@@ -3716,8 +3702,12 @@ class _ServerProtocol:
         elif topic == "$flush" and "flush" in conn.features:
             self.on_flush(conn, payload)
         else:
-            server._count("protocol_errors")
-            logger.warning("tcp server: ignored unknown control frame %r from %s", topic, conn.peer)
+            self.ignored("ignored unknown control frame %r from %s", topic, conn.peer)
+
+    def ignored(self, what: str, *args: Any) -> None:
+        """Count and log (``what % args``) a protocol error that leaves the connection open."""
+        self._server._count("protocol_errors")
+        logger.warning("tcp server: " + what, *args)
 
     def on_hello(self, conn: _Connection, payload: Dict[str, Any]) -> None:
         server = self._server
@@ -3726,15 +3716,8 @@ class _ServerProtocol:
             self.refuse(conn, "protocol_errors", "protocol",
                         f"unsupported handshake version {version!r:.40}")
             return
-        features = payload.get("features")
-        if isinstance(features, list):
-            conn.features = frozenset(f for f in features if isinstance(f, str)) & _FEATURES
-        ping = payload.get("ping_interval")
-        if isinstance(ping, (int, float)) and not isinstance(ping, bool) and ping > 0:
-            conn.peer_ping = float(ping)
-        limit = payload.get("max_frame_size")
-        if type(limit) is int and limit > 0:
-            conn.peer_max_frame = limit
+        conn.features = _agreed_features(payload)
+        conn.peer_max_frame = _frame_limit(payload) or _NO_PEER_LIMIT
         name = payload.get("name")
         if isinstance(name, str):  # optional: shown by a monitor
             conn.name = name[:_MAX_PEER_NAME]
@@ -3796,8 +3779,7 @@ class _ServerProtocol:
         added = payload.get("add") or []
         removed = payload.get("remove") or []
         if not isinstance(added, list) or not isinstance(removed, list):
-            server._count("protocol_errors")
-            logger.warning("tcp server: malformed $interest from %s", conn.peer)
+            self.ignored("malformed $interest from %s", conn.peer)
             return
         for pattern in removed:
             if isinstance(pattern, str) and pattern in conn.interest:
@@ -3812,13 +3794,11 @@ class _ServerProtocol:
                 else:
                     validate_topic(pattern)
             except TopicError as exc:
-                server._count("protocol_errors")
-                logger.warning("tcp server: ignored interest from %s: %s", conn.peer, exc)
+                self.ignored("ignored interest from %s: %s", conn.peer, exc)
                 continue
             if len(conn.interest) >= server.max_interest:
-                server._count("protocol_errors")
-                logger.warning("tcp server: %s exceeds max_interest=%d; ignored %r",
-                               conn.peer, server.max_interest, pattern)
+                self.ignored("%s exceeds max_interest=%d; ignored %r",
+                             conn.peer, server.max_interest, pattern)
                 continue
             conn.interest[pattern] = None
             server._routes.add(conn, pattern)
@@ -3828,20 +3808,16 @@ class _ServerProtocol:
     def on_flush(self, conn: _Connection, payload: Dict[str, Any]) -> None:
         # Feature "flush": answer $flushed once every frame read before this
         # one was handled; $interest frames were applied when read.
-        server = self._server
         flush_id = payload.get("id")
         if type(flush_id) is not int:
-            server._count("protocol_errors")
-            logger.warning("tcp server: ignored $flush from %s: id must be an int, not %.40r",
-                           conn.peer, flush_id)
+            self.ignored("ignored $flush from %s: id must be an int, not %.40r",
+                         conn.peer, flush_id)
             return
         flushes = conn.flushes
         if flushes is None:
             flushes = conn.flushes = collections.deque()
         if len(flushes) >= _MAX_FLUSHES:
-            server._count("protocol_errors")
-            logger.warning("tcp server: ignored $flush from %s: %d already wait",
-                           conn.peer, len(flushes))
+            self.ignored("ignored $flush from %s: %d already wait", conn.peer, len(flushes))
             return
         flushes.append((conn.received, flush_id))
         if not self.report_progress(conn):
@@ -3853,9 +3829,7 @@ class _ServerProtocol:
         # add had come just before it (the client withdraws it as usual).
         server = self._server
         if len(topic) > MAX_TOPIC_LENGTH or _TOPIC_RE.fullmatch(topic) is None:
-            server._count("protocol_errors")
-            logger.warning("tcp server: ignored reply_to %r from %s: not a valid topic",
-                           topic[:80], conn.peer)
+            self.ignored("ignored reply_to %r from %s: not a valid topic", topic[:80], conn.peer)
             return
         if len(conn.interest) >= server.max_interest:
             if "interest" not in conn.features:
@@ -3865,9 +3839,8 @@ class _ServerProtocol:
                 del conn.interest[oldest]
                 server._routes.remove(conn, oldest)
             else:
-                server._count("protocol_errors")
-                logger.warning("tcp server: %s exceeds max_interest=%d; ignored reply_to %r",
-                               conn.peer, server.max_interest, topic)
+                self.ignored("%s exceeds max_interest=%d; ignored reply_to %r",
+                             conn.peer, server.max_interest, topic)
                 return
         conn.interest[topic] = None
         server._routes.add(conn, topic)
@@ -3883,10 +3856,9 @@ class _ServerProtocol:
                 pass
 
     def handled_upto(self, conn: _Connection) -> int:
-        """How many of ``conn``'s data frames, from the first, were handled (loop thread).
+        """How many of ``conn``'s data frames were handled, in order (loop thread).
 
-        A frame is handled once it was routed on and its local callbacks ran
-        (or it had none); frames are handled in order.
+        Handled: routed on and its local callbacks (if any) ran.
         """
         waiting = conn.waiting
         done = conn.finished - conn.counted
@@ -3897,10 +3869,7 @@ class _ServerProtocol:
         return waiting[0] - 1 if waiting else conn.received
 
     def report_progress(self, conn: _Connection) -> bool:
-        """Send ``conn`` the ``$ack`` and ``$flushed`` its handled frames allow.
-
-        Loop thread.  True when nothing is left to report until it sends more.
-        """
+        """Send the ``$ack``/``$flushed`` ``conn``'s handled frames allow; True if none is due."""
         server = self._server
         handled = self.handled_upto(conn)
         acks = "ack" in conn.features
@@ -4322,51 +4291,45 @@ _DISPATCH_MODES: Dict[str, Callable[[TCPServerTransport], _DispatchMode]] = {
 class TCPServerTransport(_TCPEndpoint):
     """A TCP listener that is also a full Transport for its own process.
 
-    Messages published on the server (``send``) reach its local subscribers
-    (synchronously, like :class:`MemoryTransport`) and every connected client
-    whose interest matches; messages arriving from a client reach the local
-    subscribers (on the dispatcher thread, in arrival order), inboxes and
-    receivers, and the other clients whose interest matches.  A client that
-    never sent ``$hello`` (an eventforge 0.1 client) receives every
-    routed message.
+    Messages published here (``send``) reach the local subscribers
+    (synchronously, like :class:`MemoryTransport`) and every client whose
+    interest matches; messages from a client reach the local subscribers,
+    inboxes and receivers, and the other clients whose interest matches.  A
+    client that never sent ``$hello`` (eventforge 0.1) gets every routed
+    message; ``allow_frame_only=False`` (and always a ``secret``) refuses it.
+    Inbox messages (``_reply.``/``_rpc_reply.``) go only to the connection
+    whose request opened the inbox.
 
-    Call :meth:`start` before use (``port=0`` picks a free port; read
-    :attr:`address` afterwards) and :meth:`close` to stop every thread and
-    socket.  Limits: ``max_frame_size`` per frame, ``max_connections``
-    clients, ``max_outbound_bytes`` queued per client (a client that does not
-    read is dropped as a slow consumer), ``handshake_timeout`` for TLS and the
-    secret handshake, ``frame_timeout`` for an incomplete frame.  ``secret``
-    requires the mutual HMAC-SHA256 handshake; ``ssl_context`` (a server-side
+    Call :meth:`start` before use (``port=0`` picks a free port: read
+    :attr:`address`) and :meth:`close` to stop every thread and socket.
+    Limits: ``max_frame_size`` per frame, ``max_connections`` clients,
+    ``max_outbound_bytes`` queued per client (one that does not read is
+    dropped as a slow consumer), ``handshake_timeout`` for TLS and the secret
+    handshake, ``frame_timeout`` for an incomplete frame.  ``secret`` requires
+    the mutual HMAC-SHA256 handshake; ``ssl_context`` (server-side
     :class:`ssl.SSLContext`) wraps every connection in TLS.  Every refused
     input is logged with its reason and counted in :attr:`stats`.
 
-    ``dispatch="leader"`` (the default) runs subscriber callbacks for network
-    messages on the thread that read them; when one runs for 2 ms a standby
-    thread takes the I/O loop over, so a handler may block, even on a
-    request over this same server.  Each connection's callbacks run one at a
-    time in arrival order; different connections' may run concurrently once
-    one blocks (at most ``max_handler_threads`` threads).
-    ``dispatch="thread"`` runs every callback on one dispatcher thread, one
-    at a time (a thread hop per message).  ``dispatch="inline"`` runs them on
-    the I/O thread with no standby; use it only when handlers return quickly
-    and never wait for network traffic: while a handler runs, no socket of
-    this server is served.  In every mode a handler that raises anything,
-    ``BaseException`` included, fails that call only.
+    ``dispatch="leader"`` (the default) runs the callbacks of network messages
+    on the thread that read them; one running for 2 ms makes a standby thread
+    take the I/O loop over, so a handler may block, even on a request over
+    this server.  A connection's callbacks run one at a time in arrival order;
+    different connections' concurrently once one blocks (at most
+    ``max_handler_threads`` threads).  ``dispatch="thread"``: every callback on
+    one dispatcher thread (a thread hop each).  ``dispatch="inline"``: on the
+    I/O thread, no standby; only for handlers that return quickly and never
+    wait for network traffic (meanwhile no socket is served).  In every mode
+    a handler that raises anything, ``BaseException`` included, fails that
+    call only.  A client's frame is acknowledged once handled (routed on, its
+    local callbacks run), so :meth:`close` loses nothing a reconnecting
+    client does not send again.
 
-    A client's frame is acknowledged once handled (routed on and its local
-    callbacks run), so :meth:`close` loses nothing a reconnecting client
-    does not send again.  Inbox messages (``_reply.``/``_rpc_reply.``) go
-    only to the connection whose request opened the inbox.
-    ``allow_frame_only=False`` refuses peers that do not start with
-    ``$hello`` (a server with a ``secret`` always does).
-
-    Inside, collaborators do the separate jobs: :class:`_Listener` accepts,
-    :class:`_ServerProtocol` speaks the handshake and control frames,
-    :class:`_Routes` says where a message goes, :class:`_ServerWriter` gets
-    frames written and a :class:`_DispatchMode` runs the handlers.  Locks,
-    outermost first: ``_lock`` (start and close only), a dispatch mode's
-    lock, ``_ServerWriter._fanout_lock``, a connection's ``lock``; the
-    routing table is copy-on-write and needs none.
+    Collaborators: :class:`_Listener` accepts, :class:`_ServerProtocol` speaks
+    the handshake and control frames, :class:`_Routes` says where a message
+    goes, :class:`_ServerWriter` gets frames written, a :class:`_DispatchMode`
+    runs the handlers.  Locks, outermost first: ``_lock`` (start and close
+    only), a dispatch mode's lock, ``_ServerWriter._fanout_lock``, a
+    connection's ``lock``; the routing table is copy-on-write and needs none.
     """
 
     _log_name = "tcp server"
@@ -4394,19 +4357,15 @@ class TCPServerTransport(_TCPEndpoint):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, not {port!r}")
         if dispatch not in tuple(_DISPATCH_MODES):
-            raise ValueError(
-                f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
+            raise ValueError(f"dispatch must be 'leader', 'thread' or 'inline', not {dispatch!r}")
         if not isinstance(max_handler_threads, int) or max_handler_threads < 2:
             raise ValueError(
                 f"max_handler_threads must be an int >= 2, not {max_handler_threads!r}")
         self.dispatch = dispatch
         self.max_handler_threads = max_handler_threads
         self._loop_done = threading.Event()
-        for name, value in (
-            ("max_frame_size", max_frame_size),
-            ("max_connections", max_connections),
-            ("max_outbound_bytes", max_outbound_bytes),
-        ):
+        for name, value in (("max_frame_size", max_frame_size), ("max_connections",
+                             max_connections), ("max_outbound_bytes", max_outbound_bytes)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
         self.host = host
@@ -4429,9 +4388,7 @@ class TCPServerTransport(_TCPEndpoint):
         self._loop: Optional[_Loop] = None
         self._reading = True  # False once close() stopped reading
         self._conns: Dict[int, _Connection] = {}
-        # Routing tables, written by the loop thread only, read by any thread
-        # (values are replaced, never mutated: copy on write).
-        self._routes = _Routes()
+        self._routes = _Routes()  # copy on write: read by any thread without a lock
         self._writer = _ServerWriter(self)
         self._dirty = self._writer.dirty
         self._push = self._writer.push  # bound once: the hottest call of the server
@@ -4454,19 +4411,12 @@ class TCPServerTransport(_TCPEndpoint):
     @property
     def address(self) -> Optional[Tuple[str, int]]:
         """The bound ``(host, port)`` after :meth:`start`, else None."""
-        if self._listener is None:
-            return None
-        return self._listener.address
+        return None if self._listener is None else self._listener.address
 
     @property
     def port(self) -> int:
         """The bound port after :meth:`start` (the configured one before)."""
         return self._listener.address[1] if self._listener is not None else self._port
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
 
     def start(self) -> TCPServerTransport:
         """Bind and listen, then serve on a background thread; returns self."""
@@ -4492,15 +4442,14 @@ class TCPServerTransport(_TCPEndpoint):
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting and reading, handle what was read, close every connection.
 
-        The handler calls of frames already read go on running until
-        ``timeout`` (seconds) has nearly passed: a quarter of it, at most 1 s,
-        is kept for the rest.  Calls not started by then are skipped and their
-        frames never acknowledged, so a reconnecting client sends them again
-        (at-least-once).  Then what was handled is acknowledged, replies are
-        flushed, every connection is closed and every thread joined; close
-        returns within about ``timeout``.  Only a handler that is still
-        running at that point (it blocks) can outlive it; that is logged.
-        Safe to call twice and from a handler.
+        Handler calls of frames already read run until ``timeout`` (seconds) has
+        nearly passed (a quarter of it, at most 1 s, is kept for the rest); calls
+        not started by then are skipped, their frames never acknowledged, so a
+        reconnecting client sends them again (at-least-once).  Then what was
+        handled is acknowledged, replies flushed, connections closed and threads
+        joined, within about ``timeout``; only a handler still running (it
+        blocks) can outlive it, and that is logged.  Safe to call twice and from
+        a handler.
         """
         with self._lock:
             if self._closed:
@@ -4598,9 +4547,8 @@ class TCPServerTransport(_TCPEndpoint):
     def connections(self, closed: bool = False) -> List[Dict[str, Any]]:
         """Snapshots of the open connections, or of the last 256 closed ones (oldest first).
 
-        Each is a dict (see :meth:`_Connection.snapshot`); a closed one also
-        has ``stop`` (epoch seconds), ``reason`` and ``counter`` (the
-        :attr:`stats` key its closing was counted under).
+        Dicts (see :meth:`_Connection.snapshot`); a closed one also has ``stop``
+        (epoch seconds), ``reason`` and ``counter`` (its :attr:`stats` key).
         """
         if closed:
             return [dict(info) for info in list(self._closed_conns)]
@@ -4616,11 +4564,10 @@ class TCPServerTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """Internal state, for tests and diagnostics only (not a stable API).
 
-        ``exact``: exact topic -> how many connections it is routed to
-        (inboxes included); ``patterns``: how many wildcard routes;
-        ``frame_peers``: peers that get every routed message; ``connections``:
-        connection id -> its ``peer``, agreed ``features``, ``peer_max_frame``
-        and ``interest`` (patterns and topics routed to it).
+        ``exact``: topic -> connections routed to (inboxes included);
+        ``patterns``: wildcard routes; ``frame_peers``: peers that get every
+        routed message; ``connections``: id -> ``peer``, ``features``,
+        ``peer_max_frame``, ``interest``.
         """
         state = self._routes.debug_state()
         state["connections"] = {
@@ -4631,10 +4578,7 @@ class TCPServerTransport(_TCPEndpoint):
         return state
 
     def debug_cut_connections(self, reason: str = "cut for a test") -> None:
-        """Close every open connection abruptly, as a network failure would (tests only).
-
-        Counted under ``disconnects``; the clients see their connection break.
-        """
+        """Close every connection abruptly, as a network failure would (tests; ``disconnects``)."""
         for conn in list(self._conns.values()):
             self._close_later(conn, "disconnects", reason)
 
@@ -4665,10 +4609,9 @@ class TCPServerTransport(_TCPEndpoint):
         self._drop(conn, "internal_errors", "internal error (see traceback)")
 
     def _read_failed(self, conn: _Connection, exc: OSError) -> None:
-        if isinstance(exc, ConnectionResetError):
-            self._drop(conn, "resets", self._eof_reason(conn, "connection reset by peer"))
-        else:
-            self._drop(conn, "resets", self._eof_reason(conn, f"read failed: {exc}"))
+        reset = isinstance(exc, ConnectionResetError)
+        what = "connection reset by peer" if reset else f"read failed: {exc}"
+        self._drop(conn, "resets", self._eof_reason(conn, what))
 
     def _peer_closed(self, conn: _Connection) -> None:
         if conn.decoder.buffered:
@@ -4984,22 +4927,6 @@ def _watch_at_exit(client: Any) -> None:
     _open_clients.add(client)
 
 
-def _welcome_features(welcome: Dict[str, Any]) -> frozenset:
-    """The features a ``$welcome`` agreed on that this client knows."""
-    features = welcome.get("features")
-    if not isinstance(features, list):
-        return frozenset()
-    return frozenset(f for f in features if isinstance(f, str)) & _FEATURES
-
-
-def _welcome_limit(welcome: Dict[str, Any]) -> Optional[int]:
-    """The server's ``max_frame_size`` from its ``$welcome`` (None if absent or bad)."""
-    limit = welcome.get("max_frame_size")
-    if type(limit) is int and limit > 0:
-        return limit
-    return None
-
-
 def _describe_frame(frame: bytes) -> str:
     """``message <id> on '<topic>' (<n> bytes)`` for a log line about a frame."""
     try:
@@ -5019,26 +4946,16 @@ def _with_ttl(frame: bytes, remaining: float) -> bytes:
 class _Backlog:
     """A client's unacknowledged message frames, the room left for more, its requests.
 
-    Each item is ``[seq, frame, charges, deadline]``: the frame's number on
-    the current connection (0: not sent on it), the frame (b"" once
-    acknowledged or withdrawn), how many connections broke while it was the
-    oldest unacknowledged frame, and the monotonic deadline of a request's
-    ``_ttl_ms`` (None without one).  :meth:`resend` decides what goes out
-    again on a new connection.  With a server that acknowledges (``acked``:
-    the feature "ack") a frame stays until acknowledged; otherwise it waits
-    here only while there is no connection.  ``seq`` counts the data frames
-    queued on the current connection, as the server counts them.
-
-    ``requests`` maps each open request inbox's topic to ``[inbox,
-    connection its last request went out on, that request's item]``: a
-    request is withdrawn when its caller stops waiting (:meth:`untrack`) and
-    fails at once when its connection breaks (:meth:`connection_lost`).
-
-    ``changed`` is a condition on the client's lock: a sender waiting for
-    room waits on it, and so do ``flush()`` and ``close()``; :meth:`wake`
-    them after anything they wait for changed (an acknowledgement, the
-    connection ...).  Not thread-safe on its own: every method runs with the
-    client's lock held, so its counters are plain ints under that lock.
+    An item is ``[seq, frame, charges, deadline]``: the frame's number on the
+    current connection (0: not sent on it; ``seq`` counts them as the server
+    does), the frame (b"" once acknowledged or withdrawn), connections that
+    broke with it the oldest unacknowledged frame, a request's ``_ttl_ms``
+    deadline (or None).  Kept until acknowledged (``acked``: the server has
+    the feature "ack"), else only while there is no connection.  ``requests``:
+    inbox topic -> ``[inbox, connection its request went out on, that item]``
+    (withdrawn by :meth:`untrack`, failed by :meth:`connection_lost`).
+    ``changed`` is a condition on the client's lock, held around every call
+    (plain int counters); :meth:`wake` its waiters after a change.
     """
 
     __slots__ = ("items", "bytes", "counts", "changed", "waiters", "max_items", "max_bytes",
@@ -5119,10 +5036,9 @@ class _Backlog:
     def connection_lost(self, conn: _Connection) -> List[_ClientInbox]:
         """Charge the oldest frame sent on ``conn``; forget the numbering.
 
-        Acknowledgements are cumulative and in order, so a server that keeps
-        closing the connection over one frame stops at that frame.  Returns
-        the inboxes whose request went out on ``conn`` (withdrawn: the reply
-        cannot come).
+        Acknowledgements are cumulative, so a server that keeps closing the
+        connection over one frame stops at that frame.  Returns the inboxes whose
+        request went out on ``conn`` (withdrawn: no reply can come).
         """
         failed: List[_ClientInbox] = []
         for record in self.requests.values():
@@ -5146,11 +5062,10 @@ class _Backlog:
     def resend(self, conn: _Connection, limit: int) -> List[bytes]:
         """Number the frames for the new connection ``conn`` (1, 2 ...) and return them.
 
-        Dropped, each logged and counted: a frame over the server's ``limit``
-        (``too_large``), a frame that broke ``_MAX_SEND_ATTEMPTS`` connections
-        as the oldest unacknowledged one (``refused``), a request whose TTL
-        ran out (``expired``).  A request that still has time goes out with
-        its ``_ttl_ms`` cut to what is left.
+        Dropped, logged and counted: over the server's ``limit`` (``too_large``),
+        oldest unacknowledged on ``_MAX_SEND_ATTEMPTS`` broken connections
+        (``refused``), a request past its TTL (``expired``); a request with time
+        left goes with its ``_ttl_ms`` cut to it.
         """
         frames: List[bytes] = []
         kept: Deque[List[Any]] = collections.deque()
@@ -5183,8 +5098,7 @@ class _Backlog:
         self.seq = len(frames)
         if expired:
             self.counts["expired"] += expired
-            logger.info("tcp client: %d request(s) expired while disconnected; not resent",
-                        expired)
+            logger.info("tcp client: %d request(s) expired while disconnected; not resent", expired)
         if frames:
             self.counts["resent"] += len(frames)
             for record in self.requests.values():  # requests now in flight on conn
@@ -5197,8 +5111,7 @@ class _Backlog:
         frame = item[1]
         item[1] = b""
         self.counts[counter] += 1
-        logger.warning("tcp client: dropped %s for %s: %s", _describe_frame(frame), where,
-                       reason)
+        logger.warning("tcp client: dropped %s for %s: %s", _describe_frame(frame), where, reason)
 
     def written(self) -> None:
         """A server without acknowledgements: what was written is all it gets."""
@@ -5230,17 +5143,14 @@ class _Backlog:
 class _Interest:
     """What a :class:`TCPClientTransport` wants from its server, and what it has not told it.
 
-    ``counts`` maps each pattern (a subscription's pattern, a ``receive``
-    topic, an inbox topic) to its number of users: the server hears of a
-    pattern when its first user comes and of its withdrawal when the last
-    one goes.  A withdrawal is not urgent: it waits in ``removals`` for the
-    next ``$interest`` frame, a tick or ``_REMOVALS_BATCH`` others.  When the
-    server speaks the features "interest" and "reply" (``implicit``), an
-    inbox just opened waits in ``deferred``: a request naming it as
-    ``reply_to`` tells the server, and any other frame sent first carries it.
-    ``receiving`` holds the topics taken by ``receive``, ``patterns`` the
-    pattern of each subscription id.  Not thread-safe: the client holds its
-    lock around every call.
+    ``counts``: pattern (subscription, ``receive`` topic, inbox) -> users; the
+    server hears of the first user and, in ``removals`` (with the next
+    ``$interest``, a tick or ``_REMOVALS_BATCH`` others), of the last one
+    leaving.  With the features "interest" and "reply" (``implicit``) a new
+    inbox waits in ``deferred``: the request naming it as ``reply_to`` tells
+    the server, any other frame carries it first.  ``receiving``: the
+    ``receive`` topics; ``patterns``: subscription id -> pattern.  The client
+    holds its lock around every call.
     """
 
     __slots__ = ("counts", "removals", "deferred", "implicit", "receiving", "patterns")
@@ -5254,10 +5164,9 @@ class _Interest:
         self.patterns: Dict[str, str] = {}
 
     def add(self, pattern: str, told: bool, defer: bool = False) -> bytes:
-        """One more user of ``pattern``; return the ``$interest`` frame to send now, or b"".
+        """One more user of ``pattern``; the ``$interest`` frame to send now, or b"".
 
-        ``told``: a handshake connection is up (the server keeps interest);
-        ``defer``: ``pattern`` is an inbox the next request may name.
+        ``told``: a handshake connection is up; ``defer``: an inbox the next request may name.
         """
         count = self.counts.get(pattern, 0)
         self.counts[pattern] = count + 1
@@ -5297,11 +5206,7 @@ class _Interest:
         return _interest_frame(added, removed)
 
     def before(self, reply_to: Optional[str]) -> bytes:
-        """What must go ahead of a frame naming ``reply_to`` (b"": nothing yet).
-
-        The request's own inbox needs no frame (the server takes its
-        ``reply_to`` as interest); any other deferred inbox goes ahead of it.
-        """
+        """What must precede a frame naming ``reply_to``: deferred inboxes but its own (implied)."""
         if self.deferred and reply_to is not None:
             self.deferred.pop(reply_to, None)
         if self.deferred or len(self.removals) >= _REMOVALS_BATCH:
@@ -5319,28 +5224,78 @@ class _Interest:
 
 
 class _Confirmations:
-    """The server's confirmations a client's ``flush()`` waits for.
+    """What a client's callers wait for from its server, and the waiting.
 
-    A server with the feature "flush" answers ``$flush`` with ``$flushed``
-    (same id).  An older handshake server answers ``$ping`` with ``$pong``,
-    in order, having applied the interest sent before; the messages sent
-    before are handled once it acknowledged them too.  Not thread-safe: the
-    client holds its lock around every use.
+    Room in the backlog (``send``, :meth:`room`); ``flush()``: ``$flushed``
+    for ``$flush`` (feature "flush"), else ``$pong`` for ``$ping`` (in order,
+    after the interest sent before) and the acknowledgement of the messages
+    sent before; ``close()``: every accepted message acknowledged (or written,
+    for a server that does not acknowledge).  Counters change under the
+    client's ``_lock``; the waits hold it and wait on ``_backlog.changed``.
     """
 
-    __slots__ = ("ids", "flushed_upto", "pings_sent", "pongs")
+    __slots__ = ("client", "ids", "flushed_upto", "pings_sent", "pongs")
 
-    def __init__(self) -> None:
+    def __init__(self, client: TCPClientTransport) -> None:
+        self.client = client
         self.ids = itertools.count(1)
         self.flushed_upto = 0  # highest $flushed id seen
         self.pings_sent = 0  # $ping frames sent on this connection ...
         self.pongs = 0  # ... and $pong answers to them (they come in order)
 
-    def ask(self, features: frozenset,
-            backlog: _Backlog) -> Tuple[bytes, Optional[Callable[[], bool]]]:
+    def flush(self, deadline: float) -> bool:
+        """:meth:`TCPClientTransport.flush`: wait for a connection, ask, wait for the answer."""
+        while True:
+            done = self._flush_on(self._connected(deadline), deadline)
+            if done is not None:
+                return done
+
+    def _connected(self, deadline: float) -> _Connection:
+        c = self.client
+        with c._lock:
+            while c._conn is None or c._closed:
+                c._life.check_usable()
+                self._wait(deadline, 1.0)
+            return c._conn
+
+    def _wait(self, deadline: float, poll: float) -> None:
+        # With the client's lock held: one wait for a change, at most ``poll`` s.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EventforgeTimeoutError(
+                f"{self.client._name()}: the server did not confirm the flush in time"
+            )
+        self.client._backlog.wait(min(remaining, poll))
+
+    def _flush_on(self, conn: _Connection, deadline: float) -> Optional[bool]:
+        """Flush over ``conn``; None if it broke meanwhile (the caller retries)."""
+        c = self.client
+        with c._lock:
+            if c._conn is not conn:
+                return None
+            frame = c._interest.changes() if c._interest.pending() else b""
+            ask, done = self._ask(conn.features if conn.handshake else frozenset(), c._backlog)
+            frame += ask
+            if frame:
+                conn.enqueue(frame)
+        c._kick(conn)
+        with c._lock:
+            while c._conn is conn:
+                if done is None:
+                    if conn.out_bytes == 0 and conn.cur is None:
+                        return False
+                    self._wait(deadline, 0.005)  # nothing signals a write: poll
+                elif done():
+                    return True
+                else:
+                    self._wait(deadline, 1.0)
+        return None
+
+    def _ask(self, features: frozenset,
+             backlog: _Backlog) -> Tuple[bytes, Optional[Callable[[], bool]]]:
         """The frame asking the server to confirm all sent so far, and the test that it did.
 
-        ``(b"", None)`` if the server cannot confirm anything (no handshake).
+        ``(b"", None)``: the server cannot confirm anything (no handshake).
         """
         if "flush" in features:
             ident = next(self.ids)
@@ -5352,18 +5307,79 @@ class _Confirmations:
                 not pending or pending[0][0] > last_seq or not backlog.acked)
         return b"", None
 
+    def confirmed(self, conn: _Connection, topic: str, payload: Dict[str, Any]) -> None:
+        """A ``$pong`` or a ``$flushed`` arrived on ``conn``."""
+        c = self.client
+        if topic == "$pong":
+            with c._lock:
+                if c._conn is conn:
+                    self.pongs += 1
+                    c._backlog.wake()
+            return
+        ident = payload.get("id")
+        if type(ident) is int:
+            with c._lock:
+                if ident > self.flushed_upto:
+                    self.flushed_upto = ident
+                c._backlog.wake()
+
+    def delivered(self, deadline: float) -> None:
+        """Wait (up to ``deadline``) until every accepted message reached the server."""
+        c = self.client
+        c._nudge.set()  # a reconnect waiting out its backoff tries again now
+        backlog = c._backlog
+        with c._lock:
+            while True:
+                conn = c._conn
+                if conn is None:
+                    waiting = backlog.bytes > 0 and c.reconnect and c._failed is None
+                elif backlog.acked:
+                    waiting = backlog.bytes > 0
+                else:
+                    waiting = conn.out_bytes > 0 or conn.cur is not None
+                remaining = deadline - time.monotonic()
+                if not waiting or remaining <= 0:
+                    break
+                backlog.wait(remaining if conn is None or backlog.acked
+                             else min(remaining, 0.005))  # nothing signals a write: poll
+            left = backlog.undelivered()
+        if left:
+            logger.warning(
+                "tcp client: closed with %d message(s) %s", left,
+                "not acknowledged by the server" if conn is not None
+                else "never sent (disconnected)",
+            )
+
+    def room(self, size: int) -> Optional[_Connection]:
+        """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
+
+        Called by ``send`` with the lock held and the backlog full: waits up to
+        ``send_timeout`` for acknowledgements, slowing down a fast publisher.
+        """
+        c = self.client
+        backlog = c._backlog
+        deadline = time.monotonic() + c.send_timeout
+        while (c._conn is not None and backlog.acked and not c._closed
+               and not backlog.has_room(size)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            backlog.wait(remaining)
+        if c._closed:
+            raise TransportClosedError(f"{c._name()} is closed")
+        if c._conn is not None and not backlog.has_room(size):
+            raise backlog.full(f"are unacknowledged after {c.send_timeout} s")
+        return c._conn
+
 
 class _ClientInbox(Inbox):
     """A request inbox of a :class:`TCPClientTransport`.
 
-    ``get`` first reads the socket itself for a while (where the platform
-    allows it), so the reply wakes the waiting thread directly instead of
-    waking the client's I/O thread, which would wake the caller in turn.
-    A subscriber callback that waits here hands the dispatcher role to
-    another thread first, so a reply (or the request itself) that must pass
-    through a subscriber of this very client is not stuck behind it.  If the
-    connection that carried the request breaks before the reply came,
-    ``get`` raises ConnectionLostError at once instead of waiting its timeout.
+    ``get`` first reads the socket itself a while (where the platform allows),
+    so the reply wakes the waiting thread directly, not via the I/O thread.
+    A subscriber callback waiting here first hands the dispatcher role on (the
+    reply may pass through a subscriber of this client).  ``get`` raises
+    ConnectionLostError at once if the request's connection broke.
     """
 
     _transport: Any = None
@@ -5425,10 +5441,9 @@ def _client_handshake(client: TCPClientTransport, sock: socket.socket, where: st
     """The client's side of the handshake on the blocking, connected ``sock``.
 
     ``$hello`` out, ``$welcome`` back; with a secret, ``$auth`` out and
-    ``$ready`` back, each side proving it knows the secret.  A server that
-    does not answer within ``hello_timeout`` (unless the handshake is
-    required) is taken for a plain-frame peer.  Raises AuthenticationError
-    or ConnectionLostError; leaves the socket non-blocking.
+    ``$ready`` back, each side proving it knows it.  No answer within
+    ``hello_timeout`` (unless required): a plain-frame peer.  Raises
+    AuthenticationError or ConnectionLostError; leaves ``sock`` non-blocking.
     """
     decoder = FrameDecoder(client.max_frame_size)
     early: List[Message] = []
@@ -5485,8 +5500,8 @@ def _client_handshake(client: TCPClientTransport, sock: socket.socket, where: st
             f"{where} does not authenticate, so it cannot prove it knows the secret"
         )
     sock.setblocking(False)
-    return _Opened(sock, decoder, True, _welcome_features(welcome), early, b"",
-                   _welcome_limit(welcome))
+    return _Opened(sock, decoder, True, _agreed_features(welcome), early, b"",
+                   _frame_limit(welcome))
 
 
 def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Message], want: str,
@@ -5521,9 +5536,7 @@ def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Messa
             try:
                 message = decode(body)
             except FrameError as exc:
-                logger.warning(
-                    "tcp client: bad frame from %s during the handshake: %s", where, exc
-                )
+                logger.warning("tcp client: bad frame from %s during the handshake: %s", where, exc)
                 continue
             payload = message.payload if isinstance(message.payload, dict) else {}
             if found is None and message.topic == want:
@@ -5542,9 +5555,9 @@ def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Messa
 class _Dialer:
     """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, handshake.
 
-    Blocking, on the thread calling ``connect()`` or on the client's I/O
-    thread when it reconnects.  The socket being set up is published as the
-    client's ``_connecting``, so ``close()`` can abort it at once.
+    Blocking (in ``connect()``, or on the I/O thread reconnecting).  The socket
+    being set up is the client's ``_connecting``: ``close()`` aborts it with
+    ``shutdown()`` instead of waiting up to ``connect_timeout``.
     """
 
     __slots__ = ("client",)
@@ -5553,13 +5566,7 @@ class _Dialer:
         self.client = client
 
     def connect_socket(self, timeout: float) -> socket.socket:
-        """A connected socket, like ``socket.create_connection``, but abortable.
-
-        The socket is published as the client's ``_connecting`` before
-        ``connect()``, so :meth:`TCPClientTransport.close` can abort a connect
-        (or a handshake read) in progress with ``shutdown()`` instead of
-        waiting up to ``connect_timeout``.
-        """
+        """A connected socket, like ``socket.create_connection``, but abortable."""
         import socket
 
         c = self.client
@@ -5660,63 +5667,352 @@ class _Dialer:
         return None
 
 
+class _Lifecycle:
+    """A :class:`TCPClientTransport`'s connection over time, and its I/O thread.
+
+    :meth:`run` serves the connection and reconnects when it breaks;
+    :meth:`install` adopts each one opened (interest first, then every
+    unacknowledged frame), :meth:`lost` gives one up (its requests fail at
+    once), :meth:`stop` and the loop's end close all.  Takes the client's
+    locks in the client's order.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: TCPClientTransport) -> None:
+        self.client = client
+
+    def start(self, opened: _Opened) -> None:
+        """``connect()``: install the first connection and start the I/O thread."""
+        c = self.client
+        with c._lock:
+            if c._closed:  # close() may have run on another thread meanwhile
+                opened.sock.close()
+                raise TransportClosedError(f"{c._name()} is closed")
+            loop = c._loop = _Loop(f"eventforge-tcp-client-io-{c.host}:{c.port}")
+            raw = getattr(loop.selector, "_selector", None)
+            if c.ssl_context is None and type(raw).__name__ == "epoll":
+                c._epoll = raw
+            c._started = True
+        c._pid = os.getpid()
+        _watch_at_exit(c)
+        self.install(opened)
+        loop.start(self.run)
+
+    def check_usable(self) -> None:
+        """Raise why there is no connection to use (closed, failed, never connected)."""
+        c = self.client
+        if c._closed:
+            raise TransportClosedError(f"{c._name()} is closed")
+        if c._failed is not None:
+            raise ConnectionLostError(c._failed)
+        if not c._started:
+            raise ConnectionLostError(f"not connected to {c.host}:{c.port}: call connect() first")
+
+    def run(self) -> None:
+        """The I/O thread: serve the connection, reconnect when it breaks, tick."""
+        c = self.client
+        loop = c._loop
+        assert loop is not None
+        loop.ident = threading.get_ident()
+        interval = c.ping_interval
+        tick_every = min(0.25, interval / 4) if interval else 0.25
+        next_tick = time.monotonic() + tick_every
+        try:
+            while not c._closing.is_set():
+                conn = c._conn
+                if conn is None:
+                    try:
+                        if not self.reconnect():
+                            break
+                    except Exception:  # a bug: log it, back off, try again
+                        logger.exception("tcp client: internal error while reconnecting")
+                        if c._closing.wait(c.backoff_max):
+                            break
+                    continue
+                for key, mask in loop.selector.select(max(0.0, next_tick - time.monotonic())):
+                    if key.data is None:
+                        loop.run_calls(drain=True)
+                        continue
+                    if key.data is c._conn:
+                        c._serve_event(conn, mask)
+                loop.run_calls()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick_every
+                    try:
+                        c._tick(now)
+                    except Exception:
+                        logger.exception("tcp client: internal error in a tick")
+        except Exception:  # pragma: no cover - a bug; do not die silently
+            logger.exception("tcp client: I/O loop crashed")
+        finally:
+            self._teardown()
+
+    def install(self, opened: _Opened) -> None:
+        """Adopt a fresh connection: interest first, then every unacknowledged message."""
+        c = self.client
+        sock = opened.sock
+        conn = _Connection(sock, f"{c.host}:{c.port}", c.max_frame_size,
+                           c._backlog.max_bytes + 1024 * 1024, c.ssl_context is not None)
+        conn.decoder = opened.decoder
+        conn.state = _READY
+        conn.handshake = opened.handshake
+        conn.features = opened.features
+        conn.nonce = opened.nonce  # a $hello still unanswered: a late $welcome is adopted
+        with c._lock:
+            frames: List[bytes] = []
+            c._confirmed.pings_sent = c._confirmed.pongs = 0
+            interest = self._adopt(conn, opened.limit)
+            if interest:
+                frames.append(interest)
+            frames.extend(c._backlog.resend(conn, c._send_limit))
+            if not c._backlog.acked:
+                c._backlog.written()
+            if frames:
+                with conn.lock:
+                    data = b"".join(frames)
+                    conn.out.append(data)
+                    conn.out_bytes += len(data)
+            c._conn = conn
+            c._backlog.wake()
+        loop = c._loop
+        assert loop is not None
+        import selectors
+
+        conn.events = selectors.EVENT_READ
+        loop.selector.register(sock, conn.events, conn)
+        if opened.early:
+            batch: List[Tuple[Tuple[Any, ...], Message]] = []
+            with c._read_lock:  # a caller may be reading the new connection already
+                for message in opened.early:
+                    c._deliver(message, batch)
+            if batch:
+                c._dispatcher.put_many(batch)
+        if frames:
+            c._kick(conn)
+
+    def _adopt(self, conn: _Connection, limit: Optional[int]) -> bytes:
+        """Take up the connection's terms; the ``$interest`` to send first (lock held)."""
+        c = self.client
+        c._send_limit = limit if limit is not None else c.max_frame_size
+        features = conn.features if conn.handshake else frozenset()
+        c._backlog.acked = "ack" in features
+        return c._interest.adopt(features, conn.handshake)
+
+    def late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
+        """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
+
+        The server took us for a handshake peer while we spoke plain frames:
+        adopt its terms and send the interest, so both sides agree again.
+        """
+        c = self.client
+        if welcome.get("auth"):
+            self.lost_soon(conn, "the server asks for authentication; pass secret=")
+            return
+        with c._lock:
+            if c._conn is not conn or conn.handshake:
+                return
+            conn.handshake = True
+            conn.nonce = b""
+            conn.features = _agreed_features(welcome)
+            interest = self._adopt(conn, _frame_limit(welcome))
+            if interest:
+                conn.enqueue(interest)
+        logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
+                    "protocol now", conn.peer, c.hello_timeout)
+        c._kick(conn)
+
+    def lost_soon(self, conn: _Connection, reason: str, after_write: bool = False) -> None:
+        """:meth:`lost` (or :meth:`lost_after_write`) on the loop thread, from any thread."""
+        lose = self.lost_after_write if after_write else self.lost
+        loop = self.client._loop
+        if loop is not None and not loop.in_loop():
+            loop.call_soon(lambda: lose(conn, reason))
+        else:
+            lose(conn, reason)
+
+    def lost_after_write(self, conn: _Connection, reason: str) -> None:
+        """A write failed (loop thread): first read what the server sent before closing.
+
+        A server closing with our frames unread resets the connection; its last
+        ``$ack`` may still wait in the socket and spares resending what it handled.
+        """
+        c = self.client
+        if not conn.tls and not conn.closed:
+            import select
+
+            with c._read_lock:  # a caller may be reading it (_read_until)
+                for _ in range(64):  # bounded: a few receive buffers at most
+                    if c._conn is not conn:
+                        return  # _read found the end and gave the connection up
+                    try:
+                        readable = select.select([conn.sock], [], [], 0)[0]
+                    except (OSError, ValueError):
+                        break
+                    if not readable or not c._read(conn):
+                        break
+        self.lost(conn, reason)
+
+    def lost(self, conn: _Connection, reason: str) -> None:
+        """The connection broke (loop thread): forget it; :meth:`run` reconnects.
+
+        Waiters for replies to requests sent on it get ConnectionLostError now;
+        the oldest unacknowledged frame is charged one attempt (_Backlog.resend).
+        """
+        c = self.client
+        with c._lock:
+            if c._conn is not conn:
+                return
+            c._conn = None
+            if not c.reconnect and not c._closing.is_set():
+                # In the same step as _conn: a send() in between must fail,
+                # not buffer a frame that no reconnect will ever carry.
+                c._failed = f"connection to {conn.peer} lost: {reason}"
+            failed = c._backlog.connection_lost(conn)
+        with c._read_lock:  # a caller may be reading it: wait for it to stop
+            with c._sel_lock:
+                with conn.lock:
+                    conn.closed = True
+                    conn.out.clear()
+                c._close_socket(conn)
+        for inbox in failed:
+            inbox._fail(f"connection to {conn.peer} lost before the reply came: {reason}")
+        if c._closing.is_set():
+            return
+        c._counts["disconnects"] += 1
+        logger.warning("tcp client: lost %s (%s)%s", conn.peer, reason,
+                       "; reconnecting" if c.reconnect else "")
+        self._notify(False, reason)
+
+    def _notify(self, connected: bool, detail: str) -> None:
+        callback = self.client.on_connection_change
+        if callback is None:
+            return
+        try:
+            callback(connected, detail)
+        except Exception:
+            logger.exception("tcp client: on_connection_change callback failed")
+
+    def reconnect(self) -> bool:
+        """Open a new connection (:meth:`_Dialer.redial`) and install it; False to stop."""
+        c = self.client
+        if not c.reconnect or c._closing.is_set():
+            return False
+        opened = _Dialer(c).redial()
+        if opened is None:
+            return False
+        c._reconnects.add()  # before any frame goes out on it
+        self.install(opened)
+        logger.info("tcp client: reconnected to %s:%s", c.host, c.port)
+        self._notify(True, f"reconnected to {c.host}:{c.port}")
+        return True
+
+    def stop(self) -> None:
+        """Abort a connection attempt, end the I/O thread, then the callbacks (close)."""
+        c = self.client
+        c._closing.set()
+        c._nudge.set()
+        connecting = c._connecting
+        if connecting is not None:
+            try:  # wakes a blocked connect() or handshake read; its owner closes it
+                connecting.shutdown(2)  # socket.SHUT_RDWR
+            except OSError:
+                pass
+        loop = c._loop
+        if loop is not None:
+            loop.wake()
+            if loop.thread is not None and loop.thread is not threading.current_thread():
+                loop.thread.join(c.connect_timeout + 2.0)
+        c._dispatcher.drain(1.0)  # callbacks for what arrived before close() run
+        c._local.close()  # then a callback still waiting on an inbox returns
+        c._dispatcher.stop(1.0)
+
+    def _teardown(self) -> None:
+        """The loop thread ends: flush what is queued (up to 1 s) and close the socket."""
+        c = self.client
+        with c._lock:
+            conn = c._conn
+            c._conn = None
+        if conn is not None:
+            with c._read_lock, c._sel_lock, conn.lock:
+                chunks = [bytes(conn.cur)] if conn.cur is not None else []
+                chunks.extend(conn.out)
+                conn.out.clear()
+                conn.cur = None
+                conn.closed = True
+            sock = conn.sock
+            try:
+                if chunks:
+                    sock.settimeout(1.0)
+                    sock.sendall(b"".join(chunks))
+                if not conn.tls:
+                    # Unread input would make close() send RST, and an RST may
+                    # discard what the server has not read yet: send FIN, then
+                    # drop what is waiting here before closing.
+                    sock.shutdown(1)  # socket.SHUT_WR
+                    sock.setblocking(False)
+                    while sock.recv(_RECV_SIZE):
+                        pass
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+        if c._loop is not None:
+            c._loop.close()
+
+
 class TCPClientTransport(_TCPEndpoint):
     """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
-    Call :meth:`connect` before use.  ``send`` writes straight from the
-    caller's thread when the connection is idle and queues otherwise, so
-    frames from many threads never interleave.  ``subscribe``, ``receive``
-    and request inboxes tell the server what this client wants (its
-    *interest*); the server then sends only matching messages.  Subscriber
-    callbacks run on one dispatcher thread, in arrival order; a callback that
-    waits for a reply (a request, an RPC call, a ``receive``) first hands
-    the dispatcher role to a new thread, so the reply may come through
-    another subscriber of this client.  A thread waiting for a request's
-    reply reads the socket itself for a few milliseconds, so the reply
-    wakes it directly.
+    Call :meth:`connect` before use.  ``send`` writes from the caller's thread
+    when the connection is idle, else queues (frames never interleave).
+    ``subscribe``, ``receive`` and request inboxes tell the server this
+    client's *interest*: it sends only matching messages.  Subscriber callbacks
+    run on one dispatcher thread, in arrival order; one that waits for a reply
+    (a request, an RPC call, a ``receive``) first hands that role to a new
+    thread, so the reply may come through another subscriber.  A thread
+    waiting for a reply reads the socket itself for a few milliseconds, so the
+    reply wakes it directly.
 
-    If the connection drops, the client reconnects (``reconnect=True``) with
-    capped exponential backoff and jitter (``backoff_initial`` ..
-    ``backoff_max``), re-sends its interest and re-sends, in order, every
-    message the server has not acknowledged; up to ``max_pending`` messages
-    (and ``max_pending_bytes``) wait meanwhile, beyond that ``send`` raises
-    TransportFullError.  While connected, a full buffer makes ``send`` wait
-    up to ``send_timeout`` seconds for acknowledgements (a publisher faster
-    than the server is slowed down) before raising.  A server that stays silent for two
-    ``ping_interval`` s is taken for dead.
+    A dropped connection is reopened (``reconnect=True``) with capped
+    exponential backoff and jitter (``backoff_initial`` .. ``backoff_max``);
+    the interest, then every message the server has not acknowledged, is sent
+    again in order.  Meanwhile up to ``max_pending`` messages (and
+    ``max_pending_bytes``) wait, beyond that ``send`` raises TransportFullError;
+    while connected, a full buffer first makes ``send`` wait up to
+    ``send_timeout`` s for acknowledgements (slowing a fast publisher down).  A
+    server silent for two ``ping_interval`` s is taken for dead.
 
     ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a
     client-side :class:`ssl.SSLContext`) enables TLS, checked against
     ``server_hostname`` (default: ``host``).  A server that does not answer
     ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
-    eventforge 0.1 server) until its ``$welcome`` arrives, if ever: a late
-    welcome switches the connection to handshake mode and the client sends
-    its interest then.  ``handshake=False`` skips the hello and
-    ``handshake=True`` requires it.  ``name`` (optional) is sent in the hello
-    so the server's :class:`Monitor` can show who this connection is.
+    eventforge 0.1 server) until its ``$welcome`` arrives, if ever; then the
+    client switches to the handshake and sends its interest.  ``handshake=False``
+    skips the hello, ``handshake=True`` requires it.  ``name`` goes in the
+    hello, for the server's :class:`Monitor`.
 
-    Limits: ``send`` raises FrameTooLargeError for a message over the
-    server's ``max_frame_size`` (learned at handshake).  A buffered message
-    that a reconnected server can no longer take, or that it keeps refusing,
-    is dropped with a logged reason and counted (``too_large``, ``refused``);
-    nothing is resent forever.  A request whose caller stopped waiting (its
-    inbox closed) is withdrawn: never resent after a reconnect.  A caller
-    waiting for the reply to a request that went out on a connection that
-    broke gets ConnectionLostError at once.
+    ``send`` raises FrameTooLargeError above the server's ``max_frame_size``.
+    A buffered message a reconnected server can no longer take, or keeps
+    refusing, is dropped, logged and counted (``too_large``, ``refused``).  A
+    request whose caller stopped waiting (inbox closed) is withdrawn; one
+    whose connection broke fails its caller at once (ConnectionLostError).
+    :meth:`flush` waits until the server processed all sent before it;
+    :meth:`close` (and interpreter exit) delivers what was accepted, within its
+    ``timeout``.  ``on_connection_change(connected, detail)`` is called on the
+    I/O thread when the connection is lost and when it is back.
 
-    :meth:`flush` waits until the server has processed everything sent
-    before it; :meth:`close` delivers what was accepted (bounded by its
-    ``timeout``), and clients still open at normal interpreter exit are
-    closed the same way.  ``on_connection_change(connected, detail)`` is
-    called (on the I/O thread) when the connection is lost and when it is
-    back.
-
-    Locks, outermost first: ``_connect_lock`` (one ``connect()`` at a time),
-    ``_read_lock`` (whoever decodes the socket: the I/O thread, or a caller
-    reading its reply), ``_lock`` (the client's state with its backlog,
-    interest and confirmations; ``_backlog.changed`` is a condition on it),
-    ``_sel_lock`` (the selector registration; never held with ``_lock``),
-    then a connection's ``conn.lock``.  No lock is held while user code runs.
+    Collaborators: :class:`_Lifecycle` (the connection over time, the I/O
+    thread), :class:`_Dialer`, :class:`_Backlog`, :class:`_Interest`,
+    :class:`_Confirmations`.  Locks, outermost first: ``_connect_lock`` (one
+    ``connect()`` at a time), ``_read_lock`` (whoever decodes the socket: the
+    I/O thread or a caller reading its reply), ``_lock`` (the state, with the
+    backlog, interest and confirmations; ``_backlog.changed`` is a condition on
+    it), ``_sel_lock`` (the selector registration; never held with ``_lock``),
+    a connection's ``conn.lock``.  No lock is held while user code runs.
     """
 
     _log_name = "tcp client"
@@ -5772,16 +6068,15 @@ class TCPClientTransport(_TCPEndpoint):
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
         self._interest = _Interest()
-        self._confirmed = _Confirmations()
+        self._confirmed = _Confirmations(self)  # what send, flush() and close() wait for
+        self._wait_for_space = self._confirmed.room  # send's wait for acknowledgements
+        self._life = _Lifecycle(self)  # the connection over time, and the I/O thread
         self._conn: Optional[_Connection] = None
         self._loop: Optional[_Loop] = None
         self._dispatcher = _Dispatcher(
             f"eventforge-tcp-client-dispatch-{host}:{port}", self._local, self._dispatch_low
         )
-        # Whoever decodes the socket holds _read_lock: the I/O thread, or a
-        # caller waiting for its reply (_read_until).  _sel_lock guards the
-        # selector registration, which both may change.
-        self._read_lock = threading.RLock()
+        self._read_lock = threading.RLock()  # see "Locks" above
         self._sel_lock = threading.Lock()
         self._epoll: Any = None  # the loop's epoll object, if the selector is epoll
         self._closing = threading.Event()
@@ -5793,7 +6088,6 @@ class TCPClientTransport(_TCPEndpoint):
         # Ints bumped under _lock (send, _Backlog) or under _read_lock (decoding).
         self._counts: Dict[str, int] = collections.defaultdict(int)
         self._counts.update(dict.fromkeys(_CLIENT_COUNTERS, 0))
-        # Message frames not acknowledged yet (or waiting for a connection).
         self._backlog = _Backlog(self._lock, self._counts, max_pending, max_pending_bytes)
         self._reconnect_attempts = _Counter()  # bumped by the I/O thread, read by stats
         self._reconnects = _Counter()
@@ -5813,21 +6107,13 @@ class TCPClientTransport(_TCPEndpoint):
         return self._conn is not None
 
     @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
-    @property
     def mode(self) -> Optional[str]:
         """``"handshake"`` (our server), ``"frames"`` (a plain-frame server) or None.
 
-        ``"frames"`` turns into ``"handshake"`` if the server's ``$welcome``
-        arrives after ``hello_timeout`` (see the class doc).
+        ``"frames"`` becomes ``"handshake"`` if a late ``$welcome`` arrives.
         """
         conn = self._conn
-        if conn is None:
-            return None
-        return "handshake" if conn.handshake else "frames"
+        return None if conn is None else "handshake" if conn.handshake else "frames"
 
     def connect(self, timeout: Optional[float] = None) -> TCPClientTransport:
         """Connect and handshake within ``timeout`` seconds (default ``connect_timeout``).
@@ -5836,28 +6122,14 @@ class TCPClientTransport(_TCPEndpoint):
         reached and AuthenticationError if the secret or TLS handshake fails.
         Returns self.
         """
-        if timeout is None:
-            timeout = self.connect_timeout
         with self._connect_lock:  # one connect at a time; later ones see _started
             with self._lock:
                 if self._closed:
                     raise TransportClosedError(f"{self._name()} is closed")
                 if self._started:
                     return self
-            opened = _Dialer(self).open(timeout)
-            with self._lock:
-                if self.closed:  # close() may have run on another thread meanwhile
-                    opened.sock.close()
-                    raise TransportClosedError(f"{self._name()} is closed")
-                loop = self._loop = _Loop(f"eventforge-tcp-client-io-{self.host}:{self.port}")
-                raw = getattr(loop.selector, "_selector", None)
-                if self.ssl_context is None and type(raw).__name__ == "epoll":
-                    self._epoll = raw
-                self._started = True
-            self._pid = os.getpid()
-            _watch_at_exit(self)
-            self._install(opened)
-            loop.start(self._run)
+            opened = _Dialer(self).open(self.connect_timeout if timeout is None else timeout)
+            self._life.start(opened)
         return self
 
     def _name(self) -> str:
@@ -5880,123 +6152,27 @@ class TCPClientTransport(_TCPEndpoint):
         _open_clients.discard(self)
         loop = self._loop
         if self._started and loop is not None and not loop.in_loop():
-            self._deliver_before_close(time.monotonic() + timeout)
-        self._closing.set()
-        self._nudge.set()
-        connecting = self._connecting
-        if connecting is not None:
-            try:  # wakes a blocked connect() or handshake read; its owner closes it
-                connecting.shutdown(2)  # socket.SHUT_RDWR
-            except OSError:
-                pass
-        if loop is not None:
-            loop.wake()
-            if loop.thread is not None and loop.thread is not threading.current_thread():
-                loop.thread.join(self.connect_timeout + 2.0)
-        self._dispatcher.drain(1.0)  # callbacks for what arrived before close() run
-        self._local.close()  # then a callback still waiting on an inbox returns
-        self._dispatcher.stop(1.0)
-
-    def _deliver_before_close(self, deadline: float) -> None:
-        """Wait (up to ``deadline``) until every accepted message reached the server."""
-        self._nudge.set()  # a reconnect waiting out its backoff tries again now
-        backlog = self._backlog
-        with self._lock:
-            while True:
-                conn = self._conn
-                if conn is None:
-                    waiting = backlog.bytes > 0 and self.reconnect and self._failed is None
-                elif backlog.acked:
-                    waiting = backlog.bytes > 0
-                else:
-                    waiting = conn.out_bytes > 0 or conn.cur is not None
-                remaining = deadline - time.monotonic()
-                if not waiting or remaining <= 0:
-                    break
-                backlog.wait(remaining if conn is None or backlog.acked
-                             else min(remaining, 0.005))  # nothing signals a write: poll
-            left = backlog.undelivered()
-        if left:
-            logger.warning(
-                "tcp client: closed with %d message(s) %s", left,
-                "not acknowledged by the server" if conn is not None
-                else "never sent (disconnected)",
-            )
+            self._confirmed.delivered(time.monotonic() + timeout)
+        self._life.stop()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the server has processed everything sent before this call.
 
-        "Everything" includes subscriptions, receive topics and inboxes
-        (interest): once ``flush`` returns, messages published by others
-        reach this client's new subscriptions.  With a server that speaks
-        the feature "flush" this is one ``$flush``/``$flushed`` round trip.
-        With an older handshake server it is a ``$ping``/``$pong`` round trip
-        (the server applies interest in order) followed by the
-        acknowledgement of every message sent before.  Returns True once
-        confirmed; False with a frame-only server (eventforge 0.1), which
-        cannot confirm anything: then it returns once every queued frame was
-        written to the socket.  While disconnected it waits for the
-        reconnect.  Raises EventforgeTimeoutError after ``timeout`` seconds,
-        ConnectionLostError if the connection is lost for good,
-        TransportClosedError after :meth:`close`.
+        Interest included: once ``flush`` returns, messages published by
+        others reach this client's new subscriptions.  One ``$flush``/
+        ``$flushed`` round trip (an older handshake server: ``$ping``/``$pong``,
+        then the acknowledgement of every message sent before).  Returns True
+        once confirmed; False with a frame-only server (eventforge 0.1), which
+        cannot confirm anything: then once every queued frame was written.
+        While disconnected it waits for the reconnect.  Raises
+        EventforgeTimeoutError after ``timeout`` seconds, ConnectionLostError
+        if the connection is lost for good, TransportClosedError after
+        :meth:`close`.
         """
         loop = self._loop
         if loop is not None and loop.in_loop():
             raise RuntimeError("flush() cannot wait on the client's own I/O thread")
-        deadline = time.monotonic() + timeout
-        while True:
-            conn = self._wait_connected(deadline)
-            done = self._flush_on(conn, deadline)
-            if done is not None:
-                return done
-
-    def _wait_connected(self, deadline: float) -> _Connection:
-        with self._lock:
-            while True:
-                if self._closed:
-                    raise TransportClosedError(f"{self._name()} is closed")
-                if self._conn is not None:
-                    return self._conn
-                if self._failed is not None:
-                    raise ConnectionLostError(self._failed)
-                if not self._started:
-                    raise ConnectionLostError(
-                        f"not connected to {self.host}:{self.port}: call connect() first"
-                    )
-                self._wait_locked(deadline, 1.0)
-
-    def _wait_locked(self, deadline: float, poll: float) -> None:
-        # Called with self._lock held: one wait for a change, at most ``poll`` s.
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise EventforgeTimeoutError(
-                f"{self._name()}: the server did not confirm the flush in time"
-            )
-        self._backlog.wait(min(remaining, poll))
-
-    def _flush_on(self, conn: _Connection, deadline: float) -> Optional[bool]:
-        """Flush over ``conn``; None if it broke meanwhile (the caller retries)."""
-        with self._lock:
-            if self._conn is not conn:
-                return None
-            frame = self._interest.changes() if self._interest.pending() else b""
-            ask, done = self._confirmed.ask(conn.features if conn.handshake else frozenset(),
-                                            self._backlog)
-            frame += ask
-            if frame:
-                conn.enqueue(frame)
-        self._kick(conn)
-        with self._lock:
-            while self._conn is conn:
-                if done is None:
-                    if conn.out_bytes == 0 and conn.cur is None:
-                        return False
-                    self._wait_locked(deadline, 0.005)  # nothing signals a write: poll
-                elif done():
-                    return True
-                else:
-                    self._wait_locked(deadline, 1.0)
-        return None
+        return self._confirmed.flush(time.monotonic() + timeout)
 
     # -- Transport API ----------------------------------------------------------------
 
@@ -6057,11 +6233,10 @@ class TCPClientTransport(_TCPEndpoint):
                 conn.urgent = True  # a request: the I/O thread lets no burst grow now
 
     def _ahead_of(self, conn: _Connection, size: int, reply_to: Optional[str]) -> None:
-        """Before a frame of ``size`` bytes joins ``conn``'s queue (send's uncommon cases).
+        """What precedes a ``size``-byte frame on ``conn`` (send's uncommon cases; locks held).
 
-        Called with self._lock and conn.lock held.  Raises TransportFullError
-        if the queue has no room; queues first the interest changes that must
-        go ahead of the frame (see :meth:`_Interest.before`).
+        Raises TransportFullError without room; queues the interest changes that
+        go first (:meth:`_Interest.before`).
         """
         if conn.out_bytes + size > conn.max_outbound:
             self._counts["full"] += 1
@@ -6074,36 +6249,8 @@ class TCPClientTransport(_TCPEndpoint):
 
     def _send_offline(self, frame: bytes, deadline: Optional[float]) -> List[Any]:
         # Called with self._lock held while there is no connection.
-        if self._closed:
-            raise TransportClosedError(f"{self._name()} is closed")
-        if self._failed is not None:
-            raise ConnectionLostError(self._failed)
-        if not self._started:
-            raise ConnectionLostError(
-                f"not connected to {self.host}:{self.port}: call connect() first"
-            )
+        self._life.check_usable()
         return self._backlog.buffer(frame, deadline)
-
-    def _wait_for_space(self, size: int) -> Optional[_Connection]:
-        """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
-
-        Called with self._lock held and the backlog full: wait (up to
-        ``send_timeout``) for the server to acknowledge, so a publisher
-        faster than the server is slowed down, like a blocking socket write.
-        """
-        backlog = self._backlog
-        deadline = time.monotonic() + self.send_timeout
-        while (self._conn is not None and backlog.acked and not self._closed
-               and not backlog.has_room(size)):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            backlog.wait(remaining)
-        if self._closed:
-            raise TransportClosedError(f"{self._name()} is closed")
-        if self._conn is not None and not backlog.has_room(size):
-            raise backlog.full(f"are unacknowledged after {self.send_timeout} s")
-        return self._conn
 
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic``.
@@ -6117,43 +6264,22 @@ class TCPClientTransport(_TCPEndpoint):
             self._dispatcher.hand_off_if_current()
         return self._local.receive(topic, timeout)
 
-    async def receive_async(
-        self, topic: str, timeout: Optional[float] = None
-    ) -> Optional[Message]:
+    async def receive_async(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Asyncio-native :meth:`receive`."""
         self._want_receive(topic)
         return await self._local.receive_async(topic, timeout)
 
-    def subscribe(self, topic: str, callback: Callable[[Message], Any]) -> str:
-        """Call ``callback`` (on the dispatcher thread) for messages matching ``topic``."""
-        validate_pattern(topic)
-        return self._subscribed(topic, self._local.subscribe(topic, callback))
-
-    def subscribe_handler(
-        self,
-        topic: str,
-        handler: Callable[[Message], Any],
-        on_error: Callable[[Any, Message, BaseException], Any],
-    ) -> str:
-        """Subscribe ``handler``, routing its exceptions to ``on_error``."""
-        validate_pattern(topic)
-        return self._subscribed(topic, self._local.subscribe_handler(topic, handler, on_error))
-
-    def _subscribed(self, topic: str, sub_id: str) -> str:
+    def _subscribed(self, pattern: str, subscription_id: str) -> str:
         with self._lock:
-            self._interest.patterns[sub_id] = topic
-        self._interest_add(topic)
-        return sub_id
+            self._interest.patterns[subscription_id] = pattern
+        self._interest_add(pattern)
+        return subscription_id
 
-    def unsubscribe(self, subscription_id: str) -> bool:
-        """Remove a subscription (and the interest, if it was the last for its pattern)."""
-        if not self._local.unsubscribe(subscription_id):
-            return False
+    def _unsubscribed(self, subscription_id: str) -> None:
         with self._lock:
             pattern = self._interest.patterns.pop(subscription_id, None)
-        if pattern is not None:
+        if pattern is not None:  # the last user's withdrawal waits for a tick
             self._interest_remove(pattern)
-        return True
 
     def open_inbox(self, topic: str) -> Inbox:
         """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent.
@@ -6197,12 +6323,10 @@ class TCPClientTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """A snapshot of internal state, for tests and debugging (keys may change).
 
-        ``interest``: pattern -> users (subscriptions, receive topics,
-        inboxes); ``features``: agreed with the server (empty without a
-        handshake connection); ``implicit``: a request tells the server of
-        its reply inbox; ``socket``: the connection's socket (None while
-        disconnected); ``connecting``: a connection attempt is under way;
-        ``io_thread_alive``: the client's I/O thread runs.
+        ``interest``: pattern -> users; ``features``: agreed (empty without a
+        handshake); ``implicit``: requests tell the server of their inbox;
+        ``socket``: the socket or None; ``connecting``: an attempt is under way;
+        ``io_thread_alive``: the I/O thread runs.
         """
         with self._lock:
             conn, loop = self._conn, self._loop
@@ -6255,65 +6379,7 @@ class TCPClientTransport(_TCPEndpoint):
             conn = self._conn
             self._interest.remove(pattern, conn is not None and conn.handshake and not self._closed)
 
-    def _flush_removals(self, conn: _Connection) -> None:
-        with self._lock:
-            if self._interest.pending() and self._conn is conn:
-                conn.enqueue(self._interest.changes())
-
     # -- connection set-up ------------------------------------------------------------------
-
-    def _install(self, opened: _Opened) -> None:
-        """Adopt a fresh connection: interest first, then every unacknowledged message."""
-        sock = opened.sock
-        conn = _Connection(sock, f"{self.host}:{self.port}", self.max_frame_size,
-                           self._backlog.max_bytes + 1024 * 1024, self.ssl_context is not None)
-        conn.decoder = opened.decoder
-        conn.state = _READY
-        conn.handshake = opened.handshake
-        conn.features = opened.features
-        conn.nonce = opened.nonce  # a $hello still unanswered: a late $welcome is adopted
-        with self._lock:
-            frames: List[bytes] = []
-            self._confirmed.pings_sent = self._confirmed.pongs = 0
-            interest = self._adopt(conn, opened.limit)
-            if interest:
-                frames.append(interest)
-            frames.extend(self._backlog.resend(conn, self._send_limit))
-            if not self._backlog.acked:
-                self._backlog.written()
-            if frames:
-                with conn.lock:
-                    data = b"".join(frames)
-                    conn.out.append(data)
-                    conn.out_bytes += len(data)
-            self._conn = conn
-            self._backlog.wake()
-        loop = self._loop
-        assert loop is not None
-        import selectors
-
-        conn.events = selectors.EVENT_READ
-        loop.selector.register(sock, conn.events, conn)
-        if opened.early:
-            batch: List[Tuple[Tuple[Any, ...], Message]] = []
-            with self._read_lock:  # a caller may be reading the new connection already
-                for message in opened.early:
-                    self._deliver(message, batch)
-            if batch:
-                self._dispatcher.put_many(batch)
-        if frames:
-            self._kick(conn)
-
-    def _adopt(self, conn: _Connection, limit: Optional[int]) -> bytes:
-        """Take up the connection's terms; return the ``$interest`` to send first.
-
-        Called with self._lock held, when a connection is installed and when
-        a late ``$welcome`` turns a frame-only connection into a handshake one.
-        """
-        self._send_limit = limit if limit is not None else self.max_frame_size
-        features = conn.features if conn.handshake else frozenset()
-        self._backlog.acked = "ack" in features
-        return self._interest.adopt(features, conn.handshake)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -6325,13 +6391,7 @@ class TCPClientTransport(_TCPEndpoint):
             self._flush(conn)
 
     def _write_failed(self, conn: _Connection, exc: OSError) -> None:
-        reason = f"write failed: {exc}"
-        loop = self._loop
-        assert loop is not None
-        if loop.in_loop():
-            self._lost_after_write(conn, reason)
-        else:
-            loop.call_soon(lambda: self._lost_after_write(conn, reason))
+        self._life.lost_soon(conn, f"write failed: {exc}", after_write=True)
 
     def _update_events(self, conn: _Connection) -> None:
         with self._sel_lock:
@@ -6387,44 +6447,6 @@ class TCPClientTransport(_TCPEndpoint):
 
     # -- loop thread ------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        loop.ident = threading.get_ident()
-        interval = self.ping_interval
-        tick_every = min(0.25, interval / 4) if interval else 0.25
-        next_tick = time.monotonic() + tick_every
-        try:
-            while not self._closing.is_set():
-                conn = self._conn
-                if conn is None:
-                    try:
-                        if not self._reconnect():
-                            break
-                    except Exception:  # a bug: log it, back off, try again
-                        logger.exception("tcp client: internal error while reconnecting")
-                        if self._closing.wait(self.backoff_max):
-                            break
-                    continue
-                for key, mask in loop.selector.select(max(0.0, next_tick - time.monotonic())):
-                    if key.data is None:
-                        loop.run_calls(drain=True)
-                        continue
-                    if key.data is self._conn:
-                        self._serve_event(conn, mask)
-                loop.run_calls()
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + tick_every
-                    try:
-                        self._tick(now)
-                    except Exception:
-                        logger.exception("tcp client: internal error in a tick")
-        except Exception:  # pragma: no cover - a bug; do not die silently
-            logger.exception("tcp client: I/O loop crashed")
-        finally:
-            self._teardown()
-
     def _on_readable(self, conn: _Connection) -> None:
         if self._read_lock.acquire(False):  # else a caller is reading it
             try:
@@ -6456,17 +6478,17 @@ class TCPClientTransport(_TCPEndpoint):
         return self._conn is conn
 
     def _internal_error(self, conn: _Connection) -> None:
-        self._lost(conn, "internal error (see traceback)")
+        self._life.lost(conn, "internal error (see traceback)")
 
     def _read_failed(self, conn: _Connection, exc: OSError) -> None:
-        self._lost_soon(conn, f"read failed: {exc}")
+        self._life.lost_soon(conn, f"read failed: {exc}")
 
     def _peer_closed(self, conn: _Connection) -> None:
-        self._lost_soon(conn, "server closed the connection")
+        self._life.lost_soon(conn, "server closed the connection")
 
     def _oversize(self, conn: _Connection, exc: FrameTooLargeError, data: bytes) -> None:
         self._counts["oversize_frames"] += 1
-        self._lost_soon(conn, f"server sent an oversize frame: {exc}")
+        self._life.lost_soon(conn, f"server sent an oversize frame: {exc}")
 
     def _bad_frame(self, conn: _Connection, exc: FrameError) -> None:
         self._counts["frame_errors"] += 1
@@ -6481,19 +6503,12 @@ class TCPClientTransport(_TCPEndpoint):
 
     def _dead(self, conn: _Connection, reason: str) -> None:
         self._counts["dead_peers"] += 1
-        self._lost(conn, reason)
+        self._life.lost(conn, reason)
 
     def _send_ping(self, conn: _Connection) -> None:
         with self._lock:
             self._confirmed.pings_sent += 1
             conn.enqueue(_control_frame("$ping", {}))
-
-    def _lost_soon(self, conn: _Connection, reason: str) -> None:
-        loop = self._loop
-        if loop is not None and not loop.in_loop():
-            loop.call_soon(lambda: self._lost(conn, reason))
-        else:
-            self._lost(conn, reason)
 
     def _deliver(self, message: Message, batch: List[Tuple[Tuple[Any, ...], Message]]) -> None:
         topic = message.topic
@@ -6520,20 +6535,10 @@ class TCPClientTransport(_TCPEndpoint):
         elif topic == "$ping":
             if conn.enqueue(_control_frame("$pong", {})) == _OK:
                 self._flush(conn)
-        elif topic == "$pong":
-            with self._lock:
-                if self._conn is conn:
-                    self._confirmed.pongs += 1
-                    self._backlog.wake()
-        elif topic == "$flushed":
-            ident = payload.get("id")
-            if type(ident) is int:
-                with self._lock:
-                    if ident > self._confirmed.flushed_upto:
-                        self._confirmed.flushed_upto = ident
-                    self._backlog.wake()
+        elif topic == "$pong" or topic == "$flushed":
+            self._confirmed.confirmed(conn, topic, payload)
         elif topic == "$welcome" and not conn.handshake and conn.nonce:
-            self._late_welcome(conn, payload)
+            self._life.late_welcome(conn, payload)
         elif topic == "$error":
             reason = str(payload.get("reason"))[:200]
             logger.warning("tcp client: %s reports: %s", conn.peer, reason)
@@ -6545,153 +6550,18 @@ class TCPClientTransport(_TCPEndpoint):
         conn = self._conn
         if conn is None or not self._check_alive(conn, now):
             return
-        if self._interest.pending():
-            self._flush_removals(conn)
+        if self._interest.pending():  # withdrawn interest leaves at the latest now
+            with self._lock:
+                if self._interest.pending() and self._conn is conn:
+                    conn.enqueue(self._interest.changes())
         if conn.out_bytes and not conn.blocked:
             self._flush(conn)
-
-    def _lost_after_write(self, conn: _Connection, reason: str) -> None:
-        """A write failed (loop thread): first take what the server sent before it closed.
-
-        A server closing with our frames unread resets the connection, and
-        our next write fails; its last ``$ack`` may still wait in the socket,
-        and reading it spares resending what the server already handled.
-        """
-        if not conn.tls and not conn.closed:
-            import select
-
-            with self._read_lock:  # a caller may be reading it (_read_until)
-                for _ in range(64):  # bounded: a few receive buffers at most
-                    if self._conn is not conn:
-                        return  # _read found the end and gave the connection up
-                    try:
-                        readable = select.select([conn.sock], [], [], 0)[0]
-                    except (OSError, ValueError):
-                        break
-                    if not readable or not self._read(conn):
-                        break
-        self._lost(conn, reason)
-
-    def _late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
-        """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
-
-        Until now the server took this client for a handshake peer while the
-        client spoke plain frames; the client now adopts the mode the server
-        chose and sends its interest, so both sides agree again.
-        """
-        if welcome.get("auth"):
-            self._lost_soon(conn, "the server asks for authentication; pass secret=")
-            return
-        with self._lock:
-            if self._conn is not conn or conn.handshake:
-                return
-            conn.handshake = True
-            conn.nonce = b""
-            conn.features = _welcome_features(welcome)
-            interest = self._adopt(conn, _welcome_limit(welcome))
-            if interest:
-                conn.enqueue(interest)
-        logger.info("tcp client: %s answered $hello after %s s; speaking the handshake "
-                    "protocol now", conn.peer, self.hello_timeout)
-        self._kick(conn)
-
-    def _lost(self, conn: _Connection, reason: str) -> None:
-        """The connection broke (loop thread): forget it; _run reconnects.
-
-        Callers waiting for the reply to a request sent on it get
-        ConnectionLostError now (the request is not resent); the oldest
-        unacknowledged frame is charged one attempt (see _Backlog.resend).
-        """
-        with self._lock:
-            if self._conn is not conn:
-                return
-            self._conn = None
-            if not self.reconnect and not self._closing.is_set():
-                # In the same step as _conn: a send() in between must fail,
-                # not buffer a frame that no reconnect will ever carry.
-                self._failed = f"connection to {conn.peer} lost: {reason}"
-            failed = self._backlog.connection_lost(conn)
-        with self._read_lock:  # a caller may be reading it: wait for it to stop
-            with self._sel_lock:
-                with conn.lock:
-                    conn.closed = True
-                    conn.out.clear()
-                self._close_socket(conn)
-        for inbox in failed:
-            inbox._fail(f"connection to {conn.peer} lost before the reply came: {reason}")
-        if self._closing.is_set():
-            return
-        self._counts["disconnects"] += 1
-        if self.reconnect:
-            logger.warning("tcp client: lost %s (%s); reconnecting", conn.peer, reason)
-        else:
-            logger.warning("tcp client: lost %s (%s)", conn.peer, reason)
-        self._notify_state(False, reason)
-
-    def _notify_state(self, connected: bool, detail: str) -> None:
-        callback = self.on_connection_change
-        if callback is None:
-            return
-        try:
-            callback(connected, detail)
-        except Exception:
-            logger.exception("tcp client: on_connection_change callback failed")
-
-    def _reconnect(self) -> bool:
-        """Open a new connection (:meth:`_Dialer.redial`) and install it; False to stop."""
-        if not self.reconnect or self._closing.is_set():
-            return False
-        opened = _Dialer(self).redial()
-        if opened is None:
-            return False
-        self._reconnects.add()  # before any frame goes out on it
-        self._install(opened)
-        logger.info("tcp client: reconnected to %s:%s", self.host, self.port)
-        self._notify_state(True, f"reconnected to {self.host}:{self.port}")
-        return True
 
     def _resume_reading(self) -> None:
         conn = self._conn
         if conn is not None and conn.paused:
             conn.paused = False
             self._update_events(conn)
-
-    def _teardown(self) -> None:
-        """Loop thread exit: flush what is queued (up to 1 s) and close the socket."""
-        with self._lock:
-            conn = self._conn
-            self._conn = None
-        if conn is not None:
-            with self._read_lock, self._sel_lock, conn.lock:
-                chunks = [bytes(conn.cur)] if conn.cur is not None else []
-                chunks.extend(conn.out)
-                conn.out.clear()
-                conn.cur = None
-                conn.closed = True
-            sock = conn.sock
-            try:
-                if chunks:
-                    sock.settimeout(1.0)
-                    sock.sendall(b"".join(chunks))
-                if not conn.tls:
-                    # Unread input would make close() send RST, and an RST may
-                    # discard what the server has not read yet: send FIN, then
-                    # drop what is waiting here before closing.
-                    sock.shutdown(1)  # socket.SHUT_WR
-                    sock.setblocking(False)
-                    while sock.recv(_RECV_SIZE):
-                        pass
-            except OSError:
-                pass
-            try:
-                sock.close()
-            except OSError:
-                pass
-        loop = self._loop
-        if loop is not None:
-            loop.close()
-
-
 
 # ---------------------------------------------------------------------------
 # 6. Queues: MessageQueue and RemoteQueue
@@ -13051,6 +12921,12 @@ def _http_classes() -> Tuple[Type[http.server.BaseHTTPRequestHandler], Any]:
             logger.debug("monitor: %s %s", self.address_string(), format % args)
 
     class Server(http.server.HTTPServer):
+        """One short-lived thread per request, at most ``_MONITOR_THREADS`` at once.
+
+        Locks: ``workers_lock`` guards ``workers`` and is never held while
+        taking anything else; ``slots`` is a semaphore taken without blocking.
+        """
+
         daemon_threads = True
 
         def __init__(self, address: Tuple[str, int], monitor: Monitor) -> None:

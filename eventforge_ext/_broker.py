@@ -415,6 +415,20 @@ class BrokerTransport(ef.Transport):
         stats["dispatch_backlog"] = self._dispatcher.backlog
         return stats
 
+    def debug_state(self) -> Dict[str, Any]:
+        """A snapshot of the routing state, for tests and diagnostics only.
+
+        ``routes``: every broker route some subscription, receive topic or
+        inbox holds, with its reference count; ``subscription_routes``: the
+        routes each subscription id uses.  Its shape may change between
+        versions; use :attr:`stats` for monitoring.
+        """
+        with self._routes_lock:
+            return {
+                "routes": dict(self._refs),
+                "subscription_routes": dict(self._sub_routes),
+            }
+
     # -- routes ---------------------------------------------------------------------
 
     def _want_receive(self, topic: str) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import eventforge as ef
 
@@ -278,6 +278,17 @@ class NatsTransport(BrokerTransport):
         if self._routes_alock is None:
             self._routes_alock = asyncio.Lock()
         return self._routes_alock
+
+    def debug_state(self) -> Dict[str, Any]:
+        """As :meth:`BrokerTransport.debug_state`, plus ``nats_subscriptions``:
+        the (subject, queue group) routes subscribed at the NATS server."""
+        state = super().debug_state()
+        state["nats_subscriptions"] = self._call(self._held_routes(), 5.0)
+        return state
+
+    async def _held_routes(self) -> List[Route]:
+        async with self._route_lock():
+            return list(self._subs)
 
     async def _sub(self, route: Route) -> None:
         subject, queue = route

@@ -151,8 +151,8 @@ def test_subscription_churn_leaves_one_broker_subscription(broker):
     wait_for(lambda: len(got) >= 3, what="three deliveries")
     time.sleep(0.3)  # a second broker subscription would deliver copies now
     assert len(got) == 3
-    assert transport.stats["routes"] == len({r for routes in transport._sub_routes.values()
-                                             for r in routes})
+    held = transport.debug_state()["subscription_routes"]
+    assert transport.stats["routes"] == len({r for routes in held.values() for r in routes})
 
 
 def test_message_fields_survive_the_broker(broker):
@@ -463,8 +463,9 @@ def test_rpc_over_nats_shares_calls_among_workers_with_a_queue_group(nats_url, n
 
             server.add_method("who", who)
             server.serve(blocking=False)
-        assert all(len(t._subs) == 1 for t in owned)
-        assert all(route[1] == RPC_QUEUE_GROUP for t in owned for route in t._subs)
+        held = [t.debug_state()["nats_subscriptions"] for t in owned]
+        assert all(len(routes) == 1 for routes in held)
+        assert all(route[1] == RPC_QUEUE_GROUP for routes in held for route in routes)
         client_transport = NatsTransport(nats_url)
         owned.append(client_transport)
         client = ef.RPCClient(ef.MessageQueue(client_transport), service, timeout=PATIENCE)
