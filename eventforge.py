@@ -2055,8 +2055,12 @@ class MemoryTransport(Transport):
         """:meth:`open_inbox` with an inbox made by ``kind(topic, on_close=, maxsize=)``
         (an :class:`Inbox` subclass); ``on_close(inbox)`` runs after the inbox
         is withdrawn here."""
-        _refuse_receive_pattern(topic)
-        validate_topic(topic)
+        if not (topic.startswith(INBOX_PREFIXES) and len(topic) <= MAX_TOPIC_LENGTH
+                and _TOPIC_RE.fullmatch(topic) is not None):
+            # (A request's one-off topic, valid, stays out of validate_topic's
+            # cache: thousands a second would keep clearing it.)
+            _refuse_receive_pattern(topic)
+            validate_topic(topic)
         if on_close is None:
             withdraw = self._close_inbox
         else:
@@ -2071,8 +2075,9 @@ class MemoryTransport(Transport):
             if topic in self._inboxes:
                 raise ValueError(f"an inbox for {topic!r} is already open")
             self._inboxes[topic] = inbox
-            for message in self._unkeep(topic):
-                inbox.put(message)
+            if self._mailboxes:
+                for message in self._unkeep(topic):
+                    inbox.put(message)
         return inbox
 
     def _subscription_patterns(self) -> List[str]:
@@ -2642,6 +2647,10 @@ _OK, _CLOSED, _OVERFLOW = 0, 1, 2
 # Results of _Connection.defer
 _WRITE_NOW, _WRITE_SCHEDULE, _WRITE_PENDING = 0, 1, 2
 _HOT_GAP = 25e-6  # frames closer than this are batched by the I/O thread
+# A client's I/O thread lets a publisher's burst grow while its frames keep
+# coming, for at most this long or this many bytes (see _scheduled_flush).
+_BURST_HOLD = 0.001
+_BURST_BYTES = 64 * 1024
 _REMOVALS_BATCH = 256  # withdrawn interest waits for a tick unless this many pile up
 _CALLER_READ = 0.005  # a caller waiting for a reply reads the socket itself this long
 _NO_PEER_LIMIT = 1 << 32  # a peer that named no max_frame_size: the length prefix's own bound
@@ -2808,7 +2817,7 @@ class _Connection:
         "max_outbound", "cur", "writing", "blocked", "closed", "state", "handshake",
         "features", "nonce", "peer_nonce", "opened", "last_recv", "frame_started",
         "ping_sent", "received", "acked", "interest", "events", "paused",
-        "bytes_in", "last_push", "scheduled", "implicit",
+        "bytes_in", "last_push", "scheduled", "urgent", "implicit",
         "pending", "running", "queued", "caller_reading", "poller",
         "finished", "waiting", "counted", "peer_max_frame", "flushes",
         "frames_out", "bytes_out", "name", "started_at",
@@ -2850,6 +2859,7 @@ class _Connection:
         self.bytes_in = 0
         self.last_push = 0.0
         self.scheduled = False  # a flush by the I/O thread is pending
+        self.urgent = False  # client: a request waits in that flush
         self.implicit = False  # feature "reply": a request's inbox is implicit interest
         # dispatch="leader": handler calls not run yet, in arrival order; a
         # connection is run by one thread at a time (running), and waits in
@@ -2925,8 +2935,7 @@ class _Connection:
         full (the caller arranges for EVENT_WRITE), None when another thread is
         writing or the connection is closed.  Raises OSError if the socket broke.
         """
-        lock = self.lock
-        with lock:
+        with self.lock:
             if self.writing or self.closed:
                 return None
             data = self.cur
@@ -2937,6 +2946,23 @@ class _Connection:
                 data = self.cur = out.popleft() if len(out) == 1 else b"".join(out)
                 out.clear()
             self.writing = True
+        return self.write_claimed(data)
+
+    def claim(self, data: bytes, now: float) -> bool:
+        """With ``lock`` held: if idle (:meth:`defer` would say _WRITE_NOW), become
+        the writer of ``data``, not queued; then call :meth:`write_claimed`."""
+        if (self.writing or self.out or self.cur is not None or self.blocked or self.tls
+                or self.scheduled or self.closed or now - self.last_push < _HOT_GAP):
+            return False
+        self.last_push = now
+        self.writing = True
+        self.cur = data
+        self.out_bytes += len(data)
+        return True
+
+    def write_claimed(self, data: bytes) -> Optional[bool]:
+        """:meth:`write` once this thread is the writer (``writing`` set, ``cur`` is ``data``)."""
+        lock = self.lock
         sock = self.sock
         would_block = _TLS_WOULD_BLOCK if self.tls else _WOULD_BLOCK
         try:
@@ -3034,6 +3060,7 @@ class _TCPEndpoint(Transport):
     _loop: Optional[_Loop]
     ping_interval: Optional[float]
     _log_name = "tcp"  # "tcp server" / "tcp client" in log lines
+    _hold_bursts = False  # the client lets a publisher's burst grow (_scheduled_flush)
     _closed = False
 
     @property
@@ -3111,16 +3138,36 @@ class _TCPEndpoint(Transport):
                 loop.call_soon(lambda: self._scheduled_flush(conn))
 
     def _scheduled_flush(self, conn: _Connection) -> None:
+        hold = self._hold_bursts and not conn.tls
+        if hold:
+            self._let_burst_grow(conn)
         conn.scheduled = False
+        conn.urgent = False
         if self._live(conn):
             self._flush(conn)
+            if hold:  # a sender that was only waiting for the GIL is still in its burst
+                conn.last_push = _perf_counter()
 
-    def _flush(self, conn: _Connection) -> None:
-        """Write ``conn``'s queue now; arrange EVENT_WRITE if the kernel is full."""
+    @staticmethod
+    def _let_burst_grow(conn: _Connection) -> None:
+        # While the sender keeps queueing (frames closer than _HOT_GAP), let
+        # the burst grow (up to _BURST_HOLD, _BURST_BYTES): one write, not one
+        # per few frames with two syscalls and two GIL hand-offs each.  Each
+        # sleep hands the GIL to the sender; a request does not wait.
+        started = _perf_counter()
+        while not conn.urgent and conn.out_bytes < _BURST_BYTES:
+            now = _perf_counter()
+            if now - conn.last_push >= _HOT_GAP or now - started >= _BURST_HOLD:
+                return
+            time.sleep(_HOT_GAP)
+
+    def _flush(self, conn: _Connection, claimed: Optional[bytes] = None) -> None:
+        """Write ``conn``'s queue (or the frame ``claimed`` with :meth:`_Connection.claim`)
+        now; arrange EVENT_WRITE if the kernel is full."""
         loop = self._loop
         assert loop is not None
         try:
-            done = conn.write()
+            done = conn.write() if claimed is None else conn.write_claimed(claimed)
         except OSError as exc:
             self._write_failed(conn, exc)
             return
@@ -5993,6 +6040,7 @@ class TCPClientTransport(_TCPEndpoint):
     """
 
     _log_name = "tcp client"
+    _hold_bursts = True
 
     def __init__(
         self,
@@ -6175,6 +6223,7 @@ class TCPClientTransport(_TCPEndpoint):
             ttl = headers.get("_ttl_ms")
             deadline = _monotonic() + ttl / 1000.0 if type(ttl) is int and ttl >= 0 else None
         reply_to, size, backlog = message.reply_to, len(frame), self._backlog
+        claimed = False
         with self._lock:
             conn = self._conn
             if conn is not None and backlog.acked and (  # not backlog.has_room(), inlined
@@ -6186,8 +6235,10 @@ class TCPClientTransport(_TCPEndpoint):
                     if (conn.out_bytes + size > conn.max_outbound or self._interest.deferred
                             or self._interest.removals):
                         self._ahead_of(conn, size, reply_to)
-                    conn.out.append(frame)
-                    conn.out_bytes += size
+                    claimed = conn.claim(frame, _perf_counter())  # idle: written below
+                    if not claimed:
+                        conn.out.append(frame)
+                        conn.out_bytes += size
                 item = [backlog.seq + 1, frame, 0, deadline] if backlog.acked else None
                 if item is not None:  # _Backlog.add, inlined
                     backlog.items.append(item)
@@ -6198,8 +6249,12 @@ class TCPClientTransport(_TCPEndpoint):
                 item = self._send_offline(frame, deadline)
             if reply_to is not None and reply_to in backlog.requests:  # a request: on conn
                 backlog.requests[reply_to][1:] = conn, item  # now (or waiting for one)
-        if conn is not None:
+        if claimed:
+            self._flush(conn, frame)  # type: ignore[arg-type]
+        elif conn is not None:
             self._kick(conn)
+            if reply_to is not None and conn.scheduled:
+                conn.urgent = True  # a request: the I/O thread lets no burst grow now
 
     def _ahead_of(self, conn: _Connection, size: int, reply_to: Optional[str]) -> None:
         """What precedes a ``size``-byte frame on ``conn`` (send's uncommon cases; locks held).
