@@ -7097,11 +7097,13 @@ class RemoteQueue:
 # ---------------------------------------------------------------------------
 
 # Executor runs callables in this process: inline (SEQUENTIAL), on a thread
-# pool (THREAD) or a process pool (PROCESS).  Every task ends as a TaskResult;
-# a failure never escapes as an exception from ``result``.  Bookkeeping is
-# bounded: a result is forgotten once collected, and at most ``max_results``
-# uncollected tasks are remembered (the oldest is dropped beyond that).
-# ``concurrent.futures`` and ``asyncio`` are imported on first use.
+# pool of its own (THREAD: _ThreadPool, whose per-task handle _Job is much
+# lighter than a concurrent.futures Future) or a ProcessPoolExecutor (PROCESS).
+# Every task ends as a TaskResult; a failure never escapes as an exception
+# from ``result``.  Bookkeeping is bounded: a result is forgotten once
+# collected, and at most ``max_results`` uncollected tasks are remembered (the
+# oldest is dropped beyond that).  ``concurrent.futures``, ``queue`` and
+# ``asyncio`` are imported on first use.
 
 
 
