@@ -7736,6 +7736,7 @@ class Executor:
         self._pools_replaced = 0
         self._inline = self.mode is ExecutionMode.SEQUENTIAL
         self._in_process = self.mode is ExecutionMode.PROCESS
+        self._threaded = self.mode is ExecutionMode.THREAD
 
     # -- life cycle -------------------------------------------------------
 
@@ -7796,11 +7797,18 @@ class Executor:
         if not callable(func):
             raise TypeError(f"submit() needs a callable, not {type(func).__name__}")
         task_id = f"{self._prefix}{next(self._counter):x}"
-        future = self._start(task_id, func, args, kwargs)
+        job: Optional[_Job] = None
+        handle: _Handle
+        if self._threaded:  # queued below, in the same lock round trip
+            handle = job = _Job(task_id, func, args, kwargs)
+        else:
+            handle = self._start(task_id, func, args, kwargs)
         with self._lock:
+            if job is not None:  # first: if it raises, nothing is tracked
+                self._pool_locked().put(job)  # type: ignore[union-attr]
             self._submitted += 1
             tasks = self._tasks
-            tasks[task_id] = future
+            tasks[task_id] = handle
             if len(tasks) > self.max_results:
                 self._drop_oldest_locked()
         return task_id
@@ -7854,7 +7862,7 @@ class Executor:
         if self._inline:
             return _done_future(_run_task(task_id, func, args, kwargs))
         in_process = self._in_process
-        if not in_process:
+        if self._threaded:
             handle: _Handle
             if want_future:
                 import concurrent.futures as cf
