@@ -7696,10 +7696,13 @@ class Executor:
     threads ``eventforge-executor_N``, lighter per task than
     ``ThreadPoolExecutor``); PROCESS mode on a ``ProcessPoolExecutor``.
 
-    Locks: one, ``_lock`` (the result table, the pool reference, the
-    counters).  A THREAD task is queued under it (the pool has no lock);
-    the process pool's own locks are taken outside it (``submit``,
-    ``shutdown``), except while a new pool is being built.
+    Locks, outermost first: ``_lock`` (the result table, the pool reference,
+    the counters), then ``_ThreadPool._exit_lock`` (taken under it only when
+    a THREAD worker starts; nothing is taken under that one).  A THREAD task
+    is queued under ``_lock`` (the thread pool has no lock of its own); the
+    process pool's own locks are taken outside it (``submit``, ``shutdown``),
+    except while a new pool is being built.  A :class:`_Job`'s two raw locks
+    are signals (a claim, "done"), never held while another lock is taken.
     """
 
     def __init__(
