@@ -71,6 +71,7 @@ from typing import (
     Tuple,
     Type,
     Union,
+    cast,
 )
 
 if TYPE_CHECKING:  # real types for annotations, at no import cost
@@ -2791,11 +2792,13 @@ class MessageQueue:
 # ---------------------------------------------------------------------------
 
 # Executor runs callables in this process: inline (SEQUENTIAL), on a thread
-# pool (THREAD) or a process pool (PROCESS).  Every task ends as a TaskResult;
-# a failure never escapes as an exception from ``result``.  Bookkeeping is
-# bounded: a result is forgotten once collected, and at most ``max_results``
-# uncollected tasks are remembered (the oldest is dropped beyond that).
-# ``concurrent.futures`` and ``asyncio`` are imported on first use.
+# pool of its own (THREAD: _ThreadPool, whose per-task handle _Job is much
+# lighter than a concurrent.futures Future) or a ProcessPoolExecutor (PROCESS).
+# Every task ends as a TaskResult; a failure never escapes as an exception
+# from ``result``.  Bookkeeping is bounded: a result is forgotten once
+# collected, and at most ``max_results`` uncollected tasks are remembered (the
+# oldest is dropped beyond that).  ``concurrent.futures``, ``queue`` and
+# ``asyncio`` are imported on first use.
 
 
 
@@ -3000,7 +3003,7 @@ def _run_task(task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
                       _perf_counter() - start, worker)
 
 
-def _task_result(task_id: str, future: Future[TaskResult],
+def _task_result(task_id: str, future: _Handle,
                  timeout: Optional[float] = 0.0) -> Optional[TaskResult]:
     """Wait up to ``timeout`` s (None: no limit) for a task's Future; its TaskResult.
 
@@ -3021,8 +3024,7 @@ def _task_result(task_id: str, future: Future[TaskResult],
                 return None
             raise  # interrupted while waiting (Ctrl-C): not the task's outcome
         if future.cancelled():
-            return TaskResult(task_id, TaskStatus.CANCELLED, error="task was cancelled",
-                              error_type="CancelledError")
+            return _cancelled_result(task_id)
         result = _failure(task_id, exc)
         cause = str(exc.__cause__ or "")
         if "in _feed" in cause and result.error_type != "PicklingError":
@@ -3034,7 +3036,7 @@ def _task_result(task_id: str, future: Future[TaskResult],
         return result
 
 
-def _outcome(task_id: str, future: Future[TaskResult]) -> TaskResult:
+def _outcome(task_id: str, future: _Handle) -> TaskResult:
     """The TaskResult of a task's Future, waiting for as long as it takes."""
     result = _task_result(task_id, future, None)
     assert result is not None  # no deadline: never pending
@@ -3098,6 +3100,264 @@ def _make_done_future_class() -> Any:
     return DoneFuture
 
 
+def _cancelled_result(task_id: str) -> TaskResult:
+    """The TaskResult of a task cancelled before it ran."""
+    return TaskResult(task_id, TaskStatus.CANCELLED, error="task was cancelled",
+                      error_type="CancelledError")
+
+
+class _QueuedCall:
+    """A call waiting in a :class:`_ThreadPool` queue (base of the two kinds)."""
+
+    __slots__ = ("task_id", "_call")
+
+    def __init__(self, task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
+                 kwargs: Dict[str, Any]) -> None:
+        self.task_id = task_id
+        self._call: Optional[Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]] = \
+            (func, args, kwargs)
+
+    def run(self) -> None:
+        """Run the call on a pool thread, unless it was cancelled first."""
+        raise NotImplementedError
+
+    def cancel(self) -> bool:
+        """Cancel the call if it has not started; True if it is (now) cancelled."""
+        raise NotImplementedError
+
+
+class _Job(_QueuedCall):
+    """A THREAD-mode task: the call, and the handle the result table keeps for it.
+
+    It answers the ``concurrent.futures.Future`` methods the executor's read
+    paths use (``result``, ``done``, ``running``, ``cancelled``, ``cancel``,
+    ``add_done_callback``) for a fraction of a Future's cost: two raw locks,
+    no Condition.  ``_claim`` goes to whoever comes first, the worker that
+    runs the task or :meth:`cancel`.  ``_done`` is held from birth until the
+    outcome is set, so waiting is acquiring it (and releasing it at once for
+    the next waiter).  ``result`` returns a TaskResult, CANCELLED included;
+    only a timeout raises (``concurrent.futures.TimeoutError``, as a Future).
+    """
+
+    __slots__ = ("_outcome", "_claim", "_done", "_callbacks")
+
+    _callbacks_lock = threading.Lock()  # creates a job's callback list, once
+
+    def __init__(self, task_id: str, func: Callable[..., Any], args: Tuple[Any, ...],
+                 kwargs: Dict[str, Any]) -> None:
+        super().__init__(task_id, func, args, kwargs)
+        self._outcome: Optional[TaskResult] = None
+        self._claim = threading.Lock()
+        self._done = done = threading.Lock()
+        done.acquire()
+        self._callbacks: Optional[List[Callable[[_Job], object]]] = None
+
+    def run(self) -> None:
+        if self._claim.acquire(False):
+            call, self._call = self._call, None
+            assert call is not None
+            self._finish(_run_task(self.task_id, *call))
+
+    def cancel(self) -> bool:
+        if self._claim.acquire(False):
+            self._call = None
+            self._finish(_cancelled_result(self.task_id))
+            return True
+        return self.cancelled()
+
+    def _finish(self, outcome: TaskResult) -> None:
+        self._outcome = outcome  # before the release: done() reads it
+        self._done.release()
+        if self._callbacks is not None:  # read after the outcome is set: see add_done_callback
+            self._run_callbacks()
+
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def running(self) -> bool:
+        return self._claim.locked() and self._outcome is None
+
+    def cancelled(self) -> bool:
+        outcome = self._outcome
+        return outcome is not None and outcome.status is TaskStatus.CANCELLED
+
+    def result(self, timeout: Optional[float] = None) -> TaskResult:
+        outcome = self._outcome
+        if outcome is None:
+            done = self._done
+            if not done.acquire(True, -1 if timeout is None else timeout):
+                import concurrent.futures as cf
+
+                raise cf.TimeoutError()
+            done.release()
+            outcome = self._outcome
+            assert outcome is not None
+        return outcome
+
+    def add_done_callback(self, fn: Callable[[_Job], object]) -> None:
+        """Call ``fn(job)`` once the task is done (at once if it is)."""
+        with self._callbacks_lock:
+            if self._callbacks is None:
+                self._callbacks = []
+        self._callbacks.append(fn)
+        if self._outcome is not None:  # else _finish, setting it later, runs fn
+            self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        # The finishing worker and a late add_done_callback may both get here:
+        # list.pop is atomic, so each callback runs exactly once.
+        callbacks = self._callbacks
+        assert callbacks is not None
+        while callbacks:
+            try:
+                fn = callbacks.pop()
+            except IndexError:  # the other thread took the last one
+                return
+            try:
+                fn(self)
+            except Exception:
+                logger.exception("Executor: a done-callback of task %s failed", self.task_id)
+
+
+class _FutureJob(_QueuedCall):
+    """A THREAD-mode :meth:`Executor.submit_future` call: settles its Future."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: Future[TaskResult], task_id: str, func: Callable[..., Any],
+                 args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        super().__init__(task_id, func, args, kwargs)
+        self.future = future
+
+    def run(self) -> None:
+        call, self._call = self._call, None
+        if self.future.set_running_or_notify_cancel():
+            assert call is not None
+            self.future.set_result(_run_task(self.task_id, *call))
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+
+class _ThreadPool:
+    """THREAD mode's workers: up to ``max_workers`` named threads, one queue of calls.
+
+    ``ThreadPoolExecutor`` spends a Future (a Condition), a work item, two
+    locks and a semaphore round trip on every task, about as much as the rest
+    of a submit-then-collect together; here a task is one queue put and one
+    get, and its handle a :class:`_Job`.  Threads start with the first
+    submits, up to ``max_workers``.  Each worker leaves on a ``None``, which
+    :meth:`shutdown` sends (after the queued calls, or after cancelling
+    them), as does the pool's garbage collection.  At interpreter exit the
+    workers of every pool finish the calls queued so far and are joined, as
+    ``concurrent.futures`` does; they are daemon threads so that exit can
+    first reach that point.
+
+    Not locked on its own: the :class:`Executor` calls :meth:`put` under its
+    lock while the pool is its current one, and :meth:`shutdown` once, after
+    detaching it under that lock, so no call is queued behind the ``None``s.
+    """
+
+    _exit_lock = threading.Lock()
+    _exit_queues: Optional[weakref.WeakKeyDictionary[threading.Thread, Any]] = None
+    _exited = False  # the workers were stopped for interpreter exit
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        import queue
+
+        self._queue: queue.SimpleQueue[Optional[_QueuedCall]] = queue.SimpleQueue()
+        self._max_workers = max_workers
+        self._name = name
+        self._threads: List[threading.Thread] = []
+        # One token per worker done with a task and not yet given another (a
+        # put takes one): start a thread only when none is free, as
+        # ThreadPoolExecutor's idle semaphore does.  Atomic list appends and pops.
+        self._idle: List[None] = []
+        # The workers hold the queue, not the pool: when the pool is collected
+        # without a shutdown, this sends them their ``None``s.
+        self._release = weakref.finalize(self, _ThreadPool._send_stops, self._queue,
+                                         self._threads)
+
+    def put(self, call: _QueuedCall) -> None:
+        """Queue ``call``; start a worker if none is free and there are fewer
+        than ``max_workers``."""
+        if _ThreadPool._exited:  # as concurrent.futures does: nobody would run it
+            raise RuntimeError("cannot schedule new tasks after interpreter shutdown")
+        self._queue.put(call)
+        if self._idle:
+            self._idle.pop()  # puts are serialised: a token seen is still there
+        elif len(self._threads) < self._max_workers:
+            self._add_worker()
+
+    def _add_worker(self) -> None:
+        thread = threading.Thread(target=_ThreadPool._work,
+                                  args=(self._queue.get, self._idle.append),
+                                  name=f"{self._name}_{len(self._threads)}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        _ThreadPool._join_at_exit(thread, self._queue)
+
+    @staticmethod
+    def _work(get: Callable[[], Optional[_QueuedCall]],
+              free: Callable[[None], None]) -> None:
+        while True:
+            call = get()
+            if call is None:
+                return
+            try:
+                call.run()  # never raises (a task's failure is its TaskResult) ...
+            except BaseException:  # ... but a worker must outlive a bug
+                logger.exception("Executor: a worker thread failed to run a task")
+            call = None  # drop the finished call while waiting for the next
+            free(None)
+
+    @staticmethod
+    def _send_stops(queue: Any, threads: List[threading.Thread]) -> None:
+        for _ in threads:
+            queue.put(None)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Stop the workers once the queued calls ran (cancel those first with
+        ``cancel_futures``); ``wait`` joins the workers."""
+        if cancel_futures:
+            import queue
+
+            while True:
+                try:
+                    call = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if call is not None:
+                    call.cancel()
+        self._release()  # the workers' ``None``s, once
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    @classmethod
+    def _join_at_exit(cls, thread: threading.Thread, queue: Any) -> None:
+        with cls._exit_lock:
+            if cls._exit_queues is None:
+                import atexit
+
+                cls._exit_queues = weakref.WeakKeyDictionary()
+                atexit.register(cls._finish_at_exit)
+            cls._exit_queues[thread] = queue
+
+    @classmethod
+    def _finish_at_exit(cls) -> None:
+        with cls._exit_lock:
+            cls._exited = True
+            workers = list((cls._exit_queues or {}).items())
+        for _, queue in workers:
+            queue.put(None)
+        for thread, _ in workers:
+            thread.join()
+
+
+_Handle = Union["Future[TaskResult]", _Job]  # a task's handle in the result table
+
+
 class Executor:
     """Run callables in this process and collect their :class:`TaskResult`.
 
@@ -3127,9 +3387,17 @@ class Executor:
     Code that waits on a task itself uses :meth:`submit_future` (a
     ``concurrent.futures.Future``, no task id to collect).
 
-    Locks: one, ``_lock`` (the result table, the pool reference, the
-    counters).  The pool's own locks are taken outside it (``submit``,
-    ``shutdown``), except while a new pool is being built.
+    THREAD mode runs on a small pool of its own (:class:`_ThreadPool`: named
+    threads ``eventforge-executor_N``, lighter per task than
+    ``ThreadPoolExecutor``); PROCESS mode on a ``ProcessPoolExecutor``.
+
+    Locks, outermost first: ``_lock`` (the result table, the pool reference,
+    the counters), then ``_ThreadPool._exit_lock`` (taken under it only when
+    a THREAD worker starts; nothing is taken under that one).  A THREAD task
+    is queued under ``_lock`` (the thread pool has no lock of its own); the
+    process pool's own locks are taken outside it (``submit``, ``shutdown``),
+    except while a new pool is being built.  A :class:`_Job`'s two raw locks
+    are signals (a claim, "done"), never held while another lock is taken.
     """
 
     def __init__(
@@ -3154,9 +3422,9 @@ class Executor:
         self.max_workers = max_workers
         self.max_results = max_results
         self._mp_context = mp_context
-        self._pool: Optional[concurrent.futures.Executor] = None
+        self._pool: Optional[Union[_ThreadPool, concurrent.futures.ProcessPoolExecutor]] = None
         self._lock = threading.Lock()
-        self._tasks: collections.OrderedDict[str, Future[TaskResult]] = \
+        self._tasks: collections.OrderedDict[str, _Handle] = \
             collections.OrderedDict()
         self._prefix = f"task-{os.urandom(3).hex()}-"
         self._counter = itertools.count(1)
@@ -3166,6 +3434,7 @@ class Executor:
         self._pools_replaced = 0
         self._inline = self.mode is ExecutionMode.SEQUENTIAL
         self._in_process = self.mode is ExecutionMode.PROCESS
+        self._threaded = self.mode is ExecutionMode.THREAD
 
     # -- life cycle -------------------------------------------------------
 
@@ -3181,17 +3450,15 @@ class Executor:
                 self._pool_locked()
         return self
 
-    def _pool_locked(self) -> concurrent.futures.Executor:
+    def _pool_locked(self) -> Union[_ThreadPool, concurrent.futures.ProcessPoolExecutor]:
         """The pool, built first if there is none (THREAD and PROCESS modes)."""
         pool = self._pool
         if pool is None:
-            import concurrent.futures as cf
-
             if self.mode is ExecutionMode.THREAD:
-                pool = cf.ThreadPoolExecutor(
-                    max_workers=self.max_workers, thread_name_prefix="eventforge-executor"
-                )
+                pool = _ThreadPool(self.max_workers, "eventforge-executor")
             else:
+                import concurrent.futures as cf
+
                 pool = cf.ProcessPoolExecutor(
                     max_workers=self.max_workers, mp_context=self._mp_context
                 )
@@ -3228,11 +3495,18 @@ class Executor:
         if not callable(func):
             raise TypeError(f"submit() needs a callable, not {type(func).__name__}")
         task_id = f"{self._prefix}{next(self._counter):x}"
-        future = self._start(task_id, func, args, kwargs)
+        job: Optional[_Job] = None
+        handle: _Handle
+        if self._threaded:  # queued below, in the same lock round trip
+            handle = job = _Job(task_id, func, args, kwargs)
+        else:
+            handle = self._start(task_id, func, args, kwargs)
         with self._lock:
+            if job is not None:  # first: if it raises, nothing is tracked
+                self._pool_locked().put(job)  # type: ignore[union-attr]
             self._submitted += 1
             tasks = self._tasks
-            tasks[task_id] = future
+            tasks[task_id] = handle
             if len(tasks) > self.max_results:
                 self._drop_oldest_locked()
         return task_id
@@ -3256,10 +3530,10 @@ class Executor:
         if not callable(func):
             raise TypeError(f"submit_future() needs a callable, not {type(func).__name__}")
         task_id = f"{self._prefix}{next(self._counter):x}"
-        future = self._start(task_id, func, args, {} if kwargs is None else kwargs)
+        future = self._start(task_id, func, args, {} if kwargs is None else kwargs, True)
         with self._lock:
             self._submitted += 1
-        return future
+        return future  # type: ignore[return-value]  # a Future, as asked
 
     def _drop_oldest_locked(self) -> None:
         old_id, _ = self._tasks.popitem(last=False)
@@ -3276,21 +3550,37 @@ class Executor:
         )
 
     def _start(self, task_id: str, func: Callable[..., Any], args: Any,
-               kwargs: Dict[str, Any]) -> Future[TaskResult]:
-        """Run the task here (SEQUENTIAL) or hand it to the pool, replacing an
-        unusable pool once; the task's Future either way."""
+               kwargs: Dict[str, Any], want_future: bool = False) -> _Handle:
+        """Run the task here (SEQUENTIAL) or hand it to the pool; the task's handle.
+
+        The handle is a Future, except in THREAD mode, where it is a lighter
+        :class:`_Job` unless ``want_future`` asks for a Future.  A PROCESS pool
+        found unusable is replaced once.
+        """
         if self._inline:
             return _done_future(_run_task(task_id, func, args, kwargs))
         in_process = self._in_process
-        pool = self._pool
+        if self._threaded:
+            handle: _Handle
+            if want_future:
+                import concurrent.futures as cf
+
+                handle = cf.Future()
+                call: _QueuedCall = _FutureJob(handle, task_id, func, args, kwargs)
+            else:
+                handle = call = _Job(task_id, func, args, kwargs)
+            with self._lock:  # see _ThreadPool: no put once stop() detached the pool
+                self._pool_locked().put(call)  # type: ignore[union-attr]
+            return handle
+        pool = cast("Optional[concurrent.futures.ProcessPoolExecutor]", self._pool)
         if pool is None:
             with self._lock:
-                pool = self._pool_locked()
+                pool = cast("concurrent.futures.ProcessPoolExecutor", self._pool_locked())
         try:
             return pool.submit(_run_task, task_id, func, args, kwargs, in_process)
         except RuntimeError as exc:
-            # BrokenProcessPool/BrokenThreadPool (RuntimeError subclasses), or
-            # a pool shut down by a concurrent stop(): start a fresh pool.
+            # BrokenProcessPool (a RuntimeError), or a pool shut down by a
+            # concurrent stop(): start a fresh pool.
             broken = None
             with self._lock:
                 if self._pool is pool:
@@ -3299,12 +3589,12 @@ class Executor:
                     logger.warning(
                         "Executor: replacing unusable %s pool (%s)", self.mode.value, exc
                     )
-                fresh = self._pool_locked()
+                fresh = cast("concurrent.futures.ProcessPoolExecutor", self._pool_locked())
             if broken is not None:
                 broken.shutdown(wait=True)  # its workers are gone: releases its pipes
             return fresh.submit(_run_task, task_id, func, args, kwargs, in_process)
 
-    def _lookup(self, task_id: str) -> Future[TaskResult]:
+    def _lookup(self, task_id: str) -> _Handle:
         future = self._tasks.get(task_id)
         if future is None:
             raise TaskNotFoundError(
@@ -3343,7 +3633,7 @@ class Executor:
         return bool(self._lookup(task_id).cancel())
 
     def _submit_each(self, func: Callable[..., Any],
-                     items: Iterable[Any]) -> List[Tuple[str, Future[TaskResult]]]:
+                     items: Iterable[Any]) -> List[Tuple[str, _Handle]]:
         """Submit ``func(item)`` for every item, without bookkeeping: (task id, Future)s."""
         prefix, counter, start = self._prefix, self._counter, self._start
         pending = []
@@ -3465,7 +3755,7 @@ class Executor:
         return f"<Executor mode={self.mode.value} max_workers={self.max_workers} {state}>"
 
 
-async def _wait_futures_async(futures: List[Future[Any]], timeout: Optional[float]) -> bool:
+async def _wait_futures_async(futures: Sequence[_Handle], timeout: Optional[float]) -> bool:
     """Wait for concurrent futures from asyncio; True if all finished in time.
 
     Done-callbacks wake the loop with ``call_soon_threadsafe``; nothing is
@@ -3486,7 +3776,7 @@ async def _wait_futures_async(futures: List[Future[Any]], timeout: Optional[floa
         if not waiter.done():
             waiter.set_result(True)
 
-    def on_done(_f: Future[Any]) -> None:
+    def on_done(_f: Any) -> None:
         with lock:
             count[0] -= 1
             last = count[0] == 0
@@ -3512,7 +3802,7 @@ async def _wait_futures_async(futures: List[Future[Any]], timeout: Optional[floa
         handle.cancel()
 
 
-async def _wait_future_async(future: Future[Any], timeout: Optional[float]) -> bool:
+async def _wait_future_async(future: _Handle, timeout: Optional[float]) -> bool:
     return await _wait_futures_async([future], timeout)
 
 

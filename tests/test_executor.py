@@ -447,3 +447,81 @@ class TestDoneNowIsAFinishedFuture:
         with Executor(mode, max_workers=1) as ex:
             results = ex.map(42, [1, 2])
         assert [(r.status, r.error_type) for r in results] == [(TaskStatus.FAILED, "TypeError")] * 2
+
+
+class TestThreadPoolLifeCycle:
+    """THREAD mode's workers behave as ``ThreadPoolExecutor``'s: started as tasks need
+    them, gone with a dropped executor, and at interpreter exit they finish the
+    queued tasks first and refuse new ones."""
+
+    def test_threads_start_only_as_tasks_need_them(self):
+        with Executor(ExecutionMode.THREAD, max_workers=8) as ex:
+            assert ex.result(ex.submit(square, 2), timeout=10).is_success
+            workers = {ex.result(ex.submit(threading.current_thread), timeout=10).value.name
+                       for _ in range(20)}
+            assert 1 <= len(workers) <= 8
+            gate = threading.Event()
+            ids = [ex.submit(gate.wait, 10) for _ in range(8)]  # 8 blocked: 8 threads
+            assert all(ex.status(t) in (TaskStatus.PENDING, TaskStatus.RUNNING) for t in ids)
+            gate.set()
+            names = {ex.result(t, timeout=10).worker_id for t in ids}
+            assert names <= {f"eventforge-executor_{i}" for i in range(8)}
+
+    def test_a_dropped_executor_lets_its_workers_go(self):
+        def use_and_drop():
+            ex = Executor(ExecutionMode.THREAD, max_workers=3)
+            assert [r.value for r in ex.map(square, range(6), timeout=10)] == [
+                0, 1, 4, 9, 16, 25]
+            return {t for t in threading.enumerate() if t.name.startswith("eventforge-exec")}
+
+        workers = use_and_drop()  # never stopped: the no_leaks fixture checks they end
+        assert workers
+        deadline = time.monotonic() + 10
+        while any(t.is_alive() for t in workers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(t.is_alive() for t in workers)
+
+    def test_cancel_twice_and_cancel_after_the_run(self):
+        gate = threading.Event()
+        with Executor(ExecutionMode.THREAD, max_workers=1) as ex:
+            first = ex.submit(gate.wait, 10)
+            queued = ex.submit(square, 3)
+            assert ex.cancel(queued) is True and ex.cancel(queued) is True
+            assert ex.status(queued) is TaskStatus.CANCELLED
+            gate.set()
+            assert ex.result(first, timeout=10).is_success
+            assert ex.result(queued, timeout=0).status is TaskStatus.CANCELLED
+            done = ex.submit(square, 4)
+            assert ex.result(done, timeout=10).value == 16
+            with pytest.raises(ef.TaskNotFoundError):
+                ex.cancel(done)
+
+    def test_interpreter_exit_runs_the_queued_tasks_then_refuses_new_ones(self, tmp_path):
+        import subprocess
+        import sys
+
+        script = tmp_path / "exit.py"
+        script.write_text(
+            "import atexit, time\n"
+            "import eventforge as ef\n"
+            "def late():\n"
+            "    try:\n"
+            "        ex.submit(print, 'late task ran')\n"
+            "        print('late submit accepted')\n"
+            "    except RuntimeError:\n"
+            "        print('late submit refused')\n"
+            "atexit.register(late)  # runs after the executor's exit hook (LIFO)\n"
+            "ex = ef.Executor(ef.ExecutionMode.THREAD, max_workers=1)  # one printer\n"
+            "for i in range(3):\n"
+            "    ex.submit(lambda i=i: (time.sleep(0.1), print('ran', i, flush=True)))\n"
+            "print('main done', flush=True)\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root)
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0] == "main done"
+        assert lines[1:4] == ["ran 0", "ran 1", "ran 2"]
+        assert lines[4:] == ["late submit refused"]
