@@ -396,8 +396,14 @@ def _enqueue_when_up(wq: ef.WorkQueue, payload: Any) -> bool:
 # -- the worker command on Redis ---------------------------------------------------------------
 
 JOBS_MODULE = """
+import sys, threading
+
+_lock = threading.Lock()  # jobs run 4 at a time: keep each line whole
+
 def resize(job):
-    print("resized", job.payload["name"], job.headers["_wq_attempt"], flush=True)
+    with _lock:
+        sys.stdout.write(f"resized {job.payload['name']} {job.headers['_wq_attempt']}\\n")
+        sys.stdout.flush()
 
 JOBS = {"images.resize": resize}
 """
