@@ -8002,10 +8002,9 @@ def _peer_name(address: Any) -> str:
 
 
 class _Connection:
-    """One TCP peer: its socket, frame decoder, protocol state and outbound queue.
+    """One TCP peer: socket, frame decoder, protocol state and outbound queue.
 
-    ``enqueue`` appends whole frames under ``lock`` (frames from many threads
-    never interleave); ``write`` sends what the kernel takes, one thread at a time.
+    Whole frames are queued under ``lock`` (never interleaved); one thread at a time writes.
     """
 
     __slots__ = (
@@ -8082,10 +8081,7 @@ class _Connection:
         self.started_at = time.time()
 
     def set_events(self, selector: selectors.BaseSelector, paused: bool = False) -> bool:
-        """Register the events ``conn`` now waits for; False if unchanged.
-
-        No reading while it (or its transport) is ``paused``; EVENT_WRITE while a send would block.
-        """
+        """Register the events ``conn`` waits for (no read while ``paused``); False if unchanged."""
         import selectors
 
         events = 0 if (paused or self.paused) else selectors.EVENT_READ
@@ -8193,12 +8189,9 @@ class _Connection:
     def defer(self) -> int:
         """Decide who writes a frame just queued by a sending thread.
 
-        Returns _WRITE_NOW when the connection was idle (the sender writes at
-        once: no thread hop, lowest latency); while frames follow each other
-        closer than ``_HOT_GAP`` it returns _WRITE_SCHEDULE once (the caller
-        asks the I/O thread to flush) and _WRITE_PENDING after that, so a
-        busy sender pays for no syscall and the I/O thread writes whole
-        batches.
+        _WRITE_NOW when the connection was idle (no thread hop); while frames follow closer
+        than ``_HOT_GAP``, _WRITE_SCHEDULE once (the caller wakes the I/O thread) and then
+        _WRITE_PENDING: a busy sender pays no syscall and the I/O thread writes batches.
         """
         now = _perf_counter()
         hot = now - self.last_push < _HOT_GAP
@@ -8242,14 +8235,10 @@ def _epoll_mask(events: int, read: bool) -> int:
 class _TCPEndpoint(Transport):
     """What both ends of an eventforge TCP connection do; subclassed by the server and client.
 
-    A local :class:`MemoryTransport` (``_local``) delivers in this process;
-    the transport methods pass through to it (the client's hooks tell its
-    server of its interest).  On top: writing queued frames (:meth:`_kick`,
-    :meth:`_flush`), reading and decoding them (:meth:`_read_frames`,
-    :meth:`_on_frame`), pings and the dead-peer check (:meth:`_check_alive`),
-    one selector event (:meth:`_serve_event`).  Subclasses provide ``_local``,
-    ``_loop``, ``ping_interval`` and the hooks below: the base calls, the
-    subclass decides (socketserver style).
+    The transport methods pass through to a local :class:`MemoryTransport` (``_local``); on
+    top: writing, reading and decoding frames, pings and the dead-peer check, one selector
+    event.  Subclasses provide ``_local``, ``_loop``, ``ping_interval`` and the hooks below:
+    the base calls, the subclass decides (socketserver style).
     """
 
     _local: MemoryTransport
@@ -8311,11 +8300,8 @@ class _TCPEndpoint(Transport):
     def _kick(self, conn: _Connection) -> None:
         """Get ``conn``'s queued frames written (any thread).
 
-        On the I/O thread :meth:`_write_on_loop` decides.  Elsewhere an idle
-        connection is written at once by the caller (no thread hop); frames
-        following each other closely are left to the I/O thread, which
-        writes them in batches; a TLS socket is only ever written by the
-        I/O thread.
+        An idle connection is written at once by the caller (no thread hop); frames following
+        each other closely, and any TLS socket, are left to the I/O thread, which batches.
         """
         loop = self._loop
         if loop is None:
@@ -8393,11 +8379,7 @@ class _TCPEndpoint(Transport):
             self._internal_error(conn)
 
     def _read_frames(self, conn: _Connection) -> Optional[List[bytes]]:
-        """Read what arrived on ``conn`` and cut it into frame bodies.
-
-        ``[]`` if no whole frame is there yet; None once the connection ended
-        (the hooks were told why).
-        """
+        """``conn``'s newly arrived frame bodies; None once it ended (the hooks were told why)."""
         try:
             data = conn.recv()
         except _would_block_errors(conn.tls):
@@ -8519,10 +8501,7 @@ class _Routes:
         self.broadcast: Tuple[_Connection, ...] = ()
 
     def targets(self, topic: str, origin: Optional[_Connection]) -> Tuple[List[_Connection], bool]:
-        """Connections a message on ``topic`` goes to, and whether there are any.
-
-        A message that went to any connection is not kept in a local mailbox.
-        """
+        """Connections a message on ``topic`` goes to, and whether there are any."""
         if not self.broadcast and topic not in self.exact and not len(self.patterns):
             return [], False  # nothing to route to (a reply to a local requester, say)
         targets = list(self.exact.get(topic, ()))
@@ -8646,10 +8625,7 @@ class _ServerWriter:
             len(frame) - 4, conn.peer, conn.peer_max_frame)
 
     def push_many(self, targets: List[_Connection], frame: bytes) -> None:
-        """Fan-out from any thread: queue everywhere, let the I/O thread write.
-
-        One wake-up per batch instead of a system call per connection.
-        """
+        """Fan-out from any thread: queue everywhere, one wake-up for the I/O thread to write."""
         loop = self._server._loop
         assert loop is not None
         if loop.in_loop():
@@ -9052,10 +9028,7 @@ class _ServerProtocol:
                 pass
 
     def handled_upto(self, conn: _Connection) -> int:
-        """How many of ``conn``'s data frames were handled, in order (loop thread).
-
-        Handled: routed on and its local callbacks (if any) ran.
-        """
+        """How many of ``conn``'s data frames were routed on and their callbacks ran (in order)."""
         waiting = conn.waiting
         done = conn.finished - conn.counted
         while done > 0 and waiting:
@@ -9093,12 +9066,8 @@ class _ServerProtocol:
 class _DispatchMode:
     """How a :class:`TCPServerTransport` runs the subscriber callbacks of network messages.
 
-    One object per server, chosen by its ``dispatch`` argument.  The loop
-    thread hands over the handler calls (:data:`_Call`) read from one
-    connection with :meth:`submit`; :meth:`drain` waits until every call
-    handed over has run, :meth:`stop` ends the mode's threads and
-    ``backlog`` counts the calls not started.  The defaults here suit a
-    mode that has no threads of its own (inline).
+    One per server (its ``dispatch`` argument): :meth:`submit`, :meth:`drain`, :meth:`stop`
+    and ``backlog`` (calls not started).  The defaults suit a mode without threads (inline).
     """
 
     runs_on_loop = False  # True: callbacks run on the I/O thread itself
@@ -9141,11 +9110,7 @@ class _DispatchMode:
         self._server._lead()
 
     def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
-        """Hand over ``batch`` (read from ``conn``, loop thread).
-
-        True only if the caller is to run it itself with :meth:`run_here`
-        once its bookkeeping is done (``may_run_here`` allows it).
-        """
+        """Hand over ``batch`` read from ``conn``; True: run it yourself with :meth:`run_here`."""
         raise NotImplementedError
 
     def run_here(self, conn: _Connection, batch: List[_Call]) -> None:  # pragma: no cover
@@ -9214,21 +9179,16 @@ class _ThreadDispatch(_DispatchMode):
 class _LeaderFollower(_DispatchMode):
     """dispatch="leader": handler calls run on the thread that read their frames.
 
-    The thread running the I/O loop (the leader) runs the handler calls of
-    the frames it read itself, after the reads of one loop iteration, one
-    connection at a time and in arrival order: no thread hand-off on the
-    common path.  A standby thread watches: when a handler call has run for
-    _TAKEOVER_AFTER on the leader (it blocks, or computes), the standby
-    becomes the leader and runs the loop; the former leader finishes that
-    connection's calls and then becomes the standby or ends.  A connection
-    is run by one thread at a time, so its calls keep their order, and a
-    handler may block (even on a request over this server) without
-    stalling any socket.  At most ``max_threads`` threads; when no standby
-    can be had the leader leaves calls to the handler threads.
+    The leader (the thread running the I/O loop) runs the calls it read, after each loop
+    iteration, one connection at a time: no thread hand-off on the common path.  When a call
+    has run _TAKEOVER_AFTER (it blocks or computes), the standby becomes the leader; the
+    former one finishes that connection's calls, then stands by or ends.  One thread runs a
+    connection at a time, so its calls keep their order and a handler may block (even on a
+    request over this server) without stalling any socket.  At most ``max_threads`` threads;
+    with no standby to be had the leader leaves calls to the handler threads.
 
-    Locks: ``lock`` guards every field here and the ``pending``/``running``/
-    ``queued`` fields of the connections; no other lock is taken under it
-    (the server's pause and wake-ups happen outside or on the loop thread).
+    Locks: ``lock`` guards every field here and the connections' ``pending``/``running``/
+    ``queued``; no other lock is taken under it.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -10890,11 +10850,8 @@ class _Dialer:
 class _Lifecycle:
     """A :class:`TCPClientTransport`'s connection over time, and its I/O thread.
 
-    :meth:`run` serves the connection and reconnects when it breaks;
-    :meth:`install` adopts each one opened (interest first, then every
-    unacknowledged frame), :meth:`lost` gives one up (its requests fail at
-    once), :meth:`stop` and the loop's end close all.  Takes the client's
-    locks in the client's order.
+    :meth:`install` adopts each connection opened (interest first, then every unacknowledged
+    frame); :meth:`run` reconnects when one breaks.  Takes the client's locks in its order.
     """
 
     __slots__ = ("client",)
