@@ -8121,11 +8121,9 @@ class _Connection:
             return _OK
 
     def write(self) -> Optional[bool]:
-        """Send queued bytes without blocking.
+        """Send queued bytes without blocking: True all sent, False kernel buffer full.
 
-        Returns True when everything was sent, False when the kernel buffer is
-        full (the caller arranges for EVENT_WRITE), None when another thread is
-        writing or the connection is closed.  Raises OSError if the socket broke.
+        None when another thread is writing or the connection is closed; OSError if it broke.
         """
         with self.lock:
             if self.writing or self.closed:
@@ -8487,10 +8485,8 @@ class _TCPEndpoint(Transport):
 class _Routes:
     """A server's routing table: the connections a message on a topic goes to.
 
-    ``exact``: exact topic -> connections; ``patterns``: wildcard interest,
-    keyed by ``(connection id, pattern)``; ``broadcast``: frame-only peers (all
-    but inbox messages).  Written by the loop thread, read by any without a
-    lock: values are replaced, never mutated.
+    ``broadcast``: frame-only peers (all but inbox messages).  Written by the loop thread,
+    read by any without a lock: values are replaced, never mutated.
     """
 
     __slots__ = ("exact", "patterns", "broadcast")
@@ -8551,11 +8547,7 @@ class _Routes:
                 self.exact.pop(pattern, None)
 
     def add_frame_peer(self, conn: _Connection) -> None:
-        """Route everything but inboxes to ``conn`` until its ``$hello`` says otherwise.
-
-        It may be an eventforge 0.1 client; its requests' reply_to inboxes are
-        routed to it (_ServerProtocol.implicit_interest).
-        """
+        """Route everything but inboxes to ``conn`` (maybe a 0.1 client) until its ``$hello``."""
         self.broadcast = self.broadcast + (conn,)
         conn.implicit = True
 
@@ -8581,13 +8573,9 @@ class _Routes:
 class _ServerWriter:
     """Queues frames for a server's connections and gets them written.
 
-    :meth:`push`: one frame, one connection (the caller writes an idle one,
-    see :meth:`_TCPEndpoint._kick`); :meth:`push_many`: one frame to many from
-    any thread (the I/O thread writes after one wake-up); ``dirty``: queued on
-    the I/O thread, written once per loop iteration.  Over
-    ``max_outbound_bytes`` queued closes a slow consumer; a frame over a
-    peer's announced ``max_frame_size`` is dropped for that peer only.
-    Locks: ``_fanout_lock``, then a connection's lock (never the other way).
+    ``dirty``: queued on the I/O thread, written once per loop iteration.  Over
+    ``max_outbound_bytes`` queued closes a slow consumer.
+    Locks, outermost first: ``_fanout_lock``, a connection's lock.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -8684,9 +8672,8 @@ class _ServerWriter:
 class _Listener:
     """A server's listening socket: binding it and accepting connections (loop thread).
 
-    Refuses connections beyond ``max_connections`` (telling a plain-TCP peer
-    why); a failed accept() (out of file descriptors ...) stops watching the
-    socket until the next tick instead of spinning.
+    A failed accept() (out of file descriptors ...) stops watching the socket until the next
+    tick instead of spinning.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -8799,11 +8786,9 @@ class _Listener:
 
 
 class _ServerProtocol:
-    """The server's side of the wire protocol (loop thread, like the state it keeps).
+    """The server's side of the wire protocol: handshakes, control frames, ``$ack``/``$flushed``.
 
-    TLS and ``$hello``/``$auth`` handshakes, the peer's control frames
-    (``$ping``, ``$interest``, ``$flush``) and the progress reported back
-    (``$ack``, ``$flushed``) once its frames were handled.
+    Loop thread only, like the state it keeps.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -9375,11 +9360,9 @@ class _LeaderFollower(_DispatchMode):
             self._run_connection(conn, call)
 
     def _next_call(self, conn: _Connection, me: int) -> Optional[_Call]:
-        """Take ``conn``'s next handler call, or release ``conn`` if none is left.
+        """Take ``conn``'s next handler call, or release ``conn`` if none is left (``lock`` held).
 
-        Called with ``lock`` held by the thread running ``conn`` (``me``,
-        registered in _in_handlers).  Keeps the leader's busy mark, which the
-        standby watches, for the call taken.
+        Keeps the leader's busy mark, which the standby watches, for the call taken.
         """
         leader = self._server._loop.ident == me  # type: ignore[union-attr]
         pending = conn.pending
@@ -9404,9 +9387,7 @@ class _LeaderFollower(_DispatchMode):
     def _run_connection(self, conn: _Connection, call: Optional[_Call]) -> None:
         """Run ``call`` and then ``conn``'s other pending handler calls, in order.
 
-        The caller set ``conn.running``, registered itself in _in_handlers and
-        took ``call`` with _next_call, under ``lock``, in the same step that
-        took ``conn`` off the ready queue.
+        The caller took ``conn`` off the ready queue and ``call`` with _next_call in one step.
         """
         me = threading.get_ident()
         lock = self.lock
@@ -10126,16 +10107,12 @@ def _with_ttl(frame: bytes, remaining: float) -> bytes:
 class _Backlog:
     """A client's unacknowledged message frames, the room left for more, its requests.
 
-    An item is ``[seq, frame, charges, deadline]``: the frame's number on the
-    current connection (0: not sent on it; ``seq`` counts them as the server
-    does), the frame (b"" once acknowledged or withdrawn), connections that
-    broke with it the oldest unacknowledged frame, a request's ``_ttl_ms``
-    deadline (or None).  Kept until acknowledged (``acked``: the server has
-    the feature "ack"), else only while there is no connection.  ``requests``:
-    inbox topic -> ``[inbox, connection its request went out on, that item]``
-    (withdrawn by :meth:`untrack`, failed by :meth:`connection_lost`).
-    ``changed`` is a condition on the client's lock, held around every call
-    (plain int counters); :meth:`wake` its waiters after a change.
+    An item is ``[seq, frame, charges, deadline]``: the frame's number on the current
+    connection (0: not sent on it), the frame (b"" once acknowledged or withdrawn), connections
+    that broke with it the oldest unacknowledged frame, a request's ``_ttl_ms`` deadline or
+    None.  Kept until acknowledged (``acked``: feature "ack"), else only while there is no
+    connection.  ``requests``: inbox topic -> ``[inbox, connection it went out on, item]``.
+    ``changed`` is a condition on the client's lock, held around every call.
     """
 
     __slots__ = ("items", "bytes", "counts", "changed", "waiters", "max_items", "max_bytes",
@@ -10204,21 +10181,16 @@ class _Backlog:
         self.wake()
 
     def withdraw(self, item: List[Any]) -> None:
-        """Never send ``item`` again; it keeps its place (the server may still ack it).
-
-        Counted only if it never left (a request answered before its $ack is no news).
-        """
+        """Never send ``item`` again; it keeps its place (the server may still ack it)."""
         self.bytes -= len(item[1])
         item[1] = b""
         if not item[0]:
             self.counts["withdrawn"] += 1
 
     def connection_lost(self, conn: _Connection) -> List[_ClientInbox]:
-        """Charge the oldest frame sent on ``conn``; forget the numbering.
+        """Charge the oldest frame sent on ``conn``; return the inboxes of requests sent on it.
 
-        Acknowledgements are cumulative, so a server that keeps closing the
-        connection over one frame stops at that frame.  Returns the inboxes whose
-        request went out on ``conn`` (withdrawn: no reply can come).
+        Acknowledgements are cumulative: a server that keeps closing over one frame stops there.
         """
         failed: List[_ClientInbox] = []
         for record in self.requests.values():
@@ -10323,14 +10295,11 @@ class _Backlog:
 class _Interest:
     """What a :class:`TCPClientTransport` wants from its server, and what it has not told it.
 
-    ``counts``: pattern (subscription, ``receive`` topic, inbox) -> users; the
-    server hears of the first user and, in ``removals`` (with the next
-    ``$interest``, a tick or ``_REMOVALS_BATCH`` others), of the last one
-    leaving.  With the features "interest" and "reply" (``implicit``) a new
-    inbox waits in ``deferred``: the request naming it as ``reply_to`` tells
-    the server, any other frame carries it first.  ``receiving``: the
-    ``receive`` topics; ``patterns``: subscription id -> pattern.  The client
-    holds its lock around every call.
+    ``counts``: pattern -> users; the server hears of the first user and, via ``removals``
+    (batched), of the last one leaving.  With the features "interest" and "reply"
+    (``implicit``) a new inbox waits in ``deferred``: the request naming it as ``reply_to``
+    tells the server, any other frame carries it first.  The client holds its lock around
+    every call.
     """
 
     __slots__ = ("counts", "removals", "deferred", "implicit", "receiving", "patterns")
@@ -10344,10 +10313,7 @@ class _Interest:
         self.patterns: Dict[str, str] = {}
 
     def add(self, pattern: str, told: bool, defer: bool = False) -> bytes:
-        """One more user of ``pattern``; the ``$interest`` frame to send now, or b"".
-
-        ``told``: a handshake connection is up; ``defer``: an inbox the next request may name.
-        """
+        """One more user of ``pattern``; the ``$interest`` frame to send now, or b""."""
         count = self.counts.get(pattern, 0)
         self.counts[pattern] = count + 1
         if count or not told:
@@ -10406,12 +10372,10 @@ class _Interest:
 class _Confirmations:
     """What a client's callers wait for from its server, and the waiting.
 
-    Room in the backlog (``send``, :meth:`room`); ``flush()``: ``$flushed``
-    for ``$flush`` (feature "flush"), else ``$pong`` for ``$ping`` (in order,
-    after the interest sent before) and the acknowledgement of the messages
-    sent before; ``close()``: every accepted message acknowledged (or written,
-    for a server that does not acknowledge).  Counters change under the
-    client's ``_lock``; the waits hold it and wait on ``_backlog.changed``.
+    Room in the backlog (``send``); ``flush()``: ``$flushed`` for ``$flush``, else ``$pong``
+    for ``$ping`` and the acknowledgement of what was sent before; ``close()``: every accepted
+    message acknowledged (or written).  Waits hold the client's ``_lock`` and wait on
+    ``_backlog.changed``.
     """
 
     __slots__ = ("client", "ids", "flushed_upto", "pings_sent", "pongs")
@@ -10533,8 +10497,7 @@ class _Confirmations:
     def room(self, size: int) -> Optional[_Connection]:
         """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
 
-        Called by ``send`` with the lock held and the backlog full: waits up to
-        ``send_timeout`` for acknowledgements, slowing down a fast publisher.
+        Waits up to ``send_timeout`` for acknowledgements, slowing down a fast publisher.
         """
         c = self.client
         backlog = c._backlog
@@ -10555,11 +10518,9 @@ class _Confirmations:
 class _ClientInbox(Inbox):
     """A request inbox of a :class:`TCPClientTransport`.
 
-    ``get`` first reads the socket itself a while (where the platform allows),
-    so the reply wakes the waiting thread directly, not via the I/O thread.
-    A subscriber callback waiting here first hands the dispatcher role on (the
-    reply may pass through a subscriber of this client).  ``get`` raises
-    ConnectionLostError at once if the request's connection broke.
+    ``get`` first reads the socket itself a while, so the reply wakes the waiting thread with
+    no I/O-thread hop; a subscriber callback waiting here first hands the dispatcher role on
+    (the reply may pass through a subscriber).  Raises ConnectionLostError once it broke.
     """
 
     _transport: Any = None
@@ -10620,9 +10581,7 @@ def _client_handshake(client: TCPClientTransport, sock: socket.socket, where: st
                       deadline: float, timeout: float) -> _Opened:
     """The client's side of the handshake on the blocking, connected ``sock``.
 
-    ``$hello`` out, ``$welcome`` back; with a secret, ``$auth`` out and
-    ``$ready`` back, each side proving it knows it.  No answer within
-    ``hello_timeout`` (unless required): a plain-frame peer.  Raises
+    No answer within ``hello_timeout`` (unless required): a plain-frame peer.  Raises
     AuthenticationError or ConnectionLostError; leaves ``sock`` non-blocking.
     """
     decoder = FrameDecoder(client.max_frame_size)
@@ -10733,10 +10692,9 @@ def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Messa
 
 
 class _Dialer:
-    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, handshake.
+    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, handshake (blocking).
 
-    Blocking (in ``connect()``, or on the I/O thread reconnecting).  The socket
-    being set up is the client's ``_connecting``: ``close()`` aborts it with
+    The socket being set up is the client's ``_connecting``: ``close()`` aborts it with
     ``shutdown()`` instead of waiting up to ``connect_timeout``.
     """
 
@@ -10978,11 +10936,7 @@ class _Lifecycle:
         return c._interest.adopt(features, conn.handshake)
 
     def late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
-        """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
-
-        The server took us for a handshake peer while we spoke plain frames:
-        adopt its terms and send the interest, so both sides agree again.
-        """
+        """The server answered ``$hello`` after ``hello_timeout``: adopt its terms after all."""
         c = self.client
         if welcome.get("auth"):
             self.lost_soon(conn, "the server asks for authentication; pass secret=")
@@ -11012,8 +10966,7 @@ class _Lifecycle:
     def lost_after_write(self, conn: _Connection, reason: str) -> None:
         """A write failed (loop thread): first read what the server sent before closing.
 
-        A server closing with our frames unread resets the connection; its last
-        ``$ack`` may still wait in the socket and spares resending what it handled.
+        Its last ``$ack`` may still wait in the socket and spares resending what it handled.
         """
         c = self.client
         if not conn.tls and not conn.closed:
@@ -11034,8 +10987,7 @@ class _Lifecycle:
     def lost(self, conn: _Connection, reason: str) -> None:
         """The connection broke (loop thread): forget it; :meth:`run` reconnects.
 
-        Waiters for replies to requests sent on it get ConnectionLostError now;
-        the oldest unacknowledged frame is charged one attempt (_Backlog.resend).
+        Its requests' waiters get ConnectionLostError now.
         """
         c = self.client
         with c._lock:
