@@ -9068,12 +9068,11 @@ class _DispatchMode:
                        expires: float, conn: _Connection) -> None:
         """Run the local callbacks of one message read from ``conn``.
 
-        Whatever they raise is a failure of that call only (logged and
-        counted by the local delivery), never of the thread running it.  A
-        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
-        call that completes counts towards ``conn``'s acknowledgements; while
-        closing, calls not started are skipped *without* counting, so their
-        frames stay unacknowledged and the client sends them again.
+        Whatever they raise is a failure of that call only (logged and counted by the local
+        delivery), never of the thread running it.  A request whose ``_ttl_ms`` ran out since it
+        was read is skipped.  A call that completes counts towards ``conn``'s acknowledgements;
+        while closing, calls not started are skipped *without* counting, so their frames stay
+        unacknowledged and the client sends them again.
         """
         if self.discard:
             return
@@ -9428,44 +9427,36 @@ _DISPATCH_MODES: Dict[str, Callable[[TCPServerTransport], _DispatchMode]] = {
 class TCPServerTransport(_TCPEndpoint):
     """A TCP listener that is also a full Transport for its own process.
 
-    Messages published here (``send``) reach the local subscribers
-    (synchronously, like :class:`MemoryTransport`) and every client whose
-    interest matches; messages from a client reach the local subscribers,
-    inboxes and receivers, and the other clients whose interest matches.  A
-    client that never sent ``$hello`` (eventforge 0.1) gets every routed
-    message; ``allow_frame_only=False`` (and always a ``secret``) refuses it.
-    Inbox messages (``_reply.``/``_rpc_reply.``) go only to the connection
-    whose request opened the inbox.
+    Messages published here (``send``) reach the local subscribers (synchronously, like
+    :class:`MemoryTransport`) and every client whose interest matches; messages from a client
+    reach the local subscribers, inboxes and receivers, and the other clients whose interest
+    matches.  A client that never sent ``$hello`` (eventforge 0.1) gets every routed message;
+    ``allow_frame_only=False`` (and always a ``secret``) refuses it.  Inbox messages
+    (``_reply.``/``_rpc_reply.``) go only to the connection whose request opened the inbox.
 
-    Call :meth:`start` before use (``port=0`` picks a free port: read
-    :attr:`address`) and :meth:`close` to stop every thread and socket.
-    Limits: ``max_frame_size`` per frame, ``max_connections`` clients,
-    ``max_outbound_bytes`` queued per client (one that does not read is
-    dropped as a slow consumer), ``handshake_timeout`` for TLS and the secret
-    handshake, ``frame_timeout`` for an incomplete frame.  ``secret`` requires
-    the mutual HMAC-SHA256 handshake; ``ssl_context`` (server-side
-    :class:`ssl.SSLContext`) wraps every connection in TLS.  Every refused
-    input is logged with its reason and counted in :attr:`stats`.
+    Call :meth:`start` before use (``port=0`` picks a free port: read :attr:`address`) and
+    :meth:`close` to stop every thread and socket.  Limits: ``max_frame_size`` per frame,
+    ``max_connections`` clients, ``max_outbound_bytes`` queued per client (one that does not
+    read is dropped as a slow consumer), ``handshake_timeout`` for TLS and the secret handshake,
+    ``frame_timeout`` for an incomplete frame.  ``secret`` requires the mutual HMAC-SHA256
+    handshake; ``ssl_context`` (server-side :class:`ssl.SSLContext`) wraps every connection in
+    TLS.  Every refused input is logged with its reason and counted in :attr:`stats`.
 
-    ``dispatch="leader"`` (the default) runs the callbacks of network messages
-    on the thread that read them; one running for 2 ms makes a standby thread
-    take the I/O loop over, so a handler may block, even on a request over
-    this server.  A connection's callbacks run one at a time in arrival order;
-    different connections' concurrently once one blocks (at most
-    ``max_handler_threads`` threads).  ``dispatch="thread"``: every callback on
-    one dispatcher thread (a thread hop each).  ``dispatch="inline"``: on the
-    I/O thread, no standby; only for handlers that return quickly and never
-    wait for network traffic (meanwhile no socket is served).  In every mode
-    a handler that raises anything, ``BaseException`` included, fails that
-    call only.  A client's frame is acknowledged once handled (routed on, its
-    local callbacks run), so :meth:`close` loses nothing a reconnecting
-    client does not send again.
+    ``dispatch="leader"`` (the default) runs the callbacks of network messages on the thread
+    that read them; one running for 2 ms makes a standby thread take the I/O loop over, so a
+    handler may block, even on a request over this server.  A connection's callbacks run one at
+    a time in arrival order; different connections' concurrently once one blocks (at most
+    ``max_handler_threads`` threads).  ``dispatch="thread"``: every callback on one dispatcher
+    thread (a thread hop each).  ``dispatch="inline"``: on the I/O thread, no standby; only for
+    handlers that return quickly and never wait for network traffic (meanwhile no socket is
+    served).  In every mode a handler that raises anything, ``BaseException`` included, fails
+    that call only.  A client's frame is acknowledged once handled (routed on, its local
+    callbacks run), so :meth:`close` loses nothing a reconnecting client does not send again.
 
-    Collaborators: :class:`_Listener` accepts, :class:`_ServerProtocol` speaks
-    the handshake and control frames, :class:`_Routes` says where a message
-    goes, :class:`_ServerWriter` gets frames written, a :class:`_DispatchMode`
-    runs the handlers.  Locks, outermost first: ``_lock`` (start and close
-    only), a dispatch mode's lock, ``_ServerWriter._fanout_lock``, a
+    Collaborators: :class:`_Listener` accepts, :class:`_ServerProtocol` speaks the handshake and
+    control frames, :class:`_Routes` says where a message goes, :class:`_ServerWriter` gets
+    frames written, a :class:`_DispatchMode` runs the handlers.  Locks, outermost first:
+    ``_lock`` (start and close only), a dispatch mode's lock, ``_ServerWriter._fanout_lock``, a
     connection's ``lock``; the routing table is copy-on-write and needs none.
     """
 
@@ -9579,14 +9570,12 @@ class TCPServerTransport(_TCPEndpoint):
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting and reading, handle what was read, close every connection.
 
-        Handler calls of frames already read run until ``timeout`` (seconds) has
-        nearly passed (a quarter of it, at most 1 s, is kept for the rest); calls
-        not started by then are skipped, their frames never acknowledged, so a
-        reconnecting client sends them again (at-least-once).  Then what was
-        handled is acknowledged, replies flushed, connections closed and threads
-        joined, within about ``timeout``; only a handler still running (it
-        blocks) can outlive it, and that is logged.  Safe to call twice and from
-        a handler.
+        Handler calls of frames already read run until ``timeout`` (seconds) has nearly passed
+        (a quarter of it, at most 1 s, is kept for the rest); calls not started by then are
+        skipped, their frames never acknowledged, so a reconnecting client sends them again
+        (at-least-once).  Then what was handled is acknowledged, replies flushed, connections
+        closed and threads joined, within about ``timeout``; only a handler still running (it
+        blocks) can outlive it, and that is logged.  Safe to call twice and from a handler.
         """
         with self._lock:
             if self._closed:
@@ -11096,52 +11085,46 @@ class _Lifecycle:
 class TCPClientTransport(_TCPEndpoint):
     """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
-    Call :meth:`connect` before use.  ``send`` writes from the caller's thread
-    when the connection is idle, else queues (frames never interleave).
-    ``subscribe``, ``receive`` and request inboxes tell the server this
-    client's *interest*: it sends only matching messages.  Subscriber callbacks
-    run on one dispatcher thread, in arrival order; one that waits for a reply
-    (a request, an RPC call, a ``receive``) first hands that role to a new
-    thread, so the reply may come through another subscriber.  A thread
-    waiting for a reply reads the socket itself for a few milliseconds, so the
-    reply wakes it directly.
+    Call :meth:`connect` before use.  ``send`` writes from the caller's thread when the
+    connection is idle, else queues (frames never interleave).  ``subscribe``, ``receive`` and
+    request inboxes tell the server this client's *interest*: it sends only matching messages.
+    Subscriber callbacks run on one dispatcher thread, in arrival order; one that waits for a
+    reply (a request, an RPC call, a ``receive``) first hands that role to a new thread, so the
+    reply may come through another subscriber.  A thread waiting for a reply reads the socket
+    itself for a few milliseconds, so the reply wakes it directly.
 
-    A dropped connection is reopened (``reconnect=True``) with capped
-    exponential backoff and jitter (``backoff_initial`` .. ``backoff_max``);
-    the interest, then every message the server has not acknowledged, is sent
-    again in order.  Meanwhile up to ``max_pending`` messages (and
-    ``max_pending_bytes``) wait, beyond that ``send`` raises TransportFullError;
-    while connected, a full buffer first makes ``send`` wait up to
-    ``send_timeout`` s for acknowledgements (slowing a fast publisher down).  A
-    server silent for two ``ping_interval`` s is taken for dead.
+    A dropped connection is reopened (``reconnect=True``) with capped exponential backoff and
+    jitter (``backoff_initial`` .. ``backoff_max``); the interest, then every message the server
+    has not acknowledged, is sent again in order.  Meanwhile up to ``max_pending`` messages (and
+    ``max_pending_bytes``) wait, beyond that ``send`` raises TransportFullError; while
+    connected, a full buffer first makes ``send`` wait up to ``send_timeout`` s for
+    acknowledgements (slowing a fast publisher down).  A server silent for two ``ping_interval``
+    s is taken for dead.
 
-    ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a
-    client-side :class:`ssl.SSLContext`) enables TLS, checked against
-    ``server_hostname`` (default: ``host``).  A server that does not answer
-    ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
-    eventforge 0.1 server) until its ``$welcome`` arrives, if ever; then the
-    client switches to the handshake and sends its interest.  ``handshake=False``
-    skips the hello, ``handshake=True`` requires it.  ``name`` goes in the
-    hello, for the server's :class:`Monitor`.
+    ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a client-side
+    :class:`ssl.SSLContext`) enables TLS, checked against ``server_hostname`` (default:
+    ``host``).  A server that does not answer ``$hello`` within ``hello_timeout`` is taken for a
+    plain-frame peer (the eventforge 0.1 server) until its ``$welcome`` arrives, if ever; then
+    the client switches to the handshake and sends its interest.  ``handshake=False`` skips the
+    hello, ``handshake=True`` requires it.  ``name`` goes in the hello, for the server's
+    :class:`Monitor`.
 
-    ``send`` raises FrameTooLargeError above the server's ``max_frame_size``.
-    A buffered message a reconnected server can no longer take, or keeps
-    refusing, is dropped, logged and counted (``too_large``, ``refused``).  A
-    request whose caller stopped waiting (inbox closed) is withdrawn; one
-    whose connection broke fails its caller at once (ConnectionLostError).
-    :meth:`flush` waits until the server processed all sent before it;
-    :meth:`close` (and interpreter exit) delivers what was accepted, within its
-    ``timeout``.  ``on_connection_change(connected, detail)`` is called on the
-    I/O thread when the connection is lost and when it is back.
+    ``send`` raises FrameTooLargeError above the server's ``max_frame_size``.  A buffered
+    message a reconnected server can no longer take, or keeps refusing, is dropped, logged and
+    counted (``too_large``, ``refused``).  A request whose caller stopped waiting (inbox closed)
+    is withdrawn; one whose connection broke fails its caller at once (ConnectionLostError).
+    :meth:`flush` waits until the server processed all sent before it; :meth:`close` (and
+    interpreter exit) delivers what was accepted, within its ``timeout``.
+    ``on_connection_change(connected, detail)`` is called on the I/O thread when the connection
+    is lost and when it is back.
 
-    Collaborators: :class:`_Lifecycle` (the connection over time, the I/O
-    thread), :class:`_Dialer`, :class:`_Backlog`, :class:`_Interest`,
-    :class:`_Confirmations`.  Locks, outermost first: ``_connect_lock`` (one
-    ``connect()`` at a time), ``_read_lock`` (whoever decodes the socket: the
-    I/O thread or a caller reading its reply), ``_lock`` (the state, with the
-    backlog, interest and confirmations; ``_backlog.changed`` is a condition on
-    it), ``_sel_lock`` (the selector registration; never held with ``_lock``),
-    a connection's ``conn.lock``.  No lock is held while user code runs.
+    Collaborators: :class:`_Lifecycle` (the connection over time, the I/O thread),
+    :class:`_Dialer`, :class:`_Backlog`, :class:`_Interest`, :class:`_Confirmations`.  Locks,
+    outermost first: ``_connect_lock`` (one ``connect()`` at a time), ``_read_lock`` (whoever
+    decodes the socket: the I/O thread or a caller reading its reply), ``_lock`` (the state,
+    with the backlog, interest and confirmations; ``_backlog.changed`` is a condition on it),
+    ``_sel_lock`` (the selector registration; never held with ``_lock``), a connection's
+    ``conn.lock``.  No lock is held while user code runs.
     """
 
     _log_name = "tcp client"
@@ -11247,9 +11230,8 @@ class TCPClientTransport(_TCPEndpoint):
     def connect(self, timeout: Optional[float] = None) -> TCPClientTransport:
         """Connect and handshake within ``timeout`` seconds (default ``connect_timeout``).
 
-        Raises ConnectionLostError (a ConnectionError) if the server cannot be
-        reached and AuthenticationError if the secret or TLS handshake fails.
-        Returns self.
+        Raises ConnectionLostError (a ConnectionError) if the server cannot be reached and
+        AuthenticationError if the secret or TLS handshake fails.  Returns self.
         """
         with self._connect_lock:  # one connect at a time; later ones see _started
             with self._lock:
@@ -11267,11 +11249,10 @@ class TCPClientTransport(_TCPEndpoint):
     def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
         """Deliver what was accepted, then close the socket and stop every thread.
 
-        New sends fail at once; messages already accepted are given up to
-        ``timeout`` seconds to reach the server: until acknowledged (a server
-        with the feature "ack"), written (a frame-only server), or sent after
-        a reconnect that is under way.  What is still undelivered then is
-        logged.  A connection attempt in progress is abandoned at once.
+        New sends fail at once; messages already accepted are given up to ``timeout`` seconds to
+        reach the server: until acknowledged (a server with the feature "ack"), written (a
+        frame-only server), or sent after a reconnect that is under way.  What is still
+        undelivered then is logged.  A connection attempt in progress is abandoned at once.
         """
         with self._lock:
             if self._closed:
@@ -11287,15 +11268,13 @@ class TCPClientTransport(_TCPEndpoint):
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the server has processed everything sent before this call.
 
-        Interest included: once ``flush`` returns, messages published by
-        others reach this client's new subscriptions.  One ``$flush``/
-        ``$flushed`` round trip (an older handshake server: ``$ping``/``$pong``,
-        then the acknowledgement of every message sent before).  Returns True
-        once confirmed; False with a frame-only server (eventforge 0.1), which
-        cannot confirm anything: then once every queued frame was written.
-        While disconnected it waits for the reconnect.  Raises
-        EventforgeTimeoutError after ``timeout`` seconds, ConnectionLostError
-        if the connection is lost for good, TransportClosedError after
+        Interest included: once ``flush`` returns, messages published by others reach this
+        client's new subscriptions.  One ``$flush``/ ``$flushed`` round trip (an older handshake
+        server: ``$ping``/``$pong``, then the acknowledgement of every message sent before).
+        Returns True once confirmed; False with a frame-only server (eventforge 0.1), which
+        cannot confirm anything: then once every queued frame was written.  While disconnected
+        it waits for the reconnect.  Raises EventforgeTimeoutError after ``timeout`` seconds,
+        ConnectionLostError if the connection is lost for good, TransportClosedError after
         :meth:`close`.
         """
         loop = self._loop
@@ -11308,11 +11287,10 @@ class TCPClientTransport(_TCPEndpoint):
     def send(self, message: Message) -> None:
         """Send ``message`` to the server; queue it while reconnecting.
 
-        Raises FrameTooLargeError for a message over the server's
-        ``max_frame_size``, TransportFullError when ``max_pending`` messages
-        already wait, ConnectionLostError before :meth:`connect` or after a
-        failure with ``reconnect=False``, TransportClosedError after
-        :meth:`close`.
+        Raises FrameTooLargeError for a message over the server's ``max_frame_size``,
+        TransportFullError when ``max_pending`` messages already wait, ConnectionLostError
+        before :meth:`connect` or after a failure with ``reconnect=False``, TransportClosedError
+        after :meth:`close`.
         """
         topic = message.topic
         if type(topic) is not str or topic not in _VALID_TOPICS:
@@ -11384,9 +11362,8 @@ class TCPClientTransport(_TCPEndpoint):
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic``.
 
-        The first call registers a lasting interest in ``topic`` with the
-        server; from then on messages on it wait here (at most
-        ``max_queue_size``) until received.
+        The first call registers a lasting interest in ``topic`` with the server; from then on
+        messages on it wait here (at most ``max_queue_size``) until received.
         """
         self._want_receive(topic)
         if timeout is None or timeout > 0:
@@ -11413,11 +11390,10 @@ class TCPClientTransport(_TCPEndpoint):
     def open_inbox(self, topic: str) -> Inbox:
         """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent.
 
-        An inbox topic (:data:`INBOX_PREFIXES`) named as ``reply_to`` by the
-        next message sent needs no frame of its own when the server speaks
-        the feature "reply": the request itself tells the server.  Closing
-        the inbox withdraws a request that named it and is still waiting
-        for a connection or an acknowledgement: it is never resent.
+        An inbox topic (:data:`INBOX_PREFIXES`) named as ``reply_to`` by the next message sent
+        needs no frame of its own when the server speaks the feature "reply": the request itself
+        tells the server.  Closing the inbox withdraws a request that named it and is still
+        waiting for a connection or an acknowledgement: it is never resent.
         """
         if self._closed:
             raise TransportClosedError(f"{self._name()} is closed")
