@@ -7817,10 +7817,10 @@ _conn_ids = itertools.count(1)
 # Counters always present in TCPServerTransport.stats (each refusal has its own).
 _SERVER_COUNTERS = (
     "accepted", "refused_connections", "accept_errors", "disconnects", "messages_in",
-    "messages_out", "bytes_in", "frame_errors", "oversize_frames",
-    "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
-    "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
-    "expired", "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
+    "messages_out", "bytes_in", "frame_errors", "oversize_frames", "truncated_frames",
+    "resets", "frame_timeouts", "handshake_timeouts", "auth_failures", "tls_failures",
+    "protocol_errors", "slow_consumers", "dead_peers", "internal_errors", "expired",
+    "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
 )
 _CLIENT_COUNTERS = (
     "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
@@ -7901,9 +7901,7 @@ def _json_topic(topic: str) -> str:
 
 
 def _interest_frame(added: List[str], removed: List[str]) -> bytes:
-    """``$interest`` adding and/or removing valid patterns; the bytes of
-    ``_control_frame("$interest", {"add": [...], "remove": [...]})`` without an empty list.
-    """
+    """``_control_frame("$interest", {"add": added, "remove": removed})``, no empty list."""
     parts = []
     if added:
         parts.append('"add":[' + ",".join(map(_json_topic, added)) + "]")
@@ -9730,12 +9728,10 @@ class TCPServerTransport(_TCPEndpoint):
             loop.call_soon(lambda: self._read_then_drop(conn, f"write failed: {exc}"))
 
     def _read_then_drop(self, conn: _Connection, what: str) -> None:
-        """A write to ``conn`` failed (loop thread): read what the peer sent
-        before it went, as the client does, then close.
+        """A write to ``conn`` failed (loop thread): read what the peer sent, then close.
 
-        A peer that closes with our frames unread resets the connection, yet
-        what it sent first is still readable; reading it counts and logs the
-        real reason (a bad frame, a TLS ClientHello ...) rather than a reset.
+        A peer closing with our frames unread resets the connection, yet what it sent is still
+        readable: it logs the real reason (a bad frame, a TLS ClientHello ...), not a reset.
         """
         if conn.closed:
             return
@@ -11340,10 +11336,9 @@ class TCPClientTransport(_TCPEndpoint):
                 conn.urgent = True  # a request: the I/O thread lets no burst grow now
 
     def _ahead_of(self, conn: _Connection, size: int, reply_to: Optional[str]) -> None:
-        """What precedes a ``size``-byte frame on ``conn`` (send's uncommon cases; locks held).
+        """Queue what precedes a ``size``-byte frame on ``conn`` (send's uncommon cases).
 
-        Raises TransportFullError without room; queues the interest changes that
-        go first (:meth:`_Interest.before`).
+        Locks held; raises TransportFullError without room.
         """
         if conn.out_bytes + size > conn.max_outbound:
             self._counts["full"] += 1
@@ -11509,11 +11504,10 @@ class TCPClientTransport(_TCPEndpoint):
                 self._epoll.modify(conn.sock.fileno(), _epoll_mask(events, False))
 
     def _read_until(self, inbox: Inbox, budget: float) -> None:
-        """Read the socket from a caller's thread until ``inbox`` has a message.
+        """Read the socket from a caller's thread until ``inbox`` has a message (``budget`` s).
 
-        For at most ``budget`` seconds, and only if the I/O thread is not
-        reading: meanwhile the I/O thread's epoll does not watch the socket
-        for input, so the reply wakes this thread and no other.
+        Only if the I/O thread is not reading; meanwhile its epoll does not watch the socket for
+        input, so the reply wakes this thread and no other.
         """
         conn = self._conn
         if conn is None or conn.paused or not self._read_lock.acquire(False):
