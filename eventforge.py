@@ -8000,10 +8000,7 @@ def _peer_name(address: Any) -> str:
 
 
 class _Connection:
-    """One TCP peer: socket, frame decoder, protocol state and outbound queue.
-
-    Whole frames are queued under ``lock`` (never interleaved); one thread at a time writes.
-    """
+    """One TCP peer: socket, decoder, protocol state, outbound queue (whole frames, ``lock``)."""
 
     __slots__ = (
         "sock", "peer", "id", "decoder", "tls", "lock", "out", "out_bytes",
@@ -8784,10 +8781,7 @@ class _Listener:
 
 
 class _ServerProtocol:
-    """The server's side of the wire protocol: handshakes, control frames, ``$ack``/``$flushed``.
-
-    Loop thread only, like the state it keeps.
-    """
+    """The server's side of the wire protocol (loop thread): handshakes, control frames, acks."""
 
     def __init__(self, server: TCPServerTransport) -> None:
         self._server = server
@@ -9382,10 +9376,7 @@ class _LeaderFollower(_DispatchMode):
         return pending.popleft()
 
     def _run_connection(self, conn: _Connection, call: Optional[_Call]) -> None:
-        """Run ``call`` and then ``conn``'s other pending handler calls, in order.
-
-        The caller took ``conn`` off the ready queue and ``call`` with _next_call in one step.
-        """
+        """Run ``call`` (taken with ``conn``), then ``conn``'s other pending calls in order."""
         me = threading.get_ident()
         lock = self.lock
         run = self.call
@@ -9671,8 +9662,8 @@ class TCPServerTransport(_TCPEndpoint):
     def connections(self, closed: bool = False) -> List[Dict[str, Any]]:
         """Snapshots of the open connections, or of the last 256 closed ones (oldest first).
 
-        Dicts (see :meth:`_Connection.snapshot`); a closed one also has ``stop``
-        (epoch seconds), ``reason`` and ``counter`` (its :attr:`stats` key).
+        Dicts (see :meth:`_Connection.snapshot`); a closed one also has ``stop`` (epoch
+        seconds), ``reason`` and ``counter`` (its :attr:`stats` key).
         """
         if closed:
             return [dict(info) for info in list(self._closed_conns)]
@@ -9688,10 +9679,9 @@ class TCPServerTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """Internal state, for tests and diagnostics only (not a stable API).
 
-        ``exact``: topic -> connections routed to (inboxes included);
-        ``patterns``: wildcard routes; ``frame_peers``: peers that get every
-        routed message; ``connections``: id -> ``peer``, ``features``,
-        ``peer_max_frame``, ``interest``.
+        ``exact``: topic -> connections routed to (inboxes included); ``patterns``: wildcard
+        routes; ``frame_peers``: peers that get every routed message; ``connections``: id ->
+        ``peer``, ``features``, ``peer_max_frame``, ``interest``.
         """
         state = self._routes.debug_state()
         state["connections"] = {
@@ -10199,10 +10189,9 @@ class _Backlog:
     def resend(self, conn: _Connection, limit: int) -> List[bytes]:
         """Number the frames for the new connection ``conn`` (1, 2 ...) and return them.
 
-        Dropped, logged and counted: over the server's ``limit`` (``too_large``),
-        oldest unacknowledged on ``_MAX_SEND_ATTEMPTS`` broken connections
-        (``refused``), a request past its TTL (``expired``); a request with time
-        left goes with its ``_ttl_ms`` cut to it.
+        Dropped, logged and counted: over the server's ``limit`` (``too_large``), oldest
+        unacknowledged on ``_MAX_SEND_ATTEMPTS`` broken connections (``refused``), a request
+        past its TTL (``expired``); a request with time left goes with its ``_ttl_ms`` cut.
         """
         frames: List[bytes] = []
         kept: Deque[List[Any]] = collections.deque()
@@ -10970,10 +10959,7 @@ class _Lifecycle:
         self.lost(conn, reason)
 
     def lost(self, conn: _Connection, reason: str) -> None:
-        """The connection broke (loop thread): forget it; :meth:`run` reconnects.
-
-        Its requests' waiters get ConnectionLostError now.
-        """
+        """The connection broke (loop thread): its requests fail now; :meth:`run` reconnects."""
         c = self.client
         with c._lock:
             if c._conn is not conn:
@@ -11423,10 +11409,9 @@ class TCPClientTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """A snapshot of internal state, for tests and debugging (keys may change).
 
-        ``interest``: pattern -> users; ``features``: agreed (empty without a
-        handshake); ``implicit``: requests tell the server of their inbox;
-        ``socket``: the socket or None; ``connecting``: an attempt is under way;
-        ``io_thread_alive``: the I/O thread runs.
+        ``interest``: pattern -> users; ``features``: agreed (empty without a handshake);
+        ``implicit``: requests tell the server of their inbox; ``socket``: the socket or None;
+        ``connecting``: an attempt is under way; ``io_thread_alive``: the I/O thread runs.
         """
         with self._lock:
             conn, loop = self._conn, self._loop
