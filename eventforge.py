@@ -8107,10 +8107,10 @@ _conn_ids = itertools.count(1)
 # Counters always present in TCPServerTransport.stats (each refusal has its own).
 _SERVER_COUNTERS = (
     "accepted", "refused_connections", "accept_errors", "disconnects", "messages_in",
-    "messages_out", "bytes_in", "frame_errors", "oversize_frames",
-    "truncated_frames", "resets", "frame_timeouts", "handshake_timeouts", "auth_failures",
-    "tls_failures", "protocol_errors", "slow_consumers", "dead_peers", "internal_errors",
-    "expired", "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
+    "messages_out", "bytes_in", "frame_errors", "oversize_frames", "truncated_frames",
+    "resets", "frame_timeouts", "handshake_timeouts", "auth_failures", "tls_failures",
+    "protocol_errors", "slow_consumers", "dead_peers", "internal_errors", "expired",
+    "oversize_for_peer", "frame_only_refused", "unhandled_at_close",
 )
 _CLIENT_COUNTERS = (
     "messages_out", "messages_in", "buffered", "full", "resent", "disconnects",
@@ -8191,9 +8191,7 @@ def _json_topic(topic: str) -> str:
 
 
 def _interest_frame(added: List[str], removed: List[str]) -> bytes:
-    """``$interest`` adding and/or removing valid patterns; the bytes of
-    ``_control_frame("$interest", {"add": [...], "remove": [...]})`` without an empty list.
-    """
+    """``_control_frame("$interest", {"add": added, "remove": removed})``, no empty list."""
     parts = []
     if added:
         parts.append('"add":[' + ",".join(map(_json_topic, added)) + "]")
@@ -8292,11 +8290,7 @@ def _peer_name(address: Any) -> str:
 
 
 class _Connection:
-    """One TCP peer: its socket, frame decoder, protocol state and outbound queue.
-
-    ``enqueue`` appends whole frames under ``lock`` (frames from many threads
-    never interleave); ``write`` sends what the kernel takes, one thread at a time.
-    """
+    """One TCP peer: socket, decoder, protocol state, outbound queue (whole frames, ``lock``)."""
 
     __slots__ = (
         "sock", "peer", "id", "decoder", "tls", "lock", "out", "out_bytes",
@@ -8372,10 +8366,7 @@ class _Connection:
         self.started_at = time.time()
 
     def set_events(self, selector: selectors.BaseSelector, paused: bool = False) -> bool:
-        """Register the events ``conn`` now waits for; False if unchanged.
-
-        No reading while it (or its transport) is ``paused``; EVENT_WRITE while a send would block.
-        """
+        """Register the events ``conn`` waits for (no read while ``paused``); False if unchanged."""
         import selectors
 
         events = 0 if (paused or self.paused) else selectors.EVENT_READ
@@ -8415,11 +8406,9 @@ class _Connection:
             return _OK
 
     def write(self) -> Optional[bool]:
-        """Send queued bytes without blocking.
+        """Send queued bytes without blocking: True all sent, False kernel buffer full.
 
-        Returns True when everything was sent, False when the kernel buffer is
-        full (the caller arranges for EVENT_WRITE), None when another thread is
-        writing or the connection is closed.  Raises OSError if the socket broke.
+        None when another thread is writing or the connection is closed; OSError if it broke.
         """
         with self.lock:
             if self.writing or self.closed:
@@ -8483,12 +8472,9 @@ class _Connection:
     def defer(self) -> int:
         """Decide who writes a frame just queued by a sending thread.
 
-        Returns _WRITE_NOW when the connection was idle (the sender writes at
-        once: no thread hop, lowest latency); while frames follow each other
-        closer than ``_HOT_GAP`` it returns _WRITE_SCHEDULE once (the caller
-        asks the I/O thread to flush) and _WRITE_PENDING after that, so a
-        busy sender pays for no syscall and the I/O thread writes whole
-        batches.
+        _WRITE_NOW when the connection was idle (no thread hop); while frames follow closer
+        than ``_HOT_GAP``, _WRITE_SCHEDULE once (the caller wakes the I/O thread) and then
+        _WRITE_PENDING: a busy sender pays no syscall and the I/O thread writes batches.
         """
         now = _perf_counter()
         hot = now - self.last_push < _HOT_GAP
@@ -8532,14 +8518,10 @@ def _epoll_mask(events: int, read: bool) -> int:
 class _TCPEndpoint(Transport):
     """What both ends of an eventforge TCP connection do; subclassed by the server and client.
 
-    A local :class:`MemoryTransport` (``_local``) delivers in this process;
-    the transport methods pass through to it (the client's hooks tell its
-    server of its interest).  On top: writing queued frames (:meth:`_kick`,
-    :meth:`_flush`), reading and decoding them (:meth:`_read_frames`,
-    :meth:`_on_frame`), pings and the dead-peer check (:meth:`_check_alive`),
-    one selector event (:meth:`_serve_event`).  Subclasses provide ``_local``,
-    ``_loop``, ``ping_interval`` and the hooks below: the base calls, the
-    subclass decides (socketserver style).
+    The transport methods pass through to a local :class:`MemoryTransport` (``_local``); on
+    top: writing, reading and decoding frames, pings and the dead-peer check, one selector
+    event.  Subclasses provide ``_local``, ``_loop``, ``ping_interval`` and the hooks below:
+    the base calls, the subclass decides (socketserver style).
     """
 
     _local: MemoryTransport
@@ -8601,11 +8583,8 @@ class _TCPEndpoint(Transport):
     def _kick(self, conn: _Connection) -> None:
         """Get ``conn``'s queued frames written (any thread).
 
-        On the I/O thread :meth:`_write_on_loop` decides.  Elsewhere an idle
-        connection is written at once by the caller (no thread hop); frames
-        following each other closely are left to the I/O thread, which
-        writes them in batches; a TLS socket is only ever written by the
-        I/O thread.
+        An idle connection is written at once by the caller (no thread hop); frames following
+        each other closely, and any TLS socket, are left to the I/O thread, which batches.
         """
         loop = self._loop
         if loop is None:
@@ -8683,11 +8662,7 @@ class _TCPEndpoint(Transport):
             self._internal_error(conn)
 
     def _read_frames(self, conn: _Connection) -> Optional[List[bytes]]:
-        """Read what arrived on ``conn`` and cut it into frame bodies.
-
-        ``[]`` if no whole frame is there yet; None once the connection ended
-        (the hooks were told why).
-        """
+        """``conn``'s newly arrived frame bodies; None once it ended (the hooks were told why)."""
         try:
             data = conn.recv()
         except _would_block_errors(conn.tls):
@@ -8795,10 +8770,8 @@ class _TCPEndpoint(Transport):
 class _Routes:
     """A server's routing table: the connections a message on a topic goes to.
 
-    ``exact``: exact topic -> connections; ``patterns``: wildcard interest,
-    keyed by ``(connection id, pattern)``; ``broadcast``: frame-only peers (all
-    but inbox messages).  Written by the loop thread, read by any without a
-    lock: values are replaced, never mutated.
+    ``broadcast``: frame-only peers (all but inbox messages).  Written by the loop thread,
+    read by any without a lock: values are replaced, never mutated.
     """
 
     __slots__ = ("exact", "patterns", "broadcast")
@@ -8809,10 +8782,7 @@ class _Routes:
         self.broadcast: Tuple[_Connection, ...] = ()
 
     def targets(self, topic: str, origin: Optional[_Connection]) -> Tuple[List[_Connection], bool]:
-        """Connections a message on ``topic`` goes to, and whether there are any.
-
-        A message that went to any connection is not kept in a local mailbox.
-        """
+        """Connections a message on ``topic`` goes to, and whether there are any."""
         if not self.broadcast and topic not in self.exact and not len(self.patterns):
             return [], False  # nothing to route to (a reply to a local requester, say)
         targets = list(self.exact.get(topic, ()))
@@ -8862,11 +8832,7 @@ class _Routes:
                 self.exact.pop(pattern, None)
 
     def add_frame_peer(self, conn: _Connection) -> None:
-        """Route everything but inboxes to ``conn`` until its ``$hello`` says otherwise.
-
-        It may be an eventforge 0.1 client; its requests' reply_to inboxes are
-        routed to it (_ServerProtocol.implicit_interest).
-        """
+        """Route everything but inboxes to ``conn`` (maybe a 0.1 client) until its ``$hello``."""
         self.broadcast = self.broadcast + (conn,)
         conn.implicit = True
 
@@ -8892,13 +8858,9 @@ class _Routes:
 class _ServerWriter:
     """Queues frames for a server's connections and gets them written.
 
-    :meth:`push`: one frame, one connection (the caller writes an idle one,
-    see :meth:`_TCPEndpoint._kick`); :meth:`push_many`: one frame to many from
-    any thread (the I/O thread writes after one wake-up); ``dirty``: queued on
-    the I/O thread, written once per loop iteration.  Over
-    ``max_outbound_bytes`` queued closes a slow consumer; a frame over a
-    peer's announced ``max_frame_size`` is dropped for that peer only.
-    Locks: ``_fanout_lock``, then a connection's lock (never the other way).
+    ``dirty``: queued on the I/O thread, written once per loop iteration.  Over
+    ``max_outbound_bytes`` queued closes a slow consumer.
+    Locks, outermost first: ``_fanout_lock``, a connection's lock.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -8936,10 +8898,7 @@ class _ServerWriter:
             len(frame) - 4, conn.peer, conn.peer_max_frame)
 
     def push_many(self, targets: List[_Connection], frame: bytes) -> None:
-        """Fan-out from any thread: queue everywhere, let the I/O thread write.
-
-        One wake-up per batch instead of a system call per connection.
-        """
+        """Fan-out from any thread: queue everywhere, one wake-up for the I/O thread to write."""
         loop = self._server._loop
         assert loop is not None
         if loop.in_loop():
@@ -8998,9 +8957,8 @@ class _ServerWriter:
 class _Listener:
     """A server's listening socket: binding it and accepting connections (loop thread).
 
-    Refuses connections beyond ``max_connections`` (telling a plain-TCP peer
-    why); a failed accept() (out of file descriptors ...) stops watching the
-    socket until the next tick instead of spinning.
+    A failed accept() (out of file descriptors ...) stops watching the socket until the next
+    tick instead of spinning.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -9113,12 +9071,7 @@ class _Listener:
 
 
 class _ServerProtocol:
-    """The server's side of the wire protocol (loop thread, like the state it keeps).
-
-    TLS and ``$hello``/``$auth`` handshakes, the peer's control frames
-    (``$ping``, ``$interest``, ``$flush``) and the progress reported back
-    (``$ack``, ``$flushed``) once its frames were handled.
-    """
+    """The server's side of the wire protocol (loop thread): handshakes, control frames, acks."""
 
     def __init__(self, server: TCPServerTransport) -> None:
         self._server = server
@@ -9342,10 +9295,7 @@ class _ServerProtocol:
                 pass
 
     def handled_upto(self, conn: _Connection) -> int:
-        """How many of ``conn``'s data frames were handled, in order (loop thread).
-
-        Handled: routed on and its local callbacks (if any) ran.
-        """
+        """How many of ``conn``'s data frames were routed on and their callbacks ran (in order)."""
         waiting = conn.waiting
         done = conn.finished - conn.counted
         while done > 0 and waiting:
@@ -9383,12 +9333,8 @@ class _ServerProtocol:
 class _DispatchMode:
     """How a :class:`TCPServerTransport` runs the subscriber callbacks of network messages.
 
-    One object per server, chosen by its ``dispatch`` argument.  The loop
-    thread hands over the handler calls (:data:`_Call`) read from one
-    connection with :meth:`submit`; :meth:`drain` waits until every call
-    handed over has run, :meth:`stop` ends the mode's threads and
-    ``backlog`` counts the calls not started.  The defaults here suit a
-    mode that has no threads of its own (inline).
+    One per server (its ``dispatch`` argument): :meth:`submit`, :meth:`drain`, :meth:`stop`
+    and ``backlog`` (calls not started).  The defaults suit a mode without threads (inline).
     """
 
     runs_on_loop = False  # True: callbacks run on the I/O thread itself
@@ -9404,12 +9350,11 @@ class _DispatchMode:
                        expires: float, conn: _Connection) -> None:
         """Run the local callbacks of one message read from ``conn``.
 
-        Whatever they raise is a failure of that call only (logged and
-        counted by the local delivery), never of the thread running it.  A
-        request whose ``_ttl_ms`` ran out since it was read is skipped.  A
-        call that completes counts towards ``conn``'s acknowledgements; while
-        closing, calls not started are skipped *without* counting, so their
-        frames stay unacknowledged and the client sends them again.
+        Whatever they raise is a failure of that call only (logged and counted by the local
+        delivery), never of the thread running it.  A request whose ``_ttl_ms`` ran out since it
+        was read is skipped.  A call that completes counts towards ``conn``'s acknowledgements;
+        while closing, calls not started are skipped *without* counting, so their frames stay
+        unacknowledged and the client sends them again.
         """
         if self.discard:
             return
@@ -9431,11 +9376,7 @@ class _DispatchMode:
         self._server._lead()
 
     def submit(self, conn: _Connection, batch: List[_Call], may_run_here: bool = False) -> bool:
-        """Hand over ``batch`` (read from ``conn``, loop thread).
-
-        True only if the caller is to run it itself with :meth:`run_here`
-        once its bookkeeping is done (``may_run_here`` allows it).
-        """
+        """Hand over ``batch`` read from ``conn``; True: run it yourself with :meth:`run_here`."""
         raise NotImplementedError
 
     def run_here(self, conn: _Connection, batch: List[_Call]) -> None:  # pragma: no cover
@@ -9504,21 +9445,16 @@ class _ThreadDispatch(_DispatchMode):
 class _LeaderFollower(_DispatchMode):
     """dispatch="leader": handler calls run on the thread that read their frames.
 
-    The thread running the I/O loop (the leader) runs the handler calls of
-    the frames it read itself, after the reads of one loop iteration, one
-    connection at a time and in arrival order: no thread hand-off on the
-    common path.  A standby thread watches: when a handler call has run for
-    _TAKEOVER_AFTER on the leader (it blocks, or computes), the standby
-    becomes the leader and runs the loop; the former leader finishes that
-    connection's calls and then becomes the standby or ends.  A connection
-    is run by one thread at a time, so its calls keep their order, and a
-    handler may block (even on a request over this server) without
-    stalling any socket.  At most ``max_threads`` threads; when no standby
-    can be had the leader leaves calls to the handler threads.
+    The leader (the thread running the I/O loop) runs the calls it read, after each loop
+    iteration, one connection at a time: no thread hand-off on the common path.  When a call
+    has run _TAKEOVER_AFTER (it blocks or computes), the standby becomes the leader; the
+    former one finishes that connection's calls, then stands by or ends.  One thread runs a
+    connection at a time, so its calls keep their order and a handler may block (even on a
+    request over this server) without stalling any socket.  At most ``max_threads`` threads;
+    with no standby to be had the leader leaves calls to the handler threads.
 
-    Locks: ``lock`` guards every field here and the ``pending``/``running``/
-    ``queued`` fields of the connections; no other lock is taken under it
-    (the server's pause and wake-ups happen outside or on the loop thread).
+    Locks: ``lock`` guards every field here and the connections' ``pending``/``running``/
+    ``queued``; no other lock is taken under it.
     """
 
     def __init__(self, server: TCPServerTransport) -> None:
@@ -9705,11 +9641,9 @@ class _LeaderFollower(_DispatchMode):
             self._run_connection(conn, call)
 
     def _next_call(self, conn: _Connection, me: int) -> Optional[_Call]:
-        """Take ``conn``'s next handler call, or release ``conn`` if none is left.
+        """Take ``conn``'s next handler call, or release ``conn`` if none is left (``lock`` held).
 
-        Called with ``lock`` held by the thread running ``conn`` (``me``,
-        registered in _in_handlers).  Keeps the leader's busy mark, which the
-        standby watches, for the call taken.
+        Keeps the leader's busy mark, which the standby watches, for the call taken.
         """
         leader = self._server._loop.ident == me  # type: ignore[union-attr]
         pending = conn.pending
@@ -9732,12 +9666,7 @@ class _LeaderFollower(_DispatchMode):
         return pending.popleft()
 
     def _run_connection(self, conn: _Connection, call: Optional[_Call]) -> None:
-        """Run ``call`` and then ``conn``'s other pending handler calls, in order.
-
-        The caller set ``conn.running``, registered itself in _in_handlers and
-        took ``call`` with _next_call, under ``lock``, in the same step that
-        took ``conn`` off the ready queue.
-        """
+        """Run ``call`` (taken with ``conn``), then ``conn``'s other pending calls in order."""
         me = threading.get_ident()
         lock = self.lock
         run = self.call
@@ -9777,44 +9706,36 @@ _DISPATCH_MODES: Dict[str, Callable[[TCPServerTransport], _DispatchMode]] = {
 class TCPServerTransport(_TCPEndpoint):
     """A TCP listener that is also a full Transport for its own process.
 
-    Messages published here (``send``) reach the local subscribers
-    (synchronously, like :class:`MemoryTransport`) and every client whose
-    interest matches; messages from a client reach the local subscribers,
-    inboxes and receivers, and the other clients whose interest matches.  A
-    client that never sent ``$hello`` (eventforge 0.1) gets every routed
-    message; ``allow_frame_only=False`` (and always a ``secret``) refuses it.
-    Inbox messages (``_reply.``/``_rpc_reply.``) go only to the connection
-    whose request opened the inbox.
+    Messages published here (``send``) reach the local subscribers (synchronously, like
+    :class:`MemoryTransport`) and every client whose interest matches; messages from a client
+    reach the local subscribers, inboxes and receivers, and the other clients whose interest
+    matches.  A client that never sent ``$hello`` (eventforge 0.1) gets every routed message;
+    ``allow_frame_only=False`` (and always a ``secret``) refuses it.  Inbox messages
+    (``_reply.``/``_rpc_reply.``) go only to the connection whose request opened the inbox.
 
-    Call :meth:`start` before use (``port=0`` picks a free port: read
-    :attr:`address`) and :meth:`close` to stop every thread and socket.
-    Limits: ``max_frame_size`` per frame, ``max_connections`` clients,
-    ``max_outbound_bytes`` queued per client (one that does not read is
-    dropped as a slow consumer), ``handshake_timeout`` for TLS and the secret
-    handshake, ``frame_timeout`` for an incomplete frame.  ``secret`` requires
-    the mutual HMAC-SHA256 handshake; ``ssl_context`` (server-side
-    :class:`ssl.SSLContext`) wraps every connection in TLS.  Every refused
-    input is logged with its reason and counted in :attr:`stats`.
+    Call :meth:`start` before use (``port=0`` picks a free port: read :attr:`address`) and
+    :meth:`close` to stop every thread and socket.  Limits: ``max_frame_size`` per frame,
+    ``max_connections`` clients, ``max_outbound_bytes`` queued per client (one that does not
+    read is dropped as a slow consumer), ``handshake_timeout`` for TLS and the secret handshake,
+    ``frame_timeout`` for an incomplete frame.  ``secret`` requires the mutual HMAC-SHA256
+    handshake; ``ssl_context`` (server-side :class:`ssl.SSLContext`) wraps every connection in
+    TLS.  Every refused input is logged with its reason and counted in :attr:`stats`.
 
-    ``dispatch="leader"`` (the default) runs the callbacks of network messages
-    on the thread that read them; one running for 2 ms makes a standby thread
-    take the I/O loop over, so a handler may block, even on a request over
-    this server.  A connection's callbacks run one at a time in arrival order;
-    different connections' concurrently once one blocks (at most
-    ``max_handler_threads`` threads).  ``dispatch="thread"``: every callback on
-    one dispatcher thread (a thread hop each).  ``dispatch="inline"``: on the
-    I/O thread, no standby; only for handlers that return quickly and never
-    wait for network traffic (meanwhile no socket is served).  In every mode
-    a handler that raises anything, ``BaseException`` included, fails that
-    call only.  A client's frame is acknowledged once handled (routed on, its
-    local callbacks run), so :meth:`close` loses nothing a reconnecting
-    client does not send again.
+    ``dispatch="leader"`` (the default) runs the callbacks of network messages on the thread
+    that read them; one running for 2 ms makes a standby thread take the I/O loop over, so a
+    handler may block, even on a request over this server.  A connection's callbacks run one at
+    a time in arrival order; different connections' concurrently once one blocks (at most
+    ``max_handler_threads`` threads).  ``dispatch="thread"``: every callback on one dispatcher
+    thread (a thread hop each).  ``dispatch="inline"``: on the I/O thread, no standby; only for
+    handlers that return quickly and never wait for network traffic (meanwhile no socket is
+    served).  In every mode a handler that raises anything, ``BaseException`` included, fails
+    that call only.  A client's frame is acknowledged once handled (routed on, its local
+    callbacks run), so :meth:`close` loses nothing a reconnecting client does not send again.
 
-    Collaborators: :class:`_Listener` accepts, :class:`_ServerProtocol` speaks
-    the handshake and control frames, :class:`_Routes` says where a message
-    goes, :class:`_ServerWriter` gets frames written, a :class:`_DispatchMode`
-    runs the handlers.  Locks, outermost first: ``_lock`` (start and close
-    only), a dispatch mode's lock, ``_ServerWriter._fanout_lock``, a
+    Collaborators: :class:`_Listener` accepts, :class:`_ServerProtocol` speaks the handshake and
+    control frames, :class:`_Routes` says where a message goes, :class:`_ServerWriter` gets
+    frames written, a :class:`_DispatchMode` runs the handlers.  Locks, outermost first:
+    ``_lock`` (start and close only), a dispatch mode's lock, ``_ServerWriter._fanout_lock``, a
     connection's ``lock``; the routing table is copy-on-write and needs none.
     """
 
@@ -9928,14 +9849,12 @@ class TCPServerTransport(_TCPEndpoint):
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting and reading, handle what was read, close every connection.
 
-        Handler calls of frames already read run until ``timeout`` (seconds) has
-        nearly passed (a quarter of it, at most 1 s, is kept for the rest); calls
-        not started by then are skipped, their frames never acknowledged, so a
-        reconnecting client sends them again (at-least-once).  Then what was
-        handled is acknowledged, replies flushed, connections closed and threads
-        joined, within about ``timeout``; only a handler still running (it
-        blocks) can outlive it, and that is logged.  Safe to call twice and from
-        a handler.
+        Handler calls of frames already read run until ``timeout`` (seconds) has nearly passed
+        (a quarter of it, at most 1 s, is kept for the rest); calls not started by then are
+        skipped, their frames never acknowledged, so a reconnecting client sends them again
+        (at-least-once).  Then what was handled is acknowledged, replies flushed, connections
+        closed and threads joined, within about ``timeout``; only a handler still running (it
+        blocks) can outlive it, and that is logged.  Safe to call twice and from a handler.
         """
         with self._lock:
             if self._closed:
@@ -10033,8 +9952,8 @@ class TCPServerTransport(_TCPEndpoint):
     def connections(self, closed: bool = False) -> List[Dict[str, Any]]:
         """Snapshots of the open connections, or of the last 256 closed ones (oldest first).
 
-        Dicts (see :meth:`_Connection.snapshot`); a closed one also has ``stop``
-        (epoch seconds), ``reason`` and ``counter`` (its :attr:`stats` key).
+        Dicts (see :meth:`_Connection.snapshot`); a closed one also has ``stop`` (epoch
+        seconds), ``reason`` and ``counter`` (its :attr:`stats` key).
         """
         if closed:
             return [dict(info) for info in list(self._closed_conns)]
@@ -10050,10 +9969,9 @@ class TCPServerTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """Internal state, for tests and diagnostics only (not a stable API).
 
-        ``exact``: topic -> connections routed to (inboxes included);
-        ``patterns``: wildcard routes; ``frame_peers``: peers that get every
-        routed message; ``connections``: id -> ``peer``, ``features``,
-        ``peer_max_frame``, ``interest``.
+        ``exact``: topic -> connections routed to (inboxes included); ``patterns``: wildcard
+        routes; ``frame_peers``: peers that get every routed message; ``connections``: id ->
+        ``peer``, ``features``, ``peer_max_frame``, ``interest``.
         """
         state = self._routes.debug_state()
         state["connections"] = {
@@ -10090,12 +10008,10 @@ class TCPServerTransport(_TCPEndpoint):
             loop.call_soon(lambda: self._read_then_drop(conn, f"write failed: {exc}"))
 
     def _read_then_drop(self, conn: _Connection, what: str) -> None:
-        """A write to ``conn`` failed (loop thread): read what the peer sent
-        before it went, as the client does, then close.
+        """A write to ``conn`` failed (loop thread): read what the peer sent, then close.
 
-        A peer that closes with our frames unread resets the connection, yet
-        what it sent first is still readable; reading it counts and logs the
-        real reason (a bad frame, a TLS ClientHello ...) rather than a reset.
+        A peer closing with our frames unread resets the connection, yet what it sent is still
+        readable: it logs the real reason (a bad frame, a TLS ClientHello ...), not a reset.
         """
         if conn.closed:
             return
@@ -10456,16 +10372,12 @@ def _with_ttl(frame: bytes, remaining: float) -> bytes:
 class _Backlog:
     """A client's unacknowledged message frames, the room left for more, its requests.
 
-    An item is ``[seq, frame, charges, deadline]``: the frame's number on the
-    current connection (0: not sent on it; ``seq`` counts them as the server
-    does), the frame (b"" once acknowledged or withdrawn), connections that
-    broke with it the oldest unacknowledged frame, a request's ``_ttl_ms``
-    deadline (or None).  Kept until acknowledged (``acked``: the server has
-    the feature "ack"), else only while there is no connection.  ``requests``:
-    inbox topic -> ``[inbox, connection its request went out on, that item]``
-    (withdrawn by :meth:`untrack`, failed by :meth:`connection_lost`).
-    ``changed`` is a condition on the client's lock, held around every call
-    (plain int counters); :meth:`wake` its waiters after a change.
+    An item is ``[seq, frame, charges, deadline]``: the frame's number on the current
+    connection (0: not sent on it), the frame (b"" once acknowledged or withdrawn), connections
+    that broke with it the oldest unacknowledged frame, a request's ``_ttl_ms`` deadline or
+    None.  Kept until acknowledged (``acked``: feature "ack"), else only while there is no
+    connection.  ``requests``: inbox topic -> ``[inbox, connection it went out on, item]``.
+    ``changed`` is a condition on the client's lock, held around every call.
     """
 
     __slots__ = ("items", "bytes", "counts", "changed", "waiters", "max_items", "max_bytes",
@@ -10534,21 +10446,16 @@ class _Backlog:
         self.wake()
 
     def withdraw(self, item: List[Any]) -> None:
-        """Never send ``item`` again; it keeps its place (the server may still ack it).
-
-        Counted only if it never left (a request answered before its $ack is no news).
-        """
+        """Never send ``item`` again; it keeps its place (the server may still ack it)."""
         self.bytes -= len(item[1])
         item[1] = b""
         if not item[0]:
             self.counts["withdrawn"] += 1
 
     def connection_lost(self, conn: _Connection) -> List[_ClientInbox]:
-        """Charge the oldest frame sent on ``conn``; forget the numbering.
+        """Charge the oldest frame sent on ``conn``; return the inboxes of requests sent on it.
 
-        Acknowledgements are cumulative, so a server that keeps closing the
-        connection over one frame stops at that frame.  Returns the inboxes whose
-        request went out on ``conn`` (withdrawn: no reply can come).
+        Acknowledgements are cumulative: a server that keeps closing over one frame stops there.
         """
         failed: List[_ClientInbox] = []
         for record in self.requests.values():
@@ -10572,10 +10479,9 @@ class _Backlog:
     def resend(self, conn: _Connection, limit: int) -> List[bytes]:
         """Number the frames for the new connection ``conn`` (1, 2 ...) and return them.
 
-        Dropped, logged and counted: over the server's ``limit`` (``too_large``),
-        oldest unacknowledged on ``_MAX_SEND_ATTEMPTS`` broken connections
-        (``refused``), a request past its TTL (``expired``); a request with time
-        left goes with its ``_ttl_ms`` cut to it.
+        Dropped, logged and counted: over the server's ``limit`` (``too_large``), oldest
+        unacknowledged on ``_MAX_SEND_ATTEMPTS`` broken connections (``refused``), a request
+        past its TTL (``expired``); a request with time left goes with its ``_ttl_ms`` cut.
         """
         frames: List[bytes] = []
         kept: Deque[List[Any]] = collections.deque()
@@ -10653,14 +10559,11 @@ class _Backlog:
 class _Interest:
     """What a :class:`TCPClientTransport` wants from its server, and what it has not told it.
 
-    ``counts``: pattern (subscription, ``receive`` topic, inbox) -> users; the
-    server hears of the first user and, in ``removals`` (with the next
-    ``$interest``, a tick or ``_REMOVALS_BATCH`` others), of the last one
-    leaving.  With the features "interest" and "reply" (``implicit``) a new
-    inbox waits in ``deferred``: the request naming it as ``reply_to`` tells
-    the server, any other frame carries it first.  ``receiving``: the
-    ``receive`` topics; ``patterns``: subscription id -> pattern.  The client
-    holds its lock around every call.
+    ``counts``: pattern -> users; the server hears of the first user and, via ``removals``
+    (batched), of the last one leaving.  With the features "interest" and "reply"
+    (``implicit``) a new inbox waits in ``deferred``: the request naming it as ``reply_to``
+    tells the server, any other frame carries it first.  The client holds its lock around
+    every call.
     """
 
     __slots__ = ("counts", "removals", "deferred", "implicit", "receiving", "patterns")
@@ -10674,10 +10577,7 @@ class _Interest:
         self.patterns: Dict[str, str] = {}
 
     def add(self, pattern: str, told: bool, defer: bool = False) -> bytes:
-        """One more user of ``pattern``; the ``$interest`` frame to send now, or b"".
-
-        ``told``: a handshake connection is up; ``defer``: an inbox the next request may name.
-        """
+        """One more user of ``pattern``; the ``$interest`` frame to send now, or b""."""
         count = self.counts.get(pattern, 0)
         self.counts[pattern] = count + 1
         if count or not told:
@@ -10736,12 +10636,10 @@ class _Interest:
 class _Confirmations:
     """What a client's callers wait for from its server, and the waiting.
 
-    Room in the backlog (``send``, :meth:`room`); ``flush()``: ``$flushed``
-    for ``$flush`` (feature "flush"), else ``$pong`` for ``$ping`` (in order,
-    after the interest sent before) and the acknowledgement of the messages
-    sent before; ``close()``: every accepted message acknowledged (or written,
-    for a server that does not acknowledge).  Counters change under the
-    client's ``_lock``; the waits hold it and wait on ``_backlog.changed``.
+    Room in the backlog (``send``); ``flush()``: ``$flushed`` for ``$flush``, else ``$pong``
+    for ``$ping`` and the acknowledgement of what was sent before; ``close()``: every accepted
+    message acknowledged (or written).  Waits hold the client's ``_lock`` and wait on
+    ``_backlog.changed``.
     """
 
     __slots__ = ("client", "ids", "flushed_upto", "pings_sent", "pongs")
@@ -10863,8 +10761,7 @@ class _Confirmations:
     def room(self, size: int) -> Optional[_Connection]:
         """The connection once the backlog has room for ``size`` bytes (None: lost meanwhile).
 
-        Called by ``send`` with the lock held and the backlog full: waits up to
-        ``send_timeout`` for acknowledgements, slowing down a fast publisher.
+        Waits up to ``send_timeout`` for acknowledgements, slowing down a fast publisher.
         """
         c = self.client
         backlog = c._backlog
@@ -10885,11 +10782,9 @@ class _Confirmations:
 class _ClientInbox(Inbox):
     """A request inbox of a :class:`TCPClientTransport`.
 
-    ``get`` first reads the socket itself a while (where the platform allows),
-    so the reply wakes the waiting thread directly, not via the I/O thread.
-    A subscriber callback waiting here first hands the dispatcher role on (the
-    reply may pass through a subscriber of this client).  ``get`` raises
-    ConnectionLostError at once if the request's connection broke.
+    ``get`` first reads the socket itself a while, so the reply wakes the waiting thread with
+    no I/O-thread hop; a subscriber callback waiting here first hands the dispatcher role on
+    (the reply may pass through a subscriber).  Raises ConnectionLostError once it broke.
     """
 
     _transport: Any = None
@@ -10950,9 +10845,7 @@ def _client_handshake(client: TCPClientTransport, sock: socket.socket, where: st
                       deadline: float, timeout: float) -> _Opened:
     """The client's side of the handshake on the blocking, connected ``sock``.
 
-    ``$hello`` out, ``$welcome`` back; with a secret, ``$auth`` out and
-    ``$ready`` back, each side proving it knows it.  No answer within
-    ``hello_timeout`` (unless required): a plain-frame peer.  Raises
+    No answer within ``hello_timeout`` (unless required): a plain-frame peer.  Raises
     AuthenticationError or ConnectionLostError; leaves ``sock`` non-blocking.
     """
     decoder = FrameDecoder(client.max_frame_size)
@@ -11063,10 +10956,9 @@ def _await_control(sock: socket.socket, decoder: FrameDecoder, early: List[Messa
 
 
 class _Dialer:
-    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, handshake.
+    """Opens one connection for a :class:`TCPClientTransport`: TCP, TLS, handshake (blocking).
 
-    Blocking (in ``connect()``, or on the I/O thread reconnecting).  The socket
-    being set up is the client's ``_connecting``: ``close()`` aborts it with
+    The socket being set up is the client's ``_connecting``: ``close()`` aborts it with
     ``shutdown()`` instead of waiting up to ``connect_timeout``.
     """
 
@@ -11180,11 +11072,8 @@ class _Dialer:
 class _Lifecycle:
     """A :class:`TCPClientTransport`'s connection over time, and its I/O thread.
 
-    :meth:`run` serves the connection and reconnects when it breaks;
-    :meth:`install` adopts each one opened (interest first, then every
-    unacknowledged frame), :meth:`lost` gives one up (its requests fail at
-    once), :meth:`stop` and the loop's end close all.  Takes the client's
-    locks in the client's order.
+    :meth:`install` adopts each connection opened (interest first, then every unacknowledged
+    frame); :meth:`run` reconnects when one breaks.  Takes the client's locks in its order.
     """
 
     __slots__ = ("client",)
@@ -11311,11 +11200,7 @@ class _Lifecycle:
         return c._interest.adopt(features, conn.handshake)
 
     def late_welcome(self, conn: _Connection, welcome: Dict[str, Any]) -> None:
-        """The server answered ``$hello`` after ``hello_timeout``: speak the handshake now.
-
-        The server took us for a handshake peer while we spoke plain frames:
-        adopt its terms and send the interest, so both sides agree again.
-        """
+        """The server answered ``$hello`` after ``hello_timeout``: adopt its terms after all."""
         c = self.client
         if welcome.get("auth"):
             self.lost_soon(conn, "the server asks for authentication; pass secret=")
@@ -11345,8 +11230,7 @@ class _Lifecycle:
     def lost_after_write(self, conn: _Connection, reason: str) -> None:
         """A write failed (loop thread): first read what the server sent before closing.
 
-        A server closing with our frames unread resets the connection; its last
-        ``$ack`` may still wait in the socket and spares resending what it handled.
+        Its last ``$ack`` may still wait in the socket and spares resending what it handled.
         """
         c = self.client
         if not conn.tls and not conn.closed:
@@ -11365,11 +11249,7 @@ class _Lifecycle:
         self.lost(conn, reason)
 
     def lost(self, conn: _Connection, reason: str) -> None:
-        """The connection broke (loop thread): forget it; :meth:`run` reconnects.
-
-        Waiters for replies to requests sent on it get ConnectionLostError now;
-        the oldest unacknowledged frame is charged one attempt (_Backlog.resend).
-        """
+        """The connection broke (loop thread): its requests fail now; :meth:`run` reconnects."""
         c = self.client
         with c._lock:
             if c._conn is not conn:
@@ -11477,52 +11357,46 @@ class _Lifecycle:
 class TCPClientTransport(_TCPEndpoint):
     """A connection to a :class:`TCPServerTransport` (or an eventforge 0.1 server).
 
-    Call :meth:`connect` before use.  ``send`` writes from the caller's thread
-    when the connection is idle, else queues (frames never interleave).
-    ``subscribe``, ``receive`` and request inboxes tell the server this
-    client's *interest*: it sends only matching messages.  Subscriber callbacks
-    run on one dispatcher thread, in arrival order; one that waits for a reply
-    (a request, an RPC call, a ``receive``) first hands that role to a new
-    thread, so the reply may come through another subscriber.  A thread
-    waiting for a reply reads the socket itself for a few milliseconds, so the
-    reply wakes it directly.
+    Call :meth:`connect` before use.  ``send`` writes from the caller's thread when the
+    connection is idle, else queues (frames never interleave).  ``subscribe``, ``receive`` and
+    request inboxes tell the server this client's *interest*: it sends only matching messages.
+    Subscriber callbacks run on one dispatcher thread, in arrival order; one that waits for a
+    reply (a request, an RPC call, a ``receive``) first hands that role to a new thread, so the
+    reply may come through another subscriber.  A thread waiting for a reply reads the socket
+    itself for a few milliseconds, so the reply wakes it directly.
 
-    A dropped connection is reopened (``reconnect=True``) with capped
-    exponential backoff and jitter (``backoff_initial`` .. ``backoff_max``);
-    the interest, then every message the server has not acknowledged, is sent
-    again in order.  Meanwhile up to ``max_pending`` messages (and
-    ``max_pending_bytes``) wait, beyond that ``send`` raises TransportFullError;
-    while connected, a full buffer first makes ``send`` wait up to
-    ``send_timeout`` s for acknowledgements (slowing a fast publisher down).  A
-    server silent for two ``ping_interval`` s is taken for dead.
+    A dropped connection is reopened (``reconnect=True``) with capped exponential backoff and
+    jitter (``backoff_initial`` .. ``backoff_max``); the interest, then every message the server
+    has not acknowledged, is sent again in order.  Meanwhile up to ``max_pending`` messages (and
+    ``max_pending_bytes``) wait, beyond that ``send`` raises TransportFullError; while
+    connected, a full buffer first makes ``send`` wait up to ``send_timeout`` s for
+    acknowledgements (slowing a fast publisher down).  A server silent for two ``ping_interval``
+    s is taken for dead.
 
-    ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a
-    client-side :class:`ssl.SSLContext`) enables TLS, checked against
-    ``server_hostname`` (default: ``host``).  A server that does not answer
-    ``$hello`` within ``hello_timeout`` is taken for a plain-frame peer (the
-    eventforge 0.1 server) until its ``$welcome`` arrives, if ever; then the
-    client switches to the handshake and sends its interest.  ``handshake=False``
-    skips the hello, ``handshake=True`` requires it.  ``name`` goes in the
-    hello, for the server's :class:`Monitor`.
+    ``secret`` runs the mutual HMAC-SHA256 handshake; ``ssl_context`` (a client-side
+    :class:`ssl.SSLContext`) enables TLS, checked against ``server_hostname`` (default:
+    ``host``).  A server that does not answer ``$hello`` within ``hello_timeout`` is taken for a
+    plain-frame peer (the eventforge 0.1 server) until its ``$welcome`` arrives, if ever; then
+    the client switches to the handshake and sends its interest.  ``handshake=False`` skips the
+    hello, ``handshake=True`` requires it.  ``name`` goes in the hello, for the server's
+    :class:`Monitor`.
 
-    ``send`` raises FrameTooLargeError above the server's ``max_frame_size``.
-    A buffered message a reconnected server can no longer take, or keeps
-    refusing, is dropped, logged and counted (``too_large``, ``refused``).  A
-    request whose caller stopped waiting (inbox closed) is withdrawn; one
-    whose connection broke fails its caller at once (ConnectionLostError).
-    :meth:`flush` waits until the server processed all sent before it;
-    :meth:`close` (and interpreter exit) delivers what was accepted, within its
-    ``timeout``.  ``on_connection_change(connected, detail)`` is called on the
-    I/O thread when the connection is lost and when it is back.
+    ``send`` raises FrameTooLargeError above the server's ``max_frame_size``.  A buffered
+    message a reconnected server can no longer take, or keeps refusing, is dropped, logged and
+    counted (``too_large``, ``refused``).  A request whose caller stopped waiting (inbox closed)
+    is withdrawn; one whose connection broke fails its caller at once (ConnectionLostError).
+    :meth:`flush` waits until the server processed all sent before it; :meth:`close` (and
+    interpreter exit) delivers what was accepted, within its ``timeout``.
+    ``on_connection_change(connected, detail)`` is called on the I/O thread when the connection
+    is lost and when it is back.
 
-    Collaborators: :class:`_Lifecycle` (the connection over time, the I/O
-    thread), :class:`_Dialer`, :class:`_Backlog`, :class:`_Interest`,
-    :class:`_Confirmations`.  Locks, outermost first: ``_connect_lock`` (one
-    ``connect()`` at a time), ``_read_lock`` (whoever decodes the socket: the
-    I/O thread or a caller reading its reply), ``_lock`` (the state, with the
-    backlog, interest and confirmations; ``_backlog.changed`` is a condition on
-    it), ``_sel_lock`` (the selector registration; never held with ``_lock``),
-    a connection's ``conn.lock``.  No lock is held while user code runs.
+    Collaborators: :class:`_Lifecycle` (the connection over time, the I/O thread),
+    :class:`_Dialer`, :class:`_Backlog`, :class:`_Interest`, :class:`_Confirmations`.  Locks,
+    outermost first: ``_connect_lock`` (one ``connect()`` at a time), ``_read_lock`` (whoever
+    decodes the socket: the I/O thread or a caller reading its reply), ``_lock`` (the state,
+    with the backlog, interest and confirmations; ``_backlog.changed`` is a condition on it),
+    ``_sel_lock`` (the selector registration; never held with ``_lock``), a connection's
+    ``conn.lock``.  No lock is held while user code runs.
     """
 
     _log_name = "tcp client"
@@ -11628,9 +11502,8 @@ class TCPClientTransport(_TCPEndpoint):
     def connect(self, timeout: Optional[float] = None) -> TCPClientTransport:
         """Connect and handshake within ``timeout`` seconds (default ``connect_timeout``).
 
-        Raises ConnectionLostError (a ConnectionError) if the server cannot be
-        reached and AuthenticationError if the secret or TLS handshake fails.
-        Returns self.
+        Raises ConnectionLostError (a ConnectionError) if the server cannot be reached and
+        AuthenticationError if the secret or TLS handshake fails.  Returns self.
         """
         with self._connect_lock:  # one connect at a time; later ones see _started
             with self._lock:
@@ -11648,11 +11521,10 @@ class TCPClientTransport(_TCPEndpoint):
     def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
         """Deliver what was accepted, then close the socket and stop every thread.
 
-        New sends fail at once; messages already accepted are given up to
-        ``timeout`` seconds to reach the server: until acknowledged (a server
-        with the feature "ack"), written (a frame-only server), or sent after
-        a reconnect that is under way.  What is still undelivered then is
-        logged.  A connection attempt in progress is abandoned at once.
+        New sends fail at once; messages already accepted are given up to ``timeout`` seconds to
+        reach the server: until acknowledged (a server with the feature "ack"), written (a
+        frame-only server), or sent after a reconnect that is under way.  What is still
+        undelivered then is logged.  A connection attempt in progress is abandoned at once.
         """
         with self._lock:
             if self._closed:
@@ -11668,15 +11540,13 @@ class TCPClientTransport(_TCPEndpoint):
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the server has processed everything sent before this call.
 
-        Interest included: once ``flush`` returns, messages published by
-        others reach this client's new subscriptions.  One ``$flush``/
-        ``$flushed`` round trip (an older handshake server: ``$ping``/``$pong``,
-        then the acknowledgement of every message sent before).  Returns True
-        once confirmed; False with a frame-only server (eventforge 0.1), which
-        cannot confirm anything: then once every queued frame was written.
-        While disconnected it waits for the reconnect.  Raises
-        EventforgeTimeoutError after ``timeout`` seconds, ConnectionLostError
-        if the connection is lost for good, TransportClosedError after
+        Interest included: once ``flush`` returns, messages published by others reach this
+        client's new subscriptions.  One ``$flush``/ ``$flushed`` round trip (an older handshake
+        server: ``$ping``/``$pong``, then the acknowledgement of every message sent before).
+        Returns True once confirmed; False with a frame-only server (eventforge 0.1), which
+        cannot confirm anything: then once every queued frame was written.  While disconnected
+        it waits for the reconnect.  Raises EventforgeTimeoutError after ``timeout`` seconds,
+        ConnectionLostError if the connection is lost for good, TransportClosedError after
         :meth:`close`.
         """
         loop = self._loop
@@ -11689,11 +11559,10 @@ class TCPClientTransport(_TCPEndpoint):
     def send(self, message: Message) -> None:
         """Send ``message`` to the server; queue it while reconnecting.
 
-        Raises FrameTooLargeError for a message over the server's
-        ``max_frame_size``, TransportFullError when ``max_pending`` messages
-        already wait, ConnectionLostError before :meth:`connect` or after a
-        failure with ``reconnect=False``, TransportClosedError after
-        :meth:`close`.
+        Raises FrameTooLargeError for a message over the server's ``max_frame_size``,
+        TransportFullError when ``max_pending`` messages already wait, ConnectionLostError
+        before :meth:`connect` or after a failure with ``reconnect=False``, TransportClosedError
+        after :meth:`close`.
         """
         topic = message.topic
         if type(topic) is not str or topic not in _VALID_TOPICS:
@@ -11743,10 +11612,9 @@ class TCPClientTransport(_TCPEndpoint):
                 conn.urgent = True  # a request: the I/O thread lets no burst grow now
 
     def _ahead_of(self, conn: _Connection, size: int, reply_to: Optional[str]) -> None:
-        """What precedes a ``size``-byte frame on ``conn`` (send's uncommon cases; locks held).
+        """Queue what precedes a ``size``-byte frame on ``conn`` (send's uncommon cases).
 
-        Raises TransportFullError without room; queues the interest changes that
-        go first (:meth:`_Interest.before`).
+        Locks held; raises TransportFullError without room.
         """
         if conn.out_bytes + size > conn.max_outbound:
             self._counts["full"] += 1
@@ -11765,9 +11633,8 @@ class TCPClientTransport(_TCPEndpoint):
     def receive(self, topic: str, timeout: Optional[float] = None) -> Optional[Message]:
         """Take the next message on the exact ``topic``.
 
-        The first call registers a lasting interest in ``topic`` with the
-        server; from then on messages on it wait here (at most
-        ``max_queue_size``) until received.
+        The first call registers a lasting interest in ``topic`` with the server; from then on
+        messages on it wait here (at most ``max_queue_size``) until received.
         """
         self._want_receive(topic)
         if timeout is None or timeout > 0:
@@ -11794,11 +11661,10 @@ class TCPClientTransport(_TCPEndpoint):
     def open_inbox(self, topic: str) -> Inbox:
         """Open an inbox on ``topic`` and tell the server, ahead of the next frame sent.
 
-        An inbox topic (:data:`INBOX_PREFIXES`) named as ``reply_to`` by the
-        next message sent needs no frame of its own when the server speaks
-        the feature "reply": the request itself tells the server.  Closing
-        the inbox withdraws a request that named it and is still waiting
-        for a connection or an acknowledgement: it is never resent.
+        An inbox topic (:data:`INBOX_PREFIXES`) named as ``reply_to`` by the next message sent
+        needs no frame of its own when the server speaks the feature "reply": the request itself
+        tells the server.  Closing the inbox withdraws a request that named it and is still
+        waiting for a connection or an acknowledgement: it is never resent.
         """
         if self._closed:
             raise TransportClosedError(f"{self._name()} is closed")
@@ -11833,10 +11699,9 @@ class TCPClientTransport(_TCPEndpoint):
     def debug_state(self) -> Dict[str, Any]:
         """A snapshot of internal state, for tests and debugging (keys may change).
 
-        ``interest``: pattern -> users; ``features``: agreed (empty without a
-        handshake); ``implicit``: requests tell the server of their inbox;
-        ``socket``: the socket or None; ``connecting``: an attempt is under way;
-        ``io_thread_alive``: the I/O thread runs.
+        ``interest``: pattern -> users; ``features``: agreed (empty without a handshake);
+        ``implicit``: requests tell the server of their inbox; ``socket``: the socket or None;
+        ``connecting``: an attempt is under way; ``io_thread_alive``: the I/O thread runs.
         """
         with self._lock:
             conn, loop = self._conn, self._loop
@@ -11914,11 +11779,10 @@ class TCPClientTransport(_TCPEndpoint):
                 self._epoll.modify(conn.sock.fileno(), _epoll_mask(events, False))
 
     def _read_until(self, inbox: Inbox, budget: float) -> None:
-        """Read the socket from a caller's thread until ``inbox`` has a message.
+        """Read the socket from a caller's thread until ``inbox`` has a message (``budget`` s).
 
-        For at most ``budget`` seconds, and only if the I/O thread is not
-        reading: meanwhile the I/O thread's epoll does not watch the socket
-        for input, so the reply wakes this thread and no other.
+        Only if the I/O thread is not reading; meanwhile its epoll does not watch the socket for
+        input, so the reply wakes this thread and no other.
         """
         conn = self._conn
         if conn is None or conn.paused or not self._read_lock.acquire(False):
