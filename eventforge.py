@@ -48,6 +48,7 @@ from __future__ import annotations
 import abc
 import collections
 import enum
+import functools
 import itertools
 import json
 import logging
@@ -8661,6 +8662,28 @@ class _TCPEndpoint(Transport):
             logger.exception("%s: internal error on %s", self._log_name, conn.peer)
             self._internal_error(conn)
 
+    def _read_what_is_left(self, conn: _Connection, read: Callable[[], Any]) -> None:
+        """A write to ``conn`` failed (loop thread): ``read()`` what the peer sent before it went.
+
+        A peer closing with our frames unread resets the connection, yet what it sent first is
+        still readable: its last ``$ack``, or a bad frame whose reason is then logged rather
+        than a reset.  Bounded to a few receive buffers; ``read()`` returning False stops it.
+        """
+        if conn.tls:
+            return
+        import select
+
+        for _ in range(64):
+            if not self._live(conn) or conn.closed:
+                return
+            try:
+                if not select.select([conn.sock], [], [], 0)[0]:
+                    return
+            except (OSError, ValueError):
+                return
+            if read() is False:
+                return
+
     def _read_frames(self, conn: _Connection) -> Optional[List[bytes]]:
         """``conn``'s newly arrived frame bodies; None once it ended (the hooks were told why)."""
         try:
@@ -9396,6 +9419,18 @@ class _DispatchMode:
         loop = self._server._loop
         return [loop.thread] if loop is not None and loop.thread is not None else []
 
+    def join(self, deadline: float) -> None:
+        """:meth:`stop`, then join the threads by ``deadline``; log any still running."""
+        me = threading.current_thread()
+        threads = self.stop(deadline)
+        for thread in threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - _monotonic()))
+        alive = [t.name for t in threads if t is not me and t.is_alive()]
+        if alive:
+            logger.error("tcp server: thread(s) %s still running after close(); a handler "
+                         "blocks", ", ".join(alive))
+
 
 class _InlineDispatch(_DispatchMode):
     """dispatch="inline": callbacks run on the I/O thread, as each batch is read."""
@@ -9880,7 +9915,7 @@ class TCPServerTransport(_TCPEndpoint):
             self._skip_unstarted()
             self._drain(deadline)  # only calls still running remain: wait for them
         loop.call_soon(lambda: self._shutdown(deadline))
-        self._join_threads(loop, deadline)
+        self._mode.join(deadline)
         self._local.close()
 
     def _skip_unstarted(self) -> None:
@@ -9889,17 +9924,6 @@ class TCPServerTransport(_TCPEndpoint):
         self._count("unhandled_at_close", left)
         logger.warning("tcp server: closing; %d handler call(s) not started are skipped and "
                        "their frames left unacknowledged (clients send them again)", left)
-
-    def _join_threads(self, loop: _Loop, deadline: float) -> None:
-        me = threading.current_thread()
-        threads = self._mode.stop(deadline)
-        for thread in threads:
-            if thread is not me:
-                thread.join(max(0.0, deadline - _monotonic()))
-        alive = [t.name for t in threads if t is not me and t.is_alive()]
-        if alive:
-            logger.error("tcp server: thread(s) %s still running after close(); a handler "
-                         "blocks", ", ".join(alive))
 
     def _count(self, name: str, amount: int = 1) -> None:
         counter = self._counts.get(name)
@@ -10008,22 +10032,8 @@ class TCPServerTransport(_TCPEndpoint):
             loop.call_soon(lambda: self._read_then_drop(conn, f"write failed: {exc}"))
 
     def _read_then_drop(self, conn: _Connection, what: str) -> None:
-        """A write to ``conn`` failed (loop thread): read what the peer sent, then close.
-
-        A peer closing with our frames unread resets the connection, yet what it sent is still
-        readable: it logs the real reason (a bad frame, a TLS ClientHello ...), not a reset.
-        """
-        if conn.closed:
-            return
-        if not conn.tls and self._may_read(conn):
-            import select
-
-            try:
-                readable = select.select([conn.sock], [], [], 0)[0]
-            except (OSError, ValueError):
-                readable = []
-            if readable:
-                self._on_readable(conn)
+        if self._may_read(conn):
+            self._read_what_is_left(conn, functools.partial(self._on_readable, conn))
         if not conn.closed:
             counter = "truncated_frames" if conn.decoder.buffered else "resets"
             self._drop(conn, counter, self._eof_reason(conn, what))
@@ -11233,20 +11243,9 @@ class _Lifecycle:
         Its last ``$ack`` may still wait in the socket and spares resending what it handled.
         """
         c = self.client
-        if not conn.tls and not conn.closed:
-            import select
-
-            with c._read_lock:  # a caller may be reading it (_read_until)
-                for _ in range(64):  # bounded: a few receive buffers at most
-                    if c._conn is not conn:
-                        return  # _read found the end and gave the connection up
-                    try:
-                        readable = select.select([conn.sock], [], [], 0)[0]
-                    except (OSError, ValueError):
-                        break
-                    if not readable or not c._read(conn):
-                        break
-        self.lost(conn, reason)
+        with c._read_lock:  # a caller may be reading it (_read_until)
+            c._read_what_is_left(conn, lambda: c._read(conn))
+        self.lost(conn, reason)  # a no-op if _read found the end and gave the connection up
 
     def lost(self, conn: _Connection, reason: str) -> None:
         """The connection broke (loop thread): its requests fail now; :meth:`run` reconnects."""
